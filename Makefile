@@ -1,0 +1,25 @@
+# Set-up and entry points. `make demo` and `make test` create the Python 3.12
+# virtual environment on first use (JAX 0.11 needs Python >= 3.12).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && PYENV_VERSION=3.12.1 python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo python3.12)
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: venv
+	$(PY) -m crm_jax.main --config=configs/toy_demo.py --workdir=$${WORKDIR:-runs/demo}
+
+test: venv
+	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Data: the procedural toy world (and, later, synthetic-data generation and readers)."""

@@ -1,0 +1,91 @@
+"""Wan2.1 transformer configurations: `tiny` (tests), `wan_1_3b`, `wan_14b`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+    """Sizes and numerics of a Wan2.1 T2V DiT.
+
+    Attributes:
+      dim: hidden size (= num_heads * head_dim).
+      ffn_dim: FFN inner size.
+      num_heads, num_layers: attention heads, transformer blocks.
+      in_channels, out_channels: latent channels (16 for Wan's VAE).
+      patch_size: (t, h, w) patch of the patch embedding.
+      text_dim: width of the text-encoder embeddings (umT5: 4096).
+      text_len: number of text tokens (umT5: 512); checked at the entry point.
+      freq_dim: sinusoidal time-embedding width.
+      eps: epsilon of the layer/RMS norms.
+      rope_theta, rope_max_frames: 3D RoPE base and table length.
+      timestep_scale: the network is called with RF time t in [0, 1]; Wan's own
+        timestep is `timestep_scale * t` (1000).
+      num_actions: > 0 adds a per-frame action embedding (world models) added to
+        the time embedding of the frame it acts on.
+      dtype: compute dtype of matmuls (norms and modulation stay float32).
+      param_dtype: parameter dtype.
+      attn_impl: attention backend for `pallas_kernels.ops.attention`.
+      remat: "none", "block" (recompute each block) or "dots" (save matmul outputs).
+    """
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_frames: int = 1024
+    timestep_scale: float = 1000.0
+    num_actions: int = 0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attn_impl: str = "auto"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.remat not in ("none", "block", "dots"):
+            raise ValueError(f"remat must be none/block/dots, got {self.remat!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "WanConfig":
+        return dataclasses.replace(self, **kw)
+
+
+WAN_1_3B = WanConfig()
+WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4,
+                 text_dim=32, text_len=8, freq_dim=32)
+
+CONFIGS = {"tiny": TINY, "wan_1_3b": WAN_1_3B, "wan_14b": WAN_14B}
+
+
+def get_model_config(name: str, **overrides) -> WanConfig:
+    """Look up a named config and apply overrides."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}")
+    return CONFIGS[name].replace(**overrides)

@@ -1,0 +1,374 @@
+"""Wan2.1 transformer checkpoints <-> our NNX parameters.
+
+Two public layouts are understood, read from a local directory only:
+  * diffusers (`WanTransformer3DModel`): `config.json` + `diffusion_pytorch_model*.safetensors`
+    (single file or sharded with an index);
+  * original Wan2.1: `config.json` + `*.safetensors` with keys like
+    `blocks.0.self_attn.q.weight`, `head.head.weight`.
+
+Anything missing, unexpected or of the wrong shape is a ValueError that names
+the keys and shapes; weights are never silently left at random init.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+from flax import nnx
+
+from crm_jax.models.config import WanConfig
+from crm_jax.models.wan import WanModel
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+# Original Wan2.1 name fragment -> diffusers name fragment, applied in order.
+_ORIGINAL_TO_DIFFUSERS = [
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("self_attn", "attn1"), ("cross_attn", "attn2"),
+    (".o.", ".to_out.0."), (".q.", ".to_q."), (".k.", ".to_k."), (".v.", ".to_v."),
+    ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"),
+    ("norm3", "norm2"),  # the original's cross-attention norm is diffusers' norm2
+    ("head.modulation", "scale_shift_table"), ("head.head", "proj_out"),
+    ("modulation", "scale_shift_table"),
+]
+
+
+def original_to_diffusers_key(key: str) -> str:
+    key = key.removeprefix("model.diffusion_model.")
+    for a, b in _ORIGINAL_TO_DIFFUSERS:
+        key = key.replace(a, b)
+    return key
+
+
+def diffusers_to_original_key(key: str) -> str:
+    if key == "scale_shift_table":
+        return "head.modulation"
+    if key.startswith("proj_out."):
+        return "head.head." + key.removeprefix("proj_out.")
+    for b, a in reversed(_ORIGINAL_TO_DIFFUSERS[:-3]):
+        key = key.replace(a, b)
+    return key.replace("scale_shift_table", "modulation")
+
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith("condition_embedder.") for k in keys):
+        return "diffusers"
+    if any(".self_attn." in k or k.startswith(("head.", "model.diffusion_model.")) for k in keys):
+        return "original"
+    raise ValueError(f"unrecognised Wan checkpoint layout (first keys: {keys[:5]})")
+
+
+# ----------------------------------------------------------------- configs
+def config_from_diffusers(c: dict, **overrides) -> WanConfig:
+    return WanConfig(
+        dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
+        num_heads=c["num_attention_heads"], num_layers=c["num_layers"],
+        in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+        patch_size=tuple(c["patch_size"]), text_dim=c["text_dim"], freq_dim=c["freq_dim"],
+        eps=c["eps"]).replace(**overrides)
+
+
+def config_from_original(c: dict, **overrides) -> WanConfig:
+    return WanConfig(
+        dim=c["dim"], ffn_dim=c["ffn_dim"], num_heads=c["num_heads"], num_layers=c["num_layers"],
+        in_channels=c["in_dim"], out_channels=c["out_dim"], patch_size=tuple(c["patch_size"]),
+        text_dim=c["text_dim"], text_len=c.get("text_len", 512), freq_dim=c["freq_dim"],
+        eps=c["eps"]).replace(**overrides)
+
+
+def diffusers_config(cfg: WanConfig) -> dict:
+    return dict(_class_name="WanTransformer3DModel", patch_size=list(cfg.patch_size),
+                num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+                freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
+                image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+
+
+def original_config(cfg: WanConfig) -> dict:
+    return dict(model_type="t2v", patch_size=list(cfg.patch_size), text_len=cfg.text_len,
+                in_dim=cfg.in_channels, dim=cfg.dim, ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim,
+                text_dim=cfg.text_dim, out_dim=cfg.out_channels, num_heads=cfg.num_heads,
+                num_layers=cfg.num_layers, eps=cfg.eps)
+
+
+# ----------------------------------------------------------------- key mapping
+# diffusers module path (block-relative for blocks) -> our module path.
+_MODULES = {
+    "patch_embedding": ("patch_embedding",),
+    "condition_embedder.time_embedder.linear_1": ("condition_embedder", "time_embedder", "linear_1"),
+    "condition_embedder.time_embedder.linear_2": ("condition_embedder", "time_embedder", "linear_2"),
+    "condition_embedder.time_proj": ("condition_embedder", "time_proj"),
+    "condition_embedder.text_embedder.linear_1": ("condition_embedder", "text_embedder", "linear_1"),
+    "condition_embedder.text_embedder.linear_2": ("condition_embedder", "text_embedder", "linear_2"),
+    "proj_out": ("proj_out",),
+}
+_BLOCK_MODULES = {
+    f"{a}.{p}": (a, q)
+    for a in ("attn1", "attn2")
+    for p, q in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out.0", "to_out"))
+}
+_BLOCK_MODULES.update({"ffn.net.0.proj": ("ffn", "linear_1"), "ffn.net.2": ("ffn", "linear_2")})
+_BLOCK_PLAIN = {  # parameters copied as they are (block-relative)
+    "attn1.norm_q.weight": ("attn1", "norm_q", "weight"),
+    "attn1.norm_k.weight": ("attn1", "norm_k", "weight"),
+    "attn2.norm_q.weight": ("attn2", "norm_q", "weight"),
+    "attn2.norm_k.weight": ("attn2", "norm_k", "weight"),
+    "norm2.weight": ("norm2", "weight"),
+    "norm2.bias": ("norm2", "bias"),
+}
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _our_path(key: str):
+    """diffusers key -> (our path, layer index or None, kind) or None if unknown."""
+    m = _BLOCK_RE.match(key)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if rest == "scale_shift_table":
+            return ("blocks", "scale_shift_table"), layer, "table"
+        if rest in _BLOCK_PLAIN:
+            return ("blocks",) + _BLOCK_PLAIN[rest], layer, "plain"
+        mod, _, leaf = rest.rpartition(".")
+        if mod in _BLOCK_MODULES and leaf in ("weight", "bias"):
+            return (("blocks",) + _BLOCK_MODULES[mod] + (("kernel" if leaf == "weight" else "bias"),),
+                    layer, "linear" if leaf == "weight" else "plain")
+        return None
+    if key == "scale_shift_table":
+        return ("scale_shift_table",), None, "table"
+    mod, _, leaf = key.rpartition(".")
+    if mod in _MODULES and leaf in ("weight", "bias"):
+        kind = "plain" if leaf == "bias" else ("conv" if mod == "patch_embedding" else "linear")
+        return _MODULES[mod] + (("kernel" if leaf == "weight" else "bias"),), None, kind
+    return None
+
+
+def _to_ours(kind: str, w: np.ndarray) -> np.ndarray:
+    if kind == "linear":
+        return w.T
+    if kind == "conv":  # [dim, C, pt, ph, pw] -> [pt*ph*pw*C, dim]
+        return w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
+    if kind == "table":
+        return w.reshape(w.shape[-2], w.shape[-1])
+    return w
+
+
+def diffusers_to_params(sd: dict, cfg: WanConfig) -> dict:
+    """diffusers state dict (numpy) -> our nested parameter dict, checked against `cfg`."""
+    _, abstract = nnx.split(nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0))))
+    expected = {path: v.shape for path, v in nnx.to_flat_state(abstract)}
+    dtypes = {path: v.dtype for path, v in nnx.to_flat_state(abstract)}
+    stacks: dict[tuple, dict[int, np.ndarray]] = {}
+    flat: dict[tuple, np.ndarray] = {}
+    unexpected, bad_shape = [], []
+    for key, w in sd.items():
+        hit = _our_path(key)
+        if hit is None:
+            unexpected.append(key)
+            continue
+        path, layer, kind = hit
+        w = _to_ours(kind, np.asarray(w))
+        if layer is None:
+            flat[path] = w
+        else:
+            if layer >= cfg.num_layers:
+                unexpected.append(key)
+                continue
+            stacks.setdefault(path, {})[layer] = w
+    missing = []
+    for path, layers in stacks.items():
+        absent = [i for i in range(cfg.num_layers) if i not in layers]
+        if absent:
+            missing += [f"blocks.{i}.<{'.'.join(path[1:])}>" for i in absent]
+            continue
+        flat[path] = np.stack([layers[i] for i in range(cfg.num_layers)])
+    for path, shape in expected.items():
+        if path not in flat:
+            if not any(m.endswith(f"<{'.'.join(path[1:])}>") for m in missing):
+                missing.append("/".join(path))
+        elif tuple(flat[path].shape) != tuple(shape):
+            bad_shape.append(f"{'/'.join(path)}: checkpoint {tuple(flat[path].shape)} vs model {tuple(shape)}")
+    if missing or unexpected or bad_shape:
+        raise ValueError(
+            "Wan checkpoint does not match the model config:\n"
+            + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
+            + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
+            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
+    nested: dict = {}
+    for path, w in flat.items():
+        d = nested
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = w.astype(dtypes[path])
+    return nested
+
+
+def params_to_diffusers(model: WanModel) -> dict:
+    """Our model's parameters -> diffusers state dict (numpy arrays)."""
+    cfg = model.cfg
+    flat = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    inverse = {}
+    keys = ["patch_embedding.weight", "patch_embedding.bias", "scale_shift_table"]
+    keys += [f"{m}.{leaf}" for m in _MODULES if m != "patch_embedding" for leaf in ("weight", "bias")]
+    for i in range(cfg.num_layers):
+        keys += [f"blocks.{i}.scale_shift_table"] + [f"blocks.{i}.{k}" for k in _BLOCK_PLAIN]
+        keys += [f"blocks.{i}.{m}.{leaf}" for m in _BLOCK_MODULES for leaf in ("weight", "bias")]
+    pt, ph, pw = cfg.patch_size
+    for key in keys:
+        path, layer, kind = _our_path(key)
+        w = flat[path] if layer is None else flat[path][layer]
+        if kind == "linear":
+            w = w.T
+        elif kind == "conv":
+            w = w.reshape(pt, ph, pw, cfg.in_channels, cfg.dim).transpose(4, 3, 0, 1, 2)
+        elif kind == "table":
+            w = w[None]
+        inverse[key] = np.ascontiguousarray(w)
+    return inverse
+
+
+# ----------------------------------------------------------------- files
+def read_safetensors_dir(path: str) -> dict:
+    """All tensors of the `*.safetensors` files in `path` (numpy; bf16 kept via ml_dtypes)."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+    index = glob.glob(os.path.join(path, "*.safetensors.index.json"))
+    if index:
+        with open(index[0]) as f:
+            needed = sorted(set(json.load(f)["weight_map"].values()))
+        absent = [n for n in needed if not os.path.exists(os.path.join(path, n))]
+        if absent:
+            raise FileNotFoundError(f"shards listed in {index[0]} are missing: {absent}")
+        files = [os.path.join(path, n) for n in needed]
+    out = {}
+    for fn in files:
+        try:
+            with safe_open(fn, framework="flax") as f:
+                for k in f.keys():
+                    out[k] = np.asarray(f.get_tensor(k))
+        except Exception as e:  # corrupt / truncated file
+            raise ValueError(f"cannot read safetensors file {fn!r}: {e}") from e
+    return out
+
+
+def read_config(path: str) -> dict:
+    fn = os.path.join(path, "config.json")
+    if not os.path.exists(fn):
+        raise FileNotFoundError(f"{fn!r} not found: a Wan checkpoint directory needs its config.json")
+    with open(fn) as f:
+        return json.load(f)
+
+
+def load_wan(path: str, cfg: WanConfig | None = None, **overrides) -> WanModel:
+    """Load a diffusers- or original-layout Wan2.1 transformer from a local directory.
+
+    `cfg` defaults to the one read from `config.json`; `overrides` (e.g. dtype,
+    attn_impl, text_len, num_actions) are applied on top.
+    """
+    sd = read_safetensors_dir(path)
+    layout = detect_layout(sd)
+    if cfg is None:
+        raw = read_config(path)
+        cfg = (config_from_diffusers if layout == "diffusers" else config_from_original)(raw)
+    cfg = cfg.replace(**overrides)
+    if layout == "original":
+        sd = {original_to_diffusers_key(k): v for k, v in sd.items()}
+    params = diffusers_to_params(sd, cfg)
+    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, _with_non_params(state, params))
+    nnx.update(model, state)
+    return model
+
+
+def _with_non_params(state, params: dict) -> dict:
+    """Pure dict of `state` with the parameter leaves replaced by `params`."""
+    pure = nnx.to_pure_dict(state)
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+        return dst
+
+    return merge(pure, params)
+
+
+def save_wan(model: WanModel, path: str, layout: str = "diffusers") -> None:
+    """Write `model` as a checkpoint directory in the `diffusers` or `original` layout."""
+    from safetensors.numpy import save_file
+
+    if layout not in ("diffusers", "original"):
+        raise ValueError(f"layout must be 'diffusers' or 'original', got {layout!r}")
+    os.makedirs(path, exist_ok=True)
+    sd = params_to_diffusers(model)
+    cfg_dict = diffusers_config(model.cfg)
+    if layout == "original":
+        sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
+        cfg_dict = original_config(model.cfg)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg_dict, f, indent=1)
+    save_file(sd, os.path.join(path, WEIGHTS))
+
+
+# ----------------------------------------------------------------- our own (Orbax) format
+NNX_CONFIG = "wan_config.json"
+
+
+def save_nnx(model: WanModel, path: str) -> None:
+    """Save the model's parameters with Orbax, plus its config as JSON."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, NNX_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(model.cfg), f, indent=1)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+    ckptr.wait_until_finished()
+
+
+def load_nnx(path: str, **overrides) -> WanModel:
+    """Load a model saved by `save_nnx`."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    cfg_file = os.path.join(path, NNX_CONFIG)
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file!r} not found: not a crm_jax NNX checkpoint")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    raw["patch_size"] = tuple(raw["patch_size"])
+    cfg = WanConfig(**raw).replace(**overrides)
+    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    nnx.replace_by_pure_dict(state, _with_non_params(state, params))
+    nnx.update(model, state)
+    return model
+
+
+def load_any(path: str, **overrides) -> WanModel:
+    """Load a Wan transformer from a diffusers, original or crm_jax NNX directory."""
+    if os.path.exists(os.path.join(path, NNX_CONFIG)):
+        return load_nnx(path, **overrides)
+    return load_wan(path, **overrides)

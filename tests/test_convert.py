@@ -1,0 +1,122 @@
+"""Checkpoint conversion: parity with diffusers' PyTorch Wan2.1, both layouts, round trips, errors.
+
+The fixture (tests/fixtures/wan_tiny) is made by scripts/make_wan_fixture.py with
+torch + diffusers; these tests need neither.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from crm_jax.models import convert
+from crm_jax.models.wan import functional
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "wan_tiny")
+IO = np.load(os.path.join(FIX, "io.npz"))
+
+
+def forward(model):
+    apply, params = functional(model)
+    x = jnp.asarray(IO["x"]).transpose(0, 2, 3, 4, 1)  # [B, C, T, H, W] -> [B, T, H, W, C]
+    y = jax.jit(apply)(params, x, jnp.asarray(IO["t"]), jnp.asarray(IO["context"]))
+    return np.asarray(y).transpose(0, 4, 1, 2, 3)
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_parity_with_diffusers(layout):
+    model = convert.load_wan(os.path.join(FIX, layout), text_len=8)
+    assert model.cfg.num_layers == 2 and model.cfg.num_heads == 4
+    assert rel(forward(model), IO["out"]) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_save_round_trip_is_exact(layout, tmp_path):
+    model = convert.load_wan(os.path.join(FIX, "diffusers"), text_len=8)
+    convert.save_wan(model, str(tmp_path), layout=layout)
+    saved = load_file(str(tmp_path / convert.WEIGHTS))
+    src = load_file(os.path.join(FIX, layout, convert.WEIGHTS))
+    assert set(saved) == set(src)
+    for k in src:
+        np.testing.assert_array_equal(saved[k], src[k], err_msg=k)
+    again = convert.load_wan(str(tmp_path), text_len=8)
+    np.testing.assert_array_equal(forward(again), forward(model))
+
+
+def test_key_renaming_is_a_bijection():
+    keys = load_file(os.path.join(FIX, "diffusers", convert.WEIGHTS)).keys()
+    for k in keys:
+        assert convert.original_to_diffusers_key(convert.diffusers_to_original_key(k)) == k
+
+
+def _broken_copy(tmp_path, edit):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIX, "diffusers"), dst)
+    sd = load_file(str(dst / convert.WEIGHTS))
+    edit(sd)
+    save_file(sd, str(dst / convert.WEIGHTS))
+    return str(dst)
+
+
+def test_missing_key_is_named(tmp_path):
+    path = _broken_copy(tmp_path, lambda sd: sd.pop("blocks.1.attn2.to_k.weight"))
+    with pytest.raises(ValueError, match=r"missing \(1\).*blocks.1.<attn2.to_k.kernel>"):
+        convert.load_wan(path, text_len=8)
+
+
+def test_unexpected_key_is_named(tmp_path):
+    path = _broken_copy(tmp_path, lambda sd: sd.update({"blocks.0.attn1.extra.weight": np.ones(3, np.float32)}))
+    with pytest.raises(ValueError, match=r"unexpected \(1\).*blocks.0.attn1.extra.weight"):
+        convert.load_wan(path, text_len=8)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    path = _broken_copy(tmp_path, lambda sd: sd.update({"proj_out.bias": np.ones(5, np.float32)}))
+    with pytest.raises(ValueError, match=r"wrong shape.*proj_out/bias: checkpoint \(5,\) vs model \(16,\)"):
+        convert.load_wan(path, text_len=8)
+
+
+def test_mismatched_config_is_an_error():
+    from crm_jax.models.config import TINY
+    with pytest.raises(ValueError, match="does not match the model config"):
+        convert.load_wan(os.path.join(FIX, "diffusers"), cfg=TINY.replace(num_layers=3))
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert.load_wan(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        convert.load_wan(str(tmp_path / "empty"))
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(FIX, "diffusers"), bad)
+    with open(bad / convert.WEIGHTS, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match="cannot read safetensors file"):
+        convert.load_wan(str(bad), text_len=8)
+    os.remove(bad / convert.WEIGHTS)
+    shutil.copy(os.path.join(FIX, "diffusers", convert.WEIGHTS), bad / convert.WEIGHTS)
+    os.remove(bad / "config.json")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert.load_wan(str(bad), text_len=8)
+
+
+def test_cli_round_trip_through_nnx(tmp_path):
+    from crm_jax.tools import convert_wan
+
+    nnx_dir, orig_dir = tmp_path / "nnx", tmp_path / "orig"
+    assert convert_wan.main(["--src", os.path.join(FIX, "diffusers"), "--dst", str(nnx_dir), "--text_len", "8"]) == 0
+    assert convert_wan.main(["--src", str(nnx_dir), "--dst", str(orig_dir), "--to", "original"]) == 0
+    assert rel(forward(convert.load_wan(str(orig_dir))), IO["out"]) < 1e-4
+    # refuses to overwrite, and reports a bad source without writing anything
+    assert convert_wan.main(["--src", str(nnx_dir), "--dst", str(orig_dir)]) == 2
+    assert convert_wan.main(["--src", str(tmp_path / "none"), "--dst", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,186 @@
+"""The Wan2.1 DiT: masks, causality, teacher forcing, KV-cache streaming, autodiff, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from crm_jax.models.config import TINY
+from crm_jax.models.wan import AttentionPattern, KVCache, WanModel, functional
+
+CFG = TINY.replace(num_actions=5)
+H, W = 4, 6          # latent size -> 2 x 3 = 6 tokens per frame
+TPF = 6
+
+
+@functools.lru_cache(maxsize=1)
+def model():
+    return WanModel(CFG, rngs=nnx.Rngs(0))
+
+
+@functools.lru_cache(maxsize=1)
+def jitted():
+    apply, params = functional(model())
+    static = ("pattern", "cache_frames", "write_cache", "ad")
+    return jax.jit(apply, static_argnames=static), params
+
+
+def inputs(seed, frames, batch=2):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(k1, (batch, frames, H, W, CFG.in_channels))
+    t = jax.random.uniform(k2, (batch, frames))
+    ctx = jax.random.normal(k3, (batch, CFG.text_len, CFG.text_dim))
+    actions = jax.random.randint(k4, (batch, frames), 0, CFG.num_actions)
+    return x, t, ctx, actions
+
+
+def run(x, t, ctx, actions=None, **kw):
+    apply, params = jitted()
+    return apply(params, x, t, ctx, actions=actions, **kw)
+
+
+def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_one_block_is_bidirectional():
+    x, t, ctx, a = inputs(0, 4)
+    full = run(x, t, ctx, a)
+    one = run(x, t, ctx, a, pattern=AttentionPattern("block_causal", block_frames=4))
+    assert rel(one, full) < 1e-6
+
+
+@pytest.mark.parametrize("first,chunk", [(1, 1), (1, 2), (2, 2)])
+def test_block_causal_is_causal(first, chunk):
+    pat = AttentionPattern("block_causal", chunk, first)
+    x, t, ctx, a = inputs(1, 5)
+    y = run(x, t, ctx, a, pattern=pat)
+    # change the last block's frames: earlier blocks must not move, the last must
+    last = pat.block_starts(5)[-1]
+    x2 = x.at[:, last:].add(1.0)
+    y2 = run(x2, t, ctx, a, pattern=pat)
+    np.testing.assert_allclose(y2[:, :last], y[:, :last], rtol=0, atol=1e-6)
+    assert float(jnp.abs(y2[:, last:] - y[:, last:]).max()) > 1e-3
+    # and full attention is not causal
+    yf, yf2 = run(x, t, ctx, a), run(x2, t, ctx, a)
+    assert float(jnp.abs(yf2[:, :last] - yf[:, :last]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("first,chunk,frames", [(1, 1, 4), (1, 3, 7), (2, 2, 6)])
+def test_streaming_equals_full_block_causal(first, chunk, frames):
+    pat = AttentionPattern("block_causal", chunk, first)
+    x, t, ctx, a = inputs(2, frames)
+    full = run(x, t, ctx, a, pattern=pat)
+    cache = KVCache.create(CFG, 2, frames, TPF)
+    starts = pat.block_starts(frames) + [frames]
+    outs = []
+    for s, e in zip(starts[:-1], starts[1:]):
+        o, cache = run(x[:, s:e], t[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache,
+                       cache_frames=s, write_cache=True)
+        outs.append(o)
+    stream = jnp.concatenate(outs, axis=1)
+    assert float(jnp.abs(stream - full).max()) <= 1e-5 * float(jnp.abs(full).max())
+
+
+@pytest.mark.parametrize("first,chunk", [(1, 1), (1, 2)])
+def test_teacher_forcing_equals_cached_clean_prefix(first, chunk):
+    frames = 5
+    pat = AttentionPattern("block_causal", chunk, first)
+    tf = AttentionPattern("teacher_forcing", chunk, first)
+    x0, t, ctx, a = inputs(3, frames)
+    xt, _, _, _ = inputs(4, frames)
+    zeros = jnp.zeros_like(t)
+    packed = run(jnp.concatenate([x0, xt], 1), jnp.concatenate([zeros, t], 1), ctx,
+                 jnp.concatenate([a, a], 1), pattern=tf)
+    # clean half = block-causal forward of the clean video at t = 0
+    clean = run(x0, zeros, ctx, a, pattern=pat)
+    assert rel(packed[:, :frames], clean) < 1e-5
+    # noisy half, block by block = that block with the clean prefix in the cache
+    cache = KVCache.create(CFG, 2, frames, TPF)
+    starts = pat.block_starts(frames) + [frames]
+    for s, e in zip(starts[:-1], starts[1:]):
+        noisy, _ = run(xt[:, s:e], t[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache, cache_frames=s)
+        assert rel(packed[:, frames + s:frames + e], noisy) < 1e-5, (s, e)
+        _, cache = run(x0[:, s:e], zeros[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache,
+                       cache_frames=s, write_cache=True)
+
+
+def test_per_frame_time_only_changes_modulation_of_that_frame_under_causality():
+    pat = AttentionPattern("block_causal", 1)
+    x, t, ctx, a = inputs(5, 3)
+    y = run(x, t, ctx, a, pattern=pat)
+    y2 = run(x, t.at[:, 2].set(0.0), ctx, a, pattern=pat)
+    np.testing.assert_allclose(y2[:, :2], y[:, :2], atol=1e-6)
+    assert float(jnp.abs(y2[:, 2] - y[:, 2]).max()) > 1e-3
+
+
+def _params_fn():
+    apply, params = functional(model())
+
+    @functools.partial(jax.jit, static_argnames="ad")
+    def f(p, x, t, ctx, a, ad="vjp"):
+        return apply(p, x, t, ctx, actions=a, ad=ad, pattern=AttentionPattern("block_causal", 1))
+    return f, params
+
+
+def test_jvp_matches_finite_difference():
+    f, params = _params_fn()
+    x, t, ctx, a = inputs(6, 3)
+    dx = jax.random.normal(jax.random.key(60), x.shape)
+    dt = jax.random.uniform(jax.random.key(61), t.shape) * 0.1
+    g = lambda x, t: f(params, x, t, ctx, a, ad="jvp")
+    _, tangent = jax.jvp(g, (x, t), (dx, dt))
+    eps = 1e-3
+    fd = (g(x + eps * dx, t + eps * dt) - g(x - eps * dx, t - eps * dt)) / (2 * eps)
+    assert rel(tangent, fd) < 1e-2
+
+
+def test_grad_matches_finite_difference():
+    f, params = _params_fn()
+    x, t, ctx, a = inputs(7, 3)
+    target = jax.random.normal(jax.random.key(70), x.shape)
+    loss = lambda p: jnp.mean((f(p, x, t, ctx, a) - target) ** 2)
+    grads = jax.grad(loss)(params)
+    direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(71), p.shape, p.dtype), params)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    eps = 1e-3
+    shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)
+    fd = (loss(shift(eps)) - loss(shift(-eps))) / (2 * eps)
+    assert abs(float(analytic) - float(fd)) <= 2e-2 * abs(float(fd)) + 1e-6
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("x_rank", r"x must be \[B, T, H, W, C=4\]"),
+    ("x_channels", r"got \(2, 3, 4, 6, 3\)"),
+    ("patch", "not divisible by patch"),
+    ("t_shape", r"t must be per-frame \[B, T\] = \(2, 3\), got \(2,\)"),
+    ("text_len", r"context must be \[B, text_len, text_dim\] = \(2, 8, 32\), got \(2, 5, 32\)"),
+    ("tf_odd", "T must be even"),
+    ("cache_boundary", "block boundary"),
+    ("cache_missing", "need a cache"),
+])
+def test_bad_input_raises(case, msg):
+    x, t, ctx, a = inputs(8, 3)
+    kw = {}
+    if case == "x_rank":
+        x = x[:, 0]
+    elif case == "x_channels":
+        x = x[..., :3]
+    elif case == "patch":
+        x = x[:, :, :3]
+    elif case == "t_shape":
+        t = t[:, 0]
+    elif case == "text_len":
+        ctx = ctx[:, :5]
+    elif case == "tf_odd":
+        kw = dict(pattern=AttentionPattern("teacher_forcing", 1))
+    elif case == "cache_boundary":
+        kw = dict(pattern=AttentionPattern("block_causal", 2), cache=KVCache.create(CFG, 2, 8, TPF),
+                  cache_frames=1)
+    elif case == "cache_missing":
+        kw = dict(cache_frames=2)
+    with pytest.raises(ValueError, match=msg):
+        run(x, t, ctx, a, **kw)
