@@ -184,3 +184,32 @@ def test_bad_input_raises(case, msg):
         kw = dict(cache_frames=2)
     with pytest.raises(ValueError, match=msg):
         run(x, t, ctx, a, **kw)
+
+
+def test_jvp_and_grad_with_pallas_kernels_equal_reference_attention():
+    """The tiny model with the Triton kernels (interpret mode) vs the XLA reference attention."""
+    cfg = CFG.replace(dim=128, num_heads=2, num_layers=1)     # head_dim 64: a kernel size
+    ref_model = WanModel(cfg.replace(attn_impl="xla"), rngs=nnx.Rngs(3))
+    ker_model = WanModel(cfg.replace(attn_impl="triton", attn_interpret=True), rngs=nnx.Rngs(3))
+    ref, params = functional(ref_model)
+    ker, _ = functional(ker_model)
+    pat = AttentionPattern("teacher_forcing", 1)
+    k = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(k[0], (1, 4, H, W, cfg.in_channels))
+    t = jnp.concatenate([jnp.zeros((1, 2)), jax.random.uniform(k[1], (1, 2))], 1)
+    ctx = jax.random.normal(k[2], (1, cfg.text_len, cfg.text_dim))
+    dx = jnp.concatenate([jnp.zeros((1, 2, H, W, cfg.in_channels)),
+                          jax.random.normal(k[3], (1, 2, H, W, cfg.in_channels))], 1)
+    dt = jnp.concatenate([jnp.zeros((1, 2)), jnp.ones((1, 2))], 1)
+    f = lambda apply, ad: (lambda x, t: apply(params, x, t, ctx, pattern=pat, ad=ad))
+    o_ref, do_ref = jax.jvp(f(ref, "jvp"), (x, t), (dx, dt))
+    o_ker, do_ker = jax.jvp(f(ker, "jvp"), (x, t), (dx, dt))
+    assert rel(o_ker, o_ref) < 1e-5 and rel(do_ker, do_ref) < 1e-5
+    target = jax.random.normal(k[4], x.shape)
+    loss = lambda apply: (lambda p: jnp.mean((apply(p, x, t, ctx, pattern=pat) - target) ** 2))
+    g_ref, g_ker = jax.grad(loss(ref))(params), jax.grad(loss(ker))(params)
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref)))
+    den = sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(g_ref))
+    assert (num / den) ** 0.5 < 1e-5
+    with pytest.raises(Exception, match="jvp|custom_vjp|forward-mode"):
+        jax.jvp(f(ker, "vjp"), (x, t), (dx, dt))

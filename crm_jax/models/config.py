@@ -26,9 +26,13 @@ class WanConfig:
         timestep is `timestep_scale * t` (1000).
       num_actions: > 0 adds a per-frame action embedding (world models) added to
         the time embedding of the frame it acts on.
+      mean_flow: adds an embedding of the interval t - r (MeanFlow's average
+        velocity u(z, r, t)); the model then takes `r` besides `t`.
       dtype: compute dtype of matmuls (norms and modulation stay float32).
       param_dtype: parameter dtype.
-      attn_impl: attention backend for `pallas_kernels.ops.attention`.
+      attn_impl: attention backend for `pallas_kernels.ops.attention` ("auto": Pallas
+        Triton kernels on GPU, XLA on CPU; "xla"; "triton"; "mosaic").
+      attn_interpret: run the Pallas kernels in interpret mode (CPU tests).
       remat: "none", "block" (recompute each block) or "dots" (save matmul outputs).
     """
 
@@ -47,9 +51,11 @@ class WanConfig:
     rope_max_frames: int = 1024
     timestep_scale: float = 1000.0
     num_actions: int = 0
+    mean_flow: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
     attn_impl: str = "auto"
+    attn_interpret: bool = False
     remat: str = "none"
 
     def __post_init__(self):

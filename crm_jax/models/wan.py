@@ -122,6 +122,7 @@ class Attention(nnx.Module):
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         self.num_heads = cfg.num_heads
         self.attn_impl = cfg.attn_impl
+        self.attn_interpret = cfg.attn_interpret
         self.to_q = linear(cfg.dim, cfg.dim, rngs, dt, pdt)
         self.to_k = linear(kv_dim, cfg.dim, rngs, dt, pdt)
         self.to_v = linear(kv_dim, cfg.dim, rngs, dt, pdt)
@@ -161,7 +162,7 @@ class Attention(nnx.Module):
                 cv = jax.lax.dynamic_update_slice(cv, jax.lax.stop_gradient(v).astype(cv.dtype), (0, cache_len, 0, 0))
             new_cache = (ck, cv)
             k, v = k_all, v_all
-        o = attention(q, k, v, spec, impl=self.attn_impl, ad=ad)
+        o = attention(q, k, v, spec, impl=self.attn_impl, ad=ad, interpret=self.attn_interpret)
         o = o.reshape(*o.shape[:-2], -1)
         return self.to_out(o), new_cache
 
@@ -215,12 +216,17 @@ class ConditionEmbedder(nnx.Module):
         self.time_proj = linear(cfg.dim, 6 * cfg.dim, rngs, jnp.float32, pdt)
         self.text_embedder = MLP(cfg.text_dim, cfg.dim, cfg.dim, "gelu_tanh", rngs=rngs,
                                  dtype=dt, param_dtype=pdt)
+        self.interval_embedder = (MLP(cfg.freq_dim, cfg.dim, cfg.dim, "silu", rngs=rngs,
+                                      dtype=jnp.float32, param_dtype=pdt) if cfg.mean_flow else None)
         self.action_embedder = (nnx.Embed(cfg.num_actions, cfg.dim, param_dtype=pdt, rngs=rngs)
                                 if cfg.num_actions else None)
 
-    def __call__(self, t, context, actions=None):
+    def __call__(self, t, context, actions=None, r=None):
         """t `[B, T]` -> temb `[B, T, dim]`, mod `[B, T, 6, dim]`; context -> `[B, Ltxt, dim]`."""
         temb = self.time_embedder(timestep_embedding(t * self.timestep_scale, self.freq_dim))
+        if self.interval_embedder is not None:
+            gap = jnp.zeros_like(t) if r is None else t - r
+            temb = temb + self.interval_embedder(timestep_embedding(gap * self.timestep_scale, self.freq_dim))
         if self.action_embedder is not None and actions is not None:
             temb = temb + self.action_embedder(actions).astype(jnp.float32)
         mod = self.time_proj(jax.nn.silu(temb))
@@ -275,7 +281,7 @@ class WanModel(nnx.Module):
         return (height // ph) * (width // pw)
 
     # ----------------------------------------------------------------- forward
-    def __call__(self, x, t, context, *, pattern: AttentionPattern = FULL, actions=None,
+    def __call__(self, x, t, context, *, pattern: AttentionPattern = FULL, actions=None, r=None,
                  frame_pos=None, cache: KVCache | None = None, cache_frames: int = 0,
                  write_cache: bool = False, ad: str = "vjp"):
         """Predict the RF velocity.
@@ -286,6 +292,8 @@ class WanModel(nnx.Module):
           context: `[B, text_len, text_dim]` text embeddings.
           pattern: the attention pattern.
           actions: optional `[B, T]` int action ids.
+          r: optional `[B, T]` start times of MeanFlow's average velocity u(z, r, t)
+            (models with `mean_flow=True`; default r = t, the instantaneous velocity).
           frame_pos: `[T]` temporal RoPE positions; default `cache_frames + arange(T)`
             (teacher forcing: `arange(T/2)` twice).
           cache: optional KV cache; the first `cache_frames` frames in it are
@@ -318,8 +326,14 @@ class WanModel(nnx.Module):
 
         h = self.patch_embedding(patchify(x.astype(cfg.compute_dtype), cfg.patch_size))
         h = h.reshape(b, tq, n, cfg.dim).astype(jnp.float32)
+        if r is not None:
+            if not cfg.mean_flow:
+                raise ValueError("r given but the model has no interval embedding (mean_flow=False)")
+            if tuple(r.shape) != tuple(t.shape):
+                raise ValueError(f"r must have t's shape {tuple(t.shape)}, got {tuple(r.shape)}")
+            r = r[:, ::pt]
         temb, mod, ctx = self.condition_embedder(t[:, ::pt], context.astype(cfg.compute_dtype),
-                                                 None if actions is None else actions[:, ::pt])
+                                                 None if actions is None else actions[:, ::pt], r)
 
         graphdef, block_state = nnx.split(self.blocks)
         cache_len = cache_frames * n

@@ -1,0 +1,18 @@
+"""Pallas flash-attention kernels for GPU (Triton lowering; `interpret=True` on CPU).
+
+Entry points (all layouts `[B, L, H, D]`, see `flash.py`):
+  * `flash_forward(q, k, v, spec, ...) -> (o, lse)`
+  * `flash_backward(q, k, v, o, lse, do, spec, ...) -> (dq, dk, dv)`
+  * `flash_jvp(q, k, v, tq, tk, tv, spec, ...) -> (o, to, lse)`
+"""
+
+from pallas_kernels.triton.flash import (  # noqa: F401
+    FlashConfig,
+    Tiles,
+    SUPPORTED_HEAD_DIMS,
+    default_config,
+    flash_backward,
+    flash_forward,
+    flash_jvp,
+    kernel_allowed,
+)
