@@ -1,16 +1,30 @@
-"""The embedded default: a tiny causal Wan on the synthetic toy world (no downloads)."""
+"""The embedded default (`make demo`): the whole Causal-rCM recipe on the toy world, on a CPU.
+
+Loads the toy causal teacher shipped in assets/toy_teacher, generates a synthetic set with it,
+distils a few-step causal student by TF-sCM, refines it by SF-DMD, and scores streamed
+world-model rollouts against the simulator. See crm_jax/demo.py.
+"""
 
 import ml_collections
 
+from configs.base import base_config, toy_model
+
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.mode = "forward_check"
-    c.model = "tiny"
-    c.seed = 0
-    c.batch_size = 2
-    c.num_frames = 6
-    c.latent_hw = (8, 8)
-    c.block_frames = 3
-    c.first_block_frames = 3
+    c = base_config("demo", "tiny", **toy_model())
+    c.train.guidance = 2.0
+    c.train.tangent_warmup = 100
+    c.train.dmd_teacher_pattern = "block_causal"
+    c.train.student_update_freq = 3
+    c.train.sf_max_steps = 1    # 1-step self-forcing rollouts: fewer compiled variants on a CPU
+    c.data.batch_size = 8
+    c.log_every = 10
+    c.checkpoint.every = 100
+    c.demo = ml_collections.ConfigDict(dict(
+        teacher="assets/toy_teacher",
+        teacher_steps=16,          # Euler steps per chunk of the teacher (data and reference)
+        synthetic_samples=96,
+        scm_iterations=200, scm_lr=2e-4,
+        dmd_iterations=90, dmd_lr=5e-5,
+        eval_episodes=16))
     return c

@@ -13,7 +13,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, samples)")
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = ("forward_check",)
+from crm_jax.training.steps import MODES as TRAIN_MODES  # noqa: E402
+
+MODES = ("forward_check", "demo") + TRAIN_MODES
 
 
 def forward_check(cfg, workdir: str) -> dict:
@@ -51,16 +53,43 @@ def forward_check(cfg, workdir: str) -> dict:
                 streaming_vs_full_max_abs_err=err, device=str(jax.devices()[0]))
 
 
+def maybe_init_distributed() -> None:
+    """Multi-host: join the JAX cluster when the environment describes one.
+
+    Set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a
+    launcher that JAX auto-detects: SLURM, Open MPI, Cloud TPU) and every host runs the
+    same command; single-host runs skip this.
+    """
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1" \
+            or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
+        jax.distributed.initialize()
+        print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+
+
 def main(argv):
     del argv
+    maybe_init_distributed()
     cfg, workdir = _CONFIG.value, _WORKDIR.value
     if cfg.mode not in MODES:
         raise app.UsageError(f"unknown mode {cfg.mode!r}; known: {MODES}")
     os.makedirs(workdir, exist_ok=True)
+    if cfg.mode == "demo":
+        from crm_jax.demo import run_demo
+        run_demo(cfg, workdir)
+        return
+    if cfg.mode in TRAIN_MODES:
+        from crm_jax.training.loop import train
+        out = train(cfg, workdir)
+        print(f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
+              f"{out['nan_skips']} skipped, final metrics {out['metrics']}")
+        return
     result = forward_check(cfg, workdir)
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print("forward pass of the tiny causal Wan model (the full toy-world demo arrives with the training issues):")
+    print("forward pass of the tiny causal Wan model, streamed block by block vs one pass:")
     for k, v in result.items():
         print(f"  {k:32s} {v}")
     print(f"wrote {os.path.join(workdir, 'result.json')}")

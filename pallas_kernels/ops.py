@@ -10,6 +10,8 @@ Backends (`impl`):
     schedules and AD wiring). Tested only in Pallas TPU interpret mode on CPU
     (``interpret=True``; ``interpret="generic"`` uses the faster generic
     interpreter); never compiled on a TPU here, hence not chosen by ``auto``.
+  * ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")`, full masks
+    only, reverse mode only (a baseline for benchmarks; JAX cannot jvp through it).
   * ``auto``: ``triton`` on GPU, ``xla`` on CPU and TPU.
     On GPU there is never a silent fallback: inputs the kernels cannot take
     (head_dim not in {64, 128}, mixed dtypes) raise a ValueError naming ``impl="xla"``.
@@ -51,7 +53,7 @@ def _kernels(impl):
         return _flash.flash_forward, _flash.flash_backward, _flash.flash_jvp
     return _mosaic.mosaic_forward, _mosaic.mosaic_backward, _mosaic.mosaic_jvp
 
-IMPLS = ("auto", "xla", "triton", "mosaic")
+IMPLS = ("auto", "xla", "triton", "mosaic", "cudnn")
 AD_MODES = ("vjp", "jvp")
 
 
@@ -169,6 +171,11 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
     impl = resolve_impl(impl, interpret)
     if impl == "xla":
         return attention_reference(q, k, v, spec, scale=scale)
+    if impl == "cudnn":
+        if spec.kind != "full" or ad != "vjp":
+            raise ValueError("impl='cudnn' is a baseline for full masks in reverse mode only; "
+                             f"got kind={spec.kind!r}, ad={ad!r} (use impl='triton')")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     _check_kernel_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "triton":

@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -360,7 +361,10 @@ def load_nnx(path: str, **overrides) -> WanModel:
     cfg = WanConfig(**raw).replace(**overrides)
     model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
-    target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # Restore onto this host's first device, whatever topology saved it (GPU -> CPU and back).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
     nnx.replace_by_pure_dict(state, _with_non_params(state, params))
     nnx.update(model, state)

@@ -379,11 +379,26 @@ def functional(model: WanModel):
 
     `apply` rebuilds the module from `params` on every call (cheap under jit), so it
     can be used inside `jax.jit`, `jax.jvp`, `jax.grad` and `lax.scan` without
-    mutating NNX state. Keyword arguments are those of `WanModel.__call__`.
+    mutating NNX state. Keyword arguments are those of `WanModel.__call__`. Models
+    of the same structure share one `apply`, so jitted functions keyed on it (and
+    their compilations) are reused across, e.g., teacher and student.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        return _make_apply(graphdef, rest), params
+    return _shared_apply(graphdef), params
 
+
+def _make_apply(graphdef, rest):
     def apply(params, x, t, context, **kw):
         return nnx.merge(graphdef, params, rest)(x, t, context, **kw)
 
-    return apply, params
+    return apply
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_apply(graphdef):
+    def apply(params, x, t, context, **kw):
+        return nnx.merge(graphdef, params)(x, t, context, **kw)
+
+    return apply

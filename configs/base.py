@@ -1,0 +1,90 @@
+"""Shared defaults of the training configs (`get_config()` files import this)."""
+
+import ml_collections
+
+
+def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = mode
+    c.seed = 0
+    c.num_iterations = 1000
+    c.log_every = 10
+    c.max_nan_streak = 20
+    c.sample_every = 0           # > 0: write a sample video to workdir/samples every N iterations
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = model
+    c.model.overrides = ml_collections.ConfigDict(model_overrides)
+
+    c.train = ml_collections.ConfigDict(dict(
+        block_frames=2, first_block_frames=None, lr=2e-6, critic_lr=4e-7, warmup_steps=0,
+        grad_clip=0.0, weight_decay=0.01, ema_sigma_rel=0.1, guidance=5.0, tangent_warmup=0,
+        p_mean=-0.8, p_std=1.6, dcm_steps=48, dcm_shift=5.0, dmd_weight=1.0,
+        dmd_teacher_pattern="full", sf_sigma_max=80.0, sf_context="clean", sf_replay=True,
+        meanflow_r_eq_t=0.75, cond_dropout=0.0, student_update_freq=5, sf_max_steps=4))
+    c.train.first_block_frames = ml_collections.FieldReference(None, field_type=int)
+
+    # The demo's toy world: 8 frames of 16 x 16 pixels (8 x 8 x 12 latents, 16 tokens per frame).
+    c.data = ml_collections.ConfigDict(dict(kind="toy", num_frames=8, height=16, width=16, num_sprites=2,
+                                            sprite_size=3, action_speed=1, max_speed=1,
+                                            batch_size=8, seed=0, path=""))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    c.init = ml_collections.ConfigDict(dict(student="", teacher="", dmd_teacher="",
+                                            allow_random_teacher=False))
+    return c
+
+
+def toy_model(**kw):
+    """The toy-world model: a small Wan (dim 128 = 2 heads of 64, 3 layers) on space-to-depth latents,
+    5 actions. head_dim 64 so that the Pallas kernels run it on a GPU."""
+    over = dict(dim=128, ffn_dim=256, num_heads=2, num_layers=3, in_channels=12, out_channels=12,
+                text_len=4, text_dim=32, freq_dim=64, num_actions=5)
+    over.update(kw)
+    return over
+
+
+def wan_config(mode: str, student: str = "wan_1_3b") -> ml_collections.ConfigDict:
+    """Wan2.1 defaults (DESIGN.md §6): 480p x 21 latent frames, chunk 3, bf16 compute with fp32
+    master weights, remat of whole blocks, data from a generated dataset, teachers from converted
+    checkpoints (`python -m crm_jax.tools.convert_wan --src DIFFUSERS_DIR --dst DIR`)."""
+    c = base_config(mode, student, dtype="bfloat16", remat="block")
+    c.train.update(block_frames=3, lr=2e-6, critic_lr=4e-7, guidance=5.0, tangent_warmup=1000,
+                   sf_sigma_max=80.0, dmd_teacher_pattern="full")
+    c.data = ml_collections.ConfigDict(dict(kind="dataset", path="data/wan_synthetic", batch_size=8, seed=0))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8))
+    c.num_iterations = 10000
+    c.log_every = 10
+    c.checkpoint.every = 250
+    c.sample_every = 0
+    c.init.update(teacher="checkpoints/wan_1_3b_causal_teacher", dmd_teacher="checkpoints/wan_1_3b")
+    return c
+
+
+TOY_TEACHER_DIR = "assets/toy_teacher"
+
+
+def toy_teacher_config(mode: str) -> ml_collections.ConfigDict:
+    """Toy teacher pretraining (teacher_tf / teacher_df / teacher_full) on the simulator's videos."""
+    c = base_config(mode, "tiny", **toy_model())
+    c.train.update(lr=5e-4, warmup_steps=200, grad_clip=1.0, cond_dropout=0.1)
+    c.data.batch_size = 64
+    c.num_iterations = 5000
+    c.log_every = 100
+    c.checkpoint.every = 1000
+    return c
+
+
+def toy_student_config(mode: str, **model) -> ml_collections.ConfigDict:
+    """Toy distillation from the shipped causal teacher; `sf_dmd` / `rcm` start from a TF-sCM student."""
+    c = base_config(mode, "tiny", **toy_model(**model))
+    c.train.update(lr=1e-4, critic_lr=1e-4, guidance=2.0, tangent_warmup=200,
+                   dmd_teacher_pattern="block_causal")
+    c.num_iterations = 1000
+    c.sample_every = 250
+    c.init.teacher = TOY_TEACHER_DIR
+    if mode in ("sf_dmd", "rcm"):
+        c.train.update(lr=2e-5, critic_lr=2e-5, tangent_warmup=100)
+        c.num_iterations = 500
+        c.init.student = "runs/toy_tf_scm/export"
+    return c

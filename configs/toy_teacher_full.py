@@ -1,0 +1,10 @@
+"""Toy world teacher pretraining: teacher_full (crm_jax/training/steps.py). The shipped assets/toy_teacher is
+configs/toy_teacher_tf.py trained on one GPU (experiments/RESULTS.md):
+  python -m crm_jax.main --config=configs/toy_teacher_full.py --workdir=runs/toy_teacher_full
+"""
+
+from configs.base import toy_teacher_config
+
+
+def get_config():
+    return toy_teacher_config("teacher_full")

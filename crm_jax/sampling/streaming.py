@@ -1,0 +1,293 @@
+"""Streaming few-step generation over the KV cache (chunk by chunk).
+
+Per chunk of `f` frames (frames [s, e)), with RF grid t_0 > ... > t_{n-1} > t_n = 0:
+
+    x = noise                                   # [B, f, H, W, C], placed at t_0
+    for i < n - 1:  x0 = x - t_i v(x, t_i | cache);  x = (1 - t_{i+1}) x0 + t_{i+1} eps_i
+    x0 = x - t_{n-1} v(x, t_{n-1} | cache)      # the chunk's output
+    clean context: re-run v(x0, t = 0) with write_cache=True (one extra forward)
+    noisy context: the last denoising step itself writes the cache (no extra forward)
+
+All noise comes from `chunk_noise` (keys folded from one PRNG key by chunk index), so
+the non-streaming `reference.reference_generate` can reproduce it exactly.
+
+Each chunk is one jitted call (`jax.jit`, cache donated) compiled for its static
+buffer layout (sink/evict/cache frames) and chunk shape; the number of model calls
+is a traced loop bound and the grid a traced array, so every step count, grid and
+both context modes share a compile. With a rolling window the
+layout reaches a steady state after `sink_blocks + local_attn_blocks` chunks and
+the same compiled function is reused from then on (flat memory).
+
+RoPE positions: every call passes `frame_pos` = absolute frame indices, so keys in
+the cache keep the positions they were written with, also after the window part
+is shifted. Angles are computed directly (`pos * inv_freq` in float32; no table),
+so there is no hard limit; positions are exact integers up to 2**24 and the angle
+error grows like 6e-8 * pos rad (6e-3 rad at pos 1e5). Positions beyond the
+trained length are an extrapolation: inside the local window the query-key
+offsets stay within what the model saw in training (RoPE is relative), but the
+sink blocks sit at ever larger offsets, which the model never saw -- quality over
+very long rollouts depends on how the model was trained (e.g. with a window).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crm_jax.diffusion import rf_noise, x0_from_v
+from crm_jax.models.config import WanConfig
+from crm_jax.models.wan import AttentionPattern, KVCache
+from crm_jax.sampling.actions import ActionSource
+from crm_jax.sampling.plan import (CONTEXT_MODES, CacheLayout, ChunkLayout, TimeSchedule, check_length,
+                                   check_pattern, chunk_bounds, make_schedule)
+
+
+class Chunk(NamedTuple):
+    """One generated chunk: frames [start, start + f) of the video.
+
+    frames: `[B, f, H, W, C]` float32 clean latents x̂0 (a device array; may still be computing).
+    actions: `[B, f]` int32 ids used for it, or None.
+    """
+
+    index: int
+    start: int
+    frames: jax.Array
+    actions: np.ndarray | None
+
+
+def chunk_noise(key: jax.Array, index: int | jax.Array, shape: tuple[int, ...], step: int | jax.Array,
+                dtype=jnp.float32) -> jax.Array:
+    """Noise of chunk `index`: step 0 = initial noise, step i >= 1 = re-noise before step i.
+
+    key -> fold_in(key, index) -> fold_in(., step) -> normal(shape).
+    """
+    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, index), step), shape, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "count"))
+def chunk_noises(key: jax.Array, index, shape: tuple[int, ...], count: int) -> jax.Array:
+    """`[count, *shape]`: `chunk_noise(key, index, shape, s)` for s < count, in one jitted call.
+
+    Kept out of the chunk function: threefry is slow to compile on CPU, and this way it
+    compiles once per chunk shape instead of once per cache layout.
+    """
+    return jax.vmap(lambda s: chunk_noise(key, index, shape, s))(jnp.arange(count))
+
+
+def noise_count(schedule: TimeSchedule) -> int:
+    """Noise draws per chunk (fixed for a schedule, >= 6, so `chunk_noises` compiles once per shape)."""
+    return max(4, schedule.max_steps) + 2
+
+
+def padded_times(schedule: TimeSchedule, chunk: int) -> tuple[np.ndarray, int]:
+    """(grid of chunk zero-padded to `[noise_count(schedule)]` float32, n steps).
+
+    One length for every step count, so the chunk function compiles once for all of them.
+    """
+    g = schedule.grid(chunk)
+    out = np.zeros(noise_count(schedule), np.float32)
+    out[: len(g)] = g
+    return out, len(g) - 1
+
+
+def buffer_pattern(cache_frames: int, frames: int) -> AttentionPattern:
+    """Pattern of one cached call: the buffer is one block, the chunk another (sees all of it)."""
+    return AttentionPattern("block_causal", block_frames=frames, first_block_frames=cache_frames or None)
+
+
+def _shift_window(cache: KVCache, sink_tok: int, evict_tok: int, end_tok: int) -> KVCache:
+    """Drop tokens [sink_tok, sink_tok + evict_tok) by moving [.., end_tok) left (static offsets)."""
+    if evict_tok == 0:
+        return cache
+    def shift(a):
+        return a.at[:, :, sink_tok:end_tok - evict_tok].set(a[:, :, sink_tok + evict_tok:end_tok])
+    return KVCache(shift(cache.k), shift(cache.v))
+
+
+def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, num_calls, *,
+              static: tuple, tpf: int, x_shape: tuple):
+    """One chunk: evict, denoise, fill the cache. Returns (x̂0 `[B, f, H, W, C]`, cache).
+
+    One model call per loop iteration j < num_calls, each writing this chunk's keys/values
+    at `cache_frames` (the last write wins; reads only see the cached prefix, so earlier
+    writes change nothing): x̂0 = x - t_j v, x <- (1 - t_{j+1}) x̂0 + t_{j+1} eps_{j+1}.
+    With n steps, num_calls = n (noisy context: the last step's write stays) or n + 1
+    (clean context: call n runs x̂0 at t_n = 0). Because the grid ends at 0 and is
+    zero-padded, x after the loop is exactly x̂0 of the last step in both modes.
+    Only one model instance is traced, so compiles are cheap and shared by all step
+    counts and both context modes.
+
+    noise: `[S >= max_steps + 2, B, f, H, W, C]` from `chunk_noises` (0: initial, j: before step j);
+    frame_pos: `[f]` int32 absolute positions; times: `[S]` float32 zero-padded
+    grid; num_calls: int32.
+    static = (sink_frames, evict_frames, cache_frames) of the buffer layout.
+    """
+    sink, evict, cache_frames = static
+    cache = _shift_window(cache, sink * tpf, evict * tpf, (cache_frames + evict) * tpf)
+    b, f = x_shape[:2]
+    kw = dict(pattern=buffer_pattern(cache_frames, f), actions=actions, frame_pos=frame_pos,
+              cache_frames=cache_frames, write_cache=True)
+
+    def call(j, carry):
+        x, cache = carry
+        t = jnp.full((b, f), times[j], jnp.float32)
+        v, cache = apply(params, x, t, context, cache=cache, **kw)
+        x0 = x0_from_v(x, t, v)
+        t_next = jnp.full((b, f), times[j + 1], jnp.float32)
+        return rf_noise(x0, noise[j + 1], t_next), cache
+
+    return jax.lax.fori_loop(0, num_calls, call, (noise[0], cache))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_chunk(apply):
+    """One jitted chunk function per model `apply` (shared by samplers: compiles are reused)."""
+    return jax.jit(functools.partial(_chunk_fn, apply), static_argnames=("static", "tpf", "x_shape"),
+                   donate_argnums=(1,))
+
+
+@dataclasses.dataclass
+class StreamingSampler:
+    """Few-step chunk-wise generation with a KV cache.
+
+    Args:
+      apply, params: from `crm_jax.models.wan.functional(model)`.
+      cfg: the model's WanConfig.
+      pattern: block_causal AttentionPattern (block_frames=1: frame-wise; 3: chunk-wise;
+        local_attn_blocks / sink_blocks: rolling cache for long or endless videos).
+      latent_hw: (H, W) of the latents.
+      batch: B.
+      schedule: steps per chunk (int or per-chunk sequence, e.g. (4, 2)) or a TimeSchedule.
+      context_mode: "clean" (re-run x̂0 at t = 0 to fill the cache) or "noisy" (the last
+        denoising step writes the cache).
+      max_cache_frames: largest KV buffer allowed, in frames (None: sized to each request).
+        Requests it cannot hold without a rolling window raise ValueError.
+      cache_dtype: KV dtype (default: the model's compute dtype).
+    """
+
+    apply: Callable
+    params: Any
+    cfg: WanConfig
+    pattern: AttentionPattern
+    latent_hw: tuple[int, int]
+    batch: int = 1
+    schedule: Any = 4
+    context_mode: str = "clean"
+    max_cache_frames: int | None = None
+    cache_dtype: Any = None
+
+    def __post_init__(self):
+        check_pattern(self.pattern)
+        self.schedule = make_schedule(self.schedule)
+        if self.context_mode not in CONTEXT_MODES:
+            raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {self.context_mode!r}")
+        h, w = self.latent_hw
+        _, ph, pw = self.cfg.patch_size
+        if h % ph or w % pw or h <= 0 or w <= 0:
+            raise ValueError(f"latent_hw {self.latent_hw} must be positive multiples of the patch {(ph, pw)}")
+        if self.cfg.patch_size[0] != 1:
+            raise ValueError("streaming assumes a temporal patch of 1")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        self.tpf = (h // ph) * (w // pw)
+        self._jit = _jitted_chunk(self.apply)
+
+    # ------------------------------------------------------------------ helpers
+    def frame_shape(self, frames: int) -> tuple[int, ...]:
+        return (self.batch, frames, *self.latent_hw, self.cfg.in_channels)
+
+    def check_context(self, context) -> jax.Array:
+        context = jnp.asarray(context)
+        want = (self.batch, self.cfg.text_len, self.cfg.text_dim)
+        if context.ndim == 2 and tuple(context.shape) == want[1:]:
+            context = jnp.broadcast_to(context, want)
+        if tuple(context.shape) != want:
+            raise ValueError(f"context must be [B, text_len, text_dim] = {want}, got {tuple(context.shape)}")
+        return context
+
+    def new_cache(self, frames: int) -> KVCache:
+        return KVCache.create(self.cfg, self.batch, frames, self.tpf, self.cache_dtype)
+
+    def compiled_count(self) -> int:
+        """Compiled chunk functions so far (shared by all samplers of this `apply`)."""
+        return self._jit._cache_size()
+
+    def chunk_call(self, cache, key, context, actions, lay: ChunkLayout):
+        """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache)."""
+        count = noise_count(self.schedule)
+        times, n = padded_times(self.schedule, lay.index)
+        calls = n + (self.context_mode == "clean")
+        frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
+        acts = None if actions is None else jnp.asarray(actions)
+        x_shape = self.frame_shape(lay.frames)
+        noise = chunk_noises(key, jnp.int32(lay.index), x_shape, count)
+        return self._jit(self.params, cache, noise, context, acts, frame_pos,
+                         jnp.asarray(times), jnp.int32(calls),
+                         static=(lay.sink_frames, lay.evict_frames, lay.cache_frames), tpf=self.tpf,
+                         x_shape=x_shape)
+
+    # ------------------------------------------------------------------ API
+    def stream(self, key: jax.Array, context, num_frames: int | None, actions=None,
+               prefetch: bool | None = None) -> Iterator[Chunk]:
+        """Yield chunks as they are generated.
+
+        Args:
+          key: PRNG key (all noise derives from it via `chunk_noise`).
+          context: `[B, text_len, text_dim]` (or `[text_len, text_dim]`, broadcast).
+          num_frames: latent frames to generate; None = endless (needs a rolling window).
+          actions: None, `[T]`/`[B, T]` ids, a callback `fn(chunk, start, frames)` or an
+            iterator of per-chunk ids (see `ActionSource`); ids are checked against the vocabulary.
+          prefetch: dispatch chunk i+1 before yielding chunk i (so the caller can encode
+            while it computes). Default: on unless actions are live (callback/iterator).
+        """
+        capacity = check_length(self.pattern, num_frames, self.max_cache_frames)
+        context = self.check_context(context)
+        src = ActionSource(actions, self.batch, self.cfg.num_actions)
+        src.check_length(num_frames)
+        prefetch = (not src.live) if prefetch is None else prefetch
+        return self._run(key, context, num_frames, src, capacity, prefetch)   # checked eagerly above
+
+    def _run(self, key, context, num_frames, src: ActionSource, capacity: int, prefetch: bool):
+        layout = CacheLayout(self.pattern, capacity)
+        cache = self.new_cache(capacity)
+        pending = None
+        for i, (s, e) in enumerate(chunk_bounds(self.pattern, num_frames)):
+            lay = layout.next(s, e)
+            acts = src.get(i, s, e)
+            x0, cache = self.chunk_call(cache, key, context, acts, lay)
+            self.cache, self.layout = cache, lay     # for inspection (donated by the next chunk)
+            chunk = Chunk(i, s, x0, acts)
+            if not prefetch:
+                yield chunk
+                continue
+            if pending is not None:
+                yield pending
+            pending = chunk
+        if pending is not None:
+            yield pending
+        self.cache = None
+
+    def generate(self, key: jax.Array, context, num_frames: int, actions=None) -> jax.Array:
+        """The whole video `[B, num_frames, H, W, C]` float32."""
+        if num_frames is None:
+            raise ValueError("generate needs a finite num_frames (use stream() for endless videos)")
+        return jnp.concatenate([c.frames for c in self.stream(key, context, num_frames, actions)], axis=1)
+
+
+def stream(apply, params, cfg: WanConfig, key, context, num_frames, *, pattern, latent_hw,
+           steps=4, context_mode="clean", actions=None, max_cache_frames=None) -> Iterator[Chunk]:
+    """Functional shortcut: `StreamingSampler(...).stream(key, context, num_frames, actions)`."""
+    batch = int(np.shape(context)[0]) if np.ndim(context) == 3 else 1
+    s = StreamingSampler(apply, params, cfg, pattern, tuple(latent_hw), batch, steps, context_mode,
+                         max_cache_frames)
+    return s.stream(key, context, num_frames, actions)
+
+
+def generate(apply, params, cfg: WanConfig, key, context, num_frames, **kw) -> jax.Array:
+    """Functional shortcut for the whole video `[B, T, H, W, C]`."""
+    return jnp.concatenate([c.frames for c in stream(apply, params, cfg, key, context, num_frames, **kw)], 1)

@@ -1,0 +1,289 @@
+"""The training program behind `python -m crm_jax.main` (modes of `crm_jax.training.steps`).
+
+Builds the models from the config (random init or converted checkpoints), the
+mesh and shardings, restores `--workdir` if it holds a compatible checkpoint, then
+runs iterations with a progress bar, JSONL + TensorBoard metrics, periodic and
+SIGTERM checkpoints, and NaN skipping (stop after `max_nan_streak` in a row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from crm_jax.data import toy_world as tw
+from crm_jax.data.toy_source import ToySource
+from crm_jax.models import convert
+from crm_jax.models.config import WanConfig, get_model_config
+from crm_jax.models.wan import functional, init_model
+from crm_jax.training import sharding as shd
+from crm_jax.training.checkpoints import Checkpoints, abstract_like
+from crm_jax.training.steps import Frozen, TrainConfig, Trainer
+
+
+class NanStreakError(RuntimeError):
+    pass
+
+
+def model_config(c) -> WanConfig:
+    over = dict(c.model.get("overrides", {}) or {})
+    if "patch_size" in over:
+        over["patch_size"] = tuple(over["patch_size"])
+    return get_model_config(c.model.name, **over)
+
+
+def train_config(c) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in c.train.items() if k in fields}
+    unknown = set(c.train.keys()) - fields
+    if unknown:
+        raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(fields)}")
+    return TrainConfig(mode=c.mode, **kw)
+
+
+WORLD_KEYS = ("num_frames", "height", "width", "num_sprites", "sprite_size", "action_speed", "max_speed")
+
+
+def toy_world_config(c) -> tw.ToyWorldConfig:
+    return tw.ToyWorldConfig(**{k: c.data[k] for k in WORLD_KEYS if k in c.data})
+
+
+def make_source(c, mcfg: WanConfig):
+    """The training batches: the on-the-fly toy world or a generated dataset directory."""
+    if c.data.kind == "dataset":
+        from crm_jax.data.dataset import DatasetSource
+        return DatasetSource(c.data.path, c.data.batch_size, seed=c.data.seed, mcfg=mcfg)
+    if c.data.kind != "toy":
+        raise ValueError(f"unknown data.kind {c.data.kind!r} (known: 'toy', 'dataset')")
+    world = toy_world_config(c)
+    src = ToySource(world, c.data.batch_size, mcfg.text_len, mcfg.text_dim, seed=c.data.seed)
+    if src.latent_shape[-1] != mcfg.in_channels:
+        raise ValueError(f"toy latents have {src.latent_shape[-1]} channels but the model expects "
+                         f"in_channels={mcfg.in_channels}")
+    return src
+
+
+def load_params(path: str, mcfg: WanConfig, seed: int):
+    """Parameters from a checkpoint directory, or a random init when `path` is empty."""
+    if not path:
+        return functional(init_model(mcfg, seed))[1]
+    model = convert.load_any(path)
+    if dataclasses.replace(model.cfg, **{k: getattr(mcfg, k) for k in ("dtype", "attn_impl", "remat")}) != mcfg:
+        raise ValueError(f"checkpoint {path} has model config {model.cfg}, expected {mcfg}")
+    return functional(model)[1]
+
+
+class MetricsWriter:
+    """JSONL always; TensorBoard event files when tensorboardX is installed."""
+
+    def __init__(self, workdir: str):
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # documented optional dependency
+            self.tb = None
+
+    def write(self, step: int, metrics: dict):
+        row = {"iteration": step, **{k: float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "iteration":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def run_meta(c, mcfg: WanConfig) -> dict:
+    return {"mode": c.mode, "model": dataclasses.asdict(mcfg)}
+
+
+def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True) -> dict:
+    """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration)."""
+    mcfg = model_config(c)
+    tcfg = train_config(c)
+    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp)
+    shd.check_batch(c.data.batch_size, mesh)       # config errors before the workdir is touched
+    meta = run_meta(c, mcfg)
+    os.makedirs(workdir, exist_ok=True)
+    ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
+    start_step = ckpts.check_compatible(meta)  # raises before any compute on mismatch
+
+    src = make_source(c, mcfg)
+    model = init_model(mcfg, c.seed)
+    apply, params = functional(model)
+    if c.init.student:
+        params = load_params(c.init.student, mcfg, c.seed)
+    teacher_apply = functional(init_model(mcfg.replace(mean_flow=False), 0))[0] if mcfg.mean_flow else None
+    trainer = Trainer(tcfg, apply, mcfg, teacher_apply=teacher_apply)
+    frozen = None
+    if tcfg.needs_teacher:
+        if not c.init.teacher and not c.init.get("allow_random_teacher", False):
+            raise ValueError(f"mode {c.mode!r} needs init.teacher (a checkpoint directory)")
+        teacher = load_params(c.init.teacher, mcfg.replace(mean_flow=False), c.seed + 1)
+        dmd_teacher = load_params(c.init.dmd_teacher, mcfg.replace(mean_flow=False), c.seed + 2) \
+            if c.init.get("dmd_teacher") else teacher
+        frozen = Frozen(teacher, dmd_teacher, src.negative_context())
+        if mcfg.mean_flow and not c.init.student:
+            params = _mean_flow_from(teacher, params)
+    elif tcfg.cond_dropout > 0:
+        frozen = Frozen(None, None, src.negative_context())
+    critic = frozen.dmd_teacher if tcfg.has_critic else None
+    state = trainer.init_state(params, critic)
+
+    st_sh = shd.state_shardings(state, mesh)
+    fr_sh = shd.state_shardings(frozen, mesh) if frozen is not None else None
+    state = jax.device_put(state, st_sh)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, fr_sh)
+    if start_step is not None:
+        state, old_meta = ckpts.restore(start_step, abstract_like(state, st_sh))
+        print(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
+
+    example = _model_batch(src.batch(0))
+    b_sh = shd.batch_shardings(example, mesh, c.data.batch_size)
+    key_sh = shd.replicated(jax.random.key(0), mesh)
+    in_sh, out_sh = (st_sh, fr_sh, b_sh, key_sh), (st_sh, None)
+
+    @functools.lru_cache(maxsize=None)
+    def compiled(which: str, sf_steps: int, use_dmd: bool):
+        """One jitted step per (kind, self-forcing steps, dmd on/off); shardings fixed."""
+        fn = (functools.partial(trainer.student_step, sf_steps=sf_steps, use_dmd=use_dmd) if which == "student"
+              else functools.partial(trainer.critic_step, sf_steps=sf_steps))
+        return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=0)
+
+    total = c.num_iterations if max_iterations is None else min(c.num_iterations, max_iterations)
+    first = int(state.iteration)
+    writer = MetricsWriter(workdir)
+    stop = {"signal": None}
+    old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    base_key = jax.random.key(c.seed)
+    losses, last_metrics = {}, {}
+    bar = tqdm(range(first, total), initial=first, total=total, desc=c.mode, disable=not progress,
+               dynamic_ncols=True)
+    t_start = time.time()
+    try:
+        for it in bar:
+            batch = jax.device_put(_model_batch(src.batch(it)), b_sh)
+            key = jax.random.fold_in(base_key, it)
+            which, sf_steps, use_dmd = trainer.plan(it, tcfg.student_update_freq)
+            state, m = compiled(which, sf_steps, use_dmd)(state, frozen, batch, key)
+            m = jax.device_get(m)
+            losses[it] = float(m["loss"])
+            last_metrics = {k: float(v) for k, v in m.items()}
+            if int(state.nan_streak) >= c.max_nan_streak:
+                ckpts.wait()
+                raise NanStreakError(f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
+                                     f"stopping (state before them is in {ckpts.dir})")
+            done = it + 1
+            if done % c.log_every == 0 or done == total:
+                writer.write(done, {**last_metrics, "nan_skips": int(state.nan_skips), "step": int(state.step)})
+                bar.set_postfix(loss=f"{losses[it]:.4g}", step=int(state.step), skips=int(state.nan_skips))
+            if c.get("sample_every", 0) and (done % c.sample_every == 0 or done == total):
+                write_sample(c, mcfg, apply, state.params, src, workdir, done)
+            if done % c.checkpoint.every == 0 or done == total or stop["signal"] is not None:
+                ckpts.save(done, state, {**meta, "iteration": done}, force=True)
+            if stop["signal"] is not None:
+                print(f"received signal {stop['signal']}: checkpoint saved at iteration {done}, exiting")
+                break
+    finally:
+        ckpts.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    if c.get("export", True):  # also after a stop, so a cut run still leaves usable weights
+        export_model(model, state.ema if c.get("export_ema", False) else state.params,
+                     os.path.join(workdir, "export"))
+    return dict(losses=losses, metrics=last_metrics, iteration=int(state.iteration), step=int(state.step),
+                nan_skips=int(state.nan_skips), seconds=time.time() - t_start, state=state)
+
+
+def write_sample(c, mcfg, apply, params, src, workdir: str, iteration: int) -> str:
+    """A sample video of the current model in `workdir/samples/` (GIF for the toy world,
+    latents `.npz` otherwise). Causal models get the first block of a held-out batch and its
+    actions and generate the rest (2-step consistency sampling for students, 16-step Euler
+    for teachers); bidirectional teachers generate the whole clip with Euler."""
+    from crm_jax.sampling.causal import causal_sample
+
+    tcfg = train_config(c)
+    batch = src.batch(10 ** 6)
+    n = min(2, c.data.batch_size)
+    lat, ctx = batch["latents"][:n], batch["context"][:n]
+    acts = batch.get("actions")
+    acts = None if acts is None else acts[:n]
+    teacher_mode = c.mode.startswith("teacher")
+    method, steps = ("euler", 16) if teacher_mode else ("consistency", 2)
+    pat = tcfg.pattern("block_causal")
+    if c.mode == "teacher_full":
+        x = diffusion_euler_full(apply, params, mcfg, lat, ctx, acts)
+    else:
+        x = causal_sample(apply, params, mcfg, jax.random.key(iteration), ctx, pattern=pat,
+                          num_frames=lat.shape[1], latent_hw=lat.shape[2:4], method=method, steps=steps,
+                          actions=acts, prefix=lat[:, :pat.first])
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    if isinstance(src, ToySource):
+        from crm_jax.data.toy_latents import latents_to_frames
+        from crm_jax.sampling.video import VideoWriter
+
+        frames = np.concatenate([np.asarray(latents_to_frames(lat, src.factor)),
+                                 np.asarray(latents_to_frames(x, src.factor))], axis=2)  # truth | sample
+        path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.gif")
+        with VideoWriter(path, fps=4) as w:
+            w.append(frames[0])
+        return path
+    path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.npz")
+    np.savez(path, latents=np.asarray(x))
+    return path
+
+
+def diffusion_euler_full(apply, params, mcfg, lat, ctx, acts):
+    from crm_jax import diffusion as D
+    from crm_jax.training import nets
+
+    fn = nets.velocity_fn(apply, params, TrainConfig(mode="teacher_full").pattern("full"))
+    cond = {"context": ctx} if acts is None else {"context": ctx, "actions": acts}
+    return D.euler_sample(fn, jax.random.normal(jax.random.key(0), lat.shape), cond, num_steps=16)
+
+
+def export_model(model, params, path: str) -> None:
+    """Write `params` into `model`'s structure as a crm_jax NNX checkpoint (teacher/student input)."""
+    from flax import nnx
+
+    params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), jax.device_get(params),
+                          nnx.state(model, nnx.Param))
+    nnx.update(model, params)
+    convert.save_nnx(model, path)
+
+
+def _model_batch(batch: dict) -> dict:
+    """The part of a source batch the steps consume (drops scoring-only fields)."""
+    return {k: v for k, v in batch.items() if k in ("latents", "context", "actions", "ode_traj", "ode_times")}
+
+
+def _mean_flow_from(teacher, params):
+    """Initialise a MeanFlow student from an RF teacher: copy shared parameters, keep the
+    interval embedder's init but zero its output layer so u(z, t, t) = v at step 0."""
+    out = jax.tree.map(lambda x: x, params)
+    for k, v in teacher.items():
+        if k == "condition_embedder":
+            for kk, vv in v.items():
+                out[k][kk] = vv
+        else:
+            out[k] = v
+    ie = out["condition_embedder"]["interval_embedder"]["linear_2"]
+    ie["kernel"] = jnp.zeros_like(ie["kernel"])
+    ie["bias"] = jnp.zeros_like(ie["bias"])
+    return out

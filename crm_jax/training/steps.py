@@ -1,0 +1,348 @@
+"""Train state and one jitted step function per training mode.
+
+Modes (`TrainConfig.mode`):
+  teacher_full   bidirectional flow matching (the bidirectional teacher)
+  teacher_tf     causal teacher by teacher forcing (packed [clean | noisy], bell weight)
+  teacher_df     causal teacher by diffusion forcing (per-block times)
+  tf_scm         TF-sCM student (RF form, jvp through the whole network)
+  tf_meanflow    TF-MeanFlow student (model with `mean_flow=True`)
+  tf_dcm         TF-dCM student (discrete-time CM baseline)
+  ode_init       ODE-regression initialisation (CausVid / Self-Forcing baseline)
+  sf_dmd         self-forcing DMD: generator steps and critic steps
+  rcm            TF-sCM + lambda * SF-DMD student steps, critic steps in between
+
+A step takes `(state, batch, key)` and returns `(state, metrics)`. A step whose loss
+or gradients are not finite leaves the state unchanged (`nan_skips` and `nan_streak`
+count it). The student step of the DMD modes takes the self-forcing step count as a
+static argument. Batches are dicts: `latents [B, T, H, W, C]`, `context [B, L, D]`,
+optional `actions [B, T]`, and for `ode_init` `ode_traj [B, K, T, H, W, C]`,
+`ode_times [K]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from crm_jax import diffusion as D
+from crm_jax import losses as L
+from crm_jax.models.wan import AttentionPattern
+from crm_jax.training import ema as ema_lib
+from crm_jax.training import nets, self_forcing
+from crm_jax.training.optim import make_optimizer
+
+MODES = ("teacher_full", "teacher_tf", "teacher_df", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init",
+         "sf_dmd", "rcm")
+CRITIC_MODES = ("sf_dmd", "rcm")
+TEACHER_MODES = ("tf_scm", "tf_meanflow", "tf_dcm", "sf_dmd", "rcm")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Static hyper-parameters of the steps (hashable)."""
+
+    mode: str
+    block_frames: int = 1
+    first_block_frames: int | None = None
+    lr: float = 2e-6
+    critic_lr: float = 4e-7
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    weight_decay: float = 0.01
+    ema_sigma_rel: float = 0.1
+    guidance: float = 5.0
+    tangent_warmup: int = 0
+    p_mean: float = -0.8
+    p_std: float = 1.6
+    dcm_steps: int = 48
+    dcm_shift: float = 5.0
+    dmd_weight: float = 1.0
+    dmd_teacher_pattern: str = "full"
+    sf_sigma_max: float = 80.0
+    sf_context: str = "clean"
+    sf_replay: bool = True
+    meanflow_r_eq_t: float = 0.75
+    cond_dropout: float = 0.0
+    student_update_freq: int = 5
+    sf_max_steps: int = 4
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown training mode {self.mode!r}; known modes: {MODES}")
+        if self.dmd_teacher_pattern not in ("full", "block_causal"):
+            raise ValueError(f"dmd_teacher_pattern must be 'full' or 'block_causal', got {self.dmd_teacher_pattern!r}")
+
+    def pattern(self, kind: str) -> AttentionPattern:
+        if kind == "full":
+            return AttentionPattern("full")
+        return AttentionPattern(kind, self.block_frames, self.first_block_frames)
+
+    @property
+    def has_critic(self) -> bool:
+        return self.mode in CRITIC_MODES
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.mode in TEACHER_MODES
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs (frozen teachers live outside, in `Frozen`)."""
+
+    step: jax.Array            # student optimizer updates applied
+    iteration: jax.Array       # loop iterations (student + critic steps)
+    params: Any
+    ema: Any
+    opt_state: Any
+    critic: Any
+    critic_opt_state: Any
+    nan_skips: jax.Array
+    nan_streak: jax.Array
+
+
+@flax.struct.dataclass
+class Frozen:
+    """Frozen networks' parameters and the negative-prompt embedding `[L, D]` for CFG."""
+
+    teacher: Any
+    dmd_teacher: Any
+    neg_context: jax.Array
+
+
+def _finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _select(ok, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _cond(batch):
+    c = {"context": batch["context"]}
+    if batch.get("actions") is not None:
+        c["actions"] = batch["actions"]
+    return c
+
+
+class Trainer:
+    """Builds the optimizers and the pure step functions of one training mode.
+
+    Args:
+      cfg: `TrainConfig`.
+      apply: the functional model (`crm_jax.models.wan.functional`), shared by the
+        student, teachers and critic (same architecture).
+      model_cfg: the student's `WanConfig` (KV-cache shapes of the rollout).
+      teacher_apply: the frozen networks' functional model when their architecture
+        differs from the student's (a MeanFlow student has an extra interval embedding).
+    """
+
+    def __init__(self, cfg: TrainConfig, apply, model_cfg, teacher_apply=None):
+        self.cfg = cfg
+        self.apply = apply
+        self.teacher_apply = apply if teacher_apply is None else teacher_apply
+        self.model_cfg = model_cfg
+        self.tx = make_optimizer(cfg.lr, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
+                                 weight_decay=cfg.weight_decay)
+        self.critic_tx = make_optimizer(cfg.critic_lr, warmup_steps=cfg.warmup_steps,
+                                        grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay)
+        self.gamma = ema_lib.sigma_rel_to_gamma(cfg.ema_sigma_rel)
+
+    # ----------------------------------------------------------------- state
+    def init_state(self, params, critic=None) -> TrainState:
+        if self.cfg.has_critic and critic is None:
+            raise ValueError(f"mode {self.cfg.mode!r} needs critic parameters (usually the DMD teacher's)")
+        # Copies: the state is donated to the step, so it must not alias the frozen teacher's
+        # buffers (the critic starts as the teacher) nor share buffers between params and EMA.
+        copy = lambda t, dtype=None: jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), t)
+        critic = copy(critic) if self.cfg.has_critic else None
+        zero = lambda: jnp.zeros((), jnp.int32)
+        return TrainState(step=zero(), iteration=zero(), params=params, ema=copy(params, jnp.float32),
+                          opt_state=self.tx.init(params), critic=critic,
+                          critic_opt_state=None if critic is None else self.critic_tx.init(critic),
+                          nan_skips=zero(), nan_streak=zero())
+
+    # ----------------------------------------------------------------- losses
+    def rollout_spec(self, num_frames: int, sf_steps: int) -> self_forcing.RolloutSpec:
+        times = D.few_step_times(sf_steps, self.cfg.sf_sigma_max)
+        return self_forcing.RolloutSpec(self.cfg.pattern("block_causal"), num_frames,
+                                        tuple(float(t) for t in times), self.cfg.sf_context)
+
+    def _teacher_fn(self, frozen: Frozen, which: str):
+        c = self.cfg
+        if which == "cm":
+            return nets.velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
+        return nets.velocity_fn(self.teacher_apply, frozen.dmd_teacher, c.pattern(c.dmd_teacher_pattern))
+
+    def cm_loss(self, params, frozen: Frozen, batch, key, step):
+        """The forward-divergence part: teacher pretraining, TF-sCM/MeanFlow/dCM or ODE init."""
+        c, a = self.cfg, self.apply
+        x0, cond = batch["latents"], _cond(batch)
+        uncond = nets.uncond_like(cond, frozen.neg_context) if frozen is not None else None
+        if c.cond_dropout > 0:  # teacher pretraining: learn the unconditional branch used by CFG
+            key, k_drop = jax.random.split(key)
+            drop = jax.random.bernoulli(k_drop, c.cond_dropout, (x0.shape[0],))[:, None, None]
+            cond = dict(cond, context=jnp.where(drop, frozen.neg_context.astype(cond["context"].dtype),
+                                                cond["context"]))
+        tf = c.pattern("teacher_forcing")
+        if c.mode == "teacher_full":
+            return L.flow_matching_loss(nets.velocity_fn(a, params, c.pattern("full")), x0, cond, key)
+        if c.mode == "teacher_tf":
+            return L.teacher_forcing_loss(nets.velocity_fn(a, params, tf), x0, cond, key)
+        if c.mode == "teacher_df":
+            sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
+            return L.diffusion_forcing_loss(nets.velocity_fn(a, params, c.pattern("block_causal")), x0, cond,
+                                            key, sizes)
+        if c.mode in ("tf_scm", "rcm"):
+            return L.scm_rf_loss(nets.velocity_fn(a, params, tf),
+                                 nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+                                 self._teacher_fn(frozen, "cm"), x0, cond, key, uncond=uncond,
+                                 guidance=c.guidance, step=step, tangent_warmup=c.tangent_warmup,
+                                 teacher_forcing=True, p_mean=c.p_mean, p_std=c.p_std)
+        if c.mode == "tf_meanflow":
+            mcond = dict(cond, tf_context=x0)
+            teacher = nets.tf_velocity_fn(self.teacher_apply, frozen.teacher, tf)
+            return L.meanflow_loss(nets.average_velocity_fn(a, params, tf),
+                                   nets.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+                                   x0, mcond, key, teacher_fn=teacher,
+                                   uncond=dict(uncond, tf_context=x0), guidance=c.guidance,
+                                   r_equals_t_fraction=c.meanflow_r_eq_t)
+        if c.mode == "tf_dcm":
+            return L.dcm_loss(nets.velocity_fn(a, params, tf), self._teacher_fn(frozen, "cm"), x0, cond, key,
+                              uncond=uncond, guidance=c.guidance, num_steps=c.dcm_steps, shift=c.dcm_shift,
+                              teacher_forcing=True)
+        if c.mode == "ode_init":
+            sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
+            return L.ode_regression_loss(nets.velocity_fn(a, params, c.pattern("block_causal")),
+                                         batch["ode_traj"], batch["ode_times"], x0, cond, key, sizes=sizes)
+        raise ValueError(f"mode {c.mode!r} has no CM loss")
+
+    def _dmd_cotangent(self, G, frozen, critic, cond, key):
+        c = self.cfg
+        uncond = nets.uncond_like(cond, frozen.neg_context)
+        fake = nets.velocity_fn(self.teacher_apply, critic, c.pattern(c.dmd_teacher_pattern))
+
+        def loss(G):
+            return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), fake, cond, key, uncond=uncond,
+                              guidance=c.guidance)
+
+        (l, m), g = jax.value_and_grad(loss, has_aux=True)(G)
+        return l, m, g
+
+    # ----------------------------------------------------------------- steps
+    def _apply_update(self, state: TrainState, grads, loss, metrics):
+        ok = jnp.isfinite(loss) & _finite(grads)
+        grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = ema_lib.ema_update(state.ema, params, step, self.gamma)
+        new = state.replace(params=params, opt_state=opt_state, ema=ema, step=step)
+        new = _select(ok, new, state)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), skipped=(~ok).astype(jnp.int32))
+        return new.replace(iteration=state.iteration + 1, nan_skips=state.nan_skips + (~ok),
+                           nan_streak=jnp.where(ok, 0, state.nan_streak + 1)), metrics
+
+    def student_step(self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1,
+                     use_dmd: bool = True):
+        """One student update. `sf_steps` (static) = self-forcing denoising steps per block;
+        `use_dmd=False` runs the CM loss alone (rCM's tangent warm-up phase)."""
+        c = self.cfg
+        k_cm, k_sf, k_dmd = jax.random.split(key, 3)
+        metrics = {}
+        if c.mode != "sf_dmd":
+            (loss, m), grads = jax.value_and_grad(self.cm_loss, has_aux=True)(
+                state.params, frozen, batch, k_cm, state.step)
+            metrics.update({f"cm/{k}": v for k, v in m.items()})
+        else:
+            loss, grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params)
+        if c.mode in CRITIC_MODES and use_dmd:
+            dmd_l, m, dmd_g = self._dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps)
+            metrics.update({f"dmd/{k}": v for k, v in m.items()})
+            loss = loss + c.dmd_weight * dmd_l
+            grads = jax.tree.map(lambda a, b: a + c.dmd_weight * b, grads, dmd_g)
+        return self._apply_update(state, grads, loss, metrics)
+
+    def _rollout(self, params, batch, key, sf_steps):
+        x0 = batch["latents"]
+        k_noise, k_roll = jax.random.split(key)
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        spec = self.rollout_spec(x0.shape[1], sf_steps)
+        cache = self.empty_cache(x0, spec)
+        return self_forcing.rollout(self.apply, params, noise, _cond(batch), k_roll, spec, cache), spec
+
+    def empty_cache(self, x0, spec):
+        b, _, h, w, _ = x0.shape
+        model_cfg = self.model_cfg
+        _, ph, pw = model_cfg.patch_size
+        return self_forcing.empty_cache(model_cfg, b, spec, (h // ph) * (w // pw))
+
+    def _dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps):
+        cond = _cond(batch)
+        if self.cfg.sf_replay:
+            (G, last), spec = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
+            loss, m, cot = self._dmd_cotangent(G, frozen, state.critic, cond, k_dmd)
+            grads = self_forcing.replayed_grad(self.apply, state.params, last, cot, cond, spec)
+            return loss, m, grads
+
+        def direct(params):
+            (G, _), _ = self._rollout(params, batch, k_sf, sf_steps)
+            c = self.cfg
+            fake = nets.velocity_fn(self.teacher_apply, state.critic, c.pattern(c.dmd_teacher_pattern))
+            return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), fake, cond, k_dmd,
+                              uncond=nets.uncond_like(cond, frozen.neg_context), guidance=c.guidance)
+
+        (loss, m), grads = jax.value_and_grad(direct, has_aux=True)(state.params)
+        return loss, m, grads
+
+    def critic_step(self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1):
+        """One critic (fake score) update on a detached self-forcing rollout."""
+        c = self.cfg
+        if not c.has_critic:
+            raise ValueError(f"mode {c.mode!r} has no critic")
+        k_sf, k_l = jax.random.split(key)
+        (G, _), _ = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
+        G = jax.lax.stop_gradient(G)
+        cond = _cond(batch)
+
+        def loss_fn(critic):
+            fake = nets.velocity_fn(self.teacher_apply, critic, c.pattern(c.dmd_teacher_pattern))
+            return L.critic_loss(fake, G, cond, k_l)
+
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
+        ok = jnp.isfinite(loss) & _finite(grads)
+        grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+        updates, copt = self.critic_tx.update(grads, state.critic_opt_state, state.critic)
+        new = state.replace(critic=optax.apply_updates(state.critic, updates), critic_opt_state=copt)
+        new = _select(ok, new, state)
+        metrics = {f"critic/{k}": v for k, v in m.items()}
+        metrics.update(loss=loss, skipped=(~ok).astype(jnp.int32))
+        return new.replace(iteration=state.iteration + 1, nan_skips=state.nan_skips + (~ok),
+                           nan_streak=jnp.where(ok, 0, state.nan_streak + 1)), metrics
+
+    # ----------------------------------------------------------------- schedule
+    def plan(self, iteration: int, freq: int) -> tuple[str, int, bool]:
+        """(which step, self-forcing steps, use_dmd) for a loop iteration.
+
+        rCM / SF-DMD: CM-only student steps during the tangent warm-up, then one
+        student step every `freq` iterations with critic steps in between; the
+        self-forcing step count cycles n = (iteration mod sf_max_steps) + 1.
+        """
+        c = self.cfg
+        if not c.has_critic:
+            return "student", 1, False
+        sf_steps = iteration % c.sf_max_steps + 1
+        if c.mode == "rcm" and iteration < c.tangent_warmup:
+            return "student", sf_steps, False
+        return ("student" if iteration % freq == 0 else "critic"), sf_steps, True
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

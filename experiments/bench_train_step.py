@@ -1,0 +1,122 @@
+"""Train-step time, peak memory and model-FLOPs utilisation on one GPU (random weights).
+
+  python experiments/bench_train_step.py [--modes tf_scm,sf_dmd] [--model wan_1_3b] [--frames 21]
+         [--block_frames 3] [--remat block] [--impl auto] [--out FILE]
+
+Student, teacher and critic share the architecture (1.3B teacher by default). Student
+params, EMA and AdamW moments are float32; compute is bf16 (`dtype`), attention through
+`pallas_kernels.ops.attention` (Pallas kernels on GPU). FLOPs count every pass of the
+step from `forward_flops` (bench_model.py): TF-sCM = teacher fwd x2 (CFG) + jvp pass
+(~3 fwd) + student fwd + bwd (2 fwd) on the packed 2T sequence; SF-DMD = rollout
+forwards + replayed last steps (fwd + bwd) + teacher x2 + critic fwd on T frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.bench_model import forward_flops  # noqa: E402
+
+from crm_jax.models.config import get_model_config  # noqa: E402
+from crm_jax.models.wan import AttentionPattern, functional, init_model  # noqa: E402
+from crm_jax.training.steps import Frozen, TrainConfig, Trainer  # noqa: E402
+from pallas_kernels import masks  # noqa: E402
+
+
+def step_flops(mode, cfg, frames, tpf, block_frames, sf_steps, text):
+    tf = AttentionPattern("teacher_forcing", block_frames).mask_spec(2 * frames, tpf)
+    bc = AttentionPattern("block_causal", block_frames).mask_spec(frames, tpf)
+    full = masks.full(frames * tpf)
+    f_tf = forward_flops(cfg, 2 * frames * tpf, text, masks.allowed_pairs(tf))
+    f_bc = forward_flops(cfg, frames * tpf, text, masks.allowed_pairs(bc))
+    f_full = forward_flops(cfg, frames * tpf, text, masks.allowed_pairs(full))
+    if mode == "tf_scm":
+        return 2 * f_tf + 3 * f_tf + 3 * f_tf      # teacher CFG, jvp pass, student fwd+bwd
+    # SF-DMD student step: rollout (sf_steps fwd + clean re-run) + replay fwd+bwd + teacher CFG + critic
+    return (sf_steps + 1) * f_bc + 3 * f_bc + 2 * f_full + f_full
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="tf_scm,sf_dmd")
+    ap.add_argument("--model", default="wan_1_3b")
+    ap.add_argument("--frames", type=int, default=21)
+    ap.add_argument("--height", type=int, default=60)
+    ap.add_argument("--width", type=int, default=104)
+    ap.add_argument("--block_frames", type=int, default=3)
+    ap.add_argument("--sf_steps", type=int, default=2)
+    ap.add_argument("--remat", default="block")
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak; 0 = measure a matmul")
+    ap.add_argument("--out", default="experiments/results/bench_train_step.json")
+    args = ap.parse_args()
+
+    dev = jax.devices()[0]
+    peak = args.peak_tflops
+    if not peak:
+        a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+        mm = jax.jit(lambda a: a @ a)
+        jax.block_until_ready(mm(a))
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(mm(a))
+            ts.append(time.perf_counter() - t0)
+        peak = 2 * 8192 ** 3 / statistics.median(ts) / 1e12
+    print(f"device {dev.device_kind}: measured bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+
+    cfg = get_model_config(args.model, dtype="bfloat16", param_dtype="float32", remat=args.remat,
+                           attn_impl=args.impl)
+    apply, params = functional(init_model(cfg, 0))
+    teacher = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    tpf = (args.height // 2) * (args.width // 2)
+    ks = jax.random.split(jax.random.key(1), 3)
+    batch = dict(latents=jax.random.normal(ks[0], (1, args.frames, args.height, args.width, cfg.in_channels)),
+                 context=jax.random.normal(ks[1], (1, cfg.text_len, cfg.text_dim), jnp.bfloat16))
+    frozen = Frozen(teacher, teacher, jnp.zeros((cfg.text_len, cfg.text_dim), jnp.bfloat16))
+    rows = []
+    for mode in args.modes.split(","):
+        tcfg = TrainConfig(mode=mode, block_frames=args.block_frames, dmd_teacher_pattern="full")
+        trainer = Trainer(tcfg, apply, cfg)
+        state = trainer.init_state(params, critic=params if tcfg.has_critic else None)
+        step = jax.jit(trainer.student_step, static_argnames=("sf_steps", "use_dmd"), donate_argnums=0)
+        t0 = time.time()
+        state, m = step(state, frozen, batch, jax.random.key(2), sf_steps=args.sf_steps, use_dmd=True)
+        jax.block_until_ready(m)
+        compile_s = time.time() - t0
+        times = []
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            state, m = step(state, frozen, batch, jax.random.key(3 + i), sf_steps=args.sf_steps, use_dmd=True)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        flops = step_flops(mode, cfg, args.frames, tpf, args.block_frames, args.sf_steps, cfg.text_len)
+        stats = dev.memory_stats() or {}
+        rows.append(dict(mode=mode, device=dev.device_kind, step_s=round(med, 3), compile_s=round(compile_s, 1),
+                         loss=float(m["loss"]), model_tflop=round(flops / 1e12, 1),
+                         mfu=round(flops / med / 1e12 / peak, 3),
+                         peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 1)))
+        print(rows[-1], flush=True)
+        del state
+    print("| mode | device | step s | model TFLOP | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['device']} | {r['step_s']} | {r['model_tflop']} | {r['mfu']:.1%} | {r['peak_gib']} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(peak_tflops=peak, args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The training program: exact resume after a stop or SIGTERM, refusing foreign workdirs,
+teacher pretraining lowering the loss, distillation modes running without NaN."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from configs.base import base_config, toy_model
+from crm_jax.training import loop
+from crm_jax.training.checkpoints import CheckpointMismatch
+
+
+def tiny_config(mode="teacher_tf", **kw):
+    c = base_config(mode, "tiny", **toy_model(num_layers=1))
+    c.data.update(num_frames=2, height=16, width=16, batch_size=2)
+    c.train.block_frames = 1
+    c.train.lr = 1e-3
+    c.train.critic_lr = 1e-3
+    c.train.guidance = 2.0
+    c.num_iterations = 6
+    c.log_every = 1
+    c.checkpoint.every = 2
+    c.checkpoint.async_save = False
+    for k, v in kw.items():
+        node, _, leaf = k.rpartition(".")
+        (c if not node else c[node])[leaf] = v
+    return c
+
+
+def test_stop_and_resume_reproduces_losses(tmp_path):
+    c = tiny_config()
+    full = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    first = loop.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)["losses"]
+    rest = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    assert sorted(first) == [0, 1] and sorted(rest) == [2, 3, 4, 5]
+    for it, v in {**first, **rest}.items():
+        assert v == full[it], (it, v, full[it])
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
+    c = tiny_config(**{"checkpoint.every": 100})
+    full = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    real = loop.ToySource.batch
+
+    def batch_then_kill(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered mid-run, like a preemption
+        return real(self, step)
+
+    monkeypatch.setattr(loop.ToySource, "batch", batch_then_kill)
+    first = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    monkeypatch.setattr(loop.ToySource, "batch", real)
+    assert max(first) == 3  # iteration 3 finished, then the checkpoint was written and the run exited
+    rest = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    assert min(rest) == 4
+    for it, v in {**first, **rest}.items():
+        assert v == full[it]
+
+
+def test_foreign_workdir_is_refused_untouched(tmp_path):
+    loop.train(tiny_config(**{"num_iterations": 2}), str(tmp_path), progress=False)
+    before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
+    other = tiny_config(**{"num_iterations": 4})
+    other.model.overrides.dim = 32
+    with pytest.raises(CheckpointMismatch, match="different run"):
+        loop.train(other, str(tmp_path), progress=False)
+    after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
+    assert before == after
+
+
+def test_bad_config_keys_and_mesh(tmp_path):
+    c = tiny_config()
+    c.train.nonsense = 1
+    with pytest.raises(ValueError, match="unknown train config keys"):
+        loop.train_config(c)
+    c = tiny_config(**{"mesh.data": 4})
+    c.data.batch_size = 6
+    with pytest.raises(ValueError, match="not divisible"):
+        loop.train(c, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_teacher_pretraining_lowers_the_loss(tmp_path):
+    c = tiny_config(**{"num_iterations": 40, "train.lr": 2e-3, "train.warmup_steps": 5,
+                       "checkpoint.every": 1000})
+    losses = loop.train(c, str(tmp_path), progress=False)["losses"]
+    first, last = np.mean([losses[i] for i in range(8)]), np.mean([losses[i] for i in range(32, 40)])
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("mode", ["tf_scm", "sf_dmd", "rcm"])
+def test_distillation_modes_run_without_nan(mode, tmp_path):
+    c = tiny_config(mode, **{"num_iterations": 8, "train.tangent_warmup": 2,
+                             "train.student_update_freq": 2, "checkpoint.every": 1000})
+    c.init.allow_random_teacher = True
+    out = loop.train(c, str(tmp_path), progress=False)
+    assert out["nan_skips"] == 0 and all(np.isfinite(list(out["losses"].values())))
+    assert out["step"] >= 3

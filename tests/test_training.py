@@ -1,0 +1,157 @@
+"""Train steps: sharded == unsharded for every mode, NaN skipping, SF rollout gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crm_jax.models.config import TINY
+from crm_jax.models.wan import AttentionPattern, functional, init_model
+from crm_jax.training import self_forcing
+from crm_jax.training import sharding as shd
+from crm_jax.training.steps import MODES, Frozen, TrainConfig, Trainer
+
+B, T, H, W = 8, 2, 4, 4
+
+
+def model_cfg(mode):
+    return TINY.replace(num_layers=1, num_actions=5, mean_flow=(mode == "tf_meanflow"))
+
+
+@functools.lru_cache(maxsize=None)
+def setup(mode):
+    mcfg = model_cfg(mode)
+    apply, params = functional(init_model(mcfg, 0))
+    teacher_apply, teacher = functional(init_model(mcfg.replace(mean_flow=False), 1))
+    tcfg = TrainConfig(mode=mode, block_frames=1, lr=1e-3, critic_lr=1e-3, guidance=2.0, tangent_warmup=4)
+    trainer = Trainer(tcfg, apply, mcfg, teacher_apply=teacher_apply)
+    state = trainer.init_state(params, critic=teacher if tcfg.has_critic else None)
+    frozen = Frozen(teacher, teacher, jnp.zeros((mcfg.text_len, mcfg.text_dim)))
+    ks = jax.random.split(jax.random.key(42), 4)
+    batch = dict(latents=jax.random.normal(ks[0], (B, T, H, W, mcfg.in_channels)),
+                 context=jax.random.normal(ks[1], (B, mcfg.text_len, mcfg.text_dim)),
+                 actions=jax.random.randint(ks[2], (B, T), 0, 5))
+    if mode == "ode_init":
+        batch["ode_traj"] = jax.random.normal(ks[3], (B, 3, T, H, W, mcfg.in_channels))
+        batch["ode_times"] = jnp.array([0.95, 0.7, 0.4])
+    return trainer, state, frozen, batch
+
+
+def run_step(trainer, state, frozen, batch, mesh=None, which="student"):
+    fn = trainer.student_step if which == "student" else trainer.critic_step
+    kw = dict(sf_steps=2) if which == "critic" else dict(sf_steps=2, use_dmd=True)
+    key = jax.random.key(7)
+    if mesh is None:
+        return jax.jit(functools.partial(fn, **kw))(state, frozen, batch, key)
+    st_sh, fr_sh = shd.state_shardings(state, mesh), shd.state_shardings(frozen, mesh)
+    b_sh = shd.batch_shardings(batch, mesh, B)
+    step = jax.jit(functools.partial(fn, **kw), in_shardings=(st_sh, fr_sh, b_sh, shd.replicated(key, mesh)),
+                   out_shardings=(st_sh, None))
+    return step(jax.device_put(state, st_sh), jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh), key)
+
+
+def rel_tree(a, b):
+    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    den = sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b))
+    return (num / den) ** 0.5
+
+
+CASES = [(m, "student") for m in MODES] + [("sf_dmd", "critic")]
+
+
+@pytest.mark.parametrize("mode,which", CASES, ids=[f"{m}-{w}" for m, w in CASES])
+def test_sharded_step_equals_single_device(mode, which):
+    assert len(jax.devices()) >= 8, "tests run with 8 host devices (see tests/conftest.py)"
+    trainer, state, frozen, batch = setup(mode)
+    ref_state, ref_m = run_step(trainer, state, frozen, batch, which=which)
+    assert int(ref_state.nan_skips) == 0 and np.isfinite(float(ref_m["loss"]))
+    moved = ref_state.params if which == "student" else ref_state.critic
+    before = state.params if which == "student" else state.critic
+    assert rel_tree(moved, before) > 1e-6, "the step must change the parameters"
+    for data, fsdp in [(4, 2), (1, 8)]:
+        new_state, m = run_step(trainer, state, frozen, batch, shd.make_mesh(data, fsdp), which=which)
+        assert abs(float(m["loss"]) - float(ref_m["loss"])) <= 1e-5 * max(1.0, abs(float(ref_m["loss"])))
+        got = new_state.params if which == "student" else new_state.critic
+        assert rel_tree(got, moved) <= 1e-5, (data, fsdp)
+
+
+def test_nan_batch_is_skipped_and_counted():
+    trainer, state, frozen, batch = setup("teacher_tf")
+    bad = dict(batch, latents=batch["latents"].at[0, 0, 0, 0, 0].set(jnp.nan))
+    new_state, m = run_step(trainer, state, frozen, bad)
+    assert int(new_state.nan_skips) == 1 and int(new_state.nan_streak) == 1 and int(m["skipped"]) == 1
+    assert int(new_state.step) == 0
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    ok_state, _ = run_step(trainer, new_state, frozen, batch)
+    assert int(ok_state.nan_streak) == 0 and int(ok_state.step) == 1
+
+
+def _rollout_setup(context_mode, steps):
+    mcfg = TINY.replace(num_layers=1, num_actions=5)
+    apply, params = functional(init_model(mcfg, 3))
+    pat = AttentionPattern("block_causal", 1)
+    times = (0.98, 0.8, 0.5, 0.0)[-(steps + 1):] if steps < 3 else (0.98, 0.8, 0.5, 0.0)
+    spec = self_forcing.RolloutSpec(pat, 3, times, context_mode)
+    ks = jax.random.split(jax.random.key(5), 4)
+    noise = jax.random.normal(ks[0], (2, 3, H, W, mcfg.in_channels))
+    cond = {"context": jax.random.normal(ks[1], (2, mcfg.text_len, mcfg.text_dim)),
+            "actions": jax.random.randint(ks[2], (2, 3), 0, 5)}
+    cache = self_forcing.empty_cache(mcfg, 2, spec, (H // 2) * (W // 2))
+    return apply, params, noise, cond, ks[3], spec, cache
+
+
+@pytest.mark.parametrize("context_mode", ["clean", "noisy"])
+def test_replayed_backward_equals_direct_backward(context_mode):
+    apply, params, noise, cond, key, spec, cache = _rollout_setup(context_mode, 3)
+    weights = jax.random.normal(jax.random.key(9), noise.shape)
+
+    def direct(p):
+        G, _ = self_forcing.rollout(apply, p, noise, cond, key, spec, cache)
+        return jnp.sum(G * weights)
+
+    g_direct = jax.grad(direct)(params)
+    G, last = self_forcing.rollout(apply, jax.lax.stop_gradient(params), noise, cond, key, spec, cache)
+    g_replay = self_forcing.replayed_grad(apply, params, last, weights, cond, spec)
+    assert rel_tree(g_replay, g_direct) < 1e-5
+    assert sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(g_direct)) > 0
+
+
+def test_gradient_flows_only_through_each_blocks_last_step():
+    apply, params, noise, cond, key, spec, cache = _rollout_setup("clean", 3)
+    # G as a function of the noise: only the first step consumes it, and that step
+    # runs without gradient, so dG/dnoise must vanish; the last step's input is live.
+    g_noise = jax.grad(lambda n: jnp.sum(self_forcing.rollout(apply, params, n, cond, key, spec, cache)[0]))(noise)
+    assert float(jnp.abs(g_noise).max()) == 0.0
+    G, last = self_forcing.rollout(apply, params, noise, cond, key, spec, cache)
+    x_last, cache_before = last[1]
+
+    def block1(x):
+        v, _ = apply(params, x, jnp.full(x.shape[:2], spec.times[-2]), cond["context"], pattern=spec.pattern,
+                     actions=cond["actions"][:, 1:2], cache=cache_before, cache_frames=1)
+        return jnp.sum(x - spec.times[-2] * v)
+
+    assert float(jnp.abs(jax.grad(block1)(x_last)).max()) > 0
+
+
+def test_plan_schedule():
+    trainer, *_ = setup("rcm")
+    plan = [trainer.plan(i, 5) for i in range(12)]
+    assert [p[0] for p in plan[:4]] == ["student"] * 4 and not any(p[2] for p in plan[:4])  # warm-up
+    assert [p[0] for p in plan[4:11]] == ["student" if i % 5 == 0 else "critic" for i in range(4, 11)]
+    assert all(p[2] for p in plan[4:])
+    assert [p[1] for p in plan[:5]] == [1, 2, 3, 4, 1]
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="unknown training mode 'nope'"):
+        TrainConfig(mode="nope")
+    with pytest.raises(ValueError, match="not divisible by the mesh"):
+        shd.check_batch(6, shd.make_mesh(4, 1))
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        shd.make_mesh(4, 4)
+    trainer, *_ = setup("sf_dmd")
+    with pytest.raises(ValueError, match="needs critic parameters"):
+        trainer.init_state(setup("sf_dmd")[1].params)
