@@ -88,7 +88,8 @@ def main():
     for mode in args.modes.split(","):
         tcfg = TrainConfig(mode=mode, block_frames=args.block_frames, dmd_teacher_pattern="full")
         trainer = Trainer(tcfg, apply, cfg)
-        state = trainer.init_state(params, critic=params if tcfg.has_critic else None)
+        fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: never hand it `params`
+        state = trainer.init_state(fresh, critic=params if tcfg.has_critic else None)
         step = jax.jit(trainer.student_step, static_argnames=("sf_steps", "use_dmd"), donate_argnums=0)
         t0 = time.time()
         state, m = step(state, frozen, batch, jax.random.key(2), sf_steps=args.sf_steps, use_dmd=True)

@@ -69,6 +69,8 @@ class TrainConfig:
     sf_replay: bool = True
     meanflow_r_eq_t: float = 0.75
     cond_dropout: float = 0.0
+    fm_weighting: str = "bell"      # teacher pretraining: "bell" (DESIGN, fine-tuning Wan) or "none"
+    fm_shift: float = 5.0           # teacher pretraining times ~ UniformShift(fm_shift)
     student_update_freq: int = 5
     sf_max_steps: int = 4
 
@@ -192,14 +194,15 @@ class Trainer:
             cond = dict(cond, context=jnp.where(drop, frozen.neg_context.astype(cond["context"].dtype),
                                                 cond["context"]))
         tf = c.pattern("teacher_forcing")
+        fm = dict(sampler=D.uniform_shift_sampler(c.fm_shift), weighting=c.fm_weighting)
         if c.mode == "teacher_full":
-            return L.flow_matching_loss(nets.velocity_fn(a, params, c.pattern("full")), x0, cond, key)
+            return L.flow_matching_loss(nets.velocity_fn(a, params, c.pattern("full")), x0, cond, key, **fm)
         if c.mode == "teacher_tf":
-            return L.teacher_forcing_loss(nets.velocity_fn(a, params, tf), x0, cond, key)
+            return L.teacher_forcing_loss(nets.velocity_fn(a, params, tf), x0, cond, key, **fm)
         if c.mode == "teacher_df":
             sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
             return L.diffusion_forcing_loss(nets.velocity_fn(a, params, c.pattern("block_causal")), x0, cond,
-                                            key, sizes)
+                                            key, sizes, **fm)
         if c.mode in ("tf_scm", "rcm"):
             return L.scm_rf_loss(nets.velocity_fn(a, params, tf),
                                  nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),

@@ -1,0 +1,183 @@
+"""The embedded end-to-end demo: the whole Causal-rCM recipe on the toy world, on a CPU.
+
+  python -m crm_jax.main --config=configs/toy_demo.py --workdir=runs/demo
+
+1. load the small causal toy teacher shipped in `assets/toy_teacher` (trained by
+   `configs/toy_teacher_tf.py`, command in experiments/RESULTS.md);
+2. generate a synthetic set with it (chunk-wise Euler + CFG from toy prompts/actions);
+3. TF-sCM: distil a few-step causal student from the teacher on that set;
+4. SF-DMD: refine the student on its own rollouts against the teacher (critic = teacher);
+5. stream world-model rollouts (first block of real frames given, then actions only)
+   with the teacher and with the student at 1 and 2 steps per chunk, score them against
+   the simulator (trajectory error, action following, time per frame), write a GIF
+   and a metrics table to the workdir.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crm_jax.data import toy_world as tw
+from crm_jax.data.generate import generate
+from crm_jax.data.toy_latents import latents_to_frames
+from crm_jax.data.toy_source import ToySource
+from crm_jax.models import convert
+from crm_jax.models.wan import AttentionPattern, functional
+from crm_jax.sampling.causal import causal_sample
+from crm_jax.training import loop
+
+
+def _pattern(c) -> AttentionPattern:
+    return AttentionPattern("block_causal", c.train.block_frames, c.train.first_block_frames)
+
+
+def generation_config(c, src: ToySource):
+    """The `crm_jax.data.generate` config of the demo's synthetic set (causal teacher, chunk-wise)."""
+    from configs.toy_generate import get_config as gen_config
+
+    g = gen_config()
+    g.model.overrides = copy.deepcopy(c.model.overrides)
+    g.teacher = c.demo.teacher
+    g.num_samples = c.demo.synthetic_samples
+    g.samples_per_shard = max(16, c.demo.synthetic_samples // 4)
+    g.batch_size = c.data.batch_size
+    g.latent_shape = src.latent_shape
+    g.cond.height, g.cond.width = src.world.height, src.world.width
+    g.pattern.kind = "block_causal"
+    g.pattern.block_frames = c.train.block_frames
+    g.sampler.num_steps = c.demo.teacher_steps
+    g.sampler.guidance = c.train.guidance
+    return g
+
+
+def evaluate(c, model, src: ToySource, *, method: str, steps: int, episodes: int, key) -> dict:
+    """World-model rollouts from the first real block + actions, scored by the simulator."""
+    apply, params = functional(model)
+    pat = _pattern(c)
+    prefix_frames = pat.first
+    src = dataclasses.replace(src, batch_size=episodes)
+    batch = src.batch(50_000)  # held-out episodes (training draws steps < 50_000)
+    lat, acts = batch["latents"][:episodes], batch["actions"][:episodes]
+    kw = dict(pattern=pat, num_frames=src.world.num_frames, latent_hw=src.latent_shape[1:3], method=method,
+              steps=steps, guidance=c.train.guidance if method == "euler" else 1.0,
+              neg_context=src.negative_context(), actions=acts, prefix=lat[:, :prefix_frames])
+    ctx = batch["context"][:episodes]
+    x = causal_sample(apply, params, model.cfg, key, ctx, **kw)
+    jax.block_until_ready(x)
+    t0 = time.perf_counter()
+    x = causal_sample(apply, params, model.cfg, jax.random.fold_in(key, 1), ctx, **kw)
+    jax.block_until_ready(x)
+    gen_frames = src.world.num_frames - prefix_frames
+    per_frame_ms = (time.perf_counter() - t0) / (gen_frames * episodes) * 1e3
+    frames = np.asarray(latents_to_frames(x, src.factor))
+    errs, follow, drift = [], [], []
+    for b in range(episodes):
+        st, col, a = batch["states"][b], batch["colors"][b], batch["actions"][b]
+        errs.append(float(tw.trajectory_error(frames[b, prefix_frames:], st[prefix_frames:], col, src.world)))
+        follow.append(float(tw.action_following_accuracy(frames[b, prefix_frames - 1:], a[prefix_frames - 1:],
+                                                         col, src.world)))
+        drift.append(np.asarray(tw.drift_by_frame(frames[b, prefix_frames:], st[prefix_frames:], col, src.world)))
+    return dict(trajectory_error=float(np.mean(errs)), action_following=float(np.mean(follow)),
+                drift_by_frame=np.mean(drift, 0).round(3).tolist(), ms_per_frame=round(per_frame_ms, 2),
+                frames=frames, truth=np.asarray(latents_to_frames(lat, src.factor)))
+
+
+def _stage_config(c, mode: str, workdir: str, iterations: int, **train):
+    s = copy.deepcopy(c)
+    with s.unlocked():
+        s.mode = mode
+        s.num_iterations = iterations
+        s.data.kind = "dataset"
+        s.data.path = os.path.join(workdir, "synthetic")
+        for k, v in train.items():
+            s.train[k] = v
+    return s
+
+
+def write_gif(path: str, rows: list[np.ndarray], scale: int = 4) -> None:
+    """rows: list of `[T, H, W, 3]` videos in [0, 1], stacked vertically per frame, upscaled."""
+    from crm_jax.sampling.video import VideoWriter
+
+    frames = np.concatenate(rows, axis=1)                      # [T, sum H, W, 3]
+    with VideoWriter(path, fps=4) as w:
+        w.append(np.repeat(np.repeat(frames, scale, 1), scale, 2))
+
+
+def run_demo(c, workdir: str) -> dict:
+    t_all = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.isdir(c.demo.teacher):
+        raise FileNotFoundError(
+            f"toy teacher {c.demo.teacher!r} not found; train one with "
+            f"`python -m crm_jax.main --config=configs/toy_teacher_tf.py --workdir=runs/toy_teacher` "
+            f"and pass --config.demo.teacher=runs/toy_teacher/export")
+    teacher = convert.load_nnx(c.demo.teacher)
+    mcfg = loop.model_config(c)
+    if teacher.cfg != mcfg:
+        raise ValueError(f"shipped teacher config {teacher.cfg} differs from the demo's model config {mcfg}")
+    src = loop.make_source(c, mcfg)
+    timings = {}
+
+    print(f"[1/5] teacher loaded from {c.demo.teacher}")
+    t0 = time.time()
+    synth = os.path.join(workdir, "synthetic")
+    generate(generation_config(c, src), synth)  # resumable: a rerun skips finished shards
+    timings["synthetic_s"] = round(time.time() - t0, 1)
+    print(f"[2/5] synthetic set: {c.demo.synthetic_samples} teacher videos -> {synth} ({timings['synthetic_s']} s)")
+
+    t0 = time.time()
+    scm_dir = os.path.join(workdir, "tf_scm")
+    cs = _stage_config(c, "tf_scm", workdir, c.demo.scm_iterations, lr=c.demo.scm_lr)
+    cs.init.teacher = c.demo.teacher
+    cs.init.student = c.demo.teacher
+    loop.train(cs, scm_dir)
+    timings["tf_scm_s"] = round(time.time() - t0, 1)
+    print(f"[3/5] TF-sCM student -> {scm_dir}/export ({timings['tf_scm_s']} s)")
+
+    t0 = time.time()
+    dmd_dir = os.path.join(workdir, "sf_dmd")
+    cd = _stage_config(c, "sf_dmd", workdir, c.demo.dmd_iterations, lr=c.demo.dmd_lr, critic_lr=c.demo.dmd_lr)
+    cd.init.teacher = c.demo.teacher
+    cd.init.student = os.path.join(scm_dir, "export")
+    loop.train(cd, dmd_dir)
+    timings["sf_dmd_s"] = round(time.time() - t0, 1)
+    print(f"[4/5] SF-DMD student -> {dmd_dir}/export ({timings['sf_dmd_s']} s)")
+
+    t0 = time.time()
+    key = jax.random.key(c.seed + 99)
+    n = c.demo.eval_episodes
+    rows = {"teacher (Euler, %d steps)" % c.demo.teacher_steps:
+            evaluate(c, teacher, src, method="euler", steps=c.demo.teacher_steps, episodes=n, key=key)}
+    for name, path in (("TF-sCM", os.path.join(scm_dir, "export")), ("TF-sCM + SF-DMD", os.path.join(dmd_dir, "export"))):
+        student = convert.load_nnx(path)
+        for steps in (1, 2):
+            rows[f"{name}, {steps} step{'s' if steps > 1 else ''}"] = evaluate(
+                c, student, src, method="consistency", steps=steps, episodes=n, key=key)
+    timings["eval_s"] = round(time.time() - t0, 1)
+    first = next(iter(rows.values()))
+    gif = os.path.join(workdir, "demo.gif")
+    vids = [first["truth"][0]] + [r["frames"][0] for r in rows.values()]
+    write_gif(gif, vids)
+    table = ["| model | trajectory error (px) | action following | ms / frame (CPU) |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        table.append(f"| {name} | {r['trajectory_error']:.3f} | {r['action_following']:.2f} | {r['ms_per_frame']} |")
+    summary = {name: {k: v for k, v in r.items() if k not in ("frames", "truth")} for name, r in rows.items()}
+    summary["timings"] = {**timings, "total_s": round(time.time() - t_all, 1)}
+    with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(workdir, "demo_metrics.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("[5/5] world-model rollouts (first block given, then actions), scored against the simulator:")
+    print("\n".join(table))
+    print(f"video (rows: ground truth, {', '.join(rows)}): {gif}")
+    print(f"metrics: {os.path.join(workdir, 'demo_metrics.md')}, {os.path.join(workdir, 'demo_metrics.json')}")
+    print(f"total {summary['timings']['total_s']} s")
+    return summary
