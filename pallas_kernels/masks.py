@@ -92,10 +92,6 @@ class MaskSpec:
             raise ValueError("full attention takes no q_offset, local window or sinks")
 
     # ----------------------------------------------------------------- helpers
-    @property
-    def is_dense(self) -> bool:
-        return self.kind == "full"
-
     def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise a ValueError if the spec does not match the given lengths."""
         if (q_len, kv_len) != (self.q_len, self.kv_len):
@@ -143,10 +139,6 @@ def block_of(spec: MaskSpec, pos):
     frame = pos // spec.tokens_per_frame
     later = (frame - spec.first_block_frames) // spec.block_frames + 1
     return later * (frame >= spec.first_block_frames)
-
-
-def num_blocks(spec: MaskSpec, num_frames: int) -> int:
-    return int(block_of(spec, np.asarray(num_frames * spec.tokens_per_frame - 1))) + 1
 
 
 def _window(spec: MaskSpec, qb, kb):

@@ -25,6 +25,7 @@ split over hosts (``dataset.host_shards``), each host's batches over its local d
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import hashlib
@@ -41,18 +42,15 @@ from crm_jax import diffusion as D
 from crm_jax.data import dataset as ds
 from crm_jax.data import prompts as pr
 from crm_jax.data import toy_world as tw
-from crm_jax.models.config import WanConfig, get_model_config
-from crm_jax.models.wan import AttentionPattern, functional
+from crm_jax.models.config import WanConfig, model_config_from
+from crm_jax.models.wan import AttentionPattern, apply_for, functional
 from crm_jax.training import nets
 
 
 # ----------------------------------------------------------------------------- helpers
 
 def model_config(c) -> WanConfig:
-    over = dict(c.model.get("overrides", {}) or {})
-    if "patch_size" in over:
-        over["patch_size"] = tuple(over["patch_size"])
-    return get_model_config(c.model.name, **over)
+    return model_config_from(c.model)
 
 
 def _file_sha256(path: str) -> str:
@@ -88,7 +86,7 @@ def load_teacher(c, mcfg: WanConfig):
         raise ValueError(f"teacher checkpoint {c.teacher!r} has model config {model.cfg}, "
                          f"but the generation config asks for {mcfg}")
     # The config's numerics (dtype, attn_impl, remat) apply to the loaded parameters.
-    return _apply_for(mcfg), functional(model)[1], {"checkpoint": os.path.abspath(c.teacher)}
+    return apply_for(mcfg), functional(model)[1], {"checkpoint": os.path.abspath(c.teacher)}
 
 
 def random_teacher(mcfg: WanConfig, seed: int):
@@ -115,39 +113,27 @@ def random_teacher(mcfg: WanConfig, seed: int):
             return (rng.standard_normal(x.shape) / np.sqrt(np.prod(eff[:-1]))).astype(x.dtype)
         return np.zeros(x.shape, x.dtype)
 
-    return _apply_for(mcfg), jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-_APPLY_CACHE: dict = {}
-
-
-def _apply_for(mcfg: WanConfig):
-    """One ``apply`` per model config (so jitted samplers can be cached across calls)."""
-    if mcfg not in _APPLY_CACHE:
-        from flax import nnx
-
-        from crm_jax.models.wan import WanModel
-        model = nnx.eval_shape(lambda: WanModel(mcfg, rngs=nnx.Rngs(0)))
-        _APPLY_CACHE[mcfg] = functional(model)[0]
-    return _APPLY_CACHE[mcfg]
+    return apply_for(mcfg), jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 # ----------------------------------------------------------------------------- conditioning
 
-class Conditioner:
+class Conditioner(abc.ABC):
     """Per-sample conditioning. ``get(ids) -> (arrays {name: [n, ...]}, texts [n])``."""
 
     features: dict[str, ds.Feature]
     num_actions: int = 0
 
+    @abc.abstractmethod
     def get(self, ids: np.ndarray):
-        raise NotImplementedError
+        """Conditioning arrays and prompt texts of sample ids."""
 
     def negative_context(self) -> Optional[np.ndarray]:
         return None
 
+    @abc.abstractmethod
     def identity(self) -> dict:
-        raise NotImplementedError
+        """What the conditioning came from (recorded in the dataset metadata)."""
 
 
 class ToyConditioner(Conditioner):

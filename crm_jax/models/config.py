@@ -90,6 +90,14 @@ TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, 
 CONFIGS = {"tiny": TINY, "wan_1_3b": WAN_1_3B, "wan_14b": WAN_14B}
 
 
+def model_config_from(model_block) -> WanConfig:
+    """The WanConfig of an ml_collections `model` block: `name` plus optional `overrides`."""
+    over = dict(model_block.get("overrides", {}) or {})
+    if "patch_size" in over:
+        over["patch_size"] = tuple(over["patch_size"])
+    return get_model_config(model_block.name, **over)
+
+
 def get_model_config(name: str, **overrides) -> WanConfig:
     """Look up a named config and apply overrides."""
     if name not in CONFIGS:

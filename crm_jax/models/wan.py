@@ -110,10 +110,6 @@ class KVCache:
         dtype = cfg.compute_dtype if dtype is None else dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    @property
-    def max_tokens(self) -> int:
-        return self.k.shape[2]
-
 
 class Attention(nnx.Module):
     """Multi-head attention with RMSNorm on q and k across heads (Wan's qk norm)."""
@@ -369,9 +365,9 @@ def init_model(cfg: WanConfig, seed: int = 0) -> WanModel:
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_model(cfg: WanConfig):
-    """(graphdef, abstract state) of a model, without allocating parameters."""
-    return nnx.split(nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0))))
+def apply_for(cfg: WanConfig):
+    """The functional `apply` of a config's architecture, without allocating parameters."""
+    return functional(nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0))))[0]
 
 
 def functional(model: WanModel):

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from crm_jax.data import toy_world as tw
 from crm_jax.data.toy_source import ToySource
 from crm_jax.models import convert
-from crm_jax.models.config import WanConfig, get_model_config
-from crm_jax.models.wan import functional, init_model
+from crm_jax.models.config import WanConfig, model_config_from
+from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
 from crm_jax.training.steps import Frozen, TrainConfig, Trainer
@@ -35,10 +35,7 @@ class NanStreakError(RuntimeError):
 
 
 def model_config(c) -> WanConfig:
-    over = dict(c.model.get("overrides", {}) or {})
-    if "patch_size" in over:
-        over["patch_size"] = tuple(over["patch_size"])
-    return get_model_config(c.model.name, **over)
+    return model_config_from(c.model)
 
 
 def train_config(c) -> TrainConfig:
@@ -128,7 +125,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     apply, params = functional(model)
     if c.init.student:
         params = load_params(c.init.student, mcfg, c.seed)
-    teacher_apply = functional(init_model(mcfg.replace(mean_flow=False), 0))[0] if mcfg.mean_flow else None
+    teacher_apply = apply_for(mcfg.replace(mean_flow=False)) if mcfg.mean_flow else None
     trainer = Trainer(tcfg, apply, mcfg, teacher_apply=teacher_apply)
     frozen = None
     if tcfg.needs_teacher:
@@ -177,25 +174,38 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
                dynamic_ncols=True)
     t_start = time.time()
     try:
+        pending = []  # (iteration, device metrics): fetched at sync points, not every step
+
+        def sync(it):
+            """Fetch pending metrics (one host sync) and stop on a run of non-finite steps."""
+            nonlocal last_metrics
+            for i, m in jax.device_get(pending):
+                losses[i] = float(m["loss"])
+                last_metrics = {k: float(v) for k, v in m.items()}
+            pending.clear()
+            if int(state.nan_streak) >= c.max_nan_streak:
+                ckpts.wait()
+                raise NanStreakError(f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
+                                     f"stopping (state before them is in {ckpts.dir})")
+
         for it in bar:
             batch = jax.device_put(_model_batch(src.batch(it)), b_sh)
             key = jax.random.fold_in(base_key, it)
             which, sf_steps, use_dmd = trainer.plan(it, tcfg.student_update_freq)
             state, m = compiled(which, sf_steps, use_dmd)(state, frozen, batch, key)
-            m = jax.device_get(m)
-            losses[it] = float(m["loss"])
-            last_metrics = {k: float(v) for k, v in m.items()}
-            if int(state.nan_streak) >= c.max_nan_streak:
-                ckpts.wait()
-                raise NanStreakError(f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
-                                     f"stopping (state before them is in {ckpts.dir})")
+            pending.append((it, m))
             done = it + 1
-            if done % c.log_every == 0 or done == total:
+            log = done % c.log_every == 0 or done == total
+            sample = c.get("sample_every", 0) and (done % c.sample_every == 0 or done == total)
+            save = done % c.checkpoint.every == 0 or done == total or stop["signal"] is not None
+            if log or sample or save or len(pending) >= c.max_nan_streak:
+                sync(it)
+            if log:
                 writer.write(done, {**last_metrics, "nan_skips": int(state.nan_skips), "step": int(state.step)})
                 bar.set_postfix(loss=f"{losses[it]:.4g}", step=int(state.step), skips=int(state.nan_skips))
-            if c.get("sample_every", 0) and (done % c.sample_every == 0 or done == total):
+            if sample:
                 write_sample(c, mcfg, apply, state.params, src, workdir, done)
-            if done % c.checkpoint.every == 0 or done == total or stop["signal"] is not None:
+            if save:
                 ckpts.save(done, state, {**meta, "iteration": done}, force=True)
             if stop["signal"] is not None:
                 print(f"received signal {stop['signal']}: checkpoint saved at iteration {done}, exiting")

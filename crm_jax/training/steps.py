@@ -27,7 +27,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from crm_jax import diffusion as D
@@ -345,7 +344,3 @@ class Trainer:
         if c.mode == "rcm" and iteration < c.tangent_warmup:
             return "student", sf_steps, False
         return ("student" if iteration % freq == 0 else "critic"), sf_steps, True
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
