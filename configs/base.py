@@ -29,7 +29,7 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     c.data = ml_collections.ConfigDict(dict(kind="toy", num_frames=8, height=16, width=16, num_sprites=2,
                                             sprite_size=3, action_speed=1, max_speed=1,
                                             batch_size=8, seed=0, path=""))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
     c.init = ml_collections.ConfigDict(dict(student="", teacher="", dmd_teacher="",
                                             allow_random_teacher=False))
@@ -53,7 +53,7 @@ def wan_config(mode: str, student: str = "wan_1_3b") -> ml_collections.ConfigDic
     c.train.update(block_frames=3, lr=2e-6, critic_lr=4e-7, guidance=5.0, tangent_warmup=1000,
                    sf_sigma_max=80.0, dmd_teacher_pattern="full")
     c.data = ml_collections.ConfigDict(dict(kind="dataset", path="data/wan_synthetic", batch_size=8, seed=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, context=1))
     c.num_iterations = 10000
     c.log_every = 10
     c.checkpoint.every = 250

@@ -27,8 +27,10 @@ Automatic differentiation (`ad`), for the ``triton`` backend:
     transpose) instead of running anything slow.
 The XLA backend supports both AD modes in either setting.
 
-Sharding: `pallas_call` has no sharding rule; use `attention_sharded` to run the
-op under `jax.shard_map` over the batch and head axes of a mesh.
+Sharding: `pallas_call` has no sharding rule; `attention_sharded` runs the op under
+`jax.shard_map` over the batch and head axes of a mesh, and over a context
+(sequence) axis by DeepSpeed-Ulysses all-to-alls (or query-only splitting for
+cross-attention).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.masks import MaskSpec
@@ -189,20 +192,101 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
     return _attn_jvp(q, k, v, spec, scale, config, interpret, impl)
 
 
-def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh, *,
+def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = None, *,
                       batch_axis: str | tuple[str, ...] | None = None,
-                      head_axis: str | tuple[str, ...] | None = None, **kwargs):
-    """`attention` under `jax.shard_map`, split over batch and/or heads.
+                      head_axis: str | tuple[str, ...] | None = None,
+                      context_axis: str | None = None, split_kv: bool = True, **kwargs):
+    """`attention` under `jax.shard_map`: batch, head and context (sequence) parallel.
 
-    q, k, v `[B, L, H, D]` are partitioned as `P(batch_axis, None, head_axis, None)`
-    on `mesh` (B divisible by the batch axes' size, H by the head axes' size); each
-    shard runs the kernels on its local `[B/nb, L, H/nh, D]` block (the mask does
-    not depend on batch or head, so the spec is unchanged). Other mesh axes are
-    replicated. kwargs go to `attention` (scale, impl, ad, interpret, config).
+    Layouts: q `[B, Lq, H, D]`, k, v `[B, Lk, H, D]` (token order = the spec's), or
+    frame-structured q `[B, Tq, N, H, D]`, k, v `[B, Tk, N, H, D]` (L = T * N, frame
+    major; N = tokens per frame). The output has q's layout and sharding.
+
+    Partitioning on `mesh` (default: the mesh set with `jax.set_mesh`): the batch over
+    `batch_axis`, heads over `head_axis`, and with `context_axis` the token axis (L,
+    or N for frame-structured inputs) over `context_axis`. The mask does not depend
+    on batch or head, so those shards run `attention` unchanged. Context parallelism:
+      * `split_kv=True` (self-attention; any mask): DeepSpeed-Ulysses. Inside the
+        map an all-to-all makes each shard's tokens whole and splits its heads
+        instead (q/k/v `[b, L, h / c, D]`), attention runs on full sequences, and a
+        second all-to-all restores the token split. Under `jax.jvp` the tangents
+        take the same all-to-alls; under `jax.grad` the cotangents the transposed
+        ones. Needs the token axis and the local heads divisible by the context size.
+      * `split_kv=False` (cross-attention): k and v are replicated over
+        `context_axis` and each shard attends with its own queries only -- no
+        communication. Valid only for `spec.kind == "full"` (the mask must not
+        depend on the query position).
+    kwargs go to `attention` (scale, impl, ad, interpret, config).
     """
-    spec_p = P(batch_axis, None, head_axis, None)
-    fn = functools.partial(attention, spec=spec, **kwargs)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec_p, spec_p, spec_p), out_specs=spec_p,
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        raise ValueError("attention_sharded needs a mesh: pass one or call it under jax.set_mesh(mesh)")
+    if q.ndim not in (4, 5) or k.ndim != v.ndim or k.ndim not in (4, 5):
+        raise ValueError(f"attention_sharded expects q [B, L, H, D] or [B, T, N, H, D] and k, v of "
+                         f"rank 4 or 5; got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
+    frames = q.ndim == 5
+    tok_ax = 2 if frames else 1
+
+    def axis_size(ax):
+        names = () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
+        for name in names:
+            if name not in mesh.axis_names:
+                raise ValueError(f"mesh axis {name!r} is not in the mesh {mesh.axis_names}")
+        return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+    nb, nh, nc = axis_size(batch_axis), axis_size(head_axis), axis_size(context_axis)
+    if q.shape[0] % nb:
+        raise ValueError(f"batch {q.shape[0]} is not divisible by the {nb} shards of {batch_axis!r}")
+    if q.shape[-2] % nh:
+        raise ValueError(f"{q.shape[-2]} heads are not divisible by the {nh} shards of {head_axis!r}")
+
+    def pspec(x, ctx):
+        s = [batch_axis] + [None] * (x.ndim - 1)
+        s[-2] = head_axis
+        if ctx:
+            s[tok_ax] = context_axis
+        return P(*s)
+
+    def flat(x):
+        return x.reshape(x.shape[0], -1, *x.shape[-2:]) if x.ndim == 5 else x
+
+    fn = functools.partial(attention, **kwargs)
+    if context_axis is None or nc == 1:
+        def local(q, k, v):
+            return fn(flat(q), flat(k), flat(v), spec).reshape(q.shape)
+        kv_ctx = False
+    elif split_kv:
+        for name, x in (("q", q), ("k", k)):
+            if x.shape[tok_ax] % nc:
+                raise ValueError(f"context parallelism: {name}'s token axis ({x.shape[tok_ax]}) is not "
+                                 f"divisible by the {nc} shards of {context_axis!r}")
+        if (q.shape[-2] // nh) % nc:
+            raise ValueError(f"context parallelism (Ulysses) splits heads: {q.shape[-2] // nh} local heads "
+                             f"are not divisible by the {nc} shards of {context_axis!r}")
+        h_ax = q.ndim - 2
+
+        def gather_tokens(x):   # [.., L/c or N/c, .., h, D] -> [.., L or N, .., h/c, D]
+            return jax.lax.all_to_all(x, context_axis, h_ax, tok_ax, tiled=True)
+
+        def local(q, k, v):
+            o = fn(flat(gather_tokens(q)), flat(gather_tokens(k)), flat(gather_tokens(v)), spec)
+            o = o.reshape(*q.shape[:tok_ax], q.shape[tok_ax] * nc, *q.shape[tok_ax + 1:-2], -1, q.shape[-1])
+            return jax.lax.all_to_all(o, context_axis, tok_ax, h_ax, tiled=True)
+        kv_ctx = True
+    else:
+        if spec.kind != "full":
+            raise ValueError("context parallelism with split_kv=False (replicated k/v) needs a full mask "
+                             f"(cross-attention); got kind={spec.kind!r}")
+        if q.shape[tok_ax] % nc:
+            raise ValueError(f"context parallelism: q's token axis ({q.shape[tok_ax]}) is not divisible by "
+                             f"the {nc} shards of {context_axis!r}")
+        def local(q, k, v):
+            lq = flat(q)
+            local_spec = spec.replace(q_len=lq.shape[1])
+            return fn(lq, flat(k), flat(v), local_spec).reshape(q.shape)
+        kv_ctx = False
+    in_specs = (pspec(q, context_axis is not None), pspec(k, kv_ctx), pspec(v, kv_ctx))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0],
                          check_vma=False)(q, k, v)
 
 

@@ -47,8 +47,8 @@ def run_step(trainer, state, frozen, batch, mesh=None, which="student"):
         return jax.jit(functools.partial(fn, **kw))(state, frozen, batch, key)
     st_sh, fr_sh = shd.state_shardings(state, mesh), shd.state_shardings(frozen, mesh)
     b_sh = shd.batch_shardings(batch, mesh, B)
-    step = jax.jit(functools.partial(fn, **kw), in_shardings=(st_sh, fr_sh, b_sh, shd.replicated(key, mesh)),
-                   out_shardings=(st_sh, None))
+    step = shd.jit_step(functools.partial(fn, **kw), mesh, (st_sh, fr_sh, b_sh, shd.replicated(key, mesh)),
+                        (st_sh, None))
     return step(jax.device_put(state, st_sh), jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh), key)
 
 
@@ -75,6 +75,23 @@ def test_sharded_step_equals_single_device(mode, which):
         assert abs(float(m["loss"]) - float(ref_m["loss"])) <= 1e-5 * max(1.0, abs(float(ref_m["loss"])))
         got = new_state.params if which == "student" else new_state.critic
         assert rel_tree(got, moved) <= 1e-5, (data, fsdp)
+
+
+CP_CASES = [("tf_scm", "student"), ("sf_dmd", "student"), ("sf_dmd", "critic")]
+
+
+@pytest.mark.parametrize("mode,which", CP_CASES, ids=[f"{m}-{w}" for m, w in CP_CASES])
+def test_context_parallel_step_equals_single_device(mode, which):
+    """(data, fsdp, context) meshes: frame tokens split over "context" (Ulysses attention)."""
+    trainer, state, frozen, batch = setup(mode)
+    ref_state, ref_m = run_step(trainer, state, frozen, batch, which=which)
+    ref = ref_state.params if which == "student" else ref_state.critic
+    for data, fsdp, context in [(2, 1, 4), (2, 2, 2)]:
+        mesh = shd.make_mesh(data, fsdp, context)
+        new_state, m = run_step(trainer, state, frozen, batch, mesh, which=which)
+        assert abs(float(m["loss"]) - float(ref_m["loss"])) <= 1e-5 * max(1.0, abs(float(ref_m["loss"])))
+        got = new_state.params if which == "student" else new_state.critic
+        assert rel_tree(got, ref) <= 1e-5, (data, fsdp, context)
 
 
 def test_nan_batch_is_skipped_and_counted():

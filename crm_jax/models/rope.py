@@ -40,11 +40,14 @@ def rope_angles(frame_pos, height: int, width: int, head_dim: int, theta: float 
 
 
 def apply_rope(x, angles):
-    """Rotate `x [B, L, H, D]` by `angles [L, D // 2]` (interleaved pairs), in float32."""
+    """Rotate `x [B, *tokens, H, D]` by `angles [*tokens, D // 2]` (interleaved pairs), in float32.
+
+    `tokens` is `(L,)` or frame-structured `(T, N)`.
+    """
     dtype = x.dtype
     x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
+    cos = jnp.cos(angles)[None, ..., None, :]
+    sin = jnp.sin(angles)[None, ..., None, :]
     x1, x2 = x[..., 0], x[..., 1]
     out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
     return out.reshape(*out.shape[:-2], -1).astype(dtype)

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from crm_jax.models import partitioning
 from crm_jax.models.config import WanConfig
 from crm_jax.models.layers import (MLP, AffineLayerNorm, RMSNorm, layer_norm, linear, patchify,
                                    timestep_embedding, unpatchify)
 from crm_jax.models.rope import apply_rope, rope_angles
 from pallas_kernels import masks
-from pallas_kernels.ops import attention
 
 PATTERN_KINDS = ("full", "block_causal", "teacher_forcing")
 
@@ -133,34 +133,32 @@ class Attention(nnx.Module):
         """`[B, Lk, dim_in]` -> k, v `[B, Lk, H, D]` (k normalised, no RoPE)."""
         return self._heads(self.norm_k(self.to_k(kv_input))), self._heads(self.to_v(kv_input))
 
-    def __call__(self, x, kv_input, spec, *, angles=None, cache_kv=None, cache_len: int = 0,
+    def __call__(self, x, kv_input, spec, *, angles=None, cache_kv=None, cache_frames: int = 0,
                  write_cache: bool = False, ad: str = "vjp"):
-        """x `[B, L, dim]`; kv_input `[B, Lk, dim_kv]` (None: self-attention).
+        """x `[B, T, N, dim]` (frame-structured tokens); kv_input `[B, Lk, dim_kv]` (None: self-attention).
 
-        For self-attention, `angles [L, D/2]` rotates q and k; `cache_kv = (k, v)`
-        `[B, S, H, D]` prepends the first `cache_len` cached tokens (stop-gradient)
-        to the keys and, with `write_cache`, stores the new keys/values after them.
-        Returns (output `[B, L, dim]`, updated cache_kv or None).
+        For self-attention, `angles [T, N, D/2]` rotate q and k; `cache_kv = (k, v)`
+        `[B, S, H, D]` (S = a multiple of N) prepends the first `cache_frames` cached
+        frames (stop-gradient) to the keys.
+        Returns (output `[B, T, N, dim]`, this call's keys and values `[B, T, N, H, D]`
+        when `write_cache`, else None) -- the caller appends them to the cache.
         """
+        b, t, n, _ = x.shape
         q = self._heads(self.norm_q(self.to_q(x)))
         k, v = self.project_kv(x if kv_input is None else kv_input)
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        new_cache = None
-        if cache_kv is not None:
+        new_kv = (jax.lax.stop_gradient(k), jax.lax.stop_gradient(v)) if write_cache else None
+        if cache_kv is not None and cache_frames:
+            def cached(c, like):
+                c = jax.lax.stop_gradient(c[:, :cache_frames * n]).astype(like.dtype)
+                return c.reshape(b, cache_frames, n, *c.shape[2:])
             ck, cv = cache_kv
-            k_all = jnp.concatenate([jax.lax.stop_gradient(ck[:, :cache_len]).astype(k.dtype), k], axis=1)
-            v_all = jnp.concatenate([jax.lax.stop_gradient(cv[:, :cache_len]).astype(v.dtype), v], axis=1)
-            if write_cache:
-                if cache_len + k.shape[1] > ck.shape[1]:
-                    raise ValueError(f"KV cache of {ck.shape[1]} tokens cannot hold {cache_len} + {k.shape[1]}")
-                ck = jax.lax.dynamic_update_slice(ck, jax.lax.stop_gradient(k).astype(ck.dtype), (0, cache_len, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cv, jax.lax.stop_gradient(v).astype(cv.dtype), (0, cache_len, 0, 0))
-            new_cache = (ck, cv)
-            k, v = k_all, v_all
-        o = attention(q, k, v, spec, impl=self.attn_impl, ad=ad, interpret=self.attn_interpret)
-        o = o.reshape(*o.shape[:-2], -1)
-        return self.to_out(o), new_cache
+            k = jnp.concatenate([cached(ck, k), k], axis=1)
+            v = jnp.concatenate([cached(cv, v), v], axis=1)
+        o = partitioning.attend(q, k, v, spec, cross=kv_input is not None, impl=self.attn_impl, ad=ad,
+                                interpret=self.attn_interpret)
+        return self.to_out(o.reshape(b, t, n, -1)), new_kv
 
 
 class WanBlock(nnx.Module):
@@ -177,26 +175,27 @@ class WanBlock(nnx.Module):
             jax.random.normal(rngs.params(), (6, cfg.dim), pdt) / cfg.dim ** 0.5)
         self.dtype = dt
 
-    def __call__(self, h, mod, context, self_spec, cross_spec, angles, cache_kv, cache_len,
+    def __call__(self, h, mod, context, self_spec, cross_spec, angles, cache_kv, cache_frames,
                  write_cache, ad):
-        """h `[B, T, N, dim]` float32; mod `[B, T, 6, dim]`; context `[B, Ltxt, dim]`."""
-        b, t, n, d = h.shape
+        """h `[B, T, N, dim]` float32; mod `[B, T, 6, dim]`; context `[B, Ltxt, dim]`.
+
+        Returns (h, this layer's new keys/values or None); see `Attention`.
+        """
         mod = self.scale_shift_table[...].astype(jnp.float32) + mod
         shift, scale, gate, c_shift, c_scale, c_gate = [mod[:, :, i, None, :] for i in range(6)]
 
         x = (layer_norm(h, self.eps) * (1 + scale) + shift).astype(self.dtype)
-        a, cache_kv = self.attn1(x.reshape(b, t * n, d), None, self_spec, angles=angles,
-                                 cache_kv=cache_kv, cache_len=cache_len,
-                                 write_cache=write_cache, ad=ad)
-        h = h + a.reshape(b, t, n, d).astype(jnp.float32) * gate
+        a, new_kv = self.attn1(x, None, self_spec, angles=angles, cache_kv=cache_kv,
+                               cache_frames=cache_frames, write_cache=write_cache, ad=ad)
+        h = partitioning.constrain_tokens(h + a.astype(jnp.float32) * gate)
 
         x = self.norm2(h).astype(self.dtype)
-        a, _ = self.attn2(x.reshape(b, t * n, d), context, cross_spec, ad=ad)
-        h = h + a.reshape(b, t, n, d).astype(jnp.float32)
+        a, _ = self.attn2(x, context, cross_spec, ad=ad)
+        h = partitioning.constrain_tokens(h + a.astype(jnp.float32))
 
         x = (layer_norm(h, self.eps) * (1 + c_scale) + c_shift).astype(self.dtype)
-        h = h + self.ffn(x).astype(jnp.float32) * c_gate
-        return h, cache_kv
+        h = partitioning.constrain_tokens(h + self.ffn(x).astype(jnp.float32) * c_gate)
+        return h, new_kv
 
 
 class ConditionEmbedder(nnx.Module):
@@ -318,10 +317,10 @@ class WanModel(nnx.Module):
                 frame_pos = jnp.concatenate([half, half])
             else:
                 frame_pos = cache_frames + jnp.arange(tq)
-        angles = rope_angles(frame_pos, hq, wq, cfg.head_dim, cfg.rope_theta).reshape(tq * n, -1)
+        angles = rope_angles(frame_pos, hq, wq, cfg.head_dim, cfg.rope_theta).reshape(tq, n, -1)
 
         h = self.patch_embedding(patchify(x.astype(cfg.compute_dtype), cfg.patch_size))
-        h = h.reshape(b, tq, n, cfg.dim).astype(jnp.float32)
+        h = partitioning.constrain_tokens(h.reshape(b, tq, n, cfg.dim).astype(jnp.float32))
         if r is not None:
             if not cfg.mean_flow:
                 raise ValueError("r given but the model has no interval embedding (mean_flow=False)")
@@ -332,22 +331,31 @@ class WanModel(nnx.Module):
                                                  None if actions is None else actions[:, ::pt], r)
 
         graphdef, block_state = nnx.split(self.blocks)
-        cache_len = cache_frames * n
+        if write_cache and cache_frames * n + tq * n > cache.k.shape[2]:
+            raise ValueError(f"KV cache of {cache.k.shape[2] // n} frames cannot hold "
+                             f"{cache_frames} + {tq} frames")
 
         def body(h, xs):
             layer_state, ck, cv = xs
             block = nnx.merge(graphdef, layer_state)
             kv = None if ck is None else (ck, cv)
-            h, kv = block(h, mod, ctx, spec, cross_spec, angles, kv, cache_len, write_cache, ad)
-            return h, (None, None) if kv is None else kv
+            return block(h, mod, ctx, spec, cross_spec, angles, kv, cache_frames, write_cache, ad)
 
         if cfg.remat == "block":
             body = jax.checkpoint(body)
         elif cfg.remat == "dots":
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
+        # The cache is read layer by layer as a scan input; only this call's keys and
+        # values come out of the scan (as `[layers, B, T, N, H, D]`) and are written
+        # into the cache once afterwards, in place when the caller donates it.
         xs = (block_state, None, None) if cache is None else (block_state, cache.k, cache.v)
-        h, (ck, cv) = jax.lax.scan(body, h, xs)
+        h, new_kv = jax.lax.scan(body, h, xs)
+        if cache is not None and write_cache:
+            def append(buf, new):
+                new = new.reshape(*new.shape[:2], tq * n, *new.shape[-2:]).astype(buf.dtype)
+                return jax.lax.dynamic_update_slice(buf, new, (0, 0, cache_frames * n, 0, 0))
+            cache = KVCache(append(cache.k, new_kv[0]), append(cache.v, new_kv[1]))
 
         shift_scale = self.scale_shift_table[...].astype(jnp.float32)[None, None] + temb[:, :, None, :]
         shift, scale = shift_scale[:, :, 0, None, :], shift_scale[:, :, 1, None, :]
@@ -356,7 +364,7 @@ class WanModel(nnx.Module):
         out = unpatchify(out.reshape(b, tq, hq, wq, -1), cfg.patch_size, cfg.out_channels)
         if cache is None:
             return out
-        return out, KVCache(ck, cv)
+        return out, cache
 
 
 def init_model(cfg: WanConfig, seed: int = 0) -> WanModel:

@@ -113,7 +113,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration)."""
     mcfg = model_config(c)
     tcfg = train_config(c)
-    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp)
+    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
     shd.check_batch(c.data.batch_size, mesh)       # config errors before the workdir is touched
     meta = run_meta(c, mcfg)
     os.makedirs(workdir, exist_ok=True)
@@ -161,7 +161,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         """One jitted step per (kind, self-forcing steps, dmd on/off); shardings fixed."""
         fn = (functools.partial(trainer.student_step, sf_steps=sf_steps, use_dmd=use_dmd) if which == "student"
               else functools.partial(trainer.critic_step, sf_steps=sf_steps))
-        return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=0)
+        return shd.jit_step(fn, mesh, in_sh, out_sh, donate_argnums=0)
 
     total = c.num_iterations if max_iterations is None else min(c.num_iterations, max_iterations)
     first = int(state.iteration)

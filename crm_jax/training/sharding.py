@@ -1,30 +1,60 @@
-"""Meshes and shardings: data-parallel batches, FSDP-sharded parameters.
+"""Meshes and shardings: data-parallel batches, FSDP-sharded parameters, context parallelism.
 
-Mesh axes are ("data", "fsdp"). The batch's leading axis is split over both
-(every device sees different samples); each parameter is split along one of its
-axes over "fsdp" (FSDP / ZeRO-3 style: XLA all-gathers it where it is used) and
-replicated over "data". The axis is chosen by a logical rule: the largest axis
-divisible by the fsdp size, never the stacked-layer axis of scanned blocks.
+Mesh axes are ("data", "fsdp", "context"). The batch's leading axis is split over
+"data" and "fsdp" (every device of a context group sees the same samples); each
+parameter is split along one of its axes over "fsdp" (FSDP / ZeRO-3 style: XLA
+all-gathers it where it is used) and replicated over "data" and "context". The
+axis is chosen by a logical rule: the largest axis divisible by the fsdp size,
+never the stacked-layer axis of scanned blocks. "context" splits every frame's
+tokens inside the model (`crm_jax.models.partitioning`: Ulysses attention), which
+sees the mesh because `jit_step` traces the step under `jax.set_mesh`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from crm_jax.models.partitioning import BATCH_AXES, MESH_AXES
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over `data * fsdp` devices (default: the first ones)."""
+def make_mesh(data: int = 1, fsdp: int = 1, context: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "context") mesh over `data * fsdp * context` devices (default: the first ones).
+
+    "context" is the innermost axis, so a context group is made of neighbouring
+    devices (one host's NVLink domain) and its all-to-alls stay local.
+    """
     devices = jax.devices() if devices is None else devices
-    if data < 1 or fsdp < 1:
-        raise ValueError(f"mesh sizes must be >= 1, got data={data}, fsdp={fsdp}")
-    if data * fsdp > len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, only {len(devices)} present")
-    return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
+    sizes = dict(data=data, fsdp=fsdp, context=context)
+    if min(sizes.values()) < 1:
+        raise ValueError(f"mesh sizes must be >= 1, got {sizes}")
+    n = data * fsdp * context
+    if n > len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x context={context} needs {n} devices, "
+                         f"only {len(devices)} present")
+    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, context), MESH_AXES)
+
+
+def jit_step(fn, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()):
+    """`jax.jit(fn)` with fixed shardings, traced and run under `jax.set_mesh(mesh)`.
+
+    The mesh context is what lets the model split tokens over "context" and run the
+    attention kernels under `shard_map` (see `crm_jax.models.partitioning`).
+    """
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=donate_argnums)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    run.jitted = jitted
+    return run
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
