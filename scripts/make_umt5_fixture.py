@@ -13,8 +13,8 @@ Writes tests/fixtures/umt5_tiny/:
       re-implementation of Wan's T5 encoder on the renamed weights;
   io.npz: ids [3, 64] (lengths 64, 37, 5: relative positions beyond the 8 exact
       buckets and up to 63), mask, transformers' `last_hidden_state` (float32);
-  tokens.npz: prompts, transformers' T5Tokenizer ids/mask at max_length 16 (some
-      truncated) and 64, and the Wan-style embeddings of the prompts and of the
+  tokens.npz: prompts, transformers' T5Tokenizer ids/mask of the cleaned prompts (as
+      diffusers' WanPipeline cleans them) at max_length 16 (some truncated) and 64, and the Wan-style embeddings of the prompts and of the
       negative prompt at max_length 64 (positions past each prompt's tokens zeroed);
   torch_ckpt/*.pth + torch_ckpt/expected.npz: `torch.save` files for the torch-free reader
       (float32, bf16, fp16, int64, bool, a transposed view, an offset slice, a
@@ -219,7 +219,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(tok_dir)
     toks = {}
     for ml in (16, 64):
-        t = tok(PROMPTS, padding="max_length", max_length=ml, truncation=True, add_special_tokens=True,
+        t = tok([clean(p) for p in PROMPTS], padding="max_length", max_length=ml, truncation=True, add_special_tokens=True,
                 return_attention_mask=True, return_tensors="pt")
         toks[f"ids_{ml}"], toks[f"mask_{ml}"] = t.input_ids.numpy().astype(np.int32), t.attention_mask.numpy().astype(np.int32)
 
