@@ -226,6 +226,7 @@ def init_encoder(cfg: UMT5Config, seed: int = 0) -> UMT5Encoder:
 def encode_fn(model: UMT5Encoder):
     """A jitted `f(ids [B, L], mask [B, L]) -> [B, L, d_model]` float32 with padding zeroed."""
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state)  # once: loaded parameters may be host numpy arrays
 
     @jax.jit
     def f(state, ids, mask):

@@ -26,6 +26,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -197,6 +198,16 @@ def _read_file(fn: str) -> dict:
 
 def read_checkpoint(path: str) -> tuple[dict, dict | None]:
     """`(state dict, config.json dict or None)` of a umT5 checkpoint file or directory."""
+    # safetensors' bf16 goes through JAX arrays: keep them on the host, not on an accelerator
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return _read_checkpoint(path)
+    with jax.default_device(cpu):
+        return _read_checkpoint(path)
+
+
+def _read_checkpoint(path: str) -> tuple[dict, dict | None]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"umT5 checkpoint {path!r} does not exist")
     if os.path.isfile(path):
