@@ -225,3 +225,20 @@ def test_encode_prompts_missing_inputs(tmp_path, capsys):
     assert _run(tmp_path, out, tokenizer=str(tmp_path / "no_tok.json")) == 1
     assert _run(tmp_path, out, prompts=str(tmp_path / "no_prompts.txt")) == 1
     assert not out.exists()
+
+
+def test_xxl_shapes_abstractly():
+    """The real umt5-xxl config traces at Wan's 512 tokens (no parameters allocated)."""
+    import jax
+    from flax import nnx
+
+    from crm_jax.models.umt5 import UMT5_XXL, UMT5Encoder
+
+    cfg = UMT5_XXL.replace(dtype="bfloat16", param_dtype="bfloat16")
+    m = nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert 5.6e9 < n_params < 5.8e9  # umt5-xxl encoder: ~5.68 B parameters
+    graphdef, state = nnx.split(m)
+    out = jax.eval_shape(lambda s, i, k: nnx.merge(graphdef, s)(i, k, zero_padding=True), state,
+                         jax.ShapeDtypeStruct((2, 512), jnp.int32), jax.ShapeDtypeStruct((2, 512), jnp.int32))
+    assert out.shape == (2, 512, 4096) and out.dtype == jnp.float32
