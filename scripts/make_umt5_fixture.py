@@ -18,7 +18,7 @@ Writes tests/fixtures/umt5_tiny/:
       negative prompt at max_length 64 (positions past each prompt's tokens zeroed);
   torch_ckpt/*.pth + torch_ckpt/expected.npz: `torch.save` files for the torch-free reader
       (float32, bf16, fp16, int64, bool, a transposed view, an offset slice, a
-      parameter, a wrapped training checkpoint, a legacy non-zip file).
+      parameter, a wrapped training checkpoint, a module's state_dict, a legacy non-zip file).
 
 Run (needs torch, transformers and tokenizers; the tests need none of them):
   /path/to/torch/python scripts/make_umt5_fixture.py [--out tests/fixtures/umt5_tiny]
@@ -155,13 +155,17 @@ def make_torch_ckpt(out: str) -> None:
                "epoch": 3, "optimizer_name": "adam"}
     torch.save(wrapped, os.path.join(out, "wrapped.pth"))
     torch.save({"w": torch.ones(2)}, os.path.join(out, "legacy.pth"), _use_new_zipfile_serialization=False)
+    # a module's state_dict, as Wan saved its T5 (an OrderedDict carrying a `_metadata` attribute)
+    lin = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    torch.save(lin.state_dict(), os.path.join(out, "module.pth"))
 
     def np_of(t):
         t = t.detach()
         return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
     exp = {f"flat/{k}": np_of(v) for k, v in flat.items()}
     exp.update({"wrapped/encoder.w": np_of(flat["f32"]), "wrapped/encoder.b": np_of(flat["fp16"]),
-                "wrapped/head.w": np_of(flat["bf16"])})
+                "wrapped/head.w": np_of(flat["bf16"]),
+                "module/weight": np_of(lin.weight), "module/bias": np_of(lin.bias)})
     np.savez(os.path.join(out, "expected.npz"), **exp)
 
 

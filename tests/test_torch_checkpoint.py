@@ -48,6 +48,13 @@ def test_wrapped_checkpoint_is_unwrapped_and_flattened():
         load_torch_state_dict(os.path.join(FIX, "wrapped.pth"), unwrap=False)
 
 
+def test_module_state_dict_with_metadata():
+    sd = load_torch_state_dict(os.path.join(FIX, "module.pth"))
+    assert set(sd) == {"weight", "bias"} and sd["weight"].dtype == ml_dtypes.bfloat16
+    for k in sd:
+        np.testing.assert_array_equal(np.asarray(sd[k], np.float32), EXP[f"module/{k}"])
+
+
 def test_legacy_and_missing_files():
     with pytest.raises(ValueError, match="legacy"):
         load_torch_state_dict(os.path.join(FIX, "legacy.pth"))
