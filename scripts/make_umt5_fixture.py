@@ -14,11 +14,13 @@ Writes tests/fixtures/umt5_tiny/:
   io.npz: ids [3, 64] (lengths 64, 37, 5: relative positions beyond the 8 exact
       buckets and up to 63), mask, transformers' `last_hidden_state` (float32);
   tokens.npz: prompts, transformers' T5Tokenizer ids/mask of the cleaned prompts (as
-      diffusers' WanPipeline cleans them) at max_length 16 (some truncated) and 64, and the Wan-style embeddings of the prompts and of the
-      negative prompt at max_length 64 (positions past each prompt's tokens zeroed);
+      diffusers' WanPipeline cleans them) at max_length 16 (some truncated) and 64, and
+      the Wan-style embeddings of the prompts and of the negative prompt at max_length 64
+      (positions past each prompt's tokens zeroed);
   torch_ckpt/*.pth + torch_ckpt/expected.npz: `torch.save` files for the torch-free reader
       (float32, bf16, fp16, int64, bool, a transposed view, an offset slice, a
-      parameter, a wrapped training checkpoint, a module's state_dict, a legacy non-zip file).
+      parameter, a wrapped training checkpoint, a module's state_dict, a legacy non-zip
+      file).
 
 Run (needs torch, transformers and tokenizers; the tests need none of them):
   /path/to/torch/python scripts/make_umt5_fixture.py [--out tests/fixtures/umt5_tiny]
@@ -223,9 +225,10 @@ def main():
     tok = AutoTokenizer.from_pretrained(tok_dir)
     toks = {}
     for ml in (16, 64):
-        t = tok([clean(p) for p in PROMPTS], padding="max_length", max_length=ml, truncation=True, add_special_tokens=True,
-                return_attention_mask=True, return_tensors="pt")
-        toks[f"ids_{ml}"], toks[f"mask_{ml}"] = t.input_ids.numpy().astype(np.int32), t.attention_mask.numpy().astype(np.int32)
+        t = tok([clean(p) for p in PROMPTS], padding="max_length", max_length=ml, truncation=True,
+                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        toks[f"ids_{ml}"] = t.input_ids.numpy().astype(np.int32)
+        toks[f"mask_{ml}"] = t.attention_mask.numpy().astype(np.int32)
 
     def embed(texts):
         t = tok(texts, padding="max_length", max_length=64, truncation=True, add_special_tokens=True,

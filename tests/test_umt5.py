@@ -161,7 +161,8 @@ def test_original_layout_torch_file_matches_safetensors():
     a = load_torch_state_dict(os.path.join(FIX, "original", "umt5_tiny.pth"))
     b = load_file(os.path.join(FIX, "original", "umt5_tiny.safetensors"))
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert {umt5_convert.original_to_transformers_key(k) for k in a} == set(load_file(os.path.join(TRANSFORMERS, WEIGHTS)))
+    renamed = {umt5_convert.original_to_transformers_key(k) for k in a}
+    assert renamed == set(load_file(os.path.join(TRANSFORMERS, WEIGHTS)))
 
 
 def test_random_init_runs():
