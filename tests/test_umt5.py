@@ -243,3 +243,18 @@ def test_xxl_shapes_abstractly():
     out = jax.eval_shape(lambda s, i, k: nnx.merge(graphdef, s)(i, k, zero_padding=True), state,
                          jax.ShapeDtypeStruct((2, 512), jnp.int32), jax.ShapeDtypeStruct((2, 512), jnp.int32))
     assert out.shape == (2, 512, 4096) and out.dtype == jnp.float32
+
+
+def test_encode_prompts_reads_actions(tmp_path):
+    from crm_jax.tools.encode_prompts import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_text("a cat | 0 1 2\n# skip\nwaves | up down stay\n")
+    texts, actions = read_prompts(str(f), num_actions=5)
+    assert texts == ["a cat", "waves"] and actions.shape == (2, 3) and actions.dtype == np.int32
+    f.write_text("a cat | 0 1 2\nwaves\n")
+    with pytest.raises(ValueError, match=r"p.txt:2: no actions"):
+        read_prompts(str(f), num_actions=5)
+    f.write_text("a cat | 0 1 2\nwaves | 1\n")
+    with pytest.raises(ValueError, match="different numbers of actions"):
+        read_prompts(str(f), num_actions=5)
