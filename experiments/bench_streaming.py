@@ -25,7 +25,8 @@ Compile time: the model takes `cache_frames` as a static int, so every cache len
 its own executable -- chunk 3 over 21 frames compiles 7 chunk functions, frame-wise 21
 (shared by all step counts and both context modes). If that does not fit one run, split
 it (`--blocks 3`, then `--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a jax.profiler
-trace of one timed video of the first configuration (view in TensorBoard/Perfetto).
+trace of one timed video of the first configuration (view in TensorBoard/Perfetto) and prints
+where the kernel time of a chunk goes (experiments/trace_summary.py).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import trace_summary
 from crm_jax.models.config import get_model_config
 from crm_jax.models.wan import AttentionPattern, functional, init_model
 from crm_jax.sampling import StreamingSampler
+from crm_jax.sampling.plan import chunk_bounds
 
 # Self Forcing (PyTorch, torch SDPA) on one H200, 2026-11-21, chunk 3: latent frames/s x 1.6.
 TARGETS = {(3, 4, "clean"): 11.5, (3, 2, "clean"): 19.0, (3, 2, "noisy"): 27.0}
@@ -113,8 +116,16 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     for r in range(args.repeats):
         if args.profile and r == 0 and not args._profiled:
             args._profiled = True
-            with jax.profiler.trace(args.profile):
+            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
                 runs.append(timed(sampler, key, context, frames, actions))
+            chunks = len(list(chunk_bounds(pattern, frames)))
+            try:   # two videos were traced (with and without prefetch): time per chunk
+                prof = trace_summary.summarize(args.profile, per=2 * chunks)
+                print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
+                      + trace_summary.fmt(prof), flush=True)
+            except (ValueError, FileNotFoundError) as e:
+                prof = None
+                print(f"profile summary failed: {e}", flush=True)
         else:
             runs.append(timed(sampler, key, context, frames, actions))
     first, steady, overall, steady_pf, overall_pf = (statistics.median(x) for x in zip(*runs))
@@ -124,6 +135,9 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
                steady_fps_prefetch=steady_pf, overall_fps_prefetch=overall_pf,
                warmup_s=warmup, peak_mem_gb=peak_memory_gb(), repeats=args.repeats,
                cache_gb=cfg.num_layers * frames * tpf * cfg.dim * 2 * jnp.dtype(cfg.compute_dtype).itemsize / 2 ** 30)
+    if args.profile and args._profiled is True:
+        args._profiled = "done"
+        row["profile_per_chunk"] = prof
     target = TARGETS.get((block, steps, mode)) if name == "wan_1_3b" else None
     if target is not None:
         row.update(target_fps=target, meets_target=bool(steady >= target))

@@ -1,19 +1,29 @@
-"""Train-step time, peak memory and model-FLOPs utilisation on one GPU (random weights).
+"""Train-step time, peak memory and model-FLOPs utilisation on one or more GPUs (random weights).
 
-  python experiments/bench_train_step.py [--modes tf_scm,sf_dmd] [--model wan_1_3b] [--frames 21]
-         [--block_frames 3] [--remat block] [--impl auto] [--out FILE]
+  python experiments/bench_train_step.py [--modes tf_scm,tf_dcm,sf_dmd] [--model wan_1_3b] [--frames 21]
+         [--block_frames 3] [--remat block] [--impl auto] [--mesh 1,1,1] [--per_device_batch 1]
+         [--profile DIR] [--out FILE]
+
+`--mesh data,fsdp,context` runs the step sharded (crm_jax.training.sharding: data
+parallel, FSDP parameters/moments, Ulysses context parallelism) over that many local
+devices; the global batch is per_device_batch x data x fsdp (a context group shares
+its samples). MFU = model FLOPs x batch / step time / (measured bf16 peak x devices).
+`--profile DIR` traces one more step per mode and prints where the kernel time goes
+(experiments/trace_summary.py).
 
 Student, teacher and critic share the architecture (1.3B teacher by default). Student
 params, EMA and AdamW moments are float32; compute is bf16 (`dtype`), attention through
 `pallas_kernels.ops.attention` (Pallas kernels on GPU). FLOPs count every pass of the
 step from `forward_flops` (bench_model.py): TF-sCM = teacher fwd x2 (CFG) + jvp pass
-(~3 fwd) + student fwd + bwd (2 fwd) on the packed 2T sequence; SF-DMD = rollout
+(~3 fwd) + student fwd + bwd (2 fwd) on the packed 2T sequence; TF-dCM = teacher fwd x2
+(CFG ODE step) + target fwd + student fwd + bwd; SF-DMD = rollout
 forwards + replayed last steps (fwd + bwd) + teacher x2 + critic fwd on T frames.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,9 +35,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench_model import forward_flops  # noqa: E402
+from experiments import trace_summary  # noqa: E402
 
 from crm_jax.models.config import get_model_config  # noqa: E402
 from crm_jax.models.wan import AttentionPattern, functional, init_model  # noqa: E402
+from crm_jax.training import sharding as shd  # noqa: E402
 from crm_jax.training.steps import Frozen, TrainConfig, Trainer  # noqa: E402
 from pallas_kernels import masks  # noqa: E402
 
@@ -41,6 +53,8 @@ def step_flops(mode, cfg, frames, tpf, block_frames, sf_steps, text):
     f_full = forward_flops(cfg, frames * tpf, text, masks.allowed_pairs(full))
     if mode == "tf_scm":
         return 2 * f_tf + 3 * f_tf + 3 * f_tf      # teacher CFG, jvp pass, student fwd+bwd
+    if mode == "tf_dcm":
+        return 2 * f_tf + f_tf + 3 * f_tf          # teacher CFG, target fwd, student fwd+bwd
     # SF-DMD student step: rollout (sf_steps fwd + clean re-run) + replay fwd+bwd + teacher CFG + critic
     return (sf_steps + 1) * f_bc + 3 * f_bc + 2 * f_full + f_full
 
@@ -58,8 +72,15 @@ def main():
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak; 0 = measure a matmul")
+    ap.add_argument("--mesh", default="1,1,1", help="data,fsdp,context sizes")
+    ap.add_argument("--per_device_batch", type=int, default=1)
+    ap.add_argument("--profile", default=None, help="trace one extra step per mode into DIR/<mode>")
     ap.add_argument("--out", default="experiments/results/bench_train_step.json")
     args = ap.parse_args()
+    data, fsdp, context = (int(v) for v in args.mesh.split(","))
+    mesh = shd.make_mesh(data, fsdp, context)
+    ndev = data * fsdp * context
+    batch_size = args.per_device_batch * data * fsdp
 
     dev = jax.devices()[0]
     peak = args.peak_tflops
@@ -73,7 +94,8 @@ def main():
             jax.block_until_ready(mm(a))
             ts.append(time.perf_counter() - t0)
         peak = 2 * 8192 ** 3 / statistics.median(ts) / 1e12
-    print(f"device {dev.device_kind}: measured bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+    print(f"device {dev.device_kind} x{ndev} (mesh data={data} fsdp={fsdp} context={context}, "
+          f"batch {batch_size}): measured bf16 matmul {peak:.0f} TFLOP/s per device", flush=True)
 
     cfg = get_model_config(args.model, dtype="bfloat16", param_dtype="float32", remat=args.remat,
                            attn_impl=args.impl)
@@ -81,39 +103,60 @@ def main():
     teacher = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     tpf = (args.height // 2) * (args.width // 2)
     ks = jax.random.split(jax.random.key(1), 3)
-    batch = dict(latents=jax.random.normal(ks[0], (1, args.frames, args.height, args.width, cfg.in_channels)),
-                 context=jax.random.normal(ks[1], (1, cfg.text_len, cfg.text_dim), jnp.bfloat16))
+    batch = dict(latents=jax.random.normal(ks[0], (batch_size, args.frames, args.height, args.width,
+                                                   cfg.in_channels)),
+                 context=jax.random.normal(ks[1], (batch_size, cfg.text_len, cfg.text_dim), jnp.bfloat16))
     frozen = Frozen(teacher, teacher, jnp.zeros((cfg.text_len, cfg.text_dim), jnp.bfloat16))
+    fr_sh, b_sh = shd.state_shardings(frozen, mesh), shd.batch_shardings(batch, mesh, batch_size)
+    frozen, batch = jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh)
+    key_sh = shd.replicated(jax.random.key(0), mesh)
     rows = []
     for mode in args.modes.split(","):
         tcfg = TrainConfig(mode=mode, block_frames=args.block_frames, dmd_teacher_pattern="full")
         trainer = Trainer(tcfg, apply, cfg)
         fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: never hand it `params`
         state = trainer.init_state(fresh, critic=params if tcfg.has_critic else None)
-        step = jax.jit(trainer.student_step, static_argnames=("sf_steps", "use_dmd"), donate_argnums=0)
+        st_sh = shd.state_shardings(state, mesh)
+        state = jax.device_put(state, st_sh)
+        fn = functools.partial(trainer.student_step, sf_steps=args.sf_steps, use_dmd=True)
+        step = shd.jit_step(fn, mesh, (st_sh, fr_sh, b_sh, key_sh), (st_sh, None), donate_argnums=0)
         t0 = time.time()
-        state, m = step(state, frozen, batch, jax.random.key(2), sf_steps=args.sf_steps, use_dmd=True)
+        state, m = step(state, frozen, batch, jax.random.key(2))
         jax.block_until_ready(m)
         compile_s = time.time() - t0
         times = []
         for i in range(args.iters):
             t0 = time.perf_counter()
-            state, m = step(state, frozen, batch, jax.random.key(3 + i), sf_steps=args.sf_steps, use_dmd=True)
+            state, m = step(state, frozen, batch, jax.random.key(3 + i))
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        flops = step_flops(mode, cfg, args.frames, tpf, args.block_frames, args.sf_steps, cfg.text_len)
-        stats = dev.memory_stats() or {}
-        rows.append(dict(mode=mode, device=dev.device_kind, step_s=round(med, 3), compile_s=round(compile_s, 1),
-                         loss=float(m["loss"]), model_tflop=round(flops / 1e12, 1),
-                         mfu=round(flops / med / 1e12 / peak, 3),
-                         peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 1)))
+        flops = batch_size * step_flops(mode, cfg, args.frames, tpf, args.block_frames, args.sf_steps,
+                                        cfg.text_len)
+        peak_mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
+        rows.append(dict(mode=mode, device=dev.device_kind, devices=ndev, mesh=args.mesh, batch=batch_size,
+                         block_frames=args.block_frames, remat=args.remat, step_s=round(med, 3),
+                         compile_s=round(compile_s, 1), loss=float(m["loss"]), model_tflop=round(flops / 1e12, 1),
+                         mfu=round(flops / med / 1e12 / (peak * ndev), 3),
+                         peak_gib_per_device=round(peak_mem / 2 ** 30, 1)))
         print(rows[-1], flush=True)
+        if args.profile:
+            tdir = os.path.join(args.profile, f"{mode}_b{args.block_frames}_m{args.mesh.replace(',', 'x')}")
+            with jax.profiler.trace(tdir, create_perfetto_trace=True):
+                state, m = step(state, frozen, batch, jax.random.key(99))
+                jax.block_until_ready(m)
+            try:
+                summary = trace_summary.summarize(tdir)
+                rows[-1]["profile"] = summary
+                print(trace_summary.fmt(summary), flush=True)
+            except (ValueError, FileNotFoundError) as e:
+                print(f"profile summary failed: {e}", flush=True)
         del state
-    print("| mode | device | step s | model TFLOP | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | device | mesh d,f,c | batch | chunk | step s | model TFLOP | MFU | peak GiB/device |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['device']} | {r['step_s']} | {r['model_tflop']} | {r['mfu']:.1%} | {r['peak_gib']} |")
+        print(f"| {r['mode']} | {r['device']} x{r['devices']} | {r['mesh']} | {r['batch']} | {r['block_frames']} | "
+              f"{r['step_s']} | {r['model_tflop']} | {r['mfu']:.1%} | {r['peak_gib_per_device']} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(peak_tflops=peak, args=vars(args), rows=rows), f, indent=1)
