@@ -28,6 +28,7 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 CACHE_T = 2  # frames of input each 3x3x3 causal conv keeps from the previous chunk
@@ -124,7 +125,14 @@ class _Cache:
 
 
 def _init(rngs, shape, fan_in, dtype):
-    return jax.random.normal(rngs.params(), shape, dtype) / math.sqrt(fan_in)
+    """N(0, 1/fan_in) weights. With a concrete key they are drawn by numpy (seeded from the
+    key): eager `jax.random.normal` compiles once per shape, minutes for the whole VAE on CPU."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):  # under jit / eval_shape
+        return jax.random.normal(key, shape, dtype) / math.sqrt(fan_in)
+    seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
+    w = np.random.default_rng(seed).standard_normal(shape, np.float32) / math.sqrt(fan_in)
+    return jnp.asarray(w, dtype)
 
 
 class CausalConv3d(nnx.Module):
@@ -521,12 +529,15 @@ class StreamingDecoder:
     `lax.scan` via `dec.apply`. Concatenating the outputs equals `vae.decode`.
     """
 
-    def __init__(self, vae: WanVAE, normalized: bool = False):
-        """normalized: the chunks are the DiT's normalized latents (denormalized first)."""
+    def __init__(self, vae: WanVAE, normalized: bool = False, donate_state: bool = False):
+        """normalized: the chunks are the DiT's normalized latents (denormalized first).
+        donate_state: let each step reuse the previous state's buffers (saves the
+          cache memory on GPU; the state passed to `step` is then invalid afterwards).
+        """
         self.cfg = vae.cfg
         self.normalized = normalized
         self.graphdef, self.params = nnx.split(vae)
-        self._step = jax.jit(self.apply)
+        self._step = jax.jit(self.apply, donate_argnums=(1,) if donate_state else ())
 
     def init(self, batch: int, h: int, w: int) -> DecodeState:
         """All-zero caches for latents of `h x w` (a fresh stream)."""
