@@ -22,7 +22,6 @@ at a time, as a causal DiT produces them); concatenated chunks equal `decode`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import flax.struct
@@ -543,7 +542,8 @@ class StreamingDecoder:
         """All-zero caches for latents of `h x w` (a fresh stream)."""
         z = jax.ShapeDtypeStruct((batch, 2, h, w, self.cfg.z_dim), jnp.float32)
         caches = jax.eval_shape(lambda p, z: self._decode(p, z, None, True)[1], self.params, z)
-        return DecodeState(tuple(jnp.zeros(c.shape, c.dtype) for c in caches), True)
+        # host zeros: eager jnp.zeros would compile one program per cache shape
+        return DecodeState(tuple(jax.device_put(np.zeros(c.shape, c.dtype)) for c in caches), True)
 
     def _decode(self, params, z, caches, first):
         vae = nnx.merge(self.graphdef, params)

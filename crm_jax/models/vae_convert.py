@@ -47,7 +47,8 @@ def config_from_diffusers(c: dict, **overrides) -> WanVAEConfig:
     d = WanVAEConfig()
     cfg = WanVAEConfig(
         base_dim=c.get("base_dim", d.base_dim), z_dim=c.get("z_dim", d.z_dim),
-        dim_mult=tuple(c.get("dim_mult", d.dim_mult)), num_res_blocks=c.get("num_res_blocks", d.num_res_blocks),
+        dim_mult=tuple(c.get("dim_mult", d.dim_mult)),
+        num_res_blocks=c.get("num_res_blocks", d.num_res_blocks),
         attn_scales=tuple(c.get("attn_scales", ())),
         temperal_downsample=tuple(bool(b) for b in c.get("temperal_downsample", d.temperal_downsample)),
         dropout=c.get("dropout", 0.0),
@@ -185,7 +186,7 @@ def state_dict_to_params(sd: dict, cfg: WanVAEConfig, layout: str) -> dict:
 
 
 def params_to_state_dict(model: WanVAE, layout: str = "diffusers") -> dict:
-    """Our model's parameters -> a state dict in the diffusers or original layout (numpy, float32 as stored)."""
+    """Our model's parameters -> a state dict (numpy, parameter dtype) in the diffusers or original layout."""
     flat = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out = {}
     for key, (path, tshape, _, _) in expected_keys(model.cfg, layout).items():
