@@ -15,6 +15,9 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     c.model = ml_collections.ConfigDict()
     c.model.name = model
     c.model.overrides = ml_collections.ConfigDict(model_overrides)
+    # The teacher's (and DMD critic's) architecture; empty name = the student's. E.g. a 14B
+    # teacher for a 1.3B student: name="wan_14b" (dtype/remat/attention follow the student).
+    c.teacher_model = ml_collections.ConfigDict(dict(name="", overrides=ml_collections.ConfigDict()))
 
     c.train = ml_collections.ConfigDict(dict(
         block_frames=2, first_block_frames=None, lr=2e-6, critic_lr=4e-7, warmup_steps=0,

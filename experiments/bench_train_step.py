@@ -11,7 +11,8 @@ its samples). MFU = model FLOPs x batch / step time / (measured bf16 peak x devi
 `--profile DIR` traces one more step per mode and prints where the kernel time goes
 (experiments/trace_summary.py).
 
-Student, teacher and critic share the architecture (1.3B teacher by default). Student
+Student, teacher and critic share the architecture (1.3B teacher by default; `--teacher
+wan_14b` gives the teacher and the critic the 14B architecture, bf16 teacher weights). Student
 params, EMA and AdamW moments are float32; compute is bf16 (`dtype`), attention through
 `pallas_kernels.ops.attention` (Pallas kernels on GPU). FLOPs count every pass of the
 step from `forward_flops` (bench_model.py): TF-sCM = teacher fwd x2 (CFG) + jvp pass
@@ -44,19 +45,21 @@ from crm_jax.training.steps import Frozen, TrainConfig, Trainer  # noqa: E402
 from pallas_kernels import masks  # noqa: E402
 
 
-def step_flops(mode, cfg, frames, tpf, block_frames, sf_steps, text):
+def step_flops(mode, cfg, frames, tpf, block_frames, sf_steps, text, teacher_cfg=None):
+    """Model FLOPs of one student step (per sample); the teacher/critic passes use `teacher_cfg`."""
+    tcfg = cfg if teacher_cfg is None else teacher_cfg
     tf = AttentionPattern("teacher_forcing", block_frames).mask_spec(2 * frames, tpf)
     bc = AttentionPattern("block_causal", block_frames).mask_spec(frames, tpf)
     full = masks.full(frames * tpf)
-    f_tf = forward_flops(cfg, 2 * frames * tpf, text, masks.allowed_pairs(tf))
+    f_tf, t_tf = (forward_flops(c, 2 * frames * tpf, text, masks.allowed_pairs(tf)) for c in (cfg, tcfg))
     f_bc = forward_flops(cfg, frames * tpf, text, masks.allowed_pairs(bc))
-    f_full = forward_flops(cfg, frames * tpf, text, masks.allowed_pairs(full))
+    t_full = forward_flops(tcfg, frames * tpf, text, masks.allowed_pairs(full))
     if mode == "tf_scm":
-        return 2 * f_tf + 3 * f_tf + 3 * f_tf      # teacher CFG, jvp pass, student fwd+bwd
+        return 2 * t_tf + 3 * f_tf + 3 * f_tf      # teacher CFG, jvp pass, student fwd+bwd
     if mode == "tf_dcm":
-        return 2 * f_tf + f_tf + 3 * f_tf          # teacher CFG, target fwd, student fwd+bwd
+        return 2 * t_tf + f_tf + 3 * f_tf          # teacher CFG, target fwd, student fwd+bwd
     # SF-DMD student step: rollout (sf_steps fwd + clean re-run) + replay fwd+bwd + teacher CFG + critic
-    return (sf_steps + 1) * f_bc + 3 * f_bc + 2 * f_full + f_full
+    return (sf_steps + 1) * f_bc + 3 * f_bc + 2 * t_full + t_full
 
 
 def main():
@@ -72,6 +75,7 @@ def main():
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak; 0 = measure a matmul")
+    ap.add_argument("--teacher", default=None, help="teacher/critic architecture (default: the student's)")
     ap.add_argument("--mesh", default="1,1,1", help="data,fsdp,context sizes")
     ap.add_argument("--per_device_batch", type=int, default=1)
     ap.add_argument("--profile", default=None, help="trace one extra step per mode into DIR/<mode>")
@@ -100,7 +104,15 @@ def main():
     cfg = get_model_config(args.model, dtype="bfloat16", param_dtype="float32", remat=args.remat,
                            attn_impl=args.impl)
     apply, params = functional(init_model(cfg, 0))
-    teacher = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    teacher_cfg, teacher_apply = cfg, None
+    if args.teacher and args.teacher != args.model:
+        teacher_cfg = get_model_config(args.teacher, dtype="bfloat16", param_dtype="bfloat16", remat=args.remat,
+                                       attn_impl=args.impl)
+        teacher_apply, teacher = functional(init_model(teacher_cfg, 1))
+        critic_init = jax.tree.map(lambda p: p.astype(jnp.float32), teacher)
+    else:
+        teacher = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        critic_init = params
     tpf = (args.height // 2) * (args.width // 2)
     ks = jax.random.split(jax.random.key(1), 3)
     batch = dict(latents=jax.random.normal(ks[0], (batch_size, args.frames, args.height, args.width,
@@ -113,9 +125,9 @@ def main():
     rows = []
     for mode in args.modes.split(","):
         tcfg = TrainConfig(mode=mode, block_frames=args.block_frames, dmd_teacher_pattern="full")
-        trainer = Trainer(tcfg, apply, cfg)
+        trainer = Trainer(tcfg, apply, cfg, teacher_apply=teacher_apply)
         fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: never hand it `params`
-        state = trainer.init_state(fresh, critic=params if tcfg.has_critic else None)
+        state = trainer.init_state(fresh, critic=critic_init if tcfg.has_critic else None)
         st_sh = shd.state_shardings(state, mesh)
         state = jax.device_put(state, st_sh)
         fn = functools.partial(trainer.student_step, sf_steps=args.sf_steps, use_dmd=True)
@@ -132,9 +144,9 @@ def main():
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         flops = batch_size * step_flops(mode, cfg, args.frames, tpf, args.block_frames, args.sf_steps,
-                                        cfg.text_len)
+                                        cfg.text_len, teacher_cfg)
         peak_mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
-        rows.append(dict(mode=mode, device=dev.device_kind, devices=ndev, mesh=args.mesh, batch=batch_size,
+        rows.append(dict(mode=mode, teacher=args.teacher or args.model, device=dev.device_kind, devices=ndev, mesh=args.mesh, batch=batch_size,
                          block_frames=args.block_frames, remat=args.remat, step_s=round(med, 3),
                          compile_s=round(compile_s, 1), loss=float(m["loss"]), model_tflop=round(flops / 1e12, 1),
                          mfu=round(flops / med / 1e12 / (peak * ndev), 3),

@@ -12,7 +12,12 @@ Backends (`impl`):
     interpreter); never compiled on a TPU here, hence not chosen by ``auto``.
   * ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")`, full masks
     only, reverse mode only (a baseline for benchmarks; JAX cannot jvp through it).
-  * ``auto``: ``triton`` on GPU, ``xla`` on CPU and TPU.
+  * ``auto``: ``triton`` on GPU, ``xla`` on CPU and TPU -- except that on GPU an
+    unmasked call (every query sees every key: ``full``, cross-attention, and the
+    last block of a block-causal KV-cache call) in reverse mode (``ad="vjp"``) with
+    bf16/fp16 inputs and head_dim 64 or 128 goes to ``cudnn``, which is faster there
+    (H200, 32,760 tokens: 12.3 vs 15.9 ms forward, 43.9 vs 60.5 ms forward+backward).
+    Masked calls and forward-mode (``ad="jvp"``) calls always run our kernels.
     On GPU there is never a silent fallback: inputs the kernels cannot take
     (head_dim not in {64, 128}, mixed dtypes) raise a ValueError naming ``impl="xla"``.
 
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels.masks import MaskSpec, allowed_pairs
 from pallas_kernels.reference import attention_reference, check_qkv
 from pallas_kernels import mosaic as _mosaic
 from pallas_kernels.mosaic import MosaicConfig
@@ -76,6 +81,21 @@ def resolve_impl(impl: str, interpret: bool = False) -> str:
             f"impl='mosaic' needs a TPU (default backend is {backend!r}); pass interpret=True "
             "to run the kernels in Pallas TPU interpret mode, or use impl='xla'")
     return impl
+
+
+def unmasked(spec: MaskSpec) -> bool:
+    """Whether every query may attend to every key (the mask is all True)."""
+    return spec.kind == "full" or _allowed_pairs(spec) == spec.q_len * spec.kv_len
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed_pairs(spec: MaskSpec) -> int:
+    return allowed_pairs(spec)
+
+
+def _auto_cudnn(q, k, spec: MaskSpec, ad: str) -> bool:
+    return (ad == "vjp" and q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype
+            and q.shape[-1] in SUPPORTED_HEAD_DIMS and unmasked(spec))
 
 
 def _check_kernel_inputs(q, k, v):
@@ -171,12 +191,14 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
     check_qkv(q, k, v, spec)
     if ad not in AD_MODES:
         raise ValueError(f"attention ad mode must be one of {AD_MODES}, got {ad!r}")
-    impl = resolve_impl(impl, interpret)
+    requested, impl = impl, resolve_impl(impl, interpret)
+    if requested == "auto" and impl == "triton" and _auto_cudnn(q, k, spec, ad):
+        impl = "cudnn"
     if impl == "xla":
         return attention_reference(q, k, v, spec, scale=scale)
     if impl == "cudnn":
-        if spec.kind != "full" or ad != "vjp":
-            raise ValueError("impl='cudnn' is a baseline for full masks in reverse mode only; "
+        if not unmasked(spec) or ad != "vjp":
+            raise ValueError("impl='cudnn' takes unmasked attention in reverse mode only; "
                              f"got kind={spec.kind!r}, ad={ad!r} (use impl='triton')")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     _check_kernel_inputs(q, k, v)

@@ -95,3 +95,15 @@ def test_schedule_lists_cover_exactly_the_nonempty_tiles():
 def test_bad_specs_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):
         masks.MaskSpec(**kw)
+
+
+def test_unmasked_specs_route_to_dense_attention():
+    """`ops.unmasked`: which specs `impl="auto"` may hand to cuDNN on a GPU (all pairs allowed)."""
+    from pallas_kernels.ops import unmasked
+    assert unmasked(masks.full(12, 5))
+    # the last block of a KV-cache call sees the whole buffer and itself
+    assert unmasked(masks.block_causal(9, 4, 3, q_frames=3))
+    assert not unmasked(masks.block_causal(9, 4, 3))                  # all blocks: causal
+    assert not unmasked(masks.block_causal(9, 4, 3, q_frames=6))
+    assert not unmasked(masks.teacher_forcing(3, 4, 1))
+    assert not unmasked(masks.block_causal(12, 4, 3, q_frames=3, local_attn_blocks=2))

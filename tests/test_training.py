@@ -172,3 +172,43 @@ def test_bad_configs():
     trainer, *_ = setup("sf_dmd")
     with pytest.raises(ValueError, match="needs critic parameters"):
         trainer.init_state(setup("sf_dmd")[1].params)
+
+
+@pytest.mark.parametrize("mode", ["tf_scm", "sf_dmd"])
+def test_teacher_larger_than_student(mode):
+    """A teacher/critic of another architecture (here wider and deeper) drives the student."""
+    mcfg = model_cfg(mode)
+    tcfg_model = mcfg.replace(dim=128, ffn_dim=256, num_layers=2)
+    apply, params = functional(init_model(mcfg, 0))
+    teacher_apply, teacher = functional(init_model(tcfg_model, 1))
+    _, other_teacher = functional(init_model(tcfg_model, 2))
+    tcfg = TrainConfig(mode=mode, block_frames=1, lr=1e-3, critic_lr=1e-3, guidance=2.0)
+    trainer = Trainer(tcfg, apply, mcfg, teacher_apply=teacher_apply)
+    _, _, _, batch = setup(mode)
+    neg = jnp.zeros((mcfg.text_len, mcfg.text_dim))
+    losses = []
+    for tp in (teacher, other_teacher):
+        state = trainer.init_state(jax.tree.map(jnp.copy, params), critic=tp if tcfg.has_critic else None)
+        new, m = run_step(trainer, state, Frozen(tp, tp, neg), batch)
+        assert np.isfinite(float(m["loss"])) and int(new.nan_skips) == 0
+        assert rel_tree(new.params, params) > 1e-6
+        losses.append(float(m["loss"]))
+        if tcfg.has_critic:
+            assert jax.tree.map(jnp.shape, new.critic) == jax.tree.map(jnp.shape, teacher)
+            crit, mc = run_step(trainer, state, Frozen(tp, tp, neg), batch, which="critic")
+            assert np.isfinite(float(mc["loss"])) and rel_tree(crit.critic, tp) > 1e-6
+    assert losses[0] != losses[1], "the loss must depend on the (larger) teacher"
+
+
+def test_teacher_model_config():
+    import ml_collections
+    from crm_jax.training.loop import teacher_model_config
+    student = TINY.replace(num_actions=5, dtype="bfloat16", remat="block")
+    c = ml_collections.ConfigDict(dict(teacher_model=dict(name="", overrides={})))
+    assert teacher_model_config(c, student.replace(mean_flow=True)) == student
+    c.teacher_model = ml_collections.ConfigDict(dict(name="tiny", overrides=dict(num_layers=4, num_actions=5)))
+    t = teacher_model_config(c, student)
+    assert t.num_layers == 4 and t.dtype == student.dtype and t.remat == "block" and not t.mean_flow
+    c.teacher_model.overrides = dict(num_layers=4)   # num_actions differs from the student's
+    with pytest.raises(ValueError, match="num_actions: teacher 0 vs student 5"):
+        teacher_model_config(c, student)

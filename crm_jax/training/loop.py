@@ -38,6 +38,35 @@ def model_config(c) -> WanConfig:
     return model_config_from(c.model)
 
 
+# What a teacher must share with its student: the data it reads and writes.
+INTERFACE_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "text_len", "num_actions")
+
+
+def teacher_model_config(c, student: WanConfig) -> WanConfig:
+    """The teacher's (and the DMD critic's) architecture.
+
+    `c.teacher_model` (same form as `c.model`: name + overrides) lets a larger teacher
+    distil into a smaller student (e.g. a 14B teacher for a 1.3B student); without it the
+    teacher has the student's architecture. The teacher always predicts the instantaneous
+    velocity (mean_flow=False), must read and write the student's latents, text and
+    actions, and inherits the student's dtype / param_dtype / remat / attention settings
+    unless its overrides set them.
+    """
+    block = c.get("teacher_model")
+    if not block or not block.get("name"):
+        return student.replace(mean_flow=False)
+    over = block.get("overrides", {}) or {}
+    inherited = {k: getattr(student, k) for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_interpret")
+                 if k not in over}
+    teacher = model_config_from(block).replace(mean_flow=False, **inherited)
+    bad = {f: (getattr(teacher, f), getattr(student, f)) for f in INTERFACE_FIELDS
+           if getattr(teacher, f) != getattr(student, f)}
+    if bad:
+        raise ValueError("teacher_model must share the student's input/output interface; differing "
+                         + ", ".join(f"{f}: teacher {a} vs student {b}" for f, (a, b) in bad.items()))
+    return teacher
+
+
 def train_config(c) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in c.train.items() if k in fields}
@@ -125,17 +154,21 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     apply, params = functional(model)
     if c.init.student:
         params = load_params(c.init.student, mcfg, c.seed)
-    teacher_apply = apply_for(mcfg.replace(mean_flow=False)) if mcfg.mean_flow else None
-    trainer = Trainer(tcfg, apply, mcfg, teacher_apply=teacher_apply)
+    teacher_cfg = teacher_model_config(c, mcfg)
+    same_arch = teacher_cfg == mcfg
+    trainer = Trainer(tcfg, apply, mcfg, teacher_apply=None if same_arch else apply_for(teacher_cfg))
     frozen = None
     if tcfg.needs_teacher:
         if not c.init.teacher and not c.init.get("allow_random_teacher", False):
             raise ValueError(f"mode {c.mode!r} needs init.teacher (a checkpoint directory)")
-        teacher = load_params(c.init.teacher, mcfg.replace(mean_flow=False), c.seed + 1)
-        dmd_teacher = load_params(c.init.dmd_teacher, mcfg.replace(mean_flow=False), c.seed + 2) \
+        teacher = load_params(c.init.teacher, teacher_cfg, c.seed + 1)
+        dmd_teacher = load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) \
             if c.init.get("dmd_teacher") else teacher
         frozen = Frozen(teacher, dmd_teacher, src.negative_context())
         if mcfg.mean_flow and not c.init.student:
+            if teacher_cfg != mcfg.replace(mean_flow=False):
+                raise ValueError("a MeanFlow student is initialised from its teacher, so it needs the "
+                                 "teacher's architecture (or init.student)")
             params = _mean_flow_from(teacher, params)
     elif tcfg.cond_dropout > 0:
         frozen = Frozen(None, None, src.negative_context())
