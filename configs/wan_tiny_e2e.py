@@ -9,6 +9,7 @@ that holds the standard layout of configs/base.py `WAN_PATHS`:
     python -m crm_jax.main --config=configs/wan_tiny_e2e.py:sf_dmd,ROOT --workdir=ROOT/runs/wan_sf_dmd
 
 There is no teacher-forcing stage at this size: the converted DiT is also the causal teacher.
+TF-sCM runs 2 iterations, SF-DMD 1 (its first iteration is a student step with the DMD loss).
 """
 
 from configs.base import wan_config, wan_generate_config, wan_paths
@@ -36,7 +37,7 @@ def get_config(arg: str = "tf_scm"):
     c.train.update(block_frames=1, tangent_warmup=0, sf_max_steps=1, lr=1e-4, critic_lr=1e-4)
     c.data.batch_size = 2
     c.mesh.update(data=1, fsdp=1, context=1)
-    c.num_iterations = 2
+    c.num_iterations = 2 if stage == "tf_scm" else 1     # SF-DMD: one student (DMD) step
     c.log_every = 1
     c.checkpoint.update(every=2, keep=1, async_save=False)
     c.init.student = p["dit"] if stage == "tf_scm" else p["tf_scm"] + "/export"
