@@ -27,8 +27,9 @@ _HINTS = {
 }
 
 
-class MissingInputError(FileNotFoundError):
-    """One or more input paths do not exist (or are not what they should be)."""
+class MissingInputError(FileNotFoundError, ValueError):
+    """One or more input paths do not exist (or are not what they should be). A ValueError too, like
+    the other input errors of the command lines."""
 
 
 @dataclasses.dataclass(frozen=True)
