@@ -27,7 +27,7 @@ latents are pixels folded 2x2 into channels (`crm_jax.data.toy_latents`), frames
                  every chunk of (normalized) latents is decoded to pixels as it is generated
                  (`StreamingDecoder`, causal feature cache), so frames reach --out chunk by chunk.
                  T latent frames decode to 1 + 4(T-1) video frames of 8x the latent size.
-Outputs: .gif (imageio or Pillow), .mp4 (imageio + imageio-ffmpeg), .npz (raw uint8
+Outputs (--out, several comma separated): .gif (imageio or Pillow), .mp4 (imageio + imageio-ffmpeg), .npz (raw uint8
 frames, always available; for non-toy models without a VAE: raw latents).
 Missing input files (--ckpt, --vae, --embeddings, --prompts, --actions) stop the run before
 anything is computed or written.
@@ -273,7 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="Wan VAE (diffusers directory or Wan2.1_VAE.pth): decode chunks to pixels")
     p.add_argument("--actions", help="action file (names or ids, one per frame)")
     p.add_argument("--interactive", action="store_true", help="read one action line per chunk from stdin")
-    p.add_argument("--out", required=True, help="output .gif, .mp4 or .npz")
+    p.add_argument("--out", required=True, help="output .gif, .mp4 or .npz; several comma separated "
+                   "(e.g. v.mp4,v.gif); with several prompts X_0.mp4, X_1.mp4, ...")
     return p.parse_args(argv)
 
 
@@ -301,7 +302,11 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
     args = parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
-    check_writable(args.out)
+    outs = [o.strip() for o in args.out.split(",") if o.strip()]
+    if not outs:
+        raise ValueError("--out is empty")
+    for o in outs:
+        check_writable(o)
     check_sample_inputs(args)
     if args.interactive and args.actions:
         raise ValueError("--interactive reads actions from stdin: drop --actions")
@@ -318,7 +323,7 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
         latent_hw = (args.height // 2, args.width // 2)
     else:
         latent_hw = tuple(int(v) for v in args.latent_hw.split(","))
-        if not args.vae and not args.out.lower().endswith(".npz"):
+        if not args.vae and not all(o.lower().endswith(".npz") for o in outs):
             raise ValueError(f"model with {cfg.in_channels} latent channels: give --vae to decode them to "
                              "pixels, or write raw latents with --out X.npz")
     if args.vae and toy:
@@ -361,8 +366,9 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
 
     sampler = StreamingSampler(apply, params, cfg, pattern, latent_hw, batch, steps, args.context,
                                args.max_cache_frames)
-    paths = _out_paths(args.out, batch)
-    writers = [VideoWriter(p, args.fps) for p in paths]
+    per_out = [_out_paths(o, batch) for o in outs]            # [output][video]
+    paths = [p for ps in per_out for p in ps]
+    writers = [[VideoWriter(ps[i], args.fps) for ps in per_out] for i in range(batch)]  # [video][output]
     raw = [] if not toy and decoder is None else None
     dec_state = None if decoder is None else decoder.init(batch, *latent_hw)
     video_frames = 0
@@ -381,10 +387,11 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             frames_done += lat.shape[1]
             if toy:
                 vid = latents_to_frames(lat)                     # [B, f, H, W, 3]
-                for w, v in zip(writers, vid):
-                    w.append(v)
-                    if feeder is not None:
-                        w.flush()
+                for ws, v in zip(writers, vid):
+                    for w in ws:
+                        w.append(v)
+                        if feeder is not None:
+                            w.flush()
                 if feeder is not None:
                     stdout.write(f"\nchunk {chunk.index}: frames {chunk.start}..{chunk.start + lat.shape[1] - 1}, "
                                  f"actions {[ACTION_NAMES[a] for a in chunk.actions[0]]}\n")
@@ -394,10 +401,11 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             elif decoder is not None:
                 pix, dec_state = decoder.step(dec_state, lat.astype(np.float32))  # [-1, 1]: 1 + 4(f-1), then 4f frames
                 vid = (np.asarray(pix) + 1.0) * 0.5
-                for w, v in zip(writers, vid):
-                    w.append(v)
-                    if feeder is not None:
-                        w.flush()
+                for ws, v in zip(writers, vid):
+                    for w in ws:
+                        w.append(v)
+                        if feeder is not None:
+                            w.flush()
                 video_frames += vid.shape[1]
                 if feeder is not None:
                     stdout.write(f"\nchunk {chunk.index}: {vid.shape[1]} video frames\n")
@@ -408,12 +416,14 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
     finally:
         bar.close()
         if raw is not None:
-            for i, p in enumerate(paths):
-                lat = np.concatenate([r[i] for r in raw]) if raw else np.zeros((0,), np.float32)
-                np.savez(p, latents=lat)
+            for ps in per_out:
+                for i, p in enumerate(ps):
+                    lat = np.concatenate([r[i] for r in raw]) if raw else np.zeros((0,), np.float32)
+                    np.savez(p, latents=lat)
             writers = []
-        for w in writers:
-            w.close()
+        for ws in writers:
+            for w in ws:
+                w.close()
     total = time.perf_counter() - t0
     summary = dict(outputs=paths, frames=frames_done, video_frames=video_frames, chunks=n_chunks,
                    first_chunk_s=first, total_s=total, actions=None if feeder is None else feeder.log)

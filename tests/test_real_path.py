@@ -78,16 +78,23 @@ def test_real_path_to_mp4(tmp_path, capsys):
         assert f"{mode}: {iters} iterations, {iters} student steps, 0 skipped" in capsys.readouterr().out
     # 6. stream the student through the VAE into an MP4: 3 latent frames -> 1 + 4 * 2 = 9 frames
     out = os.path.join(root, "videos", "fox.mp4")
+    gif = out[:-4] + ".gif"
     summary = stage("sample", lambda: sample.main(
         ["--ckpt", os.path.join(p["sf_dmd"], "export"), "--vae", p["vae"], "--embeddings", p["embeddings"],
          "--rows", "0", "--frames", "3", "--block_frames", "1", "--steps", "2", "--latent_hw", "4,4",
-         "--out", out]))
-    assert summary["outputs"] == [out] and summary["video_frames"] == 9
+         "--out", f"{out},{gif}"]))
+    assert summary["outputs"] == [out, gif] and summary["video_frames"] == 9
     reader = iio.get_reader(out)
     frames = [f for f in reader]
     reader.close()
     assert len(frames) == 9
     assert frames[0].shape == (32, 32, 3)
+    gif_frames = iio.mimread(gif)
+    assert len(gif_frames) == 9 and gif_frames[0].shape[:2] == (32, 32)
+    # the MP4 (lossy) shows the GIF's (exact) frames
+    diff = np.abs(np.asarray(frames, np.float32) - np.asarray(gif_frames, np.float32)[..., :3]).mean()
+    print("mp4 vs gif mean abs diff", diff)
+    assert diff < 12
     print("stage seconds:", {k: round(v, 1) for k, v in times.items()})
 
 
