@@ -118,7 +118,11 @@ def cli(argv) -> None:
 def main(argv):
     del argv
     maybe_init_distributed()
-    run(_CONFIG.value, _WORKDIR.value)
+    from crm_jax.inputs import MissingInputError
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except MissingInputError as e:       # a clear message, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -502,8 +502,12 @@ def cli(argv) -> dict:
 def main(argv):
     from absl import flags
     del argv
+    from crm_jax.inputs import MissingInputError
     FLAGS = flags.FLAGS
-    run(FLAGS.config, FLAGS.out, FLAGS.max_shards)
+    try:
+        run(FLAGS.config, FLAGS.out, FLAGS.max_shards)
+    except MissingInputError as e:       # a clear message, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
