@@ -1,5 +1,7 @@
 """Shared defaults of the training configs (`get_config()` files import this)."""
 
+import os
+
 import ml_collections
 
 
@@ -48,20 +50,72 @@ def toy_model(**kw):
     return over
 
 
-def wan_config(mode: str, student: str = "wan_1_3b") -> ml_collections.ConfigDict:
+# Where the real (Wan2.1) path reads and writes, relative to the working directory (README,
+# "From Wan2.1 weights to a streaming MP4"). Every entry point checks its inputs up front.
+WAN_PIPELINE = "checkpoints/Wan2.1-T2V-1.3B-Diffusers"   # the downloaded diffusers pipeline
+WAN_PATHS = dict(
+    transformer=f"{WAN_PIPELINE}/transformer",        # DiT weights as published (convert_wan --src)
+    vae=f"{WAN_PIPELINE}/vae",                        # read as is by load_wan_vae (sample --vae)
+    text_encoder=f"{WAN_PIPELINE}/text_encoder",      # read as is by load_umt5 (encode_prompts --encoder)
+    tokenizer=f"{WAN_PIPELINE}/tokenizer",            # tokenizer.json (encode_prompts --tokenizer)
+    dit="checkpoints/wan_1_3b",                       # converted DiT (convert_wan --dst): data teacher, DMD teacher
+    causal_teacher="checkpoints/wan_1_3b_causal_teacher",  # causal teacher (wan_teacher_tf's export)
+    prompts="data/prompts.txt",                       # one prompt per line
+    embeddings="data/wan_prompts/embeddings.npz",     # encode_prompts --out data/wan_prompts
+    dataset="data/wan_synthetic",                     # generate --out
+    tf_scm="runs/wan_tf_scm",                         # workdirs; students are exported to WORKDIR/export
+    sf_dmd="runs/wan_sf_dmd",
+)
+
+
+def wan_paths(root: str = "") -> dict:
+    """`WAN_PATHS`, below `root` when given (test-size runs keep the same layout in a temp dir)."""
+    return {k: os.path.join(root, v) if root else v for k, v in WAN_PATHS.items()}
+
+
+def wan_config(mode: str, student: str = "wan_1_3b", paths: dict | None = None) -> ml_collections.ConfigDict:
     """Wan2.1 defaults (DESIGN.md §6): 480p x 21 latent frames, chunk 3, bf16 compute with fp32
     master weights, remat of whole blocks, data from a generated dataset, teachers from converted
-    checkpoints (`python -m crm_jax.tools.convert_wan --src DIFFUSERS_DIR --dst DIR`)."""
+    checkpoints (`python -m crm_jax.tools.convert_wan --src DIFFUSERS_DIR --dst DIR`).
+
+    Inputs (local paths, checked before anything runs): data.path (dataset), init.teacher (causal
+    teacher), init.dmd_teacher (DMD's teacher and critic init), init.student (set per mode)."""
+    p = paths or wan_paths()
     c = base_config(mode, student, dtype="bfloat16", remat="block")
     c.train.update(block_frames=3, lr=2e-6, critic_lr=4e-7, guidance=5.0, tangent_warmup=1000,
                    sf_sigma_max=80.0, dmd_teacher_pattern="full")
-    c.data = ml_collections.ConfigDict(dict(kind="dataset", path="data/wan_synthetic", batch_size=8, seed=0))
+    c.data = ml_collections.ConfigDict(dict(kind="dataset", path=p["dataset"], batch_size=8, seed=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, context=1))
     c.num_iterations = 10000
     c.log_every = 10
     c.checkpoint.every = 250
     c.sample_every = 0
-    c.init.update(teacher="checkpoints/wan_1_3b_causal_teacher", dmd_teacher="checkpoints/wan_1_3b")
+    c.init.update(teacher=p["causal_teacher"], dmd_teacher=p["dit"])
+    return c
+
+
+def wan_generate_config(model: str = "wan_1_3b", paths: dict | None = None) -> ml_collections.ConfigDict:
+    """Synthetic Wan data (`python -m crm_jax.data.generate`): the converted bidirectional Wan2.1
+    DiT (`teacher`) samples 480p x 81 frames (21 x 60 x 104 latents) per umT5 prompt embedding
+    (`cond.embeddings`, from `python -m crm_jax.tools.encode_prompts`), 50 Euler steps, shift 5,
+    CFG 5 against the file's negative prompt."""
+    p = paths or wan_paths()
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(name=model, overrides=ml_collections.ConfigDict(dict(dtype="bfloat16"))))
+    c.teacher = p["dit"]
+    c.allow_random_teacher = False
+    c.seed = 0
+    c.num_samples = 1024
+    c.samples_per_shard = 64
+    c.batch_size = 8
+    c.latent_shape = (21, 60, 104, 16)
+    c.latent_dtype = "bfloat16"
+    c.cond = ml_collections.ConfigDict(dict(kind="embeddings", seed=0, height=0, width=0, prompt_file="",
+                                            embeddings=p["embeddings"]))
+    c.pattern = ml_collections.ConfigDict(dict(kind="full", block_frames=1, first_block_frames=None))
+    c.pattern.first_block_frames = ml_collections.FieldReference(None, field_type=int)
+    c.sampler = ml_collections.ConfigDict(dict(num_steps=50, shift=5.0, t_max=1.0, guidance=5.0))
+    c.ode = ml_collections.ConfigDict(dict(save=False, num_steps=4, sigma_max=1600.0))
     return c
 
 

@@ -2,11 +2,11 @@
 and generated dataset, e.g. --config.init.teacher=DIR --config.data.path=DIR). For a 14B teacher
 use --config.init.teacher=<converted wan_14b causal teacher> (and a matching model for the critic)."""
 
-from configs.base import wan_config
+from configs.base import WAN_PATHS, wan_config
 
 
 def get_config():
     c = wan_config("ode_init")
     c.data.path = "data/wan_synthetic_ode"  # generated with --config.ode.save=True
-    c.init.update(student="checkpoints/wan_1_3b_causal_teacher", teacher="", dmd_teacher="")
+    c.init.update(student=WAN_PATHS["causal_teacher"], teacher="", dmd_teacher="")
     return c

@@ -2,10 +2,10 @@
 and generated dataset, e.g. --config.init.teacher=DIR --config.data.path=DIR). For a 14B teacher
 use --config.init.teacher=<converted wan_14b causal teacher> (and a matching model for the critic)."""
 
-from configs.base import wan_config
+from configs.base import WAN_PATHS, wan_config
 
 
 def get_config():
     c = wan_config("tf_scm")
-    c.init.student = "checkpoints/wan_1_3b_causal_teacher"
+    c.init.student = WAN_PATHS["causal_teacher"]
     return c

@@ -69,12 +69,13 @@ def maybe_init_distributed() -> None:
               f"{jax.local_device_count()} local / {jax.device_count()} global devices")
 
 
-def main(argv):
-    del argv
-    maybe_init_distributed()
-    cfg, workdir = _CONFIG.value, _WORKDIR.value
+def run(cfg, workdir: str) -> None:
+    """Run the config's mode in `workdir` (what the command line does after parsing)."""
     if cfg.mode not in MODES:
         raise app.UsageError(f"unknown mode {cfg.mode!r}; known: {MODES}")
+    if cfg.mode in TRAIN_MODES:
+        from crm_jax.inputs import check_inputs, training_inputs
+        check_inputs(training_inputs(cfg), f"{cfg.mode} config")   # before the workdir is made
     os.makedirs(workdir, exist_ok=True)
     if cfg.mode == "demo":
         from crm_jax.demo import run_demo
@@ -93,6 +94,35 @@ def main(argv):
     for k, v in result.items():
         print(f"  {k:32s} {v}")
     print(f"wrote {os.path.join(workdir, 'result.json')}")
+
+
+def parse_argv(argv):
+    """(config, workdir) from a command line `[prog, --config=FILE[:ARG], --workdir=DIR,
+    --config.key=value, ...]`, parsed with private flags (so it can run in-process, repeatedly)."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
+    fv(list(argv))
+    if fv["config"].value is None or not fv["workdir"].value:
+        raise app.UsageError("--config and --workdir are required")
+    return fv["config"].value, fv["workdir"].value
+
+
+def cli(argv) -> None:
+    """In-process entry: `cli(["crm_jax.main", "--config=...", "--workdir=...", ...])`."""
+    maybe_init_distributed()
+    run(*parse_argv(argv))
+
+
+def main(argv):
+    del argv
+    maybe_init_distributed()
+    from crm_jax.inputs import MissingInputError
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except MissingInputError as e:       # a clear message, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

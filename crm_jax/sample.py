@@ -3,6 +3,8 @@
     python -m crm_jax.sample --random_init --model tiny --frames 16 --steps 2 \\
         --block_frames 1 --out video.gif [--actions FILE] [--prompts FILE] [--interactive]
     python -m crm_jax.sample --ckpt DIR ...      # crm_jax NNX, diffusers or original Wan dir
+    python -m crm_jax.sample --ckpt runs/wan_sf_dmd/export --vae VAE_DIR \\
+        --embeddings data/wan_prompts/embeddings.npz --frames 21 --block_frames 3 --out video.mp4
 
 Toy world (`--model tiny` with --random_init, or any checkpoint with 12 input channels):
 latents are pixels folded 2x2 into channels (`crm_jax.data.toy_latents`), frames are
@@ -19,8 +21,16 @@ latents are pixels folded 2x2 into channels (`crm_jax.data.toy_latents`), frames
                  training data) or a path to a .npy text embedding [text_len, text_dim]
                  (e.g. precomputed umT5 for Wan), optionally followed by "| up up left ..."
                  (one action per frame, on every line or none).
-Outputs: .gif (imageio or Pillow), .mp4 (imageio + imageio-ffmpeg), .npz (raw uint8
+--embeddings F   an .npz of `python -m crm_jax.tools.encode_prompts` (context [n, L, D]): one
+                 video per row (--rows picks some, e.g. "0,2").
+--vae PATH       Wan VAE (a diffusers AutoencoderKLWan directory or the original Wan2.1_VAE.pth):
+                 every chunk of (normalized) latents is decoded to pixels as it is generated
+                 (`StreamingDecoder`, causal feature cache), so frames reach --out chunk by chunk.
+                 T latent frames decode to 1 + 4(T-1) video frames of 8x the latent size.
+Outputs (--out, several comma separated): .gif (imageio or Pillow), .mp4 (imageio + imageio-ffmpeg), .npz (raw uint8
 frames, always available; for non-toy models without a VAE: raw latents).
+Missing input files (--ckpt, --vae, --embeddings, --prompts, --actions) stop the run before
+anything is computed or written.
 """
 
 from __future__ import annotations
@@ -123,7 +133,48 @@ def read_prompts_file(path: str, text_len: int, text_dim: int, toy: bool, num_ac
     return np.stack(ctx), np.asarray(acts, np.int32)
 
 
+def read_embeddings_file(path: str, text_len: int, text_dim: int, rows: str | None = None):
+    """(contexts `[B, text_len, text_dim]`, actions `[B, T]` or None) from an `encode_prompts`
+    embeddings .npz (`context [n, L, D]`, optional `actions [n, T]`); `rows` "0,2" picks rows."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        ctx = np.asarray(z["context"] if "context" in z.files else z["prompt_embeds"], np.float32)
+        acts = np.asarray(z["actions"], np.int32) if "actions" in z.files else None
+    except KeyError:
+        raise ValueError(f"{path!r}: needs an array 'context' [n, L, D]") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read prompt embeddings {path!r}: {e}") from e
+    if ctx.ndim != 3 or ctx.shape[1:] != (text_len, text_dim):
+        raise ValueError(f"{path!r}: context is {list(ctx.shape)}, the model wants [n, {text_len}, {text_dim}]")
+    if rows:
+        idx = [int(r) for r in rows.replace(",", " ").split()]
+        if min(idx) < 0 or max(idx) >= len(ctx):
+            raise ValueError(f"--rows {rows!r}: {path!r} has rows 0..{len(ctx) - 1}")
+        ctx = ctx[idx]
+        acts = None if acts is None else acts[idx]
+    return ctx, acts
+
+
 # ----------------------------------------------------------------------------- model
+
+def check_sample_inputs(args) -> None:
+    """Every input path of the command line exists (MissingInputError otherwise), before any work."""
+    from crm_jax.inputs import CKPT, FILE, VAE, Input, check_inputs
+    ins = [Input("--ckpt", args.ckpt, CKPT, required=False), Input("--vae", args.vae, VAE, required=False)]
+    for flag in ("embeddings", "prompts", "actions"):
+        ins.append(Input(f"--{flag}", getattr(args, flag), FILE, required=False))
+    check_inputs(ins, "python -m crm_jax.sample")
+
+
+def load_decoder(path: str, cfg):
+    """A `StreamingDecoder` of the Wan VAE at `path`, taking the DiT's normalized latents."""
+    from crm_jax.models.vae import StreamingDecoder
+    from crm_jax.models.vae_convert import load_wan_vae
+    vae = load_wan_vae(path)
+    if vae.cfg.z_dim != cfg.in_channels:
+        raise ValueError(f"--vae {path!r} has z_dim={vae.cfg.z_dim}, the model makes {cfg.in_channels}-channel latents")
+    return StreamingDecoder(vae, normalized=True)
+
 
 def build_model(args):
     """(apply, params, cfg) from --ckpt or --random_init."""
@@ -217,9 +268,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--prompts", help="prompt file: one prompt per line")
+    p.add_argument("--embeddings", help="prompt embeddings .npz (encode_prompts): one video per row")
+    p.add_argument("--rows", default=None, help="with --embeddings: rows to use, e.g. '0,2' (default all)")
+    p.add_argument("--vae", help="Wan VAE (diffusers directory or Wan2.1_VAE.pth): decode chunks to pixels")
     p.add_argument("--actions", help="action file (names or ids, one per frame)")
     p.add_argument("--interactive", action="store_true", help="read one action line per chunk from stdin")
-    p.add_argument("--out", required=True, help="output .gif, .mp4 or .npz")
+    p.add_argument("--out", required=True, help="output .gif, .mp4 or .npz; several comma separated "
+                   "(e.g. v.mp4,v.gif); with several prompts X_0.mp4, X_1.mp4, ...")
     return p.parse_args(argv)
 
 
@@ -247,7 +302,12 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
     args = parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
-    check_writable(args.out)
+    outs = [o.strip() for o in args.out.split(",") if o.strip()]
+    if not outs:
+        raise ValueError("--out is empty")
+    for o in outs:
+        check_writable(o)
+    check_sample_inputs(args)
     if args.interactive and args.actions:
         raise ValueError("--interactive reads actions from stdin: drop --actions")
     steps = tuple(int(s) for s in args.steps.replace(",", " ").split())
@@ -263,12 +323,23 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
         latent_hw = (args.height // 2, args.width // 2)
     else:
         latent_hw = tuple(int(v) for v in args.latent_hw.split(","))
-        if not args.out.lower().endswith(".npz"):
-            raise ValueError(f"model with {cfg.in_channels} latent channels: no VAE is configured here to decode "
-                             "them; write raw latents with --out X.npz")
+        if not args.vae and not all(o.lower().endswith(".npz") for o in outs):
+            raise ValueError(f"model with {cfg.in_channels} latent channels: give --vae to decode them to "
+                             "pixels, or write raw latents with --out X.npz")
+    if args.vae and toy:
+        raise ValueError("--vae: the toy model's latents are folded pixels, they need no VAE")
+    decoder = load_decoder(args.vae, cfg) if args.vae else None
 
     actions, feeder = None, None
-    if args.prompts:
+    if args.embeddings:
+        if args.prompts:
+            raise ValueError("give --prompts or --embeddings, not both")
+        context, actions = read_embeddings_file(args.embeddings, cfg.text_len, cfg.text_dim, args.rows)
+        if actions is not None and (not cfg.num_actions or args.actions or args.interactive):
+            actions = None                  # the model takes none, or they come from elsewhere
+        if actions is not None and actions.shape[1] < args.frames:
+            raise ValueError(f"{args.embeddings}: {actions.shape[1]} actions per prompt for {args.frames} frames")
+    elif args.prompts:
         context, actions = read_prompts_file(args.prompts, cfg.text_len, cfg.text_dim, toy, cfg.num_actions)
         if actions is not None and (args.actions or args.interactive):
             raise ValueError(f"{args.prompts} holds actions: drop --actions / --interactive")
@@ -295,9 +366,12 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
 
     sampler = StreamingSampler(apply, params, cfg, pattern, latent_hw, batch, steps, args.context,
                                args.max_cache_frames)
-    paths = _out_paths(args.out, batch)
-    writers = [VideoWriter(p, args.fps) for p in paths]
-    raw = [] if not toy else None
+    per_out = [_out_paths(o, batch) for o in outs]            # [output][video]
+    paths = [p for ps in per_out for p in ps]
+    writers = [[VideoWriter(ps[i], args.fps) for ps in per_out] for i in range(batch)]  # [video][output]
+    raw = [] if not toy and decoder is None else None
+    dec_state = None if decoder is None else decoder.init(batch, *latent_hw)
+    video_frames = 0
     n_chunks = sum(1 for _ in chunk_bounds(pattern, args.frames))
     bar = tqdm(total=args.frames, unit="frame", desc="sampling", file=sys.stderr, disable=args.interactive)
     t0, first, frames_done = time.perf_counter(), None, 0
@@ -313,14 +387,28 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             frames_done += lat.shape[1]
             if toy:
                 vid = latents_to_frames(lat)                     # [B, f, H, W, 3]
-                for w, v in zip(writers, vid):
-                    w.append(v)
-                    if feeder is not None:
-                        w.flush()
+                for ws, v in zip(writers, vid):
+                    for w in ws:
+                        w.append(v)
+                        if feeder is not None:
+                            w.flush()
                 if feeder is not None:
                     stdout.write(f"\nchunk {chunk.index}: frames {chunk.start}..{chunk.start + lat.shape[1] - 1}, "
                                  f"actions {[ACTION_NAMES[a] for a in chunk.actions[0]]}\n")
                     stdout.write(ascii_frame(vid[0, -1]) + "\n")
+                    stdout.flush()
+                video_frames += vid.shape[1]
+            elif decoder is not None:
+                pix, dec_state = decoder.step(dec_state, lat.astype(np.float32))  # [-1, 1]: 1 + 4(f-1), then 4f frames
+                vid = (np.asarray(pix) + 1.0) * 0.5
+                for ws, v in zip(writers, vid):
+                    for w in ws:
+                        w.append(v)
+                        if feeder is not None:
+                            w.flush()
+                video_frames += vid.shape[1]
+                if feeder is not None:
+                    stdout.write(f"\nchunk {chunk.index}: {vid.shape[1]} video frames\n")
                     stdout.flush()
             else:
                 raw.append(lat)
@@ -328,16 +416,18 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
     finally:
         bar.close()
         if raw is not None:
-            for i, p in enumerate(paths):
-                lat = np.concatenate([r[i] for r in raw]) if raw else np.zeros((0,), np.float32)
-                np.savez(p, latents=lat)
+            for ps in per_out:
+                for i, p in enumerate(ps):
+                    lat = np.concatenate([r[i] for r in raw]) if raw else np.zeros((0,), np.float32)
+                    np.savez(p, latents=lat)
             writers = []
-        for w in writers:
-            w.close()
+        for ws in writers:
+            for w in ws:
+                w.close()
     total = time.perf_counter() - t0
-    summary = dict(outputs=paths, frames=frames_done, chunks=n_chunks, first_chunk_s=first, total_s=total,
-                   actions=None if feeder is None else feeder.log)
-    print(f"wrote {frames_done} frames to {', '.join(paths)} ({total:.1f}s, first chunk {first or 0:.2f}s)",
+    summary = dict(outputs=paths, frames=frames_done, video_frames=video_frames, chunks=n_chunks,
+                   first_chunk_s=first, total_s=total, actions=None if feeder is None else feeder.log)
+    print(f"wrote {video_frames or frames_done} frames to {', '.join(paths)} ({total:.1f}s, first chunk {first or 0:.2f}s)",
           file=sys.stderr)
     return summary
 

@@ -138,8 +138,8 @@ def test_writer_errors_name_what_to_install(monkeypatch, tmp_path):
     ("prompts", "scene=0 color=red | up up\n", r"2 actions per prompt for 4 frames"),
     ("prompts", "a cat on grass\n", r"prompts.txt:1: toy prompt must be .scene=<id> color=<id|name>."),
     ("prompts", "emb.npy\n", r"prompts.txt:1: embedding file .*emb.npy' does not exist"),
-    ("prompts", None, r"prompts file .*nope.txt' does not exist"),
-    ("actions", None, r"actions file .*nope.txt' does not exist"),
+    ("prompts", None, r"--prompts = .*nope.txt': no such file"),
+    ("actions", None, r"--actions = .*nope.txt': no such file"),
 ])
 def test_bad_files_name_file_and_line(tmp_path, kind, content, msg):
     f = tmp_path / f"{kind}.txt"

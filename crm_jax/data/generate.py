@@ -443,6 +443,9 @@ def generate(c, out: str, *, process_index: Optional[int] = None, process_count:
     """
     from tqdm import tqdm
 
+    from crm_jax.inputs import check_inputs, generation_inputs
+
+    check_inputs(generation_inputs(c), "generation config")   # before any compute or writing
     gen = Generator(c, devices)
     writer = ds.ShardWriter(out, gen.meta, process_index, process_count)
     if gen.neg is not None and not os.path.exists(os.path.join(out, ds.NEGATIVE)):
@@ -466,22 +469,50 @@ def _counted(it, bar):
         bar.update(1)
 
 
+def _define_flags(fv):
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "generation config file (e.g. configs/wan_generate.py)",
+                                    flag_values=fv, lock_config=True)
+    flags.DEFINE_string("out", None, "output dataset directory (resumed if it exists)", flag_values=fv)
+    flags.DEFINE_integer("max_shards", None, "write at most this many shards in this run", flag_values=fv)
+
+
+def run(c, out: str, max_shards: Optional[int] = None) -> dict:
+    res = generate(c, out, max_shards=max_shards)
+    status = "complete" if res["complete"] else f"{res['pending']} shard(s) of this host left"
+    print(f"wrote {res['written']} shard(s) to {out}: {status}")
+    return res
+
+
+def cli(argv) -> dict:
+    """In-process entry: `cli(["generate", "--config=...", "--out=DIR", "--config.key=value", ...])`
+    (private flags, so it can run repeatedly in one process)."""
+    from absl import flags
+
+    fv = flags.FlagValues()
+    _define_flags(fv)
+    fv(list(argv))
+    if fv["config"].value is None or not fv["out"].value:
+        raise ValueError("--config and --out are required")
+    return run(fv["config"].value, fv["out"].value, fv["max_shards"].value)
+
+
 def main(argv):
     from absl import flags
     del argv
+    from crm_jax.inputs import MissingInputError
     FLAGS = flags.FLAGS
-    res = generate(FLAGS.config, FLAGS.out, max_shards=FLAGS.max_shards)
-    status = "complete" if res["complete"] else f"{res['pending']} shard(s) of this host left"
-    print(f"wrote {res['written']} shard(s) to {FLAGS.out}: {status}")
+    try:
+        run(FLAGS.config, FLAGS.out, FLAGS.max_shards)
+    except MissingInputError as e:       # a clear message, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "generation config file (e.g. configs/toy_generate.py)",
-                                    lock_config=True)
-    flags.DEFINE_string("out", None, "output dataset directory (resumed if it exists)")
-    flags.DEFINE_integer("max_shards", None, "write at most this many shards in this run")
+    _define_flags(flags.FLAGS)
     flags.mark_flags_as_required(["config", "out"])
     app.run(main)

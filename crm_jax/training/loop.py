@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from crm_jax.data import toy_world as tw
 from crm_jax.data.toy_source import ToySource
+from crm_jax.inputs import check_inputs, training_inputs
 from crm_jax.models import convert
 from crm_jax.models.config import WanConfig, model_config_from
 from crm_jax.models.wan import apply_for, functional, init_model
@@ -144,6 +145,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     tcfg = train_config(c)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
     shd.check_batch(c.data.batch_size, mesh)       # config errors before the workdir is touched
+    check_inputs(training_inputs(c), f"{c.mode} config")  # missing checkpoints / dataset: same
     meta = run_meta(c, mcfg)
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
