@@ -36,6 +36,9 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
                                             batch_size=8, seed=0, path=""))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+    # Keep the EMA and/or the frozen teacher(s) in pinned host memory between steps: "", "ema",
+    # "teacher" or "ema,teacher" (costs a host<->device copy of them per step).
+    c.memory = ml_collections.ConfigDict(dict(offload=""))
     c.init = ml_collections.ConfigDict(dict(student="", teacher="", dmd_teacher="",
                                             allow_random_teacher=False))
     return c

@@ -98,3 +98,18 @@ def test_distillation_modes_run_without_nan(mode, tmp_path):
     out = loop.train(c, str(tmp_path), progress=False)
     assert out["nan_skips"] == 0 and all(np.isfinite(list(out["losses"].values())))
     assert out["step"] >= 3
+
+
+def test_host_offload_runs_and_resumes_exactly(tmp_path):
+    """memory.offload keeps the EMA and teacher in host memory: same losses, exact resume."""
+    c = tiny_config("tf_scm", **{"init.allow_random_teacher": True, "num_iterations": 4})
+    ref = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    c.memory.offload = "ema,teacher"
+    first = loop.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)["losses"]
+    rest = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    assert sorted({**first, **rest}) == [0, 1, 2, 3]
+    for it, v in {**first, **rest}.items():
+        assert v == pytest.approx(ref[it], rel=1e-6), (it, v, ref[it])
+    c.memory.offload = "params"
+    with pytest.raises(ValueError, match="memory.offload"):
+        loop.train(c, str(tmp_path / "c"), progress=False)

@@ -212,3 +212,28 @@ def test_teacher_model_config():
     c.teacher_model.overrides = dict(num_layers=4)   # num_actions differs from the student's
     with pytest.raises(ValueError, match="num_actions: teacher 0 vs student 5"):
         teacher_model_config(c, student)
+
+
+@pytest.mark.parametrize("mode,which", [("tf_scm", "student"), ("sf_dmd", "student"), ("sf_dmd", "critic")])
+def test_host_offloaded_ema_and_teacher(mode, which):
+    """EMA and frozen teachers kept in pinned host memory give the same step, and stay on the host."""
+    trainer, state, frozen, batch = setup(mode)
+    mesh = shd.make_mesh(4, 2)
+    ref_state, ref_m = run_step(trainer, state, frozen, batch, mesh, which=which)
+    fn = trainer.student_step if which == "student" else trainer.critic_step
+    kw = dict(sf_steps=2) if which == "critic" else dict(sf_steps=2, use_dmd=True)
+    st_sh = shd.state_shardings(state, mesh, offload=("ema",))
+    fr_sh = shd.state_shardings(frozen, mesh, offload=("teacher", "dmd_teacher"))
+    b_sh = shd.batch_shardings(batch, mesh, B)
+    key = jax.random.key(7)
+    step = shd.jit_step(functools.partial(fn, **kw), mesh, (st_sh, fr_sh, b_sh, shd.replicated(key, mesh)),
+                        (st_sh, None))
+    fr = jax.device_put(frozen, fr_sh)
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(fr.teacher)} == {"pinned_host"}
+    new_state, m = step(jax.device_put(state, st_sh), fr, jax.device_put(batch, b_sh), key)
+    assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6)
+    assert rel_tree(jax.device_get(new_state), jax.device_get(ref_state)) <= 1e-6
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(new_state.ema)} == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(new_state.params)} == {"device"}
+    with pytest.raises(ValueError, match="cannot offload"):
+        shd.state_shardings(state, mesh, offload=("params",))

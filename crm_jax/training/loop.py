@@ -43,6 +43,15 @@ def model_config(c) -> WanConfig:
 INTERFACE_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "text_len", "num_actions")
 
 
+def offload_fields(c) -> tuple[str, ...]:
+    """`c.memory.offload` ("ema", "teacher" or "ema,teacher") -> fields kept in host memory."""
+    names = [n.strip() for n in str(c.get("memory", {}).get("offload", "") or "").split(",") if n.strip()]
+    bad = set(names) - {"ema", "teacher"}
+    if bad:
+        raise ValueError(f"memory.offload takes 'ema' and/or 'teacher', got {sorted(bad)}")
+    return tuple(f for n in names for f in (("teacher", "dmd_teacher") if n == "teacher" else (n,)))
+
+
 def teacher_model_config(c, student: WanConfig) -> WanConfig:
     """The teacher's (and the DMD critic's) architecture.
 
@@ -177,14 +186,16 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     critic = frozen.dmd_teacher if tcfg.has_critic else None
     state = trainer.init_state(params, critic)
 
-    st_sh = shd.state_shardings(state, mesh)
-    fr_sh = shd.state_shardings(frozen, mesh) if frozen is not None else None
+    offload = offload_fields(c)
+    st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
+    fr_sh = shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema")) \
+        if frozen is not None else None
+    if start_step is not None:   # restored into device memory, then placed like a fresh state
+        state, old_meta = ckpts.restore(start_step, abstract_like(state, shd.state_shardings(state, mesh)))
+        print(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
     state = jax.device_put(state, st_sh)
     if frozen is not None:
         frozen = jax.device_put(frozen, fr_sh)
-    if start_step is not None:
-        state, old_meta = ckpts.restore(start_step, abstract_like(state, st_sh))
-        print(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
 
     example = _model_batch(src.batch(0))
     b_sh = shd.batch_shardings(example, mesh, c.data.batch_size)

@@ -103,17 +103,29 @@ def replicated(tree, mesh: Mesh):
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def state_shardings(state, mesh: Mesh):
-    """Shardings of a TrainState: parameter-shaped trees FSDP, scalars replicated.
+OFFLOADABLE = ("ema", "teacher", "dmd_teacher")
+
+
+def state_shardings(state, mesh: Mesh, offload: tuple[str, ...] = ()):
+    """Shardings of a TrainState (or `Frozen`): parameter-shaped trees FSDP, scalars replicated.
 
     Optimizer moments mirror the parameters' shapes, so the same per-shape rule
-    shards them like the parameters they belong to.
+    shards them like the parameters they belong to. Fields named in `offload`
+    (of `OFFLOADABLE`: the EMA, the frozen teachers) are kept in pinned host memory
+    between steps (same partitioning); the step brings them to the device where it
+    uses them (`steps.on_device`), trading a host<->device copy per step for their
+    device memory.
     """
+    bad = set(offload) - set(OFFLOADABLE)
+    if bad:
+        raise ValueError(f"cannot offload {sorted(bad)}; offloadable fields: {OFFLOADABLE}")
     fsdp = mesh.shape["fsdp"]
 
     def one(path, x):
         if getattr(x, "ndim", 0) == 0:
             return NamedSharding(mesh, P())
-        return NamedSharding(mesh, _param_spec(path, x.shape, fsdp))
+        field = getattr(path[0], "name", None) if path else None
+        kind = "pinned_host" if field in offload else None
+        return NamedSharding(mesh, _param_spec(path, x.shape, fsdp), memory_kind=kind)
 
     return jax.tree_util.tree_map_with_path(one, state)

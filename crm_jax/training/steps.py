@@ -117,6 +117,20 @@ class Frozen:
     neg_context: jax.Array
 
 
+def on_device(tree):
+    """Bring host-offloaded leaves (memory kind "pinned_host") into device memory inside a
+    jitted step; a no-op for leaves already on the device. Where they end up after the step
+    is set by the step's output shardings (`sharding.state_shardings(..., offload=...)`)."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
+
+
+def _on_device_inputs(state: TrainState, frozen: Frozen | None):
+    state = state.replace(ema=on_device(state.ema))
+    if frozen is not None:
+        frozen = frozen.replace(teacher=on_device(frozen.teacher), dmd_teacher=on_device(frozen.dmd_teacher))
+    return state, frozen
+
+
 def _finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -257,6 +271,7 @@ class Trainer:
         """One student update. `sf_steps` (static) = self-forcing denoising steps per block;
         `use_dmd=False` runs the CM loss alone (rCM's tangent warm-up phase)."""
         c = self.cfg
+        state, frozen = _on_device_inputs(state, frozen)
         k_cm, k_sf, k_dmd = jax.random.split(key, 3)
         metrics = {}
         if c.mode != "sf_dmd":
@@ -309,6 +324,7 @@ class Trainer:
         c = self.cfg
         if not c.has_critic:
             raise ValueError(f"mode {c.mode!r} has no critic")
+        state, frozen = _on_device_inputs(state, frozen)
         k_sf, k_l = jax.random.split(key)
         (G, _), _ = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
         G = jax.lax.stop_gradient(G)
