@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 dense peak; 0 = measure a matmul")
     ap.add_argument("--teacher", default=None, help="teacher/critic architecture (default: the student's)")
+    ap.add_argument("--offload", default="", help="comma list of ema,teacher kept in pinned host memory")
     ap.add_argument("--mesh", default="1,1,1", help="data,fsdp,context sizes")
     ap.add_argument("--per_device_batch", type=int, default=1)
     ap.add_argument("--profile", default=None, help="trace one extra step per mode into DIR/<mode>")
@@ -109,7 +110,8 @@ def main():
         teacher_cfg = get_model_config(args.teacher, dtype="bfloat16", param_dtype="bfloat16", remat=args.remat,
                                        attn_impl=args.impl)
         teacher_apply, teacher = functional(init_model(teacher_cfg, 1))
-        critic_init = jax.tree.map(lambda p: p.astype(jnp.float32), teacher)
+        critic_init = (jax.tree.map(lambda p: p.astype(jnp.float32), teacher)
+                       if "sf_dmd" in args.modes or "rcm" in args.modes else None)
     else:
         teacher = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
         critic_init = params
@@ -119,7 +121,9 @@ def main():
                                                    cfg.in_channels)),
                  context=jax.random.normal(ks[1], (batch_size, cfg.text_len, cfg.text_dim), jnp.bfloat16))
     frozen = Frozen(teacher, teacher, jnp.zeros((cfg.text_len, cfg.text_dim), jnp.bfloat16))
-    fr_sh, b_sh = shd.state_shardings(frozen, mesh), shd.batch_shardings(batch, mesh, batch_size)
+    offload = [o for o in args.offload.split(",") if o]
+    fr_sh = shd.state_shardings(frozen, mesh, offload=("teacher", "dmd_teacher") if "teacher" in offload else ())
+    b_sh = shd.batch_shardings(batch, mesh, batch_size)
     frozen, batch = jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh)
     key_sh = shd.replicated(jax.random.key(0), mesh)
     rows = []
@@ -128,7 +132,7 @@ def main():
         trainer = Trainer(tcfg, apply, cfg, teacher_apply=teacher_apply)
         fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: never hand it `params`
         state = trainer.init_state(fresh, critic=critic_init if tcfg.has_critic else None)
-        st_sh = shd.state_shardings(state, mesh)
+        st_sh = shd.state_shardings(state, mesh, offload=("ema",) if "ema" in offload else ())
         state = jax.device_put(state, st_sh)
         fn = functools.partial(trainer.student_step, sf_steps=args.sf_steps, use_dmd=True)
         step = shd.jit_step(fn, mesh, (st_sh, fr_sh, b_sh, key_sh), (st_sh, None), donate_argnums=0)
@@ -146,7 +150,7 @@ def main():
         flops = batch_size * step_flops(mode, cfg, args.frames, tpf, args.block_frames, args.sf_steps,
                                         cfg.text_len, teacher_cfg)
         peak_mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
-        rows.append(dict(mode=mode, teacher=args.teacher or args.model, device=dev.device_kind, devices=ndev, mesh=args.mesh, batch=batch_size,
+        rows.append(dict(mode=mode, teacher=args.teacher or args.model, offload=args.offload, device=dev.device_kind, devices=ndev, mesh=args.mesh, batch=batch_size,
                          block_frames=args.block_frames, remat=args.remat, step_s=round(med, 3),
                          compile_s=round(compile_s, 1), loss=float(m["loss"]), model_tflop=round(flops / 1e12, 1),
                          mfu=round(flops / med / 1e12 / (peak * ndev), 3),
@@ -164,10 +168,12 @@ def main():
             except (ValueError, FileNotFoundError) as e:
                 print(f"profile summary failed: {e}", flush=True)
         del state
-    print("| mode | device | mesh d,f,c | batch | chunk | step s | model TFLOP | MFU | peak GiB/device |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | teacher | remat | offload | device | mesh d,f,c | batch | chunk | step s | model TFLOP | MFU "
+          "| peak GiB/device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['device']} x{r['devices']} | {r['mesh']} | {r['batch']} | {r['block_frames']} | "
+        print(f"| {r['mode']} | {r['teacher']} | {r['remat']} | {r['offload'] or '-'} | {r['device']} x{r['devices']} "
+              f"| {r['mesh']} | {r['batch']} | {r['block_frames']} | "
               f"{r['step_s']} | {r['model_tflop']} | {r['mfu']:.1%} | {r['peak_gib_per_device']} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
