@@ -7,8 +7,23 @@ import dataclasses
 import jax.numpy as jnp
 
 
+class DtypeConfig:
+    """Mixin of the model config dataclasses: `dtype` / `param_dtype` names as jnp dtypes, `replace`."""
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(DtypeConfig):
     """Sizes and numerics of a Wan2.1 T2V DiT.
 
     Attributes:
@@ -70,16 +85,6 @@ class WanConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **kw) -> "WanConfig":
-        return dataclasses.replace(self, **kw)
 
 
 WAN_1_3B = WanConfig()

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from crm_jax.models.param_assembly import assemble_params
 from crm_jax.models.config import WanConfig
 from crm_jax.models.wan import WanModel
 
@@ -170,7 +171,7 @@ def diffusers_to_params(sd: dict, cfg: WanConfig) -> dict:
     dtypes = {path: v.dtype for path, v in nnx.to_flat_state(abstract)}
     stacks: dict[tuple, dict[int, np.ndarray]] = {}
     flat: dict[tuple, np.ndarray] = {}
-    unexpected, bad_shape = [], []
+    unexpected = []
     for key, w in sd.items():
         hit = _our_path(key)
         if hit is None:
@@ -185,32 +186,8 @@ def diffusers_to_params(sd: dict, cfg: WanConfig) -> dict:
                 unexpected.append(key)
                 continue
             stacks.setdefault(path, {})[layer] = w
-    missing = []
-    for path, layers in stacks.items():
-        absent = [i for i in range(cfg.num_layers) if i not in layers]
-        if absent:
-            missing += [f"blocks.{i}.<{'.'.join(path[1:])}>" for i in absent]
-            continue
-        flat[path] = np.stack([layers[i] for i in range(cfg.num_layers)])
-    for path, shape in expected.items():
-        if path not in flat:
-            if not any(m.endswith(f"<{'.'.join(path[1:])}>") for m in missing):
-                missing.append("/".join(path))
-        elif tuple(flat[path].shape) != tuple(shape):
-            bad_shape.append(f"{'/'.join(path)}: checkpoint {tuple(flat[path].shape)} vs model {tuple(shape)}")
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            "Wan checkpoint does not match the model config:\n"
-            + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
-            + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
-            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
-    nested: dict = {}
-    for path, w in flat.items():
-        d = nested
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = w.astype(dtypes[path])
-    return nested
+    return assemble_params(flat, stacks, expected, dtypes, num_layers=cfg.num_layers, unexpected=unexpected,
+                           layer_prefix="blocks", what="Wan checkpoint does not match the model config")
 
 
 def params_to_diffusers(model: WanModel) -> dict:
@@ -238,6 +215,20 @@ def params_to_diffusers(model: WanModel) -> dict:
 
 
 # ----------------------------------------------------------------- files
+def indexed_shards(path: str, index_glob: str) -> list[str]:
+    """The shard files named by a sharded checkpoint's index (`index_glob` in `path`), or []
+    when there is no index. Raises FileNotFoundError naming shards the index lists but lacks."""
+    index = glob.glob(os.path.join(path, index_glob))
+    if not index:
+        return []
+    with open(index[0]) as f:
+        needed = sorted(set(json.load(f)["weight_map"].values()))
+    absent = [n for n in needed if not os.path.exists(os.path.join(path, n))]
+    if absent:
+        raise FileNotFoundError(f"shards listed in {index[0]} are missing: {absent}")
+    return [os.path.join(path, n) for n in needed]
+
+
 def read_safetensors_dir(path: str) -> dict:
     """All tensors of the `*.safetensors` files in `path` (numpy; bf16 kept via ml_dtypes)."""
     from safetensors import safe_open
@@ -247,14 +238,7 @@ def read_safetensors_dir(path: str) -> dict:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path!r}")
-    index = glob.glob(os.path.join(path, "*.safetensors.index.json"))
-    if index:
-        with open(index[0]) as f:
-            needed = sorted(set(json.load(f)["weight_map"].values()))
-        absent = [n for n in needed if not os.path.exists(os.path.join(path, n))]
-        if absent:
-            raise FileNotFoundError(f"shards listed in {index[0]} are missing: {absent}")
-        files = [os.path.join(path, n) for n in needed]
+    files = indexed_shards(path, "*.safetensors.index.json") or files
     out = {}
     for fn in files:
         try:

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crm_jax.models.config import DtypeConfig
 from crm_jax.models.layers import RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(DtypeConfig):
     """Sizes and numerics of a umT5 encoder.
 
     Attributes:
@@ -66,16 +67,7 @@ class UMT5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
 
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    def replace(self, **kw) -> "UMT5Config":
-        return dataclasses.replace(self, **kw)
 
 
 UMT5_XXL = UMT5Config()

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from crm_jax.models.convert import _with_non_params, read_safetensors_dir
+from crm_jax.models.convert import _with_non_params, indexed_shards, read_safetensors_dir
+from crm_jax.models.param_assembly import assemble_params
 from crm_jax.models.torch_checkpoint import load_torch_state_dict
 from crm_jax.models.umt5 import UMT5Config, UMT5Encoder
 
@@ -135,7 +136,7 @@ def transformers_to_params(sd: dict, cfg: UMT5Config) -> dict:
     dtypes = {path: v.dtype for path, v in nnx.to_flat_state(abstract)}
     flat: dict[tuple, np.ndarray] = {}
     stacks: dict[tuple, dict[int, np.ndarray]] = {}
-    unexpected, bad_shape, missing = [], [], []
+    unexpected = []
     if "shared.weight" in sd and "encoder.embed_tokens.weight" in sd:  # tied copies: keep one
         sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
     for key, w in sd.items():
@@ -151,35 +152,8 @@ def transformers_to_params(sd: dict, cfg: UMT5Config) -> dict:
         path, kind = _BLOCK[m.group(2)]
         w = np.asarray(w)
         stacks.setdefault(("blocks",) + path, {})[int(m.group(1))] = w.T if kind == "linear" else w
-    for path, layers in stacks.items():
-        absent = [i for i in range(cfg.num_layers) if i not in layers]
-        if absent:
-            missing += [f"encoder.block.{i}.<{'.'.join(path[1:])}>" for i in absent]
-            continue
-        shapes = {tuple(w.shape) for w in layers.values()}
-        if len(shapes) > 1:
-            bad_shape.append(f"{'/'.join(path)}: layers disagree {sorted(shapes)}")
-            continue
-        flat[path] = np.stack([layers[i] for i in range(cfg.num_layers)])
-    for path, shape in expected.items():
-        if path not in flat:
-            if not any(m.endswith(f"<{'.'.join(path[1:])}>") for m in missing):
-                missing.append("/".join(path))
-        elif tuple(flat[path].shape) != tuple(shape):
-            bad_shape.append(f"{'/'.join(path)}: checkpoint {tuple(flat[path].shape)} vs model {tuple(shape)}")
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            "umT5 checkpoint does not match the encoder config:\n"
-            + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
-            + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
-            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
-    nested: dict = {}
-    for path, w in flat.items():
-        d = nested
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = w.astype(dtypes[path])
-    return nested
+    return assemble_params(flat, stacks, expected, dtypes, num_layers=cfg.num_layers, unexpected=unexpected,
+                           layer_prefix="encoder.block", what="umT5 checkpoint does not match the encoder config")
 
 
 # ----------------------------------------------------------------- files
@@ -220,14 +194,7 @@ def _read_checkpoint(path: str) -> tuple[dict, dict | None]:
     if glob.glob(os.path.join(path, "*.safetensors")):
         return read_safetensors_dir(path), raw
     torch_files = sorted(f for ext in TORCH_EXTS for f in glob.glob(os.path.join(path, "*" + ext)))
-    index = glob.glob(os.path.join(path, "*.bin.index.json"))
-    if index:
-        with open(index[0]) as f:
-            needed = sorted(set(json.load(f)["weight_map"].values()))
-        absent = [n for n in needed if not os.path.exists(os.path.join(path, n))]
-        if absent:
-            raise FileNotFoundError(f"shards listed in {index[0]} are missing: {absent}")
-        torch_files = [os.path.join(path, n) for n in needed]
+    torch_files = indexed_shards(path, "*.bin.index.json") or torch_files
     if not torch_files:
         raise FileNotFoundError(f"no *.safetensors or torch ({'/'.join(TORCH_EXTS)}) weights in {path!r}")
     sd = {}

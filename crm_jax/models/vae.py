@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crm_jax.models.config import DtypeConfig
+
 CACHE_T = 2  # frames of input each 3x3x3 causal conv keeps from the previous chunk
 
 WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -39,7 +41,7 @@ WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.074
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(DtypeConfig):
     """Sizes and numerics of a Wan2.1 VAE (field names follow diffusers' config).
 
     Attributes:
@@ -80,13 +82,6 @@ class WanVAEConfig:
             raise ValueError(f"latents_mean/std need z_dim={self.z_dim} entries, got "
                              f"{len(self.latents_mean)} and {len(self.latents_std)}")
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     @property
     def spatial_factor(self) -> int:
@@ -96,8 +91,6 @@ class WanVAEConfig:
     def temporal_factor(self) -> int:
         return 2 ** sum(map(bool, self.temperal_downsample))
 
-    def replace(self, **kw) -> "WanVAEConfig":
-        return dataclasses.replace(self, **kw)
 
 
 WAN_VAE = WanVAEConfig()

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,9 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     state = trainer.init_state(params, critic)
 
     offload = offload_fields(c)
+    if offload:
+        warnings.warn("memory.offload is experimental: measured on an H200 it did not lower the step's "
+                      "peak memory and made SF-DMD run out of memory (experiments/RESULTS.md)")
     st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
     fr_sh = shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema")) \
         if frozen is not None else None

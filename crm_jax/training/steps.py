@@ -124,11 +124,10 @@ def on_device(tree):
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
 
 
-def _on_device_inputs(state: TrainState, frozen: Frozen | None):
-    state = state.replace(ema=on_device(state.ema))
-    if frozen is not None:
-        frozen = frozen.replace(teacher=on_device(frozen.teacher), dmd_teacher=on_device(frozen.dmd_teacher))
-    return state, frozen
+def _teachers_on_device(frozen: Frozen | None) -> Frozen | None:
+    if frozen is None:
+        return None
+    return frozen.replace(teacher=on_device(frozen.teacher), dmd_teacher=on_device(frozen.dmd_teacher))
 
 
 def _finite(tree) -> jax.Array:
@@ -254,6 +253,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _apply_update(self, state: TrainState, grads, loss, metrics):
+        # A host-offloaded EMA comes to the device only here, for its update.
+        state = state.replace(ema=on_device(state.ema))
         ok = jnp.isfinite(loss) & _finite(grads)
         grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -271,7 +272,7 @@ class Trainer:
         """One student update. `sf_steps` (static) = self-forcing denoising steps per block;
         `use_dmd=False` runs the CM loss alone (rCM's tangent warm-up phase)."""
         c = self.cfg
-        state, frozen = _on_device_inputs(state, frozen)
+        frozen = _teachers_on_device(frozen)
         k_cm, k_sf, k_dmd = jax.random.split(key, 3)
         metrics = {}
         if c.mode != "sf_dmd":
@@ -324,7 +325,7 @@ class Trainer:
         c = self.cfg
         if not c.has_critic:
             raise ValueError(f"mode {c.mode!r} has no critic")
-        state, frozen = _on_device_inputs(state, frozen)
+        frozen = _teachers_on_device(frozen)
         k_sf, k_l = jax.random.split(key)
         (G, _), _ = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
         G = jax.lax.stop_gradient(G)
@@ -338,8 +339,9 @@ class Trainer:
         ok = jnp.isfinite(loss) & _finite(grads)
         grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
         updates, copt = self.critic_tx.update(grads, state.critic_opt_state, state.critic)
-        new = state.replace(critic=optax.apply_updates(state.critic, updates), critic_opt_state=copt)
-        new = _select(ok, new, state)
+        critic, copt = _select(ok, (optax.apply_updates(state.critic, updates), copt),
+                               (state.critic, state.critic_opt_state))
+        new = state.replace(critic=critic, critic_opt_state=copt)   # the EMA is not touched
         metrics = {f"critic/{k}": v for k, v in m.items()}
         metrics.update(loss=loss, skipped=(~ok).astype(jnp.int32))
         return new.replace(iteration=state.iteration + 1, nan_skips=state.nan_skips + (~ok),
