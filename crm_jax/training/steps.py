@@ -119,9 +119,14 @@ class Frozen:
 
 def on_device(tree):
     """Bring host-offloaded leaves (memory kind "pinned_host") into device memory inside a
-    jitted step; a no-op for leaves already on the device. Where they end up after the step
-    is set by the step's output shardings (`sharding.state_shardings(..., offload=...)`)."""
-    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
+    jitted step; leaves already in device memory are returned untouched. Where they end up
+    after the step is set by its output shardings (`sharding.state_shardings(..., offload=...)`)."""
+    def one(x):
+        if getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host:
+            return jax.device_put(x, jax.memory.Space.Device)
+        return x   # no device_put otherwise: it would commit the step's outputs to one device
+
+    return jax.tree.map(one, tree)
 
 
 def _teachers_on_device(frozen: Frozen | None) -> Frozen | None:
