@@ -375,6 +375,15 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
     n_chunks = sum(1 for _ in chunk_bounds(pattern, args.frames))
     bar = tqdm(total=args.frames, unit="frame", desc="sampling", file=sys.stderr, disable=args.interactive)
     t0, first, frames_done = time.perf_counter(), None, 0
+
+    def write_chunk(vid):
+        """Append `[B, f, H, W, 3]` frames to every output of every video (flushed when interactive)."""
+        for ws, v in zip(writers, vid):
+            for w in ws:
+                w.append(v)
+                if feeder is not None:
+                    w.flush()
+
     try:
         gen = sampler.stream(jax.random.key(args.seed), context, args.frames, actions)
         while True:
@@ -387,11 +396,7 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             frames_done += lat.shape[1]
             if toy:
                 vid = latents_to_frames(lat)                     # [B, f, H, W, 3]
-                for ws, v in zip(writers, vid):
-                    for w in ws:
-                        w.append(v)
-                        if feeder is not None:
-                            w.flush()
+                write_chunk(vid)
                 if feeder is not None:
                     stdout.write(f"\nchunk {chunk.index}: frames {chunk.start}..{chunk.start + lat.shape[1] - 1}, "
                                  f"actions {[ACTION_NAMES[a] for a in chunk.actions[0]]}\n")
@@ -401,11 +406,7 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             elif decoder is not None:
                 pix, dec_state = decoder.step(dec_state, lat.astype(np.float32))  # [-1, 1]: 1 + 4(f-1), then 4f frames
                 vid = (np.asarray(pix) + 1.0) * 0.5
-                for ws, v in zip(writers, vid):
-                    for w in ws:
-                        w.append(v)
-                        if feeder is not None:
-                            w.flush()
+                write_chunk(vid)
                 video_frames += vid.shape[1]
                 if feeder is not None:
                     stdout.write(f"\nchunk {chunk.index}: {vid.shape[1]} video frames\n")

@@ -3,10 +3,8 @@
 # kernel-time profile of the 2-step noisy chunk, and the VAE streaming decode.
 # Usage on the device (repo root): bash experiments/gpu_suite3.sh   (writes under $OUT)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 source experiments/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-mkdir -p $OUT
 echo "== bench_streaming chunk 3 (profile: 2 steps noisy) =="
 timeout ${S3:-200} python3 experiments/bench_streaming.py --models wan_1_3b --blocks 3 --steps 2,1,4 \
   --contexts noisy,clean --repeats 3 --profile $OUT/trace_stream --out $OUT/bench_streaming_chunk3.json 2>&1 \

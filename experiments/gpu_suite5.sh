@@ -4,11 +4,9 @@
 # (Ulysses); then SF-DMD data parallel if time is left. NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 # Usage on the device (repo root): bash experiments/gpu_suite5.sh   (writes under $OUT)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source experiments/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nvidia-smi topo -m 2>/dev/null | head -4
-mkdir -p $OUT
 for m in 1,1,1 2,1,1 1,2,1 1,1,2; do
   echo "== TF-sCM mesh $m =="
   timeout ${TS:-150} python3 experiments/bench_train_step.py --modes tf_scm --mesh $m --iters 2 --peak_tflops ${PEAK:-0} \

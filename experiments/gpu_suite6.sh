@@ -4,9 +4,7 @@
 # a 14B teacher distilled into the 1.3B student.
 # Usage on the device (repo root): bash experiments/gpu_suite6.sh   (writes under $OUT)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-mkdir -p $OUT
+source experiments/device_env.sh
 run() { name=$1; shift; echo "== $name =="; timeout ${TL:-170} python3 experiments/bench_train_step.py --modes tf_scm \
   --iters 2 "$@" --out $OUT/bench_train_step_$name.json 2>&1 | grep -v "^[IWE]11" | tail -1; }
 run offload_ema_teacher --offload ema,teacher

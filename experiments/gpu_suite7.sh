@@ -3,9 +3,7 @@
 # host->device copy to the update, TF-sCM and SF-DMD (wan_1_3b, 480p, 21 frames, chunk 3).
 # Usage on the device (repo root): bash experiments/gpu_suite7.sh   (writes under $OUT)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-mkdir -p $OUT
+source experiments/device_env.sh
 for m in tf_scm sf_dmd; do
   echo "== $m offload ema,teacher =="
   timeout 200 python3 experiments/bench_train_step.py --modes $m --iters 2 --offload ema,teacher \

@@ -3,9 +3,7 @@
 # (wan_1_3b, 480p, 21 frames). SF-DMD frame-wise traces 21 cache layouts into one step: long compile.
 # Usage on the device (repo root): bash experiments/gpu_suite8.sh   (writes under $OUT)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site || exit 1
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-mkdir -p $OUT
+source experiments/device_env.sh
 echo "== tf_dcm frame-wise =="
 timeout 110 python3 experiments/bench_train_step.py --modes tf_dcm --block_frames 1 --iters 2 \
   --out $OUT/bench_train_step_tf_dcm_frame.json 2>&1 | grep -v "^[IWE]11" | tail -1

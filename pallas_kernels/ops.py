@@ -10,8 +10,8 @@ Backends (`impl`):
     schedules and AD wiring). Tested only in Pallas TPU interpret mode on CPU
     (``interpret=True``; ``interpret="generic"`` uses the faster generic
     interpreter); never compiled on a TPU here, hence not chosen by ``auto``.
-  * ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")`, full masks
-    only, reverse mode only (a baseline for benchmarks; JAX cannot jvp through it).
+  * ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")`, unmasked
+    calls only (`unmasked(spec)`), reverse mode only (JAX cannot jvp through it).
   * ``auto``: ``triton`` on GPU, ``xla`` on CPU and TPU -- except that on GPU an
     unmasked call (every query sees every key: ``full``, cross-attention, and the
     last block of a block-causal KV-cache call) in reverse mode (``ad="vjp"``) with

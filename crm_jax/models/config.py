@@ -86,7 +86,6 @@ class WanConfig(DtypeConfig):
         return self.dim // self.num_heads
 
 
-
 WAN_1_3B = WanConfig()
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4,

@@ -1,6 +1,6 @@
 """Assemble checked, nested parameter dicts from converted checkpoint weights.
 
-Shared by the transformer-style converters (Wan DiT, umT5): weights of scanned
+Shared by the transformer-style converters (Wan DiT, umT5; the VAE's uses the error): weights of scanned
 layers arrive one layer at a time and are stacked along a leading layer axis;
 everything is checked against the model's abstract parameters, and any missing,
 unexpected or mis-shaped entry is one ValueError that names them.
@@ -9,6 +9,16 @@ unexpected or mis-shaped entry is one ValueError that names them.
 from __future__ import annotations
 
 import numpy as np
+
+
+def raise_if_mismatch(what: str, missing: list, unexpected: list, bad_shape: list) -> None:
+    """One ValueError headed `what` listing missing, unexpected and mis-shaped entries (if any)."""
+    if missing or unexpected or bad_shape:
+        raise ValueError(
+            f"{what}:\n"
+            + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
+            + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
+            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
 
 
 def assemble_params(flat: dict, stacks: dict, expected: dict, dtypes: dict, *, num_layers: int,
@@ -45,12 +55,7 @@ def assemble_params(flat: dict, stacks: dict, expected: dict, dtypes: dict, *, n
                 missing.append("/".join(path))
         elif tuple(flat[path].shape) != tuple(shape):
             bad_shape.append(f"{'/'.join(path)}: checkpoint {tuple(flat[path].shape)} vs model {tuple(shape)}")
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"{what}:\n"
-            + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
-            + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
-            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
+    raise_if_mismatch(what, missing, unexpected, bad_shape)
     nested: dict = {}
     for path, w in flat.items():
         d = nested

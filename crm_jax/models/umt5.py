@@ -68,8 +68,6 @@ class UMT5Config(DtypeConfig):
         return self.num_heads * self.d_kv
 
 
-
-
 UMT5_XXL = UMT5Config()
 # Matches tests/fixtures/umt5_tiny (scripts/make_umt5_fixture.py).
 UMT5_TINY = UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, text_len=64)

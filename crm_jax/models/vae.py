@@ -82,7 +82,6 @@ class WanVAEConfig(DtypeConfig):
             raise ValueError(f"latents_mean/std need z_dim={self.z_dim} entries, got "
                              f"{len(self.latents_mean)} and {len(self.latents_std)}")
 
-
     @property
     def spatial_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
@@ -90,7 +89,6 @@ class WanVAEConfig(DtypeConfig):
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(map(bool, self.temperal_downsample))
-
 
 
 WAN_VAE = WanVAEConfig()

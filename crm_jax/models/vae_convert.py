@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from crm_jax.models.vae import WAN_VAE, WanVAE, WanVAEConfig
+from crm_jax.models.param_assembly import raise_if_mismatch
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -167,12 +168,8 @@ def state_dict_to_params(sd: dict, cfg: WanVAEConfig, layout: str) -> dict:
     missing = sorted(k for k in expected if k not in sd)
     bad_shape = [f"{k}: checkpoint {tuple(np.shape(sd[k]))} vs model {expected[k][1]}"
                  for k in sorted(expected) if k in sd and tuple(np.shape(sd[k])) != expected[k][1]]
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"Wan VAE checkpoint ({layout} layout) does not match the model config:\n"
-            + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
-            + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
-            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
+    raise_if_mismatch(f"Wan VAE checkpoint ({layout} layout) does not match the model config",
+                      missing, unexpected, bad_shape)
     nested: dict = {}
     for key, (path, _, shape, dtype) in expected.items():
         w = np.asarray(sd[key])
