@@ -205,3 +205,22 @@ def test_bad_input_raises_value_error(batch):
         tw.ToyWorldConfig(num_sprites=7)
     with pytest.raises(ValueError, match="sprite_size"):
         tw.ToyWorldConfig(sprite_size=32)
+
+
+def test_scattered_pixels_of_a_sprite_colour_are_not_a_detection():
+    """Noise that happens to hit a sprite's colour here and there must not score as a sprite
+    near the image centre (it used to beat a clean but empty frame)."""
+    cfg = tw.ToyWorldConfig(num_frames=1, height=16, width=16, num_sprites=1, sprite_size=3)
+    frame = np.full((1, 16, 16, 3), 0.3, np.float32)
+    for y, x in ((1, 1), (1, 14), (14, 1), (14, 14), (8, 8)):    # red pixels far apart
+        frame[0, y, x] = tw.PALETTE[0]
+    pos, cov = tw.detect(frame, jnp.array([0]), cfg)
+    assert np.isnan(np.asarray(pos)).all()
+    np.testing.assert_allclose(float(cov[0, 0]), 5 / 9, rtol=1e-6)
+    diag = float(np.hypot(16, 16))
+    np.testing.assert_allclose(tw.trajectory_error(frame, jnp.array([[[8.0, 8.0]]]), jnp.array([0]), cfg), diag)
+    frame[0, 7:10, 7:10] = tw.PALETTE[0]                          # a real sprite + one stray pixel: found
+    frame[0, (1, 1, 14, 14), (1, 14, 1, 14)] = 0.3
+    frame[0, 5, 8] = tw.PALETTE[0]
+    pos, _ = tw.detect(frame, jnp.array([0]), cfg)
+    np.testing.assert_allclose(np.asarray(pos)[0, 0], [8.0, 7.7], atol=1e-5)   # (9 * 8 + 5) / 10

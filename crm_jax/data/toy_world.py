@@ -32,7 +32,8 @@ Scoring (independent of any model; vmap over a batch):
 ``detect`` (colour-threshold centroids), ``trajectory_error``, ``drift_by_frame``,
 ``action_following_accuracy``. Trajectory metrics only score (t, sprite) pairs that are
 fully visible in the ground truth; a sprite the detector cannot find in a predicted frame
-costs the image diagonal (so an empty video is not "perfect").
+(no pixel of its colour, or only scattered ones) costs the image diagonal, so neither an
+empty nor a noisy video scores well.
 """
 
 from __future__ import annotations
@@ -363,12 +364,16 @@ def _detect(frames, colors, cfg: ToyWorldConfig):
     ys = jnp.arange(cfg.height, dtype=jnp.float32)
     sx = (mask.sum(-2) * xs).sum(-1)
     sy = (mask.sum(-1) * ys).sum(-1)
-    pos = jnp.stack([sx, sy], -1) / jnp.maximum(count, 1.0)[..., None]
+    denom = jnp.maximum(count, 1.0)[..., None]
+    pos = jnp.stack([sx, sy], -1) / denom
+    second = jnp.stack([(mask.sum(-2) * xs ** 2).sum(-1), (mask.sum(-1) * ys ** 2).sum(-1)], -1) / denom
+    spread = jnp.sqrt(jnp.max(jnp.maximum(second - pos ** 2, 0.0), -1))      # [T, N] px
     # XLA may compute the division inside fusions with a few ulp of error; snap centroids
     # within _SNAP px of the half-pixel grid onto it so clean frames are recovered exactly.
     half = jnp.round(2 * pos) / 2
     pos = jnp.where(jnp.abs(pos - half) < _SNAP, half, pos)
-    pos = jnp.where((count > 0)[..., None], pos, jnp.nan)
+    found = (count > 0) & (spread <= cfg.sprite_size / 2)
+    pos = jnp.where(found[..., None], pos, jnp.nan)
     return pos, count / cfg.sprite_size ** 2
 
 
@@ -378,7 +383,10 @@ def detect(frames, colors, cfg: ToyWorldConfig) -> tuple[jax.Array, jax.Array]:
     frames [T, H, W, 3] in [0, 1]; colors [N] palette ids. A pixel belongs to sprite i if
     every channel is within ``cfg.detect_tol`` of its colour. Returns
     ``(positions [T, N, 2] float32 (x, y) = mean coordinate of matching pixels, NaN where
-    none; coverage [T, N] float32 = matching pixel count / sprite_size**2)``.
+    none or where they are scattered -- their coordinates' standard deviation exceeds
+    sprite_size / 2 on an axis (a clean square has (s^2 - 1)^0.5 / 12^0.5; scattered noise
+    pixels of a sprite's colour are not a sprite); coverage [T, N] float32 = matching pixel
+    count / sprite_size**2)``.
     Exact (bit-for-bit) for every fully visible sprite of a clean rendered frame; for a
     partly occluded one it is the centroid of its visible part (coverage < 1). Centroids
     within 1e-3 px of a multiple of 0.5 are snapped onto it (cancels float rounding).
