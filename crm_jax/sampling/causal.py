@@ -53,6 +53,9 @@ def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern
       actions: optional `[B, num_frames]` int.
       times: explicit per-block grid (decreasing, ending at 0) instead of `method`'s default.
       noise: optional `[B, num_frames, H, W, C]` starting noise (else drawn from `key`, per block).
+
+    A MeanFlow student (`cfg.mean_flow`) sampled by "consistency" is called with r = 0: its
+    average velocity u(x, 0, t) over [0, t] gives x̂0 = x - t u directly.
     """
     if pattern.kind != "block_causal":
         raise ValueError(f"causal_sample needs a block_causal pattern, got {pattern.kind!r}")
@@ -75,6 +78,7 @@ def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern
     out = []
     for i, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
         a = None if acts is None else acts[:, s:e]
+        r = jnp.zeros((bb, e - s)) if cfg.mean_flow and method == "consistency" else None
         if s < p:
             x0 = prefix[:, s:e]
         else:
@@ -84,7 +88,7 @@ def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern
             x0 = x
             for j in range(len(ts) - 1):
                 xin = jnp.concatenate([x, x]) if cfg_on else x
-                v, _ = f(params, xin, jnp.full((bb, e - s), ts[j]), ctx, pattern=pattern, actions=a,
+                v, _ = f(params, xin, jnp.full((bb, e - s), ts[j]), ctx, pattern=pattern, actions=a, r=r,
                          cache=cache, cache_frames=s)
                 if cfg_on:
                     v = v[b:] + guidance * (v[:b] - v[b:])
@@ -97,7 +101,7 @@ def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern
                         eps = jax.random.normal(jax.random.fold_in(kb, j + 1), x.shape)
                         x = (1 - ts[j + 1]) * x0 + ts[j + 1] * eps
         xin = jnp.concatenate([x0, x0]) if cfg_on else x0
-        _, cache = f(params, xin, jnp.zeros((bb, e - s)), ctx, pattern=pattern, actions=a, cache=cache,
+        _, cache = f(params, xin, jnp.zeros((bb, e - s)), ctx, pattern=pattern, actions=a, r=r, cache=cache,
                      cache_frames=s, write_cache=True)
         out.append(x0)
     return jnp.concatenate(out, axis=1)
