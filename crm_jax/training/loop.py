@@ -149,8 +149,13 @@ def run_meta(c, mcfg: WanConfig) -> dict:
     return {"mode": c.mode, "model": dataclasses.asdict(mcfg)}
 
 
-def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True) -> dict:
-    """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration)."""
+def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True,
+          evaluator=None) -> dict:
+    """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration).
+
+    `evaluator(iteration, state) -> dict` (optional) runs before the first iteration of a fresh
+    run, every `c.eval_every` iterations and at the end; its results are appended to
+    `workdir/eval.jsonl` as `{"iteration": i, **result}`."""
     mcfg = model_config(c)
     tcfg = train_config(c)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
@@ -216,6 +221,15 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     total = c.num_iterations if max_iterations is None else min(c.num_iterations, max_iterations)
     first = int(state.iteration)
     writer = MetricsWriter(workdir)
+    eval_every = int(c.get("eval_every", 0) or 0)
+
+    def run_eval(it):
+        res = evaluator(it, state)
+        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"iteration": it, **res}) + "\n")
+
+    if evaluator is not None and first == 0 and total > 0:
+        run_eval(0)
     stop = {"signal": None}
     old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     base_key = jax.random.key(c.seed)
@@ -255,6 +269,9 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
                 bar.set_postfix(loss=f"{losses[it]:.4g}", step=int(state.step), skips=int(state.nan_skips))
             if sample:
                 write_sample(c, mcfg, apply, state.params, src, workdir, done)
+            if evaluator is not None and ((eval_every and done % eval_every == 0) or done == total):
+                sync(it)
+                run_eval(done)
             if save:
                 ckpts.save(done, state, {**meta, "iteration": done}, force=True)
             if stop["signal"] is not None:
@@ -337,12 +354,13 @@ def _mean_flow_from(teacher, params):
     """Initialise a MeanFlow student from an RF teacher: copy shared parameters, keep the
     interval embedder's init but zero its output layer so u(z, t, t) = v at step 0."""
     out = jax.tree.map(lambda x: x, params)
+    copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # the state is donated: no aliasing
     for k, v in teacher.items():
         if k == "condition_embedder":
             for kk, vv in v.items():
-                out[k][kk] = vv
+                out[k][kk] = copy(vv)
         else:
-            out[k] = v
+            out[k] = copy(v)
     ie = out["condition_embedder"]["interval_embedder"]["linear_2"]
     ie["kernel"] = jnp.zeros_like(ie["kernel"])
     ie["bias"] = jnp.zeros_like(ie["bias"])

@@ -54,6 +54,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0
     weight_decay: float = 0.01
+    adam_b1: float = 0.0            # DESIGN's distillation default; teachers from scratch use 0.9
     ema_sigma_rel: float = 0.1
     guidance: float = 5.0
     tangent_warmup: int = 0
@@ -168,10 +169,10 @@ class Trainer:
         self.apply = apply
         self.teacher_apply = apply if teacher_apply is None else teacher_apply
         self.model_cfg = model_cfg
-        self.tx = make_optimizer(cfg.lr, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-                                 weight_decay=cfg.weight_decay)
-        self.critic_tx = make_optimizer(cfg.critic_lr, warmup_steps=cfg.warmup_steps,
-                                        grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay)
+        opt = dict(warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
+                   b1=cfg.adam_b1)
+        self.tx = make_optimizer(cfg.lr, **opt)
+        self.critic_tx = make_optimizer(cfg.critic_lr, **opt)
         self.gamma = ema_lib.sigma_rel_to_gamma(cfg.ema_sigma_rel)
 
     # ----------------------------------------------------------------- state
