@@ -38,9 +38,10 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
     # Keep the EMA and/or the frozen teacher(s) in pinned host memory between steps: "", "ema",
-    # "teacher" or "ema,teacher" (costs a host<->device copy of them per step). EXPERIMENTAL: correct,
-    # but on an H200 it did not lower the step's peak (XLA copies the arrays in early) and made the
-    # SF-DMD step run out of memory; see experiments/RESULTS.md.
+    # "teacher" or "ema,teacher" (costs host<->device copies of them per step). Each step is then
+    # split (crm_jax/training/offload.py: teacher pass, main step, EMA update) so that the main step,
+    # the student's backward, holds neither. Tested on CPU (same results, lower compiled device
+    # memory); the saving on a GPU is not measured yet (experiments/gpu_suite10.sh).
     c.memory = ml_collections.ConfigDict(dict(offload=""))
     c.init = ml_collections.ConfigDict(dict(student="", teacher="", dmd_teacher="",
                                             allow_random_teacher=False))

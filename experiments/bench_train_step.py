@@ -9,7 +9,12 @@ parallel, FSDP parameters/moments, Ulysses context parallelism) over that many l
 devices; the global batch is per_device_batch x data x fsdp (a context group shares
 its samples). MFU = model FLOPs x batch / step time / (measured bf16 peak x devices).
 `--profile DIR` traces one more step per mode and prints where the kernel time goes
-(experiments/trace_summary.py).
+(experiments/trace_summary.py). `--offload ema,teacher` keeps the EMA / frozen teacher in pinned
+host memory and splits the step around them (crm_jax/training/offload.py); every row also
+gives each jit's compiled device memory (`memory_analysis`, GiB per device: arguments + outputs -
+aliases + temps) and the device memory in use between steps. The peak is the process's
+(`peak_bytes_in_use` since start, initialisation included), so run one mode per process when
+comparing peaks.
 
 Student, teacher and critic share the architecture (1.3B teacher by default; `--teacher
 wan_14b` gives the teacher and the critic the 14B architecture, bf16 teacher weights). Student
@@ -24,7 +29,6 @@ forwards + replayed last steps (fwd + bwd) + teacher x2 + critic fwd on T frames
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -41,6 +45,7 @@ from experiments import trace_summary  # noqa: E402
 from crm_jax.models.config import get_model_config  # noqa: E402
 from crm_jax.models.wan import AttentionPattern, functional, init_model  # noqa: E402
 from crm_jax.training import sharding as shd  # noqa: E402
+from crm_jax.training.offload import make_step, place_frozen  # noqa: E402
 from crm_jax.training.steps import Frozen, TrainConfig, Trainer  # noqa: E402
 from pallas_kernels import masks  # noqa: E402
 
@@ -120,11 +125,16 @@ def main():
     batch = dict(latents=jax.random.normal(ks[0], (batch_size, args.frames, args.height, args.width,
                                                    cfg.in_channels)),
                  context=jax.random.normal(ks[1], (batch_size, cfg.text_len, cfg.text_dim), jnp.bfloat16))
-    frozen = Frozen(teacher, teacher, jnp.zeros((cfg.text_len, cfg.text_dim), jnp.bfloat16))
+    neg = jnp.zeros((cfg.text_len, cfg.text_dim), jnp.bfloat16)
     offload = [o for o in args.offload.split(",") if o]
+    if set(offload) - {"ema", "teacher"}:
+        raise ValueError(f"--offload takes ema and/or teacher, got {args.offload!r}")
+    frozen = Frozen(teacher, teacher, neg)     # the DMD teacher is the teacher: placed once, shared
     fr_sh = shd.state_shardings(frozen, mesh, offload=("teacher", "dmd_teacher") if "teacher" in offload else ())
+    frozen = place_frozen(frozen, fr_sh)
+    del teacher   # an offloaded teacher keeps no device copy
     b_sh = shd.batch_shardings(batch, mesh, batch_size)
-    frozen, batch = jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh)
+    batch = jax.device_put(batch, b_sh)
     key_sh = shd.replicated(jax.random.key(0), mesh)
     rows = []
     for mode in args.modes.split(","):
@@ -134,8 +144,8 @@ def main():
         state = trainer.init_state(fresh, critic=critic_init if tcfg.has_critic else None)
         st_sh = shd.state_shardings(state, mesh, offload=("ema",) if "ema" in offload else ())
         state = jax.device_put(state, st_sh)
-        fn = functools.partial(trainer.student_step, sf_steps=args.sf_steps, use_dmd=True)
-        step = shd.jit_step(fn, mesh, (st_sh, fr_sh, b_sh, key_sh), (st_sh, None), donate_argnums=0)
+        step = make_step(trainer, mesh, (st_sh, fr_sh, b_sh, key_sh), "student", sf_steps=args.sf_steps,
+                         use_dmd=True)
         t0 = time.time()
         state, m = step(state, frozen, batch, jax.random.key(2))
         jax.block_until_ready(m)
@@ -150,11 +160,15 @@ def main():
         flops = batch_size * step_flops(mode, cfg, args.frames, tpf, args.block_frames, args.sf_steps,
                                         cfg.text_len, teacher_cfg)
         peak_mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
+        in_use = max((d.memory_stats() or {}).get("bytes_in_use", 0) for d in mesh.devices.flat)
+        compiled = {name: {k: round(v / 2 ** 30, 2) for k, v in st.items()}      # cached: no recompile
+                    for name, st in step.memory(state, frozen, batch, jax.random.key(0)).items()}
         rows.append(dict(mode=mode, teacher=args.teacher or args.model, offload=args.offload, device=dev.device_kind, devices=ndev, mesh=args.mesh, batch=batch_size,
                          block_frames=args.block_frames, remat=args.remat, step_s=round(med, 3),
                          compile_s=round(compile_s, 1), loss=float(m["loss"]), model_tflop=round(flops / 1e12, 1),
                          mfu=round(flops / med / 1e12 / (peak * ndev), 3),
-                         peak_gib_per_device=round(peak_mem / 2 ** 30, 1)))
+                         peak_gib_per_device=round(peak_mem / 2 ** 30, 1),
+                         in_use_gib_between_steps=round(in_use / 2 ** 30, 1), compiled_gib=compiled))
         print(rows[-1], flush=True)
         if args.profile:
             tdir = os.path.join(args.profile, f"{mode}_b{args.block_frames}_m{args.mesh.replace(',', 'x')}")
@@ -169,12 +183,13 @@ def main():
                 print(f"profile summary failed: {e}", flush=True)
         del state
     print("| mode | teacher | remat | offload | device | mesh d,f,c | batch | chunk | step s | model TFLOP | MFU "
-          "| peak GiB/device |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak GiB/device | compiled GiB per jit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['teacher']} | {r['remat']} | {r['offload'] or '-'} | {r['device']} x{r['devices']} "
               f"| {r['mesh']} | {r['batch']} | {r['block_frames']} | "
-              f"{r['step_s']} | {r['model_tflop']} | {r['mfu']:.1%} | {r['peak_gib_per_device']} |")
+              f"{r['step_s']} | {r['model_tflop']} | {r['mfu']:.1%} | {r['peak_gib_per_device']} | "
+              + ", ".join(f"{k} {v['total']}" for k, v in r["compiled_gib"].items()) + " |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(peak_tflops=peak, args=vars(args), rows=rows), f, indent=1)

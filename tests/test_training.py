@@ -1,5 +1,7 @@
-"""Train steps: sharded == unsharded for every mode, NaN skipping, SF rollout gradients."""
+"""Train steps: sharded == unsharded for every mode, NaN skipping, SF rollout gradients,
+host offload (split steps)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +13,7 @@ from crm_jax.models.config import TINY
 from crm_jax.models.wan import AttentionPattern, functional, init_model
 from crm_jax.training import self_forcing
 from crm_jax.training import sharding as shd
+from crm_jax.training.offload import make_step
 from crm_jax.training.steps import MODES, Frozen, TrainConfig, Trainer
 
 B, T, H, W = 8, 2, 4, 4
@@ -214,26 +217,57 @@ def test_teacher_model_config():
         teacher_model_config(c, student)
 
 
+def _device_bytes(tree, shardings):
+    """Bytes per device of `tree`'s leaves under `shardings` (the largest shard)."""
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
 @pytest.mark.parametrize("mode,which", [("tf_scm", "student"), ("sf_dmd", "student"), ("sf_dmd", "critic")])
 def test_host_offloaded_ema_and_teacher(mode, which):
-    """EMA and frozen teachers kept in pinned host memory give the same step, and stay on the host."""
+    """EMA and frozen teachers in pinned host memory: the step is split around them
+    (`offload.make_step`), gives the one-jit step's result, keeps the EMA on the host, and its
+    main jit's compiled device memory is the one-jit step's less at least the offloaded bytes."""
     trainer, state, frozen, batch = setup(mode)
     mesh = shd.make_mesh(4, 2)
-    ref_state, ref_m = run_step(trainer, state, frozen, batch, mesh, which=which)
-    fn = trainer.student_step if which == "student" else trainer.critic_step
-    kw = dict(sf_steps=2) if which == "critic" else dict(sf_steps=2, use_dmd=True)
-    st_sh = shd.state_shardings(state, mesh, offload=("ema",))
-    fr_sh = shd.state_shardings(frozen, mesh, offload=("teacher", "dmd_teacher"))
-    b_sh = shd.batch_shardings(batch, mesh, B)
     key = jax.random.key(7)
-    step = shd.jit_step(functools.partial(fn, **kw), mesh, (st_sh, fr_sh, b_sh, shd.replicated(key, mesh)),
-                        (st_sh, None))
-    fr = jax.device_put(frozen, fr_sh)
-    assert {x.sharding.memory_kind for x in jax.tree.leaves(fr.teacher)} == {"pinned_host"}
-    new_state, m = step(jax.device_put(state, st_sh), fr, jax.device_put(batch, b_sh), key)
+    b_sh, key_sh = shd.batch_shardings(batch, mesh, B), shd.replicated(key, mesh)
+    results, memory = {}, {}
+    for offload in (False, True):
+        st_sh = shd.state_shardings(state, mesh, offload=("ema",) if offload else ())
+        fr_sh = shd.state_shardings(frozen, mesh, offload=("teacher", "dmd_teacher") if offload else ())
+        step = make_step(trainer, mesh, (st_sh, fr_sh, b_sh, key_sh), which, sf_steps=2)
+        fresh = jax.tree.map(jnp.copy, state)   # the step donates it (device_put may share buffers)
+        s, fr, b = jax.device_put(fresh, st_sh), jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh)
+        memory[offload] = step.memory(s, fr, b, key)
+        if offload:
+            assert {x.sharding.memory_kind for x in jax.tree.leaves((fr.teacher, fr.dmd_teacher))} == {"pinned_host"}
+            assert list(step.jits) == (["teacher", "main", "ema"] if which == "student" else ["main"])
+            offloaded = _device_bytes(state.ema, st_sh.ema)
+            if which == "student":
+                offloaded += _device_bytes(frozen.teacher, fr_sh.teacher)   # sf_dmd: the dmd_teacher, same size
+        results[offload] = step(s, fr, b, key)
+    (ref_state, ref_m), (new_state, m) = results[False], results[True]
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6)
     assert rel_tree(jax.device_get(new_state), jax.device_get(ref_state)) <= 1e-6
+    ema_moved = rel_tree(jax.device_get(new_state.ema), jax.device_get(state.ema))
+    assert (ema_moved > 0) == (which == "student")   # a critic step leaves the EMA alone
     assert {x.sharding.memory_kind for x in jax.tree.leaves(new_state.ema)} == {"pinned_host"}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(new_state.params)} == {"device"}
+    plain, split = memory[False]["main"]["total"], memory[True]["main"]["total"]
+    print(f"{mode}-{which} compiled bytes/device: one jit {memory[False]}, split {memory[True]}, "
+          f"offloaded {offloaded}")
+    assert plain - split >= offloaded, (plain, split, offloaded)
     with pytest.raises(ValueError, match="cannot offload"):
         shd.state_shardings(state, mesh, offload=("params",))
+
+
+def test_teacher_pass_needs_a_teacher_mode_and_replay():
+    trainer, state, frozen, batch = setup("teacher_tf")
+    with pytest.raises(ValueError, match="has no teacher"):
+        trainer.teacher_pass(state, frozen, batch, jax.random.key(0))
+    trainer, state, frozen, batch = setup("sf_dmd")
+    direct = Trainer(dataclasses.replace(trainer.cfg, sf_replay=False), trainer.apply, trainer.model_cfg,
+                     teacher_apply=trainer.teacher_apply)
+    with pytest.raises(ValueError, match="sf_replay"):
+        jax.eval_shape(functools.partial(direct.teacher_pass, sf_steps=1), state, frozen, batch, jax.random.key(0))

@@ -29,6 +29,7 @@ from crm_jax.models.config import WanConfig, model_config_from
 from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
+from crm_jax.training.offload import make_step, place_frozen
 from crm_jax.training.steps import Frozen, TrainConfig, Trainer
 
 
@@ -194,8 +195,10 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
 
     offload = offload_fields(c)
     if offload:
-        warnings.warn("memory.offload is experimental: measured on an H200 it did not lower the step's "
-                      "peak memory and made SF-DMD run out of memory (experiments/RESULTS.md)")
+        warnings.warn("memory.offload splits each step so that the offloaded EMA / teachers are off the "
+                      "device during the main step (crm_jax/training/offload.py); tested on CPU (same "
+                      "results, lower compiled device memory), the saving on a GPU is not measured yet "
+                      "(experiments/gpu_suite10.sh)")
     st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
     fr_sh = shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema")) \
         if frozen is not None else None
@@ -204,19 +207,18 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         print(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
     state = jax.device_put(state, st_sh)
     if frozen is not None:
-        frozen = jax.device_put(frozen, fr_sh)
+        frozen = place_frozen(frozen, fr_sh)
 
     example = _model_batch(src.batch(0))
     b_sh = shd.batch_shardings(example, mesh, c.data.batch_size)
     key_sh = shd.replicated(jax.random.key(0), mesh)
-    in_sh, out_sh = (st_sh, fr_sh, b_sh, key_sh), (st_sh, None)
+    in_sh = (st_sh, fr_sh, b_sh, key_sh)
 
     @functools.lru_cache(maxsize=None)
     def compiled(which: str, sf_steps: int, use_dmd: bool):
-        """One jitted step per (kind, self-forcing steps, dmd on/off); shardings fixed."""
-        fn = (functools.partial(trainer.student_step, sf_steps=sf_steps, use_dmd=use_dmd) if which == "student"
-              else functools.partial(trainer.critic_step, sf_steps=sf_steps))
-        return shd.jit_step(fn, mesh, in_sh, out_sh, donate_argnums=0)
+        """One jitted step per (kind, self-forcing steps, dmd on/off); shardings fixed. With
+        offloaded fields it is split into jits that keep them off the device (`offload.make_step`)."""
+        return make_step(trainer, mesh, in_sh, which, sf_steps=sf_steps, use_dmd=use_dmd)
 
     total = c.num_iterations if max_iterations is None else min(c.num_iterations, max_iterations)
     first = int(state.iteration)

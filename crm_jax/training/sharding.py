@@ -112,9 +112,9 @@ def state_shardings(state, mesh: Mesh, offload: tuple[str, ...] = ()):
     Optimizer moments mirror the parameters' shapes, so the same per-shape rule
     shards them like the parameters they belong to. Fields named in `offload`
     (of `OFFLOADABLE`: the EMA, the frozen teachers) are kept in pinned host memory
-    between steps (same partitioning); the step brings them to the device where it
-    uses them (`steps.on_device`), trading a host<->device copy per step for their
-    device memory.
+    between steps (same partitioning); `offload.make_step` splits the step so that they
+    come to the device only in jits of their own (teacher pass, EMA update), trading
+    host<->device copies per step for their device memory during the main step.
     """
     bad = set(offload) - set(OFFLOADABLE)
     if bad:

@@ -11,12 +11,17 @@ Modes (`TrainConfig.mode`):
   sf_dmd         self-forcing DMD: generator steps and critic steps
   rcm            TF-sCM + lambda * SF-DMD student steps, critic steps in between
 
-A step takes `(state, batch, key)` and returns `(state, metrics)`. A step whose loss
+A step takes `(state, frozen, batch, key)` and returns `(state, metrics)`. A step whose loss
 or gradients are not finite leaves the state unchanged (`nan_skips` and `nan_streak`
 count it). The student step of the DMD modes takes the self-forcing step count as a
 static argument. Batches are dicts: `latents [B, T, H, W, C]`, `context [B, L, D]`,
 optional `actions [B, T]`, and for `ode_init` `ode_traj [B, K, T, H, W, C]`,
 `ode_times [K]`.
+
+A student step can also run as separate jits (`crm_jax.training.offload`, for host-offloaded
+EMA / teachers): `teacher_pass` computes everything that needs the frozen teachers,
+`student_step(..., teacher_out=...)` the rest without them, and `ema_step` the power-EMA
+update after a step run on a state without its EMA (`state.ema = None`).
 """
 
 from __future__ import annotations
@@ -96,7 +101,11 @@ class TrainConfig:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a resumed run needs (frozen teachers live outside, in `Frozen`)."""
+    """Everything a resumed run needs (frozen teachers live outside, in `Frozen`).
+
+    `ema` is None only inside a step whose EMA is kept outside it (`crm_jax.training.offload`):
+    such a student step leaves the EMA to `Trainer.ema_step`.
+    """
 
     step: jax.Array            # student optimizer updates applied
     iteration: jax.Array       # loop iterations (student + critic steps)
@@ -128,6 +137,56 @@ def on_device(tree):
         return x   # no device_put otherwise: it would commit the step's outputs to one device
 
     return jax.tree.map(one, tree)
+
+
+@flax.struct.dataclass
+class TeacherOutputs:
+    """What a student step needs from the frozen teachers, computed by `Trainer.teacher_pass`.
+
+    cm: the CM loss's teacher outputs in call order (velocities shaped like their inputs, e.g.
+      `[B, 2T, H, W, C]` for teacher forcing; two per loss with CFG: conditional, unconditional);
+      () for modes whose student step has no CM loss (sf_dmd).
+    dmd: for the DMD part, `(loss, metrics, last, cotangent)` of the self-forcing rollout scored by
+      the teacher and the critic: `last[i] = (x_in [B, f, H, W, C], KVCache)` of block i (the
+      replayed backward's inputs, `self_forcing.rollout`) except that block 0's cache, the empty
+      cache, is None (rebuilt by the step instead of carried: a full-size buffer of zeros),
+      `cotangent [B, T, H, W, C]` = dLoss/dG; None without the DMD part.
+    """
+
+    cm: tuple
+    dmd: Any
+
+
+def _recording(fn, tape: list):
+    """`fn` that also appends each output to `tape` (inside `Trainer.teacher_pass`)."""
+    def rec(x, t, cond):
+        out = fn(x, t, cond)
+        tape.append(out)
+        return out
+
+    return rec
+
+
+class _Replay:
+    """A network callable returning recorded outputs in call order (the same code path that
+    recorded them calls it, so the order matches); `done()` checks that all were used."""
+
+    def __init__(self, outputs):
+        self.outputs, self.used = tuple(outputs), 0
+
+    def __call__(self, x, t, cond):
+        if self.used == len(self.outputs):
+            raise ValueError(f"the loss called the teacher more than the {len(self.outputs)} recorded times")
+        out = self.outputs[self.used]
+        if out.shape != x.shape:
+            raise ValueError(f"recorded teacher output {self.used} has shape {out.shape}, the call's input "
+                             f"{x.shape}: teacher_out does not belong to this step")
+        self.used += 1
+        return out
+
+    def done(self):
+        if self.used != len(self.outputs):
+            raise ValueError(f"{len(self.outputs)} teacher outputs recorded, {self.used} used")
 
 
 def _teachers_on_device(frozen: Frozen | None) -> Frozen | None:
@@ -201,8 +260,20 @@ class Trainer:
             return nets.velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
         return nets.velocity_fn(self.teacher_apply, frozen.dmd_teacher, c.pattern(c.dmd_teacher_pattern))
 
-    def cm_loss(self, params, frozen: Frozen, batch, key, step):
-        """The forward-divergence part: teacher pretraining, TF-sCM/MeanFlow/dCM or ODE init."""
+    def cm_teacher(self, frozen: Frozen):
+        """The frozen network callable of the CM loss (None for modes without a teacher)."""
+        c = self.cfg
+        if c.mode in ("tf_scm", "rcm", "tf_dcm"):
+            return self._teacher_fn(frozen, "cm")
+        if c.mode == "tf_meanflow":
+            return nets.tf_velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
+        return None
+
+    def cm_loss(self, params, frozen: Frozen, batch, key, step, teacher=None):
+        """The forward-divergence part: teacher pretraining, TF-sCM/MeanFlow/dCM or ODE init.
+
+        `teacher`: the network callable standing in for `cm_teacher(frozen)` (recording or
+        replaying its outputs, see `teacher_pass`); default `cm_teacher(frozen)`."""
         c, a = self.cfg, self.apply
         x0, cond = batch["latents"], _cond(batch)
         uncond = nets.uncond_like(cond, frozen.neg_context) if frozen is not None else None
@@ -212,6 +283,7 @@ class Trainer:
             cond = dict(cond, context=jnp.where(drop, frozen.neg_context.astype(cond["context"].dtype),
                                                 cond["context"]))
         tf = c.pattern("teacher_forcing")
+        teacher = self.cm_teacher(frozen) if teacher is None else teacher
         fm = dict(sampler=D.uniform_shift_sampler(c.fm_shift), weighting=c.fm_weighting)
         if c.mode == "teacher_full":
             return L.flow_matching_loss(nets.velocity_fn(a, params, c.pattern("full")), x0, cond, key, **fm)
@@ -224,19 +296,18 @@ class Trainer:
         if c.mode in ("tf_scm", "rcm"):
             return L.scm_rf_loss(nets.velocity_fn(a, params, tf),
                                  nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
-                                 self._teacher_fn(frozen, "cm"), x0, cond, key, uncond=uncond,
+                                 teacher, x0, cond, key, uncond=uncond,
                                  guidance=c.guidance, step=step, tangent_warmup=c.tangent_warmup,
                                  teacher_forcing=True, p_mean=c.p_mean, p_std=c.p_std)
         if c.mode == "tf_meanflow":
             mcond = dict(cond, tf_context=x0)
-            teacher = nets.tf_velocity_fn(self.teacher_apply, frozen.teacher, tf)
             return L.meanflow_loss(nets.average_velocity_fn(a, params, tf),
                                    nets.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
                                    x0, mcond, key, teacher_fn=teacher,
                                    uncond=dict(uncond, tf_context=x0), guidance=c.guidance,
                                    r_equals_t_fraction=c.meanflow_r_eq_t)
         if c.mode == "tf_dcm":
-            return L.dcm_loss(nets.velocity_fn(a, params, tf), self._teacher_fn(frozen, "cm"), x0, cond, key,
+            return L.dcm_loss(nets.velocity_fn(a, params, tf), teacher, x0, cond, key,
                               uncond=uncond, guidance=c.guidance, num_steps=c.dcm_steps, shift=c.dcm_shift,
                               teacher_forcing=True)
         if c.mode == "ode_init":
@@ -259,36 +330,86 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _apply_update(self, state: TrainState, grads, loss, metrics):
-        # A host-offloaded EMA comes to the device only here, for its update.
+        # A host-offloaded EMA comes to the device only here, for its update; a state without
+        # its EMA (None: kept outside the step) is updated by `ema_step` after the step.
         state = state.replace(ema=on_device(state.ema))
         ok = jnp.isfinite(loss) & _finite(grads)
         grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
-        ema = ema_lib.ema_update(state.ema, params, step, self.gamma)
-        new = state.replace(params=params, opt_state=opt_state, ema=ema, step=step)
+        new = state.replace(params=params, opt_state=opt_state, step=step)
+        if state.ema is not None:
+            new = new.replace(ema=ema_lib.ema_update(state.ema, params, step, self.gamma))
         new = _select(ok, new, state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), skipped=(~ok).astype(jnp.int32))
         return new.replace(iteration=state.iteration + 1, nan_skips=state.nan_skips + (~ok),
                            nan_streak=jnp.where(ok, 0, state.nan_streak + 1)), metrics
 
+    def ema_step(self, ema, params, step, skipped):
+        """The power-EMA update of a student step that ran on a state without its EMA.
+
+        Its own jit after the step (`crm_jax.training.offload`), so the step never holds the EMA.
+        ema: the EMA before the step (float32 tree shaped like the params; may live in pinned host
+        memory); params, step: the step's new `state.params` and `state.step`; skipped: its
+        `metrics["skipped"]` (int32 scalar; 1 = non-finite step, the EMA is kept). The same update
+        as inside `student_step`: beta = ema_decay(step), ema <- beta ema + (1 - beta) params.
+        """
+        ema = on_device(ema)
+        return _select(skipped == 0, ema_lib.ema_update(ema, params, step, self.gamma), ema)
+
+    def teacher_pass(self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1,
+                     use_dmd: bool = True) -> TeacherOutputs:
+        """The part of `student_step` (same arguments) that needs the frozen teachers.
+
+        The CM loss is traced with a recording teacher and only the teacher's outputs are
+        returned, so the student's passes are dead code (dropped by `jax.jit`); with the DMD
+        part, the stop-gradient self-forcing rollout is scored by the teacher and the critic
+        (that part needs `sf_replay`). `student_step(..., teacher_out=...)` then runs without
+        the teachers, so a split step holds no teacher on the device during the student's backward.
+        """
+        c = self.cfg
+        if not c.needs_teacher:
+            raise ValueError(f"mode {c.mode!r} has no teacher")
+        frozen = _teachers_on_device(frozen)
+        k_cm, k_sf, k_dmd = jax.random.split(key, 3)
+        tape = []
+        if c.mode != "sf_dmd":
+            self.cm_loss(state.params, frozen, batch, k_cm, state.step,
+                         teacher=_recording(self.cm_teacher(frozen), tape))
+        dmd = None
+        if c.mode in CRITIC_MODES and use_dmd:
+            if not c.sf_replay:
+                raise ValueError("a split step's DMD part needs train.sf_replay=True (the direct backward "
+                                 "differentiates through the rollout that the teacher scores)")
+            loss, m, last, cot = self._dmd_scores(state, frozen, batch, k_sf, k_dmd, sf_steps)
+            dmd = (loss, m, [(last[0][0], None)] + last[1:], cot)
+        return TeacherOutputs(tuple(tape), dmd)
+
     def student_step(self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1,
-                     use_dmd: bool = True):
+                     use_dmd: bool = True, teacher_out: TeacherOutputs | None = None):
         """One student update. `sf_steps` (static) = self-forcing denoising steps per block;
-        `use_dmd=False` runs the CM loss alone (rCM's tangent warm-up phase)."""
+        `use_dmd=False` runs the CM loss alone (rCM's tangent warm-up phase). `teacher_out`: the
+        teachers' part, precomputed by `teacher_pass` with the same arguments; the step then
+        does not use `frozen.teacher` / `frozen.dmd_teacher` (they may be None)."""
         c = self.cfg
         frozen = _teachers_on_device(frozen)
         k_cm, k_sf, k_dmd = jax.random.split(key, 3)
         metrics = {}
         if c.mode != "sf_dmd":
+            replay = None if teacher_out is None else _Replay(teacher_out.cm)
             (loss, m), grads = jax.value_and_grad(self.cm_loss, has_aux=True)(
-                state.params, frozen, batch, k_cm, state.step)
+                state.params, frozen, batch, k_cm, state.step, replay)
+            if replay is not None:
+                replay.done()
             metrics.update({f"cm/{k}": v for k, v in m.items()})
         else:
             loss, grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params)
         if c.mode in CRITIC_MODES and use_dmd:
-            dmd_l, m, dmd_g = self._dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps)
+            if teacher_out is not None and teacher_out.dmd is None:
+                raise ValueError("teacher_out has no DMD part: it was computed with use_dmd=False")
+            scores = None if teacher_out is None else teacher_out.dmd
+            dmd_l, m, dmd_g = self._dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps, scores)
             metrics.update({f"dmd/{k}": v for k, v in m.items()})
             loss = loss + c.dmd_weight * dmd_l
             grads = jax.tree.map(lambda a, b: a + c.dmd_weight * b, grads, dmd_g)
@@ -308,13 +429,26 @@ class Trainer:
         _, ph, pw = model_cfg.patch_size
         return self_forcing.empty_cache(model_cfg, b, spec, (h // ph) * (w // pw))
 
-    def _dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps):
+    def _dmd_scores(self, state, frozen, batch, k_sf, k_dmd, sf_steps):
+        """Stop-gradient rollout scored by the teacher and the critic: (loss, metrics, last, cotangent)."""
+        (G, last), _ = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
+        loss, m, cot = self._dmd_cotangent(G, frozen, state.critic, _cond(batch), k_dmd)
+        return loss, m, last, cot
+
+    def _dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps, scores=None):
+        """DMD loss, metrics and student gradient; `scores`: `TeacherOutputs.dmd`, precomputed."""
         cond = _cond(batch)
         if self.cfg.sf_replay:
-            (G, last), spec = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
-            loss, m, cot = self._dmd_cotangent(G, frozen, state.critic, cond, k_dmd)
+            spec = self.rollout_spec(batch["latents"].shape[1], sf_steps)
+            if scores is None:
+                loss, m, last, cot = self._dmd_scores(state, frozen, batch, k_sf, k_dmd, sf_steps)
+            else:   # block 0's cache, the empty one, is rebuilt rather than carried
+                loss, m, last, cot = scores
+                last = [(last[0][0], self.empty_cache(batch["latents"], spec))] + list(last[1:])
             grads = self_forcing.replayed_grad(self.apply, state.params, last, cot, cond, spec)
             return loss, m, grads
+        if scores is not None:
+            raise ValueError("precomputed DMD scores need train.sf_replay=True")
 
         def direct(params):
             (G, _), _ = self._rollout(params, batch, k_sf, sf_steps)
