@@ -30,6 +30,10 @@ Variants (StreamingSampler options; one per run, named by --label):
                                buffer and a parameter copy per layer and a Python layer loop
                                (with inplace: no copy at all, one compile for all cache lengths)
   --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
+  --call_loop device|host      a chunk's model calls in one jitted fori_loop (default; with its
+                               traced trip count XLA reads every iteration's loop predicate back
+                               to the host, which can keep the dispatch from returning early), or
+                               one asynchronously dispatched jitted call per model call
   --compiler_option NAME=VALUE XLA option of the chunk function (repeatable), e.g. command
                                buffers (CUDA graphs) around while loops:
                                xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
@@ -138,8 +142,10 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     context = jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim), jnp.float32)
     actions = (np.random.default_rng(0).integers(0, cfg.num_actions, (1, frames)) if with_actions else None)
     t = time.perf_counter()
-    sampler.generate(key, context, frames, actions).block_until_ready()
+    video = sampler.generate(key, context, frames, actions).block_until_ready()
     warmup = time.perf_counter() - t
+    check = video_check(video)
+    del video
     runs = []
     for r in range(args.repeats):
         if args.profile and r == 0 and not args._profiled:
@@ -162,7 +168,7 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
                latent_hw=list(latent_hw), tokens_per_frame=tpf, frames=frames, block_frames=block,
                steps=steps, context=mode, first_chunk_ms=first * 1e3, steady_fps=steady, overall_fps=overall,
                steady_fps_prefetch=steady_pf, overall_fps_prefetch=overall_pf, dispatch_ms=disp * 1e3,
-               compiled=sampler.compiled_count(),
+               compiled=sampler.compiled_count(), video_check=check,
                warmup_s=warmup, peak_mem_gb=peak_memory_gb(), repeats=args.repeats,
                cache_gb=cfg.num_layers * frames * tpf * cfg.dim * 2 * jnp.dtype(cfg.compute_dtype).itemsize / 2 ** 30)
     if args.profile and args._profiled is True:
@@ -187,10 +193,18 @@ def fmt(rows):
     return "\n".join(lines)
 
 
+def video_check(video) -> dict:
+    """A fingerprint of a generated video (same seeds in every variant): mean |x| and 64 samples."""
+    flat = np.asarray(video, np.float32).reshape(-1)
+    idx = np.linspace(0, flat.size - 1, 64).astype(np.int64)
+    return dict(abs_mean=float(np.abs(flat).mean()), finite=bool(np.isfinite(flat).all()),
+                samples=[float(x) for x in flat[idx]])
+
+
 def variant_options(args) -> dict:
     """The StreamingSampler options of the benchmarked variant."""
     return dict(kv_update=args.kv_update, kv_layout=args.kv_layout, scan_unroll=args.scan_unroll,
-                compiler_options=dict(args.compiler_option) or None)
+                call_loop=args.call_loop, compiler_options=dict(args.compiler_option) or None)
 
 
 def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
@@ -216,18 +230,36 @@ def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
             cells[(r["model"], r["block_frames"], r["steps"], r["context"]), label] = r
     keys = sorted({k for k, _ in cells}, key=lambda k: (k[0], k[1], k[2], k[3] != "noisy"))
     labels = [label for label, _ in runs]
+    width = 20
     head = f"{'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'target':>6s}  " + " ".join(
-        f"{lab[:14]:>14s}" for lab in labels)
-    lines = ["steady latent frames/s (prefetch in parentheses)", head, "-" * len(head)]
+        f"{lab[:width]:>{width}s}" for lab in labels)
+    lines = ["per variant: steady latent frames/s / with prefetch / host dispatch ms per chunk",
+             head, "-" * len(head)]
     for k in keys:
         tgt = TARGETS.get(k[1:]) if k[0] == "wan_1_3b" else None
         vals = []
         for lab in labels:
             r = cells.get((k, lab))
-            vals.append(f"{'-':>14s}" if r is None else
-                        f"{r['steady_fps']:6.2f} ({r['steady_fps_prefetch']:5.2f})".rjust(14))
+            vals.append(f"{'-':>{width}s}" if r is None else
+                        f"{r['steady_fps']:.2f} / {r['steady_fps_prefetch']:.2f} / "
+                        f"{r.get('dispatch_ms', float('nan')):.1f}".rjust(width))
         lines.append(f"{k[0]:9s} {k[1]:5d} {k[2]:5d} {k[3]:>7s} {'' if tgt is None else f'{tgt:.1f}':>6s}  "
                      + " ".join(vals))
+    if labels:       # same seeds everywhere: the videos must agree up to kernel rounding
+        ref_label = labels[0]
+        lines.append(f"video deviation from {ref_label} (max |sample difference| / mean |x|; bf16 "
+                     "rounding gives ~1e-2, a wrong path O(1)):")
+        for k in keys:
+            ref = cells.get((k, ref_label), {}).get("video_check")
+            devs = []
+            for lab in labels[1:]:
+                other = cells.get((k, lab), {}).get("video_check")
+                if ref is None or other is None:
+                    continue
+                d = np.max(np.abs(np.subtract(other["samples"], ref["samples"]))) / max(ref["abs_mean"], 1e-30)
+                devs.append(f"{lab}: {d:.1e}{'' if other['finite'] else ' NON-FINITE'}")
+            if devs:
+                lines.append(f"  {k[0]} chunk {k[1]} {k[2]} steps {k[3]}: " + ", ".join(devs))
     scored = [(cells[(key, lab)]["steady_fps"], lab) for lab in labels if (key, lab) in cells]
     lines.append(f"best: {max(scored)[1] if scored else 'none'}")
     return "\n".join(lines)
@@ -268,12 +300,16 @@ def parse(argv=None):
     p.add_argument("--kv_layout", default="stacked", choices=["stacked", "per_layer"],
                    help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)")
     p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
+    p.add_argument("--call_loop", default="device", choices=["device", "host"],
+                   help="a chunk's model calls: one jitted fori_loop (device) or one async jitted call each (host)")
     p.add_argument("--compiler_option", type=_option, action="append", default=[], metavar="NAME=VALUE",
                    help="XLA option of the jitted chunk function (repeatable), e.g. "
                         "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                         "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL")
     p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                    help="print a table of these result files (one variant each) and the best variant; no run")
+    p.add_argument("--compare_key", default="wan_1_3b:3:2:noisy", metavar="MODEL:CHUNK:STEPS:CONTEXT",
+                   help="the configuration --compare ranks the variants by")
     p.add_argument("--isolate", action="store_true", help="one subprocess per configuration (exact peaks)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)   # model:block:steps:context (--isolate)
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the first configuration here")
@@ -294,7 +330,8 @@ def parse(argv=None):
              else [_pair(c) for c in a.configs.split(",")])
     a.pairs = pairs
     if a.label is None:
-        a.label = "-".join([a.kv_update, a.kv_layout] + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
+        a.label = "-".join([a.kv_update, a.kv_layout, a.call_loop]
+                           + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
                            + (["opts"] if a.compiler_option else []))
     if a.scan_unroll < 1:
         p.error("--scan_unroll must be >= 1")
@@ -312,7 +349,8 @@ def _pair(text: str) -> tuple[int, str]:
 def main(argv=None):
     args = parse(argv)
     if args.compare:
-        print(compare(args.compare))
+        model, chunk, steps, mode = args.compare_key.split(":")
+        print(compare(args.compare, (model, int(chunk), int(steps), mode)))
         return
     configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n, m in args.pairs]
     if args.only:

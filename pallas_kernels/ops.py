@@ -32,6 +32,11 @@ Automatic differentiation (`ad`), for the ``triton`` backend:
     transpose) instead of running anything slow.
 The XLA backend supports both AD modes in either setting.
 
+KV-cache buffers: `attention_kv_prefix(q, k, v, kv_len)` attends to the first `kv_len`
+keys of a longer buffer without slicing it (cuDNN `key_value_seq_lengths`, a masked
+XLA reference, or the kernels with a static `prefix_spec`); `kv_len` may be traced on
+the cuDNN and XLA backends.
+
 Sharding: `pallas_call` has no sharding rule; `attention_sharded` runs the op under
 `jax.shard_map` over the batch and head axes of a mesh, and over a context
 (sequence) axis by DeepSpeed-Ulysses all-to-alls (or query-only splitting for

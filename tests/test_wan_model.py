@@ -333,8 +333,9 @@ def test_kv_variant_errors():
         apply(params, x[:, :1], t[:, :1], ctx, actions=a[:, :1], pattern=window, cache=per_layer, cache_frames=2,
               write_cache=True, kv_update="inplace")
     remat = functional(WanModel(CFG.replace(remat="block"), rngs=nnx.Rngs(0)))[0]
-    with pytest.raises(ValueError, match="remat='block' would save that carry"):
-        remat(params, x, t, ctx, pattern=one, cache=stacked, kv_update="inplace", **kw)
+    for lp in (None, split_layer_params(params)):          # layer scan and Python layer loop
+        with pytest.raises(ValueError, match="remat='block' would save it at every layer"):
+            remat(params, x, t, ctx, pattern=one, cache=stacked, kv_update="inplace", layer_params=lp, **kw)
     with pytest.raises(ValueError, match="layer_params must hold 2 layers"):
         apply(params, x, t, ctx, pattern=one, cache=stacked, layer_params=split_layer_params(params)[:1], **kw)
     with pytest.raises(ValueError, match="KV cache has 1 layers"):

@@ -599,12 +599,15 @@ class _LayerRun:
             cache = KVCache(append(cache.k, new_kv[0]), append(cache.v, new_kv[1]))
         return h, cache
 
-    def scan_inplace(self, h, cache, cache_frames, unroll):
+    def _check_no_remat_carry(self):
         if self.cfg.remat != "none":
             raise ValueError(
-                "kv_update='inplace' with a stacked cache carries the cache through the layer scan, and "
-                f"remat={self.cfg.remat!r} would save that carry at every layer; use remat='none', a "
-                "per-layer cache, or kv_update='concat'")
+                "kv_update='inplace' with a stacked cache passes the whole cache from layer to layer, and "
+                f"remat={self.cfg.remat!r} would save it at every layer; use remat='none', a per-layer "
+                "cache, or kv_update='concat'")
+
+    def scan_inplace(self, h, cache, cache_frames, unroll):
+        self._check_no_remat_carry()
         spec, ad = self.spec, self.ad
 
         def body(carry, layer_state):
@@ -617,7 +620,7 @@ class _LayerRun:
         return h, KVCache(ck, cv)
 
     def loop(self, h, cache, cache_frames, write_cache, inplace, layer_params):
-        """Python loop over the layers; per-layer buffers are edited one by one."""
+        """Python loop over the layers; the cache buffers are edited layer by layer."""
         num = self.cfg.num_layers
         if layer_params is not None:       # leaves of one layer each, in the stacked state's order
             treedef = jax.tree.structure(self.block_state)
@@ -628,21 +631,21 @@ class _LayerRun:
         else:
             states = [jax.tree.map(lambda a, i=i: a[i], self.block_state) for i in range(num)]
         spec, ad = self.spec, self.ad
-        if inplace and cache.per_layer and spec is not None and not ops_unmasked(spec):
+        per_layer = cache is not None and cache.per_layer
+        if inplace and per_layer and spec is not None and not ops_unmasked(spec):
             raise ValueError(
                 "kv_update='inplace' with a per-layer cache attends by length only, so every query of "
                 "the call must see every cached key (one block, no local window cutting the cache); "
                 "use kv_update='concat' or a stacked cache for this call")
-        if cache is None:
-            ks = vs = None
-        elif cache.per_layer:
-            ks, vs = list(cache.k), list(cache.v)
-        else:
-            ks, vs = cache.k, cache.v
+        if inplace and not per_layer:
+            self._check_no_remat_carry()
+        # per-layer: lists of layer buffers [B, S, H, D]; stacked: the [L, B, S, H, D] arrays
+        ks, vs = (None, None) if cache is None else (
+            (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v))
         for i, state in enumerate(states):
             if cache is None:
                 kv_fn = None
-            elif inplace and cache.per_layer:
+            elif inplace and per_layer:
                 kv_fn = _layer_inplace_kv(ks[i], vs[i], cache_frames, ad)
             elif inplace:
                 kv_fn = _stacked_inplace_kv(ks, vs, i, cache_frames, spec, ad)
@@ -651,24 +654,28 @@ class _LayerRun:
             h, extra = self._remat(lambda s, h, kv_fn=kv_fn: self._layer(s, h, kv_fn))(state, h)
             if extra is None:
                 continue
-            if inplace and cache.per_layer:
+            if inplace and per_layer:
                 ks[i], vs[i] = extra
             elif inplace:
                 ks, vs = extra
-            else:                                    # concat + write: store this layer's keys now
-                def put(buf, new, i=i):
-                    start = cache_frames * new.shape[2]
-                    new = _flat_tokens(new).astype(buf.dtype)
-                    if cache.per_layer:
-                        return jax.lax.dynamic_update_slice(buf, new, (0, start, 0, 0))
-                    return jax.lax.dynamic_update_slice(buf, new[None], (i, 0, start, 0, 0))
-                if cache.per_layer:
-                    ks[i], vs[i] = put(ks[i], extra[0]), put(vs[i], extra[1])
-                else:
-                    ks, vs = put(ks, extra[0]), put(vs, extra[1])
+            elif per_layer:                  # concat + write: store this layer's keys now
+                ks[i], vs[i] = (_put_layer(ks[i], extra[0], None, cache_frames),
+                                _put_layer(vs[i], extra[1], None, cache_frames))
+            else:
+                ks, vs = _put_layer(ks, extra[0], i, cache_frames), _put_layer(vs, extra[1], i, cache_frames)
         if cache is None:
             return h, None
-        return h, KVCache(tuple(ks), tuple(vs)) if cache.per_layer else KVCache(ks, vs)
+        return h, KVCache(tuple(ks), tuple(vs)) if per_layer else KVCache(ks, vs)
+
+
+def _put_layer(buf, new, layer, cache_frames):
+    """Write `new [B, T, N, H, D]` at frame `cache_frames` of `buf` (`[B, S, H, D]`, or layer
+    `layer` of a stacked `[L, B, S, H, D]`)."""
+    start = cache_frames * new.shape[2]
+    new = _flat_tokens(new).astype(buf.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice(buf, new, (0, start, 0, 0))
+    return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, start, 0, 0))
 
 
 def split_layer_params(params) -> tuple:

@@ -18,6 +18,14 @@ both context modes share a compile. With a rolling window the
 layout reaches a steady state after `sink_blocks + local_attn_blocks` chunks and
 the same compiled function is reused from then on (flat memory).
 
+Speed options (`StreamingSampler`; the video is the same, see tests/test_sampling.py):
+`kv_update="inplace"` writes each layer's keys into the cache before attending
+instead of concatenating `[cached | new]`; `kv_layout="per_layer"` keeps one buffer
+and one parameter copy per layer (Python layer loop: no slice of weights or cache is
+copied per call; with "inplace", attention reads each buffer with a valid length and
+the cache length is traced, so one compile serves every layout of a chunk shape);
+`call_loop="host"` dispatches each model call as its own asynchronous jitted call.
+
 RoPE positions: every call passes `frame_pos` = absolute frame indices, so keys in
 the cache keep the positions they were written with, also after the window part
 is shifted. Angles are computed directly (`pos * inv_freq` in float32; no table),
@@ -173,8 +181,9 @@ def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times,
     """Model call `j` of a chunk on its own (call_loop="host"): returns (x after call j, cache).
 
     The host loops over the calls; each is one jitted, asynchronous dispatch (cache and x
-    donated). A device loop with a traced trip count makes the host wait for each
-    iteration's loop predicate, which keeps the host from running ahead of the device.
+    donated). In the device loop (`_chunk_fn`), XLA copies each iteration's loop predicate
+    back to the host (the trip count is traced), so the host cannot run ahead of the device
+    there; here nothing waits on the device.
     Arguments as in `_chunk_fn`; x: `[B, f, H, W, C]` (noise[0] before call 0); j: int32.
     """
     kw = _call_kwargs(static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll)
