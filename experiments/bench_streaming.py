@@ -16,9 +16,15 @@ timed pairs of videos, each chunk `block_until_ready`-ed as it is yielded:
                   ready, chunks dispatched one at a time (host gaps between chunks included)
   overall_fps:    all frames / total time, same run
   *_prefetch:     the same with prefetch (chunk i+1 dispatched before chunk i is handed
-                  over, hiding host work; on CPU dispatch is not asynchronous, ignore these)
+                  over, hiding host work; on CPU dispatch is not asynchronous, ignore these).
+                  Only meaningful when dispatch is asynchronous: with the default device
+                  call loop (a fori_loop with a traced trip count) XLA reads every
+                  iteration's loop predicate on the host, so the dispatch returns when the
+                  chunk is done, chunk i is seen only after chunk i+1 ran, and
+                  steady_fps_prefetch spans one chunk less than it counts (too high)
   dispatch_ms:    median host time to hand over the next chunk (noise, layout, jit dispatch),
-                  without prefetch -- the host part of the gap between chunks
+                  without prefetch: a few ms when dispatch is asynchronous, about the chunk's
+                  device time when it is not (see above)
 (medians over repeats). peak_mem_gb is the device's `peak_bytes_in_use` after the
 configuration; it is a process-wide high-water mark, so use --isolate (one subprocess
 per configuration) for per-configuration peaks.
@@ -45,9 +51,10 @@ every cache length is its own executable -- chunk 3 over 21 frames compiles 7 ch
 functions, frame-wise 21 (shared by all step counts and both context modes); the per-layer
 in-place variant compiles one. If that does not fit one run, split it (`--blocks 3`, then
 `--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a
-jax.profiler trace of one timed video of the first configuration (view in TensorBoard/Perfetto)
-and prints where the kernel time of a chunk goes (experiments/trace_summary.py). XLA runs
-op by op while profiling (no command buffers), so the profile shows kernel time, not launches.
+jax.profiler trace of one extra pair of videos of the first configuration (view in
+TensorBoard/Perfetto; not part of the timings) and prints where the kernel time of a chunk goes
+(experiments/trace_summary.py). XLA runs op by op while profiling (no command buffers), so the
+profile shows kernel time, not launch behaviour.
 """
 
 from __future__ import annotations
@@ -146,22 +153,20 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     warmup = time.perf_counter() - t
     check = video_check(video)
     del video
-    runs = []
-    for r in range(args.repeats):
-        if args.profile and r == 0 and not args._profiled:
-            args._profiled = True
-            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-                runs.append(timed(sampler, key, context, frames, actions))
-            chunks = len(list(chunk_bounds(pattern, frames)))
-            try:   # two videos were traced (with and without prefetch): time per chunk
-                prof = trace_summary.summarize(args.profile, per=2 * chunks)
-                print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
-                      + trace_summary.fmt(prof), flush=True)
-            except (ValueError, FileNotFoundError) as e:
-                prof = None
-                print(f"profile summary failed: {e}", flush=True)
-        else:
-            runs.append(timed(sampler, key, context, frames, actions))
+    runs = [timed(sampler, key, context, frames, actions) for _ in range(args.repeats)]
+    prof = None
+    if args.profile and not args._profiled:
+        # one more pair of videos under the profiler, not in the timings (XLA runs op by op then)
+        args._profiled = True
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            timed(sampler, key, context, frames, actions)
+        chunks = len(list(chunk_bounds(pattern, frames)))
+        try:   # two videos were traced (with and without prefetch): time per chunk
+            prof = trace_summary.summarize(args.profile, per=2 * chunks)
+            print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
+                  + trace_summary.fmt(prof), flush=True)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"profile summary failed: {e}", flush=True)
     first, steady, overall, steady_pf, overall_pf, disp = (statistics.median(x) for x in zip(*runs))
     tpf = sampler.tpf
     row = dict(model=name, variant=args.label, **variant_options(args), traced_cache_len=sampler.traced_cache_len,
@@ -171,8 +176,7 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
                compiled=sampler.compiled_count(), video_check=check,
                warmup_s=warmup, peak_mem_gb=peak_memory_gb(), repeats=args.repeats,
                cache_gb=cfg.num_layers * frames * tpf * cfg.dim * 2 * jnp.dtype(cfg.compute_dtype).itemsize / 2 ** 30)
-    if args.profile and args._profiled is True:
-        args._profiled = "done"
+    if prof is not None:
         row["profile_per_chunk"] = prof
     target = TARGETS.get((block, steps, mode)) if name == "wan_1_3b" else None
     if target is not None:
@@ -230,19 +234,17 @@ def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
             cells[(r["model"], r["block_frames"], r["steps"], r["context"]), label] = r
     keys = sorted({k for k, _ in cells}, key=lambda k: (k[0], k[1], k[2], k[3] != "noisy"))
     labels = [label for label, _ in runs]
-    width = 20
+    width = 16
     head = f"{'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'target':>6s}  " + " ".join(
         f"{lab[:width]:>{width}s}" for lab in labels)
-    lines = ["per variant: steady latent frames/s / with prefetch / host dispatch ms per chunk",
-             head, "-" * len(head)]
+    lines = ["per variant: steady latent frames/s / host dispatch ms per chunk", head, "-" * len(head)]
     for k in keys:
         tgt = TARGETS.get(k[1:]) if k[0] == "wan_1_3b" else None
         vals = []
         for lab in labels:
             r = cells.get((k, lab))
             vals.append(f"{'-':>{width}s}" if r is None else
-                        f"{r['steady_fps']:.2f} / {r['steady_fps_prefetch']:.2f} / "
-                        f"{r.get('dispatch_ms', float('nan')):.1f}".rjust(width))
+                        f"{r['steady_fps']:.2f} / {r.get('dispatch_ms', float('nan')):.1f}".rjust(width))
         lines.append(f"{k[0]:9s} {k[1]:5d} {k[2]:5d} {k[3]:>7s} {'' if tgt is None else f'{tgt:.1f}':>6s}  "
                      + " ".join(vals))
     if labels:       # same seeds everywhere: the videos must agree up to kernel rounding

@@ -79,6 +79,7 @@ VARIANTS = {
     "per_layer_inplace": dict(kv_update="inplace", kv_layout="per_layer"),
     "host_loop": dict(call_loop="host"),
     "per_layer_inplace_host": dict(kv_update="inplace", kv_layout="per_layer", call_loop="host"),
+    "inplace_unroll2": dict(kv_update="inplace", scan_unroll=2),
 }
 
 
