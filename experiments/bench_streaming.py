@@ -16,17 +16,45 @@ timed pairs of videos, each chunk `block_until_ready`-ed as it is yielded:
                   ready, chunks dispatched one at a time (host gaps between chunks included)
   overall_fps:    all frames / total time, same run
   *_prefetch:     the same with prefetch (chunk i+1 dispatched before chunk i is handed
-                  over, hiding host work; on CPU dispatch is not asynchronous, ignore these)
+                  over, hiding host work; on CPU dispatch is not asynchronous, ignore these).
+                  Only meaningful when dispatch is asynchronous: with the default device
+                  call loop (a fori_loop with a traced trip count) XLA reads every
+                  iteration's loop predicate on the host, so the dispatch returns when the
+                  chunk is done, chunk i is seen only after chunk i+1 ran, and
+                  steady_fps_prefetch spans one chunk less than it counts (too high)
+  dispatch_ms:    median host time to hand over the next chunk (noise, layout, jit dispatch),
+                  without prefetch: a few ms when dispatch is asynchronous, about the chunk's
+                  device time when it is not (see above)
 (medians over repeats). peak_mem_gb is the device's `peak_bytes_in_use` after the
 configuration; it is a process-wide high-water mark, so use --isolate (one subprocess
 per configuration) for per-configuration peaks.
 
-Compile time: the model takes `cache_frames` as a static int, so every cache length is
-its own executable -- chunk 3 over 21 frames compiles 7 chunk functions, frame-wise 21
-(shared by all step counts and both context modes). If that does not fit one run, split
-it (`--blocks 3`, then `--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a jax.profiler
-trace of one timed video of the first configuration (view in TensorBoard/Perfetto) and prints
-where the kernel time of a chunk goes (experiments/trace_summary.py).
+Variants (StreamingSampler options; one per run, named by --label):
+  --kv_update concat|inplace   concatenate [cached | new] keys per layer (default), or write
+                               the new keys into the cache first and attend to the buffer
+  --kv_layout stacked|per_layer  one [layers, ...] buffer and the layer scan (default), or a
+                               buffer and a parameter copy per layer and a Python layer loop
+                               (with inplace: no copy at all, one compile for all cache lengths)
+  --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
+  --call_loop device|host      a chunk's model calls in one jitted fori_loop (default; with its
+                               traced trip count XLA reads every iteration's loop predicate back
+                               to the host, which can keep the dispatch from returning early), or
+                               one asynchronously dispatched jitted call per model call
+  --compiler_option NAME=VALUE XLA option of the chunk function (repeatable), e.g. command
+                               buffers (CUDA graphs) around while loops:
+                               xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+  --configs 2:noisy,2:clean    steps:context pairs instead of --steps x --contexts
+  --compare A.json B.json ...  print the variants side by side and `best: LABEL` (no run)
+
+Compile time: with the default options the model takes `cache_frames` as a static int, so
+every cache length is its own executable -- chunk 3 over 21 frames compiles 7 chunk
+functions, frame-wise 21 (shared by all step counts and both context modes); the per-layer
+in-place variant compiles one. If that does not fit one run, split it (`--blocks 3`, then
+`--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a
+jax.profiler trace of one extra pair of videos of the first configuration (view in
+TensorBoard/Perfetto; not part of the timings) and prints where the kernel time of a chunk goes
+(experiments/trace_summary.py). XLA runs op by op while profiling (no command buffers), so the
+profile shows kernel time, not launch behaviour.
 """
 
 from __future__ import annotations
@@ -78,22 +106,33 @@ def peak_memory_gb():
 
 
 def time_video(sampler, key, context, frames, actions, prefetch):
-    """(first_chunk_s, steady_fps, overall_fps) of one streamed video."""
+    """(first_chunk_s, steady_fps, overall_fps, median host dispatch s of chunks >= 1) of one video.
+
+    The dispatch time is how long the generator takes to hand over the next chunk (host work:
+    noise, layout, jit dispatch; the device runs asynchronously), measured without prefetch.
+    """
     t0 = time.perf_counter()
-    ready, counts = [], []
-    for c in sampler.stream(key, context, frames, actions, prefetch=prefetch):
+    ready, counts, dispatch = [], [], []
+    it = iter(sampler.stream(key, context, frames, actions, prefetch=prefetch))
+    while True:
+        t_ask = time.perf_counter()
+        c = next(it, None)
+        if c is None:
+            break
+        dispatch.append(time.perf_counter() - t_ask)
         c.frames.block_until_ready()
         ready.append(time.perf_counter() - t0)
         counts.append(c.frames.shape[1])
     steady = (sum(counts[1:]) / (ready[-1] - ready[0])) if len(ready) > 1 else float("nan")
-    return ready[0], steady, frames / ready[-1]
+    disp = statistics.median(dispatch[1:]) if len(dispatch) > 1 else float("nan")
+    return ready[0], steady, frames / ready[-1], disp
 
 
 def timed(sampler, key, context, frames, actions):
     """One video without prefetch (latency, steady state incl. host gaps) and one with (pipelined)."""
-    first, steady, overall = time_video(sampler, key, context, frames, actions, False)
-    _, steady_pf, overall_pf = time_video(sampler, key, context, frames, actions, True)
-    return first, steady, overall, steady_pf, overall_pf
+    first, steady, overall, disp = time_video(sampler, key, context, frames, actions, False)
+    _, steady_pf, overall_pf, _ = time_video(sampler, key, context, frames, actions, True)
+    return first, steady, overall, steady_pf, overall_pf, disp
 
 
 def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, args, model_cache):
@@ -105,38 +144,39 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
         model_cache[name] = (apply, params, time.perf_counter() - t)
     apply, params, _ = model_cache[name]
     pattern = AttentionPattern("block_causal", block)
-    sampler = StreamingSampler(apply, params, cfg, pattern, latent_hw, 1, steps, mode)
+    sampler = StreamingSampler(apply, params, cfg, pattern, latent_hw, 1, steps, mode, **variant_options(args))
     key = jax.random.key(0)
     context = jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim), jnp.float32)
     actions = (np.random.default_rng(0).integers(0, cfg.num_actions, (1, frames)) if with_actions else None)
     t = time.perf_counter()
-    sampler.generate(key, context, frames, actions).block_until_ready()
+    video = sampler.generate(key, context, frames, actions).block_until_ready()
     warmup = time.perf_counter() - t
-    runs = []
-    for r in range(args.repeats):
-        if args.profile and r == 0 and not args._profiled:
-            args._profiled = True
-            with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-                runs.append(timed(sampler, key, context, frames, actions))
-            chunks = len(list(chunk_bounds(pattern, frames)))
-            try:   # two videos were traced (with and without prefetch): time per chunk
-                prof = trace_summary.summarize(args.profile, per=2 * chunks)
-                print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
-                      + trace_summary.fmt(prof), flush=True)
-            except (ValueError, FileNotFoundError) as e:
-                prof = None
-                print(f"profile summary failed: {e}", flush=True)
-        else:
-            runs.append(timed(sampler, key, context, frames, actions))
-    first, steady, overall, steady_pf, overall_pf = (statistics.median(x) for x in zip(*runs))
+    check = video_check(video)
+    del video
+    runs = [timed(sampler, key, context, frames, actions) for _ in range(args.repeats)]
+    prof = None
+    if args.profile and not args._profiled:
+        # one more pair of videos under the profiler, not in the timings (XLA runs op by op then)
+        args._profiled = True
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            timed(sampler, key, context, frames, actions)
+        chunks = len(list(chunk_bounds(pattern, frames)))
+        try:   # two videos were traced (with and without prefetch): time per chunk
+            prof = trace_summary.summarize(args.profile, per=2 * chunks)
+            print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
+                  + trace_summary.fmt(prof), flush=True)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"profile summary failed: {e}", flush=True)
+    first, steady, overall, steady_pf, overall_pf, disp = (statistics.median(x) for x in zip(*runs))
     tpf = sampler.tpf
-    row = dict(model=name, latent_hw=list(latent_hw), tokens_per_frame=tpf, frames=frames, block_frames=block,
+    row = dict(model=name, variant=args.label, **variant_options(args), traced_cache_len=sampler.traced_cache_len,
+               latent_hw=list(latent_hw), tokens_per_frame=tpf, frames=frames, block_frames=block,
                steps=steps, context=mode, first_chunk_ms=first * 1e3, steady_fps=steady, overall_fps=overall,
-               steady_fps_prefetch=steady_pf, overall_fps_prefetch=overall_pf,
+               steady_fps_prefetch=steady_pf, overall_fps_prefetch=overall_pf, dispatch_ms=disp * 1e3,
+               compiled=sampler.compiled_count(), video_check=check,
                warmup_s=warmup, peak_mem_gb=peak_memory_gb(), repeats=args.repeats,
                cache_gb=cfg.num_layers * frames * tpf * cfg.dim * 2 * jnp.dtype(cfg.compute_dtype).itemsize / 2 ** 30)
-    if args.profile and args._profiled is True:
-        args._profiled = "done"
+    if prof is not None:
         row["profile_per_chunk"] = prof
     target = TARGETS.get((block, steps, mode)) if name == "wan_1_3b" else None
     if target is not None:
@@ -145,50 +185,176 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
 
 
 def fmt(rows):
-    head = (f"{'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'first ms':>9s} {'steady f/s':>10s} "
-            f"{'overall f/s':>11s} {'peak GB':>8s} {'target':>7s}")
+    head = (f"{'variant':14s} {'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'first ms':>9s} "
+            f"{'steady f/s':>10s} {'prefetch':>8s} {'disp ms':>7s} {'peak GB':>8s} {'target':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
         tgt = "" if "target_fps" not in r else f"{r['target_fps']:.1f}{' ok' if r['meets_target'] else ' MISS'}"
-        lines.append(f"{r['model']:9s} {r['block_frames']:5d} {r['steps']:5d} {r['context']:>7s} "
-                     f"{r['first_chunk_ms']:9.1f} {r['steady_fps']:10.2f} {r['overall_fps']:11.2f} {peak:>8s} {tgt:>7s}")
+        lines.append(f"{r.get('variant', '-')[:14]:14s} {r['model']:9s} {r['block_frames']:5d} {r['steps']:5d} "
+                     f"{r['context']:>7s} {r['first_chunk_ms']:9.1f} {r['steady_fps']:10.2f} "
+                     f"{r['steady_fps_prefetch']:8.2f} {r.get('dispatch_ms', float('nan')):7.2f} {peak:>8s} {tgt:>9s}")
     return "\n".join(lines)
+
+
+def video_check(video) -> dict:
+    """A fingerprint of a generated video (same seeds in every variant): mean |x| and 64 samples."""
+    flat = np.asarray(video, np.float32).reshape(-1)
+    idx = np.linspace(0, flat.size - 1, 64).astype(np.int64)
+    return dict(abs_mean=float(np.abs(flat).mean()), finite=bool(np.isfinite(flat).all()),
+                samples=[float(x) for x in flat[idx]])
+
+
+def variant_options(args) -> dict:
+    """The StreamingSampler options of the benchmarked variant."""
+    return dict(kv_update=args.kv_update, kv_layout=args.kv_layout, scan_unroll=args.scan_unroll,
+                call_loop=args.call_loop, compiler_options=dict(args.compiler_option) or None)
+
+
+def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
+    """A table of several result files (one variant each) and the best variant at `key`.
+
+    Rows: (chunk, steps, context); columns: steady f/s per variant (missing: '-'). The last
+    line is `best: LABEL` -- the variant with the highest steady f/s at `key`
+    (model, chunk, steps, context) -- or `best: none`.
+    """
+    runs = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                rows = json.load(f)["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"skipping {p}: {e}", flush=True)
+            continue
+        if rows:
+            runs.append((rows[0].get("variant") or os.path.basename(p), rows))
+    cells = {}
+    for label, rows in runs:
+        for r in rows:
+            cells[(r["model"], r["block_frames"], r["steps"], r["context"]), label] = r
+    keys = sorted({k for k, _ in cells}, key=lambda k: (k[0], k[1], k[2], k[3] != "noisy"))
+    labels = [label for label, _ in runs]
+    width = 16
+    head = f"{'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'target':>6s}  " + " ".join(
+        f"{lab[:width]:>{width}s}" for lab in labels)
+    lines = ["per variant: steady latent frames/s / host dispatch ms per chunk", head, "-" * len(head)]
+    for k in keys:
+        tgt = TARGETS.get(k[1:]) if k[0] == "wan_1_3b" else None
+        vals = []
+        for lab in labels:
+            r = cells.get((k, lab))
+            vals.append(f"{'-':>{width}s}" if r is None else
+                        f"{r['steady_fps']:.2f} / {r.get('dispatch_ms', float('nan')):.1f}".rjust(width))
+        lines.append(f"{k[0]:9s} {k[1]:5d} {k[2]:5d} {k[3]:>7s} {'' if tgt is None else f'{tgt:.1f}':>6s}  "
+                     + " ".join(vals))
+    if labels:       # same seeds everywhere: the videos must agree up to kernel rounding
+        ref_label = labels[0]
+        lines.append(f"video deviation from {ref_label} (max |sample difference| / mean |x|; bf16 "
+                     "rounding gives ~1e-2, a wrong path O(1)):")
+        for k in keys:
+            ref = cells.get((k, ref_label), {}).get("video_check")
+            devs = []
+            for lab in labels[1:]:
+                other = cells.get((k, lab), {}).get("video_check")
+                if ref is None or other is None:
+                    continue
+                d = np.max(np.abs(np.subtract(other["samples"], ref["samples"]))) / max(ref["abs_mean"], 1e-30)
+                devs.append(f"{lab}: {d:.1e}{'' if other['finite'] else ' NON-FINITE'}")
+            if devs:
+                lines.append(f"  {k[0]} chunk {k[1]} {k[2]} steps {k[3]}: " + ", ".join(devs))
+    scored = [(cells[(key, lab)]["steady_fps"], lab) for lab in labels if (key, lab) in cells]
+    lines.append(f"best: {max(scored)[1] if scored else 'none'}")
+    return "\n".join(lines)
+
+
+def _option(text: str):
+    """NAME=VALUE of --compiler_option (true/false/ints become bool/int, as jax.jit expects)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--compiler_option takes NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    low = value.lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON output path")
-    p.add_argument("--quick", action="store_true", help="tiny model, small sizes (CPU sanity check)")
+    p.add_argument("--out", default=None, help="JSON output path (required unless --compare)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, small sizes (CPU sanity check); default --blocks 3,1 --steps 1,2 --repeats 2")
     p.add_argument("--models", default="wan_1_3b,tiny")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--latent_hw", default="60,104")
     p.add_argument("--frames", type=int, default=21)
-    p.add_argument("--blocks", default="3,1", help="chunk sizes in latent frames (1 = frame-wise)")
-    p.add_argument("--steps", default="1,2,4")
+    p.add_argument("--blocks", default=None, help="chunk sizes in latent frames (1 = frame-wise); default 3,1")
+    p.add_argument("--steps", default=None, help="default 1,2,4")
     p.add_argument("--contexts", default="clean,noisy")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--configs", default=None,
+                   help="steps:context pairs to run instead of --steps x --contexts, e.g. 2:noisy,2:clean,4:clean")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 5)")
+    p.add_argument("--label", default=None, help="variant name in the table and JSON (default: from the options)")
+    p.add_argument("--kv_update", default="concat", choices=["concat", "inplace"],
+                   help="how a cached call gives attention its keys (see WanModel.__call__)")
+    p.add_argument("--kv_layout", default="stacked", choices=["stacked", "per_layer"],
+                   help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)")
+    p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
+    p.add_argument("--call_loop", default="device", choices=["device", "host"],
+                   help="a chunk's model calls: one jitted fori_loop (device) or one async jitted call each (host)")
+    p.add_argument("--compiler_option", type=_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="XLA option of the jitted chunk function (repeatable), e.g. "
+                        "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                        "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="print a table of these result files (one variant each) and the best variant; no run")
+    p.add_argument("--compare_key", default="wan_1_3b:3:2:noisy", metavar="MODEL:CHUNK:STEPS:CONTEXT",
+                   help="the configuration --compare ranks the variants by")
     p.add_argument("--isolate", action="store_true", help="one subprocess per configuration (exact peaks)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)   # model:block:steps:context (--isolate)
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the first configuration here")
     p.add_argument("--compile_cache", default=None,
                    help="persistent XLA compilation cache dir (frame-wise 21 frames = 21 cache layouts to compile)")
     a = p.parse_args(argv)
+    if a.compare:
+        return a
+    if a.out is None:
+        p.error("--out is required (unless --compare)")
     a.models = a.models.split(",")
     a.latent_hw = [int(v) for v in a.latent_hw.split(",")]
-    a.blocks = [int(v) for v in a.blocks.split(",")]
-    a.steps = [int(v) for v in a.steps.split(",")]
+    a.blocks = [int(v) for v in (a.blocks or "3,1").split(",")]
+    a.steps = [int(v) for v in (a.steps or ("1,2" if a.quick else "1,2,4")).split(",")]
+    a.repeats = (2 if a.quick else 5) if a.repeats is None else a.repeats
     a.contexts = a.contexts.split(",")
+    pairs = ([(n, m) for n in a.steps for m in a.contexts] if a.configs is None
+             else [_pair(c) for c in a.configs.split(",")])
+    a.pairs = pairs
+    if a.label is None:
+        a.label = "-".join([a.kv_update, a.kv_layout, a.call_loop]
+                           + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
+                           + (["opts"] if a.compiler_option else []))
+    if a.scan_unroll < 1:
+        p.error("--scan_unroll must be >= 1")
     a._profiled = False
-    if a.quick:
-        a.blocks, a.steps, a.repeats = [3, 1], [1, 2], min(a.repeats, 2)
     return a
+
+
+def _pair(text: str) -> tuple[int, str]:
+    steps, _, mode = text.partition(":")
+    if mode not in ("clean", "noisy") or not steps.isdigit() or int(steps) < 1:
+        raise SystemExit(f"--configs entries are STEPS:CONTEXT with CONTEXT clean|noisy, got {text!r}")
+    return int(steps), mode
 
 
 def main(argv=None):
     args = parse(argv)
-    configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n in args.steps
-               for m in args.contexts]
+    if args.compare:
+        model, chunk, steps, mode = args.compare_key.split(":")
+        print(compare(args.compare, (model, int(chunk), int(steps), mode)))
+        return
+    configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n, m in args.pairs]
     if args.only:
         configs = [c for c in configs if f"{c[0][0]}:{c[1]}:{c[2]}:{c[3]}" == args.only]
     if args.compile_cache:
@@ -200,8 +366,8 @@ def main(argv=None):
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, rows=rows, table=fmt(rows)), f,
-                      indent=1)
+            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, variant=args.label,
+                           options=variant_options(args), rows=rows, table=fmt(rows)), f, indent=1)
 
     for (name, cfg, hw, frames, acts), block, steps, mode in configs:
         if args.isolate and not args.only:

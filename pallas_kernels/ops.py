@@ -32,6 +32,11 @@ Automatic differentiation (`ad`), for the ``triton`` backend:
     transpose) instead of running anything slow.
 The XLA backend supports both AD modes in either setting.
 
+KV-cache buffers: `attention_kv_prefix(q, k, v, kv_len)` attends to the first `kv_len`
+keys of a longer buffer without slicing it (cuDNN `key_value_seq_lengths`, a masked
+XLA reference, or the kernels with a static `prefix_spec`); `kv_len` may be traced on
+the cuDNN and XLA backends.
+
 Sharding: `pallas_call` has no sharding rule; `attention_sharded` runs the op under
 `jax.shard_map` over the batch and head axes of a mesh, and over a context
 (sequence) axis by DeepSpeed-Ulysses all-to-alls (or query-only splitting for
@@ -214,6 +219,98 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
     return _attn_jvp(q, k, v, spec, scale, config, interpret, impl)
 
 
+# ----------------------------------------------------------------------------- key prefix
+def prefix_spec(q_len: int, kv_len: int, valid: int) -> MaskSpec:
+    """A static `MaskSpec` in which every query sees exactly keys `[0, valid)` of `kv_len`.
+
+    Block-causal over single tokens (tokens_per_frame = 1) with the queries as the block
+    `[valid - q_len, valid)`: every key at or after `valid` lies in a later block and is
+    masked, so the kernels skip its tiles. Needs `q_len <= valid <= kv_len`.
+    """
+    if not q_len <= valid <= kv_len:
+        raise ValueError(f"prefix_spec needs q_len ({q_len}) <= valid ({valid}) <= kv_len ({kv_len})")
+    first = valid - q_len if valid > q_len else q_len
+    return MaskSpec("block_causal", q_len, kv_len, 1, first, q_len, q_offset=valid - q_len)
+
+
+def prefix_impl(q, k, *, impl: str = "auto", ad: str = "vjp", interpret: bool | str = False) -> str:
+    """The backend `attention_kv_prefix` runs for these inputs (``xla``, ``cudnn``, ``triton``, ``mosaic``)."""
+    requested, impl = impl, resolve_impl(impl, interpret)
+    if requested == "auto" and impl == "triton" and _auto_cudnn(q, k, MaskSpec("full", q.shape[1], k.shape[1]), ad):
+        impl = "cudnn"
+    return impl
+
+
+def prefix_len_can_be_traced(q, k, *, impl: str = "auto", ad: str = "vjp",
+                             interpret: bool | str = False) -> bool:
+    """Whether `attention_kv_prefix` accepts a traced `kv_len` for these inputs (cuDNN or XLA)."""
+    return prefix_impl(q, k, impl=impl, ad=ad, interpret=interpret) in ("xla", "cudnn")
+
+
+def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: str = "auto",
+                        ad: str = "vjp", interpret: bool | str = False,
+                        config: FlashConfig | MosaicConfig | None = None):
+    """Attention in which every query sees keys `[0, kv_len)` of `k, v`; later keys are ignored.
+
+    For a KV-cache buffer that already holds this call's keys: attending over the whole
+    buffer with a valid length needs no copy of the valid part.
+
+    Args:
+      q: `[B, Lq, H, D]`; k, v: `[B, S, H, D]` (e.g. one layer's cache buffer).
+      kv_len: valid keys, a Python int in [1, S] or a traced int32 scalar (then only the
+        ``cudnn`` and ``xla`` backends apply; see `prefix_len_can_be_traced`).
+      scale, impl, ad, interpret, config: as in `attention`. ``auto`` picks cuDNN (its
+        `key_value_seq_lengths`; it skips the keys past the length) where `attention`
+        would pick it for an unmasked call, the XLA reference (keys past the length
+        masked) on CPU, and otherwise our kernels with `prefix_spec` (static lengths).
+    Returns:
+      `[B, Lq, H, D]` in q's dtype. Keys past `kv_len` never contribute, whatever they hold
+      (finite values; they are masked, not read as zeros).
+    """
+    check_qkv(q, k, v)
+    if ad not in AD_MODES:
+        raise ValueError(f"attention ad mode must be one of {AD_MODES}, got {ad!r}")
+    static = isinstance(kv_len, (int, np.integer))
+    s_len = k.shape[1]
+    if static and not 1 <= int(kv_len) <= s_len:
+        raise ValueError(f"kv_len must be in [1, {s_len}] (the keys given), got {kv_len}")
+    impl = prefix_impl(q, k, impl=impl, ad=ad, interpret=interpret)
+    if impl == "cudnn":
+        if ad != "vjp":
+            raise ValueError("impl='cudnn' takes reverse mode (ad='vjp') only; use impl='triton' for ad='jvp'")
+        lens = jnp.full((q.shape[0],), kv_len, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens,
+                                            implementation="cudnn")
+    if impl == "xla":
+        if static:        # the same arithmetic as `attention` on exactly the valid keys
+            kv_len = int(kv_len)
+            return attention_reference(q, k[:, :kv_len], v[:, :kv_len], MaskSpec("full", q.shape[1], kv_len),
+                                       scale=scale)
+        return _prefix_reference(q, k, v, kv_len, scale)
+    if not static:
+        raise ValueError(
+            f"attention_kv_prefix with impl={impl!r} needs a static (Python int) kv_len: the kernels' "
+            "tile schedule is built at trace time; traced lengths run on cuDNN (bf16/fp16, ad='vjp') "
+            "or impl='xla'")
+    spec = prefix_spec(q.shape[1], s_len, int(kv_len))
+    return attention(q, k, v, spec, scale=scale, impl=impl, ad=ad, interpret=interpret, config=config)
+
+
+def _prefix_reference(q, k, v, kv_len, scale):
+    """XLA attention over keys `[0, kv_len)` (the same arithmetic as `attention_reference`)."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    out_dtype = q.dtype
+    ct = jnp.promote_types(q.dtype, jnp.float32)
+    q, k, v = q.astype(ct), k.astype(ct), v.astype(ct)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST) * scale
+    s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - m)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
 def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = None, *,
                       batch_axis: str | tuple[str, ...] | None = None,
                       head_axis: str | tuple[str, ...] | None = None,
@@ -312,5 +409,5 @@ def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = 
                          check_vma=False)(q, k, v)
 
 
-__all__ = ["attention", "attention_sharded", "MaskSpec", "IMPLS", "AD_MODES", "resolve_impl",
-           "FlashConfig", "Tiles", "MosaicConfig"]
+__all__ = ["attention", "attention_sharded", "attention_kv_prefix", "prefix_spec", "prefix_len_can_be_traced",
+           "MaskSpec", "IMPLS", "AD_MODES", "resolve_impl", "FlashConfig", "Tiles", "MosaicConfig"]

@@ -228,3 +228,34 @@ def test_bad_inputs_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         ops.attention(q, k, v, bad.get("spec", masks.full(16)), impl=bad.get("impl", "triton"),
                       ad=bad.get("ad", "vjp"), interpret=bad.get("interpret", True), config=SMALL)
+
+
+def test_kv_prefix_attention_ignores_keys_past_the_length():
+    """`attention_kv_prefix`: keys [0, kv_len) of a longer buffer; later keys hold junk and never count."""
+    q, k, v = _rand((1, 24, 2, 64), jnp.float32), _rand((1, 80, 2, 64), jnp.float32), _rand((1, 80, 2, 64), jnp.float32)
+    valid = 50
+    junk = lambda a: a.at[:, valid:].set(1e3)
+    k, v = junk(k), junk(v)
+    ref = attention_reference(q, k[:, :valid], v[:, :valid], masks.full(24, valid))
+    assert ops.prefix_len_can_be_traced(q, k) and not ops.prefix_len_can_be_traced(q, k, impl="triton",
+                                                                                  interpret=True)
+    np.testing.assert_allclose(ops.attention_kv_prefix(q, k, v, valid), ref, rtol=1e-6, atol=1e-6)
+    traced = jax.jit(lambda q, k, v, n: ops.attention_kv_prefix(q, k, v, n))(q, k, v, jnp.int32(valid))
+    np.testing.assert_allclose(traced, ref, rtol=1e-5, atol=1e-5)
+    kern = ops.attention_kv_prefix(q, k, v, valid, impl="triton", interpret=True, config=SMALL)
+    np.testing.assert_allclose(kern, ref, rtol=1e-5, atol=1e-5)
+    # gradients reach only the valid keys, like the reference on the sliced buffer
+    loss = lambda k: ops.attention_kv_prefix(q, k, v, valid, impl="triton", interpret=True, config=SMALL).sum()
+    gk = jax.grad(loss)(k)
+    gref = jax.grad(lambda kk: attention_reference(q, kk, v[:, :valid], masks.full(24, valid)).sum())(k[:, :valid])
+    np.testing.assert_allclose(gk[:, :valid], gref, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(gk[:, valid:]).max()) == 0.0
+    # the static prefix mask of the kernels
+    mask = masks.dense_mask(ops.prefix_spec(24, 80, valid))
+    assert mask[:, :valid].all() and not mask[:, valid:].any()
+    with pytest.raises(ValueError, match="static"):
+        jax.jit(lambda n: ops.attention_kv_prefix(q, k, v, n, impl="triton", interpret=True))(jnp.int32(valid))
+    with pytest.raises(ValueError, match=r"kv_len must be in \[1, 80\]"):
+        ops.attention_kv_prefix(q, k, v, 81)
+    with pytest.raises(ValueError, match="prefix_spec needs"):
+        ops.prefix_spec(24, 80, 20)

@@ -72,6 +72,38 @@ def test_streaming_equals_reference(name, mode, steps):
     assert_close(video, reference(pattern, frames, steps, mode, acts, key))
 
 
+# Sampler variants (the KV path, cache layout and call loop); {} is the default path.
+VARIANTS = {
+    "inplace_stacked": dict(kv_update="inplace"),
+    "per_layer_concat": dict(kv_layout="per_layer"),
+    "per_layer_inplace": dict(kv_update="inplace", kv_layout="per_layer"),
+    "host_loop": dict(call_loop="host"),
+    "per_layer_inplace_host": dict(kv_update="inplace", kv_layout="per_layer", call_loop="host"),
+    "inplace_unroll2": dict(kv_update="inplace", scan_unroll=2),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def cached_reference(name, frames, steps, mode, seed):
+    pattern = ROLL if name == "roll" else PATTERNS[name][0]
+    return reference(pattern, frames, steps, mode, actions(frames), jax.random.key(seed))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["clean", "noisy"])
+@pytest.mark.parametrize("name", ["framewise", "chunkwise"])
+def test_streaming_variants_equal_reference(name, mode, variant):
+    pattern, frames = PATTERNS[name]
+    s = sampler(pattern, 2, mode, **VARIANTS[variant])
+    assert s.traced_cache_len == (variant.startswith("per_layer_inplace"))   # CPU: XLA attention
+    before = s.compiled_count()
+    video = s.generate(jax.random.key(3), context(), frames, actions(frames))
+    if s.traced_cache_len:              # one compile for every cache length of this chunk shape
+        assert s.compiled_count() - before <= 1
+    assert s.cache is None and video.shape == (B, frames, *HW, CFG.in_channels)
+    assert_close(video, cached_reference(name, frames, 2, mode, 3))
+
+
 def test_modes_and_steps_differ_and_first_block_differs():
     """Sanity: the modes are not accidentally the same computation; a short first block works."""
     pattern, frames = PATTERNS["chunk_first1"]
@@ -113,30 +145,31 @@ def test_prefetch_and_live_actions_give_the_same_video():
 ROLL = AttentionPattern("block_causal", 1, local_attn_blocks=2, sink_blocks=1)
 
 
-def test_rolling_cache_equals_windowed_reference():
+@pytest.mark.parametrize("variant", [None, "inplace_stacked", "per_layer_inplace", "per_layer_inplace_host"])
+def test_rolling_cache_equals_windowed_reference(variant):
     frames = 5   # evicts from chunk 3 on
-    acts, key = actions(frames), jax.random.key(6)
-    s = sampler(ROLL, 2, "clean")
-    video = s.generate(key, context(), frames, acts)
-    assert_close(video, reference(ROLL, frames, 2, "clean", acts, key))
+    s = sampler(ROLL, 2, "clean", **VARIANTS.get(variant, {}))
+    video = s.generate(jax.random.key(6), context(), frames, actions(frames))
+    assert_close(video, cached_reference("roll", frames, 2, "clean", 6))
 
 
-def test_rolling_cache_long_video_has_flat_memory():
+@pytest.mark.parametrize("variant", [None, "per_layer_inplace_host"])
+def test_rolling_cache_long_video_has_flat_memory(variant):
     capacity = cache_capacity(ROLL, None)
     assert capacity == 3                       # 1 sink + 2-block window
     frames = 4 * capacity                       # >= 4x the buffer (6x the local window)
-    s = sampler(ROLL, (2, 1), "noisy")
+    s = sampler(ROLL, (2, 1), "noisy", **VARIANTS.get(variant, {}))
     shapes, compiled, live = set(), [], []
     out = []
     for c in s.stream(jax.random.key(7), context(), frames, actions(frames)):
         out.append(np.array(c.frames))     # a copy: np.asarray may alias the device buffer
-        shapes.add((s.cache.k.shape, s.cache.v.shape))
+        shapes.add((s.cache.per_layer, s.cache.num_layers, s.cache.batch, s.cache.max_tokens))
         compiled.append(s.compiled_count())
         del c
         live.append(sum(a.nbytes for a in jax.live_arrays()))
     assert len(out) == frames and all(np.isfinite(o).all() for o in out)
     assert len(shapes) == 1
-    assert next(iter(shapes))[0][2] == capacity * 6            # tokens: capacity frames
+    assert next(iter(shapes))[3] == capacity * 6                # tokens: capacity frames
     steady = ROLL.sink_blocks + ROLL.local_attn_blocks + 1
     assert len(set(compiled[steady:])) == 1, compiled            # same compiled function reused
     assert max(live[steady:]) <= live[steady] + 1024, live        # live device bytes stay flat
@@ -204,6 +237,12 @@ def test_bad_configuration_raises():
         sampler(AttentionPattern("full"))
     with pytest.raises(ValueError, match="context_mode"):
         sampler(AttentionPattern("block_causal", 1), mode="dirty")
+    for kw, msg in [(dict(kv_update="copy"), "kv_update must be one of"),
+                    (dict(kv_layout="flat"), "kv_layout must be one of"),
+                    (dict(call_loop="gpu"), "call_loop must be one of"),
+                    (dict(scan_unroll=0), "scan_unroll must be a positive int")]:
+        with pytest.raises(ValueError, match=msg):
+            sampler(AttentionPattern("block_causal", 1), **kw)
     with pytest.raises(ValueError, match="strictly decreasing"):
         TimeSchedule(grids=((0.5, 0.9),))
     with pytest.raises(ValueError, match="num_steps"):

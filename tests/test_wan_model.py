@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from crm_jax.models.config import TINY
-from crm_jax.models.wan import AttentionPattern, KVCache, WanModel, functional
+from crm_jax.models.wan import AttentionPattern, KVCache, WanModel, functional, split_layer_params
 
 CFG = TINY.replace(num_actions=5)
 H, W = 4, 6          # latent size -> 2 x 3 = 6 tokens per frame
@@ -213,3 +213,130 @@ def test_jvp_and_grad_with_pallas_kernels_equal_reference_attention():
     assert (num / den) ** 0.5 < 1e-5
     with pytest.raises(Exception, match="jvp|custom_vjp|forward-mode"):
         jax.jvp(f(ker, "vjp"), (x, t), (dx, dt))
+
+
+# ----------------------------------------------------------------------------- KV-cache variants
+# (kv_update, per-layer cache, traced cache_frames, per-layer parameters); "concat"/stacked is the default path.
+KV_VARIANTS = {
+    "inplace_stacked": ("inplace", False, False, False),
+    "inplace_stacked_loop": ("inplace", False, False, True),
+    "concat_per_layer": ("concat", True, False, False),
+    "inplace_per_layer": ("inplace", True, False, True),
+    "inplace_per_layer_traced": ("inplace", True, True, True),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def jitted_variants(traced=False):
+    """(jitted apply, params, per-layer params); with `traced` cache_frames is a traced argument."""
+    apply, params = functional(model())
+    static = ("pattern", "write_cache", "ad", "kv_update") + (() if traced else ("cache_frames",))
+    return jax.jit(apply, static_argnames=static), params, split_layer_params(params)
+
+
+def stream_blocks(pat, x, t, ctx, a, variant):
+    """Stream the video block by block with one KV variant: (output, final cache (stacked))."""
+    kv_update, per_layer, traced, use_lp = KV_VARIANTS[variant] if variant else ("concat", False, False, False)
+    apply, params, lp = jitted_variants(traced)
+    frames = x.shape[1]
+    cache = KVCache.create(CFG, x.shape[0], frames, TPF, per_layer=per_layer)
+    starts = pat.block_starts(frames) + [frames]
+    outs = []
+    for s, e in zip(starts[:-1], starts[1:]):
+        # a traced length needs a pattern whose block is the call (the sampler's buffer pattern)
+        p = AttentionPattern("block_causal", max(pat.block_frames, pat.first)) if traced else pat
+        o, cache = apply(params, x[:, s:e], t[:, s:e], ctx, actions=a[:, s:e], pattern=p, cache=cache,
+                         cache_frames=jnp.int32(s) if traced else s, write_cache=True, kv_update=kv_update,
+                         layer_params=lp if use_lp else None)
+        outs.append(o)
+    assert cache.per_layer == per_layer
+    return jnp.concatenate(outs, axis=1), cache.stacked()
+
+
+@pytest.mark.parametrize("variant", list(KV_VARIANTS))
+@pytest.mark.parametrize("first,chunk,frames", [(1, 1, 4), (1, 3, 7)])
+def test_kv_variants_stream_like_full_block_causal_and_fill_the_same_cache(first, chunk, frames, variant):
+    pat = AttentionPattern("block_causal", chunk, first)
+    x, t, ctx, a = inputs(12, frames)
+    full = run(x, t, ctx, a, pattern=pat)
+    ref_out, ref_cache = stream_blocks(pat, x, t, ctx, a, None)
+    out, cache = stream_blocks(pat, x, t, ctx, a, variant)
+    assert float(jnp.abs(out - full).max()) <= 1e-5 * float(jnp.abs(full).max())
+    if KV_VARIANTS[variant][2]:      # traced length: masked softmax over the whole buffer (other rounding)
+        np.testing.assert_allclose(cache.k, ref_cache.k, atol=1e-5)
+        np.testing.assert_allclose(cache.v, ref_cache.v, atol=1e-5)
+    else:                            # the same attention inputs: the very same cache
+        np.testing.assert_array_equal(cache.k, ref_cache.k)
+        np.testing.assert_array_equal(cache.v, ref_cache.v)
+        np.testing.assert_array_equal(out, ref_out)
+
+
+@functools.lru_cache(maxsize=1)
+def grad_case():
+    """(jitted grad of a loss through one cached call, jitted jvp of it, params, x) per variant name."""
+    pat = AttentionPattern("block_causal", 2, 1)
+    x, t, ctx, a = inputs(13, 5)
+    apply, params = functional(model())
+    cache = KVCache.create(CFG, 2, 5, TPF)
+    for s, e in ((0, 1), (1, 3)):
+        _, cache = apply(params, x[:, s:e], t[:, s:e], ctx, actions=a[:, s:e], pattern=pat, cache=cache,
+                         cache_frames=s, write_cache=True)
+    target = jax.random.normal(jax.random.key(130), x[:, 3:5].shape)
+
+    def loss(p, xb, var, ad="vjp"):
+        kv_update, per_layer, traced, use_lp = KV_VARIANTS[var] if var else ("concat", False, False, False)
+        c = cache.split() if per_layer else cache
+        out, c2 = apply(p, xb, t[:, 3:5], ctx, actions=a[:, 3:5], cache=c, write_cache=True, kv_update=kv_update,
+                        ad=ad, pattern=AttentionPattern("block_causal", 2) if traced else pat,
+                        cache_frames=jnp.int32(3) if traced else 3,
+                        layer_params=split_layer_params(p) if use_lp else None)
+        # the written cache is stop-gradient: it must not change the gradient
+        return jnp.mean((out - target) ** 2) + jnp.sum(c2.stacked().k) * 0.5
+
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
+    tangent = jax.jit(lambda xb, dx, var: jax.jvp(lambda z: loss(params, z, var, "jvp"), (xb,), (dx,))[1],
+                      static_argnums=2)
+    return grad, tangent, params, x[:, 3:5]
+
+
+@pytest.mark.parametrize("variant", ["inplace_stacked", "inplace_per_layer", "inplace_per_layer_traced"])
+def test_kv_variants_keep_gradients_and_tangents(variant):
+    """New keys carry gradients / tangents, cached ones do not: same as concatenating."""
+    grad, tangent, params, xb = grad_case()
+    g_ref, g = grad(params, xb, None), grad(params, xb, variant)
+    num = sum(float(jnp.sum((u - w) ** 2)) for u, w in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)))
+    den = sum(float(jnp.sum(w ** 2)) for w in jax.tree.leaves(g_ref))
+    assert (num / den) ** 0.5 < 1e-5
+    dx = jax.random.normal(jax.random.key(131), xb.shape)
+    ref = float(tangent(xb, dx, None))
+    assert abs(float(tangent(xb, dx, variant)) - ref) <= 1e-5 * abs(ref)
+
+
+def test_kv_variant_errors():
+    x, t, ctx, a = inputs(14, 2)
+    apply, params = functional(model())
+    per_layer = KVCache.create(CFG, 2, 4, TPF, per_layer=True)
+    stacked = KVCache.create(CFG, 2, 4, TPF)
+    one = AttentionPattern("block_causal", 2)
+    kw = dict(actions=a, write_cache=True)
+    with pytest.raises(ValueError, match="kv_update must be one of"):
+        apply(params, x, t, ctx, pattern=one, cache=stacked, kv_update="copy", **kw)
+    with pytest.raises(ValueError, match="traced cache_frames needs a per-layer KV cache"):
+        apply(params, x, t, ctx, pattern=one, cache=stacked, cache_frames=jnp.int32(2), kv_update="inplace", **kw)
+    with pytest.raises(ValueError, match="traced cache_frames needs a per-layer KV cache"):
+        apply(params, x, t, ctx, pattern=one, cache=per_layer, cache_frames=jnp.int32(2), **kw)
+    with pytest.raises(ValueError, match="without a local window and a call of one block"):
+        apply(params, x, t, ctx, pattern=AttentionPattern("block_causal", 1), cache=per_layer,
+              cache_frames=jnp.int32(2), kv_update="inplace", **kw)
+    window = AttentionPattern("block_causal", 1, local_attn_blocks=1)      # cached frames out of the window
+    with pytest.raises(ValueError, match="every query of the call must see every cached key"):
+        apply(params, x[:, :1], t[:, :1], ctx, actions=a[:, :1], pattern=window, cache=per_layer, cache_frames=2,
+              write_cache=True, kv_update="inplace")
+    remat = functional(WanModel(CFG.replace(remat="block"), rngs=nnx.Rngs(0)))[0]
+    for lp in (None, split_layer_params(params)):          # layer scan and Python layer loop
+        with pytest.raises(ValueError, match="remat='block' would save it at every layer"):
+            remat(params, x, t, ctx, pattern=one, cache=stacked, kv_update="inplace", layer_params=lp, **kw)
+    with pytest.raises(ValueError, match="layer_params must hold 2 layers"):
+        apply(params, x, t, ctx, pattern=one, cache=stacked, layer_params=split_layer_params(params)[:1], **kw)
+    with pytest.raises(ValueError, match="KV cache has 1 layers"):
+        apply(params, x, t, ctx, pattern=one, cache=KVCache(per_layer.k[:1], per_layer.v[:1]), **kw)

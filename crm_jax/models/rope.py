@@ -39,15 +39,28 @@ def rope_angles(frame_pos, height: int, width: int, head_dim: int, theta: float 
     return jnp.concatenate([at, ah, aw], axis=-1)
 
 
+def rope_tables(angles):
+    """`(cos, sin)` of `angles [*tokens, D // 2]`, float32: compute once, rotate many tensors."""
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope_tables(x, cos, sin):
+    """Rotate `x [B, *tokens, H, D]` by the tables of `rope_tables` (interleaved pairs), in float32.
+
+    Pair (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as `x * cos + swap(x) * (-sin, sin)`:
+    one element-wise expression (no concatenation), bitwise equal to the two-term form.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    c = cos[None, ..., None, :, None]
+    s = sin[None, ..., None, :, None] * jnp.asarray([-1.0, 1.0], jnp.float32)
+    out = x * c + x[..., ::-1] * s
+    return out.reshape(*out.shape[:-2], -1).astype(dtype)
+
+
 def apply_rope(x, angles):
     """Rotate `x [B, *tokens, H, D]` by `angles [*tokens, D // 2]` (interleaved pairs), in float32.
 
     `tokens` is `(L,)` or frame-structured `(T, N)`.
     """
-    dtype = x.dtype
-    x = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    cos = jnp.cos(angles)[None, ..., None, :]
-    sin = jnp.sin(angles)[None, ..., None, :]
-    x1, x2 = x[..., 0], x[..., 1]
-    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-    return out.reshape(*out.shape[:-2], -1).astype(dtype)
+    return apply_rope_tables(x, *rope_tables(angles))

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from crm_jax.models import partitioning
 from crm_jax.models.config import WanConfig
 from crm_jax.models.layers import (MLP, AffineLayerNorm, RMSNorm, layer_norm, linear, patchify,
                                    timestep_embedding, unpatchify)
-from crm_jax.models.rope import apply_rope, rope_angles
+from crm_jax.models.rope import apply_rope_tables, rope_angles, rope_tables
 from pallas_kernels import masks
+from pallas_kernels.ops import attention_kv_prefix
+from pallas_kernels.ops import unmasked as ops_unmasked
 
 PATTERN_KINDS = ("full", "block_causal", "teacher_forcing")
 
@@ -96,19 +100,166 @@ FULL = AttentionPattern("full")
 class KVCache:
     """Self-attention keys (after RoPE) and values of every layer.
 
-    k, v: `[layers, B, max_tokens, heads, head_dim]`. Which prefix is valid is
-    tracked by the caller (`cache_frames` of the model call), so shapes stay static.
+    Two layouts of the same content:
+      * stacked: k, v `[layers, B, max_tokens, heads, head_dim]` (one array each; read by
+        the layer scan, which slices one layer per iteration);
+      * per-layer (`per_layer=True`): k, v tuples of `layers` arrays `[B, max_tokens, heads,
+        head_dim]`. The model then runs its layers as a Python loop, and with
+        `kv_update="inplace"` each layer attends straight from its own buffer (no copy).
+    Which prefix is valid is tracked by the caller (`cache_frames` of the model call), so
+    shapes stay static. Tokens are on axis -3 in both layouts.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: Any
+    v: Any
 
     @classmethod
     def create(cls, cfg: WanConfig, batch: int, max_frames: int, tokens_per_frame: int,
-               dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+               dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = cfg.compute_dtype if dtype is None else dtype
+        shape = (batch, max_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        if per_layer:
+            zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            return cls(zeros(), zeros())
+        shape = (cfg.num_layers, *shape)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k) if self.per_layer else self.k.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1] if not self.per_layer else self.k[0].shape[0]
+
+    @property
+    def max_tokens(self) -> int:
+        return (self.k[0] if self.per_layer else self.k).shape[-3]
+
+    def map_buffers(self, fn) -> "KVCache":
+        """Apply `fn` to every buffer (tokens on axis -3): the same edit in both layouts."""
+        if self.per_layer:
+            return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v))
+        return KVCache(fn(self.k), fn(self.v))
+
+    def stacked(self) -> "KVCache":
+        """This cache in the stacked layout (a copy when per-layer)."""
+        return KVCache(jnp.stack(self.k), jnp.stack(self.v)) if self.per_layer else self
+
+    def split(self) -> "KVCache":
+        """This cache in the per-layer layout (a copy when stacked)."""
+        if self.per_layer:
+            return self
+        return KVCache(tuple(self.k[i] for i in range(self.num_layers)),
+                       tuple(self.v[i] for i in range(self.num_layers)))
+
+
+KV_UPDATES = ("concat", "inplace")
+sg = jax.lax.stop_gradient
+
+
+@jax.custom_jvp
+def _with_new_tangent(buf, new, start):
+    """`buf [B, S, H, D]`, which already holds `new [B, L, H, D]` at `start` along axis 1,
+    given the tangent of `new` there (zero elsewhere).
+
+    Lets attention read this call's keys from the cache buffer they were written to while
+    their gradients still reach the projections; without autodiff it is the identity.
+    """
+    del new, start
+    return buf
+
+
+@_with_new_tangent.defjvp
+def _with_new_tangent_jvp(primals, tangents):
+    buf, new, start = primals
+    dnew = tangents[1]
+    dbuf = jax.lax.dynamic_update_slice(jnp.zeros_like(buf), dnew.astype(buf.dtype), (0, start, 0, 0))
+    return buf, dbuf
+
+
+def _flat_tokens(x):
+    """`[B, T, N, H, D]` -> `[B, T * N, H, D]`."""
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _concat_kv(ck, cv, cache_frames: int, spec, ad: str, write: bool):
+    """KV function of a cached call that concatenates (kv_update="concat", and every READ).
+
+    ck, cv: this layer's buffers `[B, S, H, D]`. Attends to `[first cache_frames frames |
+    this call's keys]` (cached part stop-gradient, cast to the keys' dtype); returns this
+    call's keys and values (stop-gradient) when `write`, for the caller to store.
+    """
+    def fn(attn, q, k, v):
+        b, _, n = q.shape[:3]
+        new = (sg(k), sg(v)) if write else None
+        if cache_frames:
+            def cached(c, like):
+                c = sg(c[:, :cache_frames * n]).astype(like.dtype)
+                return c.reshape(b, cache_frames, n, *c.shape[2:])
+            k = jnp.concatenate([cached(ck, k), k], axis=1)
+            v = jnp.concatenate([cached(cv, v), v], axis=1)
+        return attn.attend(q, k, v, spec, cross=False, ad=ad), new
+    return fn
+
+
+def _stacked_inplace_kv(cache_k, cache_v, layer, cache_frames: int, spec, ad: str):
+    """KV function of kv_update="inplace" on a stacked cache `[L, B, S, H, D]`.
+
+    Writes this call's keys/values into layer `layer` (int or traced) at frame
+    `cache_frames` (in place when the buffer is donated or a loop carry), then attends to
+    that layer's first `cache_frames + T` frames -- one contiguous slice of the buffer
+    (a copy XLA makes for the attention op), the same keys the concatenating path builds.
+    Returns (output, (new cache_k, new cache_v)); the new buffers are stop-gradient.
+    """
+    def fn(attn, q, k, v):
+        b, t, n = q.shape[:3]
+        start, end = cache_frames * n, (cache_frames + t) * n
+
+        def write_view(buf, new):
+            flat = _flat_tokens(new).astype(buf.dtype)
+            buf = jax.lax.dynamic_update_slice(sg(buf), sg(flat)[None], (layer, 0, start, 0, 0))
+            view = jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b, end, *buf.shape[3:]))[0]
+            view = _with_new_tangent(view, flat, start).astype(new.dtype)
+            return buf, view.reshape(b, cache_frames + t, n, *view.shape[2:])
+
+        cache_k2, kv = write_view(cache_k, k)
+        cache_v2, vv = write_view(cache_v, v)
+        return attn.attend(q, kv, vv, spec, cross=False, ad=ad), (cache_k2, cache_v2)
+    return fn
+
+
+def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
+    """KV function of kv_update="inplace" on one layer's own buffers `[B, S, H, D]` (no copy).
+
+    Writes this call's keys/values at frame `cache_frames` (a Python int or a traced int32)
+    and attends over the whole buffer with the valid length `(cache_frames + T) * N`
+    (`ops.attention_kv_prefix`: cuDNN's key_value_seq_lengths, a masked XLA reference, or
+    our kernels with a static prefix mask). The caller guarantees that every query of the
+    call may see every valid key. Returns (output, (new ck, new cv)), stop-gradient.
+    """
+    def fn(attn, q, k, v):
+        if partitioning.active_axes()[2] is not None:
+            raise ValueError("kv_update='inplace' with a per-layer cache runs on one device; under a "
+                             "device mesh use a stacked cache")
+        b, t, n = q.shape[:3]
+        start = cache_frames * n
+
+        def write(buf, new):
+            flat = _flat_tokens(new).astype(buf.dtype)
+            buf = jax.lax.dynamic_update_slice(sg(buf), sg(flat), (0, start, 0, 0))
+            return buf, _with_new_tangent(buf, flat, start).astype(new.dtype)
+
+        ck2, kb = write(ck, k)
+        cv2, vb = write(cv, v)
+        o = attention_kv_prefix(_flat_tokens(q), kb, vb, start + t * n, impl=attn.attn_impl, ad=ad,
+                                interpret=attn.attn_interpret)
+        return o.reshape(q.shape), (ck2, cv2)
+    return fn
 
 
 class Attention(nnx.Module):
@@ -133,32 +284,29 @@ class Attention(nnx.Module):
         """`[B, Lk, dim_in]` -> k, v `[B, Lk, H, D]` (k normalised, no RoPE)."""
         return self._heads(self.norm_k(self.to_k(kv_input))), self._heads(self.to_v(kv_input))
 
-    def __call__(self, x, kv_input, spec, *, angles=None, cache_kv=None, cache_frames: int = 0,
-                 write_cache: bool = False, ad: str = "vjp"):
+    def attend(self, q, k, v, spec, *, cross: bool, ad: str):
+        """`partitioning.attend` with this module's attention backend."""
+        return partitioning.attend(q, k, v, spec, cross=cross, impl=self.attn_impl, ad=ad,
+                                   interpret=self.attn_interpret)
+
+    def __call__(self, x, kv_input, spec, *, rope=None, kv_fn=None, ad: str = "vjp"):
         """x `[B, T, N, dim]` (frame-structured tokens); kv_input `[B, Lk, dim_kv]` (None: self-attention).
 
-        For self-attention, `angles [T, N, D/2]` rotate q and k; `cache_kv = (k, v)`
-        `[B, S, H, D]` (S = a multiple of N) prepends the first `cache_frames` cached
-        frames (stop-gradient) to the keys.
-        Returns (output `[B, T, N, dim]`, this call's keys and values `[B, T, N, H, D]`
-        when `write_cache`, else None) -- the caller appends them to the cache.
+        For self-attention, `rope = (cos, sin)` tables `[T, N, D/2]` rotate q and k, and
+        `kv_fn(self, q, k, v) -> (o [B, T, N, H, D], extra)` (from the model, for KV-cache
+        calls) decides which keys q attends to (see `_concat_kv` and the in-place variants).
+        Returns (output `[B, T, N, dim]`, extra or None).
         """
         b, t, n, _ = x.shape
         q = self._heads(self.norm_q(self.to_q(x)))
         k, v = self.project_kv(x if kv_input is None else kv_input)
-        if angles is not None:
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
-        new_kv = (jax.lax.stop_gradient(k), jax.lax.stop_gradient(v)) if write_cache else None
-        if cache_kv is not None and cache_frames:
-            def cached(c, like):
-                c = jax.lax.stop_gradient(c[:, :cache_frames * n]).astype(like.dtype)
-                return c.reshape(b, cache_frames, n, *c.shape[2:])
-            ck, cv = cache_kv
-            k = jnp.concatenate([cached(ck, k), k], axis=1)
-            v = jnp.concatenate([cached(cv, v), v], axis=1)
-        o = partitioning.attend(q, k, v, spec, cross=kv_input is not None, impl=self.attn_impl, ad=ad,
-                                interpret=self.attn_interpret)
-        return self.to_out(o.reshape(b, t, n, -1)), new_kv
+        if rope is not None:
+            q, k = apply_rope_tables(q, *rope), apply_rope_tables(k, *rope)
+        if kv_fn is None:
+            o, extra = self.attend(q, k, v, spec, cross=kv_input is not None, ad=ad), None
+        else:
+            o, extra = kv_fn(self, q, k, v)
+        return self.to_out(o.reshape(b, t, n, -1)), extra
 
 
 class WanBlock(nnx.Module):
@@ -175,18 +323,16 @@ class WanBlock(nnx.Module):
             jax.random.normal(rngs.params(), (6, cfg.dim), pdt) / cfg.dim ** 0.5)
         self.dtype = dt
 
-    def __call__(self, h, mod, context, self_spec, cross_spec, angles, cache_kv, cache_frames,
-                 write_cache, ad):
+    def __call__(self, h, mod, context, self_spec, cross_spec, rope, kv_fn, ad):
         """h `[B, T, N, dim]` float32; mod `[B, T, 6, dim]`; context `[B, Ltxt, dim]`.
 
-        Returns (h, this layer's new keys/values or None); see `Attention`.
+        Returns (h, what the self-attention's `kv_fn` returned, or None); see `Attention`.
         """
         mod = self.scale_shift_table[...].astype(jnp.float32) + mod
         shift, scale, gate, c_shift, c_scale, c_gate = [mod[:, :, i, None, :] for i in range(6)]
 
         x = (layer_norm(h, self.eps) * (1 + scale) + shift).astype(self.dtype)
-        a, new_kv = self.attn1(x, None, self_spec, angles=angles, cache_kv=cache_kv,
-                               cache_frames=cache_frames, write_cache=write_cache, ad=ad)
+        a, extra = self.attn1(x, None, self_spec, rope=rope, kv_fn=kv_fn, ad=ad)
         h = partitioning.constrain_tokens(h + a.astype(jnp.float32) * gate)
 
         x = self.norm2(h).astype(self.dtype)
@@ -195,7 +341,7 @@ class WanBlock(nnx.Module):
 
         x = (layer_norm(h, self.eps) * (1 + c_scale) + c_shift).astype(self.dtype)
         h = partitioning.constrain_tokens(h + self.ffn(x).astype(jnp.float32) * c_gate)
-        return h, new_kv
+        return h, extra
 
 
 class ConditionEmbedder(nnx.Module):
@@ -277,8 +423,9 @@ class WanModel(nnx.Module):
 
     # ----------------------------------------------------------------- forward
     def __call__(self, x, t, context, *, pattern: AttentionPattern = FULL, actions=None, r=None,
-                 frame_pos=None, cache: KVCache | None = None, cache_frames: int = 0,
-                 write_cache: bool = False, ad: str = "vjp"):
+                 frame_pos=None, cache: KVCache | None = None, cache_frames=0,
+                 write_cache: bool = False, ad: str = "vjp", kv_update: str = "concat",
+                 layer_params=None, scan_unroll: int = 1):
         """Predict the RF velocity.
 
         Args:
@@ -291,25 +438,47 @@ class WanModel(nnx.Module):
             (models with `mean_flow=True`; default r = t, the instantaneous velocity).
           frame_pos: `[T]` temporal RoPE positions; default `cache_frames + arange(T)`
             (teacher forcing: `arange(T/2)` twice).
-          cache: optional KV cache; the first `cache_frames` frames in it are
-            attended to (READ); with `write_cache` this call's keys/values are
-            stored after them (APPEND).
+          cache: optional KV cache (stacked or per-layer, see `KVCache`); the first
+            `cache_frames` frames in it are attended to (READ); with `write_cache` this
+            call's keys/values are stored after them (APPEND).
+          cache_frames: a Python int, or -- with a per-layer cache, `kv_update="inplace"`,
+            `write_cache` and a call that is one block seeing the whole cache
+            (`block_causal`, no local window, T <= the block size) -- a traced int32, so
+            one compilation serves every cache length (the caller keeps it in bounds).
           ad: "vjp" (for jax.grad) or "jvp" (for jax.jvp) attention kernels.
+          kv_update: "concat" or "inplace" (calls with `write_cache` only; see
+            `_concat_kv`, `_stacked_inplace_kv`, `_layer_inplace_kv`). The returned cache
+            and the gradients are the same; "inplace" writes each layer's keys into the
+            cache first and attends to the buffer, instead of concatenating a copy.
+          layer_params: optional per-layer block parameters (`split_layer_params`) to use
+            instead of slicing the stacked ones: the layers then run as a Python loop, and
+            no weight slice is copied per call. A per-layer cache also runs the loop.
+          scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`).
         Returns:
           velocity `[B, T, H, W, C_out]` float32, and the updated cache if one was given.
         """
         cfg = self.cfg
         self.check_inputs(x, t, context, actions)
-        if cache is None and (cache_frames or write_cache):
+        if cache is None and (write_cache or not _is_int(cache_frames) or cache_frames):
             raise ValueError("cache_frames / write_cache need a cache")
+        if kv_update not in KV_UPDATES:
+            raise ValueError(f"kv_update must be one of {KV_UPDATES}, got {kv_update!r}")
         b, tt, hh, ww, _ = x.shape
         pt, ph, pw = cfg.patch_size
         tq, hq, wq = tt // pt, hh // ph, ww // pw
         n = hq * wq
-        spec = pattern.mask_spec(tq, n, cache_frames)
+        traced = not _is_int(cache_frames)
+        if traced:
+            _check_traced_cache_call(pattern, cache, kv_update, write_cache, tq)
+            spec = None
+        else:
+            spec = pattern.mask_spec(tq, n, cache_frames)
         cross_spec = masks.full(tq * n, context.shape[1])
-        if cache is not None and cache.k.shape[1] != b:
-            raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {b}")
+        if cache is not None:
+            _check_cache(cfg, cache, b)
+            if write_cache and not traced and (cache_frames + tq) * n > cache.max_tokens:
+                raise ValueError(f"KV cache of {cache.max_tokens // n} frames cannot hold "
+                                 f"{cache_frames} + {tq} frames")
 
         if frame_pos is None:
             if pattern.kind == "teacher_forcing":
@@ -318,6 +487,7 @@ class WanModel(nnx.Module):
             else:
                 frame_pos = cache_frames + jnp.arange(tq)
         angles = rope_angles(frame_pos, hq, wq, cfg.head_dim, cfg.rope_theta).reshape(tq, n, -1)
+        rope = rope_tables(angles)           # once per call, shared by every layer
 
         h = self.patch_embedding(patchify(x.astype(cfg.compute_dtype), cfg.patch_size))
         h = partitioning.constrain_tokens(h.reshape(b, tq, n, cfg.dim).astype(jnp.float32))
@@ -330,32 +500,14 @@ class WanModel(nnx.Module):
         temb, mod, ctx = self.condition_embedder(t[:, ::pt], context.astype(cfg.compute_dtype),
                                                  None if actions is None else actions[:, ::pt], r)
 
-        graphdef, block_state = nnx.split(self.blocks)
-        if write_cache and cache_frames * n + tq * n > cache.k.shape[2]:
-            raise ValueError(f"KV cache of {cache.k.shape[2] // n} frames cannot hold "
-                             f"{cache_frames} + {tq} frames")
-
-        def body(h, xs):
-            layer_state, ck, cv = xs
-            block = nnx.merge(graphdef, layer_state)
-            kv = None if ck is None else (ck, cv)
-            return block(h, mod, ctx, spec, cross_spec, angles, kv, cache_frames, write_cache, ad)
-
-        if cfg.remat == "block":
-            body = jax.checkpoint(body)
-        elif cfg.remat == "dots":
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-
-        # The cache is read layer by layer as a scan input; only this call's keys and
-        # values come out of the scan (as `[layers, B, T, N, H, D]`) and are written
-        # into the cache once afterwards, in place when the caller donates it.
-        xs = (block_state, None, None) if cache is None else (block_state, cache.k, cache.v)
-        h, new_kv = jax.lax.scan(body, h, xs)
-        if cache is not None and write_cache:
-            def append(buf, new):
-                new = new.reshape(*new.shape[:2], tq * n, *new.shape[-2:]).astype(buf.dtype)
-                return jax.lax.dynamic_update_slice(buf, new, (0, 0, cache_frames * n, 0, 0))
-            cache = KVCache(append(cache.k, new_kv[0]), append(cache.v, new_kv[1]))
+        run = _LayerRun(self, mod, ctx, spec, cross_spec, rope, ad)
+        inplace = cache is not None and write_cache and kv_update == "inplace"
+        if layer_params is not None or (cache is not None and cache.per_layer):
+            h, cache = run.loop(h, cache, cache_frames, write_cache, inplace, layer_params)
+        elif inplace:
+            h, cache = run.scan_inplace(h, cache, cache_frames, scan_unroll)
+        else:
+            h, cache = run.scan_concat(h, cache, cache_frames, write_cache, scan_unroll)
 
         shift_scale = self.scale_shift_table[...].astype(jnp.float32)[None, None] + temb[:, :, None, :]
         shift, scale = shift_scale[:, :, 0, None, :], shift_scale[:, :, 1, None, :]
@@ -365,6 +517,178 @@ class WanModel(nnx.Module):
         if cache is None:
             return out
         return out, cache
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer))
+
+
+def _check_cache(cfg: WanConfig, cache: KVCache, batch: int) -> None:
+    want = (cfg.num_heads, cfg.head_dim)
+    bufs = list(cache.k) + list(cache.v) if cache.per_layer else [cache.k, cache.v]
+    if cache.num_layers != cfg.num_layers or (cache.per_layer and len(cache.v) != cfg.num_layers):
+        raise ValueError(f"KV cache has {cache.num_layers} layers, the model {cfg.num_layers}")
+    for a in bufs:
+        if a.ndim != (4 if cache.per_layer else 5) or tuple(a.shape[-2:]) != want \
+                or a.shape[-3] != cache.max_tokens:
+            raise ValueError(f"KV cache buffers must be [layers, B, S, {want[0]}, {want[1]}] (stacked) or "
+                             f"[B, S, {want[0]}, {want[1]}] per layer; got {tuple(a.shape)}")
+    if cache.batch != batch:
+        raise ValueError(f"cache batch {cache.batch} != input batch {batch}")
+
+
+def _check_traced_cache_call(pattern: AttentionPattern, cache, kv_update, write_cache, tq) -> None:
+    """A traced `cache_frames` is only defined for one-block calls that see the whole cache."""
+    if not (cache is not None and cache.per_layer and kv_update == "inplace" and write_cache):
+        raise ValueError("a traced cache_frames needs a per-layer KV cache (KVCache.create(..., "
+                         "per_layer=True)), kv_update='inplace' and write_cache=True; otherwise pass "
+                         "cache_frames as a Python int")
+    if pattern.kind != "block_causal" or pattern.local_attn_blocks or tq > min(pattern.first,
+                                                                                pattern.block_frames):
+        raise ValueError(
+            "a traced cache_frames needs a block_causal pattern without a local window and a call of "
+            f"one block (T={tq} <= block frames {min(pattern.first, pattern.block_frames)}): the call must "
+            "see the whole cached prefix, which is then masked by length only")
+
+
+class _LayerRun:
+    """The transformer blocks of one model call: layer scan or Python loop, with the KV cache.
+
+    scan_concat: `lax.scan` over the stacked parameters; the stacked cache is read as a
+      scan input (one layer per iteration) and only this call's keys/values leave the scan
+      (`[layers, B, T, N, H, D]`), written into the cache once afterwards.
+    scan_inplace: `lax.scan` carrying the stacked cache; each layer writes its keys into it
+      and attends to its slice (`_stacked_inplace_kv`).
+    loop: a Python loop over the layers (per-layer parameters and/or a per-layer cache).
+    """
+
+    def __init__(self, model: "WanModel", mod, ctx, spec, cross_spec, rope, ad):
+        self.cfg = model.cfg
+        self.graphdef, self.block_state = nnx.split(model.blocks)
+        self.mod, self.ctx, self.spec, self.cross_spec, self.rope, self.ad = mod, ctx, spec, cross_spec, rope, ad
+
+    def _layer(self, state, h, kv_fn):
+        block = nnx.merge(self.graphdef, state)
+        return block(h, self.mod, self.ctx, self.spec, self.cross_spec, self.rope, kv_fn, self.ad)
+
+    def _remat(self, fn):
+        if self.cfg.remat == "block":
+            return jax.checkpoint(fn)
+        if self.cfg.remat == "dots":
+            return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return fn
+
+    def scan_concat(self, h, cache, cache_frames, write_cache, unroll):
+        spec, ad = self.spec, self.ad
+
+        def body(h, xs):
+            layer_state, ck, cv = xs
+            kv_fn = None if ck is None else _concat_kv(ck, cv, cache_frames, spec, ad, write_cache)
+            return self._layer(layer_state, h, kv_fn)
+
+        # The cache is read layer by layer as a scan input; only this call's keys and
+        # values come out of the scan (as `[layers, B, T, N, H, D]`) and are written
+        # into the cache once afterwards, in place when the caller donates it.
+        xs = (self.block_state, None, None) if cache is None else (self.block_state, cache.k, cache.v)
+        h, new_kv = jax.lax.scan(self._remat(body), h, xs, unroll=unroll)
+        if cache is not None and write_cache:
+            def append(buf, new):
+                start = cache_frames * new.shape[3]
+                new = new.reshape(*new.shape[:2], -1, *new.shape[-2:]).astype(buf.dtype)
+                return jax.lax.dynamic_update_slice(buf, new, (0, 0, start, 0, 0))
+            cache = KVCache(append(cache.k, new_kv[0]), append(cache.v, new_kv[1]))
+        return h, cache
+
+    def _check_no_remat_carry(self):
+        if self.cfg.remat != "none":
+            raise ValueError(
+                "kv_update='inplace' with a stacked cache passes the whole cache from layer to layer, and "
+                f"remat={self.cfg.remat!r} would save it at every layer; use remat='none', a per-layer "
+                "cache, or kv_update='concat'")
+
+    def scan_inplace(self, h, cache, cache_frames, unroll):
+        self._check_no_remat_carry()
+        spec, ad = self.spec, self.ad
+
+        def body(carry, layer_state):
+            h, ck, cv, i = carry
+            h, (ck, cv) = self._layer(layer_state, h, _stacked_inplace_kv(ck, cv, i, cache_frames, spec, ad))
+            return (h, ck, cv, i + 1), None
+
+        (h, ck, cv, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), self.block_state,
+                                         unroll=unroll)
+        return h, KVCache(ck, cv)
+
+    def loop(self, h, cache, cache_frames, write_cache, inplace, layer_params):
+        """Python loop over the layers; the cache buffers are edited layer by layer."""
+        num = self.cfg.num_layers
+        if layer_params is not None:       # leaves of one layer each, in the stacked state's order
+            treedef = jax.tree.structure(self.block_state)
+            if len(layer_params) != num or any(len(lv) != treedef.num_leaves for lv in layer_params):
+                raise ValueError(f"layer_params must hold {num} layers of {treedef.num_leaves} arrays each "
+                                 "(from split_layer_params)")
+            states = [jax.tree.unflatten(treedef, leaves) for leaves in layer_params]
+        else:
+            states = [jax.tree.map(lambda a, i=i: a[i], self.block_state) for i in range(num)]
+        spec, ad = self.spec, self.ad
+        per_layer = cache is not None and cache.per_layer
+        if inplace and per_layer and spec is not None and not ops_unmasked(spec):
+            raise ValueError(
+                "kv_update='inplace' with a per-layer cache attends by length only, so every query of "
+                "the call must see every cached key (one block, no local window cutting the cache); "
+                "use kv_update='concat' or a stacked cache for this call")
+        if inplace and not per_layer:
+            self._check_no_remat_carry()
+        # per-layer: lists of layer buffers [B, S, H, D]; stacked: the [L, B, S, H, D] arrays
+        ks, vs = (None, None) if cache is None else (
+            (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v))
+        for i, state in enumerate(states):
+            if cache is None:
+                kv_fn = None
+            elif inplace and per_layer:
+                kv_fn = _layer_inplace_kv(ks[i], vs[i], cache_frames, ad)
+            elif inplace:
+                kv_fn = _stacked_inplace_kv(ks, vs, i, cache_frames, spec, ad)
+            else:
+                kv_fn = _concat_kv(ks[i], vs[i], cache_frames, spec, ad, write_cache)
+            h, extra = self._remat(lambda s, h, kv_fn=kv_fn: self._layer(s, h, kv_fn))(state, h)
+            if extra is None:
+                continue
+            if inplace and per_layer:
+                ks[i], vs[i] = extra
+            elif inplace:
+                ks, vs = extra
+            elif per_layer:                  # concat + write: store this layer's keys now
+                ks[i], vs[i] = (_put_layer(ks[i], extra[0], None, cache_frames),
+                                _put_layer(vs[i], extra[1], None, cache_frames))
+            else:
+                ks, vs = _put_layer(ks, extra[0], i, cache_frames), _put_layer(vs, extra[1], i, cache_frames)
+        if cache is None:
+            return h, None
+        return h, KVCache(tuple(ks), tuple(vs)) if per_layer else KVCache(ks, vs)
+
+
+def _put_layer(buf, new, layer, cache_frames):
+    """Write `new [B, T, N, H, D]` at frame `cache_frames` of `buf` (`[B, S, H, D]`, or layer
+    `layer` of a stacked `[L, B, S, H, D]`)."""
+    start = cache_frames * new.shape[2]
+    new = _flat_tokens(new).astype(buf.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice(buf, new, (0, start, 0, 0))
+    return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, start, 0, 0))
+
+
+def split_layer_params(params) -> tuple:
+    """Per-layer block parameters for `WanModel.__call__(..., layer_params=...)`.
+
+    params: from `functional(model)` (its `"blocks"` leaves are stacked `[layers, ...]`).
+    Returns a tuple over layers of tuples of arrays: layer i's slice of every leaf of
+    `params["blocks"]`, in `jax.tree.leaves` order (plain tuples, so a jitted call flattens
+    them quickly). The slices are copies: holding them next to the stacked parameters
+    costs one more copy of the blocks.
+    """
+    leaves = jax.tree.leaves(params["blocks"])
+    return tuple(tuple(a[i] for a in leaves) for i in range(leaves[0].shape[0]))
 
 
 def init_model(cfg: WanConfig, seed: int = 0) -> WanModel:

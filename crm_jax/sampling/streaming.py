@@ -18,6 +18,14 @@ both context modes share a compile. With a rolling window the
 layout reaches a steady state after `sink_blocks + local_attn_blocks` chunks and
 the same compiled function is reused from then on (flat memory).
 
+Speed options (`StreamingSampler`; the video is the same, see tests/test_sampling.py):
+`kv_update="inplace"` writes each layer's keys into the cache before attending
+instead of concatenating `[cached | new]`; `kv_layout="per_layer"` keeps one buffer
+and one parameter copy per layer (Python layer loop: no slice of weights or cache is
+copied per call; with "inplace", attention reads each buffer with a valid length and
+the cache length is traced, so one compile serves every layout of a chunk shape);
+`call_loop="host"` dispatches each model call as its own asynchronous jitted call.
+
 RoPE positions: every call passes `frame_pos` = absolute frame indices, so keys in
 the cache keep the positions they were written with, also after the window part
 is shifted. Angles are computed directly (`pos * inv_freq` in float32; no table),
@@ -41,10 +49,11 @@ import numpy as np
 
 from crm_jax.diffusion import rf_noise, x0_from_v
 from crm_jax.models.config import WanConfig
-from crm_jax.models.wan import AttentionPattern, KVCache
+from crm_jax.models.wan import KV_UPDATES, AttentionPattern, KVCache, split_layer_params
 from crm_jax.sampling.actions import ActionSource
 from crm_jax.sampling.plan import (CONTEXT_MODES, CacheLayout, ChunkLayout, TimeSchedule, check_length,
                                    check_pattern, chunk_bounds, make_schedule)
+from pallas_kernels.ops import prefix_len_can_be_traced
 
 
 class Chunk(NamedTuple):
@@ -104,13 +113,39 @@ def _shift_window(cache: KVCache, sink_tok: int, evict_tok: int, end_tok: int) -
     """Drop tokens [sink_tok, sink_tok + evict_tok) by moving [.., end_tok) left (static offsets)."""
     if evict_tok == 0:
         return cache
-    def shift(a):
-        return a.at[:, :, sink_tok:end_tok - evict_tok].set(a[:, :, sink_tok + evict_tok:end_tok])
-    return KVCache(shift(cache.k), shift(cache.v))
+
+    def shift(a):                             # tokens on axis -3 in both cache layouts
+        return a.at[..., sink_tok:end_tok - evict_tok, :, :].set(a[..., sink_tok + evict_tok:end_tok, :, :])
+    return cache.map_buffers(shift)
 
 
-def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, num_calls, *,
-              static: tuple, tpf: int, x_shape: tuple):
+def _call_kwargs(static: tuple, f: int, cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll):
+    """Model keyword arguments of a chunk's calls (see `_chunk_fn` for `static`)."""
+    static_frames = static[2]
+    traced = static_frames is None
+    pattern = AttentionPattern("block_causal", block_frames=f) if traced else buffer_pattern(static_frames, f)
+    return dict(pattern=pattern, actions=actions, frame_pos=frame_pos,
+                cache_frames=cache_frames if traced else static_frames, write_cache=True, kv_update=kv_update,
+                layer_params=layer_params, scan_unroll=scan_unroll)
+
+
+def _model_step(apply, params, x, cache, noise, context, times, j, kw):
+    """Model call j of a chunk: x̂0 = x - t_j v(x, t_j), then x <- (1 - t_{j+1}) x̂0 + t_{j+1} eps_{j+1}."""
+    b, f = x.shape[:2]
+    t = jnp.full((b, f), times[j], jnp.float32)
+    v, cache = apply(params, x, t, context, cache=cache, **kw)
+    x0 = x0_from_v(x, t, v)
+    t_next = jnp.full((b, f), times[j + 1], jnp.float32)
+    return rf_noise(x0, noise[j + 1], t_next), cache
+
+
+def _window_end(static: tuple, tpf: int, cache: KVCache) -> int:
+    sink, evict, static_frames = static
+    return cache.max_tokens if static_frames is None else (static_frames + evict) * tpf
+
+
+def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, num_calls, cache_frames,
+              layer_params, *, static: tuple, tpf: int, x_shape: tuple, kv_update: str, scan_unroll: int):
     """One chunk: evict, denoise, fill the cache. Returns (x̂0 `[B, f, H, W, C]`, cache).
 
     One model call per loop iteration j < num_calls, each writing this chunk's keys/values
@@ -125,30 +160,56 @@ def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, n
     noise: `[S >= max_steps + 2, B, f, H, W, C]` from `chunk_noises` (0: initial, j: before step j);
     frame_pos: `[f]` int32 absolute positions; times: `[S]` float32 zero-padded
     grid; num_calls: int32.
-    static = (sink_frames, evict_frames, cache_frames) of the buffer layout.
+    static = (sink_frames, evict_frames, cache_frames) of the buffer layout; cache_frames None
+    means the traced int32 argument `cache_frames` is used instead (per-layer in-place cache:
+    one compile for every cache length), and the window shift then moves the whole tail.
+    layer_params: per-layer block parameters or None (see `WanModel.__call__`).
     """
-    sink, evict, cache_frames = static
-    cache = _shift_window(cache, sink * tpf, evict * tpf, (cache_frames + evict) * tpf)
-    b, f = x_shape[:2]
-    kw = dict(pattern=buffer_pattern(cache_frames, f), actions=actions, frame_pos=frame_pos,
-              cache_frames=cache_frames, write_cache=True)
+    sink, evict, _ = static
+    cache = _shift_window(cache, sink * tpf, evict * tpf, _window_end(static, tpf, cache))
+    kw = _call_kwargs(static, x_shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll)
 
     def call(j, carry):
         x, cache = carry
-        t = jnp.full((b, f), times[j], jnp.float32)
-        v, cache = apply(params, x, t, context, cache=cache, **kw)
-        x0 = x0_from_v(x, t, v)
-        t_next = jnp.full((b, f), times[j + 1], jnp.float32)
-        return rf_noise(x0, noise[j + 1], t_next), cache
+        return _model_step(apply, params, x, cache, noise, context, times, j, kw)
 
     return jax.lax.fori_loop(0, num_calls, call, (noise[0], cache))
 
 
+def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times, j, cache_frames,
+             layer_params, *, static: tuple, kv_update: str, scan_unroll: int):
+    """Model call `j` of a chunk on its own (call_loop="host"): returns (x after call j, cache).
+
+    The host loops over the calls; each is one jitted, asynchronous dispatch (cache and x
+    donated). In the device loop (`_chunk_fn`), XLA copies each iteration's loop predicate
+    back to the host (the trip count is traced), so the host cannot run ahead of the device
+    there; here nothing waits on the device.
+    Arguments as in `_chunk_fn`; x: `[B, f, H, W, C]` (noise[0] before call 0); j: int32.
+    """
+    kw = _call_kwargs(static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll)
+    return _model_step(apply, params, x, cache, noise, context, times, j, kw)
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted_chunk(apply):
-    """One jitted chunk function per model `apply` (shared by samplers: compiles are reused)."""
-    return jax.jit(functools.partial(_chunk_fn, apply), static_argnames=("static", "tpf", "x_shape"),
-                   donate_argnums=(1,))
+def _jitted_chunk(apply, compiler_options: tuple = ()):
+    """One jitted chunk function per model `apply` and compiler options (shared by samplers)."""
+    return jax.jit(functools.partial(_chunk_fn, apply),
+                   static_argnames=("static", "tpf", "x_shape", "kv_update", "scan_unroll"),
+                   donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_call(apply, compiler_options: tuple = ()):
+    """One jitted model call (call_loop="host") per model `apply` and compiler options."""
+    return jax.jit(functools.partial(_call_fn, apply), static_argnames=("static", "kv_update", "scan_unroll"),
+                   donate_argnums=(1, 2), compiler_options=dict(compiler_options) or None)
+
+
+_jitted_shift = jax.jit(_shift_window, static_argnums=(1, 2, 3), donate_argnums=(0,))
+
+
+KV_LAYOUTS = ("stacked", "per_layer")
+CALL_LOOPS = ("device", "host")
 
 
 @dataclasses.dataclass
@@ -168,6 +229,19 @@ class StreamingSampler:
       max_cache_frames: largest KV buffer allowed, in frames (None: sized to each request).
         Requests it cannot hold without a rolling window raise ValueError.
       cache_dtype: KV dtype (default: the model's compute dtype).
+      kv_update: "concat" (default) or "inplace": how each layer gives attention its keys
+        (`WanModel.__call__`); the video is the same.
+      kv_layout: "stacked" (default: one `[layers, ...]` buffer, layer scan) or "per_layer"
+        (one buffer per layer and per-layer copies of the block parameters, made once here:
+        the layers run as a Python loop, no weight or cache slice is copied per call; with
+        kv_update="inplace" and a cuDNN/XLA attention backend the cache length is a traced
+        argument, so one compilation serves every cache layout of a chunk shape).
+      scan_unroll: layers per layer-scan iteration (stacked layout).
+      call_loop: "device" (default: a chunk's model calls loop inside one jitted function,
+        `lax.fori_loop` with a traced trip count) or "host" (one jitted, asynchronously
+        dispatched function per model call, looped over in Python; same compiles).
+      compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
+        e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,...,WHILE,CONDITIONAL"}.
     """
 
     apply: Callable
@@ -180,6 +254,11 @@ class StreamingSampler:
     context_mode: str = "clean"
     max_cache_frames: int | None = None
     cache_dtype: Any = None
+    kv_update: str = "concat"
+    kv_layout: str = "stacked"
+    scan_unroll: int = 1
+    call_loop: str = "device"
+    compiler_options: dict | None = None
 
     def __post_init__(self):
         check_pattern(self.pattern)
@@ -194,8 +273,25 @@ class StreamingSampler:
             raise ValueError("streaming assumes a temporal patch of 1")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.kv_update not in KV_UPDATES:
+            raise ValueError(f"kv_update must be one of {KV_UPDATES}, got {self.kv_update!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.call_loop not in CALL_LOOPS:
+            raise ValueError(f"call_loop must be one of {CALL_LOOPS}, got {self.call_loop!r}")
+        if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
         self.tpf = (h // ph) * (w // pw)
-        self._jit = _jitted_chunk(self.apply)
+        per_layer = self.kv_layout == "per_layer"
+        self.layer_params = split_layer_params(self.params) if per_layer else None
+        dt = self.cfg.compute_dtype
+        probe = jax.ShapeDtypeStruct((self.batch, self.tpf, self.cfg.num_heads, self.cfg.head_dim), dt)
+        self.traced_cache_len = (per_layer and self.kv_update == "inplace" and
+                                 prefix_len_can_be_traced(probe, probe, impl=self.cfg.attn_impl,
+                                                          interpret=self.cfg.attn_interpret))
+        options = tuple(sorted((self.compiler_options or {}).items()))
+        self._jit = _jitted_chunk(self.apply, options)
+        self._jit_call = _jitted_call(self.apply, options)
 
     # ------------------------------------------------------------------ helpers
     def frame_shape(self, frames: int) -> tuple[int, ...]:
@@ -211,11 +307,12 @@ class StreamingSampler:
         return context
 
     def new_cache(self, frames: int) -> KVCache:
-        return KVCache.create(self.cfg, self.batch, frames, self.tpf, self.cache_dtype)
+        return KVCache.create(self.cfg, self.batch, frames, self.tpf, self.cache_dtype,
+                              per_layer=self.kv_layout == "per_layer")
 
     def compiled_count(self) -> int:
-        """Compiled chunk functions so far (shared by all samplers of this `apply`)."""
-        return self._jit._cache_size()
+        """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
+        return self._jit._cache_size() + self._jit_call._cache_size()
 
     def chunk_call(self, cache, key, context, actions, lay: ChunkLayout):
         """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache)."""
@@ -226,10 +323,23 @@ class StreamingSampler:
         acts = None if actions is None else jnp.asarray(actions)
         x_shape = self.frame_shape(lay.frames)
         noise = chunk_noises(key, jnp.int32(lay.index), x_shape, count)
-        return self._jit(self.params, cache, noise, context, acts, frame_pos,
-                         jnp.asarray(times), jnp.int32(calls),
-                         static=(lay.sink_frames, lay.evict_frames, lay.cache_frames), tpf=self.tpf,
-                         x_shape=x_shape)
+        traced = self.traced_cache_len
+        static = (lay.sink_frames, lay.evict_frames, None if traced else lay.cache_frames)
+        cache_frames = jnp.int32(lay.cache_frames) if traced else None
+        times = jnp.asarray(times)
+        if self.call_loop == "device":
+            return self._jit(self.params, cache, noise, context, acts, frame_pos, times, jnp.int32(calls),
+                             cache_frames, self.layer_params, static=static, tpf=self.tpf, x_shape=x_shape,
+                             kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
+        if lay.evict_frames:
+            cache = _jitted_shift(cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf,
+                                  _window_end(static, self.tpf, cache))
+        x = noise[0]
+        for j in range(calls):
+            x, cache = self._jit_call(self.params, cache, x, noise, context, acts, frame_pos, times, jnp.int32(j),
+                                      cache_frames, self.layer_params, static=static, kv_update=self.kv_update,
+                                      scan_unroll=int(self.scan_unroll))
+        return x, cache
 
     # ------------------------------------------------------------------ API
     def stream(self, key: jax.Array, context, num_frames: int | None, actions=None,

@@ -1,0 +1,40 @@
+"""experiments/bench_streaming.py on CPU (--quick): the variant flags run, --compare reads the results."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import bench_streaming  # noqa: E402
+
+COMMAND_BUFFERS = ("xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                   "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL")
+
+
+def test_quick_variants_and_compare(tmp_path, capsys):
+    variants = {
+        "base": ["--profile", str(tmp_path / "trace")],
+        "inplace": ["--kv_update", "inplace", "--scan_unroll", "2"],
+        "layers_host": ["--kv_update", "inplace", "--kv_layout", "per_layer", "--call_loop", "host",
+                        "--compiler_option", COMMAND_BUFFERS],
+    }
+    outs = []
+    for label, flags in variants.items():
+        out = tmp_path / f"{label}.json"
+        bench_streaming.main(["--quick", "--blocks", "3", "--configs", "2:noisy,1:clean", "--repeats", "1",
+                              "--label", label, *flags, "--out", str(out)])
+        with open(out) as f:
+            result = json.load(f)
+        rows = result["rows"]
+        assert [(r["steps"], r["context"]) for r in rows] == [(2, "noisy"), (1, "clean")]
+        assert all(r["variant"] == label and r["steady_fps"] > 0 and r["dispatch_ms"] >= 0 for r in rows)
+        assert result["options"]["call_loop"] == ("host" if label == "layers_host" else "device")
+        outs.append(str(out))
+    assert rows[0]["traced_cache_len"] and rows[0]["compiler_options"]["xla_gpu_enable_command_buffer"]
+    capsys.readouterr()
+    bench_streaming.main(["--compare", *outs, str(tmp_path / "missing.json"), "--compare_key", "tiny:3:2:noisy"])
+    text = capsys.readouterr().out
+    assert "skipping" in text and all(label in text for label in variants)
+    best = text.strip().splitlines()[-1]
+    assert best.startswith("best: ") and best[6:] in variants
