@@ -1,0 +1,489 @@
+"""The small-scale study of Causal-rCM's claims on the toy world (issue 9).
+
+    python experiments/toy_study.py --workdir runs/toy_study                      # everything (GPU)
+    python experiments/toy_study.py --workdir runs/toy_study --only prep          # teachers + classifier
+    python experiments/toy_study.py --workdir runs/toy_study --report experiments/results/toy_study
+
+Jobs (a DAG; up to --parallel of them run at once, each in its own process; a job with a
+`done.json` is skipped, so a rerun resumes; every job is deterministic given its seed):
+
+  classifier                 video classifier on simulator clips (the Fréchet-distance features)
+  teacher_bi                 bidirectional teacher, flow matching on simulator clips
+  teacher_c2, teacher_c1     causal teachers by teacher forcing, chunk-wise (2 frames) / frame-wise
+  data                       synthetic set: teacher_bi's Euler + CFG samples with ODE points
+  {tf_scm,tf_meanflow,tf_dcm}_{c2,c1}   causal students distilled from teacher_cX on that set
+  ode_init_c2                ODE-regression initialisation (CausVid / Self-Forcing baseline)
+  ablation jobs              TF-sCM variants (tangent warm-up, time distribution)
+  dmd_{scm,dcm,ode,none}     SF-DMD refinement (real score: teacher_bi with CFG, critic from it)
+                             from TF-sCM, TF-dCM, ODE regression, or the causal teacher itself
+  final_c2, final_c1         every finished model: short rollouts on more episodes and long
+                             rollouts (4x the trained length, sliding window) for drift by frame
+  final_teachers             the same for all teachers, diagnostic variants included (on demand)
+
+Every model is scored by `crm_jax.evaluation.world_model`: the first 2 frames of a held-out
+episode are given, the rest is generated from its actions, and the simulator's ground truth
+gives trajectory error, action following and drift; the Fréchet distance uses the classifier.
+Students are evaluated every `eval_every` iterations at 1, 2 and 4 steps per chunk.
+
+`--report DIR` (any machine, reads the workdir) writes tables (`study.md`), `study.json` and
+PNG plots. `--scale smoke` runs the whole DAG in minutes on a CPU (tests/test_toy_study.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Budgets. "full" is the GPU study; "smoke" exercises every code path on a CPU.
+SCALES = {
+    "full": dict(clf_steps=3000, clf_batch=128,
+                 teacher_iters=8000, teacher_batch=128, teacher_eval_every=2000,
+                 data_samples=2048, data_steps=32,
+                 student_iters=1000, student_batch=64, eval_every=100,
+                 dmd_iters=500, dmd_batch=32, dmd_eval_every=100,
+                 eval_episodes=256, final_episodes=256, long_frames=32, teacher_steps=16),
+    "smoke": dict(clf_steps=2, clf_batch=4,
+                  teacher_iters=2, teacher_batch=4, teacher_eval_every=2,
+                  data_samples=8, data_steps=2,
+                  student_iters=2, student_batch=4, eval_every=1,
+                  dmd_iters=2, dmd_batch=2, dmd_eval_every=1,
+                  eval_episodes=4, final_episodes=4, long_frames=12, teacher_steps=2),
+}
+STEPS = (1, 2, 4)                 # few-step sampling of students: steps per chunk
+PREFIX = 2                        # given ground-truth frames per rollout (a chunk, or 2 frames)
+GUIDANCE = 2.0                    # CFG of teachers (sampling, distillation targets, DMD real score)
+TEACHER_SHIFT = 3.0               # Euler grid shift of teacher sampling
+PATTERNS = {"c2": 2, "c1": 1}     # job suffix -> block_frames
+DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2"}
+TEACHER_VARIANTS = {               # diagnostics of the teacher recipe (nothing depends on them)
+    "teacher_c2_big": dict(model=(("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4))),
+    "teacher_c2_b512": dict(lr=1e-3, warmup_steps=500, batch_size=512, num_iterations=5000),
+    "teacher_c2_big_b512": dict(lr=1e-3, warmup_steps=500, batch_size=512, num_iterations=5000,
+                                model=(("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4))),
+}
+ABLATIONS = {                      # TF-sCM variants (chunk-wise): name -> train overrides
+    "tf_scm_c2_nowarmup": dict(tangent_warmup=0),
+}
+DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",)   # run only when named in --only
+
+
+# ----------------------------------------------------------------------------- jobs
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    name: str
+    kind: str                     # classifier | teacher | data | student | dmd | final
+    deps: tuple[str, ...] = ()
+    args: tuple = ()              # kind-specific, hashable
+
+
+def all_jobs() -> dict[str, Job]:
+    jobs = [Job("classifier", "classifier"),
+            Job("teacher_bi", "teacher", (), ("teacher_full", 1, ())),
+            Job("data", "data", ("teacher_bi",))]
+    for sfx, b in PATTERNS.items():
+        jobs.append(Job(f"teacher_{sfx}", "teacher", (), ("teacher_tf", b, ())))
+        for mode in ("tf_scm", "tf_meanflow", "tf_dcm"):
+            jobs.append(Job(f"{mode}_{sfx}", "student", ("data", f"teacher_{sfx}", "classifier"), (mode, b, ())))
+    jobs.append(Job("ode_init_c2", "student", ("data", "teacher_c2", "classifier"), ("ode_init", 2, ())))
+    for name, over in TEACHER_VARIANTS.items():
+        jobs.append(Job(name, "teacher", (), ("teacher_tf", 2, tuple(sorted(over.items())))))
+    for name, over in ABLATIONS.items():
+        jobs.append(Job(name, "student", ("data", "teacher_c2", "classifier"),
+                        ("tf_scm", 2, tuple(sorted(over.items())))))
+    for init, src in DMD_INITS.items():
+        jobs.append(Job(f"dmd_{init}", "dmd", (src, "teacher_bi", "teacher_c2", "classifier"), (src,)))
+    c1_models = (("teacher_c1", 1),) + tuple((f"{m}_c1", 1) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
+    c2_models = ((("teacher_bi", 0), ("teacher_c2", 2)) + tuple((f"{m}_c2", 2) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
+                 + (("ode_init_c2", 2),) + tuple((f"dmd_{i}", 2) for i in DMD_INITS))
+    for name, models in (("final_c1", c1_models), ("final_c2", c2_models)):
+        jobs.append(Job(name, "final", tuple(m for m, _ in models) + ("classifier",), (models,)))
+    # All teachers, the diagnostic variants included when they left an export (also a cut run's).
+    teachers = (("teacher_bi", 0), ("teacher_c2", 2), ("teacher_c1", 1)) + tuple((v, 2) for v in TEACHER_VARIANTS)
+    jobs.append(Job("final_teachers", "final", ("teacher_bi", "teacher_c2", "teacher_c1", "classifier"), (teachers,)))
+    return {j.name: j for j in jobs}
+
+
+GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1") + tuple(TEACHER_VARIANTS)}
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+class Study:
+    def __init__(self, workdir: str, scale: str):
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
+        self.workdir, self.scale, self.S = workdir, scale, SCALES[scale]
+
+    def path(self, *p) -> str:
+        return os.path.join(self.workdir, *p)
+
+    def export(self, job: str) -> str:
+        return self.path(job, "export")
+
+    def base(self, mode: str, block: int, **model):
+        from configs.base import base_config, toy_model
+        c = base_config(mode, "tiny", **toy_model(**model))
+        c.train.update(block_frames=block, guidance=GUIDANCE, dmd_teacher_pattern="full")
+        c.log_every = 50
+        c.checkpoint.update(every=10 ** 9, keep=1)    # the final checkpoint only (resume = rerun)
+        return c
+
+    @property
+    def world(self):
+        from crm_jax.training import loop
+        return loop.toy_world_config(self.base("teacher_tf", 2))
+
+    def world_of(self, frames: int):
+        return dataclasses.replace(self.world, num_frames=frames)
+
+
+def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None = None,
+               params_of=lambda st: st.params):
+    """`evaluator(iteration, state)` for loop.train of config `c`: world-model rollouts at STEPS
+    (students), Euler (causal teachers) or whole clips (bidirectional teacher)."""
+    import jax
+
+    from crm_jax.evaluation import world_model as wm
+    from crm_jax.evaluation.video_features import FeatureModel
+    from crm_jax.models.wan import AttentionPattern, apply_for
+    from crm_jax.training import loop
+
+    block = c.train.block_frames
+    mcfg = loop.model_config(c)
+    src, batch = wm.heldout_source(study.world_of(frames or study.world.num_frames), mcfg.text_len,
+                                   mcfg.text_dim, episodes)
+    key = jax.random.key(2024)
+    loaded = {}
+
+    def features():
+        """The classifier, once its job has finished (teachers train alongside it)."""
+        if "fm" not in loaded and os.path.exists(study.path("classifier", "done.json")):
+            loaded["fm"] = FeatureModel.load(study.path("classifier"))
+        return loaded.get("fm")
+
+    def evaluate(it, state):
+        cfg = mcfg
+        apply = apply_for(cfg)
+        params = params_of(state)
+        feats = features()
+        if kind == "full":
+            r = wm.evaluate(apply, params, cfg, src, batch, key, pattern=AttentionPattern("full"), prefix_frames=0,
+                            method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT,
+                            features=feats)
+            return {"euler": _strip(r)}
+        pat = AttentionPattern("block_causal", block)
+        if kind == "teacher":
+            r = wm.evaluate(apply, params, cfg, src, batch, key, pattern=pat, prefix_frames=PREFIX, method="euler",
+                            steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT, features=feats)
+            return {"euler": _strip(r)}
+        return {f"steps{n}": _strip(wm.evaluate(apply, params, cfg, src, batch, key, pattern=pat,
+                                                prefix_frames=PREFIX, method="consistency", steps=n,
+                                                features=feats))
+                for n in STEPS}
+
+    return evaluate
+
+
+def _strip(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "frames"}
+
+
+def _train(study: Study, job: Job, c, evaluator):
+    from crm_jax.training import loop
+    t0 = time.time()
+    with open(study.path(job.name, "config.json"), "w") as f:   # what ran, for the record
+        f.write(c.to_json_best_effort(indent=1))
+    out = loop.train(c, study.path(job.name), progress=False, evaluator=evaluator)
+    if out["iteration"] < c.num_iterations:   # stopped by a signal: checkpoint saved, not done
+        raise RuntimeError(f"{job.name} stopped at iteration {out['iteration']} of {c.num_iterations}; "
+                           f"rerun to resume from {study.path(job.name, 'checkpoints')}")
+    return dict(seconds=round(time.time() - t0, 1), iterations=out["iteration"], steps=out["step"],
+                batch_size=int(c.data.batch_size),
+                nan_skips=out["nan_skips"], final_metrics=out["metrics"])
+
+
+# ----------------------------------------------------------------------------- job kinds
+
+def run_classifier(study: Study, job: Job) -> dict:
+    import jax
+
+    from crm_jax.evaluation.video_features import train_classifier
+    t0 = time.time()
+    m = train_classifier(study.world, steps=study.S["clf_steps"], batch_size=study.S["clf_batch"], seed=0)
+    m.save(study.path(job.name))
+    return dict(seconds=round(time.time() - t0, 1), heldout_accuracy=m.accuracy(jax.random.key(777), 512))
+
+
+def teacher_config(study: Study, mode: str, block: int):
+    """Teachers from scratch: configs/toy_teacher_*.py with Adam b1 = 0.9 (not DESIGN's 0, a
+    fine-tuning default), uniform times without the bell weight, the power EMA exported."""
+    from configs.base import toy_teacher_config
+    c = toy_teacher_config(mode)
+    c.train.update(block_frames=block, adam_b1=0.9, fm_weighting="none", fm_shift=1.0)
+    c.export_ema = True
+    c.num_iterations, c.data.batch_size = study.S["teacher_iters"], study.S["teacher_batch"]
+    c.log_every, c.eval_every = 100, study.S["teacher_eval_every"]
+    c.checkpoint.update(every=10 ** 9, keep=1)
+    return c
+
+
+def run_teacher(study: Study, job: Job) -> dict:
+    mode, block, over = job.args
+    c = teacher_config(study, mode, block)
+    over = dict(over)
+    c.model.overrides.update(dict(over.pop("model", ())))
+    if study.scale == "full":      # budgets of a variant (the smoke scale keeps its own)
+        c.data.batch_size = over.pop("batch_size", c.data.batch_size)
+        c.num_iterations = over.pop("num_iterations", c.num_iterations)
+        c.eval_every = max(1, c.num_iterations // 5)
+    over.pop("batch_size", None), over.pop("num_iterations", None)
+    c.train.update(over)
+    ev = _evaluator(study, c, kind="full" if mode == "teacher_full" else "teacher",
+                    episodes=study.S["eval_episodes"], params_of=lambda st: st.ema)
+    return _train(study, job, c, ev)
+
+
+def data_config(study: Study):
+    """Synthetic set: teacher_bi's Euler samples (CFG) of simulator prompts/actions, with ODE points."""
+    from configs.toy_generate import get_config
+    w = study.world
+    g = get_config()
+    g.teacher = study.export("teacher_bi")
+    g.num_samples = study.S["data_samples"]
+    g.samples_per_shard = max(4, g.num_samples // 8)
+    g.batch_size = min(256, g.num_samples)
+    g.latent_shape = (w.num_frames, w.height // 2, w.width // 2, 12)
+    g.cond.update(height=w.height, width=w.width)
+    g.sampler.update(num_steps=study.S["data_steps"], shift=TEACHER_SHIFT, guidance=GUIDANCE)
+    g.ode.update(save=True, num_steps=4, sigma_max=80.0)
+    return g
+
+
+def run_data(study: Study, job: Job) -> dict:
+    from crm_jax.data.generate import generate
+    t0 = time.time()
+    res = generate(data_config(study), study.path(job.name, "set"), progress=False)
+    if not res["complete"]:
+        raise RuntimeError(f"synthetic set incomplete: {res}")
+    return dict(seconds=round(time.time() - t0, 1), samples=study.S["data_samples"])
+
+
+def student_config(study: Study, mode: str, block: int, overrides=()):
+    from configs.base import toy_student_config
+    sfx = {2: "c2", 1: "c1"}[block]
+    c = toy_student_config(mode, mean_flow=(mode == "tf_meanflow"))
+    c.train.update(block_frames=block, guidance=GUIDANCE, **dict(overrides))
+    c.num_iterations, c.data.batch_size = study.S["student_iters"], study.S["student_batch"]
+    c.data.update(kind="dataset", path=study.path("data", "set"))
+    c.init.teacher = study.export(f"teacher_{sfx}")
+    c.init.student = "" if mode == "tf_meanflow" else study.export(f"teacher_{sfx}")
+    c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["eval_every"]
+    c.checkpoint.update(every=10 ** 9, keep=1)
+    return c
+
+
+def run_student(study: Study, job: Job) -> dict:
+    mode, block, over = job.args
+    c = student_config(study, mode, block, over)
+    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
+
+
+def dmd_config(study: Study, init_job: str):
+    from configs.base import toy_student_config
+    c = toy_student_config("sf_dmd")
+    c.train.update(block_frames=2, guidance=GUIDANCE, dmd_teacher_pattern="full", sf_max_steps=4)
+    c.num_iterations, c.data.batch_size = study.S["dmd_iters"], study.S["dmd_batch"]
+    c.data.kind = "toy"
+    c.init.update(student=study.export(init_job), teacher=study.export("teacher_c2"),
+                  dmd_teacher=study.export("teacher_bi"))
+    c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["dmd_eval_every"]
+    c.checkpoint.update(every=10 ** 9, keep=1)
+    return c
+
+
+def run_dmd(study: Study, job: Job) -> dict:
+    (init_job,) = job.args
+    c = dmd_config(study, init_job)
+    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
+
+
+def run_final(study: Study, job: Job) -> dict:
+    """Every listed model (job, block frames; 0 = bidirectional): short rollouts on more episodes
+    and long rollouts (4x the trained length, sliding window); `final.json`, `long_rollouts.npz`."""
+    import jax
+    import numpy as np
+
+    from crm_jax.data.toy_latents import latents_to_frames
+    from crm_jax.evaluation import world_model as wm
+    from crm_jax.evaluation.video_features import FeatureModel
+    from crm_jax.models import convert
+    from crm_jax.models.wan import AttentionPattern, functional
+    from crm_jax.training import loop
+
+    (models,) = job.args
+    feats = FeatureModel.load(study.path("classifier"))
+    mcfg = loop.model_config(study.base("teacher_tf", 2))
+    results, key, t0, n_ep = {}, jax.random.key(4242), time.time(), study.S["final_episodes"]
+    short_src, short_batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, n_ep)
+    long_src, long_batch = wm.heldout_source(study.world_of(study.S["long_frames"]), mcfg.text_len,
+                                             mcfg.text_dim, n_ep)
+    pictures = {}
+    for name, block in models:
+        if not os.path.isdir(study.export(name)):
+            print(f"{name}: no export, skipped", flush=True)
+            continue
+        model = convert.load_nnx(study.export(name))
+        apply, params = functional(model)
+        teacher = name.startswith("teacher")
+        kw = dict(features=feats, shift=TEACHER_SHIFT)
+        if block == 0:    # the bidirectional teacher: whole clips of the trained length (no prefix)
+            results[f"{name}/euler"] = dict(short=_strip(wm.evaluate(
+                apply, params, model.cfg, short_src, short_batch, key, pattern=AttentionPattern("full"),
+                prefix_frames=0, method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, **kw)))
+            continue
+        pat = AttentionPattern("block_causal", block)
+        long_pat = wm.long_rollout_pattern(pat, study.world.num_frames)
+        settings = ([("euler", study.S["teacher_steps"], GUIDANCE)] if teacher
+                    else [("consistency", n, 1.0) for n in STEPS])
+        for method, n, g in settings:
+            tag = f"{name}/{'euler' if method == 'euler' else f'steps{n}'}"
+            kw.update(prefix_frames=PREFIX, method=method, steps=n, guidance=g)
+            short = wm.evaluate(apply, params, model.cfg, short_src, short_batch, key, pattern=pat, **kw)
+            long = wm.evaluate(apply, params, model.cfg, long_src, long_batch, key, pattern=long_pat,
+                               keep_frames=4, **kw)
+            pictures[tag] = long.pop("frames")
+            results[tag] = dict(short=short, long=long)
+            print(f"{tag}: short traj {short['trajectory_error']:.3f} fd {short['fd']:.2f} | long traj "
+                  f"{long['trajectory_error']:.3f} fd(last {feats.clip_frames}) {long['fd']:.2f}", flush=True)
+    truth = np.asarray(latents_to_frames(long_batch["latents"][:4], short_src.factor))
+    np.savez_compressed(study.path(job.name, "long_rollouts.npz"), truth=truth,
+                        **{k.replace("/", "__"): v for k, v in pictures.items()})
+    with open(study.path(job.name, "final.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return dict(seconds=round(time.time() - t0, 1), models=[m for m, _ in models])
+
+
+RUNNERS = dict(classifier=run_classifier, teacher=run_teacher, data=run_data, student=run_student,
+               dmd=run_dmd, final=run_final)
+
+
+def run_job(study: Study, name: str) -> None:
+    job = all_jobs()[name]
+    missing = [d for d in job.deps if not os.path.exists(study.path(d, "done.json"))]
+    if missing:
+        raise RuntimeError(f"job {name} needs {missing} finished first")
+    os.makedirs(study.path(name), exist_ok=True)
+    summary = RUNNERS[job.kind](study, job)
+    with open(study.path(name, "done.json"), "w") as f:
+        json.dump({"job": name, "scale": study.scale, **summary}, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+def job_command(study: Study, name: str) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--workdir", study.workdir, "--scale", study.scale,
+            "--job", name]
+
+
+def schedule(study: Study, names: list[str], parallel: int, command=job_command,
+             jobs: dict[str, Job] | None = None) -> dict[str, str]:
+    """Run jobs (and their unfinished dependencies) as subprocesses (`command(study, name)`),
+    `parallel` at a time, each as soon as its dependencies are done; a job counts as finished
+    when it exits 0 (it writes its `done.json`). SIGTERM is passed on to running jobs.
+    Returns {job: "done" | "skipped" (done before) | "failed" | "blocked" (a dependency failed) |
+    "cancelled" (not started before a SIGTERM)}."""
+    jobs = all_jobs() if jobs is None else jobs
+    want, stack = set(), list(names)
+    while stack:
+        n = stack.pop()
+        if n not in jobs:
+            raise ValueError(f"unknown job {n!r}; known: {sorted(jobs)}")
+        if n not in want:
+            want.add(n)
+            stack.extend(jobs[n].deps)
+    status = {n: "skipped" for n in want if os.path.exists(study.path(n, "done.json"))}
+    pending = sorted(n for n in want if n not in status)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    os.makedirs(study.path("logs"), exist_ok=True)
+    t_start = time.time()
+
+    stopping = []
+
+    def forward(signum, frame):   # a cut run: jobs checkpoint and export (loop.train on SIGTERM)
+        stopping.append(signum)
+        for p, _ in running.values():
+            p.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        _loop(study, jobs, pending, running, status, parallel, command, t_start, stopping)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return status
+
+
+def _loop(study, jobs, pending, running, status, parallel, command, t_start, stopping):
+    while pending or running:
+        if stopping and pending:
+            status.update({n: "cancelled" for n in pending})
+            pending.clear()
+        for n, (p, t0) in list(running.items()):
+            if p.poll() is not None:
+                status[n] = "done" if p.returncode == 0 else "failed"
+                print(f"[{time.time() - t_start:7.1f}s] {n}: {status[n]} in {time.time() - t0:.0f}s"
+                      + ("" if p.returncode == 0 else f" (exit {p.returncode}; log {study.path('logs', n + '.log')})"),
+                      flush=True)
+                del running[n]
+        for n in list(pending):
+            deps = jobs[n].deps
+            if any(status.get(d) in ("failed", "blocked") for d in deps):
+                status[n] = "blocked"
+                pending.remove(n)
+                print(f"[{time.time() - t_start:7.1f}s] {n}: blocked by a failed dependency", flush=True)
+            elif len(running) < parallel and all(status.get(d) in ("done", "skipped") for d in deps):
+                with open(study.path("logs", n + ".log"), "w") as log:
+                    running[n] = (subprocess.Popen(command(study, n), stdout=log, stderr=subprocess.STDOUT,
+                                                   cwd=ROOT), time.time())
+                pending.remove(n)
+                print(f"[{time.time() - t_start:7.1f}s] {n}: started", flush=True)
+        time.sleep(0.2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="runs/toy_study")
+    ap.add_argument("--scale", default="full", choices=sorted(SCALES))
+    ap.add_argument("--only", default="", help="comma-separated jobs or groups (prep); default: all")
+    ap.add_argument("--parallel", type=int, default=8, help="jobs run at once (processes)")
+    ap.add_argument("--job", default="", help="(internal) run one job in this process")
+    ap.add_argument("--report", default="", help="write tables/plots of the workdir to this directory")
+    args = ap.parse_args(argv)
+    study = Study(os.path.abspath(args.workdir), args.scale)
+    if args.job:
+        run_job(study, args.job)
+        return 0
+    if args.report:
+        from experiments import toy_study_report
+        toy_study_report.write_report(study, args.report)
+        return 0
+    names = ([x for part in args.only.split(",") if part for x in GROUPS.get(part, (part,))]
+             or sorted(n for n in all_jobs() if n not in DIAGNOSTICS))
+    status = schedule(study, names, args.parallel)
+    bad = {n: s for n, s in status.items() if s in ("failed", "blocked", "cancelled")}
+    print("jobs:", json.dumps(status, sort_keys=True))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Tables, claim checks and PNG plots of a toy-study workdir (experiments/toy_study.py --report DIR).
+
+Reads every job's `eval.jsonl` (curves), `done.json` (wall time) and the `final_*` jobs'
+`final.json` / `long_rollouts.npz`; writes `study.md`, `study.json` and plots into DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+METHODS = ("tf_scm", "tf_meanflow", "tf_dcm")
+LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "ode_init": "ODE regression",
+         "tf_scm_c2_nowarmup": "TF-sCM, no tangent warm-up",
+         "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
+         "dmd_none": "SF-DMD from the causal teacher (no init)"}
+PATTERN_NAME = {"c2": "chunk-wise (2 frames)", "c1": "frame-wise"}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    rows = {}
+    for line in open(path):
+        if line.strip():
+            r = json.loads(line)
+            rows[r["iteration"]] = r          # a resumed run may repeat an iteration: keep the last
+    return [rows[k] for k in sorted(rows)]
+
+
+def _json(path: str):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def curve(rows: list[dict], setting: str, metric: str) -> tuple[list[int], list[float]]:
+    its, vals = [], []
+    for r in rows:
+        v = r.get(setting, {}).get(metric)
+        if v is not None:
+            its.append(r["iteration"])
+            vals.append(float(v))
+    return its, vals
+
+
+def reach(its, vals, target: float):
+    """First evaluated iteration whose value is <= target (None if never)."""
+    for i, v in zip(its, vals):
+        if v <= target:
+            return i
+    return None
+
+
+def final_value(vals, n: int = 2) -> float:
+    """The end of a noisy curve: mean of its last n evaluations."""
+    return float(np.mean(vals[-n:]))
+
+
+def collect(workdir: str) -> dict:
+    jobs = sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d)))
+    out = {"curves": {}, "done": {}, "final": {}}
+    for j in jobs:
+        rows = _read_jsonl(os.path.join(workdir, j, "eval.jsonl"))
+        if rows:
+            out["curves"][j] = rows
+        d = _json(os.path.join(workdir, j, "done.json"))
+        if d:
+            out["done"][j] = d
+        f = _json(os.path.join(workdir, j, "final.json"))
+        if f:
+            out["final"].update(f)
+    return out
+
+
+def convergence_claim(data: dict) -> list[dict]:
+    """Claim 1: TF-sCM reaches TF-dCM's final quality in <= 1/3 of the steps (per pattern, step count,
+    metric). TF-dCM's final quality = mean of its last two evaluations."""
+    rows = []
+    for sfx in ("c2", "c1"):
+        scm, dcm = data["curves"].get(f"tf_scm_{sfx}"), data["curves"].get(f"tf_dcm_{sfx}")
+        if not scm or not dcm:
+            continue
+        for n in (1, 2, 4):
+            for metric in ("trajectory_error", "fd"):
+                di, dv = curve(dcm, f"steps{n}", metric)
+                si, sv = curve(scm, f"steps{n}", metric)
+                if not dv or not sv:
+                    continue
+                target = final_value(dv)
+                hit = reach(si, sv, target)
+                total = di[-1]
+                rows.append(dict(pattern=sfx, steps=n, metric=metric, dcm_final=target, dcm_iterations=total,
+                                 scm_final=final_value(sv), scm_reaches_at=hit,
+                                 fraction=None if hit is None else hit / total,
+                                 holds=hit is not None and hit <= total / 3))
+    return rows
+
+
+def _long_drift(final: dict, tag: str, tail: int = 8):
+    r = final.get(tag, {}).get("long")
+    if not r or r.get("drift_by_frame") is None:
+        return None
+    return float(np.mean(r["drift_by_frame"][-tail:]))
+
+
+def init_claim(data: dict) -> list[dict]:
+    """Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init,
+    on trajectory error (short rollouts) and drift (mean of the last 8 frames of long rollouts)."""
+    fin, rows = data["final"], []
+    for n in (1, 2, 4):
+        tags = {i: f"dmd_{i}/steps{n}" for i in ("scm", "dcm", "ode", "none")}
+        if not all(t in fin for t in tags.values()):
+            continue
+        traj = {i: fin[t]["short"]["trajectory_error"] for i, t in tags.items()}
+        drift = {i: _long_drift(fin, t) for i, t in tags.items()}
+        rows.append(dict(steps=n, trajectory_error=traj, drift_last8=drift,
+                         holds_traj=all(traj["scm"] <= traj[o] for o in ("ode", "none")),
+                         holds_drift=all(drift["scm"] <= drift[o] for o in ("ode", "none"))))
+    return rows
+
+
+def _fmt(v, nd=3):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def markdown(data: dict, claims1, claims2) -> str:
+    fin, done = data["final"], data["done"]
+    L = ["# Toy study (experiments/toy_study.py)", ""]
+    clf = done.get("classifier")
+    if clf:
+        acc = ", ".join(f"{k} {v:.3f}" for k, v in clf["heldout_accuracy"].items())
+        L += [f"Video classifier (Fréchet-distance features): held-out accuracy {acc}; {clf['seconds']} s.", ""]
+    L += ["## Teacher training (held-out rollouts of the EMA during training)", "",
+          "| job | iteration | clips seen | trajectory error (px) | action following | FD |", "|---|---|---|---|---|---|"]
+    for j in sorted(k for k in data["curves"] if k.startswith("teacher")):
+        batch = data["done"].get(j, {}).get("batch_size") or data.get("teacher_batch", {}).get(j)
+        for r in data["curves"][j]:
+            e = r.get("euler", {})
+            seen = "-" if batch is None else f"{r['iteration'] * batch / 1e6:.2f}M"
+            L.append(f"| {j} | {r['iteration']} | {seen} | {_fmt(e.get('trajectory_error'))} | "
+                     f"{_fmt(e.get('action_following'))} | {_fmt(e.get('fd'), 1)} |")
+    L += ["", "## Teachers", "", "| teacher | trajectory error (px) | action following | FD | wall s |", "|---|---|---|---|---|"]
+    for t in ("teacher_bi", "teacher_c2", "teacher_c1"):
+        r = fin.get(f"{t}/euler", {}).get("short")
+        if r:
+            L.append(f"| {t} | {_fmt(r['trajectory_error'])} | {_fmt(r['action_following'])} | {_fmt(r.get('fd'), 2)} "
+                     f"| {done.get(t, {}).get('seconds', '-')} |")
+    L += ["", "Ground truth scores 0 px / 1.000. The bidirectional teacher generates whole clips (no given "
+          "frames), so only its action following and FD are defined.", ""]
+    L += ["## Distilled students: final quality (short rollouts, 2 frames given)", "",
+          "| pattern | student | steps | trajectory error (px) | action following | FD | drift, last 8 of 32 frames (px) | FD, last 8 of 32 |",
+          "|---|---|---|---|---|---|---|---|"]
+    for sfx in ("c2", "c1"):
+        names = [f"{m}_{sfx}" for m in METHODS] + (["ode_init_c2"] + [f"dmd_{i}" for i in ("scm", "dcm", "ode", "none")]
+                                                   if sfx == "c2" else [])
+        for name in names:
+            for n in (1, 2, 4):
+                r = fin.get(f"{name}/steps{n}")
+                if not r:
+                    continue
+                s, lg = r["short"], r["long"]
+                label = LABEL.get(name.rsplit("_", 1)[0], LABEL.get(name, name))
+                L.append(f"| {sfx} | {label} | {n} | {_fmt(s['trajectory_error'])} | {_fmt(s['action_following'])} | "
+                         f"{_fmt(s.get('fd'), 2)} | {_fmt(_long_drift(fin, f'{name}/steps{n}'))} | {_fmt(lg.get('fd'), 2)} |")
+    L += ["", "## Claim 1: TF-sCM reaches TF-dCM's final quality in at most a third of the steps", "",
+          "| pattern | steps | metric | TF-dCM final (its last 2 evals) | TF-sCM final | TF-sCM reaches it at | of TF-dCM's iterations | holds |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in claims1:
+        L.append(f"| {r['pattern']} | {r['steps']} | {r['metric']} | {_fmt(r['dcm_final'])} | {_fmt(r['scm_final'])} | "
+                 f"{_fmt(r['scm_reaches_at'])} | {_fmt(r['fraction'], 2)} | {'yes' if r['holds'] else 'no'} |")
+    L += ["", "## Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init", "",
+          "| steps | metric | from TF-sCM | from TF-dCM | from ODE regression | no init | holds |", "|---|---|---|---|---|---|---|"]
+    for r in claims2:
+        for m, key, ok in (("trajectory error", "trajectory_error", r["holds_traj"]),
+                           ("drift, last 8 of 32", "drift_last8", r["holds_drift"])):
+            v = r[key]
+            L.append(f"| {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
+                     f"{'yes' if ok else 'no'} |")
+    L += ["", "## Wall times (s, one H200, jobs sharing it)", "", "| job | s | iterations |", "|---|---|---|"]
+    for j, d in sorted(done.items()):
+        L.append(f"| {j} | {d.get('seconds', '-')} | {d.get('iterations', '-')} |")
+    return "\n".join(L) + "\n"
+
+
+def plots(data: dict, out: str, workdir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    curves = data["curves"]
+    styles = {"tf_scm": ("C0", "-"), "tf_meanflow": ("C2", "-"), "tf_dcm": ("C3", "-"), "ode_init": ("C4", "-"),
+              "tf_scm_c2_nowarmup": ("C0", ":")}
+    for metric, ylabel in (("trajectory_error", "trajectory error (px)"), ("fd", "Fréchet distance")):
+        fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex="row", squeeze=False)
+        for row, sfx in enumerate(("c2", "c1")):
+            for col, n in enumerate((1, 2, 4)):
+                ax = axes[row, col]
+                for name, rows in curves.items():
+                    base = name if name.startswith("tf_scm_c2_") else name.rsplit("_", 1)[0]
+                    if base not in styles or not (name.endswith(sfx) or (sfx == "c2" and name.startswith("tf_scm_c2_"))):
+                        continue
+                    its, vals = curve(rows, f"steps{n}", metric)
+                    if its:
+                        c, ls = styles[base]
+                        ax.plot(its, vals, color=c, ls=ls, marker=".", label=LABEL.get(base, base))
+                ax.set_title(f"{PATTERN_NAME[sfx]}, {n} step{'s' if n > 1 else ''} per chunk")
+                ax.set_xlabel("training iteration")
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, f"convergence_{metric}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
+    for col, n in enumerate((1, 2, 4)):
+        ax = axes[0, col]
+        for i, init in enumerate(("scm", "dcm", "ode", "none")):
+            its, vals = curve(curves.get(f"dmd_{init}", []), f"steps{n}", "trajectory_error")
+            if its:
+                ax.plot(its, vals, marker=".", color=f"C{i}", label=LABEL[f"dmd_{init}"])
+        ax.set_title(f"SF-DMD, {n} step{'s' if n > 1 else ''} per chunk")
+        ax.set_xlabel("iteration (student + critic steps)")
+        ax.set_ylabel("trajectory error (px)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "dmd_curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    files.append(path)
+
+    fin = data["final"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False)
+    for col, sfx in enumerate(("c2", "c1")):
+        ax = axes[0, col]
+        names = [f"teacher_{sfx}/euler"] + [f"{m}_{sfx}/steps2" for m in METHODS]
+        if sfx == "c2":
+            names += ["ode_init_c2/steps2"] + [f"dmd_{i}/steps2" for i in ("scm", "dcm", "ode", "none")]
+        for i, tag in enumerate(names):
+            r = fin.get(tag, {}).get("long")
+            if r and r.get("drift_by_frame"):
+                d = r["drift_by_frame"]
+                ax.plot(np.arange(len(d)) + 2, d, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=tag)
+        ax.axvline(8, color="k", lw=0.8, ls=":")
+        ax.set_title(f"{PATTERN_NAME[sfx]}: drift over a 4x-length rollout (trained on 8 frames)")
+        ax.set_xlabel("frame index")
+        ax.set_ylabel("mean sprite-centre error (px)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "drift_by_frame.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    files.append(path)
+
+    npz = os.path.join(workdir, "final_c2", "long_rollouts.npz")
+    if os.path.exists(npz):
+        z = np.load(npz)
+        keys = ["truth"] + [k for k in ("teacher_c2__euler", "tf_scm_c2__steps2", "tf_dcm_c2__steps2",
+                                         "ode_init_c2__steps2", "dmd_scm__steps2", "dmd_none__steps2") if k in z]
+        frames = [z[k][0] for k in keys]                 # [T, H, W, 3] each, episode 0
+        t = frames[0].shape[0]
+        pick = np.linspace(0, t - 1, min(t, 16)).astype(int)
+        strip = np.concatenate([np.concatenate([f[i] for i in pick], 1) for f in frames], 0)
+        fig, ax = plt.subplots(figsize=(16, 1.1 * len(keys)))
+        ax.imshow(np.clip(strip, 0, 1), interpolation="nearest")
+        ax.set_yticks([(i + 0.5) * frames[0].shape[1] for i in range(len(keys))])
+        ax.set_yticklabels([k.replace("__", " ") for k in keys], fontsize=8)
+        ax.set_xticks([(j + 0.5) * frames[0].shape[2] for j in range(len(pick))])
+        ax.set_xticklabels([str(i) for i in pick], fontsize=7)
+        ax.set_xlabel("frame index (2 given, then generated from actions; sliding window past frame 8)")
+        fig.tight_layout()
+        path = os.path.join(out, "long_rollouts.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def write_report(study, out: str) -> dict:
+    os.makedirs(out, exist_ok=True)
+    data = collect(study.workdir)
+    from experiments.toy_study import TEACHER_VARIANTS
+    data["teacher_batch"] = {j: dict(v).get("batch_size", study.S["teacher_batch"])
+                             for j, v in {**{t: {} for t in ("teacher_bi", "teacher_c2", "teacher_c1")},
+                                          **TEACHER_VARIANTS}.items()}
+    c1, c2 = convergence_claim(data), init_claim(data)
+    summary = dict(scale=study.scale, budgets=study.S, claim1=c1, claim2=c2, final=data["final"],
+                   done=data["done"], curves=data["curves"])
+    with open(os.path.join(out, "study.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    md = markdown(data, c1, c2)
+    with open(os.path.join(out, "study.md"), "w") as f:
+        f.write(md)
+    files = plots(data, out, study.workdir)
+    print(md)
+    print("wrote", os.path.join(out, "study.md"), os.path.join(out, "study.json"), *files)
+    return summary

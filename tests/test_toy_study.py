@@ -1,0 +1,128 @@
+"""The toy study's job DAG, scheduler, configs and report (experiments/toy_study.py).
+
+The full study runs on a GPU; here: its structure, the scheduler with stand-in jobs, every
+job kind's config, the claim checks and plots on a synthetic workdir, and one real slice of
+the DAG (classifier, teachers, synthetic set, a TF-sCM student) at the smoke scale.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+from experiments import toy_study as ts
+from experiments import toy_study_report as rep
+
+
+def test_dag_is_complete_and_acyclic():
+    jobs = ts.all_jobs()
+    for j in jobs.values():
+        assert set(j.deps) <= set(jobs), j.name
+    order, seen = [], set()
+
+    def visit(n, stack=()):
+        assert n not in stack, f"cycle through {n}"
+        if n not in seen:
+            for d in jobs[n].deps:
+                visit(d, stack + (n,))
+            seen.add(n)
+            order.append(n)
+
+    for n in jobs:
+        visit(n)
+    assert len(order) == len(jobs)
+    assert all(not jobs[n].deps for n in ts.GROUPS["prep"])
+    final = set(jobs["final_c2"].deps)
+    assert {"tf_scm_c2", "tf_dcm_c2", "ode_init_c2", "dmd_scm", "dmd_none"} <= final
+
+
+def _fake(study, name):
+    """Stand-in job: succeeds (writing done.json) unless its name is in FAIL."""
+    code = ("import json, os, sys; d = sys.argv[1]; n = sys.argv[2]; "
+            "sys.exit(1) if n in os.environ.get('FAIL', '').split(',') else None; "
+            "os.makedirs(os.path.join(d, n), exist_ok=True); "
+            "json.dump({'job': n}, open(os.path.join(d, n, 'done.json'), 'w'))")
+    return [sys.executable, "-c", code, study.workdir, name]
+
+
+def test_scheduler_runs_dependencies_skips_finished_and_blocks_after_failures(tmp_path, monkeypatch):
+    study = ts.Study(str(tmp_path), "smoke")
+    os.makedirs(tmp_path / "classifier")
+    (tmp_path / "classifier" / "done.json").write_text("{}")
+    monkeypatch.setenv("FAIL", "teacher_c1")
+    status = ts.schedule(study, ["final_c1", "tf_scm_c2"], parallel=3, command=_fake)
+    assert status["classifier"] == "skipped"
+    assert status["teacher_c1"] == "failed"
+    assert status["tf_scm_c1"] == "blocked" and status["final_c1"] == "blocked"
+    assert status["tf_scm_c2"] == "done" and status["data"] == "done" and status["teacher_bi"] == "done"
+    assert (tmp_path / "logs" / "teacher_c1.log").exists()
+    with pytest.raises(ValueError, match="unknown job"):
+        ts.schedule(study, ["nope"], parallel=1, command=_fake)
+
+
+def test_every_job_kind_builds_a_valid_config(tmp_path):
+    from crm_jax.training import loop
+
+    study = ts.Study(str(tmp_path), "full")
+    configs = [ts.teacher_config(study, "teacher_tf", 2), ts.teacher_config(study, "teacher_full", 1),
+               ts.dmd_config(study, "tf_scm_c2")]
+    configs += [ts.student_config(study, m, b) for m in ("tf_scm", "tf_meanflow", "tf_dcm", "ode_init") for b in (1, 2)]
+    for c in configs:
+        tcfg = loop.train_config(c)
+        mcfg = loop.model_config(c)
+        assert tcfg.block_frames in (1, 2)
+        assert mcfg.mean_flow == (c.mode == "tf_meanflow")
+    t = configs[0]
+    assert t.train.adam_b1 == 0.9 and t.train.fm_weighting == "none" and t.export_ema
+    g = ts.data_config(study)
+    assert g.ode.save and g.latent_shape == (8, 8, 8, 12) and g.num_samples == ts.SCALES["full"]["data_samples"]
+
+
+def _write_curve(d, name, values, setting="steps2", metric="trajectory_error", step=100):
+    os.makedirs(d / name, exist_ok=True)
+    with open(d / name / "eval.jsonl", "w") as f:
+        for i, v in enumerate(values):
+            row = {"iteration": i * step, **{f"steps{n}": {metric: v, "fd": 10 * v} for n in (1, 2, 4)}}
+            f.write(json.dumps(row) + "\n")
+
+
+def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
+    w = tmp_path / "w"
+    _write_curve(w, "tf_dcm_c2", [9, 8, 7, 6, 5, 5])          # final (last 2) = 5
+    _write_curve(w, "tf_scm_c2", [9, 6, 4.9, 4.5, 4.4, 4.3])  # reaches 5 at iteration 200 = 0.4 of 500
+    _write_curve(w, "tf_dcm_c1", [9, 8, 7, 6, 5, 5])
+    _write_curve(w, "tf_scm_c1", [9, 5, 4.9, 4.5, 4.4, 4.3])  # reaches at 100 = 0.2
+    fin = {}
+    for init, traj, drift in (("scm", 3.0, 4.0), ("dcm", 3.5, 4.5), ("ode", 3.2, 5.0), ("none", 4.0, 3.0)):
+        for n in (1, 2, 4):
+            fin[f"dmd_{init}/steps{n}"] = {"short": {"trajectory_error": traj, "action_following": 0.5, "fd": 1.0},
+                                           "long": {"drift_by_frame": [drift] * 30, "fd": 2.0}}
+    os.makedirs(w / "final_c2")
+    (w / "final_c2" / "final.json").write_text(json.dumps(fin))
+    data = rep.collect(str(w))
+    c1 = {(r["pattern"], r["steps"], r["metric"]): r for r in rep.convergence_claim(data)}
+    r = c1[("c2", 2, "trajectory_error")]
+    assert r["dcm_final"] == 5.0 and r["scm_reaches_at"] == 200 and not r["holds"]
+    assert c1[("c1", 2, "trajectory_error")]["holds"] and c1[("c1", 2, "fd")]["fraction"] == 0.2
+    c2 = rep.init_claim(data)
+    assert len(c2) == 3 and all(r["holds_traj"] and not r["holds_drift"] for r in c2)   # "none" drifts least
+    out = tmp_path / "report"
+    summary = rep.write_report(ts.Study(str(w), "full"), str(out))
+    assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
+    for png in ("convergence_trajectory_error.png", "convergence_fd.png", "dmd_curves.png", "drift_by_frame.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path):
+    study = ts.Study(str(tmp_path), "smoke")
+    status = ts.schedule(study, ["tf_scm_c2"], parallel=2)
+    assert set(status.values()) == {"done"}, status
+    rows = [json.loads(x) for x in open(tmp_path / "tf_scm_c2" / "eval.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert {"steps1", "steps2", "steps4"} <= set(rows[-1])
+    assert rows[-1]["steps2"]["fd"] >= 0 and 0 <= rows[-1]["steps2"]["action_following"] <= 1
+    done = json.load(open(tmp_path / "tf_scm_c2" / "done.json"))
+    assert done["iterations"] == 2 and done["nan_skips"] == 0
+    assert os.path.isdir(tmp_path / "tf_scm_c2" / "export")
