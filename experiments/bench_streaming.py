@@ -30,11 +30,11 @@ configuration; it is a process-wide high-water mark, so use --isolate (one subpr
 per configuration) for per-configuration peaks.
 
 Variants (StreamingSampler options; one per run, named by --label):
-  --kv_update concat|inplace   concatenate [cached | new] keys per layer (default), or write
-                               the new keys into the cache first and attend to the buffer
-  --kv_layout stacked|per_layer  one [layers, ...] buffer and the layer scan (default), or a
-                               buffer and a parameter copy per layer and a Python layer loop
-                               (with inplace: no copy at all, one compile for all cache lengths)
+  --kv_update concat|inplace   concatenate [cached | new] keys per layer, or write the new
+                               keys into the cache first and attend to the buffer (default)
+  --kv_layout stacked|per_layer  one [layers, ...] buffer and the layer scan, or a buffer and
+                               a parameter copy per layer and a Python layer loop (default;
+                               with inplace: no copy at all, one compile for all cache lengths)
   --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
   --call_loop device|host      a chunk's model calls in one jitted fori_loop (default; with its
                                traced trip count XLA reads every iteration's loop predicate back
@@ -297,9 +297,9 @@ def parse(argv=None):
                    help="steps:context pairs to run instead of --steps x --contexts, e.g. 2:noisy,2:clean,4:clean")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 5)")
     p.add_argument("--label", default=None, help="variant name in the table and JSON (default: from the options)")
-    p.add_argument("--kv_update", default="concat", choices=["concat", "inplace"],
+    p.add_argument("--kv_update", default="inplace", choices=["concat", "inplace"],
                    help="how a cached call gives attention its keys (see WanModel.__call__)")
-    p.add_argument("--kv_layout", default="stacked", choices=["stacked", "per_layer"],
+    p.add_argument("--kv_layout", default="per_layer", choices=["stacked", "per_layer"],
                    help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)")
     p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
     p.add_argument("--call_loop", default="device", choices=["device", "host"],

@@ -13,7 +13,7 @@
 # every step gets `timeout` = min(its own cap, what is left minus the profile's reserve), and a step
 # that would get less than 30 s is skipped, so one failure or hang costs only its own slot.
 # Variants (priority order; flags of experiments/bench_streaming.py):
-#   base         the current path (concat of [cached | new] keys per layer, layer scan, fori_loop)
+#   base         the session-2 path (concat of [cached | new] keys per layer, layer scan, fori_loop)
 #   layers       --kv_update inplace --kv_layout per_layer: per-layer cache and weights, each layer
 #                writes its keys into its buffer and cuDNN attends over the buffer with a valid length
 #                (no KV concat, no weight-slice copies, one compile for all 7 cache layouts)
@@ -43,7 +43,7 @@ CAP=${CAP:-110}                       # per-variant cap, seconds
 RESERVE=${RESERVE:-50}                # kept for the profile until the variants are done
 GRAPHS=xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
 declare -A FLAGS=(
-  [base]=""
+  [base]="--kv_update concat --kv_layout stacked"
   [layers]="--kv_update inplace --kv_layout per_layer"
   [inplace]="--kv_update inplace"
   [layers_host]="--kv_update inplace --kv_layout per_layer --call_loop host"

@@ -253,6 +253,8 @@ def test_bad_configuration_raises():
     with pytest.raises(ValueError, match="num_actions=0"):
         StreamingSampler(apply, params, CFG.replace(num_actions=0), AttentionPattern("block_causal", 1),
                          HW).stream(jax.random.key(0), context(), 2, [0, 0])
+    with pytest.raises(ValueError, match="MeanFlow"):      # would silently sample u(x, t, t)
+        StreamingSampler(apply, params, CFG.replace(mean_flow=True), AttentionPattern("block_causal", 1), HW)
 
 
 # ----------------------------------------------------------------------------- toy latents
