@@ -67,6 +67,9 @@ def collect(workdir: str) -> dict:
         d = _json(os.path.join(workdir, j, "done.json"))
         if d:
             out["done"][j] = d
+        m = _read_jsonl(os.path.join(workdir, j, "metrics.jsonl"))
+        if m and j not in out["done"]:        # a cut run: how far it got
+            out["done"][j] = {"iterations": f"{m[-1]['iteration']} (stopped)"}
         f = _json(os.path.join(workdir, j, "final.json"))
         if f:
             out["final"].update(f)
@@ -131,21 +134,27 @@ def markdown(data: dict, claims1, claims2) -> str:
     if clf:
         acc = ", ".join(f"{k} {v:.3f}" for k, v in clf["heldout_accuracy"].items())
         L += [f"Video classifier (Fréchet-distance features): held-out accuracy {acc}; {clf['seconds']} s.", ""]
-    L += ["## Teacher training (held-out rollouts of the EMA during training)", "",
-          "| job | iteration | clips seen | trajectory error (px) | action following | FD |", "|---|---|---|---|---|---|"]
+    L += ["## Teacher training (FD of held-out rollouts of the EMA during training)", "",
+          "| job | iteration | clips seen | FD |", "|---|---|---|---|"]
     for j in sorted(k for k in data["curves"] if k.startswith("teacher")):
         batch = data["done"].get(j, {}).get("batch_size") or data.get("teacher_batch", {}).get(j)
         for r in data["curves"][j]:
             e = r.get("euler", {})
             seen = "-" if batch is None else f"{r['iteration'] * batch / 1e6:.2f}M"
-            L.append(f"| {j} | {r['iteration']} | {seen} | {_fmt(e.get('trajectory_error'))} | "
-                     f"{_fmt(e.get('action_following'))} | {_fmt(e.get('fd'), 1)} |")
-    L += ["", "## Teachers", "", "| teacher | trajectory error (px) | action following | FD | wall s |", "|---|---|---|---|---|"]
-    for t in ("teacher_bi", "teacher_c2", "teacher_c1"):
+            if e.get("fd") is not None:
+                L.append(f"| {j} | {r['iteration']} | {seen} | {_fmt(e.get('fd'), 1)} |")
+    L += ["", "(Trajectory error and action following during training are in each job's eval.jsonl; "
+          "they depend on the detector version, the FD does not.)"]
+    L += ["", "## Teachers (final exports, more episodes; long = 32-frame rollouts with a sliding window)", "",
+          "| teacher | trajectory error (px) | action following | FD | drift, last 8 of 32 (px) | FD, last 8 of 32 | iterations | wall s |",
+          "|---|---|---|---|---|---|---|---|"]
+    for t in sorted({k.split("/")[0] for k in fin if k.startswith("teacher")}):
         r = fin.get(f"{t}/euler", {}).get("short")
         if r:
-            L.append(f"| {t} | {_fmt(r['trajectory_error'])} | {_fmt(r['action_following'])} | {_fmt(r.get('fd'), 2)} "
-                     f"| {done.get(t, {}).get('seconds', '-')} |")
+            lg = fin[f"{t}/euler"].get("long") or {}
+            L.append(f"| {t} | {_fmt(r['trajectory_error'])} | {_fmt(r['action_following'])} | {_fmt(r.get('fd'), 1)} "
+                     f"| {_fmt(_long_drift(fin, f'{t}/euler'))} | {_fmt(lg.get('fd'), 1)} "
+                     f"| {done.get(t, {}).get('iterations', '-')} | {done.get(t, {}).get('seconds', '-')} |")
     L += ["", "Ground truth scores 0 px / 1.000. The bidirectional teacher generates whole clips (no given "
           "frames), so only its action following and FD are defined.", ""]
     L += ["## Distilled students: final quality (short rollouts, 2 frames given)", "",
@@ -163,12 +172,16 @@ def markdown(data: dict, claims1, claims2) -> str:
                 label = LABEL.get(name.rsplit("_", 1)[0], LABEL.get(name, name))
                 L.append(f"| {sfx} | {label} | {n} | {_fmt(s['trajectory_error'])} | {_fmt(s['action_following'])} | "
                          f"{_fmt(s.get('fd'), 2)} | {_fmt(_long_drift(fin, f'{name}/steps{n}'))} | {_fmt(lg.get('fd'), 2)} |")
+    if L[-1].startswith("|---"):
+        L.append("| (no students evaluated yet) | | | | | | | |")
     L += ["", "## Claim 1: TF-sCM reaches TF-dCM's final quality in at most a third of the steps", "",
           "| pattern | steps | metric | TF-dCM final (its last 2 evals) | TF-sCM final | TF-sCM reaches it at | of TF-dCM's iterations | holds |",
           "|---|---|---|---|---|---|---|---|"]
     for r in claims1:
         L.append(f"| {r['pattern']} | {r['steps']} | {r['metric']} | {_fmt(r['dcm_final'])} | {_fmt(r['scm_final'])} | "
                  f"{_fmt(r['scm_reaches_at'])} | {_fmt(r['fraction'], 2)} | {'yes' if r['holds'] else 'no'} |")
+    if not claims1:
+        L.append("| (not run yet) | | | | | | | |")
     L += ["", "## Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init", "",
           "| steps | metric | from TF-sCM | from TF-dCM | from ODE regression | no init | holds |", "|---|---|---|---|---|---|---|"]
     for r in claims2:
@@ -177,7 +190,9 @@ def markdown(data: dict, claims1, claims2) -> str:
             v = r[key]
             L.append(f"| {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
                      f"{'yes' if ok else 'no'} |")
-    L += ["", "## Wall times (s, one H200, jobs sharing it)", "", "| job | s | iterations |", "|---|---|---|"]
+    if not claims2:
+        L.append("| (not run yet) | | | | | | |")
+    L += ["", "## Wall times (s; GPU jobs share one GPU)", "", "| job | s | iterations |", "|---|---|---|"]
     for j, d in sorted(done.items()):
         L.append(f"| {j} | {d.get('seconds', '-')} | {d.get('iterations', '-')} |")
     return "\n".join(L) + "\n"
@@ -209,6 +224,9 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
                 ax.set_xlabel("training iteration")
                 ax.set_ylabel(ylabel)
                 ax.grid(alpha=0.3)
+        if not any(ax.lines for ax in axes.flat):
+            plt.close(fig)
+            continue
         axes[0, 0].legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out, f"convergence_{metric}.png")
@@ -227,12 +245,33 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax.set_xlabel("iteration (student + critic steps)")
         ax.set_ylabel("trajectory error (px)")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out, "dmd_curves.png")
-    fig.savefig(path, dpi=90)
+    if any(ax.lines for ax in axes.flat):
+        axes[0, 0].legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, "dmd_curves.png")
+        fig.savefig(path, dpi=90)
+        files.append(path)
     plt.close(fig)
-    files.append(path)
+
+    teachers = sorted(k for k in curves if k.startswith("teacher"))
+    if teachers:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, j in enumerate(teachers):
+            its, vals = curve(curves[j], "euler", "fd")
+            batch = data["done"].get(j, {}).get("batch_size") or data.get("teacher_batch", {}).get(j, 1)
+            if its:
+                ax.plot(np.asarray(its) * batch / 1e6, vals, marker="o", color=f"C{i}", label=j)
+        ax.set_yscale("log")
+        ax.set_xlabel("training clips seen (millions)")
+        ax.set_ylabel("Fréchet distance of rollouts (log)")
+        ax.set_title("teacher training: held-out rollouts of the EMA")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, "teacher_curves.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
 
     fin = data["final"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False)
@@ -240,12 +279,17 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax = axes[0, col]
         names = [f"teacher_{sfx}/euler"] + [f"{m}_{sfx}/steps2" for m in METHODS]
         if sfx == "c2":
+            names += ["teacher_c2_b512/euler", "teacher_c2_big_b512/euler"]
+        if sfx == "c2":
             names += ["ode_init_c2/steps2"] + [f"dmd_{i}/steps2" for i in ("scm", "dcm", "ode", "none")]
         for i, tag in enumerate(names):
             r = fin.get(tag, {}).get("long")
             if r and r.get("drift_by_frame"):
                 d = r["drift_by_frame"]
                 ax.plot(np.arange(len(d)) + 2, d, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=tag)
+        if not ax.lines:
+            ax.set_visible(False)
+            continue
         ax.axvline(8, color="k", lw=0.8, ls=":")
         ax.set_title(f"{PATTERN_NAME[sfx]}: drift over a 4x-length rollout (trained on 8 frames)")
         ax.set_xlabel("frame index")
@@ -258,10 +302,12 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
     plt.close(fig)
     files.append(path)
 
-    npz = os.path.join(workdir, "final_c2", "long_rollouts.npz")
-    if os.path.exists(npz):
+    npz = next((p for p in (os.path.join(workdir, j, "long_rollouts.npz") for j in ("final_c2", "final_teachers"))
+                if os.path.exists(p)), None)
+    if npz:
         z = np.load(npz)
-        keys = ["truth"] + [k for k in ("teacher_c2__euler", "tf_scm_c2__steps2", "tf_dcm_c2__steps2",
+        keys = ["truth"] + [k for k in ("teacher_c2__euler", "teacher_c1__euler", "teacher_c2_b512__euler",
+                                         "teacher_c2_big_b512__euler", "tf_scm_c2__steps2", "tf_dcm_c2__steps2",
                                          "ode_init_c2__steps2", "dmd_scm__steps2", "dmd_none__steps2") if k in z]
         frames = [z[k][0] for k in keys]                 # [T, H, W, 3] each, episode 0
         t = frames[0].shape[0]
