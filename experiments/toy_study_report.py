@@ -198,6 +198,14 @@ def markdown(data: dict, claims1, claims2) -> str:
     return "\n".join(L) + "\n"
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plots(data: dict, out: str, workdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -228,11 +236,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
             plt.close(fig)
             continue
         axes[0, 0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, f"convergence_{metric}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, os.path.join(out, f"convergence_{metric}.png")))
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
     for col, n in enumerate((1, 2, 4)):
@@ -247,11 +251,9 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax.grid(alpha=0.3)
     if any(ax.lines for ax in axes.flat):
         axes[0, 0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, "dmd_curves.png")
-        fig.savefig(path, dpi=90)
-        files.append(path)
-    plt.close(fig)
+        files.append(_save(fig, os.path.join(out, "dmd_curves.png")))
+    else:
+        plt.close(fig)
 
     teachers = sorted(k for k in curves if k.startswith("teacher"))
     if teachers:
@@ -267,11 +269,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax.set_title("teacher training: held-out rollouts of the EMA")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, "teacher_curves.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, os.path.join(out, "teacher_curves.png")))
 
     fin = data["final"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False)
@@ -296,11 +294,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax.set_ylabel("mean sprite-centre error (px)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out, "drift_by_frame.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    files.append(path)
+    files.append(_save(fig, os.path.join(out, "drift_by_frame.png")))
 
     npz = next((p for p in (os.path.join(workdir, j, "long_rollouts.npz") for j in ("final_c2", "final_teachers"))
                 if os.path.exists(p)), None)
@@ -320,11 +314,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax.set_xticks([(j + 0.5) * frames[0].shape[2] for j in range(len(pick))])
         ax.set_xticklabels([str(i) for i in pick], fontsize=7)
         ax.set_xlabel("frame index (2 given, then generated from actions; sliding window past frame 8)")
-        fig.tight_layout()
-        path = os.path.join(out, "long_rollouts.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, os.path.join(out, "long_rollouts.png")))
     return files
 
 
