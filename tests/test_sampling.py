@@ -72,14 +72,15 @@ def test_streaming_equals_reference(name, mode, steps):
     assert_close(video, reference(pattern, frames, steps, mode, acts, key))
 
 
-# Sampler variants (the KV path, cache layout and call loop); {} is the default path.
+# Sampler variants (the KV path, cache layout and call loop); the default is per_layer_inplace.
 VARIANTS = {
-    "inplace_stacked": dict(kv_update="inplace"),
-    "per_layer_concat": dict(kv_layout="per_layer"),
+    "concat_stacked": dict(kv_update="concat", kv_layout="stacked"),
+    "inplace_stacked": dict(kv_update="inplace", kv_layout="stacked"),
+    "per_layer_concat": dict(kv_update="concat", kv_layout="per_layer"),
     "per_layer_inplace": dict(kv_update="inplace", kv_layout="per_layer"),
-    "host_loop": dict(call_loop="host"),
+    "host_loop": dict(kv_update="concat", kv_layout="stacked", call_loop="host"),
     "per_layer_inplace_host": dict(kv_update="inplace", kv_layout="per_layer", call_loop="host"),
-    "inplace_unroll2": dict(kv_update="inplace", scan_unroll=2),
+    "inplace_unroll2": dict(kv_update="inplace", kv_layout="stacked", scan_unroll=2),
 }
 
 
@@ -145,20 +146,20 @@ def test_prefetch_and_live_actions_give_the_same_video():
 ROLL = AttentionPattern("block_causal", 1, local_attn_blocks=2, sink_blocks=1)
 
 
-@pytest.mark.parametrize("variant", [None, "inplace_stacked", "per_layer_inplace", "per_layer_inplace_host"])
+@pytest.mark.parametrize("variant", ["concat_stacked", "inplace_stacked", "per_layer_inplace", "per_layer_inplace_host"])
 def test_rolling_cache_equals_windowed_reference(variant):
     frames = 5   # evicts from chunk 3 on
-    s = sampler(ROLL, 2, "clean", **VARIANTS.get(variant, {}))
+    s = sampler(ROLL, 2, "clean", **VARIANTS[variant])
     video = s.generate(jax.random.key(6), context(), frames, actions(frames))
     assert_close(video, cached_reference("roll", frames, 2, "clean", 6))
 
 
-@pytest.mark.parametrize("variant", [None, "per_layer_inplace_host"])
+@pytest.mark.parametrize("variant", ["concat_stacked", "per_layer_inplace", "per_layer_inplace_host"])
 def test_rolling_cache_long_video_has_flat_memory(variant):
     capacity = cache_capacity(ROLL, None)
     assert capacity == 3                       # 1 sink + 2-block window
     frames = 4 * capacity                       # >= 4x the buffer (6x the local window)
-    s = sampler(ROLL, (2, 1), "noisy", **VARIANTS.get(variant, {}))
+    s = sampler(ROLL, (2, 1), "noisy", **VARIANTS[variant])
     shapes, compiled, live = set(), [], []
     out = []
     for c in s.stream(jax.random.key(7), context(), frames, actions(frames)):
