@@ -156,7 +156,7 @@ def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None 
 
     from crm_jax.evaluation import world_model as wm
     from crm_jax.evaluation.video_features import FeatureModel
-    from crm_jax.models.wan import AttentionPattern, apply_for
+    from crm_jax.models.wan import apply_for
     from crm_jax.training import loop
 
     block = c.train.block_frames
@@ -173,26 +173,29 @@ def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None 
         return loaded.get("fm")
 
     def evaluate(it, state):
-        cfg = mcfg
-        apply = apply_for(cfg)
-        params = params_of(state)
-        feats = features()
-        if kind == "full":
-            r = wm.evaluate(apply, params, cfg, src, batch, key, pattern=AttentionPattern("full"), prefix_frames=0,
-                            method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT,
-                            features=feats)
-            return {"euler": _strip(r)}
-        pat = AttentionPattern("block_causal", block)
-        if kind == "teacher":
-            r = wm.evaluate(apply, params, cfg, src, batch, key, pattern=pat, prefix_frames=PREFIX, method="euler",
-                            steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT, features=feats)
-            return {"euler": _strip(r)}
-        return {f"steps{n}": _strip(wm.evaluate(apply, params, cfg, src, batch, key, pattern=pat,
-                                                prefix_frames=PREFIX, method="consistency", steps=n,
-                                                features=feats))
-                for n in STEPS}
+        apply, params, feats = apply_for(mcfg), params_of(state), features()
+        return {name: _strip(wm.evaluate(apply, params, mcfg, src, batch, key, features=feats, **kw))
+                for name, kw in eval_settings(study, kind, block)}
 
     return evaluate
+
+
+def eval_settings(study: Study, kind: str, block: int) -> list[tuple[str, dict]]:
+    """How each kind of model is rolled out: [(setting name, `world_model.evaluate` keywords)].
+
+    "full" (bidirectional teacher): whole clips, Euler + CFG; "teacher" (causal): the first
+    PREFIX frames given, Euler + CFG; "student": the same prefix, consistency sampling at STEPS.
+    """
+    from crm_jax.models.wan import AttentionPattern
+    euler = dict(method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT)
+    if kind == "full":
+        return [("euler", dict(pattern=AttentionPattern("full"), prefix_frames=0, **euler))]
+    causal = dict(pattern=AttentionPattern("block_causal", block), prefix_frames=PREFIX)
+    if kind == "teacher":
+        return [("euler", dict(causal, **euler))]
+    if kind != "student":
+        raise ValueError(f"unknown model kind {kind!r}")
+    return [(f"steps{n}", dict(causal, method="consistency", steps=n)) for n in STEPS]
 
 
 def _strip(r: dict) -> dict:
@@ -328,7 +331,7 @@ def run_final(study: Study, job: Job) -> dict:
     from crm_jax.evaluation import world_model as wm
     from crm_jax.evaluation.video_features import FeatureModel
     from crm_jax.models import convert
-    from crm_jax.models.wan import AttentionPattern, functional
+    from crm_jax.models.wan import functional
     from crm_jax.training import loop
 
     (models,) = job.args
@@ -345,23 +348,16 @@ def run_final(study: Study, job: Job) -> dict:
             continue
         model = convert.load_nnx(study.export(name))
         apply, params = functional(model)
-        teacher = name.startswith("teacher")
-        kw = dict(features=feats, shift=TEACHER_SHIFT)
-        if block == 0:    # the bidirectional teacher: whole clips of the trained length (no prefix)
-            results[f"{name}/euler"] = dict(short=_strip(wm.evaluate(
-                apply, params, model.cfg, short_src, short_batch, key, pattern=AttentionPattern("full"),
-                prefix_frames=0, method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, **kw)))
-            continue
-        pat = AttentionPattern("block_causal", block)
-        long_pat = wm.long_rollout_pattern(pat, study.world.num_frames)
-        settings = ([("euler", study.S["teacher_steps"], GUIDANCE)] if teacher
-                    else [("consistency", n, 1.0) for n in STEPS])
-        for method, n, g in settings:
-            tag = f"{name}/{'euler' if method == 'euler' else f'steps{n}'}"
-            kw.update(prefix_frames=PREFIX, method=method, steps=n, guidance=g)
-            short = wm.evaluate(apply, params, model.cfg, short_src, short_batch, key, pattern=pat, **kw)
-            long = wm.evaluate(apply, params, model.cfg, long_src, long_batch, key, pattern=long_pat,
-                               keep_frames=4, **kw)
+        kind = "full" if block == 0 else ("teacher" if name.startswith("teacher") else "student")
+        for setting, kw in eval_settings(study, kind, block):
+            tag = f"{name}/{setting}"
+            short = wm.evaluate(apply, params, model.cfg, short_src, short_batch, key, features=feats, **kw)
+            if kind == "full":    # whole clips of the trained length: no long rollout
+                results[tag] = dict(short=_strip(short))
+                continue
+            long_kw = dict(kw, pattern=wm.long_rollout_pattern(kw["pattern"], study.world.num_frames))
+            long = wm.evaluate(apply, params, model.cfg, long_src, long_batch, key, features=feats,
+                               keep_frames=4, **long_kw)
             pictures[tag] = long.pop("frames")
             results[tag] = dict(short=short, long=long)
             print(f"{tag}: short traj {short['trajectory_error']:.3f} fd {short['fd']:.2f} | long traj "

@@ -57,10 +57,3 @@ def apply_rope_tables(x, cos, sin):
     out = x * c + x[..., ::-1] * s
     return out.reshape(*out.shape[:-2], -1).astype(dtype)
 
-
-def apply_rope(x, angles):
-    """Rotate `x [B, *tokens, H, D]` by `angles [*tokens, D // 2]` (interleaved pairs), in float32.
-
-    `tokens` is `(L,)` or frame-structured `(T, N)`.
-    """
-    return apply_rope_tables(x, *rope_tables(angles))
