@@ -36,10 +36,12 @@ Variants (StreamingSampler options; one per run, named by --label):
                                a parameter copy per layer and a Python layer loop (default;
                                with inplace: no copy at all, one compile for all cache lengths)
   --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
-  --call_loop device|host      a chunk's model calls in one jitted fori_loop (default; with its
+  --call_loop device|static|host  a chunk's model calls in one jitted fori_loop (default; with its
                                traced trip count XLA reads every iteration's loop predicate back
-                               to the host, which can keep the dispatch from returning early), or
-                               one asynchronously dispatched jitted call per model call
+                               to the host, which can keep the dispatch from returning early), the
+                               same loop with a compile-time trip count (static: no predicate read,
+                               one compile per call count), or one asynchronously dispatched jitted
+                               call per model call (host)
   --compiler_option NAME=VALUE XLA option of the chunk function (repeatable), e.g. command
                                buffers (CUDA graphs) around while loops:
                                xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
@@ -302,8 +304,9 @@ def parse(argv=None):
     p.add_argument("--kv_layout", default="per_layer", choices=["stacked", "per_layer"],
                    help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)")
     p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
-    p.add_argument("--call_loop", default="device", choices=["device", "host"],
-                   help="a chunk's model calls: one jitted fori_loop (device) or one async jitted call each (host)")
+    p.add_argument("--call_loop", default="device", choices=["device", "static", "host"],
+                   help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
+                        "(static) trip count, or one async jitted call each (host)")
     p.add_argument("--compiler_option", type=_option, action="append", default=[], metavar="NAME=VALUE",
                    help="XLA option of the jitted chunk function (repeatable), e.g. "
                         "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"

@@ -21,7 +21,8 @@
 #                the FFN's bias + tanh-GELU (a 4680 x 8960 elementwise pass per layer and call now)
 #   inplace      --kv_update inplace on the stacked cache (layer scan carries the cache; one prefix copy)
 # Not in the default ORDER (set ORDER="..." to run them): layers_host (layers + --call_loop host: one
-# async jitted call per model call) and layers_graphs (layers + CUDA-graph command buffers around
+# async jitted call per model call), layers_static (layers + --call_loop static: the chunk's call loop
+# with a compile-time trip count) and layers_graphs (layers + CUDA-graph command buffers around
 # while loops too).
 set -u
 START=$SECONDS
@@ -47,6 +48,7 @@ declare -A FLAGS=(
   [layers]="--kv_update inplace --kv_layout per_layer"
   [inplace]="--kv_update inplace"
   [layers_host]="--kv_update inplace --kv_layout per_layer --call_loop host"
+  [layers_static]="--kv_update inplace --kv_layout per_layer --call_loop static"
   [layers_lt]="--kv_update inplace --kv_layout per_layer --compiler_option xla_gpu_enable_cublaslt=true"
   [layers_graphs]="--kv_update inplace --kv_layout per_layer --compiler_option $GRAPHS"
 )

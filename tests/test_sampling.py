@@ -80,6 +80,8 @@ VARIANTS = {
     "per_layer_inplace": dict(kv_update="inplace", kv_layout="per_layer"),
     "host_loop": dict(kv_update="concat", kv_layout="stacked", call_loop="host"),
     "per_layer_inplace_host": dict(kv_update="inplace", kv_layout="per_layer", call_loop="host"),
+    "per_layer_inplace_static": dict(kv_update="inplace", kv_layout="per_layer", call_loop="static"),
+    "stacked_static": dict(kv_update="concat", kv_layout="stacked", call_loop="static"),
     "inplace_unroll2": dict(kv_update="inplace", kv_layout="stacked", scan_unroll=2),
 }
 

@@ -24,7 +24,9 @@ instead of concatenating `[cached | new]`; `kv_layout="per_layer"` keeps one buf
 and one parameter copy per layer (Python layer loop: no slice of weights or cache is
 copied per call; with "inplace", attention reads each buffer with a valid length and
 the cache length is traced, so one compile serves every layout of a chunk shape);
-`call_loop="host"` dispatches each model call as its own asynchronous jitted call.
+`call_loop="static"` makes the number of model calls a compile-time constant (one compile per
+call count: XLA then knows the loop's trip count and never reads the loop predicate back to the
+host); `call_loop="host"` dispatches each model call as its own asynchronous jitted call.
 
 RoPE positions: every call passes `frame_pos` = absolute frame indices, so keys in
 the cache keep the positions they were written with, also after the window part
@@ -199,6 +201,14 @@ def _jitted_chunk(apply, compiler_options: tuple = ()):
 
 
 @functools.lru_cache(maxsize=16)
+def _jitted_chunk_static(apply, compiler_options: tuple = ()):
+    """`_jitted_chunk` with `num_calls` static (call_loop="static": a known loop trip count)."""
+    return jax.jit(functools.partial(_chunk_fn, apply),
+                   static_argnames=("num_calls", "static", "tpf", "x_shape", "kv_update", "scan_unroll"),
+                   donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
+
+
+@functools.lru_cache(maxsize=16)
 def _jitted_call(apply, compiler_options: tuple = ()):
     """One jitted model call (call_loop="host") per model `apply` and compiler options."""
     return jax.jit(functools.partial(_call_fn, apply), static_argnames=("static", "kv_update", "scan_unroll"),
@@ -209,7 +219,7 @@ _jitted_shift = jax.jit(_shift_window, static_argnums=(1, 2, 3), donate_argnums=
 
 
 KV_LAYOUTS = ("stacked", "per_layer")
-CALL_LOOPS = ("device", "host")
+CALL_LOOPS = ("device", "static", "host")
 
 
 @dataclasses.dataclass
@@ -241,8 +251,11 @@ class StreamingSampler:
         for concat + stacked at 2 steps, noisy context; experiments/RESULTS.md).
       scan_unroll: layers per layer-scan iteration (stacked layout).
       call_loop: "device" (default: a chunk's model calls loop inside one jitted function,
-        `lax.fori_loop` with a traced trip count) or "host" (one jitted, asynchronously
-        dispatched function per model call, looped over in Python; same compiles).
+        `lax.fori_loop` with a traced trip count), "static" (the same loop with the call count
+        a compile-time constant: XLA knows the trip count and does not copy the loop predicate
+        to the host each iteration, so dispatch returns at once; one compile per call count)
+        or "host" (one jitted, asynchronously dispatched function per model call, looped over
+        in Python; same compiles as "device").
       compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
         e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,...,WHILE,CONDITIONAL"}.
     """
@@ -298,6 +311,7 @@ class StreamingSampler:
                                                           interpret=self.cfg.attn_interpret))
         options = tuple(sorted((self.compiler_options or {}).items()))
         self._jit = _jitted_chunk(self.apply, options)
+        self._jit_static = _jitted_chunk_static(self.apply, options)
         self._jit_call = _jitted_call(self.apply, options)
 
     # ------------------------------------------------------------------ helpers
@@ -319,7 +333,7 @@ class StreamingSampler:
 
     def compiled_count(self) -> int:
         """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
-        return self._jit._cache_size() + self._jit_call._cache_size()
+        return self._jit._cache_size() + self._jit_static._cache_size() + self._jit_call._cache_size()
 
     def chunk_call(self, cache, key, context, actions, lay: ChunkLayout):
         """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache)."""
@@ -334,10 +348,15 @@ class StreamingSampler:
         static = (lay.sink_frames, lay.evict_frames, None if traced else lay.cache_frames)
         cache_frames = jnp.int32(lay.cache_frames) if traced else None
         times = jnp.asarray(times)
+        chunk_kw = dict(static=static, tpf=self.tpf, x_shape=x_shape, kv_update=self.kv_update,
+                        scan_unroll=int(self.scan_unroll))
         if self.call_loop == "device":
             return self._jit(self.params, cache, noise, context, acts, frame_pos, times, jnp.int32(calls),
-                             cache_frames, self.layer_params, static=static, tpf=self.tpf, x_shape=x_shape,
-                             kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
+                             cache_frames, self.layer_params, **chunk_kw)
+        if self.call_loop == "static":
+            return self._jit_static(self.params, cache, noise, context, acts, frame_pos, times,
+                                    cache_frames=cache_frames, layer_params=self.layer_params,
+                                    num_calls=int(calls), **chunk_kw)
         if lay.evict_frames:
             cache = _jitted_shift(cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf,
                                   _window_end(static, self.tpf, cache))
