@@ -2,16 +2,25 @@
 # Device call (one H100/H200): jobs of the toy study (issue 9), several processes sharing the GPU.
 #   STUDY_ONLY=prep bash experiments/gpu_study.sh        # classifier + teachers (call 1)
 #   bash experiments/gpu_study.sh                        # the rest, with runs/toy_study carried (call 2)
-# Writes $OUT/study.tgz (the workdir without checkpoints, TensorBoard files and the synthetic set,
-# and without $PACK_EXCLUDE, e.g. PACK_EXCLUDE=export when the models need not come back; refreshed every
-# minute so a cut call still returns it), $OUT/dmon.txt (GPU utilisation every 5 s).
+# Writes $OUT/study.tgz (the workdir without checkpoints, TensorBoard files, the synthetic set, exports
+# and $PACK_EXCLUDE), $OUT/export_JOB.tgz for each job named in EXPORTS (e.g. EXPORTS="teacher_c2";
+# both refreshed every minute so a cut call still returns them), $OUT/dmon.txt (GPU utilisation every 5 s).
 set -u
 source experiments/device_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 W=${STUDY_DIR:-runs/toy_study}
 mkdir -p $W
-pack() { tar --exclude='checkpoints' --exclude='set' --exclude='tb' ${PACK_EXCLUDE:+--exclude=$PACK_EXCLUDE} -czf $OUT/study.tgz.tmp -C $(dirname $W) $(basename $W) && mv $OUT/study.tgz.tmp $OUT/study.tgz; }
+# study.tgz: everything but checkpoints, synthetic set, TensorBoard files and exports; each job's export
+# in its own export_JOB.tgz (files come back at most 16 MiB each, 8 in all), for the jobs in EXPORTS.
+pack() {
+  tar --exclude='checkpoints' --exclude='set' --exclude='tb' --exclude='export' ${PACK_EXCLUDE:+--exclude=$PACK_EXCLUDE} \
+    -czf $OUT/study.tgz.tmp -C $(dirname $W) $(basename $W) && mv $OUT/study.tgz.tmp $OUT/study.tgz
+  for j in ${EXPORTS:-}; do
+    [ -d $W/$j/export ] && tar -czf $OUT/export_$j.tgz.tmp -C $(dirname $W) $(basename $W)/$j/export \
+      && mv $OUT/export_$j.tgz.tmp $OUT/export_$j.tgz
+  done
+}
 ( while sleep 60; do pack; done ) & PACKER=$!
 nvidia-smi dmon -s u -d 5 > $OUT/dmon.txt 2>&1 & DMON=$!
 timeout ${STUDY_S:-540} python3 experiments/toy_study.py --workdir $W \

@@ -11,8 +11,10 @@ Jobs (a DAG; up to --parallel of them run at once, each in its own process; a jo
   teacher_bi                 bidirectional teacher, flow matching on simulator clips
   teacher_c2, teacher_c1     causal teachers by teacher forcing, chunk-wise (2 frames) / frame-wise
   data                       synthetic set: teacher_bi's Euler + CFG samples with ODE points
-  {tf_scm,tf_meanflow,tf_dcm}_{c2,c1}   causal students distilled from teacher_cX on that set
-  ode_init_c2                ODE-regression initialisation (CausVid / Self-Forcing baseline)
+  {tf_scm,tf_meanflow,tf_dcm}_{c2,c1}   causal students distilled from teacher_cX by teacher forcing
+                             on simulator clips (the toy world is the synthetic dataset)
+  ode_init_c2                ODE-regression initialisation (CausVid / Self-Forcing baseline) on
+                             teacher_bi's ODE points (the data job)
   ablation jobs              TF-sCM variants (tangent warm-up, time distribution)
   dmd_{scm,dcm,ode,none}     SF-DMD refinement (real score: teacher_bi with CFG, critic from it)
                              from TF-sCM, TF-dCM, ODE regression, or the causal teacher itself
@@ -47,10 +49,10 @@ sys.path.insert(0, ROOT)
 # Budgets. "full" is the GPU study; "smoke" exercises every code path on a CPU.
 SCALES = {
     "full": dict(clf_steps=3000, clf_batch=128,
-                 teacher_iters=8000, teacher_batch=128, teacher_eval_every=2000,
+                 teacher_iters=6000, teacher_batch=256, teacher_eval_every=1500,
                  data_samples=2048, data_steps=32,
-                 student_iters=1000, student_batch=64, eval_every=100,
-                 dmd_iters=500, dmd_batch=32, dmd_eval_every=100,
+                 student_iters=800, student_batch=64, eval_every=100,
+                 dmd_iters=300, dmd_batch=32, dmd_eval_every=100,
                  eval_episodes=256, final_episodes=256, long_frames=32, teacher_steps=16),
     "smoke": dict(clf_steps=2, clf_batch=4,
                   teacher_iters=2, teacher_batch=4, teacher_eval_every=2,
@@ -64,6 +66,12 @@ PREFIX = 2                        # given ground-truth frames per rollout (a chu
 GUIDANCE = 2.0                    # CFG of teachers (sampling, distillation targets, DMD real score)
 TEACHER_SHIFT = 3.0               # Euler grid shift of teacher sampling
 PATTERNS = {"c2": 2, "c1": 1}     # job suffix -> block_frames
+# The study's model (every job: teachers, students, critics): a Wan of dim 192 (3 heads of 64) x 4
+# layers, attention by XLA (at 2 x 8 x 16 tokens the Pallas kernels are slower: bench_toy_teacher.py).
+# Teachers compute in bf16 (1.6x the clips/s of float32 on the H200), students in float32 (the sCM
+# and MeanFlow tangents). Session 3's teachers were dim 128 x 3 layers in float32 (RESULTS.md).
+STUDY_MODEL = (("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4), ("attn_impl", "xla"))
+TEACHER_DTYPE = "bfloat16"
 DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2"}
 TEACHER_VARIANTS = {               # diagnostics of the teacher recipe (nothing depends on them)
     "teacher_c2_big": dict(model=(("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4))),
@@ -94,12 +102,12 @@ def all_jobs() -> dict[str, Job]:
     for sfx, b in PATTERNS.items():
         jobs.append(Job(f"teacher_{sfx}", "teacher", (), ("teacher_tf", b, ())))
         for mode in ("tf_scm", "tf_meanflow", "tf_dcm"):
-            jobs.append(Job(f"{mode}_{sfx}", "student", ("data", f"teacher_{sfx}", "classifier"), (mode, b, ())))
+            jobs.append(Job(f"{mode}_{sfx}", "student", (f"teacher_{sfx}", "classifier"), (mode, b, ())))
     jobs.append(Job("ode_init_c2", "student", ("data", "teacher_c2", "classifier"), ("ode_init", 2, ())))
     for name, over in TEACHER_VARIANTS.items():
         jobs.append(Job(name, "teacher", (), ("teacher_tf", 2, tuple(sorted(over.items())))))
     for name, over in ABLATIONS.items():
-        jobs.append(Job(name, "student", ("data", "teacher_c2", "classifier"),
+        jobs.append(Job(name, "student", ("teacher_c2", "classifier"),
                         ("tf_scm", 2, tuple(sorted(over.items())))))
     for init, src in DMD_INITS.items():
         jobs.append(Job(f"dmd_{init}", "dmd", (src, "teacher_bi", "teacher_c2", "classifier"), (src,)))
@@ -133,7 +141,7 @@ class Study:
 
     def base(self, mode: str, block: int, **model):
         from configs.base import base_config, toy_model
-        c = base_config(mode, "tiny", **toy_model(**model))
+        c = base_config(mode, "tiny", **toy_model(**{**dict(STUDY_MODEL), **model}))
         c.train.update(block_frames=block, guidance=GUIDANCE, dmd_teacher_pattern="full")
         c.log_every = 50
         c.checkpoint.update(every=10 ** 9, keep=1)    # the final checkpoint only (resume = rerun)
@@ -149,9 +157,10 @@ class Study:
 
 
 def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None = None,
-               params_of=lambda st: st.params):
+               params_of=lambda st: st.ema):
     """`evaluator(iteration, state)` for loop.train of config `c`: world-model rollouts at STEPS
-    (students), Euler (causal teachers) or whole clips (bidirectional teacher)."""
+    (students), Euler (causal teachers) or whole clips (bidirectional teacher), of the power EMA
+    (what every job exports) unless `params_of` says otherwise."""
     import jax
 
     from crm_jax.evaluation import world_model as wm
@@ -233,7 +242,10 @@ def teacher_config(study: Study, mode: str, block: int):
     fine-tuning default), uniform times without the bell weight, the power EMA exported."""
     from configs.base import toy_teacher_config
     c = toy_teacher_config(mode)
+    c.model.overrides.update(dict(STUDY_MODEL, dtype=TEACHER_DTYPE))
     c.train.update(block_frames=block, adam_b1=0.9, fm_weighting="none", fm_shift=1.0)
+    if study.scale == "full":
+        c.train.update(lr=1e-3, warmup_steps=500)
     c.export_ema = True
     c.num_iterations, c.data.batch_size = study.S["teacher_iters"], study.S["teacher_batch"]
     c.log_every, c.eval_every = 100, study.S["teacher_eval_every"]
@@ -253,7 +265,7 @@ def run_teacher(study: Study, job: Job) -> dict:
     over.pop("batch_size", None), over.pop("num_iterations", None)
     c.train.update(over)
     ev = _evaluator(study, c, kind="full" if mode == "teacher_full" else "teacher",
-                    episodes=study.S["eval_episodes"], params_of=lambda st: st.ema)
+                    episodes=study.S["eval_episodes"])
     return _train(study, job, c, ev)
 
 
@@ -263,6 +275,7 @@ def data_config(study: Study):
     w = study.world
     g = get_config()
     g.teacher = study.export("teacher_bi")
+    g.model.overrides.update(dict(STUDY_MODEL))
     g.num_samples = study.S["data_samples"]
     g.samples_per_shard = max(4, g.num_samples // 8)
     g.batch_size = min(256, g.num_samples)
@@ -285,14 +298,16 @@ def run_data(study: Study, job: Job) -> dict:
 def student_config(study: Study, mode: str, block: int, overrides=()):
     from configs.base import toy_student_config
     sfx = {2: "c2", 1: "c1"}[block]
-    c = toy_student_config(mode, mean_flow=(mode == "tf_meanflow"))
+    c = toy_student_config(mode, mean_flow=(mode == "tf_meanflow"), **dict(STUDY_MODEL))
     c.train.update(block_frames=block, guidance=GUIDANCE, **dict(overrides))
     c.num_iterations, c.data.batch_size = study.S["student_iters"], study.S["student_batch"]
-    c.data.update(kind="dataset", path=study.path("data", "set"))
+    if mode == "ode_init":    # regression onto teacher_bi's ODE points; TF students see simulator clips
+        c.data.update(kind="dataset", path=study.path("data", "set"))
     c.init.teacher = study.export(f"teacher_{sfx}")
     c.init.student = "" if mode == "tf_meanflow" else study.export(f"teacher_{sfx}")
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["eval_every"]
     c.checkpoint.update(every=10 ** 9, keep=1)
+    c.export_ema = True           # evaluated and exported as the EMA, like the teachers (session 4's run: raw weights)
     return c
 
 
@@ -304,7 +319,7 @@ def run_student(study: Study, job: Job) -> dict:
 
 def dmd_config(study: Study, init_job: str):
     from configs.base import toy_student_config
-    c = toy_student_config("sf_dmd")
+    c = toy_student_config("sf_dmd", **dict(STUDY_MODEL))
     c.train.update(block_frames=2, guidance=GUIDANCE, dmd_teacher_pattern="full", sf_max_steps=4)
     c.num_iterations, c.data.batch_size = study.S["dmd_iters"], study.S["dmd_batch"]
     c.data.kind = "toy"
@@ -312,6 +327,7 @@ def dmd_config(study: Study, init_job: str):
                   dmd_teacher=study.export("teacher_bi"))
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["dmd_eval_every"]
     c.checkpoint.update(every=10 ** 9, keep=1)
+    c.export_ema = True
     return c
 
 

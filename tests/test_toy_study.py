@@ -55,7 +55,8 @@ def test_scheduler_runs_dependencies_skips_finished_and_blocks_after_failures(tm
     assert status["classifier"] == "skipped"
     assert status["teacher_c1"] == "failed"
     assert status["tf_scm_c1"] == "blocked" and status["final_c1"] == "blocked"
-    assert status["tf_scm_c2"] == "done" and status["data"] == "done" and status["teacher_bi"] == "done"
+    assert status["tf_scm_c2"] == "done" and status["teacher_c2"] == "done"
+    assert "data" not in status and "teacher_bi" not in status   # TF students train on simulator clips
     assert (tmp_path / "logs" / "teacher_c1.log").exists()
     with pytest.raises(ValueError, match="unknown job"):
         ts.schedule(study, ["nope"], parallel=1, command=_fake)
@@ -73,6 +74,8 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
         mcfg = loop.model_config(c)
         assert tcfg.block_frames in (1, 2)
         assert mcfg.mean_flow == (c.mode == "tf_meanflow")
+        assert (mcfg.dim, mcfg.num_layers) == (192, 4)          # one architecture: students init from teachers
+        assert mcfg.dtype == ("bfloat16" if c.mode.startswith("teacher") else "float32")
     t = configs[0]
     assert t.train.adam_b1 == 0.9 and t.train.fm_weighting == "none" and t.export_ema
     g = ts.data_config(study)
@@ -105,6 +108,15 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     r = c1[("c2", 2, "trajectory_error")]
     assert r["dcm_final"] == 5.0 and r["scm_reaches_at"] == 200 and not r["holds"]
     assert c1[("c1", 2, "trajectory_error")]["holds"] and c1[("c1", 2, "fd")]["fraction"] == 0.2
+    # Students that only get worse than their common initialisation: the claim is not testable.
+    _write_curve(w, "tf_dcm_c1", [2, 3, 3.5, 3.4, 3.5, 3.5])
+    _write_curve(w, "tf_scm_c1", [2, 3.5, 3.2, 3.6, 3.9, 4.0])
+    worse = {(r["pattern"], r["steps"], r["metric"]): r for r in rep.convergence_claim(rep.collect(str(w)))}
+    r = worse[("c1", 2, "trajectory_error")]
+    assert r["init"] == 2 and not r["testable"] and r["holds"] is None and r["scm_reaches_at"] == 0
+    assert c1[("c2", 2, "trajectory_error")]["testable"]
+    _write_curve(w, "tf_dcm_c1", [9, 8, 7, 6, 5, 5])
+    _write_curve(w, "tf_scm_c1", [9, 5, 4.9, 4.5, 4.4, 4.3])
     c2 = rep.init_claim(data)
     assert len(c2) == 3 and all(r["holds_traj"] and not r["holds_drift"] for r in c2)   # "none" drifts least
     out = tmp_path / "report"
