@@ -2,6 +2,7 @@
 # Device call (one H100/H200): jobs of the toy study (issue 9), several processes sharing the GPU.
 #   STUDY_ONLY=prep bash experiments/gpu_study.sh        # classifier + teachers (call 1)
 #   bash experiments/gpu_study.sh                        # the rest, with runs/toy_study carried (call 2)
+# STUDY_ARGS: more toy_study.py flags (e.g. "--student_weights raw").
 # Writes $OUT/study.tgz (the workdir without checkpoints, TensorBoard files, the synthetic set, exports
 # and $PACK_EXCLUDE), $OUT/export_JOB.tgz for each job named in EXPORTS (e.g. EXPORTS="teacher_c2";
 # both refreshed every minute so a cut call still returns them), $OUT/dmon.txt (GPU utilisation every 5 s).
@@ -24,7 +25,7 @@ pack() {
 ( while sleep 60; do pack; done ) & PACKER=$!
 nvidia-smi dmon -s u -d 5 > $OUT/dmon.txt 2>&1 & DMON=$!
 timeout ${STUDY_S:-540} python3 experiments/toy_study.py --workdir $W \
-  ${STUDY_ONLY:+--only $STUDY_ONLY} --parallel ${PARALLEL:-10}
+  ${STUDY_ONLY:+--only $STUDY_ONLY} --parallel ${PARALLEL:-10} ${STUDY_ARGS:-}
 echo "study exit $?"
 sleep 2; kill $PACKER $DMON 2>/dev/null; pack
 for f in $W/*/done.json; do python3 -c "import json,sys; d=json.load(open('$f')); print(d['job'], d.get('seconds'), d.get('iterations',''))"; done

@@ -127,11 +127,17 @@ GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1") + tup
 
 # ----------------------------------------------------------------------------- shared setup
 
+STUDENT_WEIGHTS = ("ema", "raw")   # what students (and SF-DMD) are evaluated and exported as
+
+
 class Study:
-    def __init__(self, workdir: str, scale: str):
+    def __init__(self, workdir: str, scale: str, student_weights: str = "ema"):
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
+        if student_weights not in STUDENT_WEIGHTS:
+            raise ValueError(f"student_weights must be one of {STUDENT_WEIGHTS}, got {student_weights!r}")
         self.workdir, self.scale, self.S = workdir, scale, SCALES[scale]
+        self.student_weights = student_weights
 
     def path(self, *p) -> str:
         return os.path.join(self.workdir, *p)
@@ -307,14 +313,19 @@ def student_config(study: Study, mode: str, block: int, overrides=()):
     c.init.student = "" if mode == "tf_meanflow" else study.export(f"teacher_{sfx}")
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["eval_every"]
     c.checkpoint.update(every=10 ** 9, keep=1)
-    c.export_ema = True           # evaluated and exported as the EMA, like the teachers (session 4's run: raw weights)
+    c.export_ema = study.student_weights == "ema"   # like the teachers (session 4's run: raw)
     return c
+
+
+def _student_weights(study: Study):
+    return (lambda st: st.ema) if study.student_weights == "ema" else (lambda st: st.params)
 
 
 def run_student(study: Study, job: Job) -> dict:
     mode, block, over = job.args
     c = student_config(study, mode, block, over)
-    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
+    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"],
+                                            params_of=_student_weights(study)))
 
 
 def dmd_config(study: Study, init_job: str):
@@ -327,14 +338,15 @@ def dmd_config(study: Study, init_job: str):
                   dmd_teacher=study.export("teacher_bi"))
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["dmd_eval_every"]
     c.checkpoint.update(every=10 ** 9, keep=1)
-    c.export_ema = True
+    c.export_ema = study.student_weights == "ema"
     return c
 
 
 def run_dmd(study: Study, job: Job) -> dict:
     (init_job,) = job.args
     c = dmd_config(study, init_job)
-    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
+    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"],
+                                            params_of=_student_weights(study)))
 
 
 def run_final(study: Study, job: Job) -> dict:
@@ -405,7 +417,7 @@ def run_job(study: Study, name: str) -> None:
 
 def job_command(study: Study, name: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--workdir", study.workdir, "--scale", study.scale,
-            "--job", name]
+            "--student_weights", study.student_weights, "--job", name]
 
 
 def schedule(study: Study, names: list[str], parallel: int, command=job_command,
@@ -478,10 +490,13 @@ def main(argv=None):
     ap.add_argument("--scale", default="full", choices=sorted(SCALES))
     ap.add_argument("--only", default="", help="comma-separated jobs or groups (prep); default: all")
     ap.add_argument("--parallel", type=int, default=8, help="jobs run at once (processes)")
+    ap.add_argument("--student_weights", default="ema", choices=STUDENT_WEIGHTS,
+                    help="evaluate and export students / SF-DMD as their power EMA (default) or their raw "
+                         "weights (what session 4's run did)")
     ap.add_argument("--job", default="", help="(internal) run one job in this process")
     ap.add_argument("--report", default="", help="write tables/plots of the workdir to this directory")
     args = ap.parse_args(argv)
-    study = Study(os.path.abspath(args.workdir), args.scale)
+    study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights)
     if args.job:
         run_job(study, args.job)
         return 0

@@ -139,3 +139,13 @@ def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path):
     done = json.load(open(tmp_path / "tf_scm_c2" / "done.json"))
     assert done["iterations"] == 2 and done["nan_skips"] == 0
     assert os.path.isdir(tmp_path / "tf_scm_c2" / "export")
+
+
+def test_student_weights_choice_reaches_configs_and_job_commands(tmp_path):
+    raw = ts.Study(str(tmp_path), "full", "raw")
+    assert not ts.student_config(raw, "tf_scm", 2).export_ema and not ts.dmd_config(raw, "tf_scm_c2").export_ema
+    assert ts.student_config(ts.Study(str(tmp_path), "full"), "tf_scm", 2).export_ema      # default: the EMA
+    cmd = ts.job_command(raw, "tf_scm_c2")
+    assert cmd[cmd.index("--student_weights") + 1] == "raw"
+    with pytest.raises(ValueError, match="student_weights"):
+        ts.Study(str(tmp_path), "full", "best")
