@@ -49,7 +49,7 @@ VARIANTS = {                       # name: model overrides (+ batch_size; defaul
 
 
 def build(overrides: dict, quick: bool):
-    """(config, trainer, state, frozen, step, source, batch shardings) of one variant."""
+    """(config, state, frozen, step, source, batch shardings) of one variant."""
     import jax
     import toy_study as ts
 

@@ -68,16 +68,15 @@ TEACHER_SHIFT = 3.0               # Euler grid shift of teacher sampling
 PATTERNS = {"c2": 2, "c1": 1}     # job suffix -> block_frames
 # The study's model (every job: teachers, students, critics): a Wan of dim 192 (3 heads of 64) x 4
 # layers, attention by XLA (at 2 x 8 x 16 tokens the Pallas kernels are slower: bench_toy_teacher.py).
-# Teachers compute in bf16 (1.6x the clips/s of float32 on the H200), students in float32 (the sCM
+# Teachers compute in bf16 (a 1.6x faster step than float32 on the H200), students in float32 (the sCM
 # and MeanFlow tangents). Session 3's teachers were dim 128 x 3 layers in float32 (RESULTS.md).
 STUDY_MODEL = (("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4), ("attn_impl", "xla"))
 TEACHER_DTYPE = "bfloat16"
 DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2"}
-TEACHER_VARIANTS = {               # diagnostics of the teacher recipe (nothing depends on them)
-    "teacher_c2_big": dict(model=(("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4))),
-    "teacher_c2_b512": dict(lr=1e-3, warmup_steps=500, batch_size=512, num_iterations=5000),
-    "teacher_c2_big_b512": dict(lr=1e-3, warmup_steps=500, batch_size=512, num_iterations=5000,
-                                model=(("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4))),
+TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with one change of its recipe
+    "teacher_c2_small": dict(model=(("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))),
+    "teacher_c2_lr5e-4": dict(lr=5e-4),
+    "teacher_c2_f32": dict(model=(("dtype", "float32"),)),
 }
 ABLATIONS = {                      # TF-sCM variants (chunk-wise): name -> train overrides
     "tf_scm_c2_nowarmup": dict(tangent_warmup=0),
@@ -122,7 +121,7 @@ def all_jobs() -> dict[str, Job]:
     return {j.name: j for j in jobs}
 
 
-GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1") + tuple(TEACHER_VARIANTS)}
+GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"), "variants": tuple(TEACHER_VARIANTS)}
 
 
 # ----------------------------------------------------------------------------- shared setup
@@ -162,11 +161,10 @@ class Study:
         return dataclasses.replace(self.world, num_frames=frames)
 
 
-def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None = None,
-               params_of=lambda st: st.ema):
+def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None = None):
     """`evaluator(iteration, state)` for loop.train of config `c`: world-model rollouts at STEPS
-    (students), Euler (causal teachers) or whole clips (bidirectional teacher), of the power EMA
-    (what every job exports) unless `params_of` says otherwise."""
+    (students), Euler (causal teachers) or whole clips (bidirectional teacher), of the weights the
+    job exports (the power EMA with `c.export_ema`, else the raw weights)."""
     import jax
 
     from crm_jax.evaluation import world_model as wm
@@ -188,7 +186,8 @@ def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None 
         return loaded.get("fm")
 
     def evaluate(it, state):
-        apply, params, feats = apply_for(mcfg), params_of(state), features()
+        params = state.ema if c.get("export_ema", False) else state.params
+        apply, feats = apply_for(mcfg), features()
         return {name: _strip(wm.evaluate(apply, params, mcfg, src, batch, key, features=feats, **kw))
                 for name, kw in eval_settings(study, kind, block)}
 
@@ -317,15 +316,10 @@ def student_config(study: Study, mode: str, block: int, overrides=()):
     return c
 
 
-def _student_weights(study: Study):
-    return (lambda st: st.ema) if study.student_weights == "ema" else (lambda st: st.params)
-
-
 def run_student(study: Study, job: Job) -> dict:
     mode, block, over = job.args
     c = student_config(study, mode, block, over)
-    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"],
-                                            params_of=_student_weights(study)))
+    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
 
 
 def dmd_config(study: Study, init_job: str):
@@ -345,8 +339,7 @@ def dmd_config(study: Study, init_job: str):
 def run_dmd(study: Study, job: Job) -> dict:
     (init_job,) = job.args
     c = dmd_config(study, init_job)
-    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"],
-                                            params_of=_student_weights(study)))
+    return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
 
 
 def run_final(study: Study, job: Job) -> dict:

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from experiments.toy_study import TEACHER_VARIANTS
+
 METHODS = ("tf_scm", "tf_meanflow", "tf_dcm")
 LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "ode_init": "ODE regression",
          "tf_scm_c2_nowarmup": "TF-sCM, no tangent warm-up",
@@ -316,8 +318,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax = axes[0, col]
         names = [f"teacher_{sfx}/euler"] + [f"{m}_{sfx}/steps2" for m in METHODS]
         if sfx == "c2":
-            names += ["teacher_c2_b512/euler", "teacher_c2_big_b512/euler"]
-        if sfx == "c2":
+            names += [f"{v}/euler" for v in TEACHER_VARIANTS]
             names += ["ode_init_c2/steps2"] + [f"dmd_{i}/steps2" for i in ("scm", "dcm", "ode", "none")]
         for i, tag in enumerate(names):
             r = fin.get(tag, {}).get("long")
@@ -339,9 +340,10 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
                 if os.path.exists(p)), None)
     if npz:
         z = np.load(npz)
-        keys = ["truth"] + [k for k in ("teacher_c2__euler", "teacher_c1__euler", "teacher_c2_b512__euler",
-                                         "teacher_c2_big_b512__euler", "tf_scm_c2__steps2", "tf_dcm_c2__steps2",
-                                         "ode_init_c2__steps2", "dmd_scm__steps2", "dmd_none__steps2") if k in z]
+        shown = (("teacher_c2__euler", "teacher_c1__euler") + tuple(f"{v}__euler" for v in TEACHER_VARIANTS)
+                 + ("tf_scm_c2__steps2", "tf_dcm_c2__steps2", "ode_init_c2__steps2", "dmd_scm__steps2",
+                    "dmd_none__steps2"))
+        keys = ["truth"] + [k for k in shown if k in z]
         frames = [z[k][0] for k in keys]                 # [T, H, W, 3] each, episode 0
         t = frames[0].shape[0]
         pick = np.linspace(0, t - 1, min(t, 16)).astype(int)
@@ -360,7 +362,6 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
 def write_report(study, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     data = collect(study.workdir)
-    from experiments.toy_study import TEACHER_VARIANTS
     data["teacher_batch"] = {j: dict(v).get("batch_size", study.S["teacher_batch"])
                              for j, v in {**{t: {} for t in ("teacher_bi", "teacher_c2", "teacher_c1")},
                                           **TEACHER_VARIANTS}.items()}

@@ -193,18 +193,12 @@ def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times,
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_chunk(apply, compiler_options: tuple = ()):
-    """One jitted chunk function per model `apply` and compiler options (shared by samplers)."""
-    return jax.jit(functools.partial(_chunk_fn, apply),
-                   static_argnames=("static", "tpf", "x_shape", "kv_update", "scan_unroll"),
-                   donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_chunk_static(apply, compiler_options: tuple = ()):
-    """`_jitted_chunk` with `num_calls` static (call_loop="static": a known loop trip count)."""
-    return jax.jit(functools.partial(_chunk_fn, apply),
-                   static_argnames=("num_calls", "static", "tpf", "x_shape", "kv_update", "scan_unroll"),
+def _jitted_chunk(apply, compiler_options: tuple = (), static_calls: bool = False):
+    """One jitted chunk function per model `apply`, compiler options and call-count handling
+    (shared by samplers); `static_calls`: `num_calls` is static (call_loop="static": a known loop
+    trip count, one compile per call count)."""
+    static = ("static", "tpf", "x_shape", "kv_update", "scan_unroll") + (("num_calls",) if static_calls else ())
+    return jax.jit(functools.partial(_chunk_fn, apply), static_argnames=static,
                    donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
 
 
@@ -311,7 +305,7 @@ class StreamingSampler:
                                                           interpret=self.cfg.attn_interpret))
         options = tuple(sorted((self.compiler_options or {}).items()))
         self._jit = _jitted_chunk(self.apply, options)
-        self._jit_static = _jitted_chunk_static(self.apply, options)
+        self._jit_static = _jitted_chunk(self.apply, options, static_calls=True)
         self._jit_call = _jitted_call(self.apply, options)
 
     # ------------------------------------------------------------------ helpers
