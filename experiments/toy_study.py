@@ -51,7 +51,7 @@ SCALES = {
     "full": dict(clf_steps=3000, clf_batch=128,
                  teacher_iters=6000, teacher_batch=256, teacher_eval_every=1500,
                  data_samples=2048, data_steps=32,
-                 student_iters=800, student_batch=64, eval_every=100,
+                 student_iters=1000, student_batch=64, eval_every=100,
                  dmd_iters=300, dmd_batch=32, dmd_eval_every=100,
                  eval_episodes=256, final_episodes=256, long_frames=32, teacher_steps=16),
     "smoke": dict(clf_steps=2, clf_batch=4,
@@ -199,17 +199,23 @@ def eval_settings(study: Study, kind: str, block: int) -> list[tuple[str, dict]]
 
     "full" (bidirectional teacher): whole clips, Euler + CFG; "teacher" (causal): the first
     PREFIX frames given, Euler + CFG; "student": the same prefix, consistency sampling at STEPS.
+    Causal models are also rolled out from scratch (`*scratch*`: no frame given, only the prompt
+    and the actions). Given two frames and the actions the toy world is deterministic; from
+    scratch the first chunk is a real generative problem (where are the free sprites, which
+    colours, which way do they move), the one where a few-step sampler must not average.
     """
     from crm_jax.models.wan import AttentionPattern
     euler = dict(method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT)
     if kind == "full":
         return [("euler", dict(pattern=AttentionPattern("full"), prefix_frames=0, **euler))]
-    causal = dict(pattern=AttentionPattern("block_causal", block), prefix_frames=PREFIX)
+    given = dict(pattern=AttentionPattern("block_causal", block), prefix_frames=PREFIX)
+    scratch = dict(given, prefix_frames=0)
     if kind == "teacher":
-        return [("euler", dict(causal, **euler))]
+        return [("euler", dict(given, **euler)), ("euler_scratch", dict(scratch, **euler))]
     if kind != "student":
         raise ValueError(f"unknown model kind {kind!r}")
-    return [(f"steps{n}", dict(causal, method="consistency", steps=n)) for n in STEPS]
+    return ([(f"steps{n}", dict(given, method="consistency", steps=n)) for n in STEPS]
+            + [(f"scratch{n}", dict(scratch, method="consistency", steps=n)) for n in STEPS])
 
 
 def _strip(r: dict) -> dict:
@@ -373,7 +379,8 @@ def run_final(study: Study, job: Job) -> dict:
         for setting, kw in eval_settings(study, kind, block):
             tag = f"{name}/{setting}"
             short = wm.evaluate(apply, params, model.cfg, short_src, short_batch, key, features=feats, **kw)
-            if kind == "full":    # whole clips of the trained length: no long rollout
+            if kw["prefix_frames"] == 0:   # whole clips of the trained length: no long rollout
+                print(f"{tag}: follow {short['action_following']:.3f} fd {short['fd']:.2f}", flush=True)
                 results[tag] = dict(short=_strip(short))
                 continue
             long_kw = dict(kw, pattern=wm.long_rollout_pattern(kw["pattern"], study.world.num_frames))

@@ -19,6 +19,11 @@ LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "
          "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
          "dmd_none": "SF-DMD from the causal teacher (no init)"}
 PATTERN_NAME = {"c2": "chunk-wise (2 frames)", "c1": "frame-wise"}
+GIVEN = {"steps": "2 frames", "scratch": "none"}      # students' settings: frames given to a rollout
+# Claim 1 is checked on these (setting, metric) pairs; trajectory error needs given frames (the
+# simulator's initial state), from scratch the distributional FD and action following remain.
+CLAIM_METRICS = (("steps", "trajectory_error"), ("steps", "fd"), ("scratch", "fd"), ("scratch", "action_following"))
+HIGHER_BETTER = {"action_following"}
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -80,7 +85,8 @@ def collect(workdir: str) -> dict:
 
 def convergence_claim(data: dict) -> list[dict]:
     """Claim 1: TF-sCM reaches TF-dCM's final quality in <= 1/3 of the steps (per pattern, step count,
-    metric). TF-dCM's final quality = mean of its last two evaluations.
+    frames given, metric: `CLAIM_METRICS`). TF-dCM's final quality = mean of its last two evaluations;
+    "reaching" it = being at least as good (lower, or higher for `HIGHER_BETTER` metrics).
 
     The claim is about how fast distillation *improves* a student, so it is only testable where
     TF-dCM ends better than both students start (iteration 0, the initialisation; the students start
@@ -92,18 +98,21 @@ def convergence_claim(data: dict) -> list[dict]:
         if not scm or not dcm:
             continue
         for n in (1, 2, 4):
-            for metric in ("trajectory_error", "fd"):
-                di, dv = curve(dcm, f"steps{n}", metric)
-                si, sv = curve(scm, f"steps{n}", metric)
+            for given, metric in CLAIM_METRICS:
+                sign = -1.0 if metric in HIGHER_BETTER else 1.0      # oriented: lower is better
+                di, dv = curve(dcm, f"{given}{n}", metric)
+                si, sv = curve(scm, f"{given}{n}", metric)
                 if not dv or not sv:
                     continue
+                dv, sv = [sign * v for v in dv], [sign * v for v in sv]
                 target = final_value(dv)
                 start = max(dv[0], sv[0]) if di[0] == si[0] == 0 else None
                 testable = start is None or target < start
                 hit = reach(si, sv, target)
                 total = di[-1]
-                rows.append(dict(pattern=sfx, steps=n, metric=metric, init=start, dcm_final=target,
-                                 dcm_iterations=total, scm_final=final_value(sv), scm_reaches_at=hit,
+                rows.append(dict(pattern=sfx, steps=n, given=GIVEN[given], metric=metric,
+                                 init=None if start is None else sign * start, dcm_final=sign * target,
+                                 dcm_iterations=total, scm_final=sign * final_value(sv), scm_reaches_at=hit,
                                  fraction=None if hit is None else hit / total, testable=testable,
                                  holds=(hit is not None and hit <= total / 3) if testable else None))
     return rows
@@ -118,7 +127,9 @@ def _long_drift(final: dict, tag: str, tail: int = 8):
 
 def init_claim(data: dict) -> list[dict]:
     """Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init,
-    on trajectory error (short rollouts) and drift (mean of the last 8 frames of long rollouts)."""
+    on trajectory error (short rollouts) and drift (mean of the last 8 frames of long rollouts).
+    Also reported, not part of the claim: the FD from scratch (`fd_scratch`, None if not evaluated),
+    what distribution matching is for."""
     fin, rows = data["final"], []
     for n in (1, 2, 4):
         tags = {i: f"dmd_{i}/steps{n}" for i in ("scm", "dcm", "ode", "none")}
@@ -126,9 +137,12 @@ def init_claim(data: dict) -> list[dict]:
             continue
         traj = {i: fin[t]["short"]["trajectory_error"] for i, t in tags.items()}
         drift = {i: _long_drift(fin, t) for i, t in tags.items()}
-        rows.append(dict(steps=n, trajectory_error=traj, drift_last8=drift,
+        fd0 = {i: fin.get(f"dmd_{i}/scratch{n}", {}).get("short", {}).get("fd") for i in tags}
+        rows.append(dict(steps=n, trajectory_error=traj, drift_last8=drift, fd_scratch=fd0,
                          holds_traj=all(traj["scm"] <= traj[o] for o in ("ode", "none")),
-                         holds_drift=all(drift["scm"] <= drift[o] for o in ("ode", "none"))))
+                         holds_drift=all(drift["scm"] <= drift[o] for o in ("ode", "none")),
+                         holds_fd_scratch=(all(fd0["scm"] <= fd0[o] for o in ("ode", "none"))
+                                           if None not in fd0.values() else None)))
     return rows
 
 
@@ -161,40 +175,48 @@ def markdown(data: dict, claims1, claims2) -> str:
     L += ["", "(Trajectory error and action following during training are in each job's eval.jsonl; "
           "they depend on the detector version, the FD does not.)"]
     L += ["", "## Teachers (final exports, more episodes; long = 32-frame rollouts with a sliding window)", "",
-          "| teacher | trajectory error (px) | action following | FD | drift, last 8 of 32 (px) | FD, last 8 of 32 | iterations | wall s |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| teacher | trajectory error (px) | action following | FD | drift, last 8 of 32 (px) | FD, last 8 of 32 "
+          "| from scratch: action following | from scratch: FD | iterations | wall s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted({k.split("/")[0] for k in fin if k.startswith("teacher")}):
         r = fin.get(f"{t}/euler", {}).get("short")
         if r:
             lg = fin[f"{t}/euler"].get("long") or {}
+            sc = fin.get(f"{t}/euler_scratch", {}).get("short") or {}
             L.append(f"| {t} | {_fmt(r['trajectory_error'])} | {_fmt(r['action_following'])} | {_fmt(r.get('fd'), 1)} "
                      f"| {_fmt(_long_drift(fin, f'{t}/euler'))} | {_fmt(lg.get('fd'), 1)} "
+                     f"| {_fmt(sc.get('action_following'))} | {_fmt(sc.get('fd'), 1)} "
                      f"| {done.get(t, {}).get('iterations', '-')} | {done.get(t, {}).get('seconds', '-')} |")
     L += ["", "Ground truth scores 0 px / 1.000. The bidirectional teacher generates whole clips (no given "
-          "frames), so only its action following and FD are defined.", ""]
-    L += ["## Distilled students: final quality (short rollouts, 2 frames given)", "",
-          "| pattern | student | steps | trajectory error (px) | action following | FD | drift, last 8 of 32 frames (px) | FD, last 8 of 32 |",
-          "|---|---|---|---|---|---|---|---|"]
+          "frames), so only its action following and FD are defined. From scratch = a causal teacher "
+          "given no frame either (only the prompt and the actions).", ""]
+    L += ["## Distilled students: final quality (short rollouts; long: 32 frames, 2 given)", "",
+          "Frames given: 2 (the first chunk of the episode) or none (from scratch: trajectory error "
+          "and drift are undefined, the simulator's initial state being unknown to the model).", "",
+          "| pattern | student | steps | frames given | trajectory error (px) | action following | FD | drift, last 8 of 32 frames (px) | FD, last 8 of 32 |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for sfx in ("c2", "c1"):
         names = [f"{m}_{sfx}" for m in METHODS] + (["ode_init_c2"] + [f"dmd_{i}" for i in ("scm", "dcm", "ode", "none")]
                                                    if sfx == "c2" else [])
         for name in names:
-            for n in (1, 2, 4):
-                r = fin.get(f"{name}/steps{n}")
-                if not r:
-                    continue
-                s, lg = r["short"], r["long"]
-                label = LABEL.get(name.rsplit("_", 1)[0], LABEL.get(name, name))
-                L.append(f"| {sfx} | {label} | {n} | {_fmt(s['trajectory_error'])} | {_fmt(s['action_following'])} | "
-                         f"{_fmt(s.get('fd'), 2)} | {_fmt(_long_drift(fin, f'{name}/steps{n}'))} | {_fmt(lg.get('fd'), 2)} |")
+            for given in GIVEN:
+                for n in (1, 2, 4):
+                    r = fin.get(f"{name}/{given}{n}")
+                    if not r:
+                        continue
+                    s, lg = r["short"], r.get("long") or {}
+                    label = LABEL.get(name.rsplit("_", 1)[0], LABEL.get(name, name))
+                    L.append(f"| {sfx} | {label} | {n} | {GIVEN[given]} | {_fmt(s['trajectory_error'])} | "
+                             f"{_fmt(s['action_following'])} | {_fmt(s.get('fd'), 2)} | "
+                             f"{_fmt(_long_drift(fin, f'{name}/{given}{n}'))} | {_fmt(lg.get('fd'), 2)} |")
     if L[-1].startswith("|---"):
-        L.append("| (no students evaluated yet) | | | | | | | |")
+        L.append("| (no students evaluated yet) | | | | | | | | |")
     L += ["", "## Distilled students during training (the training-time evaluations, 2 frames given)", "",
           "Iteration 0 is the initialisation (the causal teacher's weights, sampled with the student's "
           "few-step consistency sampler; TF-MeanFlow's interval embedding starts at zero).", "",
           "Best = the best evaluation after the initialisation (its iteration in brackets).", "",
-          "| pattern | student | steps | trajectory error (px): init / best / final | action following: init / final "
-          "| FD: init / best / final |", "|---|---|---|---|---|---|"]
+          "| pattern | student | steps | frames given | trajectory error (px): init / best / final "
+          "| action following: init / final | FD: init / best / final |", "|---|---|---|---|---|---|---|"]
     for sfx in ("c2", "c1"):
         names = [f"{m}_{sfx}" for m in METHODS] + (["tf_scm_c2_nowarmup", "ode_init_c2"] + [f"dmd_{i}" for i in ("scm", "dcm", "ode", "none")]
                                                    if sfx == "c2" else [])
@@ -203,34 +225,41 @@ def markdown(data: dict, claims1, claims2) -> str:
             if not rows or rows[-1]["iteration"] == 0:     # not trained (yet): only its initialisation
                 continue
             label = LABEL.get(name, LABEL.get(name.rsplit("_", 1)[0], name))
-            for n in (1, 2, 4):
-                ti, tv = curve(rows, f"steps{n}", "trajectory_error")
-                _, av = curve(rows, f"steps{n}", "action_following")
-                fi, fv = curve(rows, f"steps{n}", "fd")
-                if len(tv) < 2:
-                    continue
-                fd = f"{_fmt(fv[0], 1)} / {_best(fi, fv, 1)} / {_fmt(fv[-1], 1)}" if len(fv) > 1 else "-"
-                follow = f"{_fmt(av[0], 2)} / {_fmt(av[-1], 2)}" if av else "-"
-                L.append(f"| {sfx} | {label} ({rows[-1]['iteration']} it) | {n} | {_fmt(tv[0], 2)} / {_best(ti, tv, 2)} / "
-                         f"{_fmt(tv[-1], 2)} | {follow} | {fd} |")
+            for given in GIVEN:
+                for n in (1, 2, 4):
+                    ti, tv = curve(rows, f"{given}{n}", "trajectory_error")
+                    _, av = curve(rows, f"{given}{n}", "action_following")
+                    fi, fv = curve(rows, f"{given}{n}", "fd")
+                    if len(tv) < 2 and len(fv) < 2:
+                        continue
+                    traj = f"{_fmt(tv[0], 2)} / {_best(ti, tv, 2)} / {_fmt(tv[-1], 2)}" if len(tv) > 1 else "-"
+                    fd = f"{_fmt(fv[0], 1)} / {_best(fi, fv, 1)} / {_fmt(fv[-1], 1)}" if len(fv) > 1 else "-"
+                    follow = f"{_fmt(av[0], 2)} / {_fmt(av[-1], 2)}" if av else "-"
+                    L.append(f"| {sfx} | {label} ({rows[-1]['iteration']} it) | {n} | {GIVEN[given]} | {traj} | "
+                             f"{follow} | {fd} |")
     L += ["", "## Claim 1: TF-sCM reaches TF-dCM's final quality in at most a third of the steps", "",
-          "Testable only where TF-dCM ends better than the students' common initialisation.", "",
-          "| pattern | steps | metric | init | TF-dCM final (its last 2 evals) | TF-sCM final | TF-sCM reaches it at | of TF-dCM's iterations | holds |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "Testable only where TF-dCM ends better than the students' common initialisation. Action "
+          "following: higher is better (\"reaches\" = at least as high).", "",
+          "| pattern | steps | frames given | metric | init | TF-dCM final (its last 2 evals) | TF-sCM final | TF-sCM reaches it at | of TF-dCM's iterations | holds |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in claims1:
         verdict = "not testable" if r.get("holds") is None else ("yes" if r["holds"] else "no")
-        L.append(f"| {r['pattern']} | {r['steps']} | {r['metric']} | {_fmt(r.get('init'))} | {_fmt(r['dcm_final'])} | "
-                 f"{_fmt(r['scm_final'])} | {_fmt(r['scm_reaches_at'])} | {_fmt(r['fraction'], 2)} | {verdict} |")
+        L.append(f"| {r['pattern']} | {r['steps']} | {r.get('given', '2 frames')} | {r['metric']} | {_fmt(r.get('init'))} | "
+                 f"{_fmt(r['dcm_final'])} | {_fmt(r['scm_final'])} | {_fmt(r['scm_reaches_at'])} | {_fmt(r['fraction'], 2)} | {verdict} |")
     if not claims1:
-        L.append("| (not run yet) | | | | | | | | |")
+        L.append("| (not run yet) | | | | | | | | | |")
     L += ["", "## Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init", "",
           "| steps | metric | from TF-sCM | from TF-dCM | from ODE regression | no init | holds |", "|---|---|---|---|---|---|---|"]
     for r in claims2:
         for m, key, ok in (("trajectory error", "trajectory_error", r["holds_traj"]),
-                           ("drift, last 8 of 32", "drift_last8", r["holds_drift"])):
-            v = r[key]
+                           ("drift, last 8 of 32", "drift_last8", r["holds_drift"]),
+                           ("FD from scratch (not part of the claim)", "fd_scratch", r.get("holds_fd_scratch"))):
+            v = r.get(key)
+            if not v or None in v.values():
+                continue
+            verdict = "yes" if ok else "no"
             L.append(f"| {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
-                     f"{'yes' if ok else 'no'} |")
+                     f"{verdict} |")
     if not claims2:
         L.append("| (not run yet) | | | | | | |")
     L += ["", "## Wall times (s; GPU jobs share one GPU)", "", "| job | s | iterations |", "|---|---|---|"]
@@ -256,7 +285,10 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
     curves = data["curves"]
     styles = {"tf_scm": ("C0", "-"), "tf_meanflow": ("C2", "-"), "tf_dcm": ("C3", "-"), "ode_init": ("C4", "-"),
               "tf_scm_c2_nowarmup": ("C0", ":")}
-    for metric, ylabel in (("trajectory_error", "trajectory error (px)"), ("fd", "Fréchet distance")):
+    for given, metric, ylabel, png in (
+            ("steps", "trajectory_error", "trajectory error (px)", "convergence_trajectory_error.png"),
+            ("steps", "fd", "Fréchet distance", "convergence_fd.png"),
+            ("scratch", "fd", "Fréchet distance, from scratch (log)", "convergence_fd_scratch.png")):
         fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex="row", squeeze=False)
         for row, sfx in enumerate(("c2", "c1")):
             for col, n in enumerate((1, 2, 4)):
@@ -265,11 +297,14 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
                     base = name if name.startswith("tf_scm_c2_") else name.rsplit("_", 1)[0]
                     if base not in styles or not (name.endswith(sfx) or (sfx == "c2" and name.startswith("tf_scm_c2_"))):
                         continue
-                    its, vals = curve(rows, f"steps{n}", metric)
+                    its, vals = curve(rows, f"{given}{n}", metric)
                     if its:
                         c, ls = styles[base]
                         ax.plot(its, vals, color=c, ls=ls, marker=".", label=LABEL.get(base, base))
-                ax.set_title(f"{PATTERN_NAME[sfx]}, {n} step{'s' if n > 1 else ''} per chunk")
+                if given == "scratch" and ax.lines:
+                    ax.set_yscale("log")
+                ax.set_title(f"{PATTERN_NAME[sfx]}, {n} step{'s' if n > 1 else ''} per chunk, "
+                             f"{GIVEN[given]} given")
                 ax.set_xlabel("training iteration")
                 ax.set_ylabel(ylabel)
                 ax.grid(alpha=0.3)
@@ -277,19 +312,21 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
             plt.close(fig)
             continue
         axes[0, 0].legend(fontsize=8)
-        files.append(_save(fig, os.path.join(out, f"convergence_{metric}.png")))
+        files.append(_save(fig, os.path.join(out, png)))
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
-    for col, n in enumerate((1, 2, 4)):
-        ax = axes[0, col]
-        for i, init in enumerate(("scm", "dcm", "ode", "none")):
-            its, vals = curve(curves.get(f"dmd_{init}", []), f"steps{n}", "trajectory_error")
-            if len(its) > 1:
-                ax.plot(its, vals, marker=".", color=f"C{i}", label=LABEL[f"dmd_{init}"])
-        ax.set_title(f"SF-DMD, {n} step{'s' if n > 1 else ''} per chunk")
-        ax.set_xlabel("iteration (student + critic steps)")
-        ax.set_ylabel("trajectory error (px)")
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), squeeze=False)
+    for row, (given, metric, ylabel) in enumerate((("steps", "trajectory_error", "trajectory error (px)"),
+                                                    ("scratch", "fd", "Fréchet distance, from scratch"))):
+        for col, n in enumerate((1, 2, 4)):
+            ax = axes[row, col]
+            for i, init in enumerate(("scm", "dcm", "ode", "none")):
+                its, vals = curve(curves.get(f"dmd_{init}", []), f"{given}{n}", metric)
+                if len(its) > 1:
+                    ax.plot(its, vals, marker=".", color=f"C{i}", label=LABEL[f"dmd_{init}"])
+            ax.set_title(f"SF-DMD, {n} step{'s' if n > 1 else ''} per chunk, {GIVEN[given]} given")
+            ax.set_xlabel("iteration (student + critic steps)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
     if any(ax.lines for ax in axes.flat):
         axes[0, 0].legend(fontsize=8)
         files.append(_save(fig, os.path.join(out, "dmd_curves.png")))

@@ -82,11 +82,15 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
     assert g.ode.save and g.latent_shape == (8, 8, 8, 12) and g.num_samples == ts.SCALES["full"]["data_samples"]
 
 
-def _write_curve(d, name, values, setting="steps2", metric="trajectory_error", step=100):
+def _write_curve(d, name, values, follow=None, step=100):
+    """eval.jsonl rows: given 2 frames, trajectory error `values` and FD 10x that; from scratch,
+    FD 100x and action following `follow` (default: 1 - values / 10, improving as values fall)."""
     os.makedirs(d / name, exist_ok=True)
+    follow = [1 - v / 10 for v in values] if follow is None else follow
     with open(d / name / "eval.jsonl", "w") as f:
-        for i, v in enumerate(values):
-            row = {"iteration": i * step, **{f"steps{n}": {metric: v, "fd": 10 * v} for n in (1, 2, 4)}}
+        for i, (v, a) in enumerate(zip(values, follow)):
+            row = {"iteration": i * step, **{f"steps{n}": {"trajectory_error": v, "fd": 10 * v} for n in (1, 2, 4)},
+                   **{f"scratch{n}": {"trajectory_error": None, "fd": 100 * v, "action_following": a} for n in (1, 2, 4)}}
             f.write(json.dumps(row) + "\n")
 
 
@@ -96,33 +100,50 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     _write_curve(w, "tf_scm_c2", [9, 6, 4.9, 4.5, 4.4, 4.3])  # reaches 5 at iteration 200 = 0.4 of 500
     _write_curve(w, "tf_dcm_c1", [9, 8, 7, 6, 5, 5])
     _write_curve(w, "tf_scm_c1", [9, 5, 4.9, 4.5, 4.4, 4.3])  # reaches at 100 = 0.2
+    # (action following 1 - v/10: dCM ends at 0.5, sCM reaches 0.51 at 100, ends at 0.565)
     fin = {}
     for init, traj, drift in (("scm", 3.0, 4.0), ("dcm", 3.5, 4.5), ("ode", 3.2, 5.0), ("none", 4.0, 3.0)):
         for n in (1, 2, 4):
             fin[f"dmd_{init}/steps{n}"] = {"short": {"trajectory_error": traj, "action_following": 0.5, "fd": 1.0},
                                            "long": {"drift_by_frame": [drift] * 30, "fd": 2.0}}
+            fin[f"dmd_{init}/scratch{n}"] = {"short": {"trajectory_error": None, "action_following": 0.4,
+                                                       "fd": 100 * traj}}
     os.makedirs(w / "final_c2")
     (w / "final_c2" / "final.json").write_text(json.dumps(fin))
     data = rep.collect(str(w))
-    c1 = {(r["pattern"], r["steps"], r["metric"]): r for r in rep.convergence_claim(data)}
-    r = c1[("c2", 2, "trajectory_error")]
+    c1 = {(r["pattern"], r["steps"], r["given"], r["metric"]): r for r in rep.convergence_claim(data)}
+    assert {k[2:] for k in c1} == {("2 frames", "trajectory_error"), ("2 frames", "fd"), ("none", "fd"),
+                                   ("none", "action_following")}
+    r = c1[("c2", 2, "2 frames", "trajectory_error")]
     assert r["dcm_final"] == 5.0 and r["scm_reaches_at"] == 200 and not r["holds"]
-    assert c1[("c1", 2, "trajectory_error")]["holds"] and c1[("c1", 2, "fd")]["fraction"] == 0.2
+    assert c1[("c1", 2, "2 frames", "trajectory_error")]["holds"] and c1[("c1", 2, "2 frames", "fd")]["fraction"] == 0.2
+    assert c1[("c1", 2, "none", "fd")]["dcm_final"] == 500 and c1[("c1", 2, "none", "fd")]["holds"]
+    # Action following: higher is better. TF-dCM ends at 0.5; TF-sCM reaches 0.51 >= 0.5 at iteration 100.
+    r = c1[("c1", 1, "none", "action_following")]
+    assert r["dcm_final"] == pytest.approx(0.5) and r["init"] == pytest.approx(0.1) and r["scm_reaches_at"] == 100
+    assert r["testable"] and r["holds"] and r["scm_final"] == pytest.approx(0.565)
     # Students that only get worse than their common initialisation: the claim is not testable.
     _write_curve(w, "tf_dcm_c1", [2, 3, 3.5, 3.4, 3.5, 3.5])
     _write_curve(w, "tf_scm_c1", [2, 3.5, 3.2, 3.6, 3.9, 4.0])
-    worse = {(r["pattern"], r["steps"], r["metric"]): r for r in rep.convergence_claim(rep.collect(str(w)))}
-    r = worse[("c1", 2, "trajectory_error")]
+    worse = {(r["pattern"], r["steps"], r["given"], r["metric"]): r
+             for r in rep.convergence_claim(rep.collect(str(w)))}
+    r = worse[("c1", 2, "2 frames", "trajectory_error")]
     assert r["init"] == 2 and not r["testable"] and r["holds"] is None and r["scm_reaches_at"] == 0
-    assert c1[("c2", 2, "trajectory_error")]["testable"]
+    r = worse[("c1", 2, "none", "action_following")]       # following falls from 0.8: not testable either
+    assert r["init"] == pytest.approx(0.8) and not r["testable"] and r["holds"] is None
+    assert c1[("c2", 2, "2 frames", "trajectory_error")]["testable"]
     _write_curve(w, "tf_dcm_c1", [9, 8, 7, 6, 5, 5])
     _write_curve(w, "tf_scm_c1", [9, 5, 4.9, 4.5, 4.4, 4.3])
     c2 = rep.init_claim(data)
     assert len(c2) == 3 and all(r["holds_traj"] and not r["holds_drift"] for r in c2)   # "none" drifts least
+    assert all(r["fd_scratch"]["scm"] == 300 and r["holds_fd_scratch"] for r in c2)
     out = tmp_path / "report"
     summary = rep.write_report(ts.Study(str(w), "full"), str(out))
     assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
-    for png in ("convergence_trajectory_error.png", "convergence_fd.png", "drift_by_frame.png"):
+    md = (out / "study.md").read_text()
+    assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| 2 | FD from scratch" in md
+    for png in ("convergence_trajectory_error.png", "convergence_fd.png", "convergence_fd_scratch.png",
+                "drift_by_frame.png"):
         assert (out / png).stat().st_size > 1000
     assert not (out / "dmd_curves.png").exists()         # no SF-DMD curves in this workdir: no empty plot
 
@@ -134,8 +155,9 @@ def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path):
     assert set(status.values()) == {"done"}, status
     rows = [json.loads(x) for x in open(tmp_path / "tf_scm_c2" / "eval.jsonl")]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert {"steps1", "steps2", "steps4"} <= set(rows[-1])
+    assert {"steps1", "steps2", "steps4", "scratch1", "scratch2", "scratch4"} <= set(rows[-1])
     assert rows[-1]["steps2"]["fd"] >= 0 and 0 <= rows[-1]["steps2"]["action_following"] <= 1
+    assert rows[-1]["scratch1"]["trajectory_error"] is None and rows[-1]["scratch1"]["fd"] >= 0
     done = json.load(open(tmp_path / "tf_scm_c2" / "done.json"))
     assert done["iterations"] == 2 and done["nan_skips"] == 0
     assert os.path.isdir(tmp_path / "tf_scm_c2" / "export")
