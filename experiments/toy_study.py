@@ -25,7 +25,10 @@ Jobs (a DAG; up to --parallel of them run at once, each in its own process; a jo
 Every model is scored by `crm_jax.evaluation.world_model`: the first 2 frames of a held-out
 episode are given, the rest is generated from its actions, and the simulator's ground truth
 gives trajectory error, action following and drift; the Fréchet distance uses the classifier.
-Students are evaluated every `eval_every` iterations at 1, 2 and 4 steps per chunk.
+Causal models are also rolled out from scratch (no frame given: `scratch{n}` / `euler_scratch`),
+scored by action following and FD: given two frames the toy world is deterministic, from scratch
+the first chunk is a real generative problem. Students are evaluated every `eval_every`
+iterations at 1, 2 and 4 steps per chunk, both ways.
 
 `--report DIR` (any machine, reads the workdir) writes tables (`study.md`), `study.json` and
 PNG plots. `--scale smoke` runs the whole DAG in minutes on a CPU (tests/test_toy_study.py).

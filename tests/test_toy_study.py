@@ -116,6 +116,7 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
                                    ("none", "action_following")}
     r = c1[("c2", 2, "2 frames", "trajectory_error")]
     assert r["dcm_final"] == 5.0 and r["scm_reaches_at"] == 200 and not r["holds"]
+    assert r["dcm_reaches_at"] == 400 and r["speedup"] == 2.0         # like for like: 400 / 200
     assert c1[("c1", 2, "2 frames", "trajectory_error")]["holds"] and c1[("c1", 2, "2 frames", "fd")]["fraction"] == 0.2
     assert c1[("c1", 2, "none", "fd")]["dcm_final"] == 500 and c1[("c1", 2, "none", "fd")]["holds"]
     # Action following: higher is better. TF-dCM ends at 0.5; TF-sCM reaches 0.51 >= 0.5 at iteration 100.
