@@ -216,7 +216,7 @@ def markdown(data: dict, claims1, claims2) -> str:
                              f"{_fmt(_long_drift(fin, f'{name}/{given}{n}'))} | {_fmt(lg.get('fd'), 2)} |")
     if L[-1].startswith("|---"):
         L.append("| (no students evaluated yet) | | | | | | | | |")
-    L += ["", "## Distilled students during training (the training-time evaluations, 2 frames given)", "",
+    L += ["", "## Distilled students during training (the training-time evaluations)", "",
           "Iteration 0 is the initialisation (the causal teacher's weights, sampled with the student's "
           "few-step consistency sampler; TF-MeanFlow's interval embedding starts at zero).", "",
           "Best = the best evaluation after the initialisation (its iteration in brackets).", "",
