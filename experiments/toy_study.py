@@ -21,6 +21,8 @@ Jobs (a DAG; up to --parallel of them run at once, each in its own process; a jo
   final_c2, final_c1         every finished model: short rollouts on more episodes and long
                              rollouts (4x the trained length, sliding window) for drift by frame
   final_teachers             the same for all teachers, diagnostic variants included (on demand)
+  dmd_*_causal, final_dmd_causal   (on demand: --only dmd_causal) SF-DMD with the chunk-wise causal
+                             teacher as the real score and critic init, and its final evaluation
 
 Every model is scored by `crm_jax.evaluation.world_model`: the first 2 frames of a held-out
 episode are given, the rest is generated from its actions, and the simulator's ground truth
@@ -76,6 +78,11 @@ PATTERNS = {"c2": 2, "c1": 1}     # job suffix -> block_frames
 STUDY_MODEL = (("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4), ("attn_impl", "xla"))
 TEACHER_DTYPE = "bfloat16"
 DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2"}
+# SF-DMD's real score (and critic init): the bidirectional teacher (default, as in Self Forcing) or, in
+# the `dmd_causal` jobs (`--only dmd_causal`, not in the default run), the chunk-wise causal teacher,
+# block-causal: session 5 found teacher_bi too poor a target for good students.
+DMD_REAL = {"bi": ("teacher_bi", "full"), "causal": ("teacher_c2", "block_causal")}
+DMD_CAUSAL = tuple(f"dmd_{i}_causal" for i in DMD_INITS)
 TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with one change of its recipe
     "teacher_c2_small": dict(model=(("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))),
     "teacher_c2_lr5e-4": dict(lr=5e-4),
@@ -84,7 +91,7 @@ TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with on
 ABLATIONS = {                      # TF-sCM variants (chunk-wise): name -> train overrides
     "tf_scm_c2_nowarmup": dict(tangent_warmup=0),
 }
-DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",)   # run only when named in --only
+DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",) + DMD_CAUSAL + ("final_dmd_causal",)  # only by --only
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -112,7 +119,8 @@ def all_jobs() -> dict[str, Job]:
         jobs.append(Job(name, "student", ("teacher_c2", "classifier"),
                         ("tf_scm", 2, tuple(sorted(over.items())))))
     for init, src in DMD_INITS.items():
-        jobs.append(Job(f"dmd_{init}", "dmd", (src, "teacher_bi", "teacher_c2", "classifier"), (src,)))
+        jobs.append(Job(f"dmd_{init}", "dmd", (src, "teacher_bi", "teacher_c2", "classifier"), (src, "bi")))
+        jobs.append(Job(f"dmd_{init}_causal", "dmd", (src, "teacher_c2", "classifier"), (src, "causal")))
     c1_models = (("teacher_c1", 1),) + tuple((f"{m}_c1", 1) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
     c2_models = ((("teacher_bi", 0), ("teacher_c2", 2)) + tuple((f"{m}_c2", 2) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
                  + (("ode_init_c2", 2),) + tuple((f"dmd_{i}", 2) for i in DMD_INITS))
@@ -121,10 +129,12 @@ def all_jobs() -> dict[str, Job]:
     # All teachers, the diagnostic variants included when they left an export (also a cut run's).
     teachers = (("teacher_bi", 0), ("teacher_c2", 2), ("teacher_c1", 1)) + tuple((v, 2) for v in TEACHER_VARIANTS)
     jobs.append(Job("final_teachers", "final", ("teacher_bi", "teacher_c2", "teacher_c1", "classifier"), (teachers,)))
+    jobs.append(Job("final_dmd_causal", "final", DMD_CAUSAL + ("classifier",), (tuple((j, 2) for j in DMD_CAUSAL),)))
     return {j.name: j for j in jobs}
 
 
-GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"), "variants": tuple(TEACHER_VARIANTS)}
+GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"), "variants": tuple(TEACHER_VARIANTS),
+          "dmd_causal": DMD_CAUSAL + ("final_dmd_causal",)}
 
 
 # ----------------------------------------------------------------------------- shared setup
@@ -331,14 +341,19 @@ def run_student(study: Study, job: Job) -> dict:
     return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
 
 
-def dmd_config(study: Study, init_job: str):
+def dmd_config(study: Study, init_job: str, real: str = "bi"):
+    """SF-DMD from `init_job`'s export; `real` (a `DMD_REAL` key): which teacher gives the real score
+    (with CFG) and initialises the critic."""
     from configs.base import toy_student_config
+    if real not in DMD_REAL:
+        raise ValueError(f"real must be one of {sorted(DMD_REAL)}, got {real!r}")
+    real_job, real_pattern = DMD_REAL[real]
     c = toy_student_config("sf_dmd", **dict(STUDY_MODEL))
-    c.train.update(block_frames=2, guidance=GUIDANCE, dmd_teacher_pattern="full", sf_max_steps=4)
+    c.train.update(block_frames=2, guidance=GUIDANCE, dmd_teacher_pattern=real_pattern, sf_max_steps=4)
     c.num_iterations, c.data.batch_size = study.S["dmd_iters"], study.S["dmd_batch"]
     c.data.kind = "toy"
     c.init.update(student=study.export(init_job), teacher=study.export("teacher_c2"),
-                  dmd_teacher=study.export("teacher_bi"))
+                  dmd_teacher=study.export(real_job))
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["dmd_eval_every"]
     c.checkpoint.update(every=10 ** 9, keep=1)
     c.export_ema = study.student_weights == "ema"
@@ -346,8 +361,8 @@ def dmd_config(study: Study, init_job: str):
 
 
 def run_dmd(study: Study, job: Job) -> dict:
-    (init_job,) = job.args
-    c = dmd_config(study, init_job)
+    init_job, real = job.args
+    c = dmd_config(study, init_job, real)
     return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
 
 

@@ -6,6 +6,7 @@ Reads every job's `eval.jsonl` (curves), `done.json` (wall time) and the `final_
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -17,7 +18,11 @@ METHODS = ("tf_scm", "tf_meanflow", "tf_dcm")
 LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "ode_init": "ODE regression",
          "tf_scm_c2_nowarmup": "TF-sCM, no tangent warm-up",
          "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
-         "dmd_none": "SF-DMD from the causal teacher (no init)"}
+         "dmd_none": "SF-DMD from the causal teacher (no init)",
+         **{f"dmd_{i}_causal": f"SF-DMD from {w}, causal real score" for i, w in (
+             ("scm", "TF-sCM"), ("dcm", "TF-dCM"), ("ode", "ODE regression"), ("none", "the causal teacher"))}}
+DMD_SUFFIXES = {"": "bidirectional teacher", "_causal": "causal teacher"}   # SF-DMD's real score
+DMD_JOBS = [f"dmd_{i}{x}" for x in DMD_SUFFIXES for i in ("scm", "dcm", "ode", "none")]
 PATTERN_NAME = {"c2": "chunk-wise (2 frames)", "c1": "frame-wise"}
 GIVEN = {"steps": "2 frames", "scratch": "none"}      # students' settings: frames given to a rollout
 # Claim 1 is checked on these (setting, metric) pairs; trajectory error needs given frames (the
@@ -130,20 +135,20 @@ def _long_drift(final: dict, tag: str, tail: int = 8):
     return float(np.mean(r["drift_by_frame"][-tail:]))
 
 
-def init_claim(data: dict) -> list[dict]:
+def init_claim(data: dict, suffix: str = "") -> list[dict]:
     """Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init,
     on trajectory error (short rollouts) and drift (mean of the last 8 frames of long rollouts).
     Also reported, not part of the claim: the FD from scratch (`fd_scratch`, None if not evaluated),
-    what distribution matching is for."""
+    what distribution matching is for. `suffix`: a `DMD_SUFFIXES` key (which real score)."""
     fin, rows = data["final"], []
     for n in (1, 2, 4):
-        tags = {i: f"dmd_{i}/steps{n}" for i in ("scm", "dcm", "ode", "none")}
+        tags = {i: f"dmd_{i}{suffix}/steps{n}" for i in ("scm", "dcm", "ode", "none")}
         if not all(t in fin for t in tags.values()):
             continue
         traj = {i: fin[t]["short"]["trajectory_error"] for i, t in tags.items()}
         drift = {i: _long_drift(fin, t) for i, t in tags.items()}
-        fd0 = {i: fin.get(f"dmd_{i}/scratch{n}", {}).get("short", {}).get("fd") for i in tags}
-        rows.append(dict(steps=n, trajectory_error=traj, drift_last8=drift, fd_scratch=fd0,
+        fd0 = {i: fin.get(f"dmd_{i}{suffix}/scratch{n}", {}).get("short", {}).get("fd") for i in tags}
+        rows.append(dict(steps=n, real=DMD_SUFFIXES[suffix], trajectory_error=traj, drift_last8=drift, fd_scratch=fd0,
                          holds_traj=all(traj["scm"] <= traj[o] for o in ("ode", "none")),
                          holds_drift=all(drift["scm"] <= drift[o] for o in ("ode", "none")),
                          holds_fd_scratch=(all(fd0["scm"] <= fd0[o] for o in ("ode", "none"))
@@ -201,8 +206,7 @@ def markdown(data: dict, claims1, claims2) -> str:
           "| pattern | student | steps | frames given | trajectory error (px) | action following | FD | drift, last 8 of 32 frames (px) | FD, last 8 of 32 |",
           "|---|---|---|---|---|---|---|---|---|"]
     for sfx in ("c2", "c1"):
-        names = [f"{m}_{sfx}" for m in METHODS] + (["ode_init_c2"] + [f"dmd_{i}" for i in ("scm", "dcm", "ode", "none")]
-                                                   if sfx == "c2" else [])
+        names = [f"{m}_{sfx}" for m in METHODS] + (["ode_init_c2"] + DMD_JOBS if sfx == "c2" else [])
         for name in names:
             for given in GIVEN:
                 for n in (1, 2, 4):
@@ -223,8 +227,7 @@ def markdown(data: dict, claims1, claims2) -> str:
           "| pattern | student | steps | frames given | trajectory error (px): init / best / final "
           "| action following: init / final | FD: init / best / final |", "|---|---|---|---|---|---|---|"]
     for sfx in ("c2", "c1"):
-        names = [f"{m}_{sfx}" for m in METHODS] + (["tf_scm_c2_nowarmup", "ode_init_c2"] + [f"dmd_{i}" for i in ("scm", "dcm", "ode", "none")]
-                                                   if sfx == "c2" else [])
+        names = [f"{m}_{sfx}" for m in METHODS] + (["tf_scm_c2_nowarmup", "ode_init_c2"] + DMD_JOBS if sfx == "c2" else [])
         for name in names:
             rows = data["curves"].get(name)
             if not rows or rows[-1]["iteration"] == 0:     # not trained (yet): only its initialisation
@@ -259,7 +262,9 @@ def markdown(data: dict, claims1, claims2) -> str:
     if not claims1:
         L.append("| (not run yet) | | | | | | | | | | | |")
     L += ["", "## Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init", "",
-          "| steps | metric | from TF-sCM | from TF-dCM | from ODE regression | no init | holds |", "|---|---|---|---|---|---|---|"]
+          "Real score = the teacher whose CFG score SF-DMD matches (it also initialises the critic).", "",
+          "| real score | steps | metric | from TF-sCM | from TF-dCM | from ODE regression | no init | holds |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in claims2:
         for m, key, ok in (("trajectory error", "trajectory_error", r["holds_traj"]),
                            ("drift, last 8 of 32", "drift_last8", r["holds_drift"]),
@@ -268,10 +273,10 @@ def markdown(data: dict, claims1, claims2) -> str:
             if not v or None in v.values():
                 continue
             verdict = "yes" if ok else "no"
-            L.append(f"| {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
+            L.append(f"| {r.get('real', DMD_SUFFIXES[''])} | {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
                      f"{verdict} |")
     if not claims2:
-        L.append("| (not run yet) | | | | | | |")
+        L.append("| (not run yet) | | | | | | | |")
     L += ["", "## Wall times (s; GPU jobs share one GPU)", "", "| job | s | iterations |", "|---|---|---|"]
     for j, d in sorted(done.items()):
         L.append(f"| {j} | {d.get('seconds', '-')} | {d.get('iterations', '-')} |")
@@ -329,10 +334,11 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
                                                     ("scratch", "fd", "Fréchet distance, from scratch"))):
         for col, n in enumerate((1, 2, 4)):
             ax = axes[row, col]
-            for i, init in enumerate(("scm", "dcm", "ode", "none")):
-                its, vals = curve(curves.get(f"dmd_{init}", []), f"{given}{n}", metric)
+            for (i, init), (sfx, ls) in itertools.product(enumerate(("scm", "dcm", "ode", "none")),
+                                                          zip(DMD_SUFFIXES, ("-", "--"))):
+                its, vals = curve(curves.get(f"dmd_{init}{sfx}", []), f"{given}{n}", metric)
                 if len(its) > 1:
-                    ax.plot(its, vals, marker=".", color=f"C{i}", label=LABEL[f"dmd_{init}"])
+                    ax.plot(its, vals, marker=".", ls=ls, color=f"C{i}", label=LABEL[f"dmd_{init}{sfx}"])
             ax.set_title(f"SF-DMD, {n} step{'s' if n > 1 else ''} per chunk, {GIVEN[given]} given")
             ax.set_xlabel("iteration (student + critic steps)")
             ax.set_ylabel(ylabel)
@@ -366,7 +372,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         names = [f"teacher_{sfx}/euler"] + [f"{m}_{sfx}/steps2" for m in METHODS]
         if sfx == "c2":
             names += [f"{v}/euler" for v in TEACHER_VARIANTS]
-            names += ["ode_init_c2/steps2"] + [f"dmd_{i}/steps2" for i in ("scm", "dcm", "ode", "none")]
+            names += ["ode_init_c2/steps2"] + [f"{j}/steps2" for j in DMD_JOBS]
         for i, tag in enumerate(names):
             r = fin.get(tag, {}).get("long")
             if r and r.get("drift_by_frame"):
@@ -412,7 +418,7 @@ def write_report(study, out: str) -> dict:
     data["teacher_batch"] = {j: dict(v).get("batch_size", study.S["teacher_batch"])
                              for j, v in {**{t: {} for t in ("teacher_bi", "teacher_c2", "teacher_c1")},
                                           **TEACHER_VARIANTS}.items()}
-    c1, c2 = convergence_claim(data), init_claim(data)
+    c1, c2 = convergence_claim(data), [r for x in DMD_SUFFIXES for r in init_claim(data, x)]
     summary = dict(scale=study.scale, budgets=study.S, claim1=c1, claim2=c2, final=data["final"],
                    done=data["done"], curves=data["curves"])
     with open(os.path.join(out, "study.json"), "w") as f:

@@ -76,6 +76,16 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
         assert mcfg.mean_flow == (c.mode == "tf_meanflow")
         assert (mcfg.dim, mcfg.num_layers) == (192, 4)          # one architecture: students init from teachers
         assert mcfg.dtype == ("bfloat16" if c.mode.startswith("teacher") else "float32")
+    d = configs[2]
+    assert d.train.dmd_teacher_pattern == "full" and d.init.dmd_teacher == study.export("teacher_bi")
+    causal = ts.dmd_config(study, "tf_scm_c2", "causal")     # the dmd_*_causal jobs' real score
+    assert causal.train.dmd_teacher_pattern == "block_causal" and causal.init.dmd_teacher == study.export("teacher_c2")
+    assert loop.train_config(causal).dmd_teacher_pattern == "block_causal"
+    with pytest.raises(ValueError, match="real must be one of"):
+        ts.dmd_config(study, "tf_scm_c2", "student")
+    jobs = ts.all_jobs()
+    assert jobs["dmd_scm_causal"].args == ("tf_scm_c2", "causal") and "teacher_bi" not in jobs["dmd_scm_causal"].deps
+    assert set(ts.GROUPS["dmd_causal"]) <= set(ts.DIAGNOSTICS)    # on demand, not in the default run
     t = configs[0]
     assert t.train.adam_b1 == 0.9 and t.train.fm_weighting == "none" and t.export_ema
     g = ts.data_config(study)
@@ -108,6 +118,8 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
                                            "long": {"drift_by_frame": [drift] * 30, "fd": 2.0}}
             fin[f"dmd_{init}/scratch{n}"] = {"short": {"trajectory_error": None, "action_following": 0.4,
                                                        "fd": 100 * traj}}
+            fin[f"dmd_{init}_causal/steps{n}"] = {"short": {"trajectory_error": 5 - traj, "action_following": 0.5},
+                                                  "long": {"drift_by_frame": [drift] * 30}}
     os.makedirs(w / "final_c2")
     (w / "final_c2" / "final.json").write_text(json.dumps(fin))
     data = rep.collect(str(w))
@@ -138,11 +150,15 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     c2 = rep.init_claim(data)
     assert len(c2) == 3 and all(r["holds_traj"] and not r["holds_drift"] for r in c2)   # "none" drifts least
     assert all(r["fd_scratch"]["scm"] == 300 and r["holds_fd_scratch"] for r in c2)
+    causal = rep.init_claim(data, "_causal")      # the causal real score: sCM now worst on trajectories
+    assert len(causal) == 3 and all(r["real"] == "causal teacher" and not r["holds_traj"] for r in causal)
+    assert all(r["fd_scratch"]["scm"] is None and r["holds_fd_scratch"] is None for r in causal)
     out = tmp_path / "report"
     summary = rep.write_report(ts.Study(str(w), "full"), str(out))
     assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
     md = (out / "study.md").read_text()
-    assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| 2 | FD from scratch" in md
+    assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher | 2 | FD from scratch" in md
+    assert "| causal teacher | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
     for png in ("convergence_trajectory_error.png", "convergence_fd.png", "convergence_fd_scratch.png",
                 "drift_by_frame.png"):
         assert (out / png).stat().st_size > 1000
