@@ -12,17 +12,16 @@ import os
 
 import numpy as np
 
-from experiments.toy_study import TEACHER_VARIANTS
+from experiments.toy_study import DMD_INITS, TEACHER_VARIANTS
 
 METHODS = ("tf_scm", "tf_meanflow", "tf_dcm")
 LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "ode_init": "ODE regression",
          "tf_scm_c2_nowarmup": "TF-sCM, no tangent warm-up",
          "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
-         "dmd_none": "SF-DMD from the causal teacher (no init)",
-         **{f"dmd_{i}_causal": f"SF-DMD from {w}, causal real score" for i, w in (
-             ("scm", "TF-sCM"), ("dcm", "TF-dCM"), ("ode", "ODE regression"), ("none", "the causal teacher"))}}
+         "dmd_none": "SF-DMD from the causal teacher (no init)"}
+LABEL.update({f"dmd_{i}_causal": f"{LABEL[f'dmd_{i}']}, causal real score" for i in DMD_INITS})
 DMD_SUFFIXES = {"": "bidirectional teacher", "_causal": "causal teacher"}   # SF-DMD's real score
-DMD_JOBS = [f"dmd_{i}{x}" for x in DMD_SUFFIXES for i in ("scm", "dcm", "ode", "none")]
+DMD_JOBS = [f"dmd_{i}{x}" for x in DMD_SUFFIXES for i in DMD_INITS]
 PATTERN_NAME = {"c2": "chunk-wise (2 frames)", "c1": "frame-wise"}
 GIVEN = {"steps": "2 frames", "scratch": "none"}      # students' settings: frames given to a rollout
 # Claim 1 is checked on these (setting, metric) pairs; trajectory error needs given frames (the
@@ -142,7 +141,7 @@ def init_claim(data: dict, suffix: str = "") -> list[dict]:
     what distribution matching is for. `suffix`: a `DMD_SUFFIXES` key (which real score)."""
     fin, rows = data["final"], []
     for n in (1, 2, 4):
-        tags = {i: f"dmd_{i}{suffix}/steps{n}" for i in ("scm", "dcm", "ode", "none")}
+        tags = {i: f"dmd_{i}{suffix}/steps{n}" for i in DMD_INITS}
         if not all(t in fin for t in tags.values()):
             continue
         traj = {i: fin[t]["short"]["trajectory_error"] for i, t in tags.items()}
@@ -154,6 +153,11 @@ def init_claim(data: dict, suffix: str = "") -> list[dict]:
                          holds_fd_scratch=(all(fd0["scm"] <= fd0[o] for o in ("ode", "none"))
                                            if None not in fd0.values() else None)))
     return rows
+
+
+def _label(name: str) -> str:
+    """Display name of a job: its own LABEL, else its method's (`tf_scm_c2` -> TF-sCM)."""
+    return LABEL.get(name, LABEL.get(name.rsplit("_", 1)[0], name))
 
 
 def _best(its, vals, nd):
@@ -214,7 +218,7 @@ def markdown(data: dict, claims1, claims2) -> str:
                     if not r:
                         continue
                     s, lg = r["short"], r.get("long") or {}
-                    label = LABEL.get(name.rsplit("_", 1)[0], LABEL.get(name, name))
+                    label = _label(name)
                     L.append(f"| {sfx} | {label} | {n} | {GIVEN[given]} | {_fmt(s['trajectory_error'])} | "
                              f"{_fmt(s['action_following'])} | {_fmt(s.get('fd'), 2)} | "
                              f"{_fmt(_long_drift(fin, f'{name}/{given}{n}'))} | {_fmt(lg.get('fd'), 2)} |")
@@ -232,7 +236,7 @@ def markdown(data: dict, claims1, claims2) -> str:
             rows = data["curves"].get(name)
             if not rows or rows[-1]["iteration"] == 0:     # not trained (yet): only its initialisation
                 continue
-            label = LABEL.get(name, LABEL.get(name.rsplit("_", 1)[0], name))
+            label = _label(name)
             for given in GIVEN:
                 for n in (1, 2, 4):
                     ti, tv = curve(rows, f"{given}{n}", "trajectory_error")
@@ -334,7 +338,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
                                                     ("scratch", "fd", "Fréchet distance, from scratch"))):
         for col, n in enumerate((1, 2, 4)):
             ax = axes[row, col]
-            for (i, init), (sfx, ls) in itertools.product(enumerate(("scm", "dcm", "ode", "none")),
+            for (i, init), (sfx, ls) in itertools.product(enumerate(DMD_INITS),
                                                           zip(DMD_SUFFIXES, ("-", "--"))):
                 its, vals = curve(curves.get(f"dmd_{init}{sfx}", []), f"{given}{n}", metric)
                 if len(its) > 1:

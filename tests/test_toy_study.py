@@ -159,6 +159,8 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     md = (out / "study.md").read_text()
     assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher | 2 | FD from scratch" in md
     assert "| causal teacher | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
+    assert "| c2 | SF-DMD from TF-sCM, causal real score | 1 | 2 frames | 2.000 |" in md    # its own label
+    assert "| c2 | SF-DMD from TF-sCM | 1 | 2 frames | 3.000 |" in md
     for png in ("convergence_trajectory_error.png", "convergence_fd.png", "convergence_fd_scratch.png",
                 "drift_by_frame.png"):
         assert (out / png).stat().st_size > 1000
