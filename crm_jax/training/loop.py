@@ -28,7 +28,7 @@ from crm_jax.models.config import WanConfig, model_config_from
 from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
-from crm_jax.training.offload import make_step, place_frozen
+from crm_jax.training.offload import make_step, place_frozen, precompile
 from crm_jax.training.steps import Frozen, TrainConfig, Trainer
 
 
@@ -227,6 +227,12 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
             f.write(json.dumps({"iteration": it, **res}) + "\n")
 
+    plans = sorted({trainer.plan(it, tcfg.student_update_freq) for it in range(first, total)})
+    if len(plans) > 1 and c.get("precompile", True):
+        secs = precompile([compiled(*p) for p in plans], state, frozen,
+                          jax.device_put(_model_batch(src.batch(first)), b_sh), jax.random.key(c.seed))
+        print(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}) "
+              f"in parallel in {secs:.0f} s")
     if evaluator is not None and first == 0 and total > 0:
         run_eval(0)
     stop = {"signal": None}

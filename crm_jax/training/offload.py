@@ -26,6 +26,8 @@ XLA fuses differently, <= 1e-6 relative in float32; tests/test_training.py).
 from __future__ import annotations
 
 import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
@@ -78,6 +80,16 @@ class Step:
         if "ema" in self.jits:
             return new.replace(ema=self.jits["ema"](state.ema, new.params, new.step, metrics["skipped"])), metrics
         return (new.replace(ema=state.ema) if self.strip_ema else new), metrics   # critic: EMA unchanged
+
+    def lower(self, state: TrainState, frozen: Frozen | None, batch, key) -> list:
+        """`jax.stages.Lowered` of the jits that take the step's own arguments ("main" without a
+        teacher pass; "teacher" with one): `.compile()` them (also from other threads) and later
+        calls with arguments like these reuse the executables. Traces only: nothing runs."""
+        args = self._main_args(state, frozen, batch, key)
+        with jax.set_mesh(self.mesh):
+            if "teacher" in self.jits:
+                return [self.jits["teacher"].jitted.lower(args[0], frozen, batch, key)]
+            return [self.jits["main"].jitted.lower(*args)]
 
     def memory(self, state: TrainState, frozen: Frozen | None, batch, key) -> dict:
         """Compiled memory per jit, `{name: {argument, output, alias, temp, total, host}}` in bytes
@@ -155,3 +167,16 @@ def make_step(trainer: Trainer, mesh, shardings, which: str, sf_steps: int = 1, 
         jits["ema"] = shd.jit_step(trainer.ema_step, mesh, (st_sh.ema, st_sh.params, st_sh.step, None),
                                    st_sh.ema, donate_argnums=0)
     return Step(mesh, jits, strip_ema, strip_teachers)
+
+
+def precompile(steps: list[Step], state: TrainState, frozen: Frozen | None, batch, key,
+               threads: int | None = None) -> float:
+    """Compile several train steps at once (`Step.lower`, then XLA compiles in `threads` threads,
+    default one per step), so that a loop that cycles through them (SF-DMD / rCM: one student and
+    one critic step per self-forcing step count) does not stop to compile each in turn. Traces in
+    this thread; nothing runs or is donated. Returns the wall seconds."""
+    t0 = time.time()
+    lowered = [low for s in steps for low in s.lower(state, frozen, batch, key)]
+    with ThreadPoolExecutor(max_workers=threads or len(lowered)) as pool:
+        list(pool.map(lambda low: low.compile(), lowered))
+    return time.time() - t0
