@@ -271,3 +271,87 @@ def test_teacher_pass_needs_a_teacher_mode_and_replay():
                      teacher_apply=trainer.teacher_apply)
     with pytest.raises(ValueError, match="sf_replay"):
         jax.eval_shape(functools.partial(direct.teacher_pass, sf_steps=1), state, frozen, batch, jax.random.key(0))
+
+
+def test_precompile_compiles_each_step_once_in_parallel():
+    """`offload.precompile` compiles several steps concurrently; calling them afterwards compiles
+    nothing more and gives the lazily compiled steps' results."""
+    from jax._src import monitoring
+
+    from crm_jax.training.offload import precompile
+
+    trainer, state, frozen, batch = setup("sf_dmd")
+    mesh = shd.make_mesh(1, 1)
+    key = jax.random.key(7)
+    shardings = (shd.state_shardings(state, mesh), shd.state_shardings(frozen, mesh),
+                 shd.batch_shardings(batch, mesh, B), shd.replicated(key, mesh))
+    plans = [("student", 1), ("critic", 2)]
+
+    def steps():
+        return [make_step(trainer, mesh, shardings, w, sf_steps=n) for w, n in plans]
+
+    def run(step_list):   # each step donates its state: a copy each (copies made before counting)
+        return [step(fresh, frozen, batch, key) for step, fresh in zip(step_list, copies.pop())]
+
+    copies = [[jax.tree.map(jnp.copy, state) for _ in plans] for _ in range(2)]
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    pre = steps()
+    assert precompile(pre, state, frozen, batch, key) > 0
+    n_pre = len(compiles)
+    assert n_pre >= len(plans)
+    out = run(pre)
+    assert len(compiles) == n_pre, "a precompiled step compiled again when called"
+    ref = run(steps())     # fresh jits: compiled lazily
+    for (s, m), (rs, rm) in zip(out, ref):
+        assert float(m["loss"]) == float(rm["loss"])
+        assert rel_tree(jax.device_get(s.params), jax.device_get(rs.params)) == 0.0
+
+
+def test_teacher_forcing_dmd_scores_see_the_clean_rollout_as_context():
+    """dmd_teacher_pattern="teacher_forcing": the real / fake scores of x_t are the noisy half of
+    one call on `[sg(G) | x_t]`. Chunk 0 (no context) scores exactly as block-causally; later
+    chunks differ, and do not depend on the noise of earlier chunks (they see G, not x_t)."""
+    trainer, state, frozen, batch = setup("sf_dmd")
+    T4 = 4
+    ks = jax.random.split(jax.random.key(3), 3)
+    G = jax.random.normal(ks[0], (2, T4, H, W, trainer.model_cfg.in_channels))
+    x = jax.random.normal(ks[1], G.shape)
+    t = jnp.array([0.3, 0.8])
+    cond = dict(context=batch["context"][:2], actions=batch["actions"][:2, :1].repeat(T4, 1))
+    scores = {}
+    for kind in ("block_causal", "teacher_forcing"):
+        tr = Trainer(dataclasses.replace(trainer.cfg, dmd_teacher_pattern=kind), trainer.apply,
+                     trainer.model_cfg, teacher_apply=trainer.teacher_apply)
+        sc = tr.score_cond(cond, G)
+        assert ("tf_context" in sc) == (kind == "teacher_forcing")
+        scores[kind] = tr.score_fn(frozen.dmd_teacher)(x, t, sc)
+        if kind == "teacher_forcing":   # the same, by hand: one packed call, clean half at t = 0
+            packed = trainer.teacher_apply(
+                frozen.dmd_teacher, jnp.concatenate([G, x], 1),
+                jnp.concatenate([jnp.zeros((2, T4)), jnp.broadcast_to(t[:, None], (2, T4))], 1),
+                cond["context"], pattern=tr.cfg.pattern("teacher_forcing"),
+                actions=jnp.concatenate([cond["actions"]] * 2, 1))
+            np.testing.assert_allclose(scores[kind], packed[:, T4:], rtol=1e-6, atol=1e-6)
+            x2 = x.at[:, 0].set(jax.random.normal(ks[2], x[:, 0].shape))  # other noise in chunk 0 only
+            moved = jnp.abs(tr.score_fn(frozen.dmd_teacher)(x2, t, sc) - scores[kind])
+            assert float(jnp.max(moved[:, 1:])) == 0.0 and float(jnp.max(moved[:, 0])) > 0
+    bc, tf = scores["block_causal"], scores["teacher_forcing"]
+    np.testing.assert_allclose(tf[:, 0], bc[:, 0], rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(tf[:, 1:] - bc[:, 1:]))) > 1e-3
+    with pytest.raises(ValueError, match="dmd_teacher_pattern must be one of"):
+        TrainConfig(mode="sf_dmd", dmd_teacher_pattern="causal")
+
+
+def test_teacher_forcing_dmd_steps_train():
+    """SF-DMD student and critic steps with teacher-forcing scores: finite, and they move the weights."""
+    trainer, state, frozen, batch = setup("sf_dmd")
+    tr = Trainer(dataclasses.replace(trainer.cfg, dmd_teacher_pattern="teacher_forcing"), trainer.apply,
+                 trainer.model_cfg, teacher_apply=trainer.teacher_apply)
+    for which in ("student", "critic"):
+        new, m = run_step(tr, jax.tree.map(jnp.copy, state), frozen, batch, which=which)
+        assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
+        moved = new.params if which == "student" else new.critic
+        before = state.params if which == "student" else state.critic
+        assert rel_tree(moved, before) > 0

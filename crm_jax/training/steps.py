@@ -44,6 +44,12 @@ from crm_jax.training.optim import make_optimizer
 MODES = ("teacher_full", "teacher_tf", "teacher_df", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init",
          "sf_dmd", "rcm")
 CRITIC_MODES = ("sf_dmd", "rcm")
+# How DMD's real score (teacher) and fake score (critic) see a rollout G noised to x_t: "full"
+# (bidirectional teacher), "block_causal" (every chunk sees the noised earlier chunks), or
+# "teacher_forcing" (`[sg(G) | x_t]`: every chunk sees the generator's own *clean* earlier chunks, the
+# layout a teacher-forcing teacher was trained on; by the chain rule of KL the per-chunk conditional
+# scores given G's own past match the joint).
+DMD_SCORE_PATTERNS = ("full", "block_causal", "teacher_forcing")
 TEACHER_MODES = ("tf_scm", "tf_meanflow", "tf_dcm", "sf_dmd", "rcm")
 
 
@@ -82,8 +88,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown training mode {self.mode!r}; known modes: {MODES}")
-        if self.dmd_teacher_pattern not in ("full", "block_causal"):
-            raise ValueError(f"dmd_teacher_pattern must be 'full' or 'block_causal', got {self.dmd_teacher_pattern!r}")
+        if self.dmd_teacher_pattern not in DMD_SCORE_PATTERNS:
+            raise ValueError(f"dmd_teacher_pattern must be one of {DMD_SCORE_PATTERNS}, got {self.dmd_teacher_pattern!r}")
 
     def pattern(self, kind: str) -> AttentionPattern:
         if kind == "full":
@@ -258,7 +264,21 @@ class Trainer:
         c = self.cfg
         if which == "cm":
             return nets.velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
-        return nets.velocity_fn(self.teacher_apply, frozen.dmd_teacher, c.pattern(c.dmd_teacher_pattern))
+        return self.score_fn(frozen.dmd_teacher)
+
+    def score_fn(self, params):
+        """DMD's real (teacher) or fake (critic) score network `fn(x_t, t, cond) -> v` on
+        `dmd_teacher_pattern`; with "teacher_forcing" it needs `score_cond`'s `tf_context`."""
+        c = self.cfg
+        make = nets.tf_velocity_fn if c.dmd_teacher_pattern == "teacher_forcing" else nets.velocity_fn
+        return make(self.teacher_apply, params, c.pattern(c.dmd_teacher_pattern))
+
+    def score_cond(self, cond, G):
+        """`cond` of the score networks for rollout `G`: with "teacher_forcing" it gains
+        `tf_context = sg(G)` (no gradient reaches G through the context)."""
+        if self.cfg.dmd_teacher_pattern != "teacher_forcing":
+            return cond
+        return {**cond, "tf_context": jax.lax.stop_gradient(G)}
 
     def cm_teacher(self, frozen: Frozen):
         """The frozen network callable of the CM loss (None for modes without a teacher)."""
@@ -318,8 +338,9 @@ class Trainer:
 
     def _dmd_cotangent(self, G, frozen, critic, cond, key):
         c = self.cfg
+        cond = self.score_cond(cond, G)
         uncond = nets.uncond_like(cond, frozen.neg_context)
-        fake = nets.velocity_fn(self.teacher_apply, critic, c.pattern(c.dmd_teacher_pattern))
+        fake = self.score_fn(critic)
 
         def loss(G):
             return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), fake, cond, key, uncond=uncond,
@@ -453,9 +474,9 @@ class Trainer:
         def direct(params):
             (G, _), _ = self._rollout(params, batch, k_sf, sf_steps)
             c = self.cfg
-            fake = nets.velocity_fn(self.teacher_apply, state.critic, c.pattern(c.dmd_teacher_pattern))
-            return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), fake, cond, k_dmd,
-                              uncond=nets.uncond_like(cond, frozen.neg_context), guidance=c.guidance)
+            sc = self.score_cond(cond, G)
+            return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), self.score_fn(state.critic), sc, k_dmd,
+                              uncond=nets.uncond_like(sc, frozen.neg_context), guidance=c.guidance)
 
         (loss, m), grads = jax.value_and_grad(direct, has_aux=True)(state.params)
         return loss, m, grads
@@ -469,11 +490,10 @@ class Trainer:
         k_sf, k_l = jax.random.split(key)
         (G, _), _ = self._rollout(jax.lax.stop_gradient(state.params), batch, k_sf, sf_steps)
         G = jax.lax.stop_gradient(G)
-        cond = _cond(batch)
+        cond = self.score_cond(_cond(batch), G)
 
         def loss_fn(critic):
-            fake = nets.velocity_fn(self.teacher_apply, critic, c.pattern(c.dmd_teacher_pattern))
-            return L.critic_loss(fake, G, cond, k_l)
+            return L.critic_loss(self.score_fn(critic), G, cond, k_l)
 
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
         ok = jnp.isfinite(loss) & _finite(grads)
