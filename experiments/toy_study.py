@@ -5,7 +5,9 @@
     python experiments/toy_study.py --workdir runs/toy_study --report experiments/results/toy_study
 
 Jobs (a DAG; up to --parallel of them run at once, each in its own process; a job with a
-`done.json` is skipped, so a rerun resumes; every job is deterministic given its seed):
+`done.json` is skipped, and its own dependencies are not revisited, so a rerun resumes; every job
+is deterministic given its seed; `--set KEY=VALUE` replaces one budget of the scale, e.g.
+`--only dmd_causal --set dmd_iters=800`, and is recorded in each job's done.json):
 
   classifier                 video classifier on simulator clips (the Fréchet-distance features)
   teacher_bi                 bidirectional teacher, flow matching on simulator clips
@@ -22,7 +24,10 @@ Jobs (a DAG; up to --parallel of them run at once, each in its own process; a jo
                              rollouts (4x the trained length, sliding window) for drift by frame
   final_teachers             the same for all teachers, diagnostic variants included (on demand)
   dmd_*_causal, final_dmd_causal   (on demand: --only dmd_causal) SF-DMD with the chunk-wise causal
-                             teacher as the real score and critic init, and its final evaluation
+                             teacher as the real score and critic init, block-causal, and its final
+                             evaluation
+  dmd_*_tf, final_dmd_tf     (on demand: --only dmd_tf) the same in the teacher's teacher-forcing
+                             layout (each chunk scored with the rollout's clean earlier chunks)
 
 Every model is scored by `crm_jax.evaluation.world_model`: the first 2 frames of a held-out
 episode are given, the rest is generated from its actions, and the simulator's ground truth
@@ -79,10 +84,14 @@ STUDY_MODEL = (("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 
 TEACHER_DTYPE = "bfloat16"
 DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2"}
 # SF-DMD's real score (and critic init): the bidirectional teacher (default, as in Self Forcing) or, in
-# the `dmd_causal` jobs (`--only dmd_causal`, not in the default run), the chunk-wise causal teacher,
-# block-causal: session 5 found teacher_bi too poor a target for good students.
-DMD_REAL = {"bi": ("teacher_bi", "full"), "causal": ("teacher_c2", "block_causal")}
-DMD_CAUSAL = tuple(f"dmd_{i}_causal" for i in DMD_INITS)
+# jobs run on demand (`--only dmd_causal` / `--only dmd_tf`), the chunk-wise causal teacher, scoring
+# every chunk block-causally with noised earlier chunks (`dmd_*_causal`: an input it was never trained
+# on, experiments/dmd_real_score_check.py) or in its own teacher-forcing layout with the rollout's
+# clean earlier chunks as context (`dmd_*_tf`). Session 5 found teacher_bi too poor a target.
+DMD_REAL = {"bi": ("teacher_bi", "full"), "causal": ("teacher_c2", "block_causal"),
+            "tf": ("teacher_c2", "teacher_forcing")}
+DMD_ON_DEMAND = {real: tuple(f"dmd_{i}_{real}" for i in DMD_INITS) for real in ("causal", "tf")}
+DMD_CAUSAL = DMD_ON_DEMAND["causal"]
 TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with one change of its recipe
     "teacher_c2_small": dict(model=(("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))),
     "teacher_c2_lr5e-4": dict(lr=5e-4),
@@ -91,7 +100,8 @@ TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with on
 ABLATIONS = {                      # TF-sCM variants (chunk-wise): name -> train overrides
     "tf_scm_c2_nowarmup": dict(tangent_warmup=0),
 }
-DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",) + DMD_CAUSAL + ("final_dmd_causal",)  # only by --only
+DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",) + tuple(   # only by --only
+    j for real, jobs in DMD_ON_DEMAND.items() for j in jobs + (f"final_dmd_{real}",))
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -120,7 +130,8 @@ def all_jobs() -> dict[str, Job]:
                         ("tf_scm", 2, tuple(sorted(over.items())))))
     for init, src in DMD_INITS.items():
         jobs.append(Job(f"dmd_{init}", "dmd", (src, "teacher_bi", "teacher_c2", "classifier"), (src, "bi")))
-        jobs.append(Job(f"dmd_{init}_causal", "dmd", (src, "teacher_c2", "classifier"), (src, "causal")))
+        for real in DMD_ON_DEMAND:
+            jobs.append(Job(f"dmd_{init}_{real}", "dmd", (src, "teacher_c2", "classifier"), (src, real)))
     c1_models = (("teacher_c1", 1),) + tuple((f"{m}_c1", 1) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
     c2_models = ((("teacher_bi", 0), ("teacher_c2", 2)) + tuple((f"{m}_c2", 2) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
                  + (("ode_init_c2", 2),) + tuple((f"dmd_{i}", 2) for i in DMD_INITS))
@@ -129,12 +140,13 @@ def all_jobs() -> dict[str, Job]:
     # All teachers, the diagnostic variants included when they left an export (also a cut run's).
     teachers = (("teacher_bi", 0), ("teacher_c2", 2), ("teacher_c1", 1)) + tuple((v, 2) for v in TEACHER_VARIANTS)
     jobs.append(Job("final_teachers", "final", ("teacher_bi", "teacher_c2", "teacher_c1", "classifier"), (teachers,)))
-    jobs.append(Job("final_dmd_causal", "final", DMD_CAUSAL + ("classifier",), (tuple((j, 2) for j in DMD_CAUSAL),)))
+    for real, dmd in DMD_ON_DEMAND.items():
+        jobs.append(Job(f"final_dmd_{real}", "final", dmd + ("classifier",), (tuple((j, 2) for j in dmd),)))
     return {j.name: j for j in jobs}
 
 
 GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"), "variants": tuple(TEACHER_VARIANTS),
-          "dmd_causal": DMD_CAUSAL + ("final_dmd_causal",)}
+          **{f"dmd_{real}": dmd + (f"final_dmd_{real}",) for real, dmd in DMD_ON_DEMAND.items()}}
 
 
 # ----------------------------------------------------------------------------- shared setup
@@ -143,12 +155,20 @@ STUDENT_WEIGHTS = ("ema", "raw")   # what students (and SF-DMD) are evaluated an
 
 
 class Study:
-    def __init__(self, workdir: str, scale: str, student_weights: str = "ema"):
+    def __init__(self, workdir: str, scale: str, student_weights: str = "ema", overrides: dict | None = None):
+        """`overrides`: budgets of `SCALES[scale]` to replace (`--set KEY=VALUE`), e.g. {"dmd_iters": 1000}."""
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
         if student_weights not in STUDENT_WEIGHTS:
             raise ValueError(f"student_weights must be one of {STUDENT_WEIGHTS}, got {student_weights!r}")
-        self.workdir, self.scale, self.S = workdir, scale, SCALES[scale]
+        self.overrides = dict(overrides or {})
+        unknown = sorted(set(self.overrides) - set(SCALES[scale]))
+        if unknown:
+            raise ValueError(f"unknown budget(s) {unknown}; known: {sorted(SCALES[scale])}")
+        bad = {k: v for k, v in self.overrides.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            raise ValueError(f"budgets are positive integers, got {bad}")
+        self.workdir, self.scale, self.S = workdir, scale, {**SCALES[scale], **self.overrides}
         self.student_weights = student_weights
 
     def path(self, *p) -> str:
@@ -428,14 +448,15 @@ def run_job(study: Study, name: str) -> None:
     os.makedirs(study.path(name), exist_ok=True)
     summary = RUNNERS[job.kind](study, job)
     with open(study.path(name, "done.json"), "w") as f:
-        json.dump({"job": name, "scale": study.scale, **summary}, f, indent=1)
+        json.dump({"job": name, "scale": study.scale, "overrides": study.overrides, **summary}, f, indent=1)
 
 
 # ----------------------------------------------------------------------------- scheduler
 
 def job_command(study: Study, name: str) -> list[str]:
+    sets = [a for k, v in sorted(study.overrides.items()) for a in ("--set", f"{k}={v}")]
     return [sys.executable, os.path.abspath(__file__), "--workdir", study.workdir, "--scale", study.scale,
-            "--student_weights", study.student_weights, "--job", name]
+            "--student_weights", study.student_weights, *sets, "--job", name]
 
 
 def schedule(study: Study, names: list[str], parallel: int, command=job_command,
@@ -447,14 +468,16 @@ def schedule(study: Study, names: list[str], parallel: int, command=job_command,
     "cancelled" (not started before a SIGTERM)}."""
     jobs = all_jobs() if jobs is None else jobs
     want, stack = set(), list(names)
+    done = lambda n: os.path.exists(study.path(n, "done.json"))
     while stack:
         n = stack.pop()
         if n not in jobs:
             raise ValueError(f"unknown job {n!r}; known: {sorted(jobs)}")
         if n not in want:
             want.add(n)
-            stack.extend(jobs[n].deps)
-    status = {n: "skipped" for n in want if os.path.exists(study.path(n, "done.json"))}
+            if not done(n):          # a finished job needs nothing rerun (its inputs may be gone)
+                stack.extend(jobs[n].deps)
+    status = {n: "skipped" for n in want if done(n)}
     pending = sorted(n for n in want if n not in status)
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     os.makedirs(study.path("logs"), exist_ok=True)
@@ -502,6 +525,13 @@ def _loop(study, jobs, pending, running, status, parallel, command, t_start, sto
         time.sleep(0.2)
 
 
+def _budget(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    if not sep or not value.strip().lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"expected KEY=INTEGER, got {text!r}")
+    return key.strip(), int(value)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/toy_study")
@@ -511,10 +541,13 @@ def main(argv=None):
     ap.add_argument("--student_weights", default="ema", choices=STUDENT_WEIGHTS,
                     help="evaluate and export students / SF-DMD as their power EMA (default) or their raw "
                          "weights (what session 4's run did)")
+    ap.add_argument("--set", action="append", default=[], type=_budget, metavar="KEY=VALUE",
+                    help="replace one budget of the scale (repeatable), e.g. --set dmd_iters=1000; "
+                         "recorded in each job's done.json")
     ap.add_argument("--job", default="", help="(internal) run one job in this process")
     ap.add_argument("--report", default="", help="write tables/plots of the workdir to this directory")
     args = ap.parse_args(argv)
-    study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights)
+    study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights, dict(args.set))
     if args.job:
         run_job(study, args.job)
         return 0

@@ -19,8 +19,10 @@ LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "
          "tf_scm_c2_nowarmup": "TF-sCM, no tangent warm-up",
          "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
          "dmd_none": "SF-DMD from the causal teacher (no init)"}
-LABEL.update({f"dmd_{i}_causal": f"{LABEL[f'dmd_{i}']}, causal real score" for i in DMD_INITS})
-DMD_SUFFIXES = {"": "bidirectional teacher", "_causal": "causal teacher"}   # SF-DMD's real score
+DMD_SUFFIXES = {"": "bidirectional teacher", "_causal": "causal teacher, block-causal",   # SF-DMD's real score
+                "_tf": "causal teacher, teacher forcing"}
+LABEL.update({f"dmd_{i}{x}": f"{LABEL[f'dmd_{i}']}, real score: {real}"
+              for i in DMD_INITS for x, real in DMD_SUFFIXES.items() if x})
 DMD_JOBS = [f"dmd_{i}{x}" for x in DMD_SUFFIXES for i in DMD_INITS]
 PATTERN_NAME = {"c2": "chunk-wise (2 frames)", "c1": "frame-wise"}
 GIVEN = {"steps": "2 frames", "scratch": "none"}      # students' settings: frames given to a rollout
@@ -339,7 +341,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         for col, n in enumerate((1, 2, 4)):
             ax = axes[row, col]
             for (i, init), (sfx, ls) in itertools.product(enumerate(DMD_INITS),
-                                                          zip(DMD_SUFFIXES, ("-", "--"))):
+                                                          zip(DMD_SUFFIXES, ("-", "--", ":"))):
                 its, vals = curve(curves.get(f"dmd_{init}{sfx}", []), f"{given}{n}", metric)
                 if len(its) > 1:
                     ax.plot(its, vals, marker=".", ls=ls, color=f"C{i}", label=LABEL[f"dmd_{init}{sfx}"])

@@ -62,6 +62,34 @@ def test_scheduler_runs_dependencies_skips_finished_and_blocks_after_failures(tm
         ts.schedule(study, ["nope"], parallel=1, command=_fake)
 
 
+def test_scheduler_does_not_rerun_the_dependencies_of_a_finished_job(tmp_path):
+    """ode_init_c2 needs data, which needs teacher_bi: once ode_init_c2 is done, a job that only
+    needs ode_init_c2 (its SF-DMD) runs without retraining them."""
+    study = ts.Study(str(tmp_path), "smoke")
+    for job in ("ode_init_c2", "teacher_c2", "classifier"):
+        os.makedirs(tmp_path / job)
+        (tmp_path / job / "done.json").write_text("{}")
+    status = ts.schedule(study, ["dmd_ode_causal"], parallel=2, command=_fake)
+    assert status == {"dmd_ode_causal": "done", "ode_init_c2": "skipped", "teacher_c2": "skipped",
+                      "classifier": "skipped"}
+
+
+def test_budget_overrides_reach_the_jobs_and_bad_ones_are_refused(tmp_path):
+    study = ts.Study(str(tmp_path), "full", overrides={"dmd_iters": 800})
+    assert study.S["dmd_iters"] == 800 and ts.SCALES["full"]["dmd_iters"] == 300   # the table is untouched
+    assert ts.dmd_config(study, "tf_scm_c2").num_iterations == 800
+    cmd = ts.job_command(study, "dmd_scm")
+    assert cmd[cmd.index("--set") + 1] == "dmd_iters=800" and cmd[-2:] == ["--job", "dmd_scm"]
+    assert ts._budget("dmd_iters=5") == ("dmd_iters", 5)
+    with pytest.raises(ValueError, match="unknown budget"):
+        ts.Study(str(tmp_path), "full", overrides={"dmd_iter": 800})
+    with pytest.raises(ValueError, match="positive integers"):
+        ts.Study(str(tmp_path), "full", overrides={"dmd_iters": 0})
+    for bad in ("dmd_iters", "dmd_iters=many", "dmd_iters=1.5"):
+        with pytest.raises(SystemExit):
+            ts.main(["--workdir", str(tmp_path), "--set", bad])
+
+
 def test_every_job_kind_builds_a_valid_config(tmp_path):
     from crm_jax.training import loop
 
@@ -86,6 +114,10 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
     jobs = ts.all_jobs()
     assert jobs["dmd_scm_causal"].args == ("tf_scm_c2", "causal") and "teacher_bi" not in jobs["dmd_scm_causal"].deps
     assert set(ts.GROUPS["dmd_causal"]) <= set(ts.DIAGNOSTICS)    # on demand, not in the default run
+    tf = ts.dmd_config(study, "tf_scm_c2", "tf")                   # the dmd_*_tf jobs: teacher-forcing scores
+    assert loop.train_config(tf).dmd_teacher_pattern == "teacher_forcing" and tf.init.dmd_teacher == study.export("teacher_c2")
+    assert jobs["final_dmd_tf"].deps == ts.DMD_ON_DEMAND["tf"] + ("classifier",)
+    assert set(ts.GROUPS["dmd_tf"]) <= set(ts.DIAGNOSTICS)
     t = configs[0]
     assert t.train.adam_b1 == 0.9 and t.train.fm_weighting == "none" and t.export_ema
     g = ts.data_config(study)
@@ -151,15 +183,16 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     assert len(c2) == 3 and all(r["holds_traj"] and not r["holds_drift"] for r in c2)   # "none" drifts least
     assert all(r["fd_scratch"]["scm"] == 300 and r["holds_fd_scratch"] for r in c2)
     causal = rep.init_claim(data, "_causal")      # the causal real score: sCM now worst on trajectories
-    assert len(causal) == 3 and all(r["real"] == "causal teacher" and not r["holds_traj"] for r in causal)
+    assert len(causal) == 3 and all(r["real"] == "causal teacher, block-causal" and not r["holds_traj"] for r in causal)
     assert all(r["fd_scratch"]["scm"] is None and r["holds_fd_scratch"] is None for r in causal)
     out = tmp_path / "report"
     summary = rep.write_report(ts.Study(str(w), "full"), str(out))
     assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
     md = (out / "study.md").read_text()
     assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher | 2 | FD from scratch" in md
-    assert "| causal teacher | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
-    assert "| c2 | SF-DMD from TF-sCM, causal real score | 1 | 2 frames | 2.000 |" in md    # its own label
+    assert "| causal teacher, block-causal | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
+    assert "| c2 | SF-DMD from TF-sCM, real score: causal teacher, block-causal | 1 | 2 frames | 2.000 |" in md
+    assert rep.init_claim(data, "_tf") == []              # no teacher-forcing SF-DMD in this workdir
     assert "| c2 | SF-DMD from TF-sCM | 1 | 2 frames | 3.000 |" in md
     for png in ("convergence_trajectory_error.png", "convergence_fd.png", "convergence_fd_scratch.png",
                 "drift_by_frame.png"):
