@@ -23,7 +23,7 @@
 # Not in the default ORDER (set ORDER="..." to run them): layers_host (layers + --call_loop host: one
 # async jitted call per model call), layers_static (layers + --call_loop static: the chunk's call loop
 # with a compile-time trip count) and layers_graphs (layers + CUDA-graph command buffers around
-# while loops too).
+# while loops too), static_graphs / host_graphs (layers_static / layers_host + the same command buffers).
 set -u
 START=$SECONDS
 if [ -n "${QUICK:-}" ]; then          # CPU dry run: no wheels to install, no GPU
@@ -51,6 +51,8 @@ declare -A FLAGS=(
   [layers_static]="--kv_update inplace --kv_layout per_layer --call_loop static"
   [layers_lt]="--kv_update inplace --kv_layout per_layer --compiler_option xla_gpu_enable_cublaslt=true"
   [layers_graphs]="--kv_update inplace --kv_layout per_layer --compiler_option $GRAPHS"
+  [static_graphs]="--kv_update inplace --kv_layout per_layer --call_loop static --compiler_option $GRAPHS"
+  [host_graphs]="--kv_update inplace --kv_layout per_layer --call_loop host --compiler_option $GRAPHS"
 )
 ORDER=${ORDER:-"base layers layers_lt inplace"}
 left() { echo $(( BUDGET - (SECONDS - START) )); }
