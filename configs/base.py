@@ -14,6 +14,9 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     c.max_nan_streak = 20
     c.sample_every = 0           # > 0: write a sample video to workdir/samples every N iterations
     c.eval_every = 0             # > 0 (with an evaluator passed to loop.train): evaluate every N iterations
+    c.precompile = 0             # step functions compiled at once before the loop (SF-DMD / rCM cycle
+                                 # through 2 x sf_max_steps of them): 0 = all at once, N = N at a time
+                                 # (less host memory for large models), -1 = lazily, one after another
 
     c.model = ml_collections.ConfigDict()
     c.model.name = model

@@ -160,6 +160,9 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     tcfg = train_config(c)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
     shd.check_batch(c.data.batch_size, mesh)       # config errors before the workdir is touched
+    threads = int(c.get("precompile", 0))
+    if threads < -1:
+        raise ValueError(f"precompile must be -1 (lazily), 0 (all at once) or N > 0 at a time, got {threads}")
     check_inputs(training_inputs(c), f"{c.mode} config")  # missing checkpoints / dataset: same
     meta = run_meta(c, mcfg)
     os.makedirs(workdir, exist_ok=True)
@@ -228,9 +231,10 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
             f.write(json.dumps({"iteration": it, **res}) + "\n")
 
     plans = sorted({trainer.plan(it, tcfg.student_update_freq) for it in range(first, total)})
-    if len(plans) > 1 and c.get("precompile", True):
+    if len(plans) > 1 and threads >= 0:
         secs = precompile([compiled(*p) for p in plans], state, frozen,
-                          jax.device_put(_model_batch(src.batch(first)), b_sh), jax.random.key(c.seed))
+                          jax.device_put(_model_batch(src.batch(first)), b_sh), jax.random.key(c.seed),
+                          threads=threads or None)
         print(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}) "
               f"in parallel in {secs:.0f} s")
     if evaluator is not None and first == 0 and total > 0:
