@@ -81,6 +81,10 @@ def test_bad_config_keys_and_mesh(tmp_path):
     with pytest.raises(ValueError, match="not divisible"):
         loop.train(c, str(tmp_path / "run"), progress=False)
     assert not os.path.exists(tmp_path / "run")
+    c = tiny_config(**{"precompile": -2})
+    with pytest.raises(ValueError, match="precompile must be"):
+        loop.train(c, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_teacher_pretraining_lowers_the_loss(tmp_path):
