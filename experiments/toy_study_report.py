@@ -149,7 +149,9 @@ def init_claim(data: dict, suffix: str = "") -> list[dict]:
         traj = {i: fin[t]["short"]["trajectory_error"] for i, t in tags.items()}
         drift = {i: _long_drift(fin, t) for i, t in tags.items()}
         fd0 = {i: fin.get(f"dmd_{i}{suffix}/scratch{n}", {}).get("short", {}).get("fd") for i in tags}
-        rows.append(dict(steps=n, real=DMD_SUFFIXES[suffix], trajectory_error=traj, drift_last8=drift, fd_scratch=fd0,
+        its = sorted({str(data["done"].get(f"dmd_{i}{suffix}", {}).get("iterations", "?")) for i in DMD_INITS})
+        rows.append(dict(steps=n, real=DMD_SUFFIXES[suffix], iterations="/".join(its),
+                         trajectory_error=traj, drift_last8=drift, fd_scratch=fd0,
                          holds_traj=all(traj["scm"] <= traj[o] for o in ("ode", "none")),
                          holds_drift=all(drift["scm"] <= drift[o] for o in ("ode", "none")),
                          holds_fd_scratch=(all(fd0["scm"] <= fd0[o] for o in ("ode", "none"))
@@ -279,7 +281,7 @@ def markdown(data: dict, claims1, claims2) -> str:
             if not v or None in v.values():
                 continue
             verdict = "yes" if ok else "no"
-            L.append(f"| {r.get('real', DMD_SUFFIXES[''])} | {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
+            L.append(f"| {r.get('real', DMD_SUFFIXES[''])} ({r.get('iterations', '?')} it) | {r['steps']} | {m} | {_fmt(v['scm'])} | {_fmt(v['dcm'])} | {_fmt(v['ode'])} | {_fmt(v['none'])} | "
                      f"{verdict} |")
     if not claims2:
         L.append("| (not run yet) | | | | | | | |")

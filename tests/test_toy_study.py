@@ -154,6 +154,10 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
                                                   "long": {"drift_by_frame": [drift] * 30}}
     os.makedirs(w / "final_c2")
     (w / "final_c2" / "final.json").write_text(json.dumps(fin))
+    for init in ("scm", "dcm", "ode", "none"):     # SF-DMD budgets, shown beside each real score
+        for sfx, its in (("", 300), ("_causal", 800)):
+            os.makedirs(w / f"dmd_{init}{sfx}", exist_ok=True)
+            (w / f"dmd_{init}{sfx}" / "done.json").write_text(json.dumps({"iterations": its}))
     data = rep.collect(str(w))
     c1 = {(r["pattern"], r["steps"], r["given"], r["metric"]): r for r in rep.convergence_claim(data)}
     assert {k[2:] for k in c1} == {("2 frames", "trajectory_error"), ("2 frames", "fd"), ("none", "fd"),
@@ -189,8 +193,8 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     summary = rep.write_report(ts.Study(str(w), "full"), str(out))
     assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
     md = (out / "study.md").read_text()
-    assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher | 2 | FD from scratch" in md
-    assert "| causal teacher, block-causal | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
+    assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher (300 it) | 2 | FD from scratch" in md
+    assert "| causal teacher, block-causal (800 it) | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
     assert "| c2 | SF-DMD from TF-sCM, real score: causal teacher, block-causal | 1 | 2 frames | 2.000 |" in md
     assert rep.init_claim(data, "_tf") == []              # no teacher-forcing SF-DMD in this workdir
     assert "| c2 | SF-DMD from TF-sCM | 1 | 2 frames | 3.000 |" in md
