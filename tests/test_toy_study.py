@@ -227,3 +227,26 @@ def test_student_weights_choice_reaches_configs_and_job_commands(tmp_path):
     assert cmd[cmd.index("--student_weights") + 1] == "raw"
     with pytest.raises(ValueError, match="student_weights"):
         ts.Study(str(tmp_path), "full", "best")
+
+
+def test_dmd_real_score_check_runs_and_its_chunk0_check_holds(tmp_path):
+    """experiments/dmd_real_score_check.py on random-weight teachers of the study's model: the table
+    is written and chunk 0 (no context) scores the same in both of teacher_c2's layouts."""
+    from crm_jax.models.wan import functional, init_model
+    from crm_jax.training import loop
+    from experiments import dmd_real_score_check as check
+
+    study = ts.Study(str(tmp_path), "full")
+    mcfg = loop.model_config(study.base("teacher_tf", 2))
+    for i, job in enumerate(("teacher_bi", "teacher_c2")):
+        model = init_model(mcfg, i)
+        loop.export_model(model, functional(model)[1], study.export(job))
+    out = tmp_path / "check.json"
+    assert check.main(["--workdir", str(tmp_path), "--episodes", "2", "--times", "0.5", "--draws", "1",
+                       "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["chunk0_relative_gap"] < 1e-3
+    assert set(table["mse"]) == {"bi / full", "c2 / block_causal", "c2 / teacher_forcing"}
+    assert len(table["mse"]["c2 / teacher_forcing"]["0.5"]) == 4           # 8 frames in chunks of 2
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        check.main(["--workdir", str(tmp_path / "empty")])
