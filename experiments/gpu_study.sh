@@ -34,6 +34,9 @@ study() {
   timeout $t python3 experiments/toy_study.py --workdir $W --parallel ${PARALLEL:-10} ${STUDY_ARGS:-} "$@"
   echo "study $* exit $?"
 }
+if [ -n "${STUDY_WARM:-}" ] && [ -z "${STUDY_ONLY:-}" ]; then
+  echo "STUDY_WARM needs STUDY_ONLY (the jobs to run after it, without it)"; exit 2
+fi
 if [ -n "${STUDY_WARM:-}" ]; then   # one job alone until its first evaluation: its compiles fill the cache
   study --only $STUDY_WARM & WARM=$!
   until [ -s $W/$STUDY_WARM/eval.jsonl ] || ! kill -0 $WARM 2>/dev/null; do sleep 5; done

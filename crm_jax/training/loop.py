@@ -235,8 +235,8 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         secs = precompile([compiled(*p) for p in plans], state, frozen,
                           jax.device_put(_model_batch(src.batch(first)), b_sh), jax.random.key(c.seed),
                           threads=threads or None)
-        print(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}) "
-              f"in parallel in {secs:.0f} s")
+        print(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
+              f"{threads or len(plans)} at a time, in {secs:.0f} s")
     if evaluator is not None and first == 0 and total > 0:
         run_eval(0)
     stop = {"signal": None}
