@@ -10,6 +10,9 @@
 # and $PACK_EXCLUDE), $OUT/export_JOB.tgz for each job named in EXPORTS (e.g. EXPORTS="teacher_c2";
 # both refreshed every minute so a cut call still returns them), $OUT/dmon.txt (GPU utilisation every 5 s).
 set -u
+if [ -n "${STUDY_WARM:-}" ] && [ -z "${STUDY_ONLY:-}" ]; then
+  echo "STUDY_WARM needs STUDY_ONLY (the jobs to run after it, without it)"; exit 2
+fi
 source experiments/device_env.sh
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -34,9 +37,6 @@ study() {
   timeout $t python3 experiments/toy_study.py --workdir $W --parallel ${PARALLEL:-10} ${STUDY_ARGS:-} "$@"
   echo "study $* exit $?"
 }
-if [ -n "${STUDY_WARM:-}" ] && [ -z "${STUDY_ONLY:-}" ]; then
-  echo "STUDY_WARM needs STUDY_ONLY (the jobs to run after it, without it)"; exit 2
-fi
 if [ -n "${STUDY_WARM:-}" ]; then   # one job alone until its first evaluation: its compiles fill the cache
   study --only $STUDY_WARM & WARM=$!
   until [ -s $W/$STUDY_WARM/eval.jsonl ] || ! kill -0 $WARM 2>/dev/null; do sleep 5; done
