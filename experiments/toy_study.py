@@ -18,10 +18,13 @@ is deterministic given its seed; `--set KEY=VALUE` replaces one budget of the sc
   ode_init_c2                ODE-regression initialisation (CausVid / Self-Forcing baseline) on
                              teacher_bi's ODE points (the data job)
   ablation jobs              TF-sCM variants (tangent warm-up, time distribution)
-  dmd_{scm,dcm,ode,none}     SF-DMD refinement (real score: teacher_bi with CFG, critic from it)
-                             from TF-sCM, TF-dCM, ODE regression, or the causal teacher itself
+  dmd_{scm,dcm,ode,none,bidir}  SF-DMD refinement (real score: teacher_bi with CFG, critic from it)
+                             from TF-sCM, TF-dCM, ODE regression, the causal teacher itself, or the
+                             bidirectional teacher's weights (run block-causally)
   final_c2, final_c1         every finished model: short rollouts on more episodes and long
                              rollouts (4x the trained length, sliding window) for drift by frame
+                             (incremental: with its done.json deleted, a final job evaluates only the
+                             models that are new or retrained since, see `run_final`)
   final_teachers             the same for all teachers, diagnostic variants included (on demand)
   dmd_*_causal, final_dmd_causal   (on demand: --only dmd_causal) SF-DMD with the chunk-wise causal
                              teacher as the real score and critic init, block-causal, and its final
@@ -82,7 +85,11 @@ PATTERNS = {"c2": 2, "c1": 1}     # job suffix -> block_frames
 # and MeanFlow tangents). Session 3's teachers were dim 128 x 3 layers in float32 (RESULTS.md).
 STUDY_MODEL = (("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4), ("attn_impl", "xla"))
 TEACHER_DTYPE = "bfloat16"
-DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2"}
+# SF-DMD's initialisations: the TF students, ODE regression, and two without distillation: the causal
+# teacher's own weights ("none") and the bidirectional teacher's weights run block-causally ("bidir": the
+# paper's "no init", a base model that was never causal).
+DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2",
+             "bidir": "teacher_bi"}
 # SF-DMD's real score (and critic init): the bidirectional teacher (default, as in Self Forcing) or, in
 # jobs run on demand (`--only dmd_causal` / `--only dmd_tf`), the chunk-wise causal teacher, scoring
 # every chunk block-causally with noised earlier chunks (`dmd_*_causal`: an input it was never trained
@@ -113,6 +120,10 @@ class Job:
     args: tuple = ()              # kind-specific, hashable
 
 
+def _unique(*names: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
 def all_jobs() -> dict[str, Job]:
     jobs = [Job("classifier", "classifier"),
             Job("teacher_bi", "teacher", (), ("teacher_full", 1, ())),
@@ -128,9 +139,9 @@ def all_jobs() -> dict[str, Job]:
         jobs.append(Job(name, "student", ("teacher_c2", "classifier"),
                         ("tf_scm", 2, tuple(sorted(over.items())))))
     for init, src in DMD_INITS.items():
-        jobs.append(Job(f"dmd_{init}", "dmd", (src, "teacher_bi", "teacher_c2", "classifier"), (src, "bi")))
+        jobs.append(Job(f"dmd_{init}", "dmd", _unique(src, "teacher_bi", "teacher_c2", "classifier"), (src, "bi")))
         for real in DMD_ON_DEMAND:
-            jobs.append(Job(f"dmd_{init}_{real}", "dmd", (src, "teacher_c2", "classifier"), (src, real)))
+            jobs.append(Job(f"dmd_{init}_{real}", "dmd", _unique(src, "teacher_c2", "classifier"), (src, real)))
     c1_models = (("teacher_c1", 1),) + tuple((f"{m}_c1", 1) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
     c2_models = ((("teacher_bi", 0), ("teacher_c2", 2)) + tuple((f"{m}_c2", 2) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
                  + (("ode_init_c2", 2),) + tuple((f"dmd_{i}", 2) for i in DMD_INITS))
@@ -387,7 +398,12 @@ def run_dmd(study: Study, job: Job) -> dict:
 
 def run_final(study: Study, job: Job) -> dict:
     """Every listed model (job, block frames; 0 = bidirectional): short rollouts on more episodes
-    and long rollouts (4x the trained length, sliding window); `final.json`, `long_rollouts.npz`."""
+    and long rollouts (4x the trained length, sliding window); `final.json`, `long_rollouts.npz`.
+
+    Incremental: a model already in this job's `final.json` whose `done.json` is unchanged since
+    (`evaluated.json`) is kept, not evaluated again (every model is scored on the same episodes and
+    key, so the order does not matter). To add models to a finished final job, delete its done.json.
+    """
     import jax
     import numpy as np
 
@@ -401,15 +417,22 @@ def run_final(study: Study, job: Job) -> dict:
     (models,) = job.args
     feats = FeatureModel.load(study.path("classifier"))
     mcfg = loop.model_config(study.base("teacher_tf", 2))
-    results, key, t0, n_ep = {}, jax.random.key(4242), time.time(), study.S["final_episodes"]
+    key, t0, n_ep = jax.random.key(4242), time.time(), study.S["final_episodes"]
     short_src, short_batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, n_ep)
     long_src, long_batch = wm.heldout_source(study.world_of(study.S["long_frames"]), mcfg.text_len,
                                              mcfg.text_dim, n_ep)
-    pictures = {}
+    results, pictures, sources = _previous_final(study, job.name)
     for name, block in models:
         if not os.path.isdir(study.export(name)):
             print(f"{name}: no export, skipped", flush=True)
             continue
+        source = _done_text(study, name)
+        if name in sources and sources[name] == source:
+            print(f"{name}: evaluated before (evaluated.json), kept", flush=True)
+            continue
+        for tag in [t for t in results if t.startswith(f"{name}/")]:   # retrained: evaluate it again
+            results.pop(tag)
+            pictures.pop(tag, None)
         model = convert.load_nnx(study.export(name))
         apply, params = functional(model)
         kind = "full" if block == 0 else ("teacher" if name.startswith("teacher") else "student")
@@ -427,12 +450,36 @@ def run_final(study: Study, job: Job) -> dict:
             results[tag] = dict(short=short, long=long)
             print(f"{tag}: short traj {short['trajectory_error']:.3f} fd {short['fd']:.2f} | long traj "
                   f"{long['trajectory_error']:.3f} fd(last {feats.clip_frames}) {long['fd']:.2f}", flush=True)
+        sources[name] = source
     truth = np.asarray(latents_to_frames(long_batch["latents"][:4], short_src.factor))
     np.savez_compressed(study.path(job.name, "long_rollouts.npz"), truth=truth,
                         **{k.replace("/", "__"): v for k, v in pictures.items()})
     with open(study.path(job.name, "final.json"), "w") as f:
         json.dump(results, f, indent=1)
+    with open(study.path(job.name, "evaluated.json"), "w") as f:
+        json.dump(sources, f, indent=1)
     return dict(seconds=round(time.time() - t0, 1), models=[m for m, _ in models])
+
+
+def _done_text(study: Study, name: str) -> str:
+    path = study.path(name, "done.json")
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def _previous_final(study: Study, name: str) -> tuple[dict, dict, dict]:
+    """(results, long-rollout pictures by tag, {model: its done.json text}) of an earlier run of final
+    job `name`; empty when it has none. Models evaluated before `evaluated.json` existed are not
+    trusted (no record of which weights they were) and are evaluated again."""
+    import numpy as np
+    path = study.path(name, "evaluated.json")
+    if not os.path.exists(path):
+        return {}, {}, {}
+    sources = json.load(open(path))
+    results = json.load(open(study.path(name, "final.json")))
+    with np.load(study.path(name, "long_rollouts.npz")) as z:
+        pictures = {k.replace("__", "/"): z[k] for k in z.files if k != "truth"}
+    keep = lambda tag: tag.split("/")[0] in sources
+    return ({t: r for t, r in results.items() if keep(t)}, {t: p for t, p in pictures.items() if keep(t)}, sources)
 
 
 RUNNERS = dict(classifier=run_classifier, teacher=run_teacher, data=run_data, student=run_student,

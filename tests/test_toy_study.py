@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import toy_study as ts
@@ -152,12 +153,17 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
                                                        "fd": 100 * traj}}
             fin[f"dmd_{init}_causal/steps{n}"] = {"short": {"trajectory_error": 5 - traj, "action_following": 0.5},
                                                   "long": {"drift_by_frame": [drift] * 30}}
+    for n in (1, 2, 4):      # the bidirectional teacher's weights as init: only with the causal real score
+        fin[f"dmd_bidir_causal/steps{n}"] = {"short": {"trajectory_error": 1.5, "action_following": 0.5},
+                                             "long": {"drift_by_frame": [9.0] * 30}}
     os.makedirs(w / "final_c2")
     (w / "final_c2" / "final.json").write_text(json.dumps(fin))
     for init in ("scm", "dcm", "ode", "none"):     # SF-DMD budgets, shown beside each real score
         for sfx, its in (("", 300), ("_causal", 800)):
             os.makedirs(w / f"dmd_{init}{sfx}", exist_ok=True)
             (w / f"dmd_{init}{sfx}" / "done.json").write_text(json.dumps({"iterations": its}))
+    os.makedirs(w / "dmd_bidir_causal")
+    (w / "dmd_bidir_causal" / "done.json").write_text(json.dumps({"iterations": 800}))
     data = rep.collect(str(w))
     c1 = {(r["pattern"], r["steps"], r["given"], r["metric"]): r for r in rep.convergence_claim(data)}
     assert {k[2:] for k in c1} == {("2 frames", "trajectory_error"), ("2 frames", "fd"), ("none", "fd"),
@@ -186,15 +192,23 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     c2 = rep.init_claim(data)
     assert len(c2) == 3 and all(r["holds_traj"] and not r["holds_drift"] for r in c2)   # "none" drifts least
     assert all(r["fd_scratch"]["scm"] == 300 and r["holds_fd_scratch"] for r in c2)
+    assert all("bidir" not in r["trajectory_error"] and set(r["beats_traj"]) == {"ode", "none"} for r in c2)
+    assert all(r["beats_drift"] == {"ode": True, "none": False} for r in c2)
     causal = rep.init_claim(data, "_causal")      # the causal real score: sCM now worst on trajectories
     assert len(causal) == 3 and all(r["real"] == "causal teacher, block-causal" and not r["holds_traj"] for r in causal)
+    # ... and the bidirectional init is a baseline there: sCM (2.0) loses to it (1.5) on trajectories and
+    # beats it (4.0 < 9.0) on drift.
+    assert all(r["beats_traj"] == {"ode": False, "none": False, "bidir": False} for r in causal)
+    assert all(r["beats_drift"]["bidir"] and not r["holds_drift"] for r in causal)
     assert all(r["fd_scratch"]["scm"] is None and r["holds_fd_scratch"] is None for r in causal)
     out = tmp_path / "report"
     summary = rep.write_report(ts.Study(str(w), "full"), str(out))
     assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
     md = (out / "study.md").read_text()
     assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher (300 it) | 2 | FD from scratch" in md
-    assert "| causal teacher, block-causal (800 it) | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | no |" in md
+    assert ("| causal teacher, block-causal (800 it) | 4 | trajectory error | 2.000 | 1.500 | 1.800 | 1.000 | 1.500 "
+            "| no | ODE regression, causal teacher, bidirectional teacher |") in md
+    assert "| bidirectional teacher (300 it) | 1 | trajectory error | 3.000 | 3.500 | 3.200 | 4.000 | - | yes | - |" in md
     assert "| c2 | SF-DMD from TF-sCM, real score: causal teacher, block-causal | 1 | 2 frames | 2.000 |" in md
     assert rep.init_claim(data, "_tf") == []              # no teacher-forcing SF-DMD in this workdir
     assert "| c2 | SF-DMD from TF-sCM | 1 | 2 frames | 3.000 |" in md
@@ -205,7 +219,7 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path):
+def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path, capsys):
     study = ts.Study(str(tmp_path), "smoke")
     status = ts.schedule(study, ["tf_scm_c2"], parallel=2)
     assert set(status.values()) == {"done"}, status
@@ -217,6 +231,33 @@ def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path):
     done = json.load(open(tmp_path / "tf_scm_c2" / "done.json"))
     assert done["iterations"] == 2 and done["nan_skips"] == 0
     assert os.path.isdir(tmp_path / "tf_scm_c2" / "export")
+
+    # A final job over it, then again: the model is kept, not evaluated again; once retrained (its
+    # done.json changed), it is evaluated again.
+    final = ts.Job("final_x", "final", ("tf_scm_c2", "classifier"), ((("tf_scm_c2", 2),),))
+    os.makedirs(tmp_path / "final_x")
+    first = ts.run_final(study, final)
+    results = json.loads((tmp_path / "final_x" / "final.json").read_text())
+    assert set(results) == {f"tf_scm_c2/{s}{n}" for s in ("steps", "scratch") for n in ts.STEPS}
+    assert first["models"] == ["tf_scm_c2"]
+    ts.run_final(study, final)
+    assert json.loads((tmp_path / "final_x" / "final.json").read_text()) == results
+    assert "evaluated before" in capsys.readouterr().out
+    with np.load(tmp_path / "final_x" / "long_rollouts.npz") as z:
+        assert "tf_scm_c2__steps1" in z.files and "truth" in z.files           # pictures carried over
+    (tmp_path / "tf_scm_c2" / "done.json").write_text(json.dumps({**done, "seconds": -1}))
+    ts.run_final(study, final)
+    out = capsys.readouterr().out
+    assert "evaluated before" not in out and "tf_scm_c2/steps1: short traj" in out   # evaluated anew
+    again = json.loads((tmp_path / "final_x" / "final.json").read_text())
+    assert _untimed(again) == _untimed(results)                          # same weights, episodes, key
+
+
+def _untimed(tree):
+    """`tree` without its wall times ("seconds")."""
+    if isinstance(tree, dict):
+        return {k: _untimed(v) for k, v in tree.items() if k != "seconds"}
+    return [_untimed(v) for v in tree] if isinstance(tree, list) else tree
 
 
 def test_student_weights_choice_reaches_configs_and_job_commands(tmp_path):

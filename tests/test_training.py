@@ -344,9 +344,11 @@ def test_teacher_forcing_dmd_scores_see_the_clean_rollout_as_context():
         TrainConfig(mode="sf_dmd", dmd_teacher_pattern="causal")
 
 
-def test_teacher_forcing_dmd_steps_train():
-    """SF-DMD student and critic steps with teacher-forcing scores: finite, and they move the weights."""
-    trainer, state, frozen, batch = setup("sf_dmd")
+@pytest.mark.parametrize("mode", ["sf_dmd", "rcm"])
+def test_teacher_forcing_dmd_steps_train(mode):
+    """SF-DMD (and rCM's) student and critic steps with teacher-forcing scores: finite, and they move
+    the weights."""
+    trainer, state, frozen, batch = setup(mode)
     tr = Trainer(dataclasses.replace(trainer.cfg, dmd_teacher_pattern="teacher_forcing"), trainer.apply,
                  trainer.model_cfg, teacher_apply=trainer.teacher_apply)
     for which in ("student", "critic"):
