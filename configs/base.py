@@ -154,7 +154,7 @@ def toy_student_config(mode: str, **model) -> ml_collections.ConfigDict:
     """Toy distillation from the shipped causal teacher; `sf_dmd` / `rcm` start from a TF-sCM student."""
     c = base_config(mode, "tiny", **toy_model(**model))
     c.train.update(lr=1e-4, critic_lr=1e-4, guidance=2.0, tangent_warmup=200,
-                   dmd_teacher_pattern="block_causal")
+                   dmd_teacher_pattern="teacher_forcing")   # the causal teacher scores in its own layout
     c.num_iterations = 1000
     c.sample_every = 250
     c.init.teacher = TOY_TEACHER_DIR
