@@ -421,7 +421,7 @@ def run_final(study: Study, job: Job) -> dict:
     short_src, short_batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, n_ep)
     long_src, long_batch = wm.heldout_source(study.world_of(study.S["long_frames"]), mcfg.text_len,
                                              mcfg.text_dim, n_ep)
-    results, pictures, sources = _previous_final(study, job.name)
+    results, pictures, sources = _previous_final(study, job.name, [m for m, _ in models])
     for name, block in models:
         if not os.path.isdir(study.export(name)):
             print(f"{name}: no export, skipped", flush=True)
@@ -466,18 +466,24 @@ def _done_text(study: Study, name: str) -> str:
     return open(path).read() if os.path.exists(path) else ""
 
 
-def _previous_final(study: Study, name: str) -> tuple[dict, dict, dict]:
+def _previous_final(study: Study, name: str, models: list[str]) -> tuple[dict, dict, dict]:
     """(results, long-rollout pictures by tag, {model: its done.json text}) of an earlier run of final
-    job `name`; empty when it has none. Models evaluated before `evaluated.json` existed are not
-    trusted (no record of which weights they were) and are evaluated again."""
+    job `name`, for those of `models` it evaluated; empty when it has none. Models evaluated before
+    `evaluated.json` existed are not trusted (no record of which weights they were) and are evaluated
+    again; so is everything when the earlier run's files are incomplete or unreadable (said, not fatal)."""
     import numpy as np
-    path = study.path(name, "evaluated.json")
-    if not os.path.exists(path):
+    files = [study.path(name, f) for f in ("evaluated.json", "final.json", "long_rollouts.npz")]
+    if not os.path.exists(files[0]):
         return {}, {}, {}
-    sources = json.load(open(path))
-    results = json.load(open(study.path(name, "final.json")))
-    with np.load(study.path(name, "long_rollouts.npz")) as z:
-        pictures = {k.replace("__", "/"): z[k] for k in z.files if k != "truth"}
+    try:
+        sources = {m: t for m, t in json.load(open(files[0])).items() if m in models}
+        results = json.load(open(files[1]))
+        with np.load(files[2]) as z:
+            pictures = {k.replace("__", "/"): z[k] for k in z.files if k != "truth"}
+    except (OSError, ValueError, KeyError) as e:   # missing, truncated or corrupt
+        print(f"{name}: earlier results unreadable ({type(e).__name__}: {e}); evaluating every model again",
+              flush=True)
+        return {}, {}, {}
     keep = lambda tag: tag.split("/")[0] in sources
     return ({t: r for t, r in results.items() if keep(t)}, {t: p for t, p in pictures.items() if keep(t)}, sources)
 

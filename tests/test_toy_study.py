@@ -35,7 +35,9 @@ def test_dag_is_complete_and_acyclic():
     assert len(order) == len(jobs)
     assert all(not jobs[n].deps for n in ts.GROUPS["prep"])
     final = set(jobs["final_c2"].deps)
-    assert {"tf_scm_c2", "tf_dcm_c2", "ode_init_c2", "dmd_scm", "dmd_none"} <= final
+    assert {"tf_scm_c2", "tf_dcm_c2", "ode_init_c2", "dmd_scm", "dmd_none", "dmd_bidir"} <= final
+    assert jobs["dmd_bidir_tf"].deps == ("teacher_bi", "teacher_c2", "classifier")   # each once
+    assert jobs["dmd_bidir_tf"].args == ("teacher_bi", "tf") and "dmd_bidir_tf" in ts.GROUPS["dmd_tf"]
 
 
 def _fake(study, name):
@@ -251,6 +253,10 @@ def test_a_slice_of_the_study_runs_for_real_at_the_smoke_scale(tmp_path, capsys)
     assert "evaluated before" not in out and "tf_scm_c2/steps1: short traj" in out   # evaluated anew
     again = json.loads((tmp_path / "final_x" / "final.json").read_text())
     assert _untimed(again) == _untimed(results)                          # same weights, episodes, key
+    (tmp_path / "final_x" / "final.json").write_text('{"tf_scm_c2/steps1": ')   # a cut write
+    ts.run_final(study, final)
+    assert "evaluating every model again" in capsys.readouterr().out
+    assert _untimed(json.loads((tmp_path / "final_x" / "final.json").read_text())) == _untimed(results)
 
 
 def _untimed(tree):
