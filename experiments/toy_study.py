@@ -7,7 +7,8 @@
 Jobs (a DAG; up to --parallel of them run at once, each in its own process; a job with a
 `done.json` is skipped, and its own dependencies are not revisited, so a rerun resumes; every job
 is deterministic given its seed; `--set KEY=VALUE` replaces one budget of the scale, e.g.
-`--only dmd_causal --set dmd_iters=800`, and is recorded in each job's done.json):
+`--only dmd_causal --set dmd_iters=800`, and is recorded in each job's done.json; `--seed N` shifts
+every training job's seeds, evaluation episodes fixed, for repeats in another workdir):
 
   classifier                 video classifier on simulator clips (the Fréchet-distance features)
   teacher_bi                 bidirectional teacher, flow matching on simulator clips
@@ -165,8 +166,15 @@ STUDENT_WEIGHTS = ("ema", "raw")   # what students (and SF-DMD) are evaluated an
 
 
 class Study:
-    def __init__(self, workdir: str, scale: str, student_weights: str = "ema", overrides: dict | None = None):
-        """`overrides`: budgets of `SCALES[scale]` to replace (`--set KEY=VALUE`), e.g. {"dmd_iters": 1000}."""
+    def __init__(self, workdir: str, scale: str, student_weights: str = "ema", overrides: dict | None = None,
+                 seed: int = 0):
+        """`overrides`: budgets of `SCALES[scale]` to replace (`--set KEY=VALUE`), e.g. {"dmd_iters": 1000}.
+        `seed`: added to every training job's seeds (init, data order, noise); the classifier, the
+        synthetic set and the evaluation episodes stay fixed, so studies of two seeds differ only in
+        training (give each seed its own workdir)."""
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = seed
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; known: {sorted(SCALES)}")
         if student_weights not in STUDENT_WEIGHTS:
@@ -265,9 +273,17 @@ def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "frames"}
 
 
+def seeded(study: Study, c):
+    """Training config `c` (not modified) with the study's seed added to its model / noise and data seeds."""
+    c = copy.deepcopy(c)
+    c.seed, c.data.seed = c.seed + study.seed, c.data.seed + study.seed
+    return c
+
+
 def _train(study: Study, job: Job, c, evaluator):
     from crm_jax.training import loop
     t0 = time.time()
+    c = seeded(study, c)
     with open(study.path(job.name, "config.json"), "w") as f:   # what ran, for the record
         f.write(c.to_json_best_effort(indent=1))
     out = loop.train(c, study.path(job.name), progress=False, evaluator=evaluator)
@@ -500,7 +516,8 @@ def run_job(study: Study, name: str) -> None:
     os.makedirs(study.path(name), exist_ok=True)
     summary = RUNNERS[job.kind](study, job)
     with open(study.path(name, "done.json"), "w") as f:
-        json.dump({"job": name, "scale": study.scale, "overrides": study.overrides, **summary}, f, indent=1)
+        json.dump({"job": name, "scale": study.scale, "overrides": study.overrides, "seed": study.seed, **summary},
+                  f, indent=1)
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -508,7 +525,7 @@ def run_job(study: Study, name: str) -> None:
 def job_command(study: Study, name: str) -> list[str]:
     sets = [a for k, v in sorted(study.overrides.items()) for a in ("--set", f"{k}={v}")]
     return [sys.executable, os.path.abspath(__file__), "--workdir", study.workdir, "--scale", study.scale,
-            "--student_weights", study.student_weights, *sets, "--job", name]
+            "--student_weights", study.student_weights, "--seed", str(study.seed), *sets, "--job", name]
 
 
 def schedule(study: Study, names: list[str], parallel: int, command=job_command,
@@ -596,10 +613,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], type=_budget, metavar="KEY=VALUE",
                     help="replace one budget of the scale (repeatable), e.g. --set dmd_iters=1000; "
                          "recorded in each job's done.json")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="added to every training job's seeds (one workdir per seed; evaluation fixed)")
     ap.add_argument("--job", default="", help="(internal) run one job in this process")
     ap.add_argument("--report", default="", help="write tables/plots of the workdir to this directory")
     args = ap.parse_args(argv)
-    study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights, dict(args.set))
+    study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights, dict(args.set), args.seed)
     if args.job:
         run_job(study, args.job)
         return 0

@@ -266,6 +266,19 @@ def _untimed(tree):
     return [_untimed(v) for v in tree] if isinstance(tree, list) else tree
 
 
+def test_seed_shifts_training_seeds_and_reaches_job_commands(tmp_path):
+    c = ts.dmd_config(ts.Study(str(tmp_path), "full"), "tf_scm_c2", "tf")
+    study = ts.Study(str(tmp_path), "full", seed=3)
+    s = ts.seeded(study, c)
+    assert (s.seed, s.data.seed) == (c.seed + 3, c.data.seed + 3) and s.num_iterations == c.num_iterations
+    assert ts.seeded(ts.Study(str(tmp_path), "full"), c).to_dict() == c.to_dict()     # seed 0: unchanged
+    cmd = ts.job_command(study, "dmd_scm_tf")
+    assert cmd[cmd.index("--seed") + 1] == "3"
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="seed"):
+            ts.Study(str(tmp_path), "full", seed=bad)
+
+
 def test_student_weights_choice_reaches_configs_and_job_commands(tmp_path):
     raw = ts.Study(str(tmp_path), "full", "raw")
     assert not ts.student_config(raw, "tf_scm", 2).export_ema and not ts.dmd_config(raw, "tf_scm_c2").export_ema
