@@ -404,28 +404,46 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         ax.legend(fontsize=8)
         files.append(_save(fig, os.path.join(out, "teacher_curves.png")))
 
+    # Drift: chunk-wise students, chunk-wise after SF-DMD (colour = init, style = real score, as in
+    # dmd_curves.png; the causal teacher in grey for reference), frame-wise students.
     fin = data["final"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False)
-    for col, sfx in enumerate(("c2", "c1")):
-        ax = axes[0, col]
-        names = [f"teacher_{sfx}/euler"] + [f"{m}_{sfx}/steps2" for m in METHODS]
-        if sfx == "c2":
-            names += [f"{v}/euler" for v in TEACHER_VARIANTS]
-            names += ["ode_init_c2/steps2"] + [f"{j}/steps2" for j in DMD_JOBS]
-        for i, tag in enumerate(names):
+    styles = dict(zip(DMD_SUFFIXES, ("-", "--", ":")))
+    panels = [("c2", "chunk-wise (2 frames), distilled",
+               [(f"teacher_c2/euler", {})] + [(f"{m}_c2/steps2", {}) for m in METHODS]
+               + [(f"{v}/euler", {}) for v in TEACHER_VARIANTS] + [("ode_init_c2/steps2", {})]),
+              ("c2", "chunk-wise (2 frames), after SF-DMD (2 steps)",
+               [("teacher_c2/euler", dict(color="0.6", lw=2))]
+               + [(f"dmd_{init}{x}/steps2", dict(color=f"C{i}", ls=styles[x]))
+                  for x in DMD_SUFFIXES for i, init in enumerate(DMD_INITS)]),
+              ("c1", "frame-wise (1 frame), distilled", [("teacher_c1/euler", {})] + [(f"{m}_c1/steps2", {}) for m in METHODS])]
+    from matplotlib.lines import Line2D
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), squeeze=False)
+    for ax, (sfx, title, lines) in zip(axes[0], panels):
+        dmd_inits, dmd_reals = {}, {}
+        for i, (tag, style) in enumerate(lines):
             r = fin.get(tag, {}).get("long")
-            if r and r.get("drift_by_frame"):
-                d = r["drift_by_frame"]
-                ax.plot(np.arange(len(d)) + 2, d, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=tag)
+            if not (r and r.get("drift_by_frame")):
+                continue
+            d, (name, setting) = r["drift_by_frame"], tag.split("/")
+            label = f"{_label(name)} ({'Euler' if setting == 'euler' else '2 steps'})"
+            if name.startswith("dmd_"):   # one legend entry per init and per real score, below
+                init = name.split("_")[1]
+                dmd_inits[init] = Line2D([], [], color=style["color"], label=_label(f"dmd_{init}").removeprefix("SF-DMD "))
+                x = name[len(f"dmd_{init}"):]
+                dmd_reals[x] = Line2D([], [], color="k", ls=style["ls"], label=f"real score: {DMD_SUFFIXES[x]}")
+                label = None
+            ax.plot(np.arange(len(d)) + 2, d, **({"color": f"C{i % 10}"} | style), label=label)
         if not ax.lines:
             ax.set_visible(False)
             continue
         ax.axvline(8, color="k", lw=0.8, ls=":")
-        ax.set_title(f"{PATTERN_NAME[sfx]}: drift over a 4x-length rollout (trained on 8 frames)")
-        ax.set_xlabel("frame index")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("frame index (dotted: the trained length)")
         ax.set_ylabel("mean sprite-centre error (px)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        handles = ax.get_legend_handles_labels()[0] + list(dmd_inits.values()) + list(dmd_reals.values())
+        ax.legend(handles=handles, fontsize=7)
+    fig.suptitle("Drift over 4x-length rollouts, 2 frames given")
     files.append(_save(fig, os.path.join(out, "drift_by_frame.png")))
 
     npz = next((p for p in (os.path.join(workdir, j, "long_rollouts.npz") for j in ("final_c2", "final_teachers"))
