@@ -98,7 +98,7 @@ DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none
 # clean earlier chunks as context (`dmd_*_tf`). Session 5 found teacher_bi too poor a target.
 DMD_REAL = {"bi": ("teacher_bi", "full"), "causal": ("teacher_c2", "block_causal"),
             "tf": ("teacher_c2", "teacher_forcing")}
-DMD_ON_DEMAND = {real: tuple(f"dmd_{i}_{real}" for i in DMD_INITS) for real in ("causal", "tf")}
+DMD_ON_DEMAND = {real: tuple(f"dmd_{i}_{real}" for i in DMD_INITS) for real in DMD_REAL if real != "bi"}
 TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with one change of its recipe
     "teacher_c2_small": dict(model=(("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))),
     "teacher_c2_lr5e-4": dict(lr=5e-4),

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from experiments.toy_study import DMD_INITS, TEACHER_VARIANTS
+from experiments.toy_study import DMD_INITS, DMD_REAL, TEACHER_VARIANTS
 
 METHODS = ("tf_scm", "tf_meanflow", "tf_dcm")
 LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "ode_init": "ODE regression",
@@ -20,8 +20,9 @@ LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "
          "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
          "dmd_none": "SF-DMD from the causal teacher (no init)",
          "dmd_bidir": "SF-DMD from the bidirectional teacher (no init, run block-causally)"}
-DMD_SUFFIXES = {"": "bidirectional teacher", "_causal": "causal teacher, block-causal",   # SF-DMD's real score
-                "_tf": "causal teacher, teacher forcing"}
+REAL_LABEL = {"bi": "bidirectional teacher", "causal": "causal teacher, block-causal",   # SF-DMD's real score
+              "tf": "causal teacher, teacher forcing"}
+DMD_SUFFIXES = {("" if real == "bi" else f"_{real}"): REAL_LABEL[real] for real in DMD_REAL}   # job-name suffix
 LABEL.update({f"dmd_{i}{x}": f"{LABEL[f'dmd_{i}']}, real score: {real}"
               for i in DMD_INITS for x, real in DMD_SUFFIXES.items() if x})
 DMD_JOBS = [f"dmd_{i}{x}" for x in DMD_SUFFIXES for i in DMD_INITS]
@@ -307,9 +308,10 @@ def markdown(data: dict, claims1, claims2) -> str:
     return "\n".join(L) + "\n"
 
 
-def _save(fig, path: str) -> str:
+def _save(fig, path: str, rect=None) -> str:
+    """Lay out (leaving `rect`'s margins, e.g. for legends below the axes), write and close `fig`."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -381,10 +383,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
         fig.legend(handles=inits, loc="lower left", fontsize=8, title="initialisation", frameon=False)
         fig.legend(handles=reals, loc="lower right", fontsize=8, title="SF-DMD's real score", frameon=False)
         fig.suptitle("SF-DMD from each initialisation")
-        fig.tight_layout(rect=(0, 0.13, 1, 1))
-        fig.savefig(os.path.join(out, "dmd_curves.png"), dpi=90)
-        plt.close(fig)
-        files.append(os.path.join(out, "dmd_curves.png"))
+        files.append(_save(fig, os.path.join(out, "dmd_curves.png"), rect=(0, 0.13, 1, 1)))
     else:
         plt.close(fig)
 
@@ -409,7 +408,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
     fin = data["final"]
     styles = dict(zip(DMD_SUFFIXES, ("-", "--", ":")))
     panels = [("c2", "chunk-wise (2 frames), distilled",
-               [(f"teacher_c2/euler", {})] + [(f"{m}_c2/steps2", {}) for m in METHODS]
+               [("teacher_c2/euler", {})] + [(f"{m}_c2/steps2", {}) for m in METHODS]
                + [(f"{v}/euler", {}) for v in TEACHER_VARIANTS] + [("ode_init_c2/steps2", {})]),
               ("c2", "chunk-wise (2 frames), after SF-DMD (2 steps)",
                [("teacher_c2/euler", dict(color="0.6", lw=2))]

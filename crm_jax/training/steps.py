@@ -336,17 +336,16 @@ class Trainer:
                                          batch["ode_traj"], batch["ode_times"], x0, cond, key, sizes=sizes)
         raise ValueError(f"mode {c.mode!r} has no CM loss")
 
+    def _dmd_loss(self, G, frozen, critic, cond, key):
+        """DMD loss of rollout `G`: real score = the frozen DMD teacher with CFG, fake = `critic`,
+        both on `dmd_teacher_pattern` (with `sg(G)` as their context where it needs one)."""
+        sc = self.score_cond(cond, G)
+        return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), self.score_fn(critic), sc, key,
+                          uncond=nets.uncond_like(sc, frozen.neg_context), guidance=self.cfg.guidance)
+
     def _dmd_cotangent(self, G, frozen, critic, cond, key):
-        c = self.cfg
-        cond = self.score_cond(cond, G)
-        uncond = nets.uncond_like(cond, frozen.neg_context)
-        fake = self.score_fn(critic)
-
-        def loss(G):
-            return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), fake, cond, key, uncond=uncond,
-                              guidance=c.guidance)
-
-        (l, m), g = jax.value_and_grad(loss, has_aux=True)(G)
+        """(loss, metrics, dloss/dG) of `_dmd_loss`: the cotangent the replayed backward starts from."""
+        (l, m), g = jax.value_and_grad(self._dmd_loss, has_aux=True)(G, frozen, critic, cond, key)
         return l, m, g
 
     # ----------------------------------------------------------------- steps
@@ -473,10 +472,7 @@ class Trainer:
 
         def direct(params):
             (G, _), _ = self._rollout(params, batch, k_sf, sf_steps)
-            c = self.cfg
-            sc = self.score_cond(cond, G)
-            return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), self.score_fn(state.critic), sc, k_dmd,
-                              uncond=nets.uncond_like(sc, frozen.neg_context), guidance=c.guidance)
+            return self._dmd_loss(G, frozen, state.critic, cond, k_dmd)
 
         (loss, m), grads = jax.value_and_grad(direct, has_aux=True)(state.params)
         return loss, m, grads
