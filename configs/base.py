@@ -28,7 +28,7 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     c.train = ml_collections.ConfigDict(dict(
         block_frames=2, first_block_frames=None, lr=2e-6, critic_lr=4e-7, warmup_steps=0,
         grad_clip=0.0, weight_decay=0.01, adam_b1=0.0, ema_sigma_rel=0.1, guidance=5.0, tangent_warmup=0,
-        p_mean=-0.8, p_std=1.6, dcm_steps=48, dcm_shift=5.0, dmd_weight=1.0,
+        tangent_normalise=True, p_mean=-0.8, p_std=1.6, dcm_steps=48, dcm_shift=5.0, dmd_weight=1.0,
         dmd_teacher_pattern="full", sf_sigma_max=80.0, sf_context="clean", sf_replay=True,
         meanflow_r_eq_t=0.75, cond_dropout=0.0, student_update_freq=5, sf_max_steps=4,
         fm_weighting="bell", fm_shift=5.0))

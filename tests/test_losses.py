@@ -166,6 +166,32 @@ def test_scm_exact_student_and_perturbed_student(x64, form):
     assert dist(p1, p_true) < dist(p0, p_true)
 
 
+@pytest.mark.parametrize("form", list(SCM_FORMS))
+def test_scm_without_normalisation_weighs_each_sample_by_its_g(x64, form):
+    """normalise=False (the study's ablation) regresses onto g itself: for one sample the loss is ||g||^2
+    (normalised: (||g|| / (||g|| + 0.1))^2) and the gradient is (||g|| + 0.1) times the normalised one."""
+    x0 = data(B=3, key=5)
+    t = jnp.array([0.2, 0.55, 0.9])
+    eps = randn(6, x0.shape)
+    p0 = perturbed_params()
+    norms = []
+    for i in range(3):
+        def loss(p, normalise):
+            fn, jfn = student_pair(p)
+            return SCM_FORMS[form](fn, jfn, teacher_fn, x0[i:i + 1], jax.random.key(1), t=t[i:i + 1],
+                                   noise=eps[i:i + 1], normalise=normalise)
+        (_, m_raw), g_raw = vg(lambda p: loss(p, False))(p0)
+        (_, m_hat), g_hat = vg(lambda p: loss(p, True))(p0)
+        n = float(m_raw["g_norm"])
+        np.testing.assert_allclose(m_hat["g_norm"], n, rtol=1e-12)
+        np.testing.assert_allclose(m_raw["loss_unscaled"], n ** 2, rtol=1e-10)
+        np.testing.assert_allclose(m_hat["loss_unscaled"], (n / (n + 0.1)) ** 2, rtol=1e-10)
+        for k in p0:
+            np.testing.assert_allclose(g_raw[k], (n + 0.1) * g_hat[k], rtol=1e-9, atol=1e-12)
+        norms.append(n)
+    assert max(norms) > 2 * min(norms)          # samples really differ in ||g||: the weighting matters
+
+
 def _mean_norm(x):
     return jnp.mean(jnp.sqrt(jnp.sum(x ** 2, axis=tuple(range(1, x.ndim)))))
 

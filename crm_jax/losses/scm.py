@@ -14,7 +14,8 @@ Two network callables are required, both plain callables ``f(x, t, cond) -> RF v
       fn     = lambda x, t, c: model.apply(params, x, t, c)
       jvp_fn = lambda x, t, c: model.apply(jax.lax.stop_gradient(params), x, t, c)
 
-Per-sample normalisation ``g_hat = g / (||g||_2 + 0.1)``; samples whose ``g`` or network output is
+Per-sample normalisation ``g_hat = g / (||g||_2 + 0.1)`` (``normalise=False``: ``g_hat = g``, an
+ablation: every sample then weighs by its ``||g||``); samples whose ``g`` or network output is
 non-finite are zeroed (``g``, ``F`` and ``sg(F)``) and counted in ``metrics["nan_frac"]``.
 """
 
@@ -32,14 +33,14 @@ Array = jax.Array
 sg = jax.lax.stop_gradient
 
 
-def _finish(out: Array, out_sg: Array, g: Array, tangent: Array, loss_scale, extra: dict):
-    """Mask bad samples, normalise g per sample, reduce. Returns (loss, metrics)."""
+def _finish(out: Array, out_sg: Array, g: Array, tangent: Array, loss_scale, extra: dict, normalise: bool = True):
+    """Mask bad samples, normalise g per sample (unless `normalise` is False), reduce. Returns (loss, metrics)."""
     bad = C.bad_samples(g, out)
     g = C.mask_samples(bad, g)
     out = C.mask_samples(bad, out)
     out_sg = C.mask_samples(bad, out_sg)
     g_norm = C.norm_per_sample(g)
-    g_hat = g / (D.expand_time(g_norm, g) + 0.1)
+    g_hat = g / (D.expand_time(g_norm, g) + 0.1) if normalise else g
     per = C.sum_per_sample(jnp.square(out - out_sg - g_hat))
     loss_unscaled = jnp.mean(per)
     loss = loss_scale * loss_unscaled
@@ -60,7 +61,8 @@ def _finish(out: Array, out_sg: Array, g: Array, tangent: Array, loss_scale, ext
 
 def scm_trigflow_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, *, uncond: Any = None,
                       guidance=1.0, step=0, tangent_warmup=0, p_mean: float = -0.8, p_std: float = 1.6,
-                      t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 100.0):
+                      t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 100.0,
+                      normalise: bool = True):
     """sCM loss in TrigFlow form (bidirectional student, RF networks wrapped by ``trigflow_predict``).
 
     ``t ~ LogNormal-sigma(p_mean, p_std)`` in RF time (or given ``[B]`` / ``[B, T]``), ``s = arctan(t/(1-t))``,
@@ -80,6 +82,7 @@ def scm_trigflow_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, 
       teacher_fn: teacher RF velocity network (outputs are stop-gradiented).
       x0: data ``[B, ...]``; cond / uncond / guidance: CFG of the teacher.
       key: PRNG key; step, tangent_warmup: warm-up (traceable step).
+      normalise: per-sample ``g_hat = g / (||g|| + 0.1)`` (DESIGN); False: ``g_hat = g`` (ablation).
     Returns:
       ``(loss, metrics)`` with ``loss, loss_unscaled, g_norm (mean ||g|| before normalisation),
       tangent_norm (mean ||dF||), nan_frac, nan_count, t_mean``.
@@ -107,12 +110,13 @@ def scm_trigflow_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, 
     F_sg = sg(F_theta)
     r = C.warmup_ratio(step, tangent_warmup).astype(dt)
     g = -cos_s * jnp.sqrt(1.0 - r ** 2 * sin_s ** 2) * (F_sg - F_T) - (r * cos_s * sin_s * x_s + dF)
-    return _finish(F_theta, F_sg, g, dF, loss_scale, dict(t_mean=jnp.mean(t), warmup_ratio=r))
+    return _finish(F_theta, F_sg, g, dF, loss_scale, dict(t_mean=jnp.mean(t), warmup_ratio=r), normalise)
 
 
 def scm_rf_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, *, uncond: Any = None, guidance=1.0,
                 step=0, tangent_warmup=0, teacher_forcing: bool = True, p_mean: float = -0.8, p_std: float = 1.6,
-                t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 100.0):
+                t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 100.0,
+                normalise: bool = True):
     """sCM loss in RF form; with ``teacher_forcing=True`` (default) this is TF-sCM on packed sequences.
 
     ``t ~ LogNormal-sigma(p_mean, p_std)`` per sample (or given ``[B]`` / ``[B, T]``),
@@ -135,6 +139,7 @@ def scm_rf_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, *, unc
       fn, jvp_fn: student velocity network (grad forward / stop-gradient jvp copy), packed I/O for TF.
       teacher_fn: teacher velocity network (causal TF teacher for TF), outputs stop-gradiented.
       x0: clean video ``[B, T, ...]`` (``[B, ...]`` allowed when ``teacher_forcing=False``).
+      normalise: as :func:`scm_trigflow_loss`.
     Returns:
       ``(loss, metrics)`` as :func:`scm_trigflow_loss`.
     """
@@ -167,4 +172,4 @@ def scm_rf_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, *, unc
     v_sg = sg(v_theta)
     r = C.warmup_ratio(step, tangent_warmup).astype(dt)
     g = -(v_sg - v_T) - r * tb * dv
-    return _finish(v_theta, v_sg, g, dv, loss_scale, dict(t_mean=jnp.mean(t), warmup_ratio=r))
+    return _finish(v_theta, v_sg, g, dv, loss_scale, dict(t_mean=jnp.mean(t), warmup_ratio=r), normalise)

@@ -69,6 +69,7 @@ class TrainConfig:
     ema_sigma_rel: float = 0.1
     guidance: float = 5.0
     tangent_warmup: int = 0
+    tangent_normalise: bool = True  # sCM's g_hat = g / (||g|| + 0.1); False = g (an ablation)
     p_mean: float = -0.8
     p_std: float = 1.6
     dcm_steps: int = 48
@@ -318,7 +319,8 @@ class Trainer:
                                  nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
                                  teacher, x0, cond, key, uncond=uncond,
                                  guidance=c.guidance, step=step, tangent_warmup=c.tangent_warmup,
-                                 teacher_forcing=True, p_mean=c.p_mean, p_std=c.p_std)
+                                 teacher_forcing=True, p_mean=c.p_mean, p_std=c.p_std,
+                                 normalise=c.tangent_normalise)
         if c.mode == "tf_meanflow":
             mcond = dict(cond, tf_context=x0)
             return L.meanflow_loss(nets.average_velocity_fn(a, params, tf),
