@@ -18,7 +18,9 @@ every training job's seeds, evaluation episodes fixed, for repeats in another wo
                              on simulator clips (the toy world is the synthetic dataset)
   ode_init_c2                ODE-regression initialisation (CausVid / Self-Forcing baseline) on
                              teacher_bi's ODE points (the data job)
-  ablation jobs              TF-sCM variants (tangent warm-up, time distribution)
+  tf_scm_{c2,c1}_{nowarmup,nonorm,highnoise,seed1}, tf_dcm_{c2,c1}_seed1   (--only ablations) claim 1's
+                             variants: TF-sCM without tangent warm-up, without normalising g, with
+                             noisier training times; both methods again with seed 1
   dmd_{scm,dcm,ode,none,bidir}  SF-DMD refinement (real score: teacher_bi with CFG, critic from it)
                              from TF-sCM, TF-dCM, ODE regression, the causal teacher itself, or the
                              bidirectional teacher's weights (run block-causally)
@@ -42,7 +44,8 @@ the first chunk is a real generative problem. Students are evaluated every `eval
 iterations at 1, 2 and 4 steps per chunk, both ways.
 
 `--report DIR` (any machine, reads the workdir) writes tables (`study.md`), `study.json` and
-PNG plots. `--scale smoke` runs the whole DAG in minutes on a CPU (tests/test_toy_study.py).
+PNG plots; `--repeats W1,W2` adds the SF-DMD results of workdirs run with other `--seed`s (claim 2
+over seeds: mean, spread, wins per baseline). `--scale smoke` runs the whole DAG in minutes on a CPU (tests/test_toy_study.py).
 """
 
 from __future__ import annotations
@@ -104,9 +107,37 @@ TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with on
     "teacher_c2_lr5e-4": dict(lr=5e-4),
     "teacher_c2_f32": dict(model=(("dtype", "float32"),)),
 }
-ABLATIONS = {                      # TF-sCM variants (chunk-wise): name -> train overrides
-    "tf_scm_c2_nowarmup": dict(tangent_warmup=0),
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A TF student with one change of its recipe, for claim 1 (why TF-sCM is or is not faster, and
+    how much a second seed moves the curves). `train`: train-config overrides; the key `seed` is not
+    one: it is added to the job's seeds (init noise, data order), a repeat of the method."""
+    method: str                   # tf_scm | tf_dcm
+    block: int                    # block frames (PATTERNS)
+    train: tuple                  # sorted (key, value) pairs
+    about: str                    # for tables and plots
+
+    @property
+    def suffix(self) -> str:
+        return {b: s for s, b in PATTERNS.items()}[self.block]
+
+
+def _variants() -> dict[str, Variant]:
+    changes = {"nowarmup": (dict(tangent_warmup=0), "no tangent warm-up"),
+               "nonorm": (dict(tangent_normalise=False), "g not normalised"),
+               "highnoise": (dict(p_mean=0.7), "times LogNormal(0.7, 1.6), more noise"),
+               "seed1": (dict(seed=1), "seed 1")}
+    out = {}
+    for sfx, block in PATTERNS.items():
+        for tag, (train, about) in changes.items():
+            out[f"tf_scm_{sfx}_{tag}"] = Variant("tf_scm", block, tuple(sorted(train.items())), about)
+        out[f"tf_dcm_{sfx}_seed1"] = Variant("tf_dcm", block, (("seed", 1),), "seed 1")
+    return out
+
+
+ABLATIONS = _variants()           # claim 1's variants: tf_{scm,dcm}_{c2,c1}_{tag}
 DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",) + tuple(   # only by --only
     j for real, jobs in DMD_ON_DEMAND.items() for j in jobs + (f"final_dmd_{real}",))
 
@@ -136,9 +167,8 @@ def all_jobs() -> dict[str, Job]:
     jobs.append(Job("ode_init_c2", "student", ("data", "teacher_c2", "classifier"), ("ode_init", 2, ())))
     for name, over in TEACHER_VARIANTS.items():
         jobs.append(Job(name, "teacher", (), ("teacher_tf", 2, tuple(sorted(over.items())))))
-    for name, over in ABLATIONS.items():
-        jobs.append(Job(name, "student", ("teacher_c2", "classifier"),
-                        ("tf_scm", 2, tuple(sorted(over.items())))))
+    for name, v in ABLATIONS.items():
+        jobs.append(Job(name, "student", (f"teacher_{v.suffix}", "classifier"), (v.method, v.block, v.train)))
     for init, src in DMD_INITS.items():
         jobs.append(Job(f"dmd_{init}", "dmd", _unique(src, "teacher_bi", "teacher_c2", "classifier"), (src, "bi")))
         for real in DMD_ON_DEMAND:
@@ -157,6 +187,7 @@ def all_jobs() -> dict[str, Job]:
 
 
 GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"), "variants": tuple(TEACHER_VARIANTS),
+          "ablations": tuple(ABLATIONS),
           **{f"dmd_{real}": dmd + (f"final_dmd_{real}",) for real, dmd in DMD_ON_DEMAND.items()}}
 
 
@@ -381,9 +412,19 @@ def student_config(study: Study, mode: str, block: int, overrides=()):
     return c
 
 
-def run_student(study: Study, job: Job) -> dict:
+def student_job_config(study: Study, job: Job):
+    """The config of a student job (a `Variant`'s `seed` added to its seeds; the study's --seed is
+    added later, by `seeded`)."""
     mode, block, over = job.args
-    c = student_config(study, mode, block, over)
+    over = dict(over)
+    repeat = over.pop("seed", 0)
+    c = student_config(study, mode, block, over.items())
+    c.seed, c.data.seed = c.seed + repeat, c.data.seed + repeat
+    return c
+
+
+def run_student(study: Study, job: Job) -> dict:
+    c = student_job_config(study, job)
     return _train(study, job, c, _evaluator(study, c, kind="student", episodes=study.S["eval_episodes"]))
 
 
@@ -617,6 +658,8 @@ def main(argv=None):
                     help="added to every training job's seeds (one workdir per seed; evaluation fixed)")
     ap.add_argument("--job", default="", help="(internal) run one job in this process")
     ap.add_argument("--report", default="", help="write tables/plots of the workdir to this directory")
+    ap.add_argument("--repeats", default="", help="with --report: comma-separated workdirs of the same study "
+                                                  "at other --seed values, pooled in 'Claim 2 over seeds'")
     args = ap.parse_args(argv)
     study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights, dict(args.set), args.seed)
     if args.job:
@@ -624,7 +667,7 @@ def main(argv=None):
         return 0
     if args.report:
         from experiments import toy_study_report
-        toy_study_report.write_report(study, args.report)
+        toy_study_report.write_report(study, args.report, tuple(w for w in args.repeats.split(",") if w))
         return 0
     names = ([x for part in args.only.split(",") if part for x in GROUPS.get(part, (part,))]
              or sorted(n for n in all_jobs() if n not in DIAGNOSTICS))

@@ -12,11 +12,10 @@ import os
 
 import numpy as np
 
-from experiments.toy_study import DMD_INITS, DMD_REAL, TEACHER_VARIANTS
+from experiments.toy_study import ABLATIONS, DMD_INITS, DMD_REAL, TEACHER_VARIANTS
 
 METHODS = ("tf_scm", "tf_meanflow", "tf_dcm")
 LABEL = {"tf_scm": "TF-sCM", "tf_meanflow": "TF-MeanFlow", "tf_dcm": "TF-dCM", "ode_init": "ODE regression",
-         "tf_scm_c2_nowarmup": "TF-sCM, no tangent warm-up",
          "dmd_scm": "SF-DMD from TF-sCM", "dmd_dcm": "SF-DMD from TF-dCM", "dmd_ode": "SF-DMD from ODE regression",
          "dmd_none": "SF-DMD from the causal teacher (no init)",
          "dmd_bidir": "SF-DMD from the bidirectional teacher (no init, run block-causally)"}
@@ -26,6 +25,7 @@ DMD_SUFFIXES = {("" if real == "bi" else f"_{real}"): REAL_LABEL[real] for real 
 LABEL.update({f"dmd_{i}{x}": f"{LABEL[f'dmd_{i}']}, real score: {real}"
               for i in DMD_INITS for x, real in DMD_SUFFIXES.items() if x})
 DMD_JOBS = [f"dmd_{i}{x}" for x in DMD_SUFFIXES for i in DMD_INITS]
+LABEL.update({name: f"{LABEL[v.method]}, {v.about}" for name, v in ABLATIONS.items()})
 PATTERN_NAME = {"c2": "chunk-wise (2 frames)", "c1": "frame-wise"}
 GIVEN = {"steps": "2 frames", "scratch": "none"}      # students' settings: frames given to a rollout
 # Claim 1 is checked on these (setting, metric) pairs; trajectory error needs given frames (the
@@ -91,9 +91,23 @@ def collect(workdir: str) -> dict:
     return out
 
 
+def claim1_pairs(curves: dict) -> list[tuple[str, str, str, str]]:
+    """(pattern, variant, TF-sCM job, TF-dCM job) with curves: per pattern TF-sCM against TF-dCM
+    (variant ""), then each TF-sCM ablation (`ABLATIONS`) against TF-dCM of the same seed: the
+    seed-1 repeat against TF-dCM's seed-1 repeat, the others against TF-dCM."""
+    pairs = []
+    for sfx in ("c2", "c1"):
+        pairs.append((sfx, "", f"tf_scm_{sfx}", f"tf_dcm_{sfx}"))
+        for name, v in ABLATIONS.items():
+            if v.method == "tf_scm" and v.suffix == sfx:
+                seed = dict(v.train).get("seed")
+                pairs.append((sfx, v.about, name, f"tf_dcm_{sfx}" + (f"_seed{seed}" if seed else "")))
+    return [p for p in pairs if curves.get(p[2]) and curves.get(p[3])]
+
+
 def convergence_claim(data: dict) -> list[dict]:
     """Claim 1: TF-sCM reaches TF-dCM's final quality in <= 1/3 of the steps (per pattern, step count,
-    frames given, metric: `CLAIM_METRICS`). TF-dCM's final quality = mean of its last two evaluations;
+    frames given, metric: `CLAIM_METRICS`; and per `claim1_pairs` variant, `variant` "" = the recipe). TF-dCM's final quality = mean of its last two evaluations;
     "reaching" it = being at least as good (lower, or higher for `HIGHER_BETTER` metrics).
     `dcm_reaches_at`: where TF-dCM itself first got there; a TF-dCM curve that is flat after its
     first evaluations makes the 1/3 test easy, so `speedup` = dcm_reaches_at / scm_reaches_at is
@@ -104,10 +118,8 @@ def convergence_claim(data: dict) -> list[dict]:
     from the same teacher weights): otherwise "reaching" TF-dCM's final quality says nothing, and
     `holds` is None with `testable` False."""
     rows = []
-    for sfx in ("c2", "c1"):
-        scm, dcm = data["curves"].get(f"tf_scm_{sfx}"), data["curves"].get(f"tf_dcm_{sfx}")
-        if not scm or not dcm:
-            continue
+    for sfx, variant, scm_job, dcm_job in claim1_pairs(data["curves"]):
+        scm, dcm = data["curves"][scm_job], data["curves"][dcm_job]
         for n in (1, 2, 4):
             for given, metric in CLAIM_METRICS:
                 sign = -1.0 if metric in HIGHER_BETTER else 1.0      # oriented: lower is better
@@ -121,7 +133,8 @@ def convergence_claim(data: dict) -> list[dict]:
                 testable = start is None or target < start
                 hit, own = reach(si, sv, target), reach(di, dv, target)
                 total = di[-1]
-                rows.append(dict(pattern=sfx, steps=n, given=GIVEN[given], metric=metric,
+                rows.append(dict(pattern=sfx, variant=variant, scm_job=scm_job, dcm_job=dcm_job,
+                                 steps=n, given=GIVEN[given], metric=metric,
                                  init=None if start is None else sign * start, dcm_final=sign * target,
                                  dcm_iterations=total, dcm_reaches_at=own,
                                  speedup=own / hit if hit and own is not None else None,
@@ -129,6 +142,22 @@ def convergence_claim(data: dict) -> list[dict]:
                                  fraction=None if hit is None else hit / total, testable=testable,
                                  holds=(hit is not None and hit <= total / 3) if testable else None))
     return rows
+
+
+def claim1_summary(rows: list[dict]) -> list[dict]:
+    """Claim 1 per (pattern, variant): how many of its testable checks hold, the median like-for-like
+    speed-up over them, and both methods' final FD from scratch at 1 step (the metric that moves most)."""
+    out = []
+    for key, group in itertools.groupby(rows, key=lambda r: (r["pattern"], r["variant"])):
+        group = list(group)
+        tested = [r for r in group if r["holds"] is not None]
+        speed = [r["speedup"] for r in tested if r.get("speedup") is not None]
+        fd1 = next((r for r in group if (r["steps"], r["given"], r["metric"]) == (1, "none", "fd")), {})
+        out.append(dict(pattern=key[0], variant=key[1], scm_job=group[0]["scm_job"], dcm_job=group[0]["dcm_job"],
+                        testable=len(tested), holds=sum(bool(r["holds"]) for r in tested),
+                        median_speedup=float(np.median(speed)) if speed else None,
+                        scm_fd_scratch1=fd1.get("scm_final"), dcm_fd_scratch1=fd1.get("dcm_final")))
+    return out
 
 
 def _long_drift(final: dict, tag: str, tail: int = 8):
@@ -171,6 +200,44 @@ def init_claim(data: dict, suffix: str = "") -> list[dict]:
     return rows
 
 
+def dmd_seed(data: dict) -> int:
+    """The study seed (`--seed`) a workdir's SF-DMD jobs ran with (done.json; 0 before it was recorded;
+    their inits may come from another seed's workdir). Raises if they disagree."""
+    seeds = {d.get("seed", 0) for j, d in data["done"].items() if j.startswith("dmd_") and "iterations" in d}
+    if len(seeds) > 1:
+        raise ValueError(f"SF-DMD jobs of one workdir ran with different seeds {sorted(seeds)}")
+    return seeds.pop() if seeds else 0
+
+
+def claim2_over_seeds(runs: dict[int, dict], suffix: str) -> list[dict]:
+    """Claim 2 repeated over seeds (`runs`: seed -> `collect` of a workdir of that seed; SF-DMD of the
+    real score `suffix` from the same inits). Per step count and metric (trajectory error, drift):
+    each init's values by seed, mean and standard deviation (ddof 1) over the seeds where every init
+    in `CLAIM2_NEEDED` was evaluated, and per baseline the seeds where SF-DMD from TF-sCM is at least
+    as good (`wins`, of `n`) and whether it is on the mean (`holds_on_mean`)."""
+    per_seed = {seed: {r["steps"]: r for r in init_claim(data, suffix)} for seed, data in sorted(runs.items())}
+    rows = []
+    for n in (1, 2, 4):
+        seeds = [s for s, r in per_seed.items() if n in r]
+        if not seeds:
+            continue
+        for metric in ("trajectory_error", "drift_last8"):
+            values = {}
+            for s in seeds:
+                for init, v in per_seed[s][n][metric].items():
+                    if v is not None:
+                        values.setdefault(init, {})[s] = float(v)
+            base = [o for o in CLAIM2_BASELINES if o in values]
+            both = {o: [s for s in seeds if s in values[o] and s in values["scm"]] for o in base}
+            mean = {i: float(np.mean(list(v.values()))) for i, v in values.items()}
+            std = {i: float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else None for i, v in values.items()}
+            rows.append(dict(steps=n, metric=metric, real=DMD_SUFFIXES[suffix], seeds=seeds, values=values,
+                             mean=mean, std=std, n={o: len(both[o]) for o in base},
+                             wins={o: sum(values["scm"][s] <= values[o][s] for s in both[o]) for o in base},
+                             holds_on_mean={o: mean["scm"] <= mean[o] for o in base}))
+    return rows
+
+
 def _label(name: str) -> str:
     """Display name of a job: its own LABEL, else its method's (`tf_scm_c2` -> TF-sCM)."""
     return LABEL.get(name, LABEL.get(name.rsplit("_", 1)[0], name))
@@ -184,6 +251,11 @@ def _best(its, vals, nd):
 
 def _fmt(v, nd=3):
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+CLAIM1_HEADER = ("| pattern | steps | frames given | metric | init | TF-dCM final (its last 2 evals) | TF-sCM final "
+                 "| TF-sCM reaches it at | of TF-dCM's iterations | holds | TF-dCM first reaches it at | speed-up |",
+                 "|---" * 12 + "|")
 
 
 def markdown(data: dict, claims1, claims2) -> str:
@@ -247,7 +319,8 @@ def markdown(data: dict, claims1, claims2) -> str:
           "| pattern | student | steps | frames given | trajectory error (px): init / best / final "
           "| action following: init / final | FD: init / best / final |", "|---|---|---|---|---|---|---|"]
     for sfx in ("c2", "c1"):
-        names = [f"{m}_{sfx}" for m in METHODS] + (["tf_scm_c2_nowarmup", "ode_init_c2"] + DMD_JOBS if sfx == "c2" else [])
+        names = ([f"{m}_{sfx}" for m in METHODS] + [a for a, v in ABLATIONS.items() if v.suffix == sfx]
+                 + (["ode_init_c2"] + DMD_JOBS if sfx == "c2" else []))
         for name in names:
             rows = data["curves"].get(name)
             if not rows or rows[-1]["iteration"] == 0:     # not trained (yet): only its initialisation
@@ -270,17 +343,33 @@ def markdown(data: dict, claims1, claims2) -> str:
           "following: higher is better (\"reaches\" = at least as high).", "",
           "TF-dCM first reaches = where TF-dCM itself first got to its final quality; speed-up = that / "
           "where TF-sCM got there (the paper reports about 10).", "",
-          "| pattern | steps | frames given | metric | init | TF-dCM final (its last 2 evals) | TF-sCM final | TF-sCM reaches it at "
-          "| of TF-dCM's iterations | holds | TF-dCM first reaches it at | speed-up |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in claims1:
+          *CLAIM1_HEADER]
+
+    def claim1_row(r):
         verdict = "not testable" if r.get("holds") is None else ("yes" if r["holds"] else "no")
         speed = "-" if r.get("speedup") is None or r.get("holds") is None else f"{r['speedup']:.1f}x"
-        L.append(f"| {r['pattern']} | {r['steps']} | {r.get('given', '2 frames')} | {r['metric']} | {_fmt(r.get('init'))} | "
-                 f"{_fmt(r['dcm_final'])} | {_fmt(r['scm_final'])} | {_fmt(r['scm_reaches_at'])} | {_fmt(r['fraction'], 2)} | {verdict} "
-                 f"| {_fmt(r.get('dcm_reaches_at'))} | {speed} |")
+        return (f"| {r['pattern']} | {r['steps']} | {r.get('given', '2 frames')} | {r['metric']} | {_fmt(r.get('init'))} | "
+                f"{_fmt(r['dcm_final'])} | {_fmt(r['scm_final'])} | {_fmt(r['scm_reaches_at'])} | {_fmt(r['fraction'], 2)} | {verdict} "
+                f"| {_fmt(r.get('dcm_reaches_at'))} | {speed} |")
+
+    L += [claim1_row(r) for r in claims1 if not r.get("variant")]
     if not claims1:
         L.append("| (not run yet) | | | | | | | | | | | |")
+    summary = claim1_summary(claims1)
+    if any(r["variant"] for r in summary):
+        L += ["", "### Claim 1 by variant (why, and how much a second seed moves it)", "",
+              "Each TF-sCM variant against TF-dCM of the same seed; checks = the rows of the table above "
+              "(3 step counts x 4 metrics) where the claim is testable; speed-up = median like-for-like "
+              "ratio over them.", "",
+              "| pattern | TF-sCM variant | against | testable checks | hold (<= 1/3) | median speed-up "
+              "| FD from scratch, 1 step: TF-sCM final | TF-dCM final |", "|---|---|---|---|---|---|---|---|"]
+        for r in summary:
+            speed = "-" if r["median_speedup"] is None else f"{r['median_speedup']:.1f}x"
+            L.append(f"| {r['pattern']} | {r['variant'] or 'the recipe'} | {_label(r['dcm_job'])} | {r['testable']} "
+                     f"| {r['holds']} | {speed} | {_fmt(r['scm_fd_scratch1'], 1)} | {_fmt(r['dcm_fd_scratch1'], 1)} |")
+        for variant in dict.fromkeys(r["variant"] for r in claims1 if r["variant"]):
+            L += ["", f"#### TF-sCM, {variant}", "", *CLAIM1_HEADER]
+            L += [claim1_row(r) for r in claims1 if r["variant"] == variant]
     L += ["", "## Claim 2: SF-DMD from TF-sCM is at least as good as from ODE regression and from no init", "",
           "Real score = the teacher whose CFG score SF-DMD matches (it also initialises the critic).", "",
           "No init = SF-DMD straight from a teacher's weights: the causal teacher's (the TF students' teacher), "
@@ -317,6 +406,48 @@ def _save(fig, path: str, rect=None) -> str:
     return path
 
 
+def _variant_styles(sfx: str) -> dict[str, dict]:
+    """Claim 1's curves of pattern `sfx`: TF-dCM red, TF-sCM blue (their seed repeats dashed), each
+    other TF-sCM ablation its own colour, dotted."""
+    styles = {f"tf_dcm_{sfx}": dict(color="C3", ls="-"), f"tf_scm_{sfx}": dict(color="C0", ls="-")}
+    others = iter(("C1", "C2", "C4", "C5", "C6", "C7"))
+    for name, v in ABLATIONS.items():
+        if v.suffix == sfx:
+            seeded = "seed" in dict(v.train)
+            styles[name] = (dict(color="C3" if v.method == "tf_dcm" else "C0", ls="--") if seeded
+                            else dict(color=next(others), ls=":"))
+    return styles
+
+
+def _variant_plot(plt, curves: dict, out: str) -> list[str]:
+    """claim1_variants.png: rows = pattern, columns = FD from scratch at 1/2/4 steps and trajectory
+    error at 1 step; every claim-1 variant with curves (nothing written if no variant has any)."""
+    if not any(curves.get(a) for a in ABLATIONS):
+        return []
+    panels = [("scratch", n, "fd", f"FD from scratch, {n} step{'s' * (n > 1)} (log)") for n in (1, 2, 4)]
+    panels.append(("steps", 1, "trajectory_error", "trajectory error, 2 frames given, 1 step (px)"))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
+    for row, sfx in enumerate(("c2", "c1")):
+        for ax, (given, n, metric, ylabel) in zip(axes[row], panels):
+            for name, style in _variant_styles(sfx).items():
+                its, vals = curve(curves.get(name, []), f"{given}{n}", metric)
+                if its:
+                    ax.plot(its, vals, marker=".", label=_label(name), **style)
+            if given == "scratch" and ax.lines:
+                ax.set_yscale("log")
+            ax.set_title(PATTERN_NAME[sfx], fontsize=10)
+            ax.set_xlabel("training iteration")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, which="both")
+    handles = {}
+    for ax in axes.flat:
+        for line in ax.lines:
+            handles.setdefault(line.get_label(), line)
+    fig.legend(handles=list(handles.values()), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Claim 1: TF-sCM's variants against TF-dCM (dashed: the seed-1 repeats)")
+    return [_save(fig, os.path.join(out, "claim1_variants.png"), rect=(0, 0.07, 1, 1))]
+
+
 def plots(data: dict, out: str, workdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -324,8 +455,7 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
 
     files = []
     curves = data["curves"]
-    styles = {"tf_scm": ("C0", "-"), "tf_meanflow": ("C2", "-"), "tf_dcm": ("C3", "-"), "ode_init": ("C4", "-"),
-              "tf_scm_c2_nowarmup": ("C0", ":")}
+    styles = {"tf_scm": ("C0", "-"), "tf_meanflow": ("C2", "-"), "tf_dcm": ("C3", "-"), "ode_init": ("C4", "-")}
     for given, metric, ylabel, png in (
             ("steps", "trajectory_error", "trajectory error (px)", "convergence_trajectory_error.png"),
             ("steps", "fd", "Fréchet distance", "convergence_fd.png"),
@@ -335,8 +465,8 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
             for col, n in enumerate((1, 2, 4)):
                 ax = axes[row, col]
                 for name, rows in curves.items():
-                    base = name if name.startswith("tf_scm_c2_") else name.rsplit("_", 1)[0]
-                    if base not in styles or not (name.endswith(sfx) or (sfx == "c2" and name.startswith("tf_scm_c2_"))):
+                    base = name.rsplit("_", 1)[0]
+                    if base not in styles or not name.endswith(f"_{sfx}"):
                         continue
                     its, vals = curve(rows, f"{given}{n}", metric)
                     if its:
@@ -354,6 +484,8 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
             continue
         axes[0, 0].legend(fontsize=8)
         files.append(_save(fig, os.path.join(out, png)))
+
+    files += _variant_plot(plt, curves, out)
 
     # SF-DMD curves: colour = initialisation, line style = real score (two legends below the plots);
     # log scale, so inits that start an order of magnitude worse do not flatten the others.
@@ -468,21 +600,96 @@ def plots(data: dict, out: str, workdir: str) -> list[str]:
     return files
 
 
-def write_report(study, out: str) -> dict:
+def seeds_markdown(rows: list[dict]) -> str:
+    """Claim 2 over seeds as a markdown section (`claim2_over_seeds` rows)."""
+    inits = [i for i in DMD_INITS if any(i in r["mean"] for r in rows)]
+    L = ["## Claim 2 over seeds", "",
+         "SF-DMD from the same inits, repeated with `--seed N` (training seeds shifted, evaluation fixed); "
+         "mean ± standard deviation over the seeds (px). Wins = seeds where SF-DMD from TF-sCM is at least as "
+         "good as from that baseline.", "",
+         "| real score | steps | metric | seeds | " + " | ".join(LABEL[f"dmd_{i}"].removeprefix("SF-DMD ") for i in inits)
+         + " | " + " | ".join(f"wins vs {b}" for b in CLAIM2_BASELINES.values()) + " |",
+         "|---" * (4 + len(inits) + len(CLAIM2_BASELINES)) + "|"]
+    for r in rows:
+        cells = [("-" if i not in r["mean"] else f"{r['mean'][i]:.2f}"
+                  + ("" if r["std"].get(i) is None else f" ± {r['std'][i]:.2f}")) for i in inits]
+        wins = [f"{r['wins'][o]}/{r['n'][o]}" if o in r["wins"] else "-" for o in CLAIM2_BASELINES]
+        metric = {"trajectory_error": "trajectory error", "drift_last8": "drift, last 8 of 32"}[r["metric"]]
+        L.append(f"| {r['real']} | {r['steps']} | {metric} | {','.join(map(str, r['seeds']))} | "
+                 + " | ".join(cells) + " | " + " | ".join(wins) + " |")
+    return "\n".join(L) + "\n"
+
+
+def _seeds_plot(rows: list[dict], out: str) -> list[str]:
+    """claim2_seeds.png: per step count (columns) and metric (rows), each init's value at every seed
+    (dots) and its mean ± std (bar), log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    if not rows:
+        return []
+    reals = sorted({r["real"] for r in rows})
+    files = []
+    for real in reals:
+        fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), squeeze=False)
+        for r in (r for r in rows if r["real"] == real):
+            ax = axes[("trajectory_error", "drift_last8").index(r["metric"]), (1, 2, 4).index(r["steps"])]
+            for k, init in enumerate(i for i in DMD_INITS if i in r["values"]):
+                vals = list(r["values"][init].values())
+                ax.errorbar([k], [r["mean"][init]], yerr=[r["std"][init] or 0.0], fmt="s", color=f"C{k}",
+                            capsize=4, ms=7)
+                ax.plot([k + 0.15] * len(vals), vals, ".", color=f"C{k}", alpha=0.6)
+            inits = [i for i in DMD_INITS if i in r["values"]]
+            ax.set_xticks(range(len(inits)))
+            ax.set_xticklabels([LABEL[f"dmd_{i}"].removeprefix("SF-DMD from ").split(" (")[0] for i in inits],
+                               rotation=20, fontsize=8)
+            ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.set_title(f"{r['steps']} step{'s' * (r['steps'] > 1)} per chunk, seeds {','.join(map(str, r['seeds']))}",
+                         fontsize=10)
+            ax.set_ylabel({"trajectory_error": "trajectory error (px, log)",
+                           "drift_last8": "drift, last 8 of 32 frames (px, log)"}[r["metric"]])
+            ax.grid(alpha=0.3, which="both", axis="y")
+        fig.suptitle(f"SF-DMD from each initialisation over seeds (real score: {real}); squares: mean ± std")
+        name = "claim2_seeds.png" if len(reals) == 1 else f"claim2_seeds_{real.replace(' ', '_').replace(',', '')}.png"
+        files.append(_save(fig, os.path.join(out, name)))
+    return files
+
+
+def write_report(study, out: str, repeats: tuple[str, ...] = ()) -> dict:
+    """Report of `study.workdir` into `out`; `repeats`: workdirs of the same study at other seeds
+    (`--seed N`), whose SF-DMD results are pooled with this one's in "Claim 2 over seeds"."""
     os.makedirs(out, exist_ok=True)
     data = collect(study.workdir)
     data["teacher_batch"] = {j: dict(v).get("batch_size", study.S["teacher_batch"])
                              for j, v in {**{t: {} for t in ("teacher_bi", "teacher_c2", "teacher_c1")},
                                           **TEACHER_VARIANTS}.items()}
     c1, c2 = convergence_claim(data), [r for x in DMD_SUFFIXES for r in init_claim(data, x)]
-    summary = dict(scale=study.scale, budgets=study.S, claim1=c1, claim2=c2, final=data["final"],
-                   done=data["done"], curves=data["curves"])
+    summary = dict(scale=study.scale, budgets=study.S, claim1=c1, claim1_summary=claim1_summary(c1), claim2=c2,
+                   final=data["final"], done=data["done"], curves=data["curves"])
+    files = []
+    md = markdown(data, c1, c2)
+    if repeats:
+        runs = {dmd_seed(data): data}
+        for w in repeats:
+            d = collect(w)
+            seed = dmd_seed(d)
+            if seed in runs:
+                raise ValueError(f"{w} repeats seed {seed}, already in the report; each repeat needs its own --seed")
+            runs[seed] = d
+        seeds = [r for x in DMD_SUFFIXES for r in claim2_over_seeds(runs, x) if len(r["seeds"]) > 1]
+        summary["claim2_over_seeds"] = seeds
+        md += "\n" + seeds_markdown(seeds)
+        files += _seeds_plot(seeds, out)
     with open(os.path.join(out, "study.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    md = markdown(data, c1, c2)
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(md)
-    files = plots(data, out, study.workdir)
+    files = plots(data, out, study.workdir) + files
     print(md)
     print("wrote", os.path.join(out, "study.md"), os.path.join(out, "study.json"), *files)
     return summary

@@ -38,6 +38,26 @@ def test_dag_is_complete_and_acyclic():
     assert {"tf_scm_c2", "tf_dcm_c2", "ode_init_c2", "dmd_scm", "dmd_none", "dmd_bidir"} <= final
     assert jobs["dmd_bidir_tf"].deps == ("teacher_bi", "teacher_c2", "classifier")   # each once
     assert jobs["dmd_bidir_tf"].args == ("teacher_bi", "tf") and "dmd_bidir_tf" in ts.GROUPS["dmd_tf"]
+    # claim 1's variants: each distils from its own pattern's teacher
+    assert jobs["tf_scm_c1_nonorm"].deps == ("teacher_c1", "classifier")
+    assert jobs["tf_dcm_c2_seed1"].args == ("tf_dcm", 2, (("seed", 1),)) and "tf_dcm_c2_seed1" in ts.GROUPS["ablations"]
+
+
+def test_claim1_variants_change_one_thing_of_the_recipe(tmp_path):
+    from crm_jax.training import loop
+
+    study, jobs = ts.Study(str(tmp_path), "full"), ts.all_jobs()
+    for name in ts.ABLATIONS:
+        c = ts.student_job_config(study, jobs[name])
+        ref = ts.student_job_config(study, jobs["_".join(name.split("_")[:3])])   # tf_scm_c1_nonorm -> tf_scm_c1
+        diff = {k for k in ref.train if ref.train[k] != c.train[k]}
+        if name.endswith("seed1"):
+            assert not diff and (c.seed, c.data.seed) == (ref.seed + 1, ref.data.seed + 1), name
+        else:
+            assert len(diff) == 1 and (c.seed, c.data.seed) == (ref.seed, ref.data.seed), (name, diff)
+        loop.train_config(c)                      # a valid train config
+    assert loop.train_config(ts.student_job_config(study, jobs["tf_scm_c1_nonorm"])).tangent_normalise is False
+    assert ts.student_job_config(study, jobs["tf_scm_c2_highnoise"]).train.p_mean == 0.7
 
 
 def _fake(study, name):
@@ -203,8 +223,26 @@ def test_claim_checks_and_plots_on_a_synthetic_workdir(tmp_path):
     assert all(r["beats_traj"] == {"ode": False, "none": False, "bidir": False} for r in causal)
     assert all(r["beats_drift"]["bidir"] and not r["holds_drift"] for r in causal)
     assert all(r["fd_scratch"]["scm"] is None and r["holds_fd_scratch"] is None for r in causal)
+    # Claim 1's variants: each TF-sCM variant against TF-dCM of its seed.
+    _write_curve(w, "tf_dcm_c2_seed1", [9, 8, 7, 6, 5, 5])
+    _write_curve(w, "tf_scm_c2_seed1", [9, 8, 7, 6, 5.5, 4.9])   # reaches 5 at 500: does not hold
+    _write_curve(w, "tf_scm_c2_nonorm", [9, 4.8, 4.5, 4.4, 4.3, 4.2])
+    _write_curve(w, "tf_dcm_c1_seed1", [9, 8, 7, 6, 5, 5])       # its TF-sCM repeat not run: no pair
+    assert rep.claim1_pairs(rep.collect(str(w)).get("curves")) == [
+        ("c2", "", "tf_scm_c2", "tf_dcm_c2"), ("c2", "g not normalised", "tf_scm_c2_nonorm", "tf_dcm_c2"),
+        ("c2", "seed 1", "tf_scm_c2_seed1", "tf_dcm_c2_seed1"), ("c1", "", "tf_scm_c1", "tf_dcm_c1")]
+    rows = rep.convergence_claim(rep.collect(str(w)))
+    summ = {(r["pattern"], r["variant"]): r for r in rep.claim1_summary(rows)}
+    assert summ[("c2", "seed 1")]["holds"] == 0 and summ[("c2", "seed 1")]["testable"] == 12
+    assert summ[("c2", "g not normalised")]["holds"] == 12
+    assert summ[("c2", "")]["holds"] == sum(bool(r["holds"]) for r in rows if r["variant"] == "" and r["pattern"] == "c2")
+    assert summ[("c2", "g not normalised")]["dcm_fd_scratch1"] == 500 and summ[("c2", "seed 1")]["scm_fd_scratch1"] == 520
     out = tmp_path / "report"
     summary = rep.write_report(ts.Study(str(w), "full"), str(out))
+    assert len(summary["claim1_summary"]) == 4
+    md = (out / "study.md").read_text()
+    assert "| c2 | seed 1 | TF-dCM, seed 1 | 12 | 0 |" in md and "#### TF-sCM, g not normalised" in md
+    assert (out / "claim1_variants.png").stat().st_size > 1000
     assert summary["claim1"] and (out / "study.md").read_text().count("| no |") >= 1
     md = (out / "study.md").read_text()
     assert "| c2 | TF-sCM (500 it) | 1 | none | - | " in md and "| bidirectional teacher (300 it) | 2 | FD from scratch" in md
@@ -277,6 +315,48 @@ def test_seed_shifts_training_seeds_and_reaches_job_commands(tmp_path):
     for bad in (-1, 1.5):
         with pytest.raises(ValueError, match="seed"):
             ts.Study(str(tmp_path), "full", seed=bad)
+
+
+def _dmd_workdir(w, seed, traj, drift):
+    """A workdir with the teacher-forcing SF-DMD jobs of `seed` finished and evaluated: trajectory
+    error traj[init] and a flat drift curve drift[init] at every step count."""
+    fin = {}
+    for init in traj:
+        os.makedirs(w / f"dmd_{init}_tf")
+        (w / f"dmd_{init}_tf" / "done.json").write_text(json.dumps({"iterations": 800, "seed": seed}))
+        for n in (1, 2, 4):
+            fin[f"dmd_{init}_tf/steps{n}"] = {"short": {"trajectory_error": traj[init], "action_following": 0.5},
+                                              "long": {"drift_by_frame": [drift[init]] * 30}}
+    os.makedirs(w / "final_dmd_tf")
+    (w / "final_dmd_tf" / "final.json").write_text(json.dumps(fin))
+    os.makedirs(w / "teacher_c2")           # an init copied from the seed-0 study: no seed recorded
+    (w / "teacher_c2" / "done.json").write_text(json.dumps({"iterations": 6000}))
+
+
+def test_claim2_over_seeds_pools_repeats_and_counts_wins(tmp_path):
+    inits = ("scm", "dcm", "ode", "none", "bidir")
+    _dmd_workdir(tmp_path / "w0", 0, dict(zip(inits, (3.0, 2.7, 4.0, 2.0, 20.0))), dict(zip(inits, (12.0, 12.5, 13, 12.5, 21))))
+    _dmd_workdir(tmp_path / "w1", 1, dict(zip(inits, (3.2, 2.7, 4.2, 2.2, 20.0))), dict(zip(inits, (12.6, 12.5, 13, 12.4, 21))))
+    _dmd_workdir(tmp_path / "w2", 2, dict(zip(inits, (3.1, 2.7, 3.0, 2.1, 20.0))), dict(zip(inits, (12.3, 12.5, 13, 12.5, 21))))
+    runs = {rep.dmd_seed(d): d for d in (rep.collect(str(tmp_path / w)) for w in ("w0", "w1", "w2"))}
+    assert sorted(runs) == [0, 1, 2]
+    rows = {(r["steps"], r["metric"]): r for r in rep.claim2_over_seeds(runs, "_tf")}
+    r = rows[(1, "trajectory_error")]
+    assert r["seeds"] == [0, 1, 2] and r["mean"]["scm"] == pytest.approx(3.1) and r["std"]["scm"] == pytest.approx(0.1)
+    assert r["wins"] == {"ode": 2, "none": 0, "bidir": 3} and r["n"] == {"ode": 3, "none": 3, "bidir": 3}
+    assert r["holds_on_mean"] == {"ode": True, "none": False, "bidir": True}
+    d = rows[(4, "drift_last8")]
+    assert d["wins"]["none"] == 2 and d["mean"]["none"] == pytest.approx(12.4667, abs=1e-4)
+    out = tmp_path / "report"
+    ts.main(["--workdir", str(tmp_path / "w0"), "--report", str(out), "--repeats", f"{tmp_path / 'w1'},{tmp_path / 'w2'}"])
+    md = (out / "study.md").read_text()
+    assert "| causal teacher, teacher forcing | 1 | trajectory error | 0,1,2 | 3.10 ± 0.10 | 2.70 ± 0.00 |" in md
+    assert "| 2/3 | 0/3 | 3/3 |" in md and (out / "claim2_seeds.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="repeats seed 0"):
+        ts.main(["--workdir", str(tmp_path / "w0"), "--report", str(out), "--repeats", str(tmp_path / "w0")])
+    (tmp_path / "w2" / "dmd_scm_tf" / "done.json").write_text(json.dumps({"iterations": 800, "seed": 5}))
+    with pytest.raises(ValueError, match="different seeds"):
+        rep.dmd_seed(rep.collect(str(tmp_path / "w2")))
 
 
 def test_student_weights_choice_reaches_configs_and_job_commands(tmp_path):
