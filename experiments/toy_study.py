@@ -45,7 +45,8 @@ iterations at 1, 2 and 4 steps per chunk, both ways.
 
 `--report DIR` (any machine, reads the workdir) writes tables (`study.md`), `study.json` and
 PNG plots; `--repeats W1,W2` adds the SF-DMD results of workdirs run with other `--seed`s (claim 2
-over seeds: mean, spread, wins per baseline). `--scale smoke` runs the whole DAG in minutes on a CPU (tests/test_toy_study.py).
+over seeds: mean, spread, wins per baseline). `--scale smoke` runs the whole DAG in minutes on a
+CPU (tests/test_toy_study.py).
 """
 
 from __future__ import annotations
@@ -661,6 +662,8 @@ def main(argv=None):
     ap.add_argument("--repeats", default="", help="with --report: comma-separated workdirs of the same study "
                                                   "at other --seed values, pooled in 'Claim 2 over seeds'")
     args = ap.parse_args(argv)
+    if args.repeats and not args.report:
+        ap.error("--repeats pools other seeds' workdirs into a report: it needs --report DIR")
     study = Study(os.path.abspath(args.workdir), args.scale, args.student_weights, dict(args.set), args.seed)
     if args.job:
         run_job(study, args.job)

@@ -352,6 +352,8 @@ def test_claim2_over_seeds_pools_repeats_and_counts_wins(tmp_path):
     md = (out / "study.md").read_text()
     assert "| causal teacher, teacher forcing | 1 | trajectory error | 0,1,2 | 3.10 ± 0.10 | 2.70 ± 0.00 |" in md
     assert "| 2/3 | 0/3 | 3/3 |" in md and (out / "claim2_seeds.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):           # --repeats without --report
+        ts.main(["--workdir", str(tmp_path / "w0"), "--repeats", str(tmp_path / "w1")])
     with pytest.raises(ValueError, match="repeats seed 0"):
         ts.main(["--workdir", str(tmp_path / "w0"), "--report", str(out), "--repeats", str(tmp_path / "w0")])
     (tmp_path / "w2" / "dmd_scm_tf" / "done.json").write_text(json.dumps({"iterations": 800, "seed": 5}))
