@@ -107,8 +107,9 @@ def claim1_pairs(curves: dict) -> list[tuple[str, str, str, str]]:
 
 def convergence_claim(data: dict) -> list[dict]:
     """Claim 1: TF-sCM reaches TF-dCM's final quality in <= 1/3 of the steps (per pattern, step count,
-    frames given, metric: `CLAIM_METRICS`; and per `claim1_pairs` variant, `variant` "" = the recipe). TF-dCM's final quality = mean of its last two evaluations;
-    "reaching" it = being at least as good (lower, or higher for `HIGHER_BETTER` metrics).
+    frames given, metric: `CLAIM_METRICS`; and per `claim1_pairs` variant, `variant` "" = the
+    recipe). TF-dCM's final quality = mean of its last two evaluations; "reaching" it = being at
+    least as good (lower, or higher for `HIGHER_BETTER` metrics).
     `dcm_reaches_at`: where TF-dCM itself first got there; a TF-dCM curve that is flat after its
     first evaluations makes the 1/3 test easy, so `speedup` = dcm_reaches_at / scm_reaches_at is
     the like-for-like ratio (the paper's ~10x).
