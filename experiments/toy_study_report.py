@@ -98,10 +98,10 @@ def claim1_pairs(curves: dict) -> list[tuple[str, str, str, str]]:
     pairs = []
     for sfx in ("c2", "c1"):
         pairs.append((sfx, "", f"tf_scm_{sfx}", f"tf_dcm_{sfx}"))
+        repeats = {v.train: name for name, v in ABLATIONS.items() if v.method == "tf_dcm" and v.suffix == sfx}
         for name, v in ABLATIONS.items():
-            if v.method == "tf_scm" and v.suffix == sfx:
-                seed = dict(v.train).get("seed")
-                pairs.append((sfx, v.about, name, f"tf_dcm_{sfx}" + (f"_seed{seed}" if seed else "")))
+            if v.method == "tf_scm" and v.suffix == sfx:      # a seed repeat has a TF-dCM twin of the same train
+                pairs.append((sfx, v.about, name, repeats.get(v.train, f"tf_dcm_{sfx}")))
     return [p for p in pairs if curves.get(p[2]) and curves.get(p[3])]
 
 
