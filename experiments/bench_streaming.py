@@ -7,7 +7,8 @@ Default (GPU): `wan_1_3b` dimensions, random weights, bf16, 480p (latent 60x104 
 30x52 = 1560 tokens/frame), 21 latent frames, B = 1, chunk 3 and frame-wise, 1/2/4
 steps, clean- vs noisy-context, DiT only (no VAE, no text encoder); then the same
 table for the tiny toy-world model (12-channel 16x16 latents, 21 frames, with actions).
-Attention uses the config's `attn_impl` ("auto": the Pallas kernels where available).
+Attention uses the config's `attn_impl` ("auto": the Pallas kernels where available) and, over the
+KV cache, `--cache_attn_impl` ("auto": our Mosaic-GPU kernel on Hopper, cuDNN on other GPUs).
 
 Per configuration: one warm-up video (compiles every cache layout), then `--repeats`
 timed pairs of videos, each chunk `block_until_ready`-ed as it is yielded:
@@ -42,6 +43,9 @@ Variants (StreamingSampler options; one per run, named by --label):
                                same loop with a compile-time trip count (static: no predicate read,
                                one compile per call count), or one asynchronously dispatched jitted
                                call per model call (host)
+  --no_text_kv                 every call projects the text in every layer (before session 9; the
+                               default computes the cross-attention keys/values once per video)
+  --cache_attn_impl auto|mgpu|cudnn  the attention over the KV cache (auto: mgpu on Hopper)
   --compiler_option NAME=VALUE XLA option of the chunk function (repeatable), e.g. command
                                buffers (CUDA graphs) around while loops:
                                xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
@@ -92,11 +96,12 @@ def model_setups(args):
         return [("tiny", cfg, (8, 8), 6, True)]
     setups = []
     if "wan_1_3b" in args.models:
-        cfg = get_model_config("wan_1_3b", dtype=args.dtype, param_dtype=args.dtype)
+        cfg = get_model_config("wan_1_3b", dtype=args.dtype, param_dtype=args.dtype,
+                               cache_attn_impl=args.cache_attn_impl)
         setups.append(("wan_1_3b", cfg, tuple(args.latent_hw), args.frames, False))
     if "tiny" in args.models:
         cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5,
-                               dtype=args.dtype, param_dtype=args.dtype)
+                               dtype=args.dtype, param_dtype=args.dtype, cache_attn_impl=args.cache_attn_impl)
         setups.append(("tiny", cfg, (16, 16), args.frames, True))
     return setups
 
@@ -164,14 +169,15 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
             timed(sampler, key, context, frames, actions)
         chunks = len(list(chunk_bounds(pattern, frames)))
         try:   # two videos were traced (with and without prefetch): time per chunk
-            prof = trace_summary.summarize(args.profile, per=2 * chunks)
+            prof = trace_summary.summarize(args.profile, per=2 * chunks, top=40)
             print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
                   + trace_summary.fmt(prof), flush=True)
         except (ValueError, FileNotFoundError) as e:
             print(f"profile summary failed: {e}", flush=True)
     first, steady, overall, steady_pf, overall_pf, disp = (statistics.median(x) for x in zip(*runs))
     tpf = sampler.tpf
-    row = dict(model=name, variant=args.label, **variant_options(args), traced_cache_len=sampler.traced_cache_len,
+    row = dict(model=name, variant=args.label, **variant_options(args), **model_options(args),
+               traced_cache_len=sampler.traced_cache_len,
                latent_hw=list(latent_hw), tokens_per_frame=tpf, frames=frames, block_frames=block,
                steps=steps, context=mode, first_chunk_ms=first * 1e3, steady_fps=steady, overall_fps=overall,
                steady_fps_prefetch=steady_pf, overall_fps_prefetch=overall_pf, dispatch_ms=disp * 1e3,
@@ -210,7 +216,13 @@ def video_check(video) -> dict:
 def variant_options(args) -> dict:
     """The StreamingSampler options of the benchmarked variant."""
     return dict(kv_update=args.kv_update, kv_layout=args.kv_layout, scan_unroll=args.scan_unroll,
-                call_loop=args.call_loop, compiler_options=dict(args.compiler_option) or None)
+                call_loop=args.call_loop, compiler_options=dict(args.compiler_option) or None,
+                text_kv=not args.no_text_kv)
+
+
+def model_options(args) -> dict:
+    """The model-config options of the benchmarked variant (recorded next to the sampler's)."""
+    return dict(cache_attn_impl=args.cache_attn_impl)
 
 
 def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
@@ -304,6 +316,12 @@ def parse(argv=None):
     p.add_argument("--kv_layout", default="per_layer", choices=["stacked", "per_layer"],
                    help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)")
     p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
+    p.add_argument("--no_text_kv", action="store_true",
+                   help="every call projects the text in every layer (StreamingSampler(text_kv=False)); default: "
+                        "the cross-attention keys/values are computed once per video")
+    p.add_argument("--cache_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla", "triton"],
+                   help="backend of the attention over the KV cache (WanConfig.cache_attn_impl; auto: our "
+                        "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)")
     p.add_argument("--call_loop", default="device", choices=["device", "static", "host"],
                    help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
                         "(static) trip count, or one async jitted call each (host)")
@@ -336,6 +354,8 @@ def parse(argv=None):
     a.pairs = pairs
     if a.label is None:
         a.label = "-".join([a.kv_update, a.kv_layout, a.call_loop]
+                           + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
+                           + (["no_text_kv"] if a.no_text_kv else [])
                            + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
                            + (["opts"] if a.compiler_option else []))
     if a.scan_unroll < 1:
@@ -369,8 +389,10 @@ def main(argv=None):
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, variant=args.label,
-                           options=variant_options(args), rows=rows, table=fmt(rows)), f, indent=1)
+            json.dump(dict(device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind,
+                           jax=jax.__version__, variant=args.label,
+                           options={**variant_options(args), **model_options(args)}, rows=rows, table=fmt(rows)),
+                      f, indent=1)
 
     for (name, cfg, hw, frames, acts), block, steps, mode in configs:
         if args.isolate and not args.only:

@@ -18,7 +18,8 @@ time is split into:
 `busy_ms` is the sum of kernel time (streams can overlap, so it can exceed the
 wall time), `span_ms` the first-kernel-start to last-kernel-end interval, and
 `idle_ms = span - union of kernel intervals` the time no kernel ran (host work,
-launch gaps). `--per N` divides by N (e.g. the number of profiled steps).
+launch gaps), `kernels` the number of kernels and each top kernel's `calls`. `--per N`
+divides by N (e.g. the number of profiled steps).
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def summarize(trace_dir: str, per: float = 1.0, top: int = 15) -> dict:
     if not kernels:
         lines = sorted({f"{pname.get(p, p)} / {t}" for (p, _), t in tname.items()})
         raise ValueError(f"no device stream events in {path}; lines present: {lines[:40]}")
-    by_cat, by_name = collections.Counter(), collections.Counter()
+    by_cat, by_name, calls = collections.Counter(), collections.Counter(), collections.Counter()
     for e in kernels:
         by_cat[category(e["name"])] += e["dur"]
         by_name[e["name"]] += e["dur"]
+        calls[e["name"]] += 1
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     union, cur_s, cur_e = 0.0, *spans[0]
     for s, t in spans[1:]:
@@ -90,17 +92,20 @@ def summarize(trace_dir: str, per: float = 1.0, top: int = 15) -> dict:
     ms = lambda us: round(us / 1e3 / per, 3)
     busy = sum(by_cat.values())
     return dict(trace=path, per=per, busy_ms=ms(busy), span_ms=ms(span), idle_ms=ms(span - union),
+                kernels=round(len(kernels) / per, 1),
                 categories={c: dict(ms=ms(v), share=round(v / busy, 3)) for c, v in by_cat.most_common()},
-                top_kernels=[dict(name=n[:120], category=category(n), ms=ms(v)) for n, v in by_name.most_common(top)])
+                top_kernels=[dict(name=n[:120], category=category(n), ms=ms(v), calls=round(calls[n] / per, 1))
+                             for n, v in by_name.most_common(top)])
 
 
 def fmt(s: dict) -> str:
     lines = [f"kernel time per unit (/{s['per']:g}): busy {s['busy_ms']:.2f} ms, span {s['span_ms']:.2f} ms, "
-             f"idle {s['idle_ms']:.2f} ms",
+             f"idle {s['idle_ms']:.2f} ms, {s.get('kernels', float('nan')):g} kernels",
              f"{'category':12s} {'ms':>10s} {'share':>7s}"]
     lines += [f"{c:12s} {v['ms']:10.2f} {v['share']:7.1%}" for c, v in s["categories"].items()]
     lines.append("top kernels:")
-    lines += [f"  {k['ms']:9.2f} ms  {k['category']:10s} {k['name']}" for k in s["top_kernels"]]
+    lines += [f"  {k['ms']:9.2f} ms  {k.get('calls', float('nan')):7g} x  {k['category']:10s} {k['name']}"
+              for k in s["top_kernels"]]
     return "\n".join(lines)
 
 

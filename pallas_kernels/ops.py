@@ -33,9 +33,10 @@ Automatic differentiation (`ad`), for the ``triton`` backend:
 The XLA backend supports both AD modes in either setting.
 
 KV-cache buffers: `attention_kv_prefix(q, k, v, kv_len)` attends to the first `kv_len`
-keys of a longer buffer without slicing it (cuDNN `key_value_seq_lengths`, a masked
-XLA reference, or the kernels with a static `prefix_spec`); `kv_len` may be traced on
-the cuDNN and XLA backends.
+keys of a longer buffer without slicing it (on Hopper GPUs our Mosaic-GPU kernel
+`pallas_kernels.mgpu`, ``impl="mgpu"``; cuDNN `key_value_seq_lengths`; a masked XLA
+reference; or the Triton kernels with a static `prefix_spec`); `kv_len` may be traced on
+the mgpu, cuDNN and XLA backends.
 
 Sharding: `pallas_call` has no sharding rule; `attention_sharded` runs the op under
 `jax.shard_map` over the batch and head axes of a mesh, and over a context
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import mgpu as _mgpu
 from pallas_kernels.masks import MaskSpec, allowed_pairs
 from pallas_kernels.reference import attention_reference, check_qkv
 from pallas_kernels import mosaic as _mosaic
@@ -233,18 +235,72 @@ def prefix_spec(q_len: int, kv_len: int, valid: int) -> MaskSpec:
     return MaskSpec("block_causal", q_len, kv_len, 1, first, q_len, q_offset=valid - q_len)
 
 
+PREFIX_IMPLS = IMPLS + ("mgpu",)
+
+
+def _is_hopper() -> bool:
+    """Whether the default device is an sm_90 (Hopper: H100 / H200) GPU."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+
+
 def prefix_impl(q, k, *, impl: str = "auto", ad: str = "vjp", interpret: bool | str = False) -> str:
-    """The backend `attention_kv_prefix` runs for these inputs (``xla``, ``cudnn``, ``triton``, ``mosaic``)."""
+    """The backend `attention_kv_prefix` runs for these inputs (``mgpu``, ``cudnn``, ``xla``,
+    ``triton``, ``mosaic``).
+
+    ``auto`` on a GPU, for unmasked-capable inputs (bf16/fp16, head_dim 64 or 128) in reverse
+    mode: ``mgpu`` on Hopper, ``cudnn`` elsewhere; forward mode (``ad="jvp"``) runs the Triton
+    kernels; CPU and TPU run ``xla``. ``mgpu`` asked for explicitly needs a Hopper GPU (or
+    ``interpret=True``), reverse mode and inputs the kernel takes, or it raises.
+    """
+    if impl == "mgpu":
+        if ad != "vjp":
+            raise ValueError("impl='mgpu' (a forward kernel; gradients via cuDNN) takes ad='vjp'; "
+                             "use impl='triton' for ad='jvp'")
+        if not interpret and not _is_hopper():
+            raise ValueError(f"impl='mgpu' needs an sm_90 GPU (H100/H200), not {jax.devices()[0].device_kind!r}; "
+                             "pass interpret=True to run it in Pallas' GPU interpret mode, or use impl='cudnn'")
+        return "mgpu"
     requested, impl = impl, resolve_impl(impl, interpret)
     if requested == "auto" and impl == "triton" and _auto_cudnn(q, k, MaskSpec("full", q.shape[1], k.shape[1]), ad):
-        impl = "cudnn"
+        impl = "mgpu" if _is_hopper() else "cudnn"
     return impl
 
 
 def prefix_len_can_be_traced(q, k, *, impl: str = "auto", ad: str = "vjp",
                              interpret: bool | str = False) -> bool:
-    """Whether `attention_kv_prefix` accepts a traced `kv_len` for these inputs (cuDNN or XLA)."""
-    return prefix_impl(q, k, impl=impl, ad=ad, interpret=interpret) in ("xla", "cudnn")
+    """Whether `attention_kv_prefix` accepts a traced `kv_len` for these inputs (mgpu, cuDNN or XLA)."""
+    return prefix_impl(q, k, impl=impl, ad=ad, interpret=interpret) in ("xla", "cudnn", "mgpu")
+
+
+def _cudnn_prefix(q, k, v, kv_len, scale):
+    lens = jnp.full((q.shape[0],), kv_len, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens,
+                                        implementation="cudnn")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _mgpu_prefix(q, k, v, kv_len, scale, config, interpret):
+    return _mgpu.prefix_attention(q, k, v, kv_len, scale=scale, config=config, interpret=interpret)
+
+
+def _mgpu_prefix_fwd(q, k, v, kv_len, scale, config, interpret):
+    return _mgpu_prefix(q, k, v, kv_len, scale, config, interpret), (q, k, v, kv_len)
+
+
+def _mgpu_prefix_bwd(scale, config, interpret, res, g):
+    """The kernel is forward-only: gradients come from cuDNN's backward (after its own forward),
+    or from the XLA reference in interpret mode (CPU)."""
+    q, k, v, kv_len = res
+    if interpret:
+        fn = lambda q, k, v: _prefix_reference(q, k, v, kv_len, scale)
+    else:
+        fn = lambda q, k, v: _cudnn_prefix(q, k, v, kv_len, scale)
+    _, pull = jax.vjp(fn, q, k, v)
+    return (*pull(g.astype(q.dtype)), None)
+
+
+_mgpu_prefix.defvjp(_mgpu_prefix_fwd, _mgpu_prefix_bwd)
 
 
 def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: str = "auto",
@@ -258,11 +314,14 @@ def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: st
     Args:
       q: `[B, Lq, H, D]`; k, v: `[B, S, H, D]` (e.g. one layer's cache buffer).
       kv_len: valid keys, a Python int in [1, S] or a traced int32 scalar (then only the
-        ``cudnn`` and ``xla`` backends apply; see `prefix_len_can_be_traced`).
-      scale, impl, ad, interpret, config: as in `attention`. ``auto`` picks cuDNN (its
-        `key_value_seq_lengths`; it skips the keys past the length) where `attention`
-        would pick it for an unmasked call, the XLA reference (keys past the length
-        masked) on CPU, and otherwise our kernels with `prefix_spec` (static lengths).
+        ``mgpu``, ``cudnn`` and ``xla`` backends apply; see `prefix_len_can_be_traced`).
+      scale, impl, ad, interpret, config: as in `attention`, and ``impl="mgpu"``: our
+        Hopper kernel (`pallas_kernels.mgpu.prefix_attention`, `config` a `PrefixConfig`;
+        its gradient is cuDNN's). ``auto`` (see `prefix_impl`) picks it on Hopper where
+        `attention` would pick cuDNN for an unmasked call, cuDNN (its
+        `key_value_seq_lengths`; it skips the keys past the length) on other GPUs, the XLA
+        reference (keys past the length masked) on CPU, and otherwise our Triton kernels
+        with `prefix_spec` (static lengths).
     Returns:
       `[B, Lq, H, D]` in q's dtype. Keys past `kv_len` never contribute, whatever they hold
       (finite values; they are masked, not read as zeros).
@@ -275,12 +334,17 @@ def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: st
     if static and not 1 <= int(kv_len) <= s_len:
         raise ValueError(f"kv_len must be in [1, {s_len}] (the keys given), got {kv_len}")
     impl = prefix_impl(q, k, impl=impl, ad=ad, interpret=interpret)
+    if impl == "mgpu":
+        if config is not None and not isinstance(config, _mgpu.PrefixConfig):
+            raise ValueError(f"impl='mgpu' takes a PrefixConfig, got {type(config).__name__}")
+        config = _mgpu.default_config(q.shape, k.shape) if config is None else config
+        _mgpu.check_inputs(q, k, v, config)
+        return _mgpu_prefix(q, k, v, jnp.asarray(kv_len, jnp.int32), None if scale is None else float(scale),
+                            config, bool(interpret))
     if impl == "cudnn":
         if ad != "vjp":
             raise ValueError("impl='cudnn' takes reverse mode (ad='vjp') only; use impl='triton' for ad='jvp'")
-        lens = jnp.full((q.shape[0],), kv_len, jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens,
-                                            implementation="cudnn")
+        return _cudnn_prefix(q, k, v, kv_len, scale)
     if impl == "xla":
         if static:        # the same arithmetic as `attention` on exactly the valid keys
             kv_len = int(kv_len)
@@ -410,4 +474,5 @@ def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = 
 
 
 __all__ = ["attention", "attention_sharded", "attention_kv_prefix", "prefix_spec", "prefix_len_can_be_traced",
-           "MaskSpec", "IMPLS", "AD_MODES", "resolve_impl", "FlashConfig", "Tiles", "MosaicConfig"]
+           "prefix_impl", "MaskSpec", "IMPLS", "PREFIX_IMPLS", "AD_MODES", "resolve_impl", "FlashConfig", "Tiles",
+           "MosaicConfig"]

@@ -47,6 +47,10 @@ class WanConfig(DtypeConfig):
       param_dtype: parameter dtype.
       attn_impl: attention backend for `pallas_kernels.ops.attention` ("auto": Pallas
         Triton kernels on GPU, XLA on CPU; "xla"; "triton"; "mosaic").
+      cache_attn_impl: backend of the streaming KV-cache attention (a chunk over its
+        cache prefix, `ops.attention_kv_prefix`): "auto" (= attn_impl; on a Hopper GPU
+        "auto" runs our Mosaic-GPU kernel, on other GPUs cuDNN), "mgpu", "cudnn", "xla",
+        "triton".
       attn_interpret: run the Pallas kernels in interpret mode (CPU tests).
       remat: "none", "block" (recompute each block) or "dots" (save matmul outputs).
     """
@@ -70,6 +74,7 @@ class WanConfig(DtypeConfig):
     dtype: str = "float32"
     param_dtype: str = "float32"
     attn_impl: str = "auto"
+    cache_attn_impl: str = "auto"
     attn_interpret: bool = False
     remat: str = "none"
 
@@ -78,6 +83,8 @@ class WanConfig(DtypeConfig):
             raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.cache_attn_impl not in ("auto", "mgpu", "cudnn", "xla", "triton", "mosaic"):
+            raise ValueError(f"cache_attn_impl must be auto/mgpu/cudnn/xla/triton/mosaic, got {self.cache_attn_impl!r}")
         if self.remat not in ("none", "block", "dots"):
             raise ValueError(f"remat must be none/block/dots, got {self.remat!r}")
 

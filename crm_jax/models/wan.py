@@ -158,6 +158,30 @@ class KVCache:
                        tuple(self.v[i] for i in range(self.num_layers)))
 
 
+@flax.struct.dataclass
+class TextKV:
+    """Cross-attention keys and values of the text, for every layer (`WanModel.text_kv`).
+
+    The text is the same for every call of a video, so a sampler computes these once and
+    passes them to each call (`text_kv=`) instead of re-projecting the text in every layer.
+    k, v: tuples of `layers` arrays `[B, Ltxt, heads, head_dim]` (k RMS-normalised, no RoPE),
+    or stacked arrays `[layers, B, Ltxt, heads, head_dim]`.
+    """
+
+    k: Any
+    v: Any
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
+
+    def layer(self, i: int):
+        return self.k[i], self.v[i]
+
+    def stacked(self) -> "TextKV":
+        return TextKV(jnp.stack(self.k), jnp.stack(self.v)) if self.per_layer else self
+
+
 KV_UPDATES = ("concat", "inplace")
 sg = jax.lax.stop_gradient
 
@@ -238,8 +262,9 @@ def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
 
     Writes this call's keys/values at frame `cache_frames` (a Python int or a traced int32)
     and attends over the whole buffer with the valid length `(cache_frames + T) * N`
-    (`ops.attention_kv_prefix`: cuDNN's key_value_seq_lengths, a masked XLA reference, or
-    our kernels with a static prefix mask). The caller guarantees that every query of the
+    (`ops.attention_kv_prefix` with the config's `cache_attn_impl`: our Hopper kernel, cuDNN's
+    key_value_seq_lengths, a masked XLA reference, or our Triton kernels with a static prefix
+    mask). The caller guarantees that every query of the
     call may see every valid key. Returns (output, (new ck, new cv)), stop-gradient.
     """
     def fn(attn, q, k, v):
@@ -256,7 +281,7 @@ def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
 
         ck2, kb = write(ck, k)
         cv2, vb = write(cv, v)
-        o = attention_kv_prefix(_flat_tokens(q), kb, vb, start + t * n, impl=attn.attn_impl, ad=ad,
+        o = attention_kv_prefix(_flat_tokens(q), kb, vb, start + t * n, impl=attn.cache_attn_impl, ad=ad,
                                 interpret=attn.attn_interpret)
         return o.reshape(q.shape), (ck2, cv2)
     return fn
@@ -269,6 +294,7 @@ class Attention(nnx.Module):
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         self.num_heads = cfg.num_heads
         self.attn_impl = cfg.attn_impl
+        self.cache_attn_impl = cfg.attn_impl if cfg.cache_attn_impl == "auto" else cfg.cache_attn_impl
         self.attn_interpret = cfg.attn_interpret
         self.to_q = linear(cfg.dim, cfg.dim, rngs, dt, pdt)
         self.to_k = linear(kv_dim, cfg.dim, rngs, dt, pdt)
@@ -289,21 +315,23 @@ class Attention(nnx.Module):
         return partitioning.attend(q, k, v, spec, cross=cross, impl=self.attn_impl, ad=ad,
                                    interpret=self.attn_interpret)
 
-    def __call__(self, x, kv_input, spec, *, rope=None, kv_fn=None, ad: str = "vjp"):
+    def __call__(self, x, kv_input, spec, *, rope=None, kv_fn=None, ad: str = "vjp", kv=None):
         """x `[B, T, N, dim]` (frame-structured tokens); kv_input `[B, Lk, dim_kv]` (None: self-attention).
 
         For self-attention, `rope = (cos, sin)` tables `[T, N, D/2]` rotate q and k, and
         `kv_fn(self, q, k, v) -> (o [B, T, N, H, D], extra)` (from the model, for KV-cache
         calls) decides which keys q attends to (see `_concat_kv` and the in-place variants).
-        Returns (output `[B, T, N, dim]`, extra or None).
+        For cross-attention, `kv = (k, v)` `[B, Lk, H, D]` already projected (`project_kv`)
+        replaces `kv_input`. Returns (output `[B, T, N, dim]`, extra or None).
         """
         b, t, n, _ = x.shape
         q = self._heads(self.norm_q(self.to_q(x)))
-        k, v = self.project_kv(x if kv_input is None else kv_input)
+        cross = kv_input is not None or kv is not None
+        k, v = kv if kv is not None else self.project_kv(x if kv_input is None else kv_input)
         if rope is not None:
             q, k = apply_rope_tables(q, *rope), apply_rope_tables(k, *rope)
         if kv_fn is None:
-            o, extra = self.attend(q, k, v, spec, cross=kv_input is not None, ad=ad), None
+            o, extra = self.attend(q, k, v, spec, cross=cross, ad=ad), None
         else:
             o, extra = kv_fn(self, q, k, v)
         return self.to_out(o.reshape(b, t, n, -1)), extra
@@ -323,8 +351,9 @@ class WanBlock(nnx.Module):
             jax.random.normal(rngs.params(), (6, cfg.dim), pdt) / cfg.dim ** 0.5)
         self.dtype = dt
 
-    def __call__(self, h, mod, context, self_spec, cross_spec, rope, kv_fn, ad):
-        """h `[B, T, N, dim]` float32; mod `[B, T, 6, dim]`; context `[B, Ltxt, dim]`.
+    def __call__(self, h, mod, context, self_spec, cross_spec, rope, kv_fn, ad, text_kv=None):
+        """h `[B, T, N, dim]` float32; mod `[B, T, 6, dim]`; context `[B, Ltxt, dim]`, or its
+        cross-attention keys and values `text_kv = (k, v)` `[B, Ltxt, H, D]` (context unused).
 
         Returns (h, what the self-attention's `kv_fn` returned, or None); see `Attention`.
         """
@@ -336,7 +365,7 @@ class WanBlock(nnx.Module):
         h = partitioning.constrain_tokens(h + a.astype(jnp.float32) * gate)
 
         x = self.norm2(h).astype(self.dtype)
-        a, _ = self.attn2(x, context, cross_spec, ad=ad)
+        a, _ = self.attn2(x, context, cross_spec, ad=ad, kv=text_kv)
         h = partitioning.constrain_tokens(h + a.astype(jnp.float32))
 
         x = (layer_norm(h, self.eps) * (1 + c_scale) + c_shift).astype(self.dtype)
@@ -363,7 +392,7 @@ class ConditionEmbedder(nnx.Module):
                                 if cfg.num_actions else None)
 
     def __call__(self, t, context, actions=None, r=None):
-        """t `[B, T]` -> temb `[B, T, dim]`, mod `[B, T, 6, dim]`; context -> `[B, Ltxt, dim]`."""
+        """t `[B, T]` -> temb `[B, T, dim]`, mod `[B, T, 6, dim]`; context -> `[B, Ltxt, dim]` (None -> None)."""
         temb = self.time_embedder(timestep_embedding(t * self.timestep_scale, self.freq_dim))
         if self.interval_embedder is not None:
             gap = jnp.zeros_like(t) if r is None else t - r
@@ -372,7 +401,7 @@ class ConditionEmbedder(nnx.Module):
             temb = temb + self.action_embedder(actions).astype(jnp.float32)
         mod = self.time_proj(jax.nn.silu(temb))
         mod = mod.reshape(*mod.shape[:-1], 6, -1)
-        return temb, mod, self.text_embedder(context)
+        return temb, mod, None if context is None else self.text_embedder(context)
 
 
 class WanModel(nnx.Module):
@@ -421,11 +450,25 @@ class WanModel(nnx.Module):
         _, ph, pw = self.cfg.patch_size
         return (height // ph) * (width // pw)
 
+    def text_kv(self, context, per_layer: bool = True) -> TextKV:
+        """Cross-attention keys and values of every layer for `context` `[B, text_len, text_dim]`
+        (the text MLP, then each layer's `attn2.project_kv`): `TextKV` of `[B, text_len, H, D]`
+        per layer (`per_layer`) or stacked `[layers, ...]`. Pass it as `text_kv=` to calls that
+        share the text."""
+        cfg = self.cfg
+        if context.ndim != 3 or tuple(context.shape[1:]) != (cfg.text_len, cfg.text_dim):
+            raise ValueError(f"context must be [B, text_len, text_dim] = [B, {cfg.text_len}, {cfg.text_dim}], "
+                             f"got {tuple(context.shape)}")
+        ctx = self.condition_embedder.text_embedder(context.astype(cfg.compute_dtype))
+        graphdef, state = nnx.split(self.blocks)
+        k, v = jax.vmap(lambda s: nnx.merge(graphdef, s).attn2.project_kv(ctx))(state)
+        return TextKV(tuple(k), tuple(v)) if per_layer else TextKV(k, v)
+
     # ----------------------------------------------------------------- forward
     def __call__(self, x, t, context, *, pattern: AttentionPattern = FULL, actions=None, r=None,
                  frame_pos=None, cache: KVCache | None = None, cache_frames=0,
                  write_cache: bool = False, ad: str = "vjp", kv_update: str = "concat",
-                 layer_params=None, scan_unroll: int = 1):
+                 layer_params=None, scan_unroll: int = 1, text_kv: TextKV | None = None):
         """Predict the RF velocity.
 
         Args:
@@ -454,6 +497,9 @@ class WanModel(nnx.Module):
             instead of slicing the stacked ones: the layers then run as a Python loop, and
             no weight slice is copied per call. A per-layer cache also runs the loop.
           scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`).
+          text_kv: the cross-attention keys/values of `context` (`WanModel.text_kv`), computed
+            once per video by a sampler; the layers then do not project the text again
+            (`context` is still checked for its shape).
         Returns:
           velocity `[B, T, H, W, C_out]` float32, and the updated cache if one was given.
         """
@@ -497,10 +543,13 @@ class WanModel(nnx.Module):
             if tuple(r.shape) != tuple(t.shape):
                 raise ValueError(f"r must have t's shape {tuple(t.shape)}, got {tuple(r.shape)}")
             r = r[:, ::pt]
-        temb, mod, ctx = self.condition_embedder(t[:, ::pt], context.astype(cfg.compute_dtype),
+        if text_kv is not None:
+            _check_text_kv(cfg, text_kv, b, context.shape[1])
+        temb, mod, ctx = self.condition_embedder(t[:, ::pt], None if text_kv is not None else
+                                                 context.astype(cfg.compute_dtype),
                                                  None if actions is None else actions[:, ::pt], r)
 
-        run = _LayerRun(self, mod, ctx, spec, cross_spec, rope, ad)
+        run = _LayerRun(self, mod, ctx, spec, cross_spec, rope, ad, text_kv)
         inplace = cache is not None and write_cache and kv_update == "inplace"
         if layer_params is not None or (cache is not None and cache.per_layer):
             h, cache = run.loop(h, cache, cache_frames, write_cache, inplace, layer_params)
@@ -537,6 +586,16 @@ def _check_cache(cfg: WanConfig, cache: KVCache, batch: int) -> None:
         raise ValueError(f"cache batch {cache.batch} != input batch {batch}")
 
 
+def _check_text_kv(cfg: WanConfig, text_kv: TextKV, batch: int, text_len: int) -> None:
+    want = (batch, text_len, cfg.num_heads, cfg.head_dim)
+    arrays = list(text_kv.k) + list(text_kv.v) if text_kv.per_layer else [text_kv.k, text_kv.v]
+    layers = len(text_kv.k) if text_kv.per_layer else text_kv.k.shape[0]
+    shapes = [tuple(a.shape) if text_kv.per_layer else tuple(a.shape[1:]) for a in arrays]
+    if layers != cfg.num_layers or any(sh != want for sh in shapes) or (text_kv.per_layer and len(text_kv.v) != layers):
+        raise ValueError(f"text_kv must hold {cfg.num_layers} layers of k, v {want} (WanModel.text_kv of this "
+                         f"context); got {layers} layers of {shapes[0] if shapes else None}")
+
+
 def _check_traced_cache_call(pattern: AttentionPattern, cache, kv_update, write_cache, tq) -> None:
     """A traced `cache_frames` is only defined for one-block calls that see the whole cache."""
     if not (cache is not None and cache.per_layer and kv_update == "inplace" and write_cache):
@@ -562,14 +621,22 @@ class _LayerRun:
     loop: a Python loop over the layers (per-layer parameters and/or a per-layer cache).
     """
 
-    def __init__(self, model: "WanModel", mod, ctx, spec, cross_spec, rope, ad):
+    def __init__(self, model: "WanModel", mod, ctx, spec, cross_spec, rope, ad, text_kv=None):
         self.cfg = model.cfg
         self.graphdef, self.block_state = nnx.split(model.blocks)
         self.mod, self.ctx, self.spec, self.cross_spec, self.rope, self.ad = mod, ctx, spec, cross_spec, rope, ad
+        self.text_kv = text_kv
 
-    def _layer(self, state, h, kv_fn):
+    def _layer(self, state, h, kv_fn, text_kv=None):
         block = nnx.merge(self.graphdef, state)
-        return block(h, self.mod, self.ctx, self.spec, self.cross_spec, self.rope, kv_fn, self.ad)
+        return block(h, self.mod, self.ctx, self.spec, self.cross_spec, self.rope, kv_fn, self.ad, text_kv)
+
+    def _text_xs(self):
+        """The text keys/values as scan inputs (stacked `[layers, ...]`), or (None, None)."""
+        if self.text_kv is None:
+            return None, None
+        stacked = self.text_kv.stacked()
+        return stacked.k, stacked.v
 
     def _remat(self, fn):
         if self.cfg.remat == "block":
@@ -582,14 +649,15 @@ class _LayerRun:
         spec, ad = self.spec, self.ad
 
         def body(h, xs):
-            layer_state, ck, cv = xs
+            layer_state, ck, cv, tk, tv = xs
             kv_fn = None if ck is None else _concat_kv(ck, cv, cache_frames, spec, ad, write_cache)
-            return self._layer(layer_state, h, kv_fn)
+            return self._layer(layer_state, h, kv_fn, None if tk is None else (tk, tv))
 
         # The cache is read layer by layer as a scan input; only this call's keys and
         # values come out of the scan (as `[layers, B, T, N, H, D]`) and are written
         # into the cache once afterwards, in place when the caller donates it.
-        xs = (self.block_state, None, None) if cache is None else (self.block_state, cache.k, cache.v)
+        xs = ((self.block_state, None, None) if cache is None else (self.block_state, cache.k, cache.v)) \
+            + self._text_xs()
         h, new_kv = jax.lax.scan(self._remat(body), h, xs, unroll=unroll)
         if cache is not None and write_cache:
             def append(buf, new):
@@ -610,13 +678,15 @@ class _LayerRun:
         self._check_no_remat_carry()
         spec, ad = self.spec, self.ad
 
-        def body(carry, layer_state):
+        def body(carry, xs):
             h, ck, cv, i = carry
-            h, (ck, cv) = self._layer(layer_state, h, _stacked_inplace_kv(ck, cv, i, cache_frames, spec, ad))
+            layer_state, tk, tv = xs
+            h, (ck, cv) = self._layer(layer_state, h, _stacked_inplace_kv(ck, cv, i, cache_frames, spec, ad),
+                                      None if tk is None else (tk, tv))
             return (h, ck, cv, i + 1), None
 
-        (h, ck, cv, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)), self.block_state,
-                                         unroll=unroll)
+        (h, ck, cv, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)),
+                                         (self.block_state, *self._text_xs()), unroll=unroll)
         return h, KVCache(ck, cv)
 
     def loop(self, h, cache, cache_frames, write_cache, inplace, layer_params):
@@ -651,7 +721,8 @@ class _LayerRun:
                 kv_fn = _stacked_inplace_kv(ks, vs, i, cache_frames, spec, ad)
             else:
                 kv_fn = _concat_kv(ks[i], vs[i], cache_frames, spec, ad, write_cache)
-            h, extra = self._remat(lambda s, h, kv_fn=kv_fn: self._layer(s, h, kv_fn))(state, h)
+            tkv = None if self.text_kv is None else self.text_kv.layer(i)
+            h, extra = self._remat(lambda s, h, kv_fn=kv_fn, tkv=tkv: self._layer(s, h, kv_fn, tkv))(state, h)
             if extra is None:
                 continue
             if inplace and per_layer:
@@ -707,7 +778,8 @@ def functional(model: WanModel):
 
     `apply` rebuilds the module from `params` on every call (cheap under jit), so it
     can be used inside `jax.jit`, `jax.jvp`, `jax.grad` and `lax.scan` without
-    mutating NNX state. Keyword arguments are those of `WanModel.__call__`. Models
+    mutating NNX state. Keyword arguments are those of `WanModel.__call__`;
+    `apply.text_kv(params, context, per_layer=True)` is the pure `WanModel.text_kv`. Models
     of the same structure share one `apply`, so jitted functions keyed on it (and
     their compilations) are reused across, e.g., teacher and student.
     """
@@ -721,6 +793,8 @@ def _make_apply(graphdef, rest):
     def apply(params, x, t, context, **kw):
         return nnx.merge(graphdef, params, rest)(x, t, context, **kw)
 
+    apply.text_kv = lambda params, context, per_layer=True: nnx.merge(graphdef, params, rest).text_kv(
+        context, per_layer)
     return apply
 
 
@@ -729,4 +803,5 @@ def _shared_apply(graphdef):
     def apply(params, x, t, context, **kw):
         return nnx.merge(graphdef, params)(x, t, context, **kw)
 
+    apply.text_kv = lambda params, context, per_layer=True: nnx.merge(graphdef, params).text_kv(context, per_layer)
     return apply

@@ -121,14 +121,15 @@ def _shift_window(cache: KVCache, sink_tok: int, evict_tok: int, end_tok: int) -
     return cache.map_buffers(shift)
 
 
-def _call_kwargs(static: tuple, f: int, cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll):
+def _call_kwargs(static: tuple, f: int, cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
+                 text_kv):
     """Model keyword arguments of a chunk's calls (see `_chunk_fn` for `static`)."""
     static_frames = static[2]
     traced = static_frames is None
     pattern = AttentionPattern("block_causal", block_frames=f) if traced else buffer_pattern(static_frames, f)
     return dict(pattern=pattern, actions=actions, frame_pos=frame_pos,
                 cache_frames=cache_frames if traced else static_frames, write_cache=True, kv_update=kv_update,
-                layer_params=layer_params, scan_unroll=scan_unroll)
+                layer_params=layer_params, scan_unroll=scan_unroll, text_kv=text_kv)
 
 
 def _model_step(apply, params, x, cache, noise, context, times, j, kw):
@@ -147,7 +148,7 @@ def _window_end(static: tuple, tpf: int, cache: KVCache) -> int:
 
 
 def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, num_calls, cache_frames,
-              layer_params, *, static: tuple, tpf: int, x_shape: tuple, kv_update: str, scan_unroll: int):
+              layer_params, text_kv, *, static: tuple, tpf: int, x_shape: tuple, kv_update: str, scan_unroll: int):
     """One chunk: evict, denoise, fill the cache. Returns (x̂0 `[B, f, H, W, C]`, cache).
 
     One model call per loop iteration j < num_calls, each writing this chunk's keys/values
@@ -166,10 +167,12 @@ def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, n
     means the traced int32 argument `cache_frames` is used instead (per-layer in-place cache:
     one compile for every cache length), and the window shift then moves the whole tail.
     layer_params: per-layer block parameters or None (see `WanModel.__call__`).
+    text_kv: the text's cross-attention keys/values (`WanModel.text_kv`, once per video) or None.
     """
     sink, evict, _ = static
     cache = _shift_window(cache, sink * tpf, evict * tpf, _window_end(static, tpf, cache))
-    kw = _call_kwargs(static, x_shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll)
+    kw = _call_kwargs(static, x_shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
+                      text_kv)
 
     def call(j, carry):
         x, cache = carry
@@ -179,7 +182,7 @@ def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, n
 
 
 def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times, j, cache_frames,
-             layer_params, *, static: tuple, kv_update: str, scan_unroll: int):
+             layer_params, text_kv, *, static: tuple, kv_update: str, scan_unroll: int):
     """Model call `j` of a chunk on its own (call_loop="host"): returns (x after call j, cache).
 
     The host loops over the calls; each is one jitted, asynchronous dispatch (cache and x
@@ -188,7 +191,8 @@ def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times,
     there; here nothing waits on the device.
     Arguments as in `_chunk_fn`; x: `[B, f, H, W, C]` (noise[0] before call 0); j: int32.
     """
-    kw = _call_kwargs(static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll)
+    kw = _call_kwargs(static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
+                      text_kv)
     return _model_step(apply, params, x, cache, noise, context, times, j, kw)
 
 
@@ -210,6 +214,12 @@ def _jitted_call(apply, compiler_options: tuple = ()):
 
 
 _jitted_shift = jax.jit(_shift_window, static_argnums=(1, 2, 3), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_text_kv(apply, per_layer: bool):
+    """The text's cross-attention keys/values of every layer (`WanModel.text_kv`), jitted once per model."""
+    return jax.jit(functools.partial(apply.text_kv, per_layer=per_layer))
 
 
 KV_LAYOUTS = ("stacked", "per_layer")
@@ -239,7 +249,7 @@ class StreamingSampler:
         "per_layer" keeps one buffer per layer and per-layer copies of the block parameters
         (+ one copy of the block weights in memory), made once here:
         the layers run as a Python loop, no weight or cache slice is copied per call; with
-        kv_update="inplace" and a cuDNN/XLA attention backend the cache length is a traced
+        kv_update="inplace" and an mgpu/cuDNN/XLA cache-attention backend the cache length is a traced
         argument, so one compilation serves every cache layout of a chunk shape). The defaults
         are the fastest measured (wan_1_3b, 480p, chunk 3, H200: 23.8 vs 20.7 latent frames/s
         for concat + stacked at 2 steps, noisy context; experiments/RESULTS.md).
@@ -252,6 +262,9 @@ class StreamingSampler:
         in Python; same compiles as "device").
       compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
         e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,...,WHILE,CONDITIONAL"}.
+      text_kv: compute the text's cross-attention keys and values of every layer once per
+        video (`WanModel.text_kv`) and pass them to every call (default), instead of each call
+        projecting the text again in every layer; the video is the same.
     """
 
     apply: Callable
@@ -269,6 +282,7 @@ class StreamingSampler:
     scan_unroll: int = 1
     call_loop: str = "device"
     compiler_options: dict | None = None
+    text_kv: bool = True
 
     def __post_init__(self):
         check_pattern(self.pattern)
@@ -300,8 +314,9 @@ class StreamingSampler:
         self.layer_params = split_layer_params(self.params) if per_layer else None
         dt = self.cfg.compute_dtype
         probe = jax.ShapeDtypeStruct((self.batch, self.tpf, self.cfg.num_heads, self.cfg.head_dim), dt)
+        cache_impl = self.cfg.attn_impl if self.cfg.cache_attn_impl == "auto" else self.cfg.cache_attn_impl
         self.traced_cache_len = (per_layer and self.kv_update == "inplace" and
-                                 prefix_len_can_be_traced(probe, probe, impl=self.cfg.attn_impl,
+                                 prefix_len_can_be_traced(probe, probe, impl=cache_impl,
                                                           interpret=self.cfg.attn_interpret))
         options = tuple(sorted((self.compiler_options or {}).items()))
         self._jit = _jitted_chunk(self.apply, options)
@@ -329,8 +344,16 @@ class StreamingSampler:
         """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
         return self._jit._cache_size() + self._jit_static._cache_size() + self._jit_call._cache_size()
 
-    def chunk_call(self, cache, key, context, actions, lay: ChunkLayout):
-        """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache)."""
+    def text_kv_of(self, context):
+        """The text's cross-attention keys/values for `context` (None unless `text_kv`)."""
+        if not self.text_kv:
+            return None
+        return _jitted_text_kv(self.apply, self.kv_layout == "per_layer")(self.params, context)
+
+    def chunk_call(self, cache, key, context, actions, lay: ChunkLayout, text_kv=None):
+        """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache).
+
+        text_kv: `text_kv_of(context)` (computed once per video), or None (each call projects the text)."""
         count = noise_count(self.schedule)
         times, n = padded_times(self.schedule, lay.index)
         calls = n + (self.context_mode == "clean")
@@ -346,10 +369,10 @@ class StreamingSampler:
                         scan_unroll=int(self.scan_unroll))
         if self.call_loop == "device":
             return self._jit(self.params, cache, noise, context, acts, frame_pos, times, jnp.int32(calls),
-                             cache_frames, self.layer_params, **chunk_kw)
+                             cache_frames, self.layer_params, text_kv, **chunk_kw)
         if self.call_loop == "static":
             return self._jit_static(self.params, cache, noise, context, acts, frame_pos, times,
-                                    cache_frames=cache_frames, layer_params=self.layer_params,
+                                    cache_frames=cache_frames, layer_params=self.layer_params, text_kv=text_kv,
                                     num_calls=int(calls), **chunk_kw)
         if lay.evict_frames:
             cache = _jitted_shift(cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf,
@@ -357,7 +380,7 @@ class StreamingSampler:
         x = noise[0]
         for j in range(calls):
             x, cache = self._jit_call(self.params, cache, x, noise, context, acts, frame_pos, times, jnp.int32(j),
-                                      cache_frames, self.layer_params, static=static, kv_update=self.kv_update,
+                                      cache_frames, self.layer_params, text_kv, static=static, kv_update=self.kv_update,
                                       scan_unroll=int(self.scan_unroll))
         return x, cache
 
@@ -385,11 +408,12 @@ class StreamingSampler:
     def _run(self, key, context, num_frames, src: ActionSource, capacity: int, prefetch: bool):
         layout = CacheLayout(self.pattern, capacity)
         cache = self.new_cache(capacity)
+        text_kv = self.text_kv_of(context)
         pending = None
         for i, (s, e) in enumerate(chunk_bounds(self.pattern, num_frames)):
             lay = layout.next(s, e)
             acts = src.get(i, s, e)
-            x0, cache = self.chunk_call(cache, key, context, acts, lay)
+            x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv)
             self.cache, self.layout = cache, lay     # for inspection (donated by the next chunk)
             chunk = Chunk(i, s, x0, acts)
             if not prefetch:
