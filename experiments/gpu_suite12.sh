@@ -16,6 +16,7 @@
 #   notext_2n    mgpu, but every call projects the text in every layer
 #   old          session 8's path: cuDNN cache attention, text projected in every call
 #   old_2n       the same, 2 steps noisy only
+#   frame_new_2n, frame_old_2n   new / old frame-wise (chunk 1), 2 steps noisy
 set -u
 START=$SECONDS
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -29,6 +30,8 @@ declare -A FLAGS=(
   [notext_2n]="--cache_attn_impl mgpu --no_text_kv"
   [old]="--cache_attn_impl cudnn --no_text_kv"
   [old_2n]="--cache_attn_impl cudnn --no_text_kv"
+  [frame_new_2n]="--cache_attn_impl mgpu --blocks 1"
+  [frame_old_2n]="--cache_attn_impl cudnn --no_text_kv --blocks 1"
 )
 KERNELS=${KERNELS:-all}
 ORDER=${ORDER:-"new old"}
@@ -58,4 +61,7 @@ if [ -n "${PROFILE:-}" ]; then
   echo "   rc=$?"
   filter "$OUT/log_profile.txt" 50
 fi
+# at most 8 files come back: everything in one archive, the comparison beside it
+(cd "$OUT" && tar czf /tmp/suite12.tgz --exclude compare.txt . && \
+  find . -maxdepth 1 -type f ! -name compare.txt -delete && mv /tmp/suite12.tgz .)
 echo "== done in $((SECONDS - START)) s"

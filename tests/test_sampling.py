@@ -83,6 +83,9 @@ VARIANTS = {
     "per_layer_inplace_static": dict(kv_update="inplace", kv_layout="per_layer", call_loop="static"),
     "stacked_static": dict(kv_update="concat", kv_layout="stacked", call_loop="static"),
     "inplace_unroll2": dict(kv_update="inplace", kv_layout="stacked", scan_unroll=2),
+    # every call projects the text itself (the default computes its keys/values once per video)
+    "per_layer_inplace_no_text_kv": dict(kv_update="inplace", kv_layout="per_layer", text_kv=False),
+    "stacked_no_text_kv": dict(kv_update="concat", kv_layout="stacked", text_kv=False),
 }
 
 

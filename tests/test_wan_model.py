@@ -340,3 +340,42 @@ def test_kv_variant_errors():
         apply(params, x, t, ctx, pattern=one, cache=stacked, layer_params=split_layer_params(params)[:1], **kw)
     with pytest.raises(ValueError, match="KV cache has 1 layers"):
         apply(params, x, t, ctx, pattern=one, cache=KVCache(per_layer.k[:1], per_layer.v[:1]), **kw)
+
+
+@pytest.mark.parametrize("path", ["full_scan", "concat_scan", "inplace_scan", "per_layer_loop"])
+def test_text_kv_gives_the_same_output(path):
+    """Cross-attention keys/values computed once (`WanModel.text_kv`, per layer or stacked) give the
+    output of the calls that project the text themselves, on every layer path."""
+    x, t, ctx, a = inputs(15, 3)
+    apply, params = functional(model())
+    pat = AttentionPattern("block_causal", 1)
+    for per_layer in (True, False):
+        tkv = jax.jit(apply.text_kv, static_argnums=2)(params, ctx, per_layer)
+        assert len(tkv.k) == CFG.num_layers and tkv.k[0].shape == (2, CFG.text_len, CFG.num_heads, CFG.head_dim)
+        if path == "full_scan":
+            kw = dict(pattern=pat)
+        elif path == "concat_scan":
+            kw = dict(pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF), cache_frames=1, write_cache=True)
+        elif path == "inplace_scan":
+            kw = dict(pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF), cache_frames=1, write_cache=True,
+                      kv_update="inplace")
+        else:
+            kw = dict(pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF, per_layer=True), cache_frames=1,
+                      write_cache=True, kv_update="inplace", layer_params=split_layer_params(params))
+        xs, ts, acts = (x[:, :1], t[:, :1], a[:, :1]) if "cache" in kw else (x, t, a)
+        ref = apply(params, xs, ts, ctx, actions=acts, **kw)
+        got = apply(params, xs, ts, ctx, actions=acts, text_kv=tkv, **kw)
+        for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_text_kv_errors():
+    x, t, ctx, a = inputs(16, 2)
+    apply, params = functional(model())
+    tkv = apply.text_kv(params, ctx)
+    with pytest.raises(ValueError, match="text_kv must hold"):
+        apply(params, x, t, ctx, actions=a, text_kv=type(tkv)(tkv.k[:1], tkv.v[:1]))
+    with pytest.raises(ValueError, match="text_kv must hold"):        # another batch size
+        apply(params, x[:1], t[:1], ctx[:1], actions=a[:1], text_kv=tkv)
+    with pytest.raises(ValueError, match="context must be"):
+        apply.text_kv(params, ctx[..., :-1])
