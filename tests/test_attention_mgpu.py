@@ -120,13 +120,15 @@ def test_default_config_fills_waves():
     (dict(q=(1, 64, 2)), "expects q"),
     (dict(config=PrefixConfig(block_kv=256, stages=4)), "shared memory"),
     (dict(kv_len=0), r"kv_len must be in \[1, 128\]"),
+    (dict(scale=-1.0), "positive score scale"),
 ])
 def test_prefix_kernel_bad_input_raises(bad, match):
     d = bad.get("d", 64)
     q = jnp.ones(bad.get("q", (1, 64, 2, d)), bad.get("dtype", jnp.bfloat16))
     k = jnp.ones((1, 128, bad.get("k_heads", 2), d), bad.get("dtype", jnp.bfloat16))
     with pytest.raises(ValueError, match=match):
-        prefix_attention(q, k, k, bad.get("kv_len", 64), config=bad.get("config"), interpret=True)
+        prefix_attention(q, k, k, bad.get("kv_len", 64), scale=bad.get("scale"), config=bad.get("config"),
+                         interpret=True)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(block_q=96), "multiples of 64"), (dict(stages=1), "stages"),

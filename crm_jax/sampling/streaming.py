@@ -263,8 +263,9 @@ class StreamingSampler:
       compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
         e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,...,WHILE,CONDITIONAL"}.
       text_kv: compute the text's cross-attention keys and values of every layer once per
-        video (`WanModel.text_kv`) and pass them to every call (default), instead of each call
-        projecting the text again in every layer; the video is the same.
+        video (`WanModel.text_kv`, `apply.text_kv` of `functional`) and pass them to every call
+        (default), instead of each call projecting the text again in every layer; the video is
+        the same.
     """
 
     apply: Callable
@@ -345,8 +346,10 @@ class StreamingSampler:
         return self._jit._cache_size() + self._jit_static._cache_size() + self._jit_call._cache_size()
 
     def text_kv_of(self, context):
-        """The text's cross-attention keys/values for `context` (None unless `text_kv`)."""
-        if not self.text_kv:
+        """The text's cross-attention keys/values for `context`, or None (`text_kv=False`, or an
+        `apply` not made by `functional`, which has no `apply.text_kv`: every call then projects the
+        text itself, as XLA also does once per chunk by hoisting it out of the call loop)."""
+        if not self.text_kv or not hasattr(self.apply, "text_kv"):
             return None
         return _jitted_text_kv(self.apply, self.kv_layout == "per_layer")(self.params, context)
 

@@ -141,6 +141,8 @@ def prefix_attention(q, k, v, kv_len, *, scale: float | None = None, config: Pre
     if isinstance(kv_len, int) and not 1 <= kv_len <= k.shape[1]:
         raise ValueError(f"kv_len must be in [1, {k.shape[1]}], got {kv_len}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"prefix_attention needs a positive score scale, got {scale}")
     lens = jnp.reshape(jnp.asarray(kv_len, jnp.int32), (1,))
     return _prefix_attention(q, k, v, lens, scale=scale, config=config, interpret=bool(interpret))
 
