@@ -19,7 +19,7 @@ demo: venv
 	$(PY) -m crm_jax.main --config=configs/toy_demo.py --workdir=$${WORKDIR:-runs/demo}
 
 test: venv
-	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal tests $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

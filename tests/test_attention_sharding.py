@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.conftest import CPU_COMPILE_FAST
+
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -95,7 +97,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_attention_sharded_on_4_cpu_devices():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {CPU_COMPILE_FAST}",
                JAX_PLATFORMS="cpu", PYTHONPATH=root)
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
                        text=True, timeout=600)
