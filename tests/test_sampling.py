@@ -86,6 +86,10 @@ VARIANTS = {
     # every call projects the text itself (the default computes its keys/values once per video)
     "per_layer_inplace_no_text_kv": dict(kv_update="inplace", kv_layout="per_layer", text_kv=False),
     "stacked_no_text_kv": dict(kv_update="concat", kv_layout="stacked", text_kv=False),
+    # the clean re-run as the call loop's last iteration (the default dispatches it on its own)
+    "per_layer_inplace_fused_rerun": dict(kv_update="inplace", kv_layout="per_layer", clean_rerun="fused"),
+    "stacked_static_fused_rerun": dict(kv_update="concat", kv_layout="stacked", call_loop="static",
+                                       clean_rerun="fused"),
 }
 
 
@@ -104,8 +108,8 @@ def test_streaming_variants_equal_reference(name, mode, variant):
     assert s.traced_cache_len == (variant.startswith("per_layer_inplace"))   # CPU: XLA attention
     before = s.compiled_count()
     video = s.generate(jax.random.key(3), context(), frames, actions(frames))
-    if s.traced_cache_len:              # one compile for every cache length of this chunk shape
-        assert s.compiled_count() - before <= 1
+    if s.traced_cache_len:    # one compile for every cache length of this chunk shape (+ the re-run's)
+        assert s.compiled_count() - before <= 1 + (mode == "clean" and s.clean_rerun == "separate")
     assert s.cache is None and video.shape == (B, frames, *HW, CFG.in_channels)
     assert_close(video, cached_reference(name, frames, 2, mode, 3))
 
@@ -127,6 +131,41 @@ def test_modes_and_steps_differ_and_first_block_differs():
     a = sampler(pattern, grids, "clean").generate(key, context(), frames, acts)
     b = sampler(pattern, (2, 1), "clean").generate(key, context(), frames, acts)
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_separate_clean_rerun_hands_over_each_chunk_before_its_rerun():
+    """clean_rerun="separate" (default) returns x̂0 of the denoising calls and dispatches the re-run on
+    its own, once per chunk, after the chunk's call: the same video, bit for bit, as the fused loop."""
+    pattern, frames = PATTERNS["chunkwise"]
+    acts, key = actions(frames), jax.random.key(6)
+    fused = sampler(pattern, 2, "clean", clean_rerun="fused").generate(key, context(), frames, acts)
+    s = sampler(pattern, 2, "clean")
+    order, rerun, chunk = [], s._jit_rerun, s._jit
+
+    def log(name, fn):
+        def wrapped(*a, **kw):
+            order.append(name)
+            return fn(*a, **kw)
+        return wrapped
+    s._jit_rerun, s._jit = log("rerun", rerun), log("chunk", chunk)
+    video = s.generate(key, context(), frames, acts)
+    assert order == ["chunk", "rerun"] * len(list(chunk_bounds(pattern, frames)))
+    np.testing.assert_array_equal(video, fused)
+    order.clear()
+    sampler(pattern, 2, "noisy").generate(key, context(), frames, acts)   # no re-run in noisy mode
+    assert "rerun" not in order
+
+
+def test_cross_attention_backend_option_gives_the_same_video():
+    """cross_attn_impl="xla" (attention_kv_prefix over the whole text) = the default cross-attention."""
+    pattern, frames = PATTERNS["framewise"]
+    cfg = CFG.replace(cross_attn_impl="xla")
+    apply, params = functional(WanModel(cfg, rngs=nnx.Rngs(0)))         # the same weights as model()
+    video = StreamingSampler(apply, params, cfg, pattern, HW, B, 2, "clean").generate(
+        jax.random.key(3), context(), frames, actions(frames))
+    assert_close(video, cached_reference("framewise", frames, 2, "clean", 3))
+    with pytest.raises(ValueError, match="cross_attn_impl must be"):
+        CFG.replace(cross_attn_impl="flash")
 
 
 def test_prefetch_and_live_actions_give_the_same_video():
@@ -246,6 +285,7 @@ def test_bad_configuration_raises():
     for kw, msg in [(dict(kv_update="copy"), "kv_update must be one of"),
                     (dict(kv_layout="flat"), "kv_layout must be one of"),
                     (dict(call_loop="gpu"), "call_loop must be one of"),
+                    (dict(clean_rerun="later"), "clean_rerun must be one of"),
                     (dict(scan_unroll=0), "scan_unroll must be a positive int")]:
         with pytest.raises(ValueError, match=msg):
             sampler(AttentionPattern("block_causal", 1), **kw)

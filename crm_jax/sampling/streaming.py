@@ -8,6 +8,10 @@ Per chunk of `f` frames (frames [s, e)), with RF grid t_0 > ... > t_{n-1} > t_n 
     clean context: re-run v(x0, t = 0) with write_cache=True (one extra forward)
     noisy context: the last denoising step itself writes the cache (no extra forward)
 
+The chunk is handed over as soon as its denoising calls are done: the clean-context re-run,
+which only fills the cache for the next chunk, is its own dispatch (`clean_rerun="separate"`),
+so a viewer sees each chunk one model call sooner and the re-run overlaps the caller's work.
+
 All noise comes from `chunk_noise` (keys folded from one PRNG key by chunk index), so
 the non-streaming `reference.reference_generate` can reproduce it exactly.
 
@@ -181,6 +185,20 @@ def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, n
     return jax.lax.fori_loop(0, num_calls, call, (noise[0], cache))
 
 
+def _rerun_fn(apply, params, cache, x0, context, actions, frame_pos, cache_frames, layer_params, text_kv, *,
+              static: tuple, kv_update: str, scan_unroll: int):
+    """The clean-context re-run of a chunk on its own: v(x̂0, t = 0) writes the chunk's clean keys and
+    values into the cache. Returns the cache only (the output is not needed, so XLA drops the last
+    layer's work after its keys and values and the head). Arguments as in `_chunk_fn`;
+    x0: `[B, f, H, W, C]`, the chunk's output. The same call as `_chunk_fn`'s last iteration
+    in clean mode (its grid ends at t_n = 0)."""
+    kw = _call_kwargs(static, x0.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
+                      text_kv)
+    b, f = x0.shape[:2]
+    _, cache = apply(params, x0, jnp.zeros((b, f), jnp.float32), context, cache=cache, **kw)
+    return cache
+
+
 def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times, j, cache_frames,
              layer_params, text_kv, *, static: tuple, kv_update: str, scan_unroll: int):
     """Model call `j` of a chunk on its own (call_loop="host"): returns (x after call j, cache).
@@ -213,6 +231,14 @@ def _jitted_call(apply, compiler_options: tuple = ()):
                    donate_argnums=(1, 2), compiler_options=dict(compiler_options) or None)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_rerun(apply, compiler_options: tuple = ()):
+    """The clean-context re-run (`_rerun_fn`) per model `apply` and compiler options; only the
+    cache is donated (x̂0 is the chunk handed to the caller)."""
+    return jax.jit(functools.partial(_rerun_fn, apply), static_argnames=("static", "kv_update", "scan_unroll"),
+                   donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
+
+
 _jitted_shift = jax.jit(_shift_window, static_argnums=(1, 2, 3), donate_argnums=(0,))
 
 
@@ -224,6 +250,7 @@ def _jitted_text_kv(apply, per_layer: bool):
 
 KV_LAYOUTS = ("stacked", "per_layer")
 CALL_LOOPS = ("device", "static", "host")
+CLEAN_RERUNS = ("separate", "fused")
 
 
 @dataclasses.dataclass
@@ -266,6 +293,11 @@ class StreamingSampler:
         video (`WanModel.text_kv`, `apply.text_kv` of `functional`) and pass them to every call
         (default), instead of each call projecting the text again in every layer; the video is
         the same.
+      clean_rerun: clean context only: "separate" (default: the chunk is returned after its
+        denoising calls, and the re-run at t = 0 that writes its clean keys/values is dispatched
+        on its own, so the chunk is ready one model call sooner; XLA also drops that call's unused
+        output work) or "fused" (the re-run is the last iteration of the chunk's call loop, and
+        the chunk is ready only after it; before session 11). The video is the same.
     """
 
     apply: Callable
@@ -284,6 +316,7 @@ class StreamingSampler:
     call_loop: str = "device"
     compiler_options: dict | None = None
     text_kv: bool = True
+    clean_rerun: str = "separate"
 
     def __post_init__(self):
         check_pattern(self.pattern)
@@ -308,6 +341,8 @@ class StreamingSampler:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.call_loop not in CALL_LOOPS:
             raise ValueError(f"call_loop must be one of {CALL_LOOPS}, got {self.call_loop!r}")
+        if self.clean_rerun not in CLEAN_RERUNS:
+            raise ValueError(f"clean_rerun must be one of {CLEAN_RERUNS}, got {self.clean_rerun!r}")
         if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 1:
             raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
         self.tpf = (h // ph) * (w // pw)
@@ -323,6 +358,7 @@ class StreamingSampler:
         self._jit = _jitted_chunk(self.apply, options)
         self._jit_static = _jitted_chunk(self.apply, options, static_calls=True)
         self._jit_call = _jitted_call(self.apply, options)
+        self._jit_rerun = _jitted_rerun(self.apply, options)
 
     # ------------------------------------------------------------------ helpers
     def frame_shape(self, frames: int) -> tuple[int, ...]:
@@ -343,7 +379,8 @@ class StreamingSampler:
 
     def compiled_count(self) -> int:
         """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
-        return self._jit._cache_size() + self._jit_static._cache_size() + self._jit_call._cache_size()
+        return (self._jit._cache_size() + self._jit_static._cache_size() + self._jit_call._cache_size()
+                + self._jit_rerun._cache_size())
 
     def text_kv_of(self, context):
         """The text's cross-attention keys/values for `context`, or None (`text_kv=False`, or an
@@ -359,7 +396,8 @@ class StreamingSampler:
         text_kv: `text_kv_of(context)` (computed once per video), or None (each call projects the text)."""
         count = noise_count(self.schedule)
         times, n = padded_times(self.schedule, lay.index)
-        calls = n + (self.context_mode == "clean")
+        separate = self.context_mode == "clean" and self.clean_rerun == "separate"
+        calls = n + (self.context_mode == "clean" and not separate)
         frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
         acts = None if actions is None else jnp.asarray(actions)
         x_shape = self.frame_shape(lay.frames)
@@ -368,23 +406,26 @@ class StreamingSampler:
         static = (lay.sink_frames, lay.evict_frames, None if traced else lay.cache_frames)
         cache_frames = jnp.int32(lay.cache_frames) if traced else None
         times = jnp.asarray(times)
-        chunk_kw = dict(static=static, tpf=self.tpf, x_shape=x_shape, kv_update=self.kv_update,
-                        scan_unroll=int(self.scan_unroll))
+        kv_kw = dict(static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
+        chunk_kw = dict(tpf=self.tpf, x_shape=x_shape, **kv_kw)
         if self.call_loop == "device":
-            return self._jit(self.params, cache, noise, context, acts, frame_pos, times, jnp.int32(calls),
-                             cache_frames, self.layer_params, text_kv, **chunk_kw)
-        if self.call_loop == "static":
-            return self._jit_static(self.params, cache, noise, context, acts, frame_pos, times,
-                                    cache_frames=cache_frames, layer_params=self.layer_params, text_kv=text_kv,
-                                    num_calls=int(calls), **chunk_kw)
-        if lay.evict_frames:
-            cache = _jitted_shift(cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf,
-                                  _window_end(static, self.tpf, cache))
-        x = noise[0]
-        for j in range(calls):
-            x, cache = self._jit_call(self.params, cache, x, noise, context, acts, frame_pos, times, jnp.int32(j),
-                                      cache_frames, self.layer_params, text_kv, static=static, kv_update=self.kv_update,
-                                      scan_unroll=int(self.scan_unroll))
+            x, cache = self._jit(self.params, cache, noise, context, acts, frame_pos, times, jnp.int32(calls),
+                                 cache_frames, self.layer_params, text_kv, **chunk_kw)
+        elif self.call_loop == "static":
+            x, cache = self._jit_static(self.params, cache, noise, context, acts, frame_pos, times,
+                                        cache_frames=cache_frames, layer_params=self.layer_params, text_kv=text_kv,
+                                        num_calls=int(calls), **chunk_kw)
+        else:
+            if lay.evict_frames:
+                cache = _jitted_shift(cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf,
+                                      _window_end(static, self.tpf, cache))
+            x = noise[0]
+            for j in range(calls):
+                x, cache = self._jit_call(self.params, cache, x, noise, context, acts, frame_pos, times,
+                                          jnp.int32(j), cache_frames, self.layer_params, text_kv, **kv_kw)
+        if separate:     # x is x̂0 exactly: the grid ends at t_n = 0, so the last re-noise adds 0 * eps
+            cache = self._jit_rerun(self.params, cache, x, context, acts, frame_pos, cache_frames,
+                                    self.layer_params, text_kv, **kv_kw)
         return x, cache
 
     # ------------------------------------------------------------------ API
