@@ -167,19 +167,24 @@ def test_ops_prefix_mgpu_errors():
 
 
 def test_streaming_with_mgpu_cache_attention_matches_xla():
-    """The sampler with `cache_attn_impl="mgpu"` (one compile for every cache length) generates the
-    video the XLA cache attention does, to bf16 rounding (bf16 model, head_dim 64, chunk-wise,
-    2 steps, noisy context, 3 chunks)."""
+    """The sampler with `cache_attn_impl="mgpu"` (one compile for every cache length), and with the
+    cross-attention on the same kernel too (`cross_attn_impl="mgpu"`), generates the video the XLA
+    attention does, to bf16 rounding (bf16 model, head_dim 64, chunk-wise, 2 steps, noisy context,
+    3 chunks)."""
     base = TINY.replace(dim=128, num_heads=2, num_layers=2, dtype="bfloat16", param_dtype="float32")
     ctx = jax.random.normal(jax.random.key(1), (1, base.text_len, base.text_dim))
     videos = {}
-    for impl in ("xla", "mgpu"):
-        cfg = base.replace(cache_attn_impl=impl, attn_interpret=True)
+    for impl in ("xla", "mgpu", "mgpu_cross"):
+        cross = "mgpu" if impl == "mgpu_cross" else "auto"
+        cfg = base.replace(cache_attn_impl=impl.removesuffix("_cross"), cross_attn_impl=cross, attn_interpret=True)
         apply, params = functional(WanModel(cfg, rngs=nnx.Rngs(0)))      # the same weights
         s = StreamingSampler(apply, params, cfg, AttentionPattern("block_causal", 2), (4, 4), 1, 2, "noisy")
         assert s.traced_cache_len
         videos[impl] = s.generate(jax.random.key(3), ctx, 6)
         assert s.compiled_count() >= 1
-    a, b = (np.asarray(videos[i], np.float64) for i in ("xla", "mgpu"))
-    assert np.isfinite(b).all()
-    assert np.abs(a - b).max() <= 3e-2 * np.abs(a).mean(), np.abs(a - b).max()
+    a = np.asarray(videos["xla"], np.float64)
+    for impl in ("mgpu", "mgpu_cross"):
+        b = np.asarray(videos[impl], np.float64)
+        assert np.isfinite(b).all()
+        assert np.abs(a - b).max() <= 3e-2 * np.abs(a).mean(), (impl, np.abs(a - b).max())
+    assert np.abs(np.asarray(videos["mgpu_cross"], np.float64) - np.asarray(videos["mgpu"], np.float64)).max() > 0

@@ -51,6 +51,10 @@ class WanConfig(DtypeConfig):
         cache prefix, `ops.attention_kv_prefix`): "auto" (= attn_impl; on a Hopper GPU
         "auto" runs our Mosaic-GPU kernel, on other GPUs cuDNN), "mgpu", "cudnn", "xla",
         "triton".
+      cross_attn_impl: backend of the cross-attention (every query over all text keys):
+        "auto" (= attn_impl, through `ops.attention`) or one of `ops.attention_kv_prefix`'s
+        backends with the whole text as the valid length, e.g. "mgpu" (our Hopper kernel: no
+        cuDNN workspace memsets per call; its gradient is cuDNN's). Single device only.
       attn_interpret: run the Pallas kernels in interpret mode (CPU tests).
       remat: "none", "block" (recompute each block) or "dots" (save matmul outputs).
     """
@@ -75,6 +79,7 @@ class WanConfig(DtypeConfig):
     param_dtype: str = "float32"
     attn_impl: str = "auto"
     cache_attn_impl: str = "auto"
+    cross_attn_impl: str = "auto"
     attn_interpret: bool = False
     remat: str = "none"
 
@@ -85,6 +90,8 @@ class WanConfig(DtypeConfig):
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.cache_attn_impl not in ("auto", "mgpu", "cudnn", "xla", "triton", "mosaic"):
             raise ValueError(f"cache_attn_impl must be auto/mgpu/cudnn/xla/triton/mosaic, got {self.cache_attn_impl!r}")
+        if self.cross_attn_impl not in ("auto", "mgpu", "cudnn", "xla", "triton", "mosaic"):
+            raise ValueError(f"cross_attn_impl must be auto/mgpu/cudnn/xla/triton/mosaic, got {self.cross_attn_impl!r}")
         if self.remat not in ("none", "block", "dots"):
             raise ValueError(f"remat must be none/block/dots, got {self.remat!r}")
 

@@ -295,6 +295,7 @@ class Attention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.attn_impl = cfg.attn_impl
         self.cache_attn_impl = cfg.attn_impl if cfg.cache_attn_impl == "auto" else cfg.cache_attn_impl
+        self.cross_attn_impl = cfg.cross_attn_impl
         self.attn_interpret = cfg.attn_interpret
         self.to_q = linear(cfg.dim, cfg.dim, rngs, dt, pdt)
         self.to_k = linear(kv_dim, cfg.dim, rngs, dt, pdt)
@@ -311,7 +312,15 @@ class Attention(nnx.Module):
         return self._heads(self.norm_k(self.to_k(kv_input))), self._heads(self.to_v(kv_input))
 
     def attend(self, q, k, v, spec, *, cross: bool, ad: str):
-        """`partitioning.attend` with this module's attention backend."""
+        """`partitioning.attend` with this module's attention backend; cross-attention with
+        `cross_attn_impl` set: `attention_kv_prefix` over all keys (q `[B, T, N, H, D]`, k, v `[B, Lk, H, D]`)."""
+        if cross and self.cross_attn_impl != "auto":
+            if partitioning.active_axes()[2] is not None:
+                raise ValueError(f"cross_attn_impl={self.cross_attn_impl!r} runs on one device; under a device "
+                                 "mesh use cross_attn_impl='auto'")
+            o = attention_kv_prefix(_flat_tokens(q), k, v, k.shape[1], impl=self.cross_attn_impl, ad=ad,
+                                    interpret=self.attn_interpret)
+            return o.reshape(q.shape)
         return partitioning.attend(q, k, v, spec, cross=cross, impl=self.attn_impl, ad=ad,
                                    interpret=self.attn_interpret)
 
