@@ -20,6 +20,14 @@ wall time), `span_ms` the first-kernel-start to last-kernel-end interval, and
 `idle_ms = span - union of kernel intervals` the time no kernel ran (host work,
 launch gaps), `kernels` the number of kernels and each top kernel's `calls`. `--per N`
 divides by N (e.g. the number of profiled steps).
+
+`gaps` splits the idle time by the length of each gap between consecutive kernels:
+`within_ms` (gaps < 1 ms: launch gaps inside a step) and `between_ms` (>= 1 ms: host work
+between steps, or between the profiled runs), a histogram of the short gaps, the kernels that
+wait longest in total after the previous one (`top_waiting`), and, where the trace links each
+kernel to its host launch call (a `correlation id`), `host_late_ms`: the part of the short gaps
+in which the host had not yet returned from launching the next kernel (host-bound), against
+`device_ms` (the launch was queued in time: the device's own gap between dependent kernels).
 """
 
 from __future__ import annotations
@@ -91,11 +99,72 @@ def summarize(trace_dir: str, per: float = 1.0, top: int = 15) -> dict:
     span = spans[-1][1] - spans[0][0]
     ms = lambda us: round(us / 1e3 / per, 3)
     busy = sum(by_cat.values())
+    launches = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and any(c in e.get("name", "").lower() for c in LAUNCH_CALLS):
+            cid = _correlation(e)
+            if cid is not None:
+                launches[cid] = e["ts"] + e["dur"]
     return dict(trace=path, per=per, busy_ms=ms(busy), span_ms=ms(span), idle_ms=ms(span - union),
                 kernels=round(len(kernels) / per, 1),
                 categories={c: dict(ms=ms(v), share=round(v / busy, 3)) for c, v in by_cat.most_common()},
                 top_kernels=[dict(name=n[:120], category=category(n), ms=ms(v), calls=round(calls[n] / per, 1))
-                             for n, v in by_name.most_common(top)])
+                             for n, v in by_name.most_common(top)],
+                gaps=gap_stats(kernels, launches, per))
+
+
+GAP_BINS = ((2, "<2us"), (5, "2-5us"), (10, "5-10us"), (50, "10-50us"), (1000, "50us-1ms"))
+LAUNCH_CALLS = ("culaunch", "cudalaunch", "cugraphlaunch", "cudagraphlaunch")
+
+
+def _correlation(e):
+    for k, v in (e.get("args") or {}).items():
+        if "correlation" in k.lower():
+            try:
+                return int(v)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def gap_stats(kernels: list, launches: dict, per: float = 1.0, top: int = 10) -> dict:
+    """Idle gaps between consecutive kernels (see the module docstring).
+
+    kernels: trace events with ts, dur (us), name; launches: correlation id -> host launch call
+    end time (us). Returns a dict of ms per unit (`per`).
+    """
+    ms = lambda us: round(us / 1e3 / per, 3)
+    ks = sorted(kernels, key=lambda e: e["ts"])
+    end = ks[0]["ts"] + ks[0]["dur"]
+    within = between = host_late = 0.0
+    hist = {label: [0, 0.0] for _, label in GAP_BINS}
+    waiting, waits = collections.Counter(), collections.Counter()
+    matched = short = 0
+    for e in ks[1:]:
+        gap = e["ts"] - end
+        if gap > 0 and gap < 1000:
+            within += gap
+            short += 1
+            label = next(lab for lim, lab in GAP_BINS if gap < lim)
+            hist[label][0] += 1
+            hist[label][1] += gap
+            waiting[e["name"]] += gap
+            waits[e["name"]] += 1
+            launched = launches.get(_correlation(e))
+            if launched is not None:
+                matched += 1
+                host_late += min(gap, max(0.0, launched - end))
+        elif gap >= 1000:
+            between += gap
+        end = max(end, e["ts"] + e["dur"])
+    out = dict(within_ms=ms(within), between_ms=ms(between), short_gaps=round(short / per, 1),
+               hist={k: dict(gaps=round(n / per, 1), ms=ms(v)) for k, (n, v) in hist.items()},
+               top_waiting=[dict(name=n[:120], ms=ms(v), gaps=round(waits[n] / per, 1))
+                            for n, v in waiting.most_common(top)])
+    if matched:
+        out.update(host_late_ms=ms(host_late), device_ms=ms(within - host_late),
+                   launch_matched=round(matched / max(short, 1), 3))
+    return out
 
 
 def fmt(s: dict) -> str:
@@ -106,6 +175,15 @@ def fmt(s: dict) -> str:
     lines.append("top kernels:")
     lines += [f"  {k['ms']:9.2f} ms  {k.get('calls', float('nan')):7g} x  {k['category']:10s} {k['name']}"
               for k in s["top_kernels"]]
+    g = s.get("gaps")
+    if g:
+        host = (f", host late {g['host_late_ms']:.2f} ms / device {g['device_ms']:.2f} ms "
+                f"({g['launch_matched']:.0%} of gaps linked to their launch)" if "host_late_ms" in g else "")
+        lines.append(f"idle: {g['within_ms']:.2f} ms in {g['short_gaps']:g} gaps < 1 ms{host}; "
+                     f"{g['between_ms']:.2f} ms in gaps >= 1 ms")
+        lines.append("  short gaps: " + ", ".join(f"{k} {v['gaps']:g} x {v['ms']:.2f} ms" for k, v in g["hist"].items()))
+        lines.append("  longest total wait before:")
+        lines += [f"    {w['ms']:8.2f} ms  {w['gaps']:7g} x  {w['name']}" for w in g["top_waiting"]]
     return "\n".join(lines)
 
 
