@@ -43,6 +43,11 @@ Variants (StreamingSampler options; one per run, named by --label):
                                same loop with a compile-time trip count (static: no predicate read,
                                one compile per call count), or one asynchronously dispatched jitted
                                call per model call (host)
+  --clean_rerun separate|fused  clean context: the chunk handed over after its denoising calls and the
+                               re-run at t = 0 dispatched on its own (default), or the re-run as the
+                               last iteration of the call loop (before session 11)
+  --cross_attn_impl auto|mgpu|...  the cross-attention's backend (WanConfig.cross_attn_impl; auto:
+                               the model's attn_impl, cuDNN on a GPU)
   --no_text_kv                 every call projects the text in every layer (before session 9; the
                                default computes the cross-attention keys/values once per video)
   --cache_attn_impl auto|mgpu|cudnn  the attention over the KV cache (auto: mgpu on Hopper)
@@ -97,7 +102,7 @@ def model_setups(args):
     setups = []
     if "wan_1_3b" in args.models:
         cfg = get_model_config("wan_1_3b", dtype=args.dtype, param_dtype=args.dtype,
-                               cache_attn_impl=args.cache_attn_impl)
+                               cache_attn_impl=args.cache_attn_impl, cross_attn_impl=args.cross_attn_impl)
         setups.append(("wan_1_3b", cfg, tuple(args.latent_hw), args.frames, False))
     if "tiny" in args.models:
         cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5,
@@ -217,12 +222,12 @@ def variant_options(args) -> dict:
     """The StreamingSampler options of the benchmarked variant."""
     return dict(kv_update=args.kv_update, kv_layout=args.kv_layout, scan_unroll=args.scan_unroll,
                 call_loop=args.call_loop, compiler_options=dict(args.compiler_option) or None,
-                text_kv=not args.no_text_kv)
+                text_kv=not args.no_text_kv, clean_rerun=args.clean_rerun)
 
 
 def model_options(args) -> dict:
     """The model-config options of the benchmarked variant (recorded next to the sampler's)."""
-    return dict(cache_attn_impl=args.cache_attn_impl)
+    return dict(cache_attn_impl=args.cache_attn_impl, cross_attn_impl=args.cross_attn_impl)
 
 
 def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
@@ -322,6 +327,11 @@ def parse(argv=None):
     p.add_argument("--cache_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla", "triton"],
                    help="backend of the attention over the KV cache (WanConfig.cache_attn_impl; auto: our "
                         "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)")
+    p.add_argument("--clean_rerun", default="separate", choices=["separate", "fused"],
+                   help="clean context: the re-run at t = 0 as its own dispatch after the chunk is handed over "
+                        "(separate) or as the call loop's last iteration (fused)")
+    p.add_argument("--cross_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla"],
+                   help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)")
     p.add_argument("--call_loop", default="device", choices=["device", "static", "host"],
                    help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
                         "(static) trip count, or one async jitted call each (host)")
@@ -355,6 +365,8 @@ def parse(argv=None):
     if a.label is None:
         a.label = "-".join([a.kv_update, a.kv_layout, a.call_loop]
                            + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
+                           + ([f"cross_{a.cross_attn_impl}"] if a.cross_attn_impl != "auto" else [])
+                           + (["fused_rerun"] if a.clean_rerun == "fused" else [])
                            + (["no_text_kv"] if a.no_text_kv else [])
                            + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
                            + (["opts"] if a.compiler_option else []))
