@@ -43,8 +43,9 @@ Variants (StreamingSampler options; one per run, named by --label):
                                same loop with a compile-time trip count (static: no predicate read,
                                one compile per call count), or one asynchronously dispatched jitted
                                call per model call (host)
-  --clean_rerun separate|fused  clean context: the chunk handed over after its denoising calls and the
-                               re-run at t = 0 dispatched on its own (default), or the re-run as the
+  --clean_rerun separate|deferred|fused  clean context: the chunk handed over after its denoising
+                               calls and the re-run at t = 0 dispatched on its own right away
+                               (default) or when the next chunk is asked for, or the re-run as the
                                last iteration of the call loop (before session 11)
   --cross_attn_impl auto|mgpu|...  the cross-attention's backend (WanConfig.cross_attn_impl; auto:
                                the model's attn_impl, cuDNN on a GPU)
@@ -327,9 +328,10 @@ def parse(argv=None):
     p.add_argument("--cache_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla", "triton"],
                    help="backend of the attention over the KV cache (WanConfig.cache_attn_impl; auto: our "
                         "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)")
-    p.add_argument("--clean_rerun", default="separate", choices=["separate", "fused"],
-                   help="clean context: the re-run at t = 0 as its own dispatch after the chunk is handed over "
-                        "(separate) or as the call loop's last iteration (fused)")
+    p.add_argument("--clean_rerun", default="separate", choices=["separate", "deferred", "fused"],
+                   help="clean context: the re-run at t = 0 as its own dispatch right after the chunk's "
+                        "(separate), when the next chunk is asked for (deferred), or as the call loop's "
+                        "last iteration (fused)")
     p.add_argument("--cross_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla"],
                    help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)")
     p.add_argument("--call_loop", default="device", choices=["device", "static", "host"],
@@ -366,7 +368,7 @@ def parse(argv=None):
         a.label = "-".join([a.kv_update, a.kv_layout, a.call_loop]
                            + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
                            + ([f"cross_{a.cross_attn_impl}"] if a.cross_attn_impl != "auto" else [])
-                           + (["fused_rerun"] if a.clean_rerun == "fused" else [])
+                           + ([f"{a.clean_rerun}_rerun"] if a.clean_rerun != "separate" else [])
                            + (["no_text_kv"] if a.no_text_kv else [])
                            + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
                            + (["opts"] if a.compiler_option else []))

@@ -12,6 +12,9 @@
 #   sep            the clean re-run dispatched on its own after the chunk (device call loop)
 #   static_sep     the same with a compile-time call count (asynchronous dispatch: prefetch works)
 #   static_sep_xm  static_sep + the cross-attention on our Mosaic-GPU kernel (no cuDNN memsets)
+#   static_def     the re-run dispatched only when the next chunk is asked for (static call loop)
+#   DISPATCH=1     first: experiments/dispatch_order_check.py (is an output ready before work queued
+#                  behind it is done?)
 set -u
 START=$SECONDS
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -24,7 +27,14 @@ declare -A FLAGS=(
   [sep]="--cache_attn_impl mgpu --call_loop device --clean_rerun separate"
   [static_sep]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate"
   [static_sep_xm]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate --cross_attn_impl mgpu"
+  [static_def]="--cache_attn_impl mgpu --call_loop static --clean_rerun deferred"
 )
+if [ -n "${DISPATCH:-}" ]; then
+  echo "== dispatch order"
+  timeout 120 python3 experiments/dispatch_order_check.py --out "$OUT/dispatch_order.json" > "$OUT/log_dispatch.txt" 2>&1
+  echo "   rc=$?"
+  filter "$OUT/log_dispatch.txt" 6
+fi
 ORDER=${ORDER:-"static_sep_xm static_sep s9"}
 CC=/tmp/jax_cc13
 COMMON="--models wan_1_3b --blocks 3 --repeats 2 --compile_cache $CC"

@@ -90,6 +90,8 @@ VARIANTS = {
     "per_layer_inplace_fused_rerun": dict(kv_update="inplace", kv_layout="per_layer", clean_rerun="fused"),
     "stacked_static_fused_rerun": dict(kv_update="concat", kv_layout="stacked", call_loop="static",
                                        clean_rerun="fused"),
+    "per_layer_inplace_static_deferred": dict(kv_update="inplace", kv_layout="per_layer", call_loop="static",
+                                              clean_rerun="deferred"),
 }
 
 
@@ -109,7 +111,7 @@ def test_streaming_variants_equal_reference(name, mode, variant):
     before = s.compiled_count()
     video = s.generate(jax.random.key(3), context(), frames, actions(frames))
     if s.traced_cache_len:    # one compile for every cache length of this chunk shape (+ the re-run's)
-        assert s.compiled_count() - before <= 1 + (mode == "clean" and s.clean_rerun == "separate")
+        assert s.compiled_count() - before <= 1 + (mode == "clean" and s.clean_rerun != "fused")
     assert s.cache is None and video.shape == (B, frames, *HW, CFG.in_channels)
     assert_close(video, cached_reference(name, frames, 2, mode, 3))
 
@@ -133,13 +135,15 @@ def test_modes_and_steps_differ_and_first_block_differs():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_separate_clean_rerun_hands_over_each_chunk_before_its_rerun():
-    """clean_rerun="separate" (default) returns x̂0 of the denoising calls and dispatches the re-run on
-    its own, once per chunk, after the chunk's call: the same video, bit for bit, as the fused loop."""
+@pytest.mark.parametrize("how", ["separate", "deferred"])
+def test_clean_rerun_on_its_own_gives_the_same_video(how):
+    """clean_rerun="separate" (default) / "deferred" return x̂0 of the denoising calls and dispatch the
+    re-run on its own: right after the chunk / when the next chunk is asked for, and not after the
+    last chunk (nothing reads that cache); the same video, bit for bit, as the fused loop."""
     pattern, frames = PATTERNS["chunkwise"]
     acts, key = actions(frames), jax.random.key(6)
     fused = sampler(pattern, 2, "clean", clean_rerun="fused").generate(key, context(), frames, acts)
-    s = sampler(pattern, 2, "clean")
+    s = sampler(pattern, 2, "clean", clean_rerun=how)
     order, rerun, chunk = [], s._jit_rerun, s._jit
 
     def log(name, fn):
@@ -148,9 +152,14 @@ def test_separate_clean_rerun_hands_over_each_chunk_before_its_rerun():
             return fn(*a, **kw)
         return wrapped
     s._jit_rerun, s._jit = log("rerun", rerun), log("chunk", chunk)
-    video = s.generate(key, context(), frames, acts)
-    assert order == ["chunk", "rerun"] * len(list(chunk_bounds(pattern, frames)))
-    np.testing.assert_array_equal(video, fused)
+    seen = []
+    for c in s.stream(key, context(), frames, acts, prefetch=False):
+        seen.append((list(order), c.frames))
+    n = len(list(chunk_bounds(pattern, frames)))
+    assert order == ["chunk", "rerun"] * (n - 1) + ["chunk"]
+    first = ["chunk", "rerun"] if how == "separate" else ["chunk"]      # queued when chunk 0 is handed over
+    assert seen[0][0] == first
+    np.testing.assert_array_equal(jnp.concatenate([f for _, f in seen], 1), fused)
     order.clear()
     sampler(pattern, 2, "noisy").generate(key, context(), frames, acts)   # no re-run in noisy mode
     assert "rerun" not in order

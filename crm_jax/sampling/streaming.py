@@ -250,7 +250,7 @@ def _jitted_text_kv(apply, per_layer: bool):
 
 KV_LAYOUTS = ("stacked", "per_layer")
 CALL_LOOPS = ("device", "static", "host")
-CLEAN_RERUNS = ("separate", "fused")
+CLEAN_RERUNS = ("separate", "deferred", "fused")
 
 
 @dataclasses.dataclass
@@ -294,10 +294,13 @@ class StreamingSampler:
         (default), instead of each call projecting the text again in every layer; the video is
         the same.
       clean_rerun: clean context only: "separate" (default: the chunk is returned after its
-        denoising calls, and the re-run at t = 0 that writes its clean keys/values is dispatched
-        on its own, so the chunk is ready one model call sooner; XLA also drops that call's unused
-        output work) or "fused" (the re-run is the last iteration of the chunk's call loop, and
-        the chunk is ready only after it; before session 11). The video is the same.
+        denoising calls and the re-run at t = 0 that writes its clean keys/values is dispatched
+        on its own right after them; XLA also drops that call's unused output work),
+        "deferred" (the same re-run, dispatched only when the next chunk is asked for: nothing
+        is queued behind a chunk while the caller waits for it) or "fused" (the re-run is the
+        last iteration of the chunk's call loop; before session 11). The last chunk of a finite
+        video skips the re-run in "separate" and "deferred" (nothing reads that cache). The
+        video is the same in all three.
     """
 
     apply: Callable
@@ -390,13 +393,15 @@ class StreamingSampler:
             return None
         return _jitted_text_kv(self.apply, self.kv_layout == "per_layer")(self.params, context)
 
-    def chunk_call(self, cache, key, context, actions, lay: ChunkLayout, text_kv=None):
+    def chunk_call(self, cache, key, context, actions, lay: ChunkLayout, text_kv=None, rerun: bool = True):
         """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache).
 
-        text_kv: `text_kv_of(context)` (computed once per video), or None (each call projects the text)."""
+        text_kv: `text_kv_of(context)` (computed once per video), or None (each call projects the text).
+        rerun: with a clean context and `clean_rerun` "separate"/"deferred", also dispatch the re-run
+        (`rerun_call`) after the denoising calls; False leaves the cache with the last step's keys."""
         count = noise_count(self.schedule)
         times, n = padded_times(self.schedule, lay.index)
-        separate = self.context_mode == "clean" and self.clean_rerun == "separate"
+        separate = self.context_mode == "clean" and self.clean_rerun != "fused"
         calls = n + (self.context_mode == "clean" and not separate)
         frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
         acts = None if actions is None else jnp.asarray(actions)
@@ -423,10 +428,20 @@ class StreamingSampler:
             for j in range(calls):
                 x, cache = self._jit_call(self.params, cache, x, noise, context, acts, frame_pos, times,
                                           jnp.int32(j), cache_frames, self.layer_params, text_kv, **kv_kw)
-        if separate:     # x is x̂0 exactly: the grid ends at t_n = 0, so the last re-noise adds 0 * eps
-            cache = self._jit_rerun(self.params, cache, x, context, acts, frame_pos, cache_frames,
-                                    self.layer_params, text_kv, **kv_kw)
+        if separate and rerun:   # x is x̂0 exactly: the grid ends at t_n = 0, so the last re-noise adds 0 * eps
+            cache = self.rerun_call(cache, x, context, actions, lay, text_kv)
         return x, cache
+
+    def rerun_call(self, cache, x0, context, actions, lay: ChunkLayout, text_kv=None):
+        """The clean-context re-run of chunk `lay` (jitted, cache donated): v(x̂0, t = 0) writes the
+        chunk's clean keys/values. x0: the chunk's output `[B, f, H, W, C]`. Returns the new cache."""
+        traced = self.traced_cache_len
+        static = (lay.sink_frames, lay.evict_frames, None if traced else lay.cache_frames)
+        cache_frames = jnp.int32(lay.cache_frames) if traced else None
+        acts = None if actions is None else jnp.asarray(actions)
+        frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
+        return self._jit_rerun(self.params, cache, x0, context, acts, frame_pos, cache_frames, self.layer_params,
+                               text_kv, static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
 
     # ------------------------------------------------------------------ API
     def stream(self, key: jax.Array, context, num_frames: int | None, actions=None,
@@ -453,11 +468,17 @@ class StreamingSampler:
         layout = CacheLayout(self.pattern, capacity)
         cache = self.new_cache(capacity)
         text_kv = self.text_kv_of(context)
-        pending = None
+        deferred = self.context_mode == "clean" and self.clean_rerun == "deferred"
+        pending, rerun = None, None
         for i, (s, e) in enumerate(chunk_bounds(self.pattern, num_frames)):
             lay = layout.next(s, e)
             acts = src.get(i, s, e)
-            x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv)
+            if rerun is not None:                       # the previous chunk's deferred re-run
+                cache, rerun = self.rerun_call(cache, *rerun), None
+            last = num_frames is not None and e >= num_frames   # its cache is never read
+            x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv, rerun=not (deferred or last))
+            if deferred and not last:
+                rerun = (x0, context, acts, lay, text_kv)
             self.cache, self.layout = cache, lay     # for inspection (donated by the next chunk)
             chunk = Chunk(i, s, x0, acts)
             if not prefetch:
