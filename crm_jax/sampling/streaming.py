@@ -239,6 +239,7 @@ def _jitted_rerun(apply, compiler_options: tuple = ()):
                    donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
 
 
+_jitted_new_cache = jax.jit(KVCache.create, static_argnums=(0, 1, 2, 3, 4, 5))
 _jitted_shift = jax.jit(_shift_window, static_argnums=(1, 2, 3), donate_argnums=(0,))
 
 
@@ -377,8 +378,10 @@ class StreamingSampler:
         return context
 
     def new_cache(self, frames: int) -> KVCache:
-        return KVCache.create(self.cfg, self.batch, frames, self.tpf, self.cache_dtype,
-                              per_layer=self.kv_layout == "per_layer")
+        """A zeroed KV cache for `frames` latent frames, made by one jitted call (2 x layers buffers
+        made op by op cost ~0.4 ms of dispatch each: ~25 ms before the first chunk of wan_1_3b)."""
+        return _jitted_new_cache(self.cfg, self.batch, frames, self.tpf, self.cache_dtype,
+                                 self.kv_layout == "per_layer")
 
     def compiled_count(self) -> int:
         """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
