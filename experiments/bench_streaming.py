@@ -18,8 +18,9 @@ timed pairs of videos, each chunk `block_until_ready`-ed as it is yielded:
   overall_fps:    all frames / total time, same run
   *_prefetch:     the same with prefetch (chunk i+1 dispatched before chunk i is handed
                   over, hiding host work; on CPU dispatch is not asynchronous, ignore these).
-                  Only meaningful when dispatch is asynchronous: with the default device
-                  call loop (a fori_loop with a traced trip count) XLA reads every
+                  The streaming rate of `stream()`'s default (prefetch unless actions are
+                  live). Only meaningful when dispatch is asynchronous (the default static
+                  call loop): with the device call loop (a traced trip count) XLA reads every
                   iteration's loop predicate on the host, so the dispatch returns when the
                   chunk is done, chunk i is seen only after chunk i+1 ran, and
                   steady_fps_prefetch spans one chunk less than it counts (too high)
@@ -37,16 +38,16 @@ Variants (StreamingSampler options; one per run, named by --label):
                                a parameter copy per layer and a Python layer loop (default;
                                with inplace: no copy at all, one compile for all cache lengths)
   --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
-  --call_loop device|static|host  a chunk's model calls in one jitted fori_loop (default; with its
-                               traced trip count XLA reads every iteration's loop predicate back
-                               to the host, which can keep the dispatch from returning early), the
-                               same loop with a compile-time trip count (static: no predicate read,
-                               one compile per call count), or one asynchronously dispatched jitted
-                               call per model call (host)
-  --clean_rerun separate|deferred|fused  clean context: the chunk handed over after its denoising
-                               calls and the re-run at t = 0 dispatched on its own right away
-                               (default) or when the next chunk is asked for, or the re-run as the
-                               last iteration of the call loop (before session 11)
+  --call_loop static|device|host  a chunk's model calls in one jitted fori_loop with a compile-time
+                               trip count (static, the default: no predicate read, asynchronous
+                               dispatch, one compile per call count), the same loop with a traced
+                               trip count (device: XLA reads every iteration's loop predicate back
+                               to the host, so the dispatch returns when the chunk is done), or one
+                               asynchronously dispatched jitted call per model call (host)
+  --clean_rerun separate|fused  clean context: the chunk handed over after its denoising calls and
+                               the re-run at t = 0 dispatched on its own (default; none after the
+                               last chunk), or the re-run as the last iteration of the call loop
+                               (before session 11)
   --cross_attn_impl auto|mgpu|...  the cross-attention's backend (WanConfig.cross_attn_impl; auto:
                                the model's attn_impl, cuDNN on a GPU)
   --no_text_kv                 every call projects the text in every layer (before session 9; the
@@ -328,13 +329,12 @@ def parse(argv=None):
     p.add_argument("--cache_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla", "triton"],
                    help="backend of the attention over the KV cache (WanConfig.cache_attn_impl; auto: our "
                         "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)")
-    p.add_argument("--clean_rerun", default="separate", choices=["separate", "deferred", "fused"],
+    p.add_argument("--clean_rerun", default="separate", choices=["separate", "fused"],
                    help="clean context: the re-run at t = 0 as its own dispatch right after the chunk's "
-                        "(separate), when the next chunk is asked for (deferred), or as the call loop's "
-                        "last iteration (fused)")
+                        "(separate) or as the call loop's last iteration (fused)")
     p.add_argument("--cross_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla"],
                    help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)")
-    p.add_argument("--call_loop", default="device", choices=["device", "static", "host"],
+    p.add_argument("--call_loop", default="static", choices=["device", "static", "host"],
                    help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
                         "(static) trip count, or one async jitted call each (host)")
     p.add_argument("--compiler_option", type=_option, action="append", default=[], metavar="NAME=VALUE",

@@ -7,14 +7,12 @@
 # Usage on the device (repo root):  bash experiments/gpu_suite13.sh        (writes under $OUT)
 #   ORDER="static_sep_xm static_sep s9"   streaming variants, in order (names below)
 #   PROFILE=1                              profile the first variant's 2-step noisy chunk
+#   CONFIGS=2:clean REPEATS=1              fewer configurations / repeats (a short call)
 # Variants (flags of experiments/bench_streaming.py; the three target rows):
 #   s9             session 9's defaults: device call loop, clean re-run fused into the call loop
 #   sep            the clean re-run dispatched on its own after the chunk (device call loop)
 #   static_sep     the same with a compile-time call count (asynchronous dispatch: prefetch works)
 #   static_sep_xm  static_sep + the cross-attention on our Mosaic-GPU kernel (no cuDNN memsets)
-#   static_def     the re-run dispatched only when the next chunk is asked for (static call loop)
-#   DISPATCH=1     first: experiments/dispatch_order_check.py (is an output ready before work queued
-#                  behind it is done?)
 set -u
 START=$SECONDS
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -27,20 +25,14 @@ declare -A FLAGS=(
   [sep]="--cache_attn_impl mgpu --call_loop device --clean_rerun separate"
   [static_sep]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate"
   [static_sep_xm]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate --cross_attn_impl mgpu"
-  [static_def]="--cache_attn_impl mgpu --call_loop static --clean_rerun deferred"
 )
-if [ -n "${DISPATCH:-}" ]; then
-  echo "== dispatch order"
-  timeout 120 python3 experiments/dispatch_order_check.py --out "$OUT/dispatch_order.json" > "$OUT/log_dispatch.txt" 2>&1
-  echo "   rc=$?"
-  filter "$OUT/log_dispatch.txt" 6
-fi
 ORDER=${ORDER:-"static_sep_xm static_sep s9"}
 CC=/tmp/jax_cc13
-COMMON="--models wan_1_3b --blocks 3 --repeats 2 --compile_cache $CC"
+COMMON="--models wan_1_3b --blocks 3 --repeats ${REPEATS:-2} --compile_cache $CC"
+CONFIGS=${CONFIGS:-2:noisy,2:clean,4:clean}
 for v in $ORDER; do
   echo "== stream $v: ${FLAGS[$v]}"
-  timeout ${STREAM_TIMEOUT:-150} python3 experiments/bench_streaming.py $COMMON --configs 2:noisy,2:clean,4:clean \
+  timeout ${STREAM_TIMEOUT:-150} python3 experiments/bench_streaming.py $COMMON --configs $CONFIGS \
     --label $v ${FLAGS[$v]} --out "$OUT/stream_$v.json" > "$OUT/log_stream_$v.txt" 2>&1
   echo "   rc=$?, $((SECONDS - START)) s so far"
   filter "$OUT/log_stream_$v.txt" 4

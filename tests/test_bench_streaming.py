@@ -29,7 +29,7 @@ def test_quick_variants_and_compare(tmp_path, capsys):
         rows = result["rows"]
         assert [(r["steps"], r["context"]) for r in rows] == [(2, "noisy"), (1, "clean")]
         assert all(r["variant"] == label and r["steady_fps"] > 0 and r["dispatch_ms"] >= 0 for r in rows)
-        assert result["options"]["call_loop"] == ("host" if label == "layers_host" else "device")
+        assert result["options"]["call_loop"] == ("host" if label == "layers_host" else "static")
         outs.append(str(out))
     assert rows[0]["traced_cache_len"] and rows[0]["compiler_options"]["xla_gpu_enable_command_buffer"]
     capsys.readouterr()

@@ -90,8 +90,9 @@ VARIANTS = {
     "per_layer_inplace_fused_rerun": dict(kv_update="inplace", kv_layout="per_layer", clean_rerun="fused"),
     "stacked_static_fused_rerun": dict(kv_update="concat", kv_layout="stacked", call_loop="static",
                                        clean_rerun="fused"),
-    "per_layer_inplace_static_deferred": dict(kv_update="inplace", kv_layout="per_layer", call_loop="static",
-                                              clean_rerun="deferred"),
+    "per_layer_inplace_device": dict(kv_update="inplace", kv_layout="per_layer", call_loop="device"),
+    "per_layer_inplace_device_fused_rerun": dict(kv_update="inplace", kv_layout="per_layer", call_loop="device",
+                                                 clean_rerun="fused"),
 }
 
 
@@ -135,30 +136,28 @@ def test_modes_and_steps_differ_and_first_block_differs():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("how", ["separate", "deferred"])
-def test_clean_rerun_on_its_own_gives_the_same_video(how):
-    """clean_rerun="separate" (default) / "deferred" return x̂0 of the denoising calls and dispatch the
-    re-run on its own: right after the chunk / when the next chunk is asked for, and not after the
-    last chunk (nothing reads that cache); the same video, bit for bit, as the fused loop."""
+def test_clean_rerun_on_its_own_gives_the_same_video():
+    """clean_rerun="separate" (default) returns x̂0 of the denoising calls and dispatches the re-run on
+    its own right after them, but not after the last chunk (nothing reads that cache); the same
+    video, bit for bit, as the fused loop."""
     pattern, frames = PATTERNS["chunkwise"]
     acts, key = actions(frames), jax.random.key(6)
     fused = sampler(pattern, 2, "clean", clean_rerun="fused").generate(key, context(), frames, acts)
-    s = sampler(pattern, 2, "clean", clean_rerun=how)
-    order, rerun, chunk = [], s._jit_rerun, s._jit
+    s = sampler(pattern, 2, "clean")
+    order = []
 
     def log(name, fn):
         def wrapped(*a, **kw):
             order.append(name)
             return fn(*a, **kw)
         return wrapped
-    s._jit_rerun, s._jit = log("rerun", rerun), log("chunk", chunk)
+    s._jit_rerun, s._jit_static = log("rerun", s._jit_rerun), log("chunk", s._jit_static)   # static: the default
     seen = []
     for c in s.stream(key, context(), frames, acts, prefetch=False):
         seen.append((list(order), c.frames))
     n = len(list(chunk_bounds(pattern, frames)))
     assert order == ["chunk", "rerun"] * (n - 1) + ["chunk"]
-    first = ["chunk", "rerun"] if how == "separate" else ["chunk"]      # queued when chunk 0 is handed over
-    assert seen[0][0] == first
+    assert seen[0][0] == ["chunk", "rerun"]          # queued when chunk 0 is handed over
     np.testing.assert_array_equal(jnp.concatenate([f for _, f in seen], 1), fused)
     order.clear()
     sampler(pattern, 2, "noisy").generate(key, context(), frames, acts)   # no re-run in noisy mode

@@ -16,9 +16,9 @@ All noise comes from `chunk_noise` (keys folded from one PRNG key by chunk index
 the non-streaming `reference.reference_generate` can reproduce it exactly.
 
 Each chunk is one jitted call (`jax.jit`, cache donated) compiled for its static
-buffer layout (sink/evict/cache frames) and chunk shape; the number of model calls
-is a traced loop bound and the grid a traced array, so every step count, grid and
-both context modes share a compile. With a rolling window the
+buffer layout (sink/evict/cache frames), chunk shape and number of model calls (the
+grid is a traced array, so schedules with the same step count share a compile; with
+`call_loop="device"` the call count is traced too). With a rolling window the
 layout reaches a steady state after `sink_blocks + local_attn_blocks` chunks and
 the same compiled function is reused from then on (flat memory).
 
@@ -28,9 +28,10 @@ instead of concatenating `[cached | new]`; `kv_layout="per_layer"` keeps one buf
 and one parameter copy per layer (Python layer loop: no slice of weights or cache is
 copied per call; with "inplace", attention reads each buffer with a valid length and
 the cache length is traced, so one compile serves every layout of a chunk shape);
-`call_loop="static"` makes the number of model calls a compile-time constant (one compile per
-call count: XLA then knows the loop's trip count and never reads the loop predicate back to the
-host); `call_loop="host"` dispatches each model call as its own asynchronous jitted call.
+`call_loop="static"` (the default) makes the number of model calls a compile-time constant
+(XLA then knows the loop's trip count and never reads the loop predicate back to the host,
+so the dispatch is asynchronous and prefetch overlaps the caller with the next chunk);
+`"device"` traces it; `"host"` dispatches each model call as its own asynchronous jitted call.
 
 RoPE positions: every call passes `frame_pos` = absolute frame indices, so keys in
 the cache keep the positions they were written with, also after the window part
@@ -251,7 +252,7 @@ def _jitted_text_kv(apply, per_layer: bool):
 
 KV_LAYOUTS = ("stacked", "per_layer")
 CALL_LOOPS = ("device", "static", "host")
-CLEAN_RERUNS = ("separate", "deferred", "fused")
+CLEAN_RERUNS = ("separate", "fused")
 
 
 @dataclasses.dataclass
@@ -282,12 +283,15 @@ class StreamingSampler:
         are the fastest measured (wan_1_3b, 480p, chunk 3, H200: 23.8 vs 20.7 latent frames/s
         for concat + stacked at 2 steps, noisy context; experiments/RESULTS.md).
       scan_unroll: layers per layer-scan iteration (stacked layout).
-      call_loop: "device" (default: a chunk's model calls loop inside one jitted function,
-        `lax.fori_loop` with a traced trip count), "static" (the same loop with the call count
-        a compile-time constant: XLA knows the trip count and does not copy the loop predicate
-        to the host each iteration, so dispatch returns at once; one compile per call count)
-        or "host" (one jitted, asynchronously dispatched function per model call, looped over
-        in Python; same compiles as "device").
+      call_loop: "static" (default: a chunk's model calls loop inside one jitted function with the
+        call count a compile-time constant, so XLA never copies the loop predicate to the host
+        and the dispatch returns at once: with `stream(prefetch=True)` the next chunk is queued
+        while the caller handles this one; one compile per call count), "device" (the same loop
+        with a traced trip count: one compile for every call count, but each iteration's
+        predicate is read back, so the dispatch returns only when the chunk is done and prefetch
+        cannot overlap anything; the default before session 11) or "host" (one jitted,
+        asynchronously dispatched function per model call, looped over in Python; same compiles
+        as "device").
       compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
         e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,...,WHILE,CONDITIONAL"}.
       text_kv: compute the text's cross-attention keys and values of every layer once per
@@ -296,12 +300,10 @@ class StreamingSampler:
         the same.
       clean_rerun: clean context only: "separate" (default: the chunk is returned after its
         denoising calls and the re-run at t = 0 that writes its clean keys/values is dispatched
-        on its own right after them; XLA also drops that call's unused output work),
-        "deferred" (the same re-run, dispatched only when the next chunk is asked for: nothing
-        is queued behind a chunk while the caller waits for it) or "fused" (the re-run is the
-        last iteration of the chunk's call loop; before session 11). The last chunk of a finite
-        video skips the re-run in "separate" and "deferred" (nothing reads that cache). The
-        video is the same in all three.
+        on its own right after them, so the caller can take the chunk one model call sooner;
+        XLA also drops that call's unused output work, and the last chunk of a finite video
+        skips it: nothing reads that cache) or "fused" (the re-run is the last iteration of the
+        chunk's call loop; before session 11). The video is the same.
     """
 
     apply: Callable
@@ -317,7 +319,7 @@ class StreamingSampler:
     kv_update: str = "inplace"
     kv_layout: str = "per_layer"
     scan_unroll: int = 1
-    call_loop: str = "device"
+    call_loop: str = "static"
     compiler_options: dict | None = None
     text_kv: bool = True
     clean_rerun: str = "separate"
@@ -400,7 +402,7 @@ class StreamingSampler:
         """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache).
 
         text_kv: `text_kv_of(context)` (computed once per video), or None (each call projects the text).
-        rerun: with a clean context and `clean_rerun` "separate"/"deferred", also dispatch the re-run
+        rerun: with a clean context and `clean_rerun="separate"`, also dispatch the re-run
         (`rerun_call`) after the denoising calls; False leaves the cache with the last step's keys."""
         count = noise_count(self.schedule)
         times, n = padded_times(self.schedule, lay.index)
@@ -471,17 +473,12 @@ class StreamingSampler:
         layout = CacheLayout(self.pattern, capacity)
         cache = self.new_cache(capacity)
         text_kv = self.text_kv_of(context)
-        deferred = self.context_mode == "clean" and self.clean_rerun == "deferred"
-        pending, rerun = None, None
+        pending = None
         for i, (s, e) in enumerate(chunk_bounds(self.pattern, num_frames)):
             lay = layout.next(s, e)
             acts = src.get(i, s, e)
-            if rerun is not None:                       # the previous chunk's deferred re-run
-                cache, rerun = self.rerun_call(cache, *rerun), None
             last = num_frames is not None and e >= num_frames   # its cache is never read
-            x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv, rerun=not (deferred or last))
-            if deferred and not last:
-                rerun = (x0, context, acts, lay, text_kv)
+            x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv, rerun=not last)
             self.cache, self.layout = cache, lay     # for inspection (donated by the next chunk)
             chunk = Chunk(i, s, x0, acts)
             if not prefetch:
