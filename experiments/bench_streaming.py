@@ -66,8 +66,9 @@ in-place variant compiles one. If that does not fit one run, split it (`--blocks
 `--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a
 jax.profiler trace of one extra pair of videos of the first configuration (view in
 TensorBoard/Perfetto; not part of the timings) and prints where the kernel time of a chunk goes
-(experiments/trace_summary.py). XLA runs op by op while profiling (no command buffers), so the
-profile shows kernel time, not launch behaviour.
+(experiments/trace_summary.py), including the idle gaps between kernels and whether the host
+launched each kernel in time (the trace links kernels to their launch calls; XLA's CUDA graphs
+stay on under the profiler: the session-11 trace shows cuGraphLaunch calls).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     runs = [timed(sampler, key, context, frames, actions) for _ in range(args.repeats)]
     prof = None
     if args.profile and not args._profiled:
-        # one more pair of videos under the profiler, not in the timings (XLA runs op by op then)
+        # one more pair of videos under the profiler, not in the timings
         args._profiled = True
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             timed(sampler, key, context, frames, actions)
