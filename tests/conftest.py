@@ -10,3 +10,39 @@ CPU_COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expens
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       f"--xla_cpu_multi_thread_eigen=false {CPU_COMPILE_FAST}")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _mapping_count():
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def _mapping_limit():
+    with open("/proc/sys/vm/max_map_count") as f:
+        return int(f.read())
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_mappings():
+    """Drop JAX's compiled executables when the process nears the kernel's mapping limit.
+
+    Each executable the XLA CPU JIT loads holds about three memory mappings, and JAX's
+    caches keep them alive, so one long-lived pytest-xdist worker collects tens of
+    thousands over the suite and reaches `vm.max_map_count` (65,530 by default), where
+    the next compile crashes inside LLVM (the CI worker aborts of session 11). Past half
+    the limit, `jax.clear_caches()` releases them; below it the caches keep saving compiles.
+    """
+    yield
+    if not os.path.exists("/proc/self/maps"):
+        return
+    before = _mapping_count()
+    if before > _mapping_limit() // 2:
+        import jax
+        jax.clear_caches()
+        gc.collect()
+        if os.environ.get("CRM_DEBUG_MAPS"):
+            print(f"\n[maps] cleared JAX caches: {before} -> {_mapping_count()} mappings", flush=True)
