@@ -408,13 +408,9 @@ class StreamingSampler:
         times, n = padded_times(self.schedule, lay.index)
         separate = self.context_mode == "clean" and self.clean_rerun != "fused"
         calls = n + (self.context_mode == "clean" and not separate)
-        frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
-        acts = None if actions is None else jnp.asarray(actions)
+        acts, frame_pos, static, cache_frames = self._layout_args(actions, lay)
         x_shape = self.frame_shape(lay.frames)
         noise = chunk_noises(key, jnp.int32(lay.index), x_shape, count)
-        traced = self.traced_cache_len
-        static = (lay.sink_frames, lay.evict_frames, None if traced else lay.cache_frames)
-        cache_frames = jnp.int32(lay.cache_frames) if traced else None
         times = jnp.asarray(times)
         kv_kw = dict(static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
         chunk_kw = dict(tpf=self.tpf, x_shape=x_shape, **kv_kw)
@@ -437,14 +433,21 @@ class StreamingSampler:
             cache = self.rerun_call(cache, x, context, actions, lay, text_kv)
         return x, cache
 
-    def rerun_call(self, cache, x0, context, actions, lay: ChunkLayout, text_kv=None):
-        """The clean-context re-run of chunk `lay` (jitted, cache donated): v(x̂0, t = 0) writes the
-        chunk's clean keys/values. x0: the chunk's output `[B, f, H, W, C]`. Returns the new cache."""
+    def _layout_args(self, actions, lay: ChunkLayout):
+        """The per-chunk call arguments shared by `chunk_call` and `rerun_call`: the actions as an
+        array (or None), the frames' absolute positions `[f]`, the static cache layout
+        (sink, evicted, valid frames or None when traced) and the traced valid-frame count (or None)."""
+        acts = None if actions is None else jnp.asarray(actions)
+        frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
         traced = self.traced_cache_len
         static = (lay.sink_frames, lay.evict_frames, None if traced else lay.cache_frames)
         cache_frames = jnp.int32(lay.cache_frames) if traced else None
-        acts = None if actions is None else jnp.asarray(actions)
-        frame_pos = jnp.arange(lay.start, lay.end, dtype=jnp.int32)
+        return acts, frame_pos, static, cache_frames
+
+    def rerun_call(self, cache, x0, context, actions, lay: ChunkLayout, text_kv=None):
+        """The clean-context re-run of chunk `lay` (jitted, cache donated): v(x̂0, t = 0) writes the
+        chunk's clean keys/values. x0: the chunk's output `[B, f, H, W, C]`. Returns the new cache."""
+        acts, frame_pos, static, cache_frames = self._layout_args(actions, lay)
         return self._jit_rerun(self.params, cache, x0, context, acts, frame_pos, cache_frames, self.layer_params,
                                text_kv, static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
 
