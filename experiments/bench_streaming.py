@@ -405,7 +405,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(dict(device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind,
-                           jax=jax.__version__, variant=args.label,
+                           jax=jax.__version__, variant=args.label, xla_flags=os.environ.get("XLA_FLAGS", ""),
                            options={**variant_options(args), **model_options(args)}, rows=rows, table=fmt(rows)),
                       f, indent=1)
 
