@@ -13,8 +13,6 @@
 #   sep            the clean re-run dispatched on its own after the chunk (device call loop)
 #   static_sep     the same with a compile-time call count (asynchronous dispatch: prefetch works)
 #   static_sep_xm  static_sep + the cross-attention on our Mosaic-GPU kernel (no cuDNN memsets)
-#   static_sep_lt  static_sep with XLA's cuBLASLt GEMMs (--xla_gpu_enable_cublaslt: lets XLA fuse
-#                  the FFN's bias + tanh-GELU into the GEMM epilogue; not measured yet)
 set -u
 START=$SECONDS
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -27,16 +25,14 @@ declare -A FLAGS=(
   [sep]="--cache_attn_impl mgpu --call_loop device --clean_rerun separate"
   [static_sep]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate"
   [static_sep_xm]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate --cross_attn_impl mgpu"
-  [static_sep_lt]="--cache_attn_impl mgpu --call_loop static --clean_rerun separate"
 )
-declare -A XLA_EXTRA=([static_sep_lt]="--xla_gpu_enable_cublaslt=true")
 ORDER=${ORDER:-"static_sep_xm static_sep s9"}
 CC=/tmp/jax_cc13
 COMMON="--models wan_1_3b --blocks 3 --repeats ${REPEATS:-2} --compile_cache $CC"
 CONFIGS=${CONFIGS:-2:noisy,2:clean,4:clean}
 for v in $ORDER; do
   echo "== stream $v: ${FLAGS[$v]}"
-  XLA_FLAGS="${XLA_FLAGS:-} ${XLA_EXTRA[$v]:-}" timeout ${STREAM_TIMEOUT:-150} python3 experiments/bench_streaming.py $COMMON --configs $CONFIGS \
+  timeout ${STREAM_TIMEOUT:-150} python3 experiments/bench_streaming.py $COMMON --configs $CONFIGS \
     --label $v ${FLAGS[$v]} --out "$OUT/stream_$v.json" > "$OUT/log_stream_$v.txt" 2>&1
   echo "   rc=$?, $((SECONDS - START)) s so far"
   filter "$OUT/log_stream_$v.txt" 4
@@ -45,7 +41,7 @@ python3 experiments/bench_streaming.py --compare "$OUT"/stream_*.json | tee "$OU
 if [ -n "${PROFILE:-}" ]; then
   v=${ORDER%% *}
   echo "== profile $v, 2 steps noisy"
-  XLA_FLAGS="${XLA_FLAGS:-} ${XLA_EXTRA[$v]:-}" timeout ${PROFILE_TIMEOUT:-110} python3 experiments/bench_streaming.py $COMMON --configs 2:noisy --repeats 1 \
+  timeout ${PROFILE_TIMEOUT:-110} python3 experiments/bench_streaming.py $COMMON --configs 2:noisy --repeats 1 \
     --label "${v}" ${FLAGS[$v]} --profile /tmp/trace13 --out "$OUT/profile_$v.json" > "$OUT/log_profile.txt" 2>&1
   echo "   rc=$?"
   filter "$OUT/log_profile.txt" 60
