@@ -22,8 +22,11 @@ def _mapping_count():
 
 
 def _mapping_limit():
-    with open("/proc/sys/vm/max_map_count") as f:
-        return int(f.read())
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):   # not readable here (some containers): the kernel's default
+        return 65530
 
 
 @pytest.fixture(autouse=True)
