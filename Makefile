@@ -4,8 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && PYENV_VERSION=3.12.1 python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo python3.12)
 PYTEST_ARGS ?=
+# libtpu as `jax[tpu]==0.11.2` pins it, for the tests that compile for TPU chips on this host
+# (tests/test_tpu_compile.py). Kept beside the environment, off its import path, so that CPU
+# runs never probe for a TPU.
+LIBTPU := libtpu==0.0.48.1
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test clean-venv
 
 venv: $(VENV)/.installed
 
@@ -18,7 +22,11 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	$(PY) -m crm_jax.main --config=configs/toy_demo.py --workdir=$${WORKDIR:-runs/demo}
 
-test: venv
+$(VENV)/libtpu/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$(LIBTPU)"
+	touch $@
+
+test: venv $(VENV)/libtpu/.installed
 	$(PY) -m pytest -q -n 2 --dist worksteal tests $(PYTEST_ARGS)
 
 clean-venv:

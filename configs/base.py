@@ -94,7 +94,10 @@ def wan_config(mode: str, student: str = "wan_1_3b", paths: dict | None = None) 
     c = base_config(mode, student, dtype="bfloat16", remat="block")
     c.train.update(block_frames=3, lr=2e-6, critic_lr=4e-7, guidance=5.0, tangent_warmup=1000,
                    sf_sigma_max=80.0, dmd_teacher_pattern="full")
-    c.data = ml_collections.ConfigDict(dict(kind="dataset", path=p["dataset"], batch_size=8, seed=0))
+    # latent_shape: (T, H, W, C) of the dataset's latents (480p x 81 frames), checked against its
+    # metadata; what `python -m crm_jax.tools.aot` compiles for.
+    c.data = ml_collections.ConfigDict(dict(kind="dataset", path=p["dataset"], batch_size=8, seed=0,
+                                            latent_shape=(21, 60, 104, 16)))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, context=1))
     c.num_iterations = 10000
     c.log_every = 10

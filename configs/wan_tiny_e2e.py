@@ -35,7 +35,7 @@ def get_config(arg: str = "tf_scm"):
     c = wan_config(stage, "tiny", p)
     c.model.overrides.update(numerics)
     c.train.update(block_frames=1, tangent_warmup=0, sf_max_steps=1, lr=1e-4, critic_lr=1e-4)
-    c.data.batch_size = 2
+    c.data.update(batch_size=2, latent_shape=LATENT_SHAPE)
     c.mesh.update(data=1, fsdp=1, context=1)
     c.num_iterations = 2 if stage == "tf_scm" else 1     # SF-DMD: one student (DMD) step
     c.log_every = 1

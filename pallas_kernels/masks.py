@@ -2,7 +2,9 @@
 
 One `MaskSpec` drives the dense oracle (`dense_mask`), the element-wise mask
 evaluated inside kernels (`allowed`) and the block-sparse tile schedules the
-kernels iterate over (`tile_schedule`).
+kernels iterate over (`tile_schedule`: per-row tile lists, for the GPU kernels;
+`tile_runs`: per-row runs of consecutive tiles, whose size grows with the number of
+rows only, for the TPU kernels' scalar memory).
 
 Token layout. A video of `F` frames with `tokens_per_frame` tokens each is a
 sequence of `F * tokens_per_frame` tokens, frame-major. Frames are grouped into
@@ -285,3 +287,69 @@ def allowed_pairs(spec: MaskSpec) -> int:
     kl = np.diff(np.append(ks, spec.kv_len))
     seg = np.asarray(allowed(spec, qs[:, None], ks[None, :]))
     return int((ql[:, None] * kl[None, :] * seg).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class TileRuns:
+    """Per-row runs of consecutive column tiles of one class (all full or all partial).
+
+    The compressed form of `TileSchedule` that the TPU kernels read from scalar memory:
+    its size is `rows x max_runs`, independent of how many tiles a row visits (a row of a
+    block-causal or teacher-forcing mask visits its tiles in a few runs). Step `j` of row
+    `r` visits run `k` where `end[r, k-1] <= j < end[r, k]` (`end[r, -1]` = 0), column tile
+    `start[r, k] + j - end[r, k-1]`. Padding runs have zero length (`end` repeats the row's
+    total). Rows are query tiles (key tiles with ``transpose=True``), as in `TileSchedule`.
+
+      start  [rows, max_runs] int32   first column tile of each run
+      end    [rows, max_runs] int32   steps of the row up to the run's end (cumulative)
+      masked [rows, max_runs] int32   1 where the run's tiles need the element-wise mask
+    """
+
+    start: np.ndarray
+    end: np.ndarray
+    masked: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        """Steps of the longest row (>= 1): the grid's inner extent."""
+        return max(1, int(self.end[:, -1].max(initial=0)))
+
+    @property
+    def visited_pairs(self) -> int:
+        return int(self.end[:, -1].sum())
+
+
+def tile_runs(spec: MaskSpec, block_q: int, block_k: int, transpose: bool = False,
+              rows: int | None = None) -> TileRuns:
+    """`tile_schedule` as runs of consecutive tiles of one class (see `TileRuns`).
+
+    `rows` pads the row count (extra rows visit nothing), e.g. to the kernel grid's rows.
+    """
+    cls = tile_classes(spec, block_q, block_k)
+    if transpose:
+        cls = cls.T
+    n_rows = cls.shape[0] if rows is None else rows
+    if n_rows < cls.shape[0]:
+        raise ValueError(f"tile_runs: {cls.shape[0]} tile rows do not fit in rows={n_rows}")
+    # A run starts wherever a visited tile's class differs from its left neighbour's.
+    left = np.concatenate([np.zeros((cls.shape[0], 1), cls.dtype), cls[:, :-1]], axis=1)
+    starts = (cls != 0) & (cls != left)
+    per_row = starts.sum(1)
+    width = max(1, int(per_row.max(initial=0)))
+    start = np.zeros((n_rows, width), np.int32)
+    end = np.zeros((n_rows, width), np.int32)
+    masked = np.zeros((n_rows, width), np.int32)
+    for r in range(cls.shape[0]):
+        cols = np.flatnonzero(starts[r])
+        if not len(cols):
+            continue
+        visited = cls[r] != 0
+        # A run ends at the next run's start or at the first unvisited tile after it.
+        lengths = np.array([np.argmin(np.append(visited[c:], False) & np.append(
+            (cls[r, c:] == cls[r, c]), False)) for c in cols])
+        k = len(cols)
+        start[r, :k] = cols
+        end[r, :k] = np.cumsum(lengths)
+        end[r, k:] = end[r, k - 1]
+        masked[r, :k] = cls[r, cols] == 2
+    return TileRuns(start, end, masked)

@@ -7,19 +7,24 @@ Backends (`impl`):
   * ``triton``: the Pallas block-sparse flash kernels of `pallas_kernels.triton`
     (GPU; on CPU only with ``interpret=True``, which is how the tests run them).
   * ``mosaic``: the Pallas Mosaic-TPU kernels of `pallas_kernels.mosaic` (same
-    schedules and AD wiring). Tested only in Pallas TPU interpret mode on CPU
-    (``interpret=True``; ``interpret="generic"`` uses the faster generic
-    interpreter); never compiled on a TPU here, hence not chosen by ``auto``.
+    schedules and AD wiring). Compiled for v4, v5e, v5p and v6e chips in the tests
+    (ahead of time, from a CPU host, `tests/test_tpu_compile.py`); numerics tested in
+    Pallas TPU interpret mode (``interpret=True``; ``interpret="generic"`` uses the
+    faster generic interpreter).
   * ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")`, unmasked
     calls only (`unmasked(spec)`), reverse mode only (JAX cannot jvp through it).
-  * ``auto``: ``triton`` on GPU, ``xla`` on CPU and TPU -- except that on GPU an
-    unmasked call (every query sees every key: ``full``, cross-attention, and the
+  * ``auto``: ``mosaic`` on TPU, ``triton`` on GPU, ``xla`` on CPU -- except that on
+    GPU an unmasked call (every query sees every key: ``full``, cross-attention, and the
     last block of a block-causal KV-cache call) in reverse mode (``ad="vjp"``) with
     bf16/fp16 inputs and head_dim 64 or 128 goes to ``cudnn``, which is faster there
     (H200, 32,760 tokens: 12.3 vs 15.9 ms forward, 43.9 vs 60.5 ms forward+backward).
     Masked calls and forward-mode (``ad="jvp"``) calls always run our kernels.
-    On GPU there is never a silent fallback: inputs the kernels cannot take
-    (head_dim not in {64, 128}, mixed dtypes) raise a ValueError naming ``impl="xla"``.
+    On an accelerator ``auto`` never picks the dense reference: inputs the kernels
+    cannot take (head_dim not in {64, 128}, mixed dtypes) raise a ValueError naming
+    ``impl="xla"``, the explicit opt-in.
+
+The platform is JAX's default backend, or the one set by `target_platform` (ahead-of-time
+compilation for TPU chips from a CPU host).
 
 Automatic differentiation (`ad`), for the ``triton`` backend:
   * ``vjp``: a `jax.custom_vjp` op: forward kernel (saving O and the log-sum-exp),
@@ -46,6 +51,8 @@ cross-attention).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -70,23 +77,51 @@ def _kernels(impl):
 
 IMPLS = ("auto", "xla", "triton", "mosaic", "cudnn")
 AD_MODES = ("vjp", "jvp")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "attention_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace attention for `platform` ("cpu" | "gpu" | "tpu") instead of the default backend.
+
+    Ahead-of-time compilation traces on a host whose default backend is not the target
+    (e.g. compiling for TPU chips from a CPU machine): inside this context ``impl="auto"``
+    and the platform checks of `resolve_impl` follow `platform`.
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"target platform must be one of {PLATFORMS}, got {platform!r}")
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform attention is traced for: `target_platform`'s, else JAX's default backend."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def resolve_impl(impl: str, interpret: bool = False) -> str:
     """Map ``auto`` to a concrete backend; validate the name and its platform."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
-    backend = jax.default_backend()
+    backend = current_platform()
     if impl == "auto":
-        return "triton" if backend == "gpu" else "xla"
+        return {"gpu": "triton", "tpu": "mosaic"}.get(backend, "xla")
     if impl == "triton" and backend != "gpu" and not interpret:
         raise ValueError(
-            f"impl='triton' needs a GPU (default backend is {backend!r}); pass interpret=True "
+            f"impl='triton' needs a GPU (the platform is {backend!r}); pass interpret=True "
             "to run the kernels in Pallas interpret mode, or use impl='xla'")
     if impl == "mosaic" and backend != "tpu" and not interpret:
         raise ValueError(
-            f"impl='mosaic' needs a TPU (default backend is {backend!r}); pass interpret=True "
-            "to run the kernels in Pallas TPU interpret mode, or use impl='xla'")
+            f"impl='mosaic' needs a TPU (the platform is {backend!r}); pass interpret=True "
+            "to run the kernels in Pallas TPU interpret mode, trace under "
+            "pallas_kernels.ops.target_platform('tpu') to compile for TPU chips ahead of time, "
+            "or use impl='xla'")
     return impl
 
 
@@ -105,16 +140,29 @@ def _auto_cudnn(q, k, spec: MaskSpec, ad: str) -> bool:
             and q.shape[-1] in SUPPORTED_HEAD_DIMS and unmasked(spec))
 
 
-def _check_kernel_inputs(q, k, v):
+def _check_kernel_inputs(q, k, v, impl):
     d = q.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"the triton attention kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {d}; "
+            f"the {impl} attention kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {d}; "
             "use impl='xla' explicitly for other head dims (slow, materialises scores)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(
-            "the triton attention kernels need q, k, v of one dtype, bfloat16 or float32; got "
+            f"the {impl} attention kernels need q, k, v of one dtype, bfloat16 or float32; got "
             f"{q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def kernel_config(impl: str, tiles: tuple[int, int], dtype=jnp.bfloat16) -> FlashConfig | MosaicConfig:
+    """The kernel config of `impl` ("triton" | "mosaic") with tiles (block_q, block_k) on
+    every kernel (forward, JVP, dQ, dK/dV); Triton keeps its default warps and stages."""
+    bq, bk = (int(b) for b in tiles)
+    if impl == "mosaic":
+        return MosaicConfig.uniform(bq, bk)
+    if impl == "triton":
+        base = _flash.default_config(dtype)
+        return FlashConfig(*(Tiles(bq, bk, t.num_warps, t.num_stages)
+                             for t in (base.fwd, base.jvp, base.dkdv, base.dq)), full_ranges=base.full_ranges)
+    raise ValueError(f"tiles apply to the 'triton' and 'mosaic' kernels, not impl={impl!r}")
 
 
 # ----------------------------------------------------------------------------- vjp op
@@ -179,7 +227,8 @@ _attn_jvp.defjvp(_attn_jvp_rule, symbolic_zeros=True)
 # ----------------------------------------------------------------------------- public
 def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str = "auto",
               ad: str = "vjp", interpret: bool | str = False,
-              config: FlashConfig | MosaicConfig | None = None):
+              config: FlashConfig | MosaicConfig | None = None,
+              tiles: tuple[int, int] | None = None):
     """Masked multi-head attention.
 
     Args:
@@ -191,7 +240,10 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
       interpret: run the Pallas kernels in interpret mode (CPU tests); for ``mosaic``
         True is TPU interpret mode, "generic" the generic Pallas interpreter.
       config: kernel tile sizes (`FlashConfig` for triton, default
-        `triton.default_config(dtype)`; `MosaicConfig` for mosaic).
+        `triton.default_config(dtype)`; `MosaicConfig` for mosaic, default
+        `mosaic.default_config(Lq, Lk)`).
+      tiles: (block_q, block_k) for every kernel of whichever backend runs (see
+        `kernel_config`); instead of `config`. Ignored by ``xla`` and ``cudnn``.
     Returns:
       `[B, Lq, H, D]` in q's dtype.
     """
@@ -201,6 +253,8 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
     requested, impl = impl, resolve_impl(impl, interpret)
     if requested == "auto" and impl == "triton" and _auto_cudnn(q, k, spec, ad):
         impl = "cudnn"
+    if tiles is not None and len(tuple(tiles)) != 2:
+        raise ValueError(f"tiles must be (block_q, block_k), got {tiles!r}")
     if impl == "xla":
         return attention_reference(q, k, v, spec, scale=scale)
     if impl == "cudnn":
@@ -208,7 +262,11 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
             raise ValueError("impl='cudnn' takes unmasked attention in reverse mode only; "
                              f"got kind={spec.kind!r}, ad={ad!r} (use impl='triton')")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-    _check_kernel_inputs(q, k, v)
+    _check_kernel_inputs(q, k, v, impl)
+    if tiles is not None:
+        if config is not None:
+            raise ValueError("pass either config or tiles to attention, not both")
+        config = kernel_config(impl, tiles, q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "triton":
         if config is not None and not isinstance(config, FlashConfig):
@@ -250,7 +308,7 @@ def prefix_impl(q, k, *, impl: str = "auto", ad: str = "vjp", interpret: bool | 
 
     ``auto`` on a GPU, for unmasked-capable inputs (bf16/fp16, head_dim 64 or 128) in reverse
     mode: ``mgpu`` on Hopper, ``cudnn`` elsewhere; forward mode (``ad="jvp"``) runs the Triton
-    kernels; CPU and TPU run ``xla``. ``mgpu`` asked for explicitly needs a Hopper GPU (or
+    kernels; TPU runs ``mosaic`` (a static `kv_len`), CPU ``xla``. ``mgpu`` asked for explicitly needs a Hopper GPU (or
     ``interpret=True``), reverse mode and inputs the kernel takes, or it raises.
     """
     if impl == "mgpu":
@@ -305,7 +363,8 @@ _mgpu_prefix.defvjp(_mgpu_prefix_fwd, _mgpu_prefix_bwd)
 
 def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: str = "auto",
                         ad: str = "vjp", interpret: bool | str = False,
-                        config: FlashConfig | MosaicConfig | None = None):
+                        config: FlashConfig | MosaicConfig | None = None,
+                        tiles: tuple[int, int] | None = None):
     """Attention in which every query sees keys `[0, kv_len)` of `k, v`; later keys are ignored.
 
     For a KV-cache buffer that already holds this call's keys: attending over the whole
@@ -320,8 +379,8 @@ def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: st
         its gradient is cuDNN's). ``auto`` (see `prefix_impl`) picks it on Hopper where
         `attention` would pick cuDNN for an unmasked call, cuDNN (its
         `key_value_seq_lengths`; it skips the keys past the length) on other GPUs, the XLA
-        reference (keys past the length masked) on CPU, and otherwise our Triton kernels
-        with `prefix_spec` (static lengths).
+        reference (keys past the length masked) on CPU, and otherwise our Triton (GPU) or
+        Mosaic (TPU) kernels with `prefix_spec` (static lengths).
     Returns:
       `[B, Lq, H, D]` in q's dtype. Keys past `kv_len` never contribute, whatever they hold
       (finite values; they are masked, not read as zeros).
@@ -357,7 +416,8 @@ def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: st
             "tile schedule is built at trace time; traced lengths run on cuDNN (bf16/fp16, ad='vjp') "
             "or impl='xla'")
     spec = prefix_spec(q.shape[1], s_len, int(kv_len))
-    return attention(q, k, v, spec, scale=scale, impl=impl, ad=ad, interpret=interpret, config=config)
+    return attention(q, k, v, spec, scale=scale, impl=impl, ad=ad, interpret=interpret, config=config,
+                     tiles=tiles)
 
 
 def _prefix_reference(q, k, v, kv_len, scale):
@@ -475,4 +535,4 @@ def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = 
 
 __all__ = ["attention", "attention_sharded", "attention_kv_prefix", "prefix_spec", "prefix_len_can_be_traced",
            "prefix_impl", "MaskSpec", "IMPLS", "PREFIX_IMPLS", "AD_MODES", "resolve_impl", "FlashConfig", "Tiles",
-           "MosaicConfig"]
+           "MosaicConfig", "kernel_config", "target_platform", "current_platform", "PLATFORMS"]

@@ -49,3 +49,8 @@ def _bounded_memory_mappings():
         gc.collect()
         if os.environ.get("CRM_DEBUG_MAPS"):
             print(f"\n[maps] cleared JAX caches: {before} -> {_mapping_count()} mappings", flush=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long TPU compile checks first, so that pytest-xdist spreads the rest around them."""
+    items.sort(key=lambda item: item.get_closest_marker("tpu_compile") is None)

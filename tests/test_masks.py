@@ -86,6 +86,43 @@ def test_schedule_lists_cover_exactly_the_nonempty_tiles():
             assert sorted(s.part_idx[r, :s.part_count[r]]) == list(np.flatnonzero(c[r] == 2))
 
 
+@pytest.mark.parametrize("spec", SPECS + [
+    masks.teacher_forcing(21, 1560, 1),
+    masks.teacher_forcing(21, 1560, 3, local_attn_blocks=3, sink_blocks=1),
+    masks.block_causal(21, 1560, 3, q_frames=3),
+], ids=lambda s: f"{s.kind}-{s.q_len}")
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tile_runs_visit_exactly_the_schedule(spec, transpose):
+    """Expanding the runs gives each row's full and partial tiles, each once, masked where partial."""
+    bq, bk = (16, 8) if spec.q_len < 10_000 else (512, 256)
+    s = masks.tile_schedule(spec, bq, bk, transpose=transpose)
+    r = masks.tile_runs(spec, bq, bk, transpose=transpose, rows=s.full_count.shape[0] + 2)
+    assert r.start.shape[0] == s.full_count.shape[0] + 2 and not r.end[-2:].any()   # padding rows: nothing
+    for row in range(s.full_count.shape[0]):
+        cols, masked, prev = [], [], 0
+        for k in range(r.start.shape[1]):
+            n = int(r.end[row, k]) - prev
+            assert n >= 0
+            cols += list(range(r.start[row, k], r.start[row, k] + n))
+            masked += [bool(r.masked[row, k])] * n
+            prev = int(r.end[row, k])
+        assert sorted(c for c, m in zip(cols, masked) if not m) == sorted(s.full_idx[row, :s.full_count[row]])
+        assert sorted(c for c, m in zip(cols, masked) if m) == sorted(s.part_idx[row, :s.part_count[row]])
+        assert len(cols) == len(set(cols))
+    assert r.visited_pairs == s.visited_pairs
+    assert r.steps == max(1, int((s.full_count + s.part_count).max()))
+
+
+def test_tile_runs_stay_small_where_tile_lists_do_not():
+    """The TPU kernels' scalar memory holds the runs: a few per row, at any sequence length."""
+    spec = masks.teacher_forcing(42, 1560, 1)           # 131,040 tokens
+    r = masks.tile_runs(spec, 128, 128, transpose=True)
+    assert r.start.shape[1] <= 6
+    runs_bytes = 2 * r.start.size * 4
+    lists_bytes = 2 * r.start.shape[0] * r.steps * 4     # a per-step (tile, kind) list
+    assert runs_bytes < 100 * 2 ** 10 < 2 ** 20 < lists_bytes
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(kind="nope", q_len=4, kv_len=4), "kind"),
     (dict(kind="teacher_forcing", q_len=5, kv_len=5), "even"),

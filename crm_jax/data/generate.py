@@ -42,7 +42,7 @@ from crm_jax import diffusion as D
 from crm_jax.data import dataset as ds
 from crm_jax.data import prompts as pr
 from crm_jax.data import toy_world as tw
-from crm_jax.models.config import WanConfig, model_config_from
+from crm_jax.models.config import WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import AttentionPattern, apply_for, functional
 from crm_jax.training import nets
 
@@ -81,11 +81,10 @@ def load_teacher(c, mcfg: WanConfig):
         return apply, params, {"checkpoint": f"random-init(seed={c.seed})"}
     from crm_jax.models import convert
     model = convert.load_any(c.teacher)
-    got = dataclasses.replace(model.cfg, **{k: getattr(mcfg, k) for k in ("dtype", "attn_impl", "remat")})
-    if got != mcfg:
+    if not same_architecture(model.cfg, mcfg):
         raise ValueError(f"teacher checkpoint {c.teacher!r} has model config {model.cfg}, "
                          f"but the generation config asks for {mcfg}")
-    # The config's numerics (dtype, attn_impl, remat) apply to the loaded parameters.
+    # The config's runtime fields (dtype, attention backend, remat) apply to the loaded parameters.
     return apply_for(mcfg), functional(model)[1], {"checkpoint": os.path.abspath(c.teacher)}
 
 

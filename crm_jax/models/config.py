@@ -45,8 +45,9 @@ class WanConfig(DtypeConfig):
         velocity u(z, r, t)); the model then takes `r` besides `t`.
       dtype: compute dtype of matmuls (norms and modulation stay float32).
       param_dtype: parameter dtype.
-      attn_impl: attention backend for `pallas_kernels.ops.attention` ("auto": Pallas
-        Triton kernels on GPU, XLA on CPU; "xla"; "triton"; "mosaic").
+      attn_impl: attention backend for `pallas_kernels.ops.attention` ("auto": the Pallas
+        Mosaic kernels on TPU, Triton kernels (and cuDNN for unmasked reverse-mode calls)
+        on GPU, XLA on CPU; "xla"; "triton"; "mosaic").
       cache_attn_impl: backend of the streaming KV-cache attention (a chunk over its
         cache prefix, `ops.attention_kv_prefix`): "auto" (= attn_impl; on a Hopper GPU
         "auto" runs our Mosaic-GPU kernel, on other GPUs cuDNN), "mgpu", "cudnn", "xla",
@@ -55,6 +56,9 @@ class WanConfig(DtypeConfig):
         "auto" (= attn_impl, through `ops.attention`) or one of `ops.attention_kv_prefix`'s
         backends with the whole text as the valid length, e.g. "mgpu" (our Hopper kernel: no
         cuDNN workspace memsets per call; its gradient is cuDNN's). Single device only.
+      attn_tiles: (block_q, block_k) of every attention kernel (forward, JVP, backward) of
+        the backend that runs, or None for the backend's default at each call's lengths
+        (Mosaic TPU: 512 x 512, less for shorter sequences; Triton: the tuned H200 tiles).
       attn_interpret: run the Pallas kernels in interpret mode (CPU tests).
       remat: "none", "block" (recompute each block) or "dots" (save matmul outputs).
     """
@@ -80,6 +84,7 @@ class WanConfig(DtypeConfig):
     attn_impl: str = "auto"
     cache_attn_impl: str = "auto"
     cross_attn_impl: str = "auto"
+    attn_tiles: tuple[int, int] | None = None
     attn_interpret: bool = False
     remat: str = "none"
 
@@ -92,12 +97,28 @@ class WanConfig(DtypeConfig):
             raise ValueError(f"cache_attn_impl must be auto/mgpu/cudnn/xla/triton/mosaic, got {self.cache_attn_impl!r}")
         if self.cross_attn_impl not in ("auto", "mgpu", "cudnn", "xla", "triton", "mosaic"):
             raise ValueError(f"cross_attn_impl must be auto/mgpu/cudnn/xla/triton/mosaic, got {self.cross_attn_impl!r}")
+        if self.attn_tiles is not None:
+            tiles = tuple(int(b) for b in self.attn_tiles)
+            if len(tiles) != 2 or any(b < 8 or b & (b - 1) for b in tiles):
+                raise ValueError(f"attn_tiles must be (block_q, block_k), powers of two >= 8, got {self.attn_tiles!r}")
+            object.__setattr__(self, "attn_tiles", tiles)
         if self.remat not in ("none", "block", "dots"):
             raise ValueError(f"remat must be none/block/dots, got {self.remat!r}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+
+# Fields that say how a model runs, not what a checkpoint holds: they may differ between a
+# checkpoint and the config that loads it, and between a run and its resume.
+RUNTIME_FIELDS = ("dtype", "attn_impl", "cache_attn_impl", "cross_attn_impl", "attn_tiles", "attn_interpret",
+                  "remat")
+
+
+def same_architecture(a: WanConfig, b: WanConfig) -> bool:
+    """Whether `a` and `b` differ at most in `RUNTIME_FIELDS`."""
+    return a.replace(**{k: getattr(b, k) for k in RUNTIME_FIELDS}) == b
 
 
 WAN_1_3B = WanConfig()
@@ -111,8 +132,9 @@ CONFIGS = {"tiny": TINY, "wan_1_3b": WAN_1_3B, "wan_14b": WAN_14B}
 def model_config_from(model_block) -> WanConfig:
     """The WanConfig of an ml_collections `model` block: `name` plus optional `overrides`."""
     over = dict(model_block.get("overrides", {}) or {})
-    if "patch_size" in over:
-        over["patch_size"] = tuple(over["patch_size"])
+    for name in ("patch_size", "attn_tiles"):
+        if over.get(name) is not None:
+            over[name] = tuple(over[name])
     return get_model_config(model_block.name, **over)
 
 

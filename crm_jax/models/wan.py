@@ -282,7 +282,7 @@ def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
         ck2, kb = write(ck, k)
         cv2, vb = write(cv, v)
         o = attention_kv_prefix(_flat_tokens(q), kb, vb, start + t * n, impl=attn.cache_attn_impl, ad=ad,
-                                interpret=attn.attn_interpret)
+                                interpret=attn.attn_interpret, **attn._tiles(attn.cache_attn_impl))
         return o.reshape(q.shape), (ck2, cv2)
     return fn
 
@@ -297,6 +297,7 @@ class Attention(nnx.Module):
         self.cache_attn_impl = cfg.attn_impl if cfg.cache_attn_impl == "auto" else cfg.cache_attn_impl
         self.cross_attn_impl = cfg.cross_attn_impl
         self.attn_interpret = cfg.attn_interpret
+        self.attn_tiles = cfg.attn_tiles
         self.to_q = linear(cfg.dim, cfg.dim, rngs, dt, pdt)
         self.to_k = linear(kv_dim, cfg.dim, rngs, dt, pdt)
         self.to_v = linear(kv_dim, cfg.dim, rngs, dt, pdt)
@@ -319,10 +320,14 @@ class Attention(nnx.Module):
                 raise ValueError(f"cross_attn_impl={self.cross_attn_impl!r} runs on one device; under a device "
                                  "mesh use cross_attn_impl='auto'")
             o = attention_kv_prefix(_flat_tokens(q), k, v, k.shape[1], impl=self.cross_attn_impl, ad=ad,
-                                    interpret=self.attn_interpret)
+                                    interpret=self.attn_interpret, **self._tiles(self.cross_attn_impl))
             return o.reshape(q.shape)
         return partitioning.attend(q, k, v, spec, cross=cross, impl=self.attn_impl, ad=ad,
-                                   interpret=self.attn_interpret)
+                                   interpret=self.attn_interpret, **self._tiles(self.attn_impl))
+
+    def _tiles(self, impl: str) -> dict:
+        """`tiles=` for the Pallas kernels when the config sets them (not for cuDNN / mgpu)."""
+        return {} if self.attn_tiles is None or impl in ("mgpu", "cudnn") else {"tiles": self.attn_tiles}
 
     def __call__(self, x, kv_input, spec, *, rope=None, kv_fn=None, ad: str = "vjp", kv=None):
         """x `[B, T, N, dim]` (frame-structured tokens); kv_input `[B, Lk, dim_kv]` (None: self-attention).

@@ -13,13 +13,11 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from crm_jax.models.config import RUNTIME_FIELDS
+
 
 class CheckpointMismatch(ValueError):
     pass
-
-
-# Model-config fields that may change between a run and its resume (numerics, not architecture).
-RUNTIME_FIELDS = ("dtype", "attn_impl", "attn_interpret", "remat")
 
 
 def identity(meta: dict) -> dict:

@@ -24,7 +24,7 @@ from crm_jax.data import toy_world as tw
 from crm_jax.data.toy_source import ToySource
 from crm_jax.inputs import check_inputs, training_inputs
 from crm_jax.models import convert
-from crm_jax.models.config import WanConfig, model_config_from
+from crm_jax.models.config import WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
@@ -67,7 +67,7 @@ def teacher_model_config(c, student: WanConfig) -> WanConfig:
     if not block or not block.get("name"):
         return student.replace(mean_flow=False)
     over = block.get("overrides", {}) or {}
-    inherited = {k: getattr(student, k) for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_interpret")
+    inherited = {k: getattr(student, k) for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_tiles", "attn_interpret")
                  if k not in over}
     teacher = model_config_from(block).replace(mean_flow=False, **inherited)
     bad = {f: (getattr(teacher, f), getattr(student, f)) for f in INTERFACE_FIELDS
@@ -98,7 +98,13 @@ def make_source(c, mcfg: WanConfig):
     """The training batches: the on-the-fly toy world or a generated dataset directory."""
     if c.data.kind == "dataset":
         from crm_jax.data.dataset import DatasetSource
-        return DatasetSource(c.data.path, c.data.batch_size, seed=c.data.seed, mcfg=mcfg)
+        src = DatasetSource(c.data.path, c.data.batch_size, seed=c.data.seed, mcfg=mcfg)
+        want = c.data.get("latent_shape")
+        have = tuple(src.meta["features"]["latents"]["shape"])
+        if want and tuple(want) != have:
+            raise ValueError(f"data.latent_shape={tuple(want)} but the dataset {c.data.path!r} holds latents "
+                             f"of shape {have}: set --config.data.latent_shape={','.join(map(str, have))}")
+        return src
     if c.data.kind != "toy":
         raise ValueError(f"unknown data.kind {c.data.kind!r} (known: 'toy', 'dataset')")
     world = toy_world_config(c)
@@ -114,7 +120,7 @@ def load_params(path: str, mcfg: WanConfig, seed: int):
     if not path:
         return functional(init_model(mcfg, seed))[1]
     model = convert.load_any(path)
-    if dataclasses.replace(model.cfg, **{k: getattr(mcfg, k) for k in ("dtype", "attn_impl", "remat")}) != mcfg:
+    if not same_architecture(model.cfg, mcfg):
         raise ValueError(f"checkpoint {path} has model config {model.cfg}, expected {mcfg}")
     return functional(model)[1]
 

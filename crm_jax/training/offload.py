@@ -93,7 +93,8 @@ class Step:
 
     def memory(self, state: TrainState, frozen: Frozen | None, batch, key) -> dict:
         """Compiled memory per jit, `{name: {argument, output, alias, temp, total, host}}` in bytes
-        per device, total = argument + output - alias + temp (`memory_analysis()`, see `_stats`).
+        per device, total = argument + output - alias + temp (`memory_analysis()`, see `_stats`),
+        and `flops` per device (`cost_analysis()`).
         Lowers and compiles only (nothing runs or is donated; after a call the compilations are
         cached). What one jit hands the next enters it as `ShapeDtypeStruct`s with the first's
         compiled output shardings, as in a call."""
@@ -129,6 +130,9 @@ def _stats(compiled) -> dict:
     d["total"] = d["argument"] + d["output"] - d["alias"] + d["temp"]
     d["host"] = (m.host_argument_size_in_bytes + m.host_output_size_in_bytes - m.host_alias_size_in_bytes
                  + m.host_temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    d["flops"] = float((cost or {}).get("flops", 0.0))
     return d
 
 

@@ -2,21 +2,27 @@
 
 Same math and schedules as `pallas_kernels.triton.flash`, written in the TPU style:
 the key (or, for dK/dV, query) tile loop is the last, "arbitrary" grid axis; the
-visited tiles come from a merged schedule passed by scalar prefetch (SMEM) and
-drive the BlockSpec index maps, so Mosaic's pipeline DMAs only the tiles the mask
+visited tiles come from a schedule passed by scalar prefetch (SMEM), which
+drives the BlockSpec index maps, so Mosaic's pipeline DMAs only the tiles the mask
 needs; accumulators live in VMEM scratch and are finalised at the last step.
 
-Schedule per row tile (flattened `[rows * S]` int32, S = most tiles in any row):
-  idx  : column tile to visit at step j (padding repeats the row's last tile, so
-         no new DMA is issued),
-  kind : 1 full tile (no element-wise mask), 2 partial tile (masked), 0 padding.
+Schedule: `masks.tile_runs`, per row tile the runs of consecutive column tiles of one
+class (full: no element-wise mask; partial: masked), flattened to `[rows * runs]` int32
+(`start` = 2 * first tile + masked, `end` = cumulative steps). Its size grows with the
+rows only, so it fits the 1 MiB of scalar memory at any sequence length the configs use
+(a per-step tile list is rows x steps: 1.15 MiB at 65,520 tokens and 128-token tiles).
+Each grid step finds its run by an unrolled scan over the row's few runs; steps past a
+row's last tile repeat that tile (no new DMA) and compute nothing.
 
 Layout: public q `[B, Lq, H, D]`; the wrappers transpose to `[B, H, L, D]` (TPU
 blocks want the last two dims (tokens, head_dim)) and pad L to a tile multiple.
 lse is `[B, H, Lq]` (kept as `[B, H, Lq, 1]` inside).
 
-Status: tested only in Pallas TPU interpret mode on CPU
-(`interpret=pltpu.InterpretParams()`); never compiled for or run on a TPU here.
+Numerics are tested in Pallas TPU interpret mode on CPU (`interpret=pltpu.InterpretParams()`);
+every kernel compiles for v4, v5e, v5p and v6e chips (tests/test_tpu_compile.py, ahead of time
+from a CPU host); not yet timed on a TPU. Each `pallas_call` declares its cost
+(`pl.CostEstimate`) from the tiles it visits, so XLA's scheduler and `cost_analysis()` see the
+block sparsity.
 """
 
 from __future__ import annotations
@@ -31,44 +37,102 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.masks import MaskSpec
-from pallas_kernels.triton.flash import (SUPPORTED_HEAD_DIMS, _check, _padded, _schedule_np,
-                                         kernel_allowed)
+from pallas_kernels.masks import MaskSpec, tile_runs
+from pallas_kernels.triton.flash import SUPPORTED_HEAD_DIMS, _check, _padded, kernel_allowed
+
+
+DEFAULT_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Tile sizes (block_q, block_k) of each kernel; powers of two, >= 8."""
+    """Tile sizes (block_q, block_k) of each kernel; powers of two, >= 8.
 
-    fwd: tuple[int, int] = (128, 128)
-    jvp: tuple[int, int] = (128, 128)
-    dkdv: tuple[int, int] = (128, 128)
-    dq: tuple[int, int] = (128, 128)
+    Queries are padded to a multiple of the largest block_q, keys to the largest block_k.
+    """
+
+    fwd: tuple[int, int] = (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    jvp: tuple[int, int] = (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    dkdv: tuple[int, int] = (DEFAULT_BLOCK, DEFAULT_BLOCK)
+    dq: tuple[int, int] = (DEFAULT_BLOCK, DEFAULT_BLOCK)
+
+    def __post_init__(self):
+        for name in ("fwd", "jvp", "dkdv", "dq"):
+            tiles = tuple(getattr(self, name))
+            if len(tiles) != 2 or any(b < 8 or b & (b - 1) for b in tiles):
+                raise ValueError(f"MosaicConfig.{name} must be two powers of two >= 8, got {tiles}")
+            object.__setattr__(self, name, tuple(int(b) for b in tiles))
 
     @property
-    def pad_multiple(self) -> int:
-        return max(max(t) for t in (self.fwd, self.jvp, self.dkdv, self.dq))
+    def q_multiple(self) -> int:
+        return max(t[0] for t in (self.fwd, self.jvp, self.dkdv, self.dq))
+
+    @property
+    def kv_multiple(self) -> int:
+        return max(t[1] for t in (self.fwd, self.jvp, self.dkdv, self.dq))
 
     @staticmethod
-    def uniform(block: int) -> "MosaicConfig":
-        return MosaicConfig((block, block), (block, block), (block, block), (block, block))
+    def uniform(block_q: int, block_k: int | None = None) -> "MosaicConfig":
+        t = (block_q, block_q if block_k is None else block_k)
+        return MosaicConfig(t, t, t, t)
+
+
+def _fit(length: int, block: int) -> int:
+    """`block`, or the smallest power of two >= 128 that holds `length` if that is smaller."""
+    return min(block, max(128, 1 << (int(length) - 1).bit_length()))
+
+
+def default_config(q_len: int, kv_len: int) -> MosaicConfig:
+    """Tiles for these lengths: 512 x 512 on every kernel, or less for a shorter sequence.
+
+    512-token tiles amortise the fixed cost of a grid step (its DMA setup and the scalar
+    work of the schedule) over 2 x 512 x 512 x 128 x 2 = 134 MFLOP of MXU work per head and
+    step, and keep the JVP kernel (the largest: three 512 x 512 float32 score tiles, two
+    512 x 128 accumulators, double-buffered inputs) inside the default 16 MiB of scoped VMEM
+    on v4, v5e, v5p and v6e; 1024 overflows it on v4, v5e and v5p (docs/tpu.md).
+    """
+    t = (_fit(q_len, DEFAULT_BLOCK), _fit(kv_len, DEFAULT_BLOCK))
+    return MosaicConfig(t, t, t, t)
 
 
 @functools.lru_cache(maxsize=256)
-def _merged_schedule(spec: MaskSpec, bq: int, bk: int, transpose: bool, rows: int):
-    """(idx [rows*S], kind [rows*S], S) from `tile_schedule`: full tiles then partial ones."""
-    fi, fc, pi, pc = _schedule_np(spec, bq, bk, transpose, rows)
-    steps = max(1, int((fc + pc).max(initial=0)))
-    idx = np.zeros((rows, steps), np.int32)
-    kind = np.zeros((rows, steps), np.int32)
-    for r in range(rows):
-        cols = list(fi[r, :fc[r]]) + list(pi[r, :pc[r]])
-        kinds = [1] * int(fc[r]) + [2] * int(pc[r])
-        if cols:
-            idx[r, :len(cols)] = cols
-            idx[r, len(cols):] = cols[-1]
-            kind[r, :len(cols)] = kinds
-    return idx.reshape(-1), kind.reshape(-1), steps
+def _runs(spec: MaskSpec, bq: int, bk: int, transpose: bool, rows: int):
+    """(start, end, runs, steps, visited) of `masks.tile_runs` for the scalar prefetch: `start`
+    `[rows * runs]` holds 2 * first column tile + masked, `end` `[rows * runs]` the
+    cumulative step counts; `visited` counts the tiles the kernel computes."""
+    r = tile_runs(spec, bq, bk, transpose=transpose, rows=rows)
+    packed = (2 * r.start + r.masked).reshape(-1).astype(np.int32)
+    return packed, r.end.reshape(-1).astype(np.int32), r.start.shape[1], r.steps, r.visited_pairs
+
+
+def _cost(visited: int, B: int, H: int, bq: int, bk: int, D: int, dots: int, row_bytes: int, col_bytes: int):
+    """`pl.CostEstimate` of a kernel that visits `visited` (row, column) tiles per (batch, head):
+    `dots` bq x bk x D matmuls and bq x bk exponentials per tile, `row_bytes` read/written once per
+    row tile and `col_bytes` read per visited tile. Lets XLA's scheduler and `cost_analysis()`
+    see the block sparsity."""
+    per = B * H * visited
+    return pl.CostEstimate(flops=int(per * dots * 2 * bq * bk * D), transcendentals=int(per * bq * bk),
+                           bytes_accessed=int(B * H * row_bytes + per * col_bytes))
+
+
+def _locate(i, j, start_ref, end_ref, runs):
+    """Step `j` of row `i` -> (column tile, masked, real): the run holding step j, unrolled
+    over the row's `runs` entries. Steps past the row's total repeat its last tile (no new
+    DMA) and are not real."""
+    base = i * runs
+    total = end_ref[base + runs - 1]
+    jj = jnp.minimum(j, jnp.maximum(total - 1, 0))
+    col = jnp.int32(0)
+    masked = jnp.int32(0)
+    prev = jnp.int32(0)
+    for r in range(runs):
+        end = end_ref[base + r]
+        packed = start_ref[base + r]
+        hit = jnp.logical_and(jj >= prev, jj < end)
+        col = jnp.where(hit, lax.shift_right_logical(packed, 1) + jj - prev, col)
+        masked = jnp.where(hit, jnp.bitwise_and(packed, 1), masked)
+        prev = end
+    return col, masked, j < total
 
 
 def _tile_mask(spec, row0, bq, col0, bk):
@@ -105,9 +169,10 @@ def _row_spec(b, d):
     return pl.BlockSpec((None, None, b, d), lambda bi, h, i, j, *_: (bi, h, i, 0))
 
 
-def _col_spec(b, d, steps):
-    return pl.BlockSpec((None, None, b, d),
-                        lambda bi, h, i, j, idx, kind: (bi, h, idx[i * steps + j], 0))
+def _col_spec(b, d, runs):
+    def index(bi, h, i, j, start_ref, end_ref):
+        return bi, h, _locate(i, j, start_ref, end_ref, runs)[0], 0
+    return pl.BlockSpec((None, None, b, d), index)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -124,11 +189,11 @@ def _online_step(spec, scale, q, k, v, row0, col0, bq, bk, masked, m_ref, l_ref,
     return p, alpha
 
 
-def _fwd_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref,
-                *, spec, scale, bq, bk, steps):
+def _fwd_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref,
+                *, spec, scale, bq, bk, steps, runs):
     i, j = pl.program_id(2), pl.program_id(3)
     prec = _prec(q_ref.dtype)
-    kind = kind_ref[i * steps + j]
+    col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
     def _init():
@@ -137,14 +202,14 @@ def _fwd_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref,
         l_ref[...] = jnp.zeros_like(l_ref)
 
     def step(masked):
-        col0 = idx_ref[i * steps + j] * bk
+        col0 = col * bk
         v = v_ref[...]
         p, alpha = _online_step(spec, scale, q_ref[...], k_ref[...], v, i * bq, col0, bq, bk,
                                 masked, m_ref, l_ref, prec)
         acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, prec)
 
-    pl.when(kind == 1)(lambda: step(False))
-    pl.when(kind == 2)(lambda: step(True))
+    pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
+    pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
 
     @pl.when(j == steps - 1)
     def _fin():
@@ -155,7 +220,7 @@ def _fwd_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref,
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(l_safe))
 
 
-def _jvp_kernel(idx_ref, kind_ref, *refs, spec, scale, bq, bk, steps, has_tq, has_tk, has_tv):
+def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has_tq, has_tk, has_tv):
     refs = list(refs)
     q_ref, k_ref, v_ref = refs[:3]
     refs = refs[3:]
@@ -165,7 +230,7 @@ def _jvp_kernel(idx_ref, kind_ref, *refs, spec, scale, bq, bk, steps, has_tq, ha
     o_ref, to_ref, lse_ref, acc_ref, acct_ref, m_ref, l_ref, r_ref = refs
     i, j = pl.program_id(2), pl.program_id(3)
     prec = _prec(q_ref.dtype)
-    kind = kind_ref[i * steps + j]
+    col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
     def _init():
@@ -176,7 +241,7 @@ def _jvp_kernel(idx_ref, kind_ref, *refs, spec, scale, bq, bk, steps, has_tq, ha
         r_ref[...] = jnp.zeros_like(r_ref)
 
     def step(masked):
-        col0 = idx_ref[i * steps + j] * bk
+        col0 = col * bk
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         p, alpha = _online_step(spec, scale, q, k, v, i * bq, col0, bq, bk, masked, m_ref, l_ref,
                                 prec)
@@ -198,8 +263,8 @@ def _jvp_kernel(idx_ref, kind_ref, *refs, spec, scale, bq, bk, steps, has_tq, ha
             acct = acct + _dot(p.astype(tv.dtype), tv, prec)
         acct_ref[...] = acct
 
-    pl.when(kind == 1)(lambda: step(False))
-    pl.when(kind == 2)(lambda: step(True))
+    pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
+    pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
 
     @pl.when(j == steps - 1)
     def _fin():
@@ -212,11 +277,11 @@ def _jvp_kernel(idx_ref, kind_ref, *refs, spec, scale, bq, bk, steps, has_tq, ha
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dkdv_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                 dv_ref, dk_acc, dv_acc, *, spec, scale, bq, bk, steps):
+def _dkdv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                 dv_ref, dk_acc, dv_acc, *, spec, scale, bq, bk, steps, runs):
     i, j = pl.program_id(2), pl.program_id(3)  # i: key tile
     prec = _prec(q_ref.dtype)
-    kind = kind_ref[i * steps + j]
+    col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
     def _init():
@@ -224,7 +289,7 @@ def _dkdv_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
         dv_acc[...] = jnp.zeros_like(dv_acc)
 
     def step(masked):
-        row0 = idx_ref[i * steps + j] * bq
+        row0 = col * bq
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = _dot(q, k, prec, tb=True) * scale
         p = jnp.exp(s - lse_ref[...])
@@ -235,8 +300,8 @@ def _dkdv_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
         ds = p * (dp - delta_ref[...])
         dk_acc[...] += _dot(ds.astype(q.dtype), q, prec, ta=True)
 
-    pl.when(kind == 1)(lambda: step(False))
-    pl.when(kind == 2)(lambda: step(True))
+    pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
+    pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
 
     @pl.when(j == steps - 1)
     def _fin():
@@ -244,18 +309,18 @@ def _dkdv_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc,
-               *, spec, scale, bq, bk, steps):
+def _dq_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc,
+               *, spec, scale, bq, bk, steps, runs):
     i, j = pl.program_id(2), pl.program_id(3)
     prec = _prec(q_ref.dtype)
-    kind = kind_ref[i * steps + j]
+    col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
     def _init():
         dq_acc[...] = jnp.zeros_like(dq_acc)
 
     def step(masked):
-        col0 = idx_ref[i * steps + j] * bk
+        col0 = col * bk
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = _dot(q, k, prec, tb=True) * scale
         p = jnp.exp(s - lse_ref[...])
@@ -265,8 +330,8 @@ def _dq_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         ds = p * (dp - delta_ref[...])
         dq_acc[...] += _dot(ds.astype(k.dtype), k, prec)
 
-    pl.when(kind == 1)(lambda: step(False))
-    pl.when(kind == 2)(lambda: step(True))
+    pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
+    pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
 
     @pl.when(j == steps - 1)
     def _fin():
@@ -288,9 +353,9 @@ def _prologue(q, k, v, spec, scale, config):
     _check(q, k, v, spec)
     B, Lq, H, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
-    config = MosaicConfig() if config is None else config
-    mult = config.pad_multiple
-    return B, Lq, k.shape[1], H, D, scale, config, _padded(Lq, mult), _padded(k.shape[1], mult)
+    Lk = k.shape[1]
+    config = default_config(Lq, Lk) if config is None else config
+    return B, Lq, Lk, H, D, scale, config, _padded(Lq, config.q_multiple), _padded(Lk, config.kv_multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
@@ -298,22 +363,24 @@ def mosaic_forward(q, k, v, spec: MaskSpec, *, scale=None, config: MosaicConfig 
                    interpret=False):
     """q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> o `[B, Lq, H, D]`, lse `[B, H, Lq]` f32."""
     B, Lq, Lk, H, D, scale, config, Lqp, Lkp = _prologue(q, k, v, spec, scale, config)
+    isz = jnp.dtype(q.dtype).itemsize
     bq, bk = config.fwd
     rows = Lqp // bq
-    idx, kind, steps = _merged_schedule(spec, bq, bk, False, rows)
-    kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps)
+    start, end, runs, steps, visited = _runs(spec, bq, bk, False, rows)
+    kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps, runs=runs)
     o, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(B, H, rows, steps),
-            in_specs=[_row_spec(bq, D), _col_spec(bk, D, steps), _col_spec(bk, D, steps)],
+            in_specs=[_row_spec(bq, D), _col_spec(bk, D, runs), _col_spec(bk, D, runs)],
             out_specs=[_row_spec(bq, D), _row_spec(bq, 1)],
             scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                             pltpu.VMEM((bq, 1), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
                    jax.ShapeDtypeStruct((B, H, Lqp, 1), jnp.float32)],
         compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_fwd",
-    )(jnp.asarray(idx), jnp.asarray(kind), _to_bhld(q, Lqp), _to_bhld(k, Lkp), _to_bhld(v, Lkp))
+        cost_estimate=_cost(visited, B, H, bq, bk, D, 2, Lqp * (2 * D * isz + 4), 2 * bk * D * isz),
+    )(jnp.asarray(start), jnp.asarray(end), _to_bhld(q, Lqp), _to_bhld(k, Lkp), _to_bhld(v, Lkp))
     return _from_bhld(o, Lq), lse[:, :, :Lq, 0]
 
 
@@ -322,19 +389,20 @@ def mosaic_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale=None,
                config: MosaicConfig | None = None, interpret=False):
     """(q, k, v) and tangents (or None for zero) -> o, to `[B, Lq, H, D]`, lse `[B, H, Lq]`."""
     B, Lq, Lk, H, D, scale, config, Lqp, Lkp = _prologue(q, k, v, spec, scale, config)
+    isz = jnp.dtype(q.dtype).itemsize
     bq, bk = config.jvp
     rows = Lqp // bq
-    idx, kind, steps = _merged_schedule(spec, bq, bk, False, rows)
+    start, end, runs, steps, visited = _runs(spec, bq, bk, False, rows)
     has = (tq is not None, tk is not None, tv is not None)
-    in_specs = [_row_spec(bq, D), _col_spec(bk, D, steps), _col_spec(bk, D, steps)]
+    in_specs = [_row_spec(bq, D), _col_spec(bk, D, runs), _col_spec(bk, D, runs)]
     args = [_to_bhld(q, Lqp), _to_bhld(k, Lkp), _to_bhld(v, Lkp)]
     for h_, t_, spec_, L_ in ((has[0], tq, _row_spec(bq, D), Lqp),
-                              (has[1], tk, _col_spec(bk, D, steps), Lkp),
-                              (has[2], tv, _col_spec(bk, D, steps), Lkp)):
+                              (has[1], tk, _col_spec(bk, D, runs), Lkp),
+                              (has[2], tv, _col_spec(bk, D, runs), Lkp)):
         if h_:
             in_specs.append(spec_)
             args.append(_to_bhld(t_.astype(q.dtype), L_))
-    kernel = functools.partial(_jvp_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps,
+    kernel = functools.partial(_jvp_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps, runs=runs,
                                has_tq=has[0], has_tk=has[1], has_tv=has[2])
     o, to, lse = pl.pallas_call(
         kernel,
@@ -348,7 +416,9 @@ def mosaic_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale=None,
                    jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
                    jax.ShapeDtypeStruct((B, H, Lqp, 1), jnp.float32)],
         compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_jvp",
-    )(jnp.asarray(idx), jnp.asarray(kind), *args)
+        cost_estimate=_cost(visited, B, H, bq, bk, D, 2 + has[0] + has[1] + (has[0] or has[1]) + has[2],
+                            Lqp * ((3 + has[0]) * D * isz + 4), (2 + has[1] + has[2]) * bk * D * isz),
+    )(jnp.asarray(start), jnp.asarray(end), *args)
     return _from_bhld(o, Lq), _from_bhld(to, Lq), lse[:, :, :Lq, 0]
 
 
@@ -357,6 +427,7 @@ def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
                     config: MosaicConfig | None = None, interpret=False):
     """Residuals (q, k, v, o, lse) and do -> dq `[B, Lq, H, D]`, dk, dv `[B, Lk, H, D]`."""
     B, Lq, Lk, H, D, scale, config, Lqp, Lkp = _prologue(q, k, v, spec, scale, config)
+    isz = jnp.dtype(q.dtype).itemsize
     do = do.astype(q.dtype)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     lse_s = jnp.where(jnp.isfinite(lse), lse, jnp.inf).astype(jnp.float32)
@@ -367,10 +438,10 @@ def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
 
     bq, bk = config.dkdv
     rows = Lkp // bk
-    idx, kind, steps = _merged_schedule(spec, bq, bk, True, rows)
-    kernel = functools.partial(_dkdv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps)
-    qcol = _col_spec(bq, D, steps)
-    vcol = _col_spec(bq, 1, steps)
+    start, end, runs, steps, visited = _runs(spec, bq, bk, True, rows)
+    kernel = functools.partial(_dkdv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps, runs=runs)
+    qcol = _col_spec(bq, D, runs)
+    vcol = _col_spec(bq, 1, runs)
     dk, dv = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -381,13 +452,14 @@ def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
         out_shape=[jax.ShapeDtypeStruct((B, H, Lkp, D), k.dtype),
                    jax.ShapeDtypeStruct((B, H, Lkp, D), v.dtype)],
         compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_dkdv",
-    )(jnp.asarray(idx), jnp.asarray(kind), qt, kt, vt, dot_, lse_s, delta)
+        cost_estimate=_cost(visited, B, H, bq, bk, D, 4, Lkp * 4 * D * isz, bq * (2 * D * isz + 8)),
+    )(jnp.asarray(start), jnp.asarray(end), qt, kt, vt, dot_, lse_s, delta)
 
     bq, bk = config.dq
     rows = Lqp // bq
-    idx, kind, steps = _merged_schedule(spec, bq, bk, False, rows)
-    kernel = functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps)
-    kcol = _col_spec(bk, D, steps)
+    start, end, runs, steps, visited = _runs(spec, bq, bk, False, rows)
+    kernel = functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps, runs=runs)
+    kcol = _col_spec(bk, D, runs)
     (dq,) = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -398,7 +470,8 @@ def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
             scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype)],
         compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_dq",
-    )(jnp.asarray(idx), jnp.asarray(kind), qt, kt, vt, dot_, lse_s, delta)
+        cost_estimate=_cost(visited, B, H, bq, bk, D, 3, Lqp * (3 * D * isz + 8), 2 * bk * D * isz),
+    )(jnp.asarray(start), jnp.asarray(end), qt, kt, vt, dot_, lse_s, delta)
     return _from_bhld(dq, Lq), _from_bhld(dk, Lk), _from_bhld(dv, Lk)
 
 

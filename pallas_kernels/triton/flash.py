@@ -124,7 +124,10 @@ def kernel_allowed(spec: MaskSpec, q_pos, k_pos):
         kc = jnp.logical_not(kn)
         clean_q = jnp.logical_and(kc, kb <= qb)
         noisy_q = jnp.logical_or(jnp.logical_and(kc, kb < qb), jnp.logical_and(kn, kb == qb))
-        ok = jnp.logical_and(ok, jnp.where(qn, noisy_q, clean_q))
+        # and/or only: Mosaic TPU has no layout for a select between boolean vectors.
+        by_half = jnp.logical_or(jnp.logical_and(qn, noisy_q),
+                                 jnp.logical_and(jnp.logical_not(qn), clean_q))
+        ok = jnp.logical_and(ok, by_half)
     if spec.local_attn_blocks > 0:
         win = jnp.logical_or(kb > qb - spec.local_attn_blocks, kb < spec.sink_blocks)
         ok = jnp.logical_and(ok, win)
