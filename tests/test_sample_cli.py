@@ -119,6 +119,21 @@ def test_action_file_and_writers(tmp_path):
         assert os.path.getsize(gif) > 0
 
 
+@pytest.mark.parametrize("fps", [4, 16])
+def test_gif_frames_last_one_over_fps(tmp_path, fps):
+    from PIL import Image
+
+    path = str(tmp_path / "clip.gif")
+    with video.VideoWriter(path, fps=fps) as w:
+        w.append(np.random.default_rng(0).random((3, 8, 8, 3)))
+    im = Image.open(path)
+    durations = []
+    for i in range(3):
+        im.seek(i)
+        durations.append(im.info["duration"])
+    assert all(abs(d - 1000 / fps) <= 10 for d in durations), durations   # GIF stores 1/100 s
+
+
 def test_writer_errors_name_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(video, "_have", lambda mod: False)
     with pytest.raises(ValueError, match="pip install imageio imageio-ffmpeg"):

@@ -67,7 +67,8 @@ class VideoWriter:
         if self.backend == "imageio":
             import imageio.v2 as iio
             if self.ext == ".gif":
-                self._writer = iio.get_writer(path, mode="I", duration=1.0 / self.fps, loop=0)
+                # imageio's Pillow GIF plugin takes the frame duration in milliseconds.
+                self._writer = iio.get_writer(path, mode="I", duration=1000.0 / self.fps, loop=0)
             else:
                 self._writer = iio.get_writer(path, fps=self.fps, codec="libx264", macro_block_size=1,
                                               quality=8)
