@@ -45,7 +45,7 @@ SLICES = (
     ("v5e-16", "v5e:4x4", (1, 8, 2)),
 )
 STEPS = (("tf_scm", "wan_tf_scm", None, ""), ("sf_dmd", "wan_sf_dmd", [("student", 4, True), ("critic", 4, True)], ""),
-         ("tf_scm, 14B teacher", "wan_tf_scm", None, "wan_14b"))
+         ("tf_scm_14b_teacher", "wan_tf_scm", None, "wan_14b"))
 
 
 def kernel_rows():
@@ -81,7 +81,7 @@ def kernel_rows():
     return rows
 
 
-def step_rows(only: str | None):
+def step_rows(only: str | None, steps: str | None):
     rows = []
     for label, topo, (d, f, cp) in SLICES:
         if only and label != only:
@@ -89,6 +89,8 @@ def step_rows(only: str | None):
         devices = aot.tpu_devices(topo)
         chip = aot.chip_of(devices)
         for name, module, plans, teacher in STEPS:
+            if steps and name not in steps.split(","):
+                continue
             c = importlib.import_module(f"configs.{module}").get_config()
             c.mesh.update(data=d, fsdp=f, context=cp)
             if teacher:
@@ -117,8 +119,10 @@ def main(argv=None):
     ap.add_argument("what", choices=("kernels", "steps"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="steps: one slice label (e.g. v5p-16)")
+    ap.add_argument("--steps", default=None, help="steps: a comma-separated subset of " +
+                    ", ".join(repr(n) for n, *_ in STEPS))
     a = ap.parse_args(argv)
-    rows = kernel_rows() if a.what == "kernels" else step_rows(a.only)
+    rows = kernel_rows() if a.what == "kernels" else step_rows(a.only, a.steps)
     if a.what == "kernels":
         print("| generation | mask | tokens | tiles | mode | TFLOP | GB moved | roofline ms | bound |")
         print("|---|---|---|---|---|---|---|---|---|")
