@@ -317,7 +317,8 @@ NNX_CONFIG = "wan_config.json"
 
 
 def save_nnx(model: WanModel, path: str) -> None:
-    """Save the model's parameters with Orbax, plus its config as JSON."""
+    """Save the model's parameters with Orbax, plus its config as JSON. The calling process
+    writes it alone (in a multi-process run the others do not take part)."""
     import dataclasses
 
     import orbax.checkpoint as ocp
@@ -326,7 +327,11 @@ def save_nnx(model: WanModel, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, NNX_CONFIG), "w") as f:
         json.dump(dataclasses.asdict(model.cfg), f, indent=1)
-    ckptr = ocp.StandardCheckpointer()
+    kw = {}
+    if jax.process_count() > 1:
+        me = jax.process_index()
+        kw["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    ckptr = ocp.StandardCheckpointer(**kw)
     ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
     ckptr.wait_until_finished()
 
