@@ -142,19 +142,22 @@ def global_batch(local, shardings, batch_size: int):
 
 def global_put(tree, shardings):
     """`jax.device_put(tree, shardings)` that also works when the shardings span several
-    processes: every process passes the same full values (parameters, PRNG keys)."""
+    processes: every process passes the same full values (parameters, PRNG keys), and each
+    places the parts its devices hold (`jax.make_array_from_process_local_data`)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
     def one(x, sh):
         if x is None:
             return None
+        if (isinstance(x, jax.Array) and not x.is_fully_addressable) or sh.memory_kind == "pinned_host":
+            return jax.device_put(x, sh)   # already global / host memory: jax checks and places it
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):   # keys: through their raw data
             data = np.asarray(jax.random.key_data(x))
             data_sh = NamedSharding(sh.mesh, P(*sh.spec, *([None] * (data.ndim - len(sh.spec)))))
             return jax.random.wrap_key_data(jax.make_array_from_process_local_data(data_sh, data, data.shape),
                                             impl=jax.random.key_impl(x))
-        return jax.device_put(x, sh)
+        return jax.make_array_from_process_local_data(sh, np.asarray(x), x.shape)
 
     return jax.tree.map(one, tree, shardings)
 
