@@ -70,7 +70,7 @@ def run(cfg, workdir: str) -> None:
         from crm_jax.training.loop import train
         out = train(cfg, workdir)
         log(f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
-              f"{out['nan_skips']} skipped, final metrics {out['metrics']}")
+            f"{out['nan_skips']} skipped, final metrics {out['metrics']}")
         return
     result = forward_check(cfg, workdir)
     if not is_main_process():

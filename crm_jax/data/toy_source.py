@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax.data import toy_world as tw
-from crm_jax.distributed import local_batch_size, process_rows
 from crm_jax.data.toy_latents import frames_to_latents
+from crm_jax.distributed import local_batch_size, process_rows
 
 TEXT_TABLE_SEED = 1234
 

@@ -40,7 +40,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, context: int = 1, devices=None) -> M
                          f"only {len(devices)} present")
     if jax.process_count() > 1 and n != len(devices):
         raise ClusterError(f"mesh data={data} x fsdp={fsdp} x context={context} = {n} devices, but a "
-                         f"{jax.process_count()}-process run must use all {len(devices)} devices")
+                           f"{jax.process_count()}-process run must use all {len(devices)} devices")
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, context), MESH_AXES)
 
 
@@ -76,9 +76,9 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     lo, hi = process_rows(batch_size)
     if rows[0][0] != lo or rows[-1][1] != hi or sum(b - a for a, b in rows) != local:
         raise ClusterError(f"process {jax.process_index()} of {jax.process_count()} owns rows [{lo}, {hi}) of "
-                         f"the batch of {batch_size}, but its devices hold rows {rows} of the mesh "
-                         f"data={mesh.shape['data']} x fsdp={n // mesh.shape['data']}: data x fsdp must be a "
-                         f"multiple of the process count")
+                           f"the batch of {batch_size}, but its devices hold rows {rows} of the mesh "
+                           f"data={mesh.shape['data']} x fsdp={n // mesh.shape['data']}: data x fsdp must be a "
+                           f"multiple of the process count")
 
 
 def _param_spec(path, shape, fsdp: int) -> P:
