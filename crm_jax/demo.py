@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crm_jax import distributed as dist
 from crm_jax.data import toy_world as tw
 from crm_jax.data.generate import generate
 from crm_jax.data.toy_latents import latents_to_frames
@@ -123,15 +124,15 @@ def run_demo(c, workdir: str) -> dict:
     mcfg = loop.model_config(c)
     if teacher.cfg != mcfg:
         raise ValueError(f"shipped teacher config {teacher.cfg} differs from the demo's model config {mcfg}")
-    src = loop.make_source(c, mcfg)
+    src = dataclasses.replace(loop.make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
     timings = {}
 
-    print(f"[1/5] teacher loaded from {c.demo.teacher}")
+    dist.log(f"[1/5] teacher loaded from {c.demo.teacher}")
     t0 = time.time()
     synth = os.path.join(workdir, "synthetic")
     generate(generation_config(c, src), synth)  # resumable: a rerun skips finished shards
     timings["synthetic_s"] = round(time.time() - t0, 1)
-    print(f"[2/5] synthetic set: {c.demo.synthetic_samples} teacher videos -> {synth} ({timings['synthetic_s']} s)")
+    dist.log(f"[2/5] synthetic set: {c.demo.synthetic_samples} teacher videos -> {synth} ({timings['synthetic_s']} s)")
 
     t0 = time.time()
     scm_dir = os.path.join(workdir, "tf_scm")
@@ -140,7 +141,7 @@ def run_demo(c, workdir: str) -> dict:
     cs.init.student = c.demo.teacher
     loop.train(cs, scm_dir)
     timings["tf_scm_s"] = round(time.time() - t0, 1)
-    print(f"[3/5] TF-sCM student -> {scm_dir}/export ({timings['tf_scm_s']} s)")
+    dist.log(f"[3/5] TF-sCM student -> {scm_dir}/export ({timings['tf_scm_s']} s)")
 
     t0 = time.time()
     dmd_dir = os.path.join(workdir, "sf_dmd")
@@ -149,7 +150,7 @@ def run_demo(c, workdir: str) -> dict:
     cd.init.student = os.path.join(scm_dir, "export")
     loop.train(cd, dmd_dir)
     timings["sf_dmd_s"] = round(time.time() - t0, 1)
-    print(f"[4/5] SF-DMD student -> {dmd_dir}/export ({timings['sf_dmd_s']} s)")
+    dist.log(f"[4/5] SF-DMD student -> {dmd_dir}/export ({timings['sf_dmd_s']} s)")
 
     t0 = time.time()
     key = jax.random.key(c.seed + 99)
@@ -165,19 +166,22 @@ def run_demo(c, workdir: str) -> dict:
     first = next(iter(rows.values()))
     gif = os.path.join(workdir, "demo.gif")
     vids = [first["truth"][0]] + [r["frames"][0] for r in rows.values()]
-    write_gif(gif, vids)
+    main = dist.is_main_process()   # several processes: each evaluates, process 0 writes
+    if main:
+        write_gif(gif, vids)
     table = ["| model | trajectory error (px) | action following | ms / frame (CPU) |", "|---|---|---|---|"]
     for name, r in rows.items():
         table.append(f"| {name} | {r['trajectory_error']:.3f} | {r['action_following']:.2f} | {r['ms_per_frame']} |")
     summary = {name: {k: v for k, v in r.items() if k not in ("frames", "truth")} for name, r in rows.items()}
     summary["timings"] = {**timings, "total_s": round(time.time() - t_all, 1)}
-    with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(workdir, "demo_metrics.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    print("[5/5] world-model rollouts (first block given, then actions), scored against the simulator:")
-    print("\n".join(table))
-    print(f"video (rows: ground truth, {', '.join(rows)}): {gif}")
-    print(f"metrics: {os.path.join(workdir, 'demo_metrics.md')}, {os.path.join(workdir, 'demo_metrics.json')}")
-    print(f"total {summary['timings']['total_s']} s")
+    if main:
+        with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(workdir, "demo_metrics.md"), "w") as f:
+            f.write("\n".join(table) + "\n")
+    dist.log("[5/5] world-model rollouts (first block given, then actions), scored against the simulator:")
+    dist.log("\n".join(table))
+    dist.log(f"video (rows: ground truth, {', '.join(rows)}): {gif}")
+    dist.log(f"metrics: {os.path.join(workdir, 'demo_metrics.md')}, {os.path.join(workdir, 'demo_metrics.json')}")
+    dist.log(f"total {summary['timings']['total_s']} s")
     return summary

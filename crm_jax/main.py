@@ -13,6 +13,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, samples)")
 flags.mark_flags_as_required(["config", "workdir"])
 
+from crm_jax.distributed import ClusterError, is_main_process, log, maybe_init_distributed  # noqa: E402
 from crm_jax.training.steps import MODES as TRAIN_MODES  # noqa: E402
 
 MODES = ("forward_check", "demo") + TRAIN_MODES
@@ -53,22 +54,6 @@ def forward_check(cfg, workdir: str) -> dict:
                 streaming_vs_full_max_abs_err=err, device=str(jax.devices()[0]))
 
 
-def maybe_init_distributed() -> None:
-    """Multi-host: join the JAX cluster when the environment describes one.
-
-    Set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under a
-    launcher that JAX auto-detects: SLURM, Open MPI, Cloud TPU) and every host runs the
-    same command; single-host runs skip this.
-    """
-    import jax
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1" \
-            or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
-        jax.distributed.initialize()
-        print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
-              f"{jax.local_device_count()} local / {jax.device_count()} global devices")
-
-
 def run(cfg, workdir: str) -> None:
     """Run the config's mode in `workdir` (what the command line does after parsing)."""
     if cfg.mode not in MODES:
@@ -76,7 +61,7 @@ def run(cfg, workdir: str) -> None:
     if cfg.mode in TRAIN_MODES:
         from crm_jax.inputs import check_inputs, training_inputs
         check_inputs(training_inputs(cfg), f"{cfg.mode} config")   # before the workdir is made
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)   # every process: Orbax writes checkpoints from all of them
     if cfg.mode == "demo":
         from crm_jax.demo import run_demo
         run_demo(cfg, workdir)
@@ -84,10 +69,12 @@ def run(cfg, workdir: str) -> None:
     if cfg.mode in TRAIN_MODES:
         from crm_jax.training.loop import train
         out = train(cfg, workdir)
-        print(f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
-              f"{out['nan_skips']} skipped, final metrics {out['metrics']}")
+        log(f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
+            f"{out['nan_skips']} skipped, final metrics {out['metrics']}")
         return
     result = forward_check(cfg, workdir)
+    if not is_main_process():
+        return
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     print("forward pass of the tiny causal Wan model, streamed block by block vs one pass:")
@@ -117,11 +104,11 @@ def cli(argv) -> None:
 
 def main(argv):
     del argv
-    maybe_init_distributed()
     from crm_jax.inputs import MissingInputError
     try:
+        maybe_init_distributed()
         run(_CONFIG.value, _WORKDIR.value)
-    except MissingInputError as e:       # a clear message, no traceback
+    except (MissingInputError, ClusterError) as e:       # a clear message, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

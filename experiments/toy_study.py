@@ -64,6 +64,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from crm_jax import distributed as dist  # noqa: E402
+
 # Budgets. "full" is the GPU study; "smoke" exercises every code path on a CPU.
 SCALES = {
     "full": dict(clf_steps=3000, clf_batch=128,
@@ -316,8 +318,9 @@ def _train(study: Study, job: Job, c, evaluator):
     from crm_jax.training import loop
     t0 = time.time()
     c = seeded(study, c)
-    with open(study.path(job.name, "config.json"), "w") as f:   # what ran, for the record
-        f.write(c.to_json_best_effort(indent=1))
+    if dist.is_main_process():   # several processes: process 0 writes the study's files
+        with open(study.path(job.name, "config.json"), "w") as f:   # what ran, for the record
+            f.write(c.to_json_best_effort(indent=1))
     out = loop.train(c, study.path(job.name), progress=False, evaluator=evaluator)
     if out["iteration"] < c.num_iterations:   # stopped by a signal: checkpoint saved, not done
         raise RuntimeError(f"{job.name} stopped at iteration {out['iteration']} of {c.num_iterations}; "
@@ -510,12 +513,13 @@ def run_final(study: Study, job: Job) -> dict:
                   f"{long['trajectory_error']:.3f} fd(last {feats.clip_frames}) {long['fd']:.2f}", flush=True)
         sources[name] = source
     truth = np.asarray(latents_to_frames(long_batch["latents"][:4], short_src.factor))
-    np.savez_compressed(study.path(job.name, "long_rollouts.npz"), truth=truth,
-                        **{k.replace("/", "__"): v for k, v in pictures.items()})
-    with open(study.path(job.name, "final.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(study.path(job.name, "evaluated.json"), "w") as f:
-        json.dump(sources, f, indent=1)
+    if dist.is_main_process():
+        np.savez_compressed(study.path(job.name, "long_rollouts.npz"), truth=truth,
+                            **{k.replace("/", "__"): v for k, v in pictures.items()})
+        with open(study.path(job.name, "final.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(study.path(job.name, "evaluated.json"), "w") as f:
+            json.dump(sources, f, indent=1)
     return dict(seconds=round(time.time() - t0, 1), models=[m for m, _ in models])
 
 
@@ -557,6 +561,8 @@ def run_job(study: Study, name: str) -> None:
         raise RuntimeError(f"job {name} needs {missing} finished first")
     os.makedirs(study.path(name), exist_ok=True)
     summary = RUNNERS[job.kind](study, job)
+    if not dist.is_main_process():
+        return
     with open(study.path(name, "done.json"), "w") as f:
         json.dump({"job": name, "scale": study.scale, "overrides": study.overrides, "seed": study.seed, **summary},
                   f, indent=1)

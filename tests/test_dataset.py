@@ -132,28 +132,32 @@ def test_crash_midway_and_restart_complete_no_duplicates(ref, tmp_path):
 def test_two_hosts_write_their_shards(ref, tmp_path):
     out = tmp_path / "ds"
     assert run_gen(gen_config(), out, process_index=1, process_count=2)["complete"] is False
-    assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == [ds.shard_name(1, 3)]
+    # process 1 of 2 owns the block process_rows(3 shards, 1, 2) = [1, 3)
+    assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == \
+        [ds.shard_name(1, 3), ds.shard_name(2, 3)]
     assert run_gen(gen_config(), out, process_index=0, process_count=2)["complete"] is True
     cols, _ = ds.read_all(str(out))
     assert cols["latents"].tobytes() == ds.read_all(ref)[0]["latents"].tobytes()
 
 
-def test_two_hosts_read_disjoint_shards_covering_the_set(ref):
-    ids = []
-    for p in range(2):
-        src = ds.DatasetSource(ref, 4, seed=0, process_index=p, process_count=2)
-        n = src.num_local_samples
-        assert src.batch(0)["latents"].shape[0] == 2  # per-host part of the global batch
-        epoch0 = [int(src.sample(k)["id"]) for k in range(n)]
-        epoch1 = [int(src.sample(n + k)["id"]) for k in range(n)]
-        assert sorted(epoch0) == sorted(epoch1) and len(set(epoch0)) == n  # each epoch a permutation
-        assert epoch0 != sorted(epoch0) or epoch1 != epoch0  # shuffled, reshuffled per epoch
-        stream = np.concatenate([src.batch(s)["id"] for s in range(n)])
-        np.testing.assert_array_equal(stream, epoch0 + epoch1)  # batches walk the sample stream
-        ids.append(set(epoch0))
-    assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(N))
+def test_two_hosts_read_their_rows_of_the_global_batch(ref):
+    one = ds.DatasetSource(ref, 4, seed=0, process_index=0, process_count=1)
+    stream = [int(one.sample(k)["id"]) for k in range(2 * N)]
+    assert sorted(stream[:N]) == sorted(stream[N:]) == list(range(N))  # each epoch a permutation
+    assert stream[:N] != list(range(N)) or stream[N:] != stream[:N]  # shuffled, reshuffled per epoch
+    hosts = [ds.DatasetSource(ref, 4, seed=0, process_index=p, process_count=2) for p in range(2)]
+    for step in range(5):   # batches walk the stream, straddling epoch ends; host p has rows [2p, 2p + 2)
+        want = one.batch(step)
+        np.testing.assert_array_equal(want["id"], stream[4 * step:4 * step + 4])
+        parts = [h.batch(step) for h in hosts]
+        assert all(b["latents"].shape[0] == 2 for b in parts)
+        np.testing.assert_array_equal(parts[1]["ode_times"], want["ode_times"])  # not a batch field
+        for k in set(want) - {"ode_times"}:
+            assert np.concatenate([b[k] for b in parts]).tobytes() == want[k].tobytes(), k
     unshuffled = ds.DatasetSource(ref, 4, shuffle=False, process_index=1, process_count=2)
-    np.testing.assert_array_equal(unshuffled.batch(0)["id"], [5, 6])
+    np.testing.assert_array_equal(unshuffled.batch(0)["id"], [2, 3])
+    with pytest.raises(ValueError, match="batch size 3 does not divide over 2 processes"):
+        ds.DatasetSource(ref, 3, process_index=0, process_count=2)
 
 
 def test_iterator_state_save_restore_resumes_exactly(ref):

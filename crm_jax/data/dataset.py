@@ -25,9 +25,15 @@ and a restart skips complete shards. ``metadata.json`` is created (atomically, o
 any shard and marked ``"complete": true`` when every shard exists.
 
 Reading (:class:`DatasetSource`) goes through ``grain`` (``ArrayRecordDataSource`` ->
-``MapDataset``): per-host contiguous slices of the sample range, seeded per-epoch shuffling,
-batches by random access (``batch(step)`` is a pure function of ``step``), and iterators
-whose state (``get_state()``, a small JSON-able dict) is saved in checkpoints.
+``MapDataset``): one seeded, per-epoch shuffled stream of all samples, global batches as
+consecutive pieces of it, each process reading only its rows of every global batch
+(:func:`crm_jax.distributed.process_rows`), all by random access (``batch(step)`` is a pure
+function of ``step``), and iterators whose state (``get_state()``, a small JSON-able dict)
+is saved in checkpoints.
+
+Several processes split the work by the same rule (:func:`crm_jax.distributed.process_rows`):
+process ``p`` of ``P`` writes the contiguous block ``process_rows(num_shards, p, P)`` of shards,
+and reads rows ``process_rows(batch_size, p, P)`` of every global batch.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import struct
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
+
+from crm_jax.distributed import local_batch_size, process_rows
 
 FORMAT = "crm_jax.synthetic_dataset"
 VERSION = 1
@@ -202,10 +210,8 @@ def plan_key(meta: dict) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 def host_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
-    """Shards written by one process: ``j`` with ``j % process_count == process_index``."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return list(range(process_index, num_shards, process_count))
+    """Shards written by one process: its block ``process_rows(num_shards, p, P)`` of them."""
+    return list(range(*process_rows(num_shards, process_index, process_count)))
 
 
 class ShardWriter:
@@ -227,17 +233,17 @@ class ShardWriter:
         self.pi = jax.process_index() if process_index is None else int(process_index)
         self.pc = jax.process_count() if process_count is None else int(process_count)
         mfile = os.path.join(path, METADATA)
-        if os.path.exists(mfile):
-            old = read_metadata(path)
-            if plan_key(old) != plan_key(meta):
-                diff = sorted(k for k in set(old) | set(meta) if k != "complete" and old.get(k) != meta.get(k))
-                raise DatasetError(f"{mfile!r} describes a different dataset (differs in {diff}); "
-                                   f"refusing to mix: use a new output directory or the same settings")
-        elif os.path.isdir(path) and any(not n.startswith(".") for n in os.listdir(path)):
-            raise DatasetError(f"output directory {path!r} is not empty and has no {METADATA}: "
-                               f"refusing to write a dataset into a foreign directory")
-        os.makedirs(path, exist_ok=True)
-        _atomic_write_json(mfile, meta, exclusive=True)
+        if not os.path.exists(mfile):   # (another process may create it meanwhile: checked below)
+            if os.path.isdir(path) and any(not n.startswith(".") and n != METADATA for n in os.listdir(path)):
+                raise DatasetError(f"output directory {path!r} is not empty and has no {METADATA}: "
+                                   f"refusing to write a dataset into a foreign directory")
+            os.makedirs(path, exist_ok=True)
+            _atomic_write_json(mfile, meta, exclusive=True)
+        old, new = read_metadata(path), json.loads(json.dumps(meta))
+        if plan_key(old) != plan_key(new):
+            diff = sorted(k for k in set(old) | set(new) if k != "complete" and old.get(k) != new.get(k))
+            raise DatasetError(f"{mfile!r} describes a different dataset (differs in {diff}); "
+                               f"refusing to mix: use a new output directory or the same settings")
 
     @property
     def shards(self) -> list[dict]:
@@ -374,26 +380,20 @@ class _Decode:
         return {k: arrays[k] for k in self.fields}
 
 
-def host_range(num_samples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """Contiguous sample range ``[lo, hi)`` of one host; the ranges partition ``[0, N)``."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return (num_samples * process_index // process_count, num_samples * (process_index + 1) // process_count)
-
-
 class DatasetSource:
     """Training batches from a dataset directory (same interface as ``ToySource``).
 
     ``batch(step)`` returns this host's part of global batch ``step``: a dict of numpy arrays
-    with leading dim ``batch_size // process_count`` (``latents [b, T, H, W, C]``,
+    with leading dim ``b = batch_size // process_count`` (``latents [b, T, H, W, C]``,
     ``context [b, L, D]``, ``actions [b, T]`` (if stored and the model takes actions),
     ``ode_traj [b, K, T, H, W, C]`` and ``ode_times [K]`` (if stored), ``id [b]``).
 
-    Host ``p`` of ``P`` reads the contiguous slice :func:`host_range` of the samples (disjoint,
-    together covering the dataset); each epoch over the slice is shuffled with a permutation
-    derived from ``(seed, epoch)`` (``shuffle=False``: in order); epochs repeat forever and
-    batches may straddle epoch ends. Everything is random access, so ``batch(step)`` is a
-    pure function of ``step`` and the iterator state is ``{"step": step}``.
+    The sample stream is the whole dataset, each epoch shuffled with a permutation derived
+    from ``(seed, epoch)`` (``shuffle=False``: in order), epochs repeating forever. Global batch
+    ``step`` is stream elements ``[step * B, (step + 1) * B)`` (it may straddle an epoch end),
+    whatever the number of processes; process ``p`` of ``P`` reads only its rows
+    ``crm_jax.distributed.process_rows(B, p, P)`` of it. Everything is random access, so
+    ``batch(step)`` is a pure function of ``step`` and the iterator state is ``{"step": step}``.
 
     Args:
       path: dataset directory. mcfg: optional ``WanConfig`` to validate shapes against.
@@ -413,9 +413,7 @@ class DatasetSource:
             check_model_compat(self.meta, mcfg, path)
         self.pi = jax.process_index() if process_index is None else int(process_index)
         self.pc = jax.process_count() if process_count is None else int(process_count)
-        if batch_size < 1 or batch_size % self.pc:
-            raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {self.pc}")
-        self.batch_size, self.local_batch_size = batch_size, batch_size // self.pc
+        self.batch_size, self.local_batch_size = batch_size, local_batch_size(batch_size, self.pc)
         feats = self.meta["features"]
         if fields is None:
             fields = [k for k in ("id", "latents", "context", "actions", "ode_traj") if k in feats]
@@ -426,36 +424,30 @@ class DatasetSource:
             raise DatasetError(f"{os.path.join(path, METADATA)!r}: requested fields {missing} not stored "
                                f"(has {sorted(feats)})")
         self.fields = tuple(fields)
-        self.lo, self.hi = host_range(self.meta["num_samples"], self.pi, self.pc)
-        if self.hi <= self.lo:
-            raise DatasetError(f"{path!r}: host {self.pi} of {self.pc} gets no samples "
-                               f"(dataset has {self.meta['num_samples']})")
+        self.rows = process_rows(batch_size, self.pi, self.pc)
         self.seed, self.shuffle = int(seed), bool(shuffle)
         src = gp.ArrayRecordDataSource([os.path.join(path, s["file"]) for s in self.meta["shards"]])
-        ds = gp.MapDataset.source(src)[self.lo:self.hi]
+        ds = gp.MapDataset.source(src)
         if shuffle:
             ds = ds.shuffle(seed=self.seed)
         self._records = ds.repeat().map(_Decode(self.fields))
-        self._batches = self._records.batch(self.local_batch_size, drop_remainder=True)
         self._ode_times = (np.asarray(self.meta["ode_times"], np.float32)
                            if "ode_traj" in self.fields else None)
-
-    @property
-    def num_local_samples(self) -> int:
-        return self.hi - self.lo
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         return tuple(self.meta["features"]["latents"]["shape"])
 
     def sample(self, k: int) -> dict:
-        """Element ``k`` of this host's (shuffled, repeated) sample stream."""
+        """Element ``k`` of the (shuffled, repeated) sample stream."""
         return self._records[k]
 
     def batch(self, step: int) -> dict:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        out = dict(self._batches[step])
+        first = step * self.batch_size
+        recs = [self._records[first + r] for r in range(*self.rows)]
+        out = {k: np.stack([r[k] for r in recs]) for k in self.fields}
         if self._ode_times is not None:
             out["ode_times"] = self._ode_times
         return out

@@ -18,9 +18,12 @@ CFG against the negative context) maps noise to ``latents [T, H, W, C]``; with `
 grid also contains the few-step times ``few_step_times(ode.num_steps, ode.sigma_max)[:-1]`` and
 the states there are stored as ``ode_traj [K, T, H, W, C]`` (ODE-init baseline).
 
-A sample depends only on its id and the config, never on batching or host layout. Shards are
-split over hosts (``dataset.host_shards``), each host's batches over its local devices
-(data-parallel ``jit``); writing is resumable (``dataset.ShardWriter``).
+A sample depends only on its id and the config, never on batching or host layout. With several
+processes (``crm_jax.distributed.maybe_init_distributed``: the same command on every host) process
+``p`` of ``P`` writes the shards ``crm_jax.distributed.process_rows(num_shards, p, P)``
+(``dataset.host_shards``), each host's batches split over its local devices (data-parallel
+``jit``); process 0 marks the dataset complete once all have finished. Writing is resumable
+(``dataset.ShardWriter``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from crm_jax import diffusion as D
 from crm_jax.data import dataset as ds
 from crm_jax.data import prompts as pr
 from crm_jax.data import toy_world as tw
+from crm_jax.distributed import ClusterError, barrier, is_main_process, log, maybe_init_distributed
 from crm_jax.models.config import WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import AttentionPattern, apply_for, functional
 from crm_jax.training import nets
@@ -454,12 +458,20 @@ def generate(c, out: str, *, process_index: Optional[int] = None, process_count:
         todo = todo[:max_shards]
     counter = [0]
     total = sum(writer.shards[j]["num_records"] for j in todo)
-    with tqdm(total=total, desc=f"generate (host {writer.pi}/{writer.pc})", disable=not progress,
-              dynamic_ncols=True, unit="sample") as bar:
+    with tqdm(total=total, desc=f"generate (host {writer.pi}/{writer.pc})",
+              disable=not progress or not is_main_process(), dynamic_ncols=True, unit="sample") as bar:
         for j in todo:
             recs = gen.shard_records(writer.shards[j], counter, crash_after_records)
             writer.write_shard(j, _counted(recs, bar))
-    return {"written": len(todo), "pending": len(writer.pending()), "complete": writer.finalize()}
+    if process_count is None and jax.process_count() > 1:   # process 0 finalizes once all have written
+        barrier("crm_jax.data.generate: shards written")
+        if is_main_process():
+            writer.finalize()
+        barrier("crm_jax.data.generate: finalized")
+        complete = bool(ds.read_metadata(out).get("complete"))
+    else:
+        complete = writer.finalize()
+    return {"written": len(todo), "pending": len(writer.pending()), "complete": complete}
 
 
 def _counted(it, bar):
@@ -481,7 +493,7 @@ def _define_flags(fv):
 def run(c, out: str, max_shards: Optional[int] = None) -> dict:
     res = generate(c, out, max_shards=max_shards)
     status = "complete" if res["complete"] else f"{res['pending']} shard(s) of this host left"
-    print(f"wrote {res['written']} shard(s) to {out}: {status}")
+    log(f"wrote {res['written']} shard(s) to {out}: {status}")
     return res
 
 
@@ -504,8 +516,9 @@ def main(argv):
     from crm_jax.inputs import MissingInputError
     FLAGS = flags.FLAGS
     try:
+        maybe_init_distributed()
         run(FLAGS.config, FLAGS.out, FLAGS.max_shards)
-    except MissingInputError as e:       # a clear message, no traceback
+    except (MissingInputError, ClusterError) as e:       # a clear message, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

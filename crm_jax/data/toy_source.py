@@ -5,6 +5,10 @@ whole state is the step number: a resumed run sees exactly the batches it
 would have seen. The toy "text encoder" is a fixed random embedding table of
 the prompt tokens (scene id, controlled-sprite colour), padded to `text_len`.
 
+With several processes (`process_index`, `process_count`), `batch(step)` holds only this
+process's rows `crm_jax.distributed.process_rows(batch_size)` of the global batch `step`
+(bit-identical to those rows of the one-process batch), so B below is `batch_size // process_count`.
+
 Batch layout (model conventions, channels last):
   latents [B, T, H/f, W/f, 3 f^2] in [-1, 1] (space-to-depth of the RGB frames)
   context [B, text_len, text_dim]
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 
 from crm_jax.data import toy_world as tw
 from crm_jax.data.toy_latents import frames_to_latents
+from crm_jax.distributed import local_batch_size, process_rows
 
 TEXT_TABLE_SEED = 1234
 
@@ -34,10 +39,14 @@ class ToySource:
     text_dim: int
     seed: int = 0
     factor: int = 2
+    process_index: int = 0
+    process_count: int = 1
 
     def __post_init__(self):
         if self.text_len < tw.PROMPT_LEN:
             raise ValueError(f"text_len {self.text_len} < toy prompt length {tw.PROMPT_LEN}")
+        local_batch_size(self.batch_size, self.process_count)
+        process_rows(self.batch_size, self.process_index, self.process_count)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -60,7 +69,9 @@ class ToySource:
 
     def batch(self, step: int) -> dict:
         key = jax.random.fold_in(jax.random.key(self.seed), step)
-        ep, frames = tw.sample_batch(key, self.batch_size, self.world)
+        rows = None if self.process_count == 1 else \
+            process_rows(self.batch_size, self.process_index, self.process_count)
+        ep, frames = tw.sample_batch(key, self.batch_size, self.world, rows)
         return dict(latents=frames_to_latents(frames, self.factor),
                     context=self.embed_prompt(ep.prompt),
                     actions=ep.actions.astype(jnp.int32),

@@ -343,11 +343,16 @@ def render_episode(ep: Episode, cfg: ToyWorldConfig) -> jax.Array:
     return render(ep.states, ep.colors, ep.scene, cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "cfg"))
-def sample_batch(key, batch_size: int, cfg: ToyWorldConfig) -> tuple[Episode, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("batch_size", "cfg", "rows"))
+def sample_batch(key, batch_size: int, cfg: ToyWorldConfig,
+                 rows: tuple[int, int] | None = None) -> tuple[Episode, jax.Array]:
     """B independent episodes (episode i from ``jax.random.split(key, B)[i]``) and their
-    frames: (Episode with a leading [B] on every field, frames [B, T, H, W, 3])."""
-    eps = jax.vmap(lambda k: sample_episode(k, cfg))(jax.random.split(key, batch_size))
+    frames: (Episode with a leading [B] on every field, frames [B, T, H, W, 3]).
+    ``rows=(lo, hi)``: only episodes ``lo..hi-1`` of those B (leading dim ``hi - lo``)."""
+    keys = jax.random.split(key, batch_size)
+    if rows is not None:
+        keys = keys[rows[0]:rows[1]]
+    eps = jax.vmap(lambda k: sample_episode(k, cfg))(keys)
     frames = jax.vmap(lambda e: _render(e.states, e.colors, e.scene, cfg))(eps)
     return eps, frames
 

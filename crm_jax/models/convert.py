@@ -317,24 +317,35 @@ NNX_CONFIG = "wan_config.json"
 
 
 def save_nnx(model: WanModel, path: str) -> None:
-    """Save the model's parameters with Orbax, plus its config as JSON."""
+    """Save the model's parameters with Orbax, plus its config as JSON. The calling process
+    writes it alone (in a multi-process run the others do not take part)."""
     import dataclasses
-
-    import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, NNX_CONFIG), "w") as f:
         json.dump(dataclasses.asdict(model.cfg), f, indent=1)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if jax.process_count() > 1:   # Orbax saves host-local values from one process only as numpy
+        params = jax.tree.map(np.asarray, params)
+    ckptr = _this_process_checkpointer()
+    ckptr.save(os.path.join(path, "params"), params, force=True)
     ckptr.wait_until_finished()
+
+
+def _this_process_checkpointer():
+    """An Orbax checkpointer that the calling process uses alone (the default one in a single process)."""
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 def load_nnx(path: str, **overrides) -> WanModel:
     """Load a model saved by `save_nnx`."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     cfg_file = os.path.join(path, NNX_CONFIG)
     if not os.path.exists(cfg_file):
@@ -345,11 +356,15 @@ def load_nnx(path: str, **overrides) -> WanModel:
     cfg = WanConfig(**raw).replace(**overrides)
     model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
-    # Restore onto this host's first device, whatever topology saved it (GPU -> CPU and back).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    # Restore onto this host's first device, whatever topology saved it (GPU -> CPU and back);
+    # each process of a multi-process run reads it on its own, as numpy.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if jax.process_count() > 1:
+        target = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract)
+    else:
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    params = _this_process_checkpointer().restore(os.path.join(path, "params"), target)
     nnx.replace_by_pure_dict(state, _with_non_params(state, params))
     nnx.update(model, state)
     return model

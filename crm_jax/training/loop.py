@@ -4,6 +4,11 @@ Builds the models from the config (random init or converted checkpoints), the
 mesh and shardings, restores `--workdir` if it holds a compatible checkpoint, then
 runs iterations with a progress bar, JSONL + TensorBoard metrics, periodic and
 SIGTERM checkpoints, and NaN skipping (stop after `max_nan_streak` in a row).
+
+Several processes (`crm_jax.distributed`) run the same program: each reads only its rows of
+every global batch, all save and restore the Orbax checkpoints together and must agree on the
+step they resume from, and process 0 alone writes the metrics, TensorBoard events, progress
+bar, samples, evaluations and the export.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from crm_jax import distributed as dist
 from crm_jax.data import toy_world as tw
 from crm_jax.data.toy_source import ToySource
 from crm_jax.inputs import check_inputs, training_inputs
@@ -108,7 +114,8 @@ def make_source(c, mcfg: WanConfig):
     if c.data.kind != "toy":
         raise ValueError(f"unknown data.kind {c.data.kind!r} (known: 'toy', 'dataset')")
     world = toy_world_config(c)
-    src = ToySource(world, c.data.batch_size, mcfg.text_len, mcfg.text_dim, seed=c.data.seed)
+    src = ToySource(world, c.data.batch_size, mcfg.text_len, mcfg.text_dim, seed=c.data.seed,
+                    process_index=jax.process_index(), process_count=jax.process_count())
     if src.latent_shape[-1] != mcfg.in_channels:
         raise ValueError(f"toy latents have {src.latent_shape[-1]} channels but the model expects "
                          f"in_channels={mcfg.in_channels}")
@@ -126,9 +133,13 @@ def load_params(path: str, mcfg: WanConfig, seed: int):
 
 
 class MetricsWriter:
-    """JSONL always; TensorBoard event files when tensorboardX is installed."""
+    """JSONL always; TensorBoard event files when tensorboardX is installed. Writes nothing
+    with `enabled=False` (the processes other than process 0)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.jsonl = self.tb = None
+        if not enabled:
+            return
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
             from tensorboardX import SummaryWriter
@@ -137,6 +148,8 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, step: int, metrics: dict):
+        if self.jsonl is None:
+            return
         row = {"iteration": step, **{k: float(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
@@ -146,7 +159,8 @@ class MetricsWriter:
                     self.tb.add_scalar(k, v, step)
 
     def close(self):
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -160,8 +174,8 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration).
 
     `evaluator(iteration, state) -> dict` (optional) runs before the first iteration of a fresh
-    run, every `c.eval_every` iterations and at the end; its results are appended to
-    `workdir/eval.jsonl` as `{"iteration": i, **result}`."""
+    run, every `c.eval_every` iterations and at the end (on every process); its results are
+    appended to `workdir/eval.jsonl` as `{"iteration": i, **result}` (by process 0)."""
     mcfg = model_config(c)
     tcfg = train_config(c)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
@@ -174,6 +188,9 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
     start_step = ckpts.check_compatible(meta)  # raises before any compute on mismatch
+    found = dist.agree(-1 if start_step is None else start_step,
+                       f"the checkpoint step to resume from in {ckpts.dir}")
+    start_step = None if found < 0 else found
 
     src = make_source(c, mcfg)
     model = init_model(mcfg, c.seed)
@@ -203,21 +220,22 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
 
     offload = offload_fields(c)
     if offload:
-        print(f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher pass / "
-              f"main step / EMA update (crm_jax/training/offload.py)")
+        dist.log(f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher "
+                 f"pass / main step / EMA update (crm_jax/training/offload.py)")
     st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
     fr_sh = shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema")) \
         if frozen is not None else None
     if start_step is not None:   # restored into device memory, then placed like a fresh state
         state, old_meta = ckpts.restore(start_step, abstract_like(state, shd.state_shardings(state, mesh)))
-        print(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
-    state = jax.device_put(state, st_sh)
+        dist.log(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
+    state = shd.global_put(state, st_sh)
     if frozen is not None:
         frozen = place_frozen(frozen, fr_sh)
 
     example = _model_batch(src.batch(0))
     b_sh = shd.batch_shardings(example, mesh, c.data.batch_size)
     key_sh = shd.replicated(jax.random.key(0), mesh)
+    global_batch = lambda it: shd.global_batch(_model_batch(src.batch(it)), b_sh, c.data.batch_size)
     in_sh = (st_sh, fr_sh, b_sh, key_sh)
 
     @functools.lru_cache(maxsize=None)
@@ -228,30 +246,32 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
 
     total = c.num_iterations if max_iterations is None else min(c.num_iterations, max_iterations)
     first = int(state.iteration)
-    writer = MetricsWriter(workdir)
+    main = dist.is_main_process()
+    writer = MetricsWriter(workdir, enabled=main)
     eval_every = int(c.get("eval_every", 0) or 0)
 
     def run_eval(it):
         res = evaluator(it, state)
-        with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"iteration": it, **res}) + "\n")
+        if main:
+            with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({"iteration": it, **res}) + "\n")
 
     plans = sorted({trainer.plan(it, tcfg.student_update_freq) for it in range(first, total)})
     if len(plans) > 1 and threads >= 0:
-        secs = precompile([compiled(*p) for p in plans], state, frozen,
-                          jax.device_put(_model_batch(src.batch(first)), b_sh), jax.random.key(c.seed),
-                          threads=threads or None)
-        print(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
-              f"{threads or len(plans)} at a time, in {secs:.0f} s")
+        secs = precompile([compiled(*p) for p in plans], state, frozen, global_batch(first),
+                          shd.global_put(jax.random.key(c.seed), key_sh), threads=threads or None)
+        dist.log(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
+                 f"{threads or len(plans)} at a time, in {secs:.0f} s")
     if evaluator is not None and first == 0 and total > 0:
         run_eval(0)
     stop = {"signal": None}
     old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     base_key = jax.random.key(c.seed)
     losses, last_metrics = {}, {}
-    bar = tqdm(range(first, total), initial=first, total=total, desc=c.mode, disable=not progress,
+    bar = tqdm(range(first, total), initial=first, total=total, desc=c.mode, disable=not (progress and main),
                dynamic_ncols=True)
     t_start = time.time()
+    multi = jax.process_count() > 1
     try:
         pending = []  # (iteration, device metrics): fetched at sync points, not every step
 
@@ -268,14 +288,16 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
                                      f"stopping (state before them is in {ckpts.dir})")
 
         for it in bar:
-            batch = jax.device_put(_model_batch(src.batch(it)), b_sh)
-            key = jax.random.fold_in(base_key, it)
+            batch = global_batch(it)
+            key = shd.global_put(jax.random.fold_in(base_key, it), key_sh)
             which, sf_steps, use_dmd = trainer.plan(it, tcfg.student_update_freq)
             state, m = compiled(which, sf_steps, use_dmd)(state, frozen, batch, key)
             pending.append((it, m))
             done = it + 1
             log = done % c.log_every == 0 or done == total
             sample = c.get("sample_every", 0) and (done % c.sample_every == 0 or done == total)
+            if multi and dist.any_process(stop["signal"] is not None) and stop["signal"] is None:
+                stop["signal"] = "on another process"   # every process saves the same checkpoint
             save = done % c.checkpoint.every == 0 or done == total or stop["signal"] is not None
             if log or sample or save or len(pending) >= c.max_nan_streak:
                 sync(it)
@@ -283,22 +305,26 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
                 writer.write(done, {**last_metrics, "nan_skips": int(state.nan_skips), "step": int(state.step)})
                 bar.set_postfix(loss=f"{losses[it]:.4g}", step=int(state.step), skips=int(state.nan_skips))
             if sample:
-                write_sample(c, mcfg, apply, state.params, src, workdir, done)
+                params = dist.to_host(state.params)
+                if main:
+                    write_sample(c, mcfg, apply, params, src, workdir, done)
             if evaluator is not None and ((eval_every and done % eval_every == 0) or done == total):
                 sync(it)
                 run_eval(done)
             if save:
                 ckpts.save(done, state, {**meta, "iteration": done}, force=True)
             if stop["signal"] is not None:
-                print(f"received signal {stop['signal']}: checkpoint saved at iteration {done}, exiting")
+                dist.log(f"received signal {stop['signal']}: checkpoint saved at iteration {done}, exiting")
                 break
     finally:
         ckpts.close()
         writer.close()
         signal.signal(signal.SIGTERM, old_handler)
     if c.get("export", True):  # also after a stop, so a cut run still leaves usable weights
-        export_model(model, state.ema if c.get("export_ema", False) else state.params,
-                     os.path.join(workdir, "export"))
+        weights = dist.to_host(state.ema if c.get("export_ema", False) else state.params)
+        if main:
+            export_model(model, weights, os.path.join(workdir, "export"))
+        dist.barrier("export written")   # the next stage may read it on any process
     return dict(losses=losses, metrics=last_metrics, iteration=int(state.iteration), step=int(state.step),
                 nan_skips=int(state.nan_skips), seconds=time.time() - t_start, state=state)
 

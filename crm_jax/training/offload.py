@@ -44,13 +44,13 @@ def on_host(shardings) -> bool:
 
 
 def place_frozen(frozen: Frozen, shardings: Frozen) -> Frozen:
-    """`jax.device_put(frozen, shardings)`, except that a DMD teacher that is the teacher (the
+    """`sharding.global_put(frozen, shardings)`, except that a DMD teacher that is the teacher (the
     same arrays, as the training program builds it without `init.dmd_teacher`) is placed once
     and stays shared (`device_put` copies each leaf: two pinned host copies of the teacher)."""
     if frozen.dmd_teacher is not frozen.teacher:
-        return jax.device_put(frozen, shardings)
-    teacher = jax.device_put(frozen.teacher, shardings.teacher)
-    return Frozen(teacher, teacher, jax.device_put(frozen.neg_context, shardings.neg_context))
+        return shd.global_put(frozen, shardings)
+    teacher = shd.global_put(frozen.teacher, shardings.teacher)
+    return Frozen(teacher, teacher, shd.global_put(frozen.neg_context, shardings.neg_context))
 
 
 def _strip_teachers(frozen):
