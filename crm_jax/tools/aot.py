@@ -6,8 +6,8 @@
 
 Per step function of the run (student; and for SF-DMD / rCM, student and critic per self-forcing
 step count) it prints whether it compiled, the compiled memory per chip (arguments, outputs,
-temporaries; `memory_analysis()`), the FLOPs per chip (`cost_analysis()`) and whether it fits
-the chip's HBM. Compiling for TPU needs libtpu (`pip install "jax[tpu]==0.11.2"`), not a TPU.
+temporaries; `memory_analysis()`), the FLOPs per chip as XLA's `cost_analysis()` counts them (a
+loop body once: a lower bound for the scanned layers) and whether it fits the chip's HBM. Compiling for TPU needs libtpu (`pip install "jax[tpu]==0.11.2"`), not a TPU.
 Exit status: 0 when every step compiled and fits, 1 when one does not fit or fails to compile,
 2 for a bad topology, mesh or config.
 """
@@ -71,7 +71,7 @@ def run(c, topology: str, hbm_gib: float | None = None, out=print) -> list[dict]
     out(f"{c.mode}: {kind} x {len(devices)} ({topology}), mesh data={c.mesh.data} fsdp={c.mesh.fsdp} "
         f"context={c.mesh.get('context', 1)}, batch {c.data.batch_size}, latents {aot.latent_shape_of(c)}"
         + (f", HBM {hbm:.0f} GiB per chip" if hbm else ""))
-    out("| step | compiled | arguments GiB | outputs GiB | temporaries GiB | total GiB | TFLOP | fits | compile s |")
+    out("| step | compiled | arguments GiB | outputs GiB | temporaries GiB | total GiB | TFLOP* | fits | compile s |")
     out("|---|---|---|---|---|---|---|---|---|")
     rows = []
 
@@ -85,6 +85,8 @@ def run(c, topology: str, hbm_gib: float | None = None, out=print) -> list[dict]
             f"{r.seconds:.0f} |")
 
     aot.compile_steps(c, devices, platform=platform, on_step=row)
+    out("* per chip, XLA's cost_analysis(): a loop body counts once (the layer scan as one layer), "
+        "so this is a lower bound on the step's FLOPs")
     return rows
 
 

@@ -158,8 +158,9 @@ def step_plans(c, trainer: Trainer) -> list[tuple[str, int, bool]]:
 
 @dataclasses.dataclass
 class StepReport:
-    """One compiled step: memory per device (bytes, `Step.memory`'s parts summed), FLOPs per
-    device (`cost_analysis`), seconds to compile."""
+    """One compiled step: memory per device (bytes: the largest of `Step.memory`'s jits), FLOPs per
+    device as `cost_analysis()` counts them (each loop body once, so the layer scan counts as one
+    layer: a lower bound), seconds to compile."""
 
     name: str
     argument: int
