@@ -5,9 +5,10 @@ pinned by `jax[tpu]==0.11.2`; `make venv` installs it beside the environment in
 `.venv/libtpu`, kept off the default path so that CPU runs do not probe for a TPU). libtpu
 admits one process at a time, so the subprocesses take a file lock and pytest-xdist workers
 run them one after another. What each group compiles, and at which sizes, is in the
-worker's docstring; the train steps compile here at 480p with 6 latent frames and the full
-21-frame steps with `CRM_TPU_STEPS_FULL=1` (about 4 minutes per step function on 2 cores:
-too slow for every CI run; their numbers are in docs/tpu.md with the command).
+worker's docstring. A train step takes 2-4 minutes to compile on 2 cores, so every run compiles
+TF-sCM and the SF-DMD student and critic at 480p with 6 latent frames; `CRM_TPU_STEPS_ALL=1`
+adds every other mode (teacher_tf, tf_meanflow, tf_dcm, ode_init, rcm, TF-sCM with a 14B
+teacher) and `CRM_TPU_STEPS_FULL=1` compiles at 21 frames (numbers in docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -96,13 +97,19 @@ def test_wan_1_3b_forward_jvp_and_grad_compile_for_tpu(tmp_path):
                                          "v5p/wan_1_3b/grad_teacher_forcing"}
 
 
-def test_every_train_step_compiles_for_a_v5p_slice(tmp_path):
+ALL_MODES = {"teacher_tf", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dmd", "rcm", "tf_scm_14b_teacher"}
+# Every CI run: the JVP (sCM) step and the self-forcing DMD student and critic steps, the parts no
+# other check compiles. CRM_TPU_STEPS_ALL=1: every mode (about 25 minutes more on 2 cores).
+CI_MODES = {"tf_scm", "sf_dmd"}
+
+
+def test_train_steps_compile_for_a_v5p_slice(tmp_path):
     latents = "21,60,104,16" if os.environ.get("CRM_TPU_STEPS_FULL") else "6,60,104,16"
-    rows = run_group(tmp_path, "steps", "--latents", latents, timeout=5400)
+    modes = ALL_MODES if os.environ.get("CRM_TPU_STEPS_ALL") else CI_MODES
+    rows = run_group(tmp_path, "steps", "--latents", latents, "--modes", ",".join(sorted(modes)), timeout=5400)
     assert_all_compiled(rows)
     names = {r["case"].split("/")[1] for r in rows}
-    assert names == {"teacher_tf", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dmd", "rcm",
-                     "tf_scm_14b_teacher"}
+    assert names == modes
     for r in rows:
         assert all(s["total_bytes"] <= 95 * 2 ** 30 for s in r["steps"]), r   # a v5p chip's HBM
         assert all(s["flops"] > 0 for s in r["steps"]), r

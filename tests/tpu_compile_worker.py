@@ -15,7 +15,8 @@ Groups:
   model    the wan_1_3b forward, JVP and gradient with abstract parameters (one v5p chip).
   steps    every training mode's step functions at wan_1_3b size on a v5p 2x2x2 slice with a
            data x fsdp x context = 2 x 2 x 2 mesh, and TF-sCM with a 14B teacher.
-Sizes of the model and step groups: `--latents T,H,W,C` (default: 480p x 21 frames).
+Sizes of the model and step groups: `--latents T,H,W,C` (default: 480p x 21 frames); `--modes a,b`
+limits the steps group to those modes.
 """
 
 from __future__ import annotations
@@ -151,15 +152,18 @@ def model(rows, latents):
         _case(rows, f"v5p/wan_1_3b/{name}", run, group="model", latents=list(latents))
 
 
-def steps(rows, latents):
+def steps(rows, latents, only=None):
     import importlib
 
-    devices = aot.tpu_devices("v5p:2x2x2")
     modes = [("teacher_tf", "wan_teacher_tf", None), ("tf_scm", "wan_tf_scm", None),
              ("tf_meanflow", "wan_tf_meanflow", None), ("tf_dcm", "wan_tf_dcm", None),
              ("ode_init", "wan_ode_init", None), ("sf_dmd", "wan_sf_dmd", [("student", 4, True), ("critic", 4, True)]),
              ("rcm", "wan_rcm", [("student", 4, True)]),   # its critic step is SF-DMD's
              ("tf_scm_14b_teacher", "wan_tf_scm", None)]
+    modes = [m for m in modes if only is None or m[0] in only]
+    if not modes:
+        return
+    devices = aot.tpu_devices("v5p:2x2x2")
     for name, module, plans in modes:
         c = importlib.import_module(f"configs.{module}").get_config()
         c.data.latent_shape = tuple(latents)
@@ -179,9 +183,12 @@ def main(argv):
     latents = (FRAMES, 60, 104, 16)
     if "--latents" in argv:
         latents = tuple(int(x) for x in argv[argv.index("--latents") + 1].split(","))
+    only = None
+    if "--modes" in argv:
+        only = set(argv[argv.index("--modes") + 1].split(","))
     rows = []
     {"kernels": lambda: kernels(rows), "model": lambda: model(rows, latents),
-     "steps": lambda: steps(rows, latents)}[group]()
+     "steps": lambda: steps(rows, latents, only)}[group]()
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
 
