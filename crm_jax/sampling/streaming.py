@@ -289,7 +289,7 @@ class StreamingSampler:
         while the caller handles this one; one compile per call count), "device" (the same loop
         with a traced trip count: one compile for every call count, but each iteration's
         predicate is read back, so the dispatch returns only when the chunk is done and prefetch
-        cannot overlap anything; the default before session 11) or "host" (one jitted,
+        cannot overlap anything) or "host" (one jitted,
         asynchronously dispatched function per model call, looped over in Python; same compiles
         as "device").
       compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
@@ -303,7 +303,7 @@ class StreamingSampler:
         on its own right after them, so the caller can take the chunk one model call sooner;
         XLA also drops that call's unused output work, and the last chunk of a finite video
         skips it: nothing reads that cache) or "fused" (the re-run is the last iteration of the
-        chunk's call loop; before session 11). The video is the same.
+        chunk's call loop). The video is the same.
     """
 
     apply: Callable
