@@ -146,13 +146,12 @@ def latent_shape_of(c) -> tuple[int, ...]:
 
 def step_plans(c, trainer: Trainer) -> list[tuple[str, int, bool]]:
     """Every distinct step function a run of `c` calls (`Trainer.plan` over its iterations)."""
-    iters = range(0, int(c.num_iterations))
     tcfg = trainer.cfg
-    if tcfg.has_critic:   # the plan is periodic past the warm-up: one period after it suffices
-        period = tcfg.sf_max_steps * tcfg.student_update_freq
+    n = int(c.num_iterations)
+    if tcfg.has_critic:   # the plan is periodic past the warm-up: one period after it covers the run
         warm = tcfg.tangent_warmup if tcfg.mode == "rcm" else 0
-        iters = [i for i in range(0, min(int(c.num_iterations), warm + 2 * period))] + \
-            [i for i in range(max(0, warm), warm + period)]
+        n = min(n, warm + tcfg.sf_max_steps * tcfg.student_update_freq)
+    iters = range(n)
     return sorted({trainer.plan(i, tcfg.student_update_freq) for i in iters})
 
 
