@@ -18,15 +18,20 @@ def get_config():
     # earlier chunks as context (block-causal, over noised context, misleads it: RESULTS.md, toy study).
     c.train.dmd_teacher_pattern = "teacher_forcing"
     c.train.student_update_freq = 3
-    c.train.sf_max_steps = 1    # 1-step self-forcing rollouts: fewer compiled variants on a CPU
+    c.train.sf_max_steps = 1  # 1-step self-forcing rollouts: fewer compiled variants on a CPU
     c.data.batch_size = 8
     c.log_every = 10
     c.checkpoint.every = 100
-    c.demo = ml_collections.ConfigDict(dict(
-        teacher="assets/toy_teacher",
-        teacher_steps=16,          # Euler steps per chunk of the teacher (data and reference)
-        synthetic_samples=96,
-        scm_iterations=200, scm_lr=2e-4,
-        dmd_iterations=90, dmd_lr=5e-5,
-        eval_episodes=16))
+    c.demo = ml_collections.ConfigDict(
+        dict(
+            teacher="assets/toy_teacher",
+            teacher_steps=16,  # Euler steps per chunk of the teacher (data and reference)
+            synthetic_samples=96,
+            scm_iterations=200,
+            scm_lr=2e-4,
+            dmd_iterations=90,
+            dmd_lr=5e-5,
+            eval_episodes=16,
+        )
+    )
     return c

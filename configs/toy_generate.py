@@ -13,21 +13,25 @@ from configs.base import toy_model
 def get_config():
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(name="tiny", overrides=ml_collections.ConfigDict(toy_model())))
-    c.teacher = ""                 # teacher checkpoint directory (load_any)
+    c.teacher = ""  # teacher checkpoint directory (load_any)
     c.allow_random_teacher = False  # tests only
-    c.seed = 0                     # noise of sample i: fold_in(key(seed), i)
+    c.seed = 0  # noise of sample i: fold_in(key(seed), i)
     c.num_samples = 256
     c.samples_per_shard = 64
-    c.batch_size = 8               # per host, split over the local devices
+    c.batch_size = 8  # per host, split over the local devices
     c.latent_shape = (8, 16, 16, 12)  # [T, H, W, C]: toy 32x32 frames, space-to-depth factor 2
     c.latent_dtype = "float32"
 
-    c.cond = ml_collections.ConfigDict(dict(
-        kind="toy_world",          # toy_world | toy_prompts | embeddings
-        seed=1,                    # toy world episodes of sample i: fold_in(key(seed), i)
-        height=32, width=32,       # toy world frame size (prompt/action statistics only)
-        prompt_file="",            # toy_prompts: lines "scene=1 color=3 [| up up ...]"
-        embeddings=""))            # embeddings: .npz with context [n, L, D], prompts, negative_context
+    c.cond = ml_collections.ConfigDict(
+        dict(
+            kind="toy_world",  # toy_world | toy_prompts | embeddings
+            seed=1,  # toy world episodes of sample i: fold_in(key(seed), i)
+            height=32,
+            width=32,  # toy world frame size (prompt/action statistics only)
+            prompt_file="",  # toy_prompts: lines "scene=1 color=3 [| up up ...]"
+            embeddings="",
+        )
+    )  # embeddings: .npz with context [n, L, D], prompts, negative_context
 
     c.pattern = ml_collections.ConfigDict(dict(kind="full", block_frames=1, first_block_frames=None))
     c.pattern.first_block_frames = ml_collections.FieldReference(None, field_type=int)

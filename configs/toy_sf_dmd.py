@@ -1,5 +1,5 @@
 """Toy world distillation: sf_dmd from the shipped causal teacher (crm_jax/training/steps.py):
-  python -m crm_jax.main --config=configs/toy_sf_dmd.py --workdir=runs/toy_sf_dmd
+python -m crm_jax.main --config=configs/toy_sf_dmd.py --workdir=runs/toy_sf_dmd
 """
 
 from configs.base import toy_student_config

@@ -1,5 +1,5 @@
 """Toy world distillation: tf_dcm from the shipped causal teacher (crm_jax/training/steps.py):
-  python -m crm_jax.main --config=configs/toy_tf_dcm.py --workdir=runs/toy_tf_dcm
+python -m crm_jax.main --config=configs/toy_tf_dcm.py --workdir=runs/toy_tf_dcm
 """
 
 from configs.base import toy_student_config

@@ -14,8 +14,8 @@ TF-sCM runs 2 iterations, SF-DMD 1 (its first iteration is a student step with t
 
 from configs.base import wan_config, wan_generate_config, wan_paths
 
-LATENT_SHAPE = (3, 4, 4, 4)     # [T, h, w, z]: 3 latent frames -> 9 video frames of 32 x 32 pixels
-TEXT_LEN = 8                    # = the converter's --text_len and encode_prompts' --max_len
+LATENT_SHAPE = (3, 4, 4, 4)  # [T, h, w, z]: 3 latent frames -> 9 video frames of 32 x 32 pixels
+TEXT_LEN = 8  # = the converter's --text_len and encode_prompts' --max_len
 
 
 def get_config(arg: str = "tf_scm"):
@@ -26,8 +26,7 @@ def get_config(arg: str = "tf_scm"):
     if stage == "generate":
         c = wan_generate_config("tiny", p)
         c.model.overrides.update(numerics)
-        c.update(num_samples=8, samples_per_shard=8, batch_size=8, latent_shape=LATENT_SHAPE,
-                 latent_dtype="float32")
+        c.update(num_samples=8, samples_per_shard=8, batch_size=8, latent_shape=LATENT_SHAPE, latent_dtype="float32")
         c.sampler.update(num_steps=4, guidance=3.0)
         return c
     if stage not in ("tf_scm", "sf_dmd"):
@@ -37,7 +36,7 @@ def get_config(arg: str = "tf_scm"):
     c.train.update(block_frames=1, tangent_warmup=0, sf_max_steps=1, lr=1e-4, critic_lr=1e-4)
     c.data.update(batch_size=2, latent_shape=LATENT_SHAPE)
     c.mesh.update(data=1, fsdp=1, context=1)
-    c.num_iterations = 2 if stage == "tf_scm" else 1     # SF-DMD: one student (DMD) step
+    c.num_iterations = 2 if stage == "tf_scm" else 1  # SF-DMD: one student (DMD) step
     c.log_every = 1
     c.checkpoint.update(every=2, keep=1, async_save=False)
     c.init.student = p["dit"] if stage == "tf_scm" else p["tf_scm"] + "/export"

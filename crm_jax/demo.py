@@ -22,7 +22,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import distributed as dist
@@ -67,9 +66,17 @@ def evaluate(c, model, src: ToySource, *, method: str, steps: int, episodes: int
     src = dataclasses.replace(src, batch_size=episodes)
     batch = src.batch(50_000)  # held-out episodes (training draws steps < 50_000)
     lat, acts = batch["latents"][:episodes], batch["actions"][:episodes]
-    kw = dict(pattern=pat, num_frames=src.world.num_frames, latent_hw=src.latent_shape[1:3], method=method,
-              steps=steps, guidance=c.train.guidance if method == "euler" else 1.0,
-              neg_context=src.negative_context(), actions=acts, prefix=lat[:, :prefix_frames])
+    kw = dict(
+        pattern=pat,
+        num_frames=src.world.num_frames,
+        latent_hw=src.latent_shape[1:3],
+        method=method,
+        steps=steps,
+        guidance=c.train.guidance if method == "euler" else 1.0,
+        neg_context=src.negative_context(),
+        actions=acts,
+        prefix=lat[:, :prefix_frames],
+    )
     ctx = batch["context"][:episodes]
     x = causal_sample(apply, params, model.cfg, key, ctx, **kw)
     jax.block_until_ready(x)
@@ -83,12 +90,18 @@ def evaluate(c, model, src: ToySource, *, method: str, steps: int, episodes: int
     for b in range(episodes):
         st, col, a = batch["states"][b], batch["colors"][b], batch["actions"][b]
         errs.append(float(tw.trajectory_error(frames[b, prefix_frames:], st[prefix_frames:], col, src.world)))
-        follow.append(float(tw.action_following_accuracy(frames[b, prefix_frames - 1:], a[prefix_frames - 1:],
-                                                         col, src.world)))
+        follow.append(
+            float(tw.action_following_accuracy(frames[b, prefix_frames - 1 :], a[prefix_frames - 1 :], col, src.world))
+        )
         drift.append(np.asarray(tw.drift_by_frame(frames[b, prefix_frames:], st[prefix_frames:], col, src.world)))
-    return dict(trajectory_error=float(np.mean(errs)), action_following=float(np.mean(follow)),
-                drift_by_frame=np.mean(drift, 0).round(3).tolist(), ms_per_frame=round(per_frame_ms, 2),
-                frames=frames, truth=np.asarray(latents_to_frames(lat, src.factor)))
+    return dict(
+        trajectory_error=float(np.mean(errs)),
+        action_following=float(np.mean(follow)),
+        drift_by_frame=np.mean(drift, 0).round(3).tolist(),
+        ms_per_frame=round(per_frame_ms, 2),
+        frames=frames,
+        truth=np.asarray(latents_to_frames(lat, src.factor)),
+    )
 
 
 def _stage_config(c, mode: str, workdir: str, iterations: int, **train):
@@ -107,7 +120,7 @@ def write_gif(path: str, rows: list[np.ndarray], scale: int = 4) -> None:
     """rows: list of `[T, H, W, 3]` videos in [0, 1], stacked vertically per frame, upscaled."""
     from crm_jax.sampling.video import VideoWriter
 
-    frames = np.concatenate(rows, axis=1)                      # [T, sum H, W, 3]
+    frames = np.concatenate(rows, axis=1)  # [T, sum H, W, 3]
     with VideoWriter(path, fps=4) as w:
         w.append(np.repeat(np.repeat(frames, scale, 1), scale, 2))
 
@@ -119,7 +132,8 @@ def run_demo(c, workdir: str) -> dict:
         raise FileNotFoundError(
             f"toy teacher {c.demo.teacher!r} not found; train one with "
             f"`python -m crm_jax.main --config=configs/toy_teacher_tf.py --workdir=runs/toy_teacher` "
-            f"and pass --config.demo.teacher=runs/toy_teacher/export")
+            f"and pass --config.demo.teacher=runs/toy_teacher/export"
+        )
     teacher = convert.load_nnx(c.demo.teacher)
     mcfg = loop.model_config(c)
     if teacher.cfg != mcfg:
@@ -155,18 +169,25 @@ def run_demo(c, workdir: str) -> dict:
     t0 = time.time()
     key = jax.random.key(c.seed + 99)
     n = c.demo.eval_episodes
-    rows = {"teacher (Euler, %d steps)" % c.demo.teacher_steps:
-            evaluate(c, teacher, src, method="euler", steps=c.demo.teacher_steps, episodes=n, key=key)}
-    for name, path in (("TF-sCM", os.path.join(scm_dir, "export")), ("TF-sCM + SF-DMD", os.path.join(dmd_dir, "export"))):
+    rows = {
+        f"teacher (Euler, {c.demo.teacher_steps} steps)": evaluate(
+            c, teacher, src, method="euler", steps=c.demo.teacher_steps, episodes=n, key=key
+        )
+    }
+    for name, path in (
+        ("TF-sCM", os.path.join(scm_dir, "export")),
+        ("TF-sCM + SF-DMD", os.path.join(dmd_dir, "export")),
+    ):
         student = convert.load_nnx(path)
         for steps in (1, 2):
             rows[f"{name}, {steps} step{'s' if steps > 1 else ''}"] = evaluate(
-                c, student, src, method="consistency", steps=steps, episodes=n, key=key)
+                c, student, src, method="consistency", steps=steps, episodes=n, key=key
+            )
     timings["eval_s"] = round(time.time() - t0, 1)
     first = next(iter(rows.values()))
     gif = os.path.join(workdir, "demo.gif")
     vids = [first["truth"][0]] + [r["frames"][0] for r in rows.values()]
-    main = dist.is_main_process()   # several processes: each evaluates, process 0 writes
+    main = dist.is_main_process()  # several processes: each evaluates, process 0 writes
     if main:
         write_gif(gif, vids)
     table = ["| model | trajectory error (px) | action following | ms / frame (CPU) |", "|---|---|---|---|"]

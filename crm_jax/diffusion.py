@@ -29,7 +29,8 @@ on times outside their domain.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,29 +42,65 @@ TimeSampler = Callable[..., Array]
 
 __all__ = [
     # validation / broadcasting
-    "expand_time", "check_time", "check_cond", "compute_dtype",
+    "expand_time",
+    "check_time",
+    "check_cond",
+    "compute_dtype",
     # time conversions
-    "rf_to_sigma", "sigma_to_rf", "sigma_to_trig", "trig_to_sigma", "rf_to_trig", "trig_to_rf",
-    "shift_time", "unshift_time",
+    "rf_to_sigma",
+    "sigma_to_rf",
+    "sigma_to_trig",
+    "trig_to_sigma",
+    "rf_to_trig",
+    "trig_to_rf",
+    "shift_time",
+    "unshift_time",
     # data-space conversions
-    "rf_noise", "trig_noise", "rf_to_trig_x", "trig_to_rf_x", "rf_to_sigma_x", "sigma_to_rf_x",
-    "x0_from_v", "eps_from_v", "v_from_x0", "v_from_eps", "v_from_x0_eps",
-    "trig_velocity", "x0_from_trig", "eps_from_trig", "trig_velocity_from_v",
+    "rf_noise",
+    "trig_noise",
+    "rf_to_trig_x",
+    "trig_to_rf_x",
+    "rf_to_sigma_x",
+    "sigma_to_rf_x",
+    "x0_from_v",
+    "eps_from_v",
+    "v_from_x0",
+    "v_from_eps",
+    "v_from_x0_eps",
+    "trig_velocity",
+    "x0_from_trig",
+    "eps_from_trig",
+    "trig_velocity_from_v",
     # TrigFlow wrapper and guidance
-    "trigflow_predict", "trigflow_fn", "cfg", "guided_velocity", "guided",
+    "trigflow_predict",
+    "trigflow_fn",
+    "cfg",
+    "guided_velocity",
+    "guided",
     # time samplers
-    "sample_lognormal_t", "sample_uniform_shift_t", "lognormal_sampler", "uniform_shift_sampler",
-    "block_sizes", "expand_block_times", "sample_block_times",
+    "sample_lognormal_t",
+    "sample_uniform_shift_t",
+    "lognormal_sampler",
+    "uniform_shift_sampler",
+    "block_sizes",
+    "expand_block_times",
+    "sample_block_times",
     # grids and samplers
-    "SF_MID_TIMES", "few_step_times", "shifted_time_grid", "euler_sample", "few_step_sample",
+    "SF_MID_TIMES",
+    "few_step_times",
+    "shifted_time_grid",
+    "euler_sample",
+    "few_step_sample",
     # teacher forcing packing
-    "pack_teacher_forcing", "unpack_noisy",
+    "pack_teacher_forcing",
+    "unpack_noisy",
 ]
 
 
 # --------------------------------------------------------------------------------------
 # Validation and broadcasting helpers
 # --------------------------------------------------------------------------------------
+
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
@@ -110,8 +147,10 @@ def expand_time(t: Array, x: Array, name: str = "t") -> Array:
     if t.ndim == 0:
         return t
     if t.ndim > x.ndim or tuple(t.shape) != tuple(x.shape[: t.ndim]):
-        raise ValueError(f"{name} of shape {tuple(t.shape)} does not match x of shape {tuple(x.shape)}: "
-                         f"{name} must be per-sample [B] or per-frame [B, T], a prefix of x.shape")
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not match x of shape {tuple(x.shape)}: "
+            f"{name} must be per-sample [B] or per-frame [B, T], a prefix of x.shape"
+        )
     return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
@@ -133,21 +172,26 @@ def check_cond(cond: Any, batch: int, name: str = "cond") -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(cond):
         if isinstance(leaf, (jax.Array, np.ndarray)) and leaf.ndim >= 1:
             if leaf.shape[0] not in (batch, 1):
-                raise ValueError(f"{name} leaf {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: "
-                                 f"its leading (batch) dim must be {batch} or 1")
+                raise ValueError(
+                    f"{name} leaf {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: "
+                    f"its leading (batch) dim must be {batch} or 1"
+                )
 
 
 def _call_net(fn: Net, x: Array, t: Array, cond: Any, name: str = "fn") -> Array:
     out = fn(x, t, cond)
     if tuple(out.shape) != tuple(x.shape):
-        raise ValueError(f"{name} returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}; "
-                         "a network callable must return a velocity shaped like its input")
+        raise ValueError(
+            f"{name} returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}; "
+            "a network callable must return a velocity shaped like its input"
+        )
     return out
 
 
 # --------------------------------------------------------------------------------------
 # Time conversions (elementwise)
 # --------------------------------------------------------------------------------------
+
 
 def rf_to_sigma(t: Array) -> Array:
     """EDM sigma from RF time: ``sigma = t / (1 - t)`` (``inf`` at ``t = 1``)."""
@@ -199,6 +243,7 @@ def unshift_time(t: Array, shift: float) -> Array:
 # Data-space conversions
 # --------------------------------------------------------------------------------------
 
+
 def rf_noise(x0: Array, eps: Array, t: Array) -> Array:
     """``x_t = (1 - t) * x0 + t * eps``; ``t`` is ``[B]`` / ``[B, T]`` / scalar."""
     tb = expand_time(t, x0)
@@ -214,7 +259,7 @@ def trig_noise(x0: Array, eps: Array, s: Array) -> Array:
 def rf_to_trig_x(x_t: Array, t: Array) -> Array:
     """TrigFlow state from RF state at the same noise level: ``x_s = x_t / sqrt((1-t)^2 + t^2)``."""
     tb = expand_time(t, x_t)
-    return x_t / jnp.sqrt((1.0 - tb) ** 2 + tb ** 2)
+    return x_t / jnp.sqrt((1.0 - tb) ** 2 + tb**2)
 
 
 def trig_to_rf_x(x_s: Array, s: Array) -> Array:
@@ -292,7 +337,8 @@ def trig_velocity_from_v(x_t: Array, t: Array, v: Array) -> Array:
 # TrigFlow wrapper around an RF velocity network, guidance
 # --------------------------------------------------------------------------------------
 
-def trigflow_predict(fn: Net, x_s: Array, s: Array, cond: Any) -> Tuple[Array, Array]:
+
+def trigflow_predict(fn: Net, x_s: Array, s: Array, cond: Any) -> tuple[Array, Array]:
     """Evaluate an RF velocity network in TrigFlow coordinates.
 
     With ``c_in = 1 / (cos s + sin s)`` and RF time ``t = sin s / (sin s + cos s)``::
@@ -374,7 +420,8 @@ def guided(fn: Net, uncond: Any = None, guidance=1.0) -> Net:
 # Time samplers
 # --------------------------------------------------------------------------------------
 
-def _shape(shape) -> Tuple[int, ...]:
+
+def _shape(shape) -> tuple[int, ...]:
     return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
 
 
@@ -409,7 +456,7 @@ def uniform_shift_sampler(shift: float = 5.0) -> TimeSampler:
     return functools.partial(sample_uniform_shift_t, shift=shift)
 
 
-def block_sizes(num_frames: int, chunk_frames: int, first_chunk_frames: Optional[int] = None) -> Tuple[int, ...]:
+def block_sizes(num_frames: int, chunk_frames: int, first_chunk_frames: int | None = None) -> tuple[int, ...]:
     """Frames per attention block for the pattern ``[first][chunk][chunk]...``.
 
     The first block holds ``first_chunk_frames`` (default ``chunk_frames``) frames, later blocks
@@ -418,15 +465,16 @@ def block_sizes(num_frames: int, chunk_frames: int, first_chunk_frames: Optional
     """
     first = chunk_frames if first_chunk_frames is None else first_chunk_frames
     if num_frames <= 0 or chunk_frames <= 0 or first <= 0:
-        raise ValueError(f"num_frames, chunk_frames, first_chunk_frames must be positive, got "
-                         f"{num_frames}, {chunk_frames}, {first}")
+        raise ValueError(
+            f"num_frames, chunk_frames, first_chunk_frames must be positive, got {num_frames}, {chunk_frames}, {first}"
+        )
     sizes = [min(first, num_frames)]
     while sum(sizes) < num_frames:
         sizes.append(min(chunk_frames, num_frames - sum(sizes)))
     return tuple(sizes)
 
 
-def _check_block_sizes(sizes: Sequence[int], num_frames: Optional[int] = None) -> Tuple[int, ...]:
+def _check_block_sizes(sizes: Sequence[int], num_frames: int | None = None) -> tuple[int, ...]:
     sizes = tuple(int(s) for s in sizes)
     if not sizes or any(s <= 0 for s in sizes):
         raise ValueError(f"block sizes must be a non-empty sequence of positive ints, got {sizes}")
@@ -444,8 +492,9 @@ def expand_block_times(t_blocks: Array, sizes: Sequence[int]) -> Array:
     return jnp.repeat(t_blocks, np.asarray(sizes), axis=1, total_repeat_length=sum(sizes))
 
 
-def sample_block_times(key: Array, batch: int, sizes: Sequence[int], sampler: Optional[TimeSampler] = None,
-                       dtype=jnp.float32) -> Array:
+def sample_block_times(
+    key: Array, batch: int, sizes: Sequence[int], sampler: TimeSampler | None = None, dtype=jnp.float32
+) -> Array:
     """Diffusion-forcing times: one independent RF time per block, broadcast to its frames.
 
     Args:
@@ -476,8 +525,9 @@ def few_step_times(num_steps: int, sigma_max: float = 1600.0, mid_times: Sequenc
     ``[1600/1601, 15/16, 5/6, 5/8, 0]``. Use ``sigma_max = 1600`` at inference, 80 (or any) in training.
     """
     if num_steps < 1 or num_steps - 1 > len(mid_times):
-        raise ValueError(f"num_steps must be in [1, {len(mid_times) + 1}] for mid_times {tuple(mid_times)}, "
-                         f"got {num_steps}")
+        raise ValueError(
+            f"num_steps must be in [1, {len(mid_times) + 1}] for mid_times {tuple(mid_times)}, got {num_steps}"
+        )
     if sigma_max <= 0:
         raise ValueError(f"sigma_max must be > 0, got {sigma_max}")
     ts = np.array([sigma_max / (sigma_max + 1.0), *list(mid_times)[: num_steps - 1], 0.0], dtype=np.float64)
@@ -503,9 +553,19 @@ def shifted_time_grid(num_steps: int, shift: float = 5.0, t_max: float = 1.0) ->
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
-def euler_sample(fn: Net, noise: Array, cond: Any, *, num_steps: int = 50, shift: float = 5.0, t_max: float = 1.0,
-                 uncond: Any = None, guidance=1.0, times: Optional[Sequence[float]] = None,
-                 return_trajectory: bool = False):
+def euler_sample(
+    fn: Net,
+    noise: Array,
+    cond: Any,
+    *,
+    num_steps: int = 50,
+    shift: float = 5.0,
+    t_max: float = 1.0,
+    uncond: Any = None,
+    guidance=1.0,
+    times: Sequence[float] | None = None,
+    return_trajectory: bool = False,
+):
     """Euler ODE sampler for an RF velocity network (teacher sampling, ODE-pair generation).
 
     ``x_{i+1} = x_i + (t_{i+1} - t_i) * v_i`` with ``v_i = guided_velocity(fn, x_i, t_i, cond, uncond,
@@ -545,8 +605,16 @@ def euler_sample(fn: Net, noise: Array, cond: Any, *, num_steps: int = 50, shift
     return x, (jnp.moveaxis(traj, 0, 1), ts_j)
 
 
-def few_step_sample(fn: Net, noise: Array, cond: Any, key: Array, *, num_steps: int = 4, sigma_max: float = 1600.0,
-                    mid_times: Sequence[float] = SF_MID_TIMES):
+def few_step_sample(
+    fn: Net,
+    noise: Array,
+    cond: Any,
+    key: Array,
+    *,
+    num_steps: int = 4,
+    sigma_max: float = 1600.0,
+    mid_times: Sequence[float] = SF_MID_TIMES,
+):
     """Few-step consistency sampling on :func:`few_step_times`.
 
     Each step predicts ``x0_hat = x - t_i * fn(x, t_i, cond)`` and, except at the last step, re-noises
@@ -574,7 +642,8 @@ def few_step_sample(fn: Net, noise: Array, cond: Any, key: Array, *, num_steps: 
 # Teacher-forcing packing
 # --------------------------------------------------------------------------------------
 
-def pack_teacher_forcing(x_ctx: Array, x_t: Array, t: Array, t_ctx: Optional[Array] = None) -> Tuple[Array, Array]:
+
+def pack_teacher_forcing(x_ctx: Array, x_t: Array, t: Array, t_ctx: Array | None = None) -> tuple[Array, Array]:
     """Pack ``[clean context | noisy]`` along the frame axis for teacher forcing.
 
     Args:
@@ -587,8 +656,9 @@ def pack_teacher_forcing(x_ctx: Array, x_t: Array, t: Array, t_ctx: Optional[Arr
       ``t_packed = concat([t_ctx, t], 1)``.
     """
     if x_ctx.ndim < 2 or tuple(x_ctx.shape) != tuple(x_t.shape):
-        raise ValueError(f"context {tuple(x_ctx.shape)} and noisy {tuple(x_t.shape)} must share the shape "
-                         "[B, T, ...] (frame axis 1)")
+        raise ValueError(
+            f"context {tuple(x_ctx.shape)} and noisy {tuple(x_t.shape)} must share the shape [B, T, ...] (frame axis 1)"
+        )
     B, T = x_t.shape[:2]
     t = _check_time_shape(t, x_t)
     t_frames = jnp.broadcast_to(t[:, None], (B, T)) if t.ndim == 1 else t
@@ -599,8 +669,7 @@ def pack_teacher_forcing(x_ctx: Array, x_t: Array, t: Array, t_ctx: Optional[Arr
     else:
         t_ctx = _check_time_shape(t_ctx, x_t, "t_ctx")
         t_ctx = jnp.broadcast_to(t_ctx[:, None], (B, T)) if t_ctx.ndim == 1 else t_ctx
-    return (jnp.concatenate([x_ctx, x_t], axis=1),
-            jnp.concatenate([t_ctx.astype(t_frames.dtype), t_frames], axis=1))
+    return (jnp.concatenate([x_ctx, x_t], axis=1), jnp.concatenate([t_ctx.astype(t_frames.dtype), t_frames], axis=1))
 
 
 def unpack_noisy(y_packed: Array, num_frames: int) -> Array:

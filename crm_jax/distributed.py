@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import numpy as np
 
-INIT_TIMEOUT_ENV = "CRM_DIST_INIT_TIMEOUT"            # seconds to wait for every process to join
+INIT_TIMEOUT_ENV = "CRM_DIST_INIT_TIMEOUT"  # seconds to wait for every process to join
 HEARTBEAT_TIMEOUT_ENV = "CRM_DIST_HEARTBEAT_TIMEOUT"  # seconds of silence before a process counts as dead
 
 
@@ -34,27 +34,29 @@ class ClusterError(ValueError):
     """A multi-process setup that cannot work (the message names the numbers involved)."""
 
 
-def process_rows(n: int, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> tuple[int, int]:
+def process_rows(n: int, process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
     """``(lo, hi)``: the block ``[p * n // P, (p + 1) * n // P)`` of ``n`` items owned by process
     ``p`` of ``P`` (default: this process of JAX's). The blocks partition ``[0, n)`` in order."""
     p, count = _process(process_index, process_count)
     return n * p // count, n * (p + 1) // count
 
 
-def local_batch_size(batch_size: int, process_count: Optional[int] = None) -> int:
+def local_batch_size(batch_size: int, process_count: int | None = None) -> int:
     """Rows of a global batch of ``batch_size`` that each process holds; raises
     :class:`ClusterError` unless ``batch_size`` divides evenly over the processes."""
     _, count = _process(0, process_count)
     if batch_size < 1 or batch_size % count:
-        raise ClusterError(f"global batch size {batch_size} does not divide over {count} processes "
-                           f"(each process must hold the same number of rows)")
+        raise ClusterError(
+            f"global batch size {batch_size} does not divide over {count} processes "
+            f"(each process must hold the same number of rows)"
+        )
     return batch_size // count
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     p, count = int(process_index), int(process_count)
@@ -66,6 +68,7 @@ def _process(process_index, process_count) -> tuple[int, int]:
 def is_main_process() -> bool:
     """True on process 0, the one process that writes logs and files."""
     import jax
+
     return jax.process_index() == 0
 
 
@@ -79,31 +82,37 @@ def agree(value: int, what: str) -> int:
     """``value`` if it is the same integer on every process; otherwise :class:`ClusterError`
     listing each process's value. Single-process runs return it unchanged. Every process must call it."""
     import jax
+
     if jax.process_count() == 1:
         return value
     from jax.experimental import multihost_utils
 
     values = np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int64))).reshape(-1)
     if len(set(values.tolist())) > 1:
-        raise ClusterError(f"processes disagree on {what}: "
-                           + ", ".join(f"process {p}: {int(v)}" for p, v in enumerate(values)))
+        raise ClusterError(
+            f"processes disagree on {what}: " + ", ".join(f"process {p}: {int(v)}" for p, v in enumerate(values))
+        )
     return value
 
 
 def any_process(flag: bool) -> bool:
     """True if ``flag`` is true on any process (every process must call it)."""
     import jax
+
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
+
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag)))).any())
 
 
 def barrier(name: str) -> None:
     """Wait until every process gets here (no-op for one process)."""
     import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -111,13 +120,16 @@ def to_host(tree):
     """A pytree of (possibly multi-process) arrays as full numpy values on every process
     (one all-gather; every process must call it). Single-process trees are returned as they are."""
     import jax
+
     if jax.process_count() == 1:
         return tree
     from jax.experimental import multihost_utils
+
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ----------------------------------------------------------------------------- joining a cluster
+
 
 def _int_env(env: Mapping[str, str], name: str) -> int:
     try:
@@ -128,7 +140,7 @@ def _int_env(env: Mapping[str, str], name: str) -> int:
         raise ClusterError(f"{name}={env[name]!r} is not an integer") from None
 
 
-def cluster_from_env(env: Mapping[str, str] = os.environ) -> Optional[dict]:
+def cluster_from_env(env: Mapping[str, str] = os.environ) -> dict | None:
     """The cluster this process belongs to, from its environment, or None (a single process).
 
     Returns ``{"launcher", "num_processes", "process_id", "coordinator"}`` (``None`` for a
@@ -149,8 +161,10 @@ def cluster_from_env(env: Mapping[str, str] = os.environ) -> Optional[dict]:
         if ":" not in addr:
             raise ClusterError(f"JAX_COORDINATOR_ADDRESS={addr!r} must be host:port")
         return dict(launcher="env", num_processes=n, process_id=pid, coordinator=addr)
-    for launcher, size, rank in (("slurm", "SLURM_NTASKS", "SLURM_PROCID"),
-                                 ("openmpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")):
+    for launcher, size, rank in (
+        ("slurm", "SLURM_NTASKS", "SLURM_PROCID"),
+        ("openmpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ):
         if env.get(size, "1") not in ("", "1"):
             n = int(env[size])
             pid = int(env[rank]) if env.get(rank, "").isdigit() else None
@@ -159,8 +173,12 @@ def cluster_from_env(env: Mapping[str, str] = os.environ) -> Optional[dict]:
     if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         multislice = bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
         wid = env.get("TPU_WORKER_ID", "")
-        return dict(launcher="cloud_tpu", num_processes=None if multislice else len(hosts),
-                    process_id=int(wid) if wid.isdigit() and not multislice else None, coordinator=None)
+        return dict(
+            launcher="cloud_tpu",
+            num_processes=None if multislice else len(hosts),
+            process_id=int(wid) if wid.isdigit() and not multislice else None,
+            coordinator=None,
+        )
     return None
 
 
@@ -183,9 +201,11 @@ def _wait_for_coordinator(address: str, timeout_s: int, process_id: int, n: int)
             return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ClusterError(f"process {process_id} of {n}: coordinator {address} "
-                                   f"(JAX_COORDINATOR_ADDRESS) not reachable within {timeout_s} s "
-                                   f"({INIT_TIMEOUT_ENV}): {e}") from None
+                raise ClusterError(
+                    f"process {process_id} of {n}: coordinator {address} "
+                    f"(JAX_COORDINATOR_ADDRESS) not reachable within {timeout_s} s "
+                    f"({INIT_TIMEOUT_ENV}): {e}"
+                ) from None
             time.sleep(0.2)
 
 
@@ -206,14 +226,19 @@ def maybe_init_distributed(env: Mapping[str, str] = os.environ) -> bool:
     init_s = _timeout(env, INIT_TIMEOUT_ENV, 300)
     beat_s = _timeout(env, HEARTBEAT_TIMEOUT_ENV, 100)
     n, pid, addr = cluster["num_processes"], cluster["process_id"], cluster["coordinator"]
-    if addr is not None and pid != 0:   # process 0 hosts the coordinator
+    if addr is not None and pid != 0:  # process 0 hosts the coordinator
         _wait_for_coordinator(addr, init_s, pid, n)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU: collectives between processes
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU: collectives between processes
     kw = dict(coordinator_address=addr, num_processes=n, process_id=pid) if cluster["launcher"] == "env" else {}
     jax.distributed.initialize(**kw, initialization_timeout=init_s, heartbeat_timeout_seconds=beat_s)
     if n is not None and jax.process_count() != n:
-        raise ClusterError(f"{cluster['launcher']} launch declares {n} processes, but the cluster this "
-                           f"process joined has {jax.process_count()} (process {jax.process_index()})")
-    print(f"jax.distributed ({cluster['launcher']}): process {jax.process_index()} of {jax.process_count()}, "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+        raise ClusterError(
+            f"{cluster['launcher']} launch declares {n} processes, but the cluster this "
+            f"process joined has {jax.process_count()} (process {jax.process_index()})"
+        )
+    print(
+        f"jax.distributed ({cluster['launcher']}): process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} local / {jax.device_count()} global devices",
+        flush=True,
+    )
     return True

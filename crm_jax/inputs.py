@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 # What each kind of input must look like on disk.
-CKPT = "checkpoint"      # Wan DiT directory: diffusers/original (config.json) or crm_jax NNX (wan_config.json)
-DATASET = "dataset"      # generated dataset directory (metadata.json)
-VAE = "vae"              # diffusers AutoencoderKLWan directory (config.json) or an original .pth/.safetensors
-FILE = "file"            # a plain file
-PATH = "path"            # a file or a directory
+CKPT = "checkpoint"  # Wan DiT directory: diffusers/original (config.json) or crm_jax NNX (wan_config.json)
+DATASET = "dataset"  # generated dataset directory (metadata.json)
+VAE = "vae"  # diffusers AutoencoderKLWan directory (config.json) or an original .pth/.safetensors
+FILE = "file"  # a plain file
+PATH = "path"  # a file or a directory
 
 _MARKERS = {CKPT: ("config.json", "wan_config.json"), DATASET: ("metadata.json",), VAE: ("config.json",)}
 _HINTS = {
@@ -44,7 +44,7 @@ class Input:
     required: bool = True
 
 
-def problem(inp: Input) -> Optional[str]:
+def problem(inp: Input) -> str | None:
     """Why `inp` is unusable, or None."""
     what = inp.hint or _HINTS.get(inp.kind, "")
     tail = f" (expected {what})" if what else ""
@@ -61,7 +61,7 @@ def problem(inp: Input) -> Optional[str]:
         if not os.path.isdir(p):
             return f"{inp.name} = {p!r}: is not a directory{tail}"
         if not any(os.path.isfile(os.path.join(p, m)) for m in _MARKERS[inp.kind]):
-            return (f"{inp.name} = {p!r}: holds no {' or '.join(_MARKERS[inp.kind])}{tail}")
+            return f"{inp.name} = {p!r}: holds no {' or '.join(_MARKERS[inp.kind])}{tail}"
     return None
 
 
@@ -105,12 +105,17 @@ def training_inputs(c) -> list[Input]:
 
 def generation_inputs(c) -> list[Input]:
     """The local inputs of a generation config (`crm_jax.data.generate`)."""
-    out = [Input("config.teacher", _get(c, "teacher"), CKPT,
-                 required=not bool(_get(c, "allow_random_teacher", False)))]
+    out = [Input("config.teacher", _get(c, "teacher"), CKPT, required=not bool(_get(c, "allow_random_teacher", False)))]
     kind = _get(c, "cond.kind")
     if kind == "embeddings":
-        out.append(Input("config.cond.embeddings", _get(c, "cond.embeddings"), FILE,
-                         hint="prompt embeddings .npz (python -m crm_jax.tools.encode_prompts)"))
+        out.append(
+            Input(
+                "config.cond.embeddings",
+                _get(c, "cond.embeddings"),
+                FILE,
+                hint="prompt embeddings .npz (python -m crm_jax.tools.encode_prompts)",
+            )
+        )
     elif kind == "toy_prompts":
         out.append(Input("config.cond.prompt_file", _get(c, "cond.prompt_file"), FILE, hint="a toy prompt file"))
     return out

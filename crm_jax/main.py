@@ -44,14 +44,19 @@ def forward_check(cfg, workdir: str) -> dict:
     starts = pat.block_starts(cfg.num_frames) + [cfg.num_frames]
     outs = []
     for s, e in zip(starts[:-1], starts[1:]):
-        o, cache = apply(params, x[:, s:e], t[:, s:e], ctx, pattern=pat, cache=cache,
-                         cache_frames=s, write_cache=True)
+        o, cache = apply(params, x[:, s:e], t[:, s:e], ctx, pattern=pat, cache=cache, cache_frames=s, write_cache=True)
         outs.append(o)
     err = float(jnp.abs(jnp.concatenate(outs, 1) - full).max())
     n_params = sum(p.size for p in jax.tree.leaves(params))
-    return dict(mode="forward_check", model=cfg.model, params=int(n_params),
-                output_shape=list(full.shape), first_call_s=round(t_full, 2),
-                streaming_vs_full_max_abs_err=err, device=str(jax.devices()[0]))
+    return dict(
+        mode="forward_check",
+        model=cfg.model,
+        params=int(n_params),
+        output_shape=list(full.shape),
+        first_call_s=round(t_full, 2),
+        streaming_vs_full_max_abs_err=err,
+        device=str(jax.devices()[0]),
+    )
 
 
 def run(cfg, workdir: str) -> None:
@@ -60,17 +65,22 @@ def run(cfg, workdir: str) -> None:
         raise app.UsageError(f"unknown mode {cfg.mode!r}; known: {MODES}")
     if cfg.mode in TRAIN_MODES:
         from crm_jax.inputs import check_inputs, training_inputs
-        check_inputs(training_inputs(cfg), f"{cfg.mode} config")   # before the workdir is made
-    os.makedirs(workdir, exist_ok=True)   # every process: Orbax writes checkpoints from all of them
+
+        check_inputs(training_inputs(cfg), f"{cfg.mode} config")  # before the workdir is made
+    os.makedirs(workdir, exist_ok=True)  # every process: Orbax writes checkpoints from all of them
     if cfg.mode == "demo":
         from crm_jax.demo import run_demo
+
         run_demo(cfg, workdir)
         return
     if cfg.mode in TRAIN_MODES:
         from crm_jax.training.loop import train
+
         out = train(cfg, workdir)
-        log(f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
-            f"{out['nan_skips']} skipped, final metrics {out['metrics']}")
+        log(
+            f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
+            f"{out['nan_skips']} skipped, final metrics {out['metrics']}"
+        )
         return
     result = forward_check(cfg, workdir)
     if not is_main_process():
@@ -87,8 +97,7 @@ def parse_argv(argv):
     """(config, workdir) from a command line `[prog, --config=FILE[:ARG], --workdir=DIR,
     --config.key=value, ...]`, parsed with private flags (so it can run in-process, repeatedly)."""
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv,
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv, lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     fv(list(argv))
     if fv["config"].value is None or not fv["workdir"].value:
@@ -105,10 +114,11 @@ def cli(argv) -> None:
 def main(argv):
     del argv
     from crm_jax.inputs import MissingInputError
+
     try:
         maybe_init_distributed()
         run(_CONFIG.value, _WORKDIR.value)
-    except (MissingInputError, ClusterError) as e:       # a clear message, no traceback
+    except (MissingInputError, ClusterError) as e:  # a clear message, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

@@ -39,7 +39,8 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import numpy as np
 
@@ -47,6 +48,7 @@ TOY_CHANNELS = 12
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def _lines(path: str, what: str):
     if not os.path.isfile(path):
@@ -61,6 +63,7 @@ def _lines(path: str, what: str):
 def read_actions_file(path: str, num_actions: int, names: Sequence[str]) -> np.ndarray:
     """Per-frame action ids `[T]` from a text file; ValueError naming file and line."""
     from crm_jax.sampling.actions import parse_action_tokens
+
     out = []
     for no, line in _lines(path, "actions"):
         try:
@@ -79,8 +82,10 @@ def toy_context(scene_colors, text_len: int, text_dim: int) -> np.ndarray:
     random table of the prompt tokens [scene, num_scenes + colour], zero padded).
     """
     import jax.numpy as jnp
+
     from crm_jax.data import toy_world as tw
     from crm_jax.data.toy_source import ToySource
+
     world = tw.ToyWorldConfig()
     tokens = jnp.stack([tw.make_prompt(s, c, world) for s, c in scene_colors]).astype(jnp.int32)
     src = ToySource(world, len(scene_colors), text_len, text_dim)
@@ -97,6 +102,7 @@ def read_prompts_file(path: str, text_len: int, text_dim: int, toy: bool, num_ac
     """
     from crm_jax.data import prompts as pf
     from crm_jax.data import toy_world as tw
+
     if not os.path.isfile(path):
         raise ValueError(f"prompts file {path!r} does not exist")
     lines = pf.read_prompt_file(path, num_actions=num_actions or tw.NUM_ACTIONS)
@@ -109,8 +115,9 @@ def read_prompts_file(path: str, text_len: int, text_dim: int, toy: bool, num_ac
                 raise ValueError(f"{where}: embedding file {emb_path!r} does not exist")
             e = np.load(emb_path).astype(np.float32)
             if e.shape != (text_len, text_dim):
-                raise ValueError(f"{where}: embedding {emb_path!r} has shape {e.shape}, "
-                                 f"the model wants [{text_len}, {text_dim}]")
+                raise ValueError(
+                    f"{where}: embedding {emb_path!r} has shape {e.shape}, the model wants [{text_len}, {text_dim}]"
+                )
             ctx.append(e)
         elif toy:
             try:
@@ -119,8 +126,10 @@ def read_prompts_file(path: str, text_len: int, text_dim: int, toy: bool, num_ac
                 raise ValueError(f"{where}: {e}") from None
             ctx.append(None)
         else:
-            raise ValueError(f"{where}: this model needs text embeddings: give a .npy path "
-                             f"[{text_len}, {text_dim}] per line (no text encoder is configured)")
+            raise ValueError(
+                f"{where}: this model needs text embeddings: give a .npy path "
+                f"[{text_len}, {text_dim}] per line (no text encoder is configured)"
+            )
     if pairs:
         emb = iter(toy_context(pairs, text_len, text_dim))
         ctx = [next(emb) if c is None else c for c in ctx]
@@ -128,8 +137,10 @@ def read_prompts_file(path: str, text_len: int, text_dim: int, toy: bool, num_ac
     if all(a is None for a in acts):
         return np.stack(ctx), None
     if any(a is None for a in acts) or len({len(a) for a in acts}) != 1:
-        raise ValueError(f"{path}: give actions ('PROMPT | a0 a1 ...') on every line or on none, "
-                         "with the same number of actions each")
+        raise ValueError(
+            f"{path}: give actions ('PROMPT | a0 a1 ...') on every line or on none, "
+            "with the same number of actions each"
+        )
     return np.stack(ctx), np.asarray(acts, np.int32)
 
 
@@ -157,9 +168,11 @@ def read_embeddings_file(path: str, text_len: int, text_dim: int, rows: str | No
 
 # ----------------------------------------------------------------------------- model
 
+
 def check_sample_inputs(args) -> None:
     """Every input path of the command line exists (MissingInputError otherwise), before any work."""
     from crm_jax.inputs import CKPT, FILE, VAE, Input, check_inputs
+
     ins = [Input("--ckpt", args.ckpt, CKPT, required=False), Input("--vae", args.vae, VAE, required=False)]
     for flag in ("embeddings", "prompts", "actions"):
         ins.append(Input(f"--{flag}", getattr(args, flag), FILE, required=False))
@@ -170,6 +183,7 @@ def load_decoder(path: str, cfg):
     """A `StreamingDecoder` of the Wan VAE at `path`, taking the DiT's normalized latents."""
     from crm_jax.models.vae import StreamingDecoder
     from crm_jax.models.vae_convert import load_wan_vae
+
     vae = load_wan_vae(path)
     if vae.cfg.z_dim != cfg.in_channels:
         raise ValueError(f"--vae {path!r} has z_dim={vae.cfg.z_dim}, the model makes {cfg.in_channels}-channel latents")
@@ -180,6 +194,7 @@ def build_model(args):
     """(apply, params, cfg) from --ckpt or --random_init."""
     from crm_jax.models.config import get_model_config
     from crm_jax.models.wan import functional, init_model
+
     over = {}
     if args.attn_impl:
         over["attn_impl"] = args.attn_impl
@@ -187,6 +202,7 @@ def build_model(args):
         over.update(dtype=args.dtype, param_dtype=args.dtype)
     if args.ckpt:
         from crm_jax.models.convert import load_any
+
         if not os.path.isdir(args.ckpt):
             raise ValueError(f"checkpoint directory {args.ckpt!r} does not exist")
         model = load_any(args.ckpt, **over)
@@ -204,6 +220,7 @@ def build_model(args):
 
 # ----------------------------------------------------------------------------- interactive
 
+
 class StdinActions:
     """Callback for `StreamingSampler.stream`: one stdin line per chunk (see the module doc)."""
 
@@ -215,6 +232,7 @@ class StdinActions:
 
     def __call__(self, index: int, start: int, frames: int):
         from crm_jax.sampling.actions import parse_action_tokens
+
         while True:
             self.stdout.write(f"chunk {index} (frames {start}..{start + frames - 1}) action> ")
             self.stdout.flush()
@@ -244,9 +262,13 @@ class StdinActions:
 
 # ----------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m crm_jax.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m crm_jax.sample",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="model directory (crm_jax NNX, diffusers or original Wan)")
     src.add_argument("--random_init", action="store_true", help="random weights (smoke tests, benchmarks)")
@@ -273,8 +295,12 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="Wan VAE (diffusers directory or Wan2.1_VAE.pth): decode chunks to pixels")
     p.add_argument("--actions", help="action file (names or ids, one per frame)")
     p.add_argument("--interactive", action="store_true", help="read one action line per chunk from stdin")
-    p.add_argument("--out", required=True, help="output .gif, .mp4 or .npz; several comma separated "
-                   "(e.g. v.mp4,v.gif); with several prompts X_0.mp4, X_1.mp4, ...")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .gif, .mp4 or .npz; several comma separated "
+        "(e.g. v.mp4,v.gif); with several prompts X_0.mp4, X_1.mp4, ...",
+    )
     return p.parse_args(argv)
 
 
@@ -285,8 +311,9 @@ def _out_paths(out: str, batch: int) -> list[str]:
     return [f"{stem}_{i}{ext}" for i in range(batch)]
 
 
-def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
-         model_fn: Callable | None = None) -> dict:
+def main(
+    argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None, model_fn: Callable | None = None
+) -> dict:
     """Run the CLI; returns a summary dict. `model_fn(args) -> (apply, params, cfg)` replaces
     `build_model` (tests use it to plug in a test double)."""
     import jax
@@ -311,21 +338,25 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
     if args.interactive and args.actions:
         raise ValueError("--interactive reads actions from stdin: drop --actions")
     steps = tuple(int(s) for s in args.steps.replace(",", " ").split())
-    pattern = AttentionPattern("block_causal", args.block_frames, args.first_block_frames,
-                               args.local_attn_blocks, args.sink_blocks)
+    pattern = AttentionPattern(
+        "block_causal", args.block_frames, args.first_block_frames, args.local_attn_blocks, args.sink_blocks
+    )
 
     apply, params, cfg = (model_fn or build_model)(args)
     toy = cfg.in_channels == TOY_CHANNELS
     if toy:
         if args.height % 4 or args.width % 4:
-            raise ValueError(f"toy frames must be multiples of 4 pixels (2x2 fold + 2x2 patch), "
-                             f"got {args.height}x{args.width}")
+            raise ValueError(
+                f"toy frames must be multiples of 4 pixels (2x2 fold + 2x2 patch), got {args.height}x{args.width}"
+            )
         latent_hw = (args.height // 2, args.width // 2)
     else:
         latent_hw = tuple(int(v) for v in args.latent_hw.split(","))
         if not args.vae and not all(o.lower().endswith(".npz") for o in outs):
-            raise ValueError(f"model with {cfg.in_channels} latent channels: give --vae to decode them to "
-                             "pixels, or write raw latents with --out X.npz")
+            raise ValueError(
+                f"model with {cfg.in_channels} latent channels: give --vae to decode them to "
+                "pixels, or write raw latents with --out X.npz"
+            )
     if args.vae and toy:
         raise ValueError("--vae: the toy model's latents are folded pixels, they need no VAE")
     decoder = load_decoder(args.vae, cfg) if args.vae else None
@@ -336,7 +367,7 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             raise ValueError("give --prompts or --embeddings, not both")
         context, actions = read_embeddings_file(args.embeddings, cfg.text_len, cfg.text_dim, args.rows)
         if actions is not None and (not cfg.num_actions or args.actions or args.interactive):
-            actions = None                  # the model takes none, or they come from elsewhere
+            actions = None  # the model takes none, or they come from elsewhere
         if actions is not None and actions.shape[1] < args.frames:
             raise ValueError(f"{args.embeddings}: {actions.shape[1]} actions per prompt for {args.frames} frames")
     elif args.prompts:
@@ -346,7 +377,7 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
         if actions is not None and actions.shape[1] < args.frames:
             raise ValueError(f"{args.prompts}: {actions.shape[1]} actions per prompt for {args.frames} frames")
     elif toy:
-        context = toy_context([(0, 0)], cfg.text_len, cfg.text_dim)       # scene 0, red sprite
+        context = toy_context([(0, 0)], cfg.text_len, cfg.text_dim)  # scene 0, red sprite
     else:
         context = np.zeros((1, cfg.text_len, cfg.text_dim), np.float32)
     batch = context.shape[0]
@@ -362,11 +393,12 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             raise ValueError("--interactive needs a model that takes actions (num_actions > 0)")
         feeder = actions = StdinActions(stdin, stdout, cfg.num_actions, ACTION_NAMES)
     if isinstance(actions, np.ndarray):
-        actions = actions[..., :args.frames]
+        actions = actions[..., : args.frames]
 
-    sampler = StreamingSampler(apply, params, cfg, pattern, latent_hw, batch, steps, args.context,
-                               args.max_cache_frames)
-    per_out = [_out_paths(o, batch) for o in outs]            # [output][video]
+    sampler = StreamingSampler(
+        apply, params, cfg, pattern, latent_hw, batch, steps, args.context, args.max_cache_frames
+    )
+    per_out = [_out_paths(o, batch) for o in outs]  # [output][video]
     paths = [p for ps in per_out for p in ps]
     writers = [[VideoWriter(ps[i], args.fps) for ps in per_out] for i in range(batch)]  # [video][output]
     raw = [] if not toy and decoder is None else None
@@ -391,15 +423,17 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
                 chunk = next(gen)
             except (StopIteration, EOFError):
                 break
-            lat = np.asarray(chunk.frames)                       # blocks until the chunk is ready
+            lat = np.asarray(chunk.frames)  # blocks until the chunk is ready
             first = first if first is not None else time.perf_counter() - t0
             frames_done += lat.shape[1]
             if toy:
-                vid = latents_to_frames(lat)                     # [B, f, H, W, 3]
+                vid = latents_to_frames(lat)  # [B, f, H, W, 3]
                 write_chunk(vid)
                 if feeder is not None:
-                    stdout.write(f"\nchunk {chunk.index}: frames {chunk.start}..{chunk.start + lat.shape[1] - 1}, "
-                                 f"actions {[ACTION_NAMES[a] for a in chunk.actions[0]]}\n")
+                    stdout.write(
+                        f"\nchunk {chunk.index}: frames {chunk.start}..{chunk.start + lat.shape[1] - 1}, "
+                        f"actions {[ACTION_NAMES[a] for a in chunk.actions[0]]}\n"
+                    )
                     stdout.write(ascii_frame(vid[0, -1]) + "\n")
                     stdout.flush()
                 video_frames += vid.shape[1]
@@ -426,10 +460,19 @@ def main(argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None
             for w in ws:
                 w.close()
     total = time.perf_counter() - t0
-    summary = dict(outputs=paths, frames=frames_done, video_frames=video_frames, chunks=n_chunks,
-                   first_chunk_s=first, total_s=total, actions=None if feeder is None else feeder.log)
-    print(f"wrote {video_frames or frames_done} frames to {', '.join(paths)} ({total:.1f}s, first chunk {first or 0:.2f}s)",
-          file=sys.stderr)
+    summary = dict(
+        outputs=paths,
+        frames=frames_done,
+        video_frames=video_frames,
+        chunks=n_chunks,
+        first_chunk_s=first,
+        total_s=total,
+        actions=None if feeder is None else feeder.log,
+    )
+    print(
+        f"wrote {video_frames or frames_done} frames to {', '.join(paths)} ({total:.1f}s, first chunk {first or 0:.2f}s)",
+        file=sys.stderr,
+    )
     return summary
 
 

@@ -41,9 +41,11 @@ def cases():
         ("full_cross_512", masks.full(3 * tpf, 512), 128),
         ("block_causal_frame", masks.block_causal(4, tpf, 1), 128),
         ("block_causal_chunk3", masks.block_causal(7, tpf, 3, 1), 128),
-        ("block_causal_kvcache_local_sink", masks.block_causal(6, tpf, 1, q_frames=2,
-                                                               local_attn_blocks=2,
-                                                               sink_blocks=1), 64),
+        (
+            "block_causal_kvcache_local_sink",
+            masks.block_causal(6, tpf, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1),
+            64,
+        ),
         ("teacher_forcing_frame", masks.teacher_forcing(3, tpf, 1), 128),
         ("teacher_forcing_chunk3", masks.teacher_forcing(7, tpf, 3, 1), 64),
     ]
@@ -70,17 +72,26 @@ def run_case(name, spec, d, dtype, config, seed, interpret=False):
     dq, dk, dv = flash_backward(q, k, v, o, lse, do, spec, config=config, poison=True, interpret=interpret)
     o2, to, _ = flash_jvp(q, k, v, tq, tk, tv, spec, config=config, poison=True, interpret=interpret)
     # public op wiring on GPU (auto -> triton)
-    f = lambda q, k, v: ops.attention(q, k, v, spec, ad="jvp", config=config, impl="triton",
-                                          interpret=interpret)  # noqa: E731
+    f = lambda q, k, v: ops.attention(q, k, v, spec, ad="jvp", config=config, impl="triton", interpret=interpret)  # noqa: E731
     _, to_op = jax.jvp(f, (q, k, v), (tq, jnp.zeros_like(k), jnp.zeros_like(v)))
     with jax.default_matmul_precision("highest"):
         _, rto_q = jax.jvp(ref, (up(q), up(k), up(v)), (up(tq), up(k) * 0, up(v) * 0))
-    g = jax.grad(lambda q: jnp.sum(ops.attention(q, k, v, spec, config=config, impl="triton",
-                                  interpret=interpret).astype(
-        jnp.float32) * up(do)))(q)
-    errs = dict(o=rel(o, ro), lse=rel(lse, rl), dq=rel(dq, rdq), dk=rel(dk, rdk),
-                dv=rel(dv, rdv), jvp_o=rel(o2, ro), jvp_to=rel(to, rto),
-                op_jvp_q_only=rel(to_op, rto_q), op_grad_q=rel(g, rdq))
+    g = jax.grad(
+        lambda q: jnp.sum(
+            ops.attention(q, k, v, spec, config=config, impl="triton", interpret=interpret).astype(jnp.float32) * up(do)
+        )
+    )(q)
+    errs = dict(
+        o=rel(o, ro),
+        lse=rel(lse, rl),
+        dq=rel(dq, rdq),
+        dk=rel(dk, rdk),
+        dv=rel(dv, rdv),
+        jvp_o=rel(o2, ro),
+        jvp_to=rel(to, rto),
+        op_jvp_q_only=rel(to_op, rto_q),
+        op_grad_q=rel(g, rdq),
+    )
     return errs
 
 
@@ -98,7 +109,7 @@ def main():
     seed = int(time.time()) % 100000
     ok_all = True
     sel = set(filter(None, args.cases.split(",")))
-    for name, spec, d in [c for c in cases() if not sel or c[0] in sel][:args.max_cases]:
+    for name, spec, d in [c for c in cases() if not sel or c[0] in sel][: args.max_cases]:
         for dtype in [jnp.dtype(x) for x in args.dtypes.split(",")]:
             seed += 1
             tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
@@ -113,10 +124,8 @@ def main():
                 errs, ok, err_s = {}, False, f"ERROR {type(e).__name__}: {str(e)[:300]}"
             ok_all &= ok
             dt = jnp.dtype(dtype).name
-            print(f"{'PASS' if ok else 'FAIL'} {name:34s} d={d} {dt:8s} {err_s} "
-                  f"({time.time() - t0:.1f}s)", flush=True)
-            results.append(dict(case=name, d=d, dtype=dt, tol=tol, ok=ok, errors=errs,
-                                seed=seed))
+            print(f"{'PASS' if ok else 'FAIL'} {name:34s} d={d} {dt:8s} {err_s} ({time.time() - t0:.1f}s)", flush=True)
+            results.append(dict(case=name, d=d, dtype=dt, tol=tol, ok=ok, errors=errs, seed=seed))
     with open(args.out, "w") as fh:
         json.dump(dict(device=jax.devices()[0].device_kind, results=results), fh, indent=1)
     print("ALL PASS" if ok_all else "SOME FAILED", flush=True)

@@ -32,7 +32,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import masks, ops
 from pallas_kernels.triton import FlashConfig, Tiles
@@ -41,9 +40,14 @@ B, H, D = 1, 12, 128
 TPF = 1560
 
 # DESIGN.md §3 anchors (one H200, 2026-11-21).
-ANCHORS = dict(cudnn_fwd_ms=12.1, cudnn_fwdbwd_ms=41.5, rcm_jvp_dense_ms=43.3,
-               rcm_jvp_tf_chunk3_ms=113.0, rcm_jvp_tf_frame_ms=98.9,
-               rcm_jvp_bc_chunk3_ms=56.2)
+ANCHORS = dict(
+    cudnn_fwd_ms=12.1,
+    cudnn_fwdbwd_ms=41.5,
+    rcm_jvp_dense_ms=43.3,
+    rcm_jvp_tf_chunk3_ms=113.0,
+    rcm_jvp_tf_frame_ms=98.9,
+    rcm_jvp_bc_chunk3_ms=56.2,
+)
 
 
 def cases(quick: bool):
@@ -91,8 +95,15 @@ def fns(spec, config):
         return o, vjp(do)
 
     def jvp(q, k, v, tq, tk, tv):
-        f = lambda q, k, v: ops.attention(q, k, v, spec, impl="triton", ad="jvp",  # noqa: E731
-                                          config=config)
+        f = lambda q, k, v: ops.attention(
+            q,
+            k,
+            v,
+            spec,
+            impl="triton",
+            ad="jvp",  # noqa: E731
+            config=config,
+        )
         return jax.jvp(f, (q, k, v), (tq, tk, tv))
 
     return jax.jit(fwd), jax.jit(fwdbwd), jax.jit(jvp)
@@ -118,12 +129,16 @@ SWEEP = dict(
     # first sweep (H200, 2026-11-21) also tried fwd (128,128,8,2) 18.3 ms, (64,64,4,3) 17.0,
     # (128,32,4,3) 17.6 and index-list walking instead of ranges 21.1 ms (vs 16.1).
     fwd=[Tiles(128, 64, 8, 4), Tiles(128, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(128, 64, 4, 4)],
-    jvp=[Tiles(64, 64, 4, 3), Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 2), Tiles(128, 32, 8, 2),
-         Tiles(64, 32, 4, 3)],
-    dkdv=[Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 3), Tiles(64, 64, 8, 2), Tiles(32, 64, 4, 2),
-          Tiles(64, 32, 4, 2), Tiles(128, 64, 8, 2)],
-    dq=[Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 3),
-        Tiles(128, 64, 4, 2)],
+    jvp=[Tiles(64, 64, 4, 3), Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)],
+    dkdv=[
+        Tiles(64, 64, 4, 2),
+        Tiles(64, 64, 4, 3),
+        Tiles(64, 64, 8, 2),
+        Tiles(32, 64, 4, 2),
+        Tiles(64, 32, 4, 2),
+        Tiles(128, 64, 8, 2),
+    ],
+    dq=[Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 3), Tiles(128, 64, 4, 2)],
 )
 
 
@@ -160,12 +175,20 @@ def sweep(spec_list, base: FlashConfig, n, log):
                 except Exception as e:  # noqa: BLE001
                     ms, tf = float("nan"), float("nan")
                     log(f"  sweep {cname} {kern} {tile}: {type(e).__name__}: {str(e)[:200]}")
-                row = dict(case=cname, kernel=kern, tiles=dataclasses.asdict(tile), ms=ms,
-                           tflops=tf, full_ranges=cfg.full_ranges)
+                row = dict(
+                    case=cname,
+                    kernel=kern,
+                    tiles=dataclasses.asdict(tile),
+                    ms=ms,
+                    tflops=tf,
+                    full_ranges=cfg.full_ranges,
+                )
                 out.append(row)
-                log(f"  sweep {cname:24s} {kern:5s} bq={tile.block_q:3d} bk={tile.block_k:3d} "
+                log(
+                    f"  sweep {cname:24s} {kern:5s} bq={tile.block_q:3d} bk={tile.block_k:3d} "
                     f"w={tile.num_warps} s={tile.num_stages} r={int(cfg.full_ranges)}: "
-                    f"{ms:8.2f} ms {tf:6.1f} TF/s")
+                    f"{ms:8.2f} ms {tf:6.1f} TF/s"
+                )
                 if ms < best[0]:
                     best = (ms, cfg)
             base = best[1]
@@ -194,9 +217,15 @@ def main():
     log(f"device: {dev}  jax {jax.__version__}")
     config = FlashConfig()
     log(f"config: {config}")
-    result = dict(device=dev, jax=jax.__version__, config=dataclasses.asdict(config),
-                  flop_convention="fwd 4*pairs*D, fwd+bwd 14*pairs*D, jvp 12*pairs*D",
-                  anchors=ANCHORS, cases=[], sweep=[])
+    result = dict(
+        device=dev,
+        jax=jax.__version__,
+        config=dataclasses.asdict(config),
+        flop_convention="fwd 4*pairs*D, fwd+bwd 14*pairs*D, jvp 12*pairs*D",
+        anchors=ANCHORS,
+        cases=[],
+        sweep=[],
+    )
     cl = cases(args.quick)
     skip = set(filter(None, args.skip.split(",")))
 
@@ -224,11 +253,17 @@ def main():
         log(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")
         c_fwd = c_fb = float("nan")
     pairs_dense = L * L
-    result["cudnn"] = dict(L=L, fwd_ms=c_fwd, fwdbwd_ms=c_fb,
-                           fwd_tflops=tflops(4 * pairs_dense * D, c_fwd),
-                           fwdbwd_tflops=tflops(14 * pairs_dense * D, c_fb))
-    log(f"cudnn dense L={L}: fwd {c_fwd:.2f} ms ({result['cudnn']['fwd_tflops']:.0f} TF/s), "
-        f"fwd+bwd {c_fb:.2f} ms ({result['cudnn']['fwdbwd_tflops']:.0f} TF/s)")
+    result["cudnn"] = dict(
+        L=L,
+        fwd_ms=c_fwd,
+        fwdbwd_ms=c_fb,
+        fwd_tflops=tflops(4 * pairs_dense * D, c_fwd),
+        fwdbwd_tflops=tflops(14 * pairs_dense * D, c_fb),
+    )
+    log(
+        f"cudnn dense L={L}: fwd {c_fwd:.2f} ms ({result['cudnn']['fwd_tflops']:.0f} TF/s), "
+        f"fwd+bwd {c_fb:.2f} ms ({result['cudnn']['fwdbwd_tflops']:.0f} TF/s)"
+    )
 
     for seed, (name, spec) in enumerate(cl):
         if name in skip:
@@ -237,11 +272,12 @@ def main():
         density = pairs / (spec.q_len * spec.kv_len)
         q, k, v, t, do = make_inputs(spec, 100 + seed)
         fwd, fwdbwd, jvp = fns(spec, config)
-        row = dict(case=name, q_len=spec.q_len, kv_len=spec.kv_len, pairs=pairs,
-                   density=density)
-        for label, fn, a, fl in (("fwd", fwd, (q, k, v), 4),
-                                 ("fwdbwd", fwdbwd, (q, k, v, do), 14),
-                                 ("jvp", jvp, (q, k, v, *t), 12)):
+        row = dict(case=name, q_len=spec.q_len, kv_len=spec.kv_len, pairs=pairs, density=density)
+        for label, fn, a, fl in (
+            ("fwd", fwd, (q, k, v), 4),
+            ("fwdbwd", fwdbwd, (q, k, v, do), 14),
+            ("jvp", jvp, (q, k, v, *t), 12),
+        ):
             try:
                 ms = bench(fn, *a, n=args.n)
             except Exception as e:  # noqa: BLE001
@@ -252,10 +288,12 @@ def main():
             row[f"{label}_tflops"] = tflops(fl * pairs * D, ms)
         row["jvp_over_fwd"] = row["jvp_ms"] / row["fwd_ms"]
         result["cases"].append(row)
-        log(f"{name:24s} L={spec.q_len:6d} dens={density:.3f} fwd {row['fwd_ms']:8.2f} ms "
+        log(
+            f"{name:24s} L={spec.q_len:6d} dens={density:.3f} fwd {row['fwd_ms']:8.2f} ms "
             f"({row['fwd_tflops']:5.0f} TF/s)  fwd+bwd {row['fwdbwd_ms']:8.2f} ms "
             f"({row['fwdbwd_tflops']:5.0f})  jvp {row['jvp_ms']:8.2f} ms "
-            f"({row['jvp_tflops']:5.0f})  jvp/fwd {row['jvp_over_fwd']:.2f}")
+            f"({row['jvp_tflops']:5.0f})  jvp/fwd {row['jvp_over_fwd']:.2f}"
+        )
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
 
@@ -270,25 +308,32 @@ def main():
     for r in result["cases"]:
         tg[f"{r['case']}_jvp_over_own_fwd"] = (r["jvp_over_fwd"], "<= 3.2")
         if "dense" in by and r["case"] != "dense":
-            tg[f"{r['case']}_fwd_tflops_over_dense"] = (
-                r["fwd_tflops"] / by["dense"]["fwd_tflops"], ">= 0.85")
-    for key, anchor in (("teacher_forcing_chunk3", "rcm_jvp_tf_chunk3_ms"),
-                        ("teacher_forcing_frame", "rcm_jvp_tf_frame_ms"),
-                        ("block_causal_chunk3", "rcm_jvp_bc_chunk3_ms")):
+            tg[f"{r['case']}_fwd_tflops_over_dense"] = (r["fwd_tflops"] / by["dense"]["fwd_tflops"], ">= 0.85")
+    for key, anchor in (
+        ("teacher_forcing_chunk3", "rcm_jvp_tf_chunk3_ms"),
+        ("teacher_forcing_frame", "rcm_jvp_tf_frame_ms"),
+        ("block_causal_chunk3", "rcm_jvp_bc_chunk3_ms"),
+    ):
         if key in by:
             tg[f"{key}_jvp_speedup_vs_rcm"] = (ANCHORS[anchor] / by[key]["jvp_ms"], ">= 2")
     result["targets"] = {k: dict(value=v, target=t) for k, (v, t) in tg.items()}
     log("\n| target | value | goal |\n|---|---|---|")
     for k_, (v_, t_) in tg.items():
         log(f"| {k_} | {v_:.2f} | {t_} |")
-    log("\n| case | L | density | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | jvp ms | "
-        "jvp TF/s | jvp/fwd |\n|---|---|---|---|---|---|---|---|---|---|")
-    log(f"| cuDNN dense | {L} | 1.000 | {c_fwd:.2f} | {result['cudnn']['fwd_tflops']:.0f} | "
-        f"{c_fb:.2f} | {result['cudnn']['fwdbwd_tflops']:.0f} | - | - | - |")
+    log(
+        "\n| case | L | density | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | jvp ms | "
+        "jvp TF/s | jvp/fwd |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    log(
+        f"| cuDNN dense | {L} | 1.000 | {c_fwd:.2f} | {result['cudnn']['fwd_tflops']:.0f} | "
+        f"{c_fb:.2f} | {result['cudnn']['fwdbwd_tflops']:.0f} | - | - | - |"
+    )
     for r in result["cases"]:
-        log(f"| {r['case']} | {r['q_len']} | {r['density']:.3f} | {r['fwd_ms']:.2f} | "
+        log(
+            f"| {r['case']} | {r['q_len']} | {r['density']:.3f} | {r['fwd_ms']:.2f} | "
             f"{r['fwd_tflops']:.0f} | {r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} | "
-            f"{r['jvp_ms']:.2f} | {r['jvp_tflops']:.0f} | {r['jvp_over_fwd']:.2f} |")
+            f"{r['jvp_ms']:.2f} | {r['jvp_tflops']:.0f} | {r['jvp_over_fwd']:.2f} |"
+        )
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
 

@@ -48,7 +48,7 @@ import numpy as np
 from pallas_kernels.mgpu import PrefixConfig, prefix_attention, prefix_attention_reference
 
 H, D, TPF, CHUNK_FRAMES, CHUNKS = 12, 128, 1560, 3, 7
-CALLS_PER_CHUNK = 2 * 30          # 2 steps x 30 layers (noisy context)
+CALLS_PER_CHUNK = 2 * 30  # 2 steps x 30 layers (noisy context)
 OURS = {
     "ours_s1": PrefixConfig(splits=1),
     "ours_s2": PrefixConfig(splits=2),
@@ -67,6 +67,7 @@ def bench(fn, q, *args, n=10, reps=10, warmup=2):
     def loop(qs, *args):
         def body(i, acc):
             return acc + jnp.sum(fn(qs[i], *args).astype(jnp.float32))  # all of it is used
+
         return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
 
     for _ in range(warmup):
@@ -98,24 +99,26 @@ def lib_cache_attention(q, k, v, dead, split, config):
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
     lq, s = q.shape[1], k.shape[1]
-    qs = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)       # the kernel does not scale
+    qs = (q.astype(jnp.float32) * D**-0.5).astype(q.dtype)  # the kernel does not scale
     qs = jnp.broadcast_to(qs, (split, lq, H, D))
     k = k.reshape(split, s // split, H, D)
     v = v.reshape(split, s // split, H, D)
     out, (lse,) = attention_mgpu.attention(qs, k, v, config, save_residuals=True)
-    lse = jnp.transpose(lse, (0, 2, 1))[..., None]                  # [split, Lq, H, 1], log2
+    lse = jnp.transpose(lse, (0, 2, 1))[..., None]  # [split, Lq, H, 1], log2
     m = jnp.max(lse, axis=0)
     w = jnp.exp2(lse - m)
-    z = jnp.sum(w, axis=0) - dead * jnp.exp2(-m)                    # a dead key's exp(q.0) = 1
+    z = jnp.sum(w, axis=0) - dead * jnp.exp2(-m)  # a dead key's exp(q.0) = 1
     o = jnp.sum(out.astype(jnp.float32) * w, axis=0) / z
     return o[None].astype(q.dtype)
 
 
 def inputs(seed, lq, s):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (jax.random.normal(ks[0], (1, lq, H, D), jnp.bfloat16),
-            jax.random.normal(ks[1], (1, s, H, D), jnp.bfloat16),
-            jax.random.normal(ks[2], (1, s, H, D), jnp.bfloat16))
+    return (
+        jax.random.normal(ks[0], (1, lq, H, D), jnp.bfloat16),
+        jax.random.normal(ks[1], (1, s, H, D), jnp.bfloat16),
+        jax.random.normal(ks[2], (1, s, H, D), jnp.bfloat16),
+    )
 
 
 def main():
@@ -128,8 +131,11 @@ def main():
     chunk = TPF * CHUNK_FRAMES
     slot = -(-chunk // 128) * 128
     dev = jax.devices()[0]
-    print(f"device {dev} ({getattr(dev, 'device_kind', '?')}, {getattr(dev, 'core_count', '?')} SMs); chunk "
-          f"{chunk} queries, {CHUNKS} chunks, {H} heads x {D}, bf16", flush=True)
+    print(
+        f"device {dev} ({getattr(dev, 'device_kind', '?')}, {getattr(dev, 'core_count', '?')} SMs); chunk "
+        f"{chunk} queries, {CHUNKS} chunks, {H} heads x {D}, bf16",
+        flush=True,
+    )
     q, k, v = inputs(0, chunk, CHUNKS * chunk)
 
     def cudnn(q, k, v, n):
@@ -139,20 +145,22 @@ def main():
     # variant -> make(n, q, k, v) -> (fn, fn_args); checked: whether to compare with the reference
     variants = {"cudnn": (lambda n, q, k, v: (cudnn, (q, k, v, jnp.int32(n * chunk))), False)}
     for name, cfg in OURS.items():
-        f = (lambda q, k, v, n, cfg=cfg: prefix_attention(q, k, v, n, config=cfg))
+        f = lambda q, k, v, n, cfg=cfg: prefix_attention(q, k, v, n, config=cfg)
         variants[name] = (lambda n, q, k, v, f=f: (f, (q, k, v, jnp.int32(n * chunk))), True)
 
     def lib(n, q, k, v, split=2):
         from jax.experimental.pallas.ops.gpu import attention_mgpu
+
         config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
         kp, vp = padded_cache(k, chunk, slot, CHUNKS), padded_cache(v, chunk, slot, CHUNKS)
         s = -(-n * slot // (split * 128)) * split * 128
         tail = ((0, 0), (0, s - n * slot), (0, 0), (0, 0))
-        kk, vv = jnp.pad(kp[:, :n * slot], tail), jnp.pad(vp[:, :n * slot], tail)
+        kk, vv = jnp.pad(kp[:, : n * slot], tail), jnp.pad(vp[:, : n * slot], tail)
         qpad = jnp.pad(q, ((0, 0), (0, slot - chunk), (0, 0), (0, 0)))
         fn = lambda q, k, v: lib_cache_attention(q, k, v, s - n * chunk, split, config)[:, :chunk]
         f16 = jnp.float16
         return fn, (qpad.astype(f16), kk.astype(f16), vv.astype(f16))
+
     variants["lib_s2"] = (lib, True)
     if args.only:
         keep = args.only.split(",")
@@ -164,7 +172,7 @@ def main():
         for n in range(1, CHUNKS + 1):
             try:
                 err = None
-                if check:     # fresh inputs per n: stale outputs of an earlier run cannot pass
+                if check:  # fresh inputs per n: stale outputs of an earlier run cannot pass
                     cq, ck, cv = inputs(100 + n, chunk, CHUNKS * chunk)
                     f, fargs = make(n, cq, ck, cv)
                     got = np.asarray(jax.jit(f)(*fargs), np.float32)
@@ -174,8 +182,11 @@ def main():
                 ms = bench(f, *fargs, n=args.n)
                 flops = 4 * chunk * n * chunk * D * H
                 per_n[n] = dict(ms=ms, tflops=flops / ms / 1e9, rel_err=err)
-                print(f"  {name:18s} n={n} keys={n * chunk:6d} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s"
-                      + (f" rel_err {err:.2e}" if err is not None else ""), flush=True)
+                print(
+                    f"  {name:18s} n={n} keys={n * chunk:6d} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s"
+                    + (f" rel_err {err:.2e}" if err is not None else ""),
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001 -- one failing kernel must not end the comparison
                 print(f"  {name} n={n}: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 traceback.print_exc(limit=4)
@@ -185,8 +196,9 @@ def main():
         row = dict(variant=name, per_n=per_n)
         if len(done) == CHUNKS:
             row["per_chunk_ms"] = sum(r["ms"] for r in done) * CALLS_PER_CHUNK / CHUNKS
-            row["useful_tflops"] = (sum(4 * chunk * n * chunk * D * H for n in range(1, CHUNKS + 1))
-                                    / sum(r["ms"] for r in done) / 1e9)
+            row["useful_tflops"] = (
+                sum(4 * chunk * n * chunk * D * H for n in range(1, CHUNKS + 1)) / sum(r["ms"] for r in done) / 1e9
+            )
         rows.append(row)
 
     dense = []
@@ -195,8 +207,11 @@ def main():
         dq, dk, dv = inputs(7, L, L)
         flops = 4 * L * L * D * H
         cands = [("cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), False)]
-        cands += [(nm, (lambda q, k, v, cfg=OURS[nm]: prefix_attention(q, k, v, L, config=cfg)), True)
-                  for nm in ("ours_s1", "ours_s2") if nm in variants]
+        cands += [
+            (nm, (lambda q, k, v, cfg=OURS[nm]: prefix_attention(q, k, v, L, config=cfg)), True)
+            for nm in ("ours_s1", "ours_s2")
+            if nm in variants
+        ]
         for name, fn, check in cands:
             try:
                 err = None
@@ -207,8 +222,11 @@ def main():
                     err = rel(got[:, ::16], ref)
                 ms = bench(fn, dq, dk, dv, n=5, reps=3)
                 dense.append(dict(variant=name, L=L, ms=ms, tflops=flops / ms / 1e9, rel_err=err))
-                print(f"  dense {name:10s} L={L} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s"
-                      + (f" rel_err {err:.2e}" if err is not None else ""), flush=True)
+                print(
+                    f"  dense {name:10s} L={L} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s"
+                    + (f" rel_err {err:.2e}" if err is not None else ""),
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001
                 print(f"  dense {name}: FAILED {type(e).__name__}: {str(e)[:1000]}", flush=True)
                 dense.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[:1000]}"))
@@ -218,15 +236,27 @@ def main():
     for r in rows:
         errs = [x["rel_err"] for x in r["per_n"].values() if x.get("rel_err") is not None]
         ends = "/".join(f"{r['per_n'][n]['tflops']:.0f}" if "tflops" in r["per_n"].get(n, {}) else "-" for n in (1, 7))
-        print(f"| {r['variant']} | {r.get('per_chunk_ms', float('nan')):.1f} | "
-              f"{r.get('useful_tflops', float('nan')):.0f} | {ends} | {max(errs) if errs else float('nan'):.1e} |")
+        print(
+            f"| {r['variant']} | {r.get('per_chunk_ms', float('nan')):.1f} | "
+            f"{r.get('useful_tflops', float('nan')):.0f} | {ends} | {max(errs) if errs else float('nan'):.1e} |"
+        )
     for d in dense:
         if "ms" in d:
             err = "" if d["rel_err"] is None else f"{d['rel_err']:.1e}"
             print(f"| dense {d['variant']} L={d['L']} | {d['ms']:.2f} ms | {d['tflops']:.0f} | | {err} |")
     with open(args.out, "w") as fh:
-        json.dump(dict(device=str(dev), device_kind=getattr(dev, "device_kind", None), jax=jax.__version__,
-                       chunk=chunk, rows=rows, dense=dense), fh, indent=1)
+        json.dump(
+            dict(
+                device=str(dev),
+                device_kind=getattr(dev, "device_kind", None),
+                jax=jax.__version__,
+                chunk=chunk,
+                rows=rows,
+                dense=dense,
+            ),
+            fh,
+            indent=1,
+        )
     print("wrote", args.out)
 
 

@@ -26,12 +26,14 @@ from crm_jax.models.wan import AttentionPattern, functional, init_model
 def forward_flops(cfg, tokens: int, text: int, attn_pairs: int) -> float:
     """Matmul FLOPs of one forward (2 per multiply-add); attention counts allowed pairs."""
     d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
-    per_layer = (2 * tokens * d * d * 4            # self-attn q, k, v, o
-                 + 2 * tokens * d * d * 2          # cross-attn q, o
-                 + 2 * text * d * d * 2            # cross-attn k, v
-                 + 2 * tokens * d * f * 2          # FFN
-                 + 4 * attn_pairs * d              # self-attn QK^T and PV
-                 + 4 * tokens * text * d)          # cross-attn
+    per_layer = (
+        2 * tokens * d * d * 4  # self-attn q, k, v, o
+        + 2 * tokens * d * d * 2  # cross-attn q, o
+        + 2 * text * d * d * 2  # cross-attn k, v
+        + 2 * tokens * d * f * 2  # FFN
+        + 4 * attn_pairs * d  # self-attn QK^T and PV
+        + 4 * tokens * text * d
+    )  # cross-attn
     return layers * per_layer
 
 
@@ -70,18 +72,31 @@ def main():
     med = statistics.median(times)
     tokens = args.frames * (args.height // 2) * (args.width // 2)
     from pallas_kernels import masks
+
     spec = pattern.mask_spec(args.frames, (args.height // 2) * (args.width // 2))
     flops = forward_flops(cfg, tokens, cfg.text_len, masks.allowed_pairs(spec))
     stats = jax.devices()[0].memory_stats() or {}
-    res = dict(device=jax.devices()[0].device_kind, model=args.model, impl=args.impl, pattern=args.pattern,
-               frames=args.frames, tokens=tokens, params=int(sum(p.size for p in jax.tree.leaves(params))),
-               init_s=round(init_s, 2), compile_s=round(compile_s, 2), forward_ms_median=round(med * 1e3, 2),
-               forward_ms_all=[round(t * 1e3, 2) for t in times], model_tflops=round(flops / med / 1e12, 1),
-               peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2))
-    print(f"| device | model | attention | tokens | forward ms (median) | TFLOP/s | peak GiB |")
-    print(f"|---|---|---|---|---|---|---|")
-    print(f"| {res['device']} | {args.model} | {args.impl}/{args.pattern} | {tokens} | {res['forward_ms_median']} "
-          f"| {res['model_tflops']} | {res['peak_gib']} |")
+    res = dict(
+        device=jax.devices()[0].device_kind,
+        model=args.model,
+        impl=args.impl,
+        pattern=args.pattern,
+        frames=args.frames,
+        tokens=tokens,
+        params=int(sum(p.size for p in jax.tree.leaves(params))),
+        init_s=round(init_s, 2),
+        compile_s=round(compile_s, 2),
+        forward_ms_median=round(med * 1e3, 2),
+        forward_ms_all=[round(t * 1e3, 2) for t in times],
+        model_tflops=round(flops / med / 1e12, 1),
+        peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+    )
+    print("| device | model | attention | tokens | forward ms (median) | TFLOP/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {res['device']} | {args.model} | {args.impl}/{args.pattern} | {tokens} | {res['forward_ms_median']} "
+        f"| {res['model_tflops']} | {res['peak_gib']} |"
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -87,11 +87,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import trace_summary
 from crm_jax.models.config import get_model_config
 from crm_jax.models.wan import AttentionPattern, functional, init_model
 from crm_jax.sampling import StreamingSampler
 from crm_jax.sampling.plan import chunk_bounds
+from experiments import trace_summary
 
 # Self Forcing (PyTorch, torch SDPA) on one H200, 2026-11-21, chunk 3: latent frames/s x 1.6.
 TARGETS = {(3, 4, "clean"): 11.5, (3, 2, "clean"): 19.0, (3, 2, "noisy"): 27.0}
@@ -104,12 +104,24 @@ def model_setups(args):
         return [("tiny", cfg, (8, 8), 6, True)]
     setups = []
     if "wan_1_3b" in args.models:
-        cfg = get_model_config("wan_1_3b", dtype=args.dtype, param_dtype=args.dtype,
-                               cache_attn_impl=args.cache_attn_impl, cross_attn_impl=args.cross_attn_impl)
+        cfg = get_model_config(
+            "wan_1_3b",
+            dtype=args.dtype,
+            param_dtype=args.dtype,
+            cache_attn_impl=args.cache_attn_impl,
+            cross_attn_impl=args.cross_attn_impl,
+        )
         setups.append(("wan_1_3b", cfg, tuple(args.latent_hw), args.frames, False))
     if "tiny" in args.models:
-        cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5,
-                               dtype=args.dtype, param_dtype=args.dtype, cache_attn_impl=args.cache_attn_impl)
+        cfg = get_model_config(
+            "tiny",
+            in_channels=12,
+            out_channels=12,
+            num_actions=5,
+            dtype=args.dtype,
+            param_dtype=args.dtype,
+            cache_attn_impl=args.cache_attn_impl,
+        )
         setups.append(("tiny", cfg, (16, 16), args.frames, True))
     return setups
 
@@ -117,7 +129,7 @@ def model_setups(args):
 def peak_memory_gb():
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2 ** 30
+    return None if peak is None else peak / 2**30
 
 
 def time_video(sampler, key, context, frames, actions, prefetch):
@@ -153,7 +165,7 @@ def timed(sampler, key, context, frames, actions):
 def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, args, model_cache):
     if name not in model_cache:
         t = time.perf_counter()
-        model_cache.clear()                                  # one model on the device at a time
+        model_cache.clear()  # one model on the device at a time
         apply, params = functional(init_model(cfg, seed=0))
         jax.block_until_ready(params)
         model_cache[name] = (apply, params, time.perf_counter() - t)
@@ -162,7 +174,7 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     sampler = StreamingSampler(apply, params, cfg, pattern, latent_hw, 1, steps, mode, **variant_options(args))
     key = jax.random.key(0)
     context = jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim), jnp.float32)
-    actions = (np.random.default_rng(0).integers(0, cfg.num_actions, (1, frames)) if with_actions else None)
+    actions = np.random.default_rng(0).integers(0, cfg.num_actions, (1, frames)) if with_actions else None
     t = time.perf_counter()
     video = sampler.generate(key, context, frames, actions).block_until_ready()
     warmup = time.perf_counter() - t
@@ -176,22 +188,41 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             timed(sampler, key, context, frames, actions)
         chunks = len(list(chunk_bounds(pattern, frames)))
-        try:   # two videos were traced (with and without prefetch): time per chunk
+        try:  # two videos were traced (with and without prefetch): time per chunk
             prof = trace_summary.summarize(args.profile, per=2 * chunks, top=40)
-            print(f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n"
-                  + trace_summary.fmt(prof), flush=True)
+            print(
+                f"profile ({name}, chunk {block}, {steps} steps, {mode}), per chunk:\n" + trace_summary.fmt(prof),
+                flush=True,
+            )
         except (ValueError, FileNotFoundError) as e:
             print(f"profile summary failed: {e}", flush=True)
     first, steady, overall, steady_pf, overall_pf, disp = (statistics.median(x) for x in zip(*runs))
     tpf = sampler.tpf
-    row = dict(model=name, variant=args.label, **variant_options(args), **model_options(args),
-               traced_cache_len=sampler.traced_cache_len,
-               latent_hw=list(latent_hw), tokens_per_frame=tpf, frames=frames, block_frames=block,
-               steps=steps, context=mode, first_chunk_ms=first * 1e3, steady_fps=steady, overall_fps=overall,
-               steady_fps_prefetch=steady_pf, overall_fps_prefetch=overall_pf, dispatch_ms=disp * 1e3,
-               compiled=sampler.compiled_count(), video_check=check,
-               warmup_s=warmup, peak_mem_gb=peak_memory_gb(), repeats=args.repeats,
-               cache_gb=cfg.num_layers * frames * tpf * cfg.dim * 2 * jnp.dtype(cfg.compute_dtype).itemsize / 2 ** 30)
+    row = dict(
+        model=name,
+        variant=args.label,
+        **variant_options(args),
+        **model_options(args),
+        traced_cache_len=sampler.traced_cache_len,
+        latent_hw=list(latent_hw),
+        tokens_per_frame=tpf,
+        frames=frames,
+        block_frames=block,
+        steps=steps,
+        context=mode,
+        first_chunk_ms=first * 1e3,
+        steady_fps=steady,
+        overall_fps=overall,
+        steady_fps_prefetch=steady_pf,
+        overall_fps_prefetch=overall_pf,
+        dispatch_ms=disp * 1e3,
+        compiled=sampler.compiled_count(),
+        video_check=check,
+        warmup_s=warmup,
+        peak_mem_gb=peak_memory_gb(),
+        repeats=args.repeats,
+        cache_gb=cfg.num_layers * frames * tpf * cfg.dim * 2 * jnp.dtype(cfg.compute_dtype).itemsize / 2**30,
+    )
     if prof is not None:
         row["profile_per_chunk"] = prof
     target = TARGETS.get((block, steps, mode)) if name == "wan_1_3b" else None
@@ -201,15 +232,19 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
 
 
 def fmt(rows):
-    head = (f"{'variant':14s} {'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'first ms':>9s} "
-            f"{'steady f/s':>10s} {'prefetch':>8s} {'disp ms':>7s} {'peak GB':>8s} {'target':>9s}")
+    head = (
+        f"{'variant':14s} {'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'first ms':>9s} "
+        f"{'steady f/s':>10s} {'prefetch':>8s} {'disp ms':>7s} {'peak GB':>8s} {'target':>9s}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
         tgt = "" if "target_fps" not in r else f"{r['target_fps']:.1f}{' ok' if r['meets_target'] else ' MISS'}"
-        lines.append(f"{r.get('variant', '-')[:14]:14s} {r['model']:9s} {r['block_frames']:5d} {r['steps']:5d} "
-                     f"{r['context']:>7s} {r['first_chunk_ms']:9.1f} {r['steady_fps']:10.2f} "
-                     f"{r['steady_fps_prefetch']:8.2f} {r.get('dispatch_ms', float('nan')):7.2f} {peak:>8s} {tgt:>9s}")
+        lines.append(
+            f"{r.get('variant', '-')[:14]:14s} {r['model']:9s} {r['block_frames']:5d} {r['steps']:5d} "
+            f"{r['context']:>7s} {r['first_chunk_ms']:9.1f} {r['steady_fps']:10.2f} "
+            f"{r['steady_fps_prefetch']:8.2f} {r.get('dispatch_ms', float('nan')):7.2f} {peak:>8s} {tgt:>9s}"
+        )
     return "\n".join(lines)
 
 
@@ -217,15 +252,22 @@ def video_check(video) -> dict:
     """A fingerprint of a generated video (same seeds in every variant): mean |x| and 64 samples."""
     flat = np.asarray(video, np.float32).reshape(-1)
     idx = np.linspace(0, flat.size - 1, 64).astype(np.int64)
-    return dict(abs_mean=float(np.abs(flat).mean()), finite=bool(np.isfinite(flat).all()),
-                samples=[float(x) for x in flat[idx]])
+    return dict(
+        abs_mean=float(np.abs(flat).mean()), finite=bool(np.isfinite(flat).all()), samples=[float(x) for x in flat[idx]]
+    )
 
 
 def variant_options(args) -> dict:
     """The StreamingSampler options of the benchmarked variant."""
-    return dict(kv_update=args.kv_update, kv_layout=args.kv_layout, scan_unroll=args.scan_unroll,
-                call_loop=args.call_loop, compiler_options=dict(args.compiler_option) or None,
-                text_kv=not args.no_text_kv, clean_rerun=args.clean_rerun)
+    return dict(
+        kv_update=args.kv_update,
+        kv_layout=args.kv_layout,
+        scan_unroll=args.scan_unroll,
+        call_loop=args.call_loop,
+        compiler_options=dict(args.compiler_option) or None,
+        text_kv=not args.no_text_kv,
+        clean_rerun=args.clean_rerun,
+    )
 
 
 def model_options(args) -> dict:
@@ -258,21 +300,28 @@ def compare(paths, key=("wan_1_3b", 3, 2, "noisy")) -> str:
     labels = [label for label, _ in runs]
     width = 16
     head = f"{'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'target':>6s}  " + " ".join(
-        f"{lab[:width]:>{width}s}" for lab in labels)
+        f"{lab[:width]:>{width}s}" for lab in labels
+    )
     lines = ["per variant: steady latent frames/s / host dispatch ms per chunk", head, "-" * len(head)]
     for k in keys:
         tgt = TARGETS.get(k[1:]) if k[0] == "wan_1_3b" else None
         vals = []
         for lab in labels:
             r = cells.get((k, lab))
-            vals.append(f"{'-':>{width}s}" if r is None else
-                        f"{r['steady_fps']:.2f} / {r.get('dispatch_ms', float('nan')):.1f}".rjust(width))
-        lines.append(f"{k[0]:9s} {k[1]:5d} {k[2]:5d} {k[3]:>7s} {'' if tgt is None else f'{tgt:.1f}':>6s}  "
-                     + " ".join(vals))
-    if labels:       # same seeds everywhere: the videos must agree up to kernel rounding
+            vals.append(
+                f"{'-':>{width}s}"
+                if r is None
+                else f"{r['steady_fps']:.2f} / {r.get('dispatch_ms', float('nan')):.1f}".rjust(width)
+            )
+        lines.append(
+            f"{k[0]:9s} {k[1]:5d} {k[2]:5d} {k[3]:>7s} {'' if tgt is None else f'{tgt:.1f}':>6s}  " + " ".join(vals)
+        )
+    if labels:  # same seeds everywhere: the videos must agree up to kernel rounding
         ref_label = labels[0]
-        lines.append(f"video deviation from {ref_label} (max |sample difference| / mean |x|; bf16 "
-                     "rounding gives ~1e-2, a wrong path O(1)):")
+        lines.append(
+            f"video deviation from {ref_label} (max |sample difference| / mean |x|; bf16 "
+            "rounding gives ~1e-2, a wrong path O(1)):"
+        )
         for k in keys:
             ref = cells.get((k, ref_label), {}).get("video_check")
             devs = []
@@ -306,8 +355,11 @@ def _option(text: str):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="JSON output path (required unless --compare)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model, small sizes (CPU sanity check); default --blocks 3,1 --steps 1,2 --repeats 2")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, small sizes (CPU sanity check); default --blocks 3,1 --steps 1,2 --repeats 2",
+    )
     p.add_argument("--models", default="wan_1_3b,tiny")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--latent_hw", default="60,104")
@@ -315,42 +367,90 @@ def parse(argv=None):
     p.add_argument("--blocks", default=None, help="chunk sizes in latent frames (1 = frame-wise); default 3,1")
     p.add_argument("--steps", default=None, help="default 1,2,4")
     p.add_argument("--contexts", default="clean,noisy")
-    p.add_argument("--configs", default=None,
-                   help="steps:context pairs to run instead of --steps x --contexts, e.g. 2:noisy,2:clean,4:clean")
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="steps:context pairs to run instead of --steps x --contexts, e.g. 2:noisy,2:clean,4:clean",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 5)")
     p.add_argument("--label", default=None, help="variant name in the table and JSON (default: from the options)")
-    p.add_argument("--kv_update", default="inplace", choices=["concat", "inplace"],
-                   help="how a cached call gives attention its keys (see WanModel.__call__)")
-    p.add_argument("--kv_layout", default="per_layer", choices=["stacked", "per_layer"],
-                   help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)")
+    p.add_argument(
+        "--kv_update",
+        default="inplace",
+        choices=["concat", "inplace"],
+        help="how a cached call gives attention its keys (see WanModel.__call__)",
+    )
+    p.add_argument(
+        "--kv_layout",
+        default="per_layer",
+        choices=["stacked", "per_layer"],
+        help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)",
+    )
     p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
-    p.add_argument("--no_text_kv", action="store_true",
-                   help="every call projects the text in every layer (StreamingSampler(text_kv=False)); default: "
-                        "the cross-attention keys/values are computed once per video")
-    p.add_argument("--cache_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla", "triton"],
-                   help="backend of the attention over the KV cache (WanConfig.cache_attn_impl; auto: our "
-                        "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)")
-    p.add_argument("--clean_rerun", default="separate", choices=["separate", "fused"],
-                   help="clean context: the re-run at t = 0 as its own dispatch right after the chunk's "
-                        "(separate) or as the call loop's last iteration (fused)")
-    p.add_argument("--cross_attn_impl", default="auto", choices=["auto", "mgpu", "cudnn", "xla"],
-                   help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)")
-    p.add_argument("--call_loop", default="static", choices=["device", "static", "host"],
-                   help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
-                        "(static) trip count, or one async jitted call each (host)")
-    p.add_argument("--compiler_option", type=_option, action="append", default=[], metavar="NAME=VALUE",
-                   help="XLA option of the jitted chunk function (repeatable), e.g. "
-                        "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
-                        "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL")
-    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
-                   help="print a table of these result files (one variant each) and the best variant; no run")
-    p.add_argument("--compare_key", default="wan_1_3b:3:2:noisy", metavar="MODEL:CHUNK:STEPS:CONTEXT",
-                   help="the configuration --compare ranks the variants by")
+    p.add_argument(
+        "--no_text_kv",
+        action="store_true",
+        help="every call projects the text in every layer (StreamingSampler(text_kv=False)); default: "
+        "the cross-attention keys/values are computed once per video",
+    )
+    p.add_argument(
+        "--cache_attn_impl",
+        default="auto",
+        choices=["auto", "mgpu", "cudnn", "xla", "triton"],
+        help="backend of the attention over the KV cache (WanConfig.cache_attn_impl; auto: our "
+        "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)",
+    )
+    p.add_argument(
+        "--clean_rerun",
+        default="separate",
+        choices=["separate", "fused"],
+        help="clean context: the re-run at t = 0 as its own dispatch right after the chunk's "
+        "(separate) or as the call loop's last iteration (fused)",
+    )
+    p.add_argument(
+        "--cross_attn_impl",
+        default="auto",
+        choices=["auto", "mgpu", "cudnn", "xla"],
+        help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)",
+    )
+    p.add_argument(
+        "--call_loop",
+        default="static",
+        choices=["device", "static", "host"],
+        help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
+        "(static) trip count, or one async jitted call each (host)",
+    )
+    p.add_argument(
+        "--compiler_option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="XLA option of the jitted chunk function (repeatable), e.g. "
+        "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+        "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print a table of these result files (one variant each) and the best variant; no run",
+    )
+    p.add_argument(
+        "--compare_key",
+        default="wan_1_3b:3:2:noisy",
+        metavar="MODEL:CHUNK:STEPS:CONTEXT",
+        help="the configuration --compare ranks the variants by",
+    )
     p.add_argument("--isolate", action="store_true", help="one subprocess per configuration (exact peaks)")
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)   # model:block:steps:context (--isolate)
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # model:block:steps:context (--isolate)
     p.add_argument("--profile", default=None, help="write a jax.profiler trace of the first configuration here")
-    p.add_argument("--compile_cache", default=None,
-                   help="persistent XLA compilation cache dir (frame-wise 21 frames = 21 cache layouts to compile)")
+    p.add_argument(
+        "--compile_cache",
+        default=None,
+        help="persistent XLA compilation cache dir (frame-wise 21 frames = 21 cache layouts to compile)",
+    )
     a = p.parse_args(argv)
     if a.compare:
         return a
@@ -362,17 +462,20 @@ def parse(argv=None):
     a.steps = [int(v) for v in (a.steps or ("1,2" if a.quick else "1,2,4")).split(",")]
     a.repeats = (2 if a.quick else 5) if a.repeats is None else a.repeats
     a.contexts = a.contexts.split(",")
-    pairs = ([(n, m) for n in a.steps for m in a.contexts] if a.configs is None
-             else [_pair(c) for c in a.configs.split(",")])
+    pairs = (
+        [(n, m) for n in a.steps for m in a.contexts] if a.configs is None else [_pair(c) for c in a.configs.split(",")]
+    )
     a.pairs = pairs
     if a.label is None:
-        a.label = "-".join([a.kv_update, a.kv_layout, a.call_loop]
-                           + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
-                           + ([f"cross_{a.cross_attn_impl}"] if a.cross_attn_impl != "auto" else [])
-                           + ([f"{a.clean_rerun}_rerun"] if a.clean_rerun != "separate" else [])
-                           + (["no_text_kv"] if a.no_text_kv else [])
-                           + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
-                           + (["opts"] if a.compiler_option else []))
+        a.label = "-".join(
+            [a.kv_update, a.kv_layout, a.call_loop]
+            + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
+            + ([f"cross_{a.cross_attn_impl}"] if a.cross_attn_impl != "auto" else [])
+            + ([f"{a.clean_rerun}_rerun"] if a.clean_rerun != "separate" else [])
+            + (["no_text_kv"] if a.no_text_kv else [])
+            + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
+            + (["opts"] if a.compiler_option else [])
+        )
     if a.scan_unroll < 1:
         p.error("--scan_unroll must be >= 1")
     a._profiled = False
@@ -404,17 +507,34 @@ def main(argv=None):
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(dict(device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind,
-                           jax=jax.__version__, variant=args.label, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                           options={**variant_options(args), **model_options(args)}, rows=rows, table=fmt(rows)),
-                      f, indent=1)
+            json.dump(
+                dict(
+                    device=str(jax.devices()[0]),
+                    device_kind=jax.devices()[0].device_kind,
+                    jax=jax.__version__,
+                    variant=args.label,
+                    xla_flags=os.environ.get("XLA_FLAGS", ""),
+                    options={**variant_options(args), **model_options(args)},
+                    rows=rows,
+                    table=fmt(rows),
+                ),
+                f,
+                indent=1,
+            )
 
     for (name, cfg, hw, frames, acts), block, steps, mode in configs:
         if args.isolate and not args.only:
             tmp = f"{args.out}.{name}_{block}_{steps}_{mode}.json"
             # argparse keeps the last --out, so the subprocess writes to tmp
-            cmd = [sys.executable, os.path.abspath(__file__), *(a for a in (argv or sys.argv[1:]) if a != "--isolate"),
-                   "--out", tmp, "--only", f"{name}:{block}:{steps}:{mode}"]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *(a for a in (argv or sys.argv[1:]) if a != "--isolate"),
+                "--out",
+                tmp,
+                "--only",
+                f"{name}:{block}:{steps}:{mode}",
+            ]
             subprocess.run(cmd, check=True)
             with open(tmp) as f:
                 rows += json.load(f)["rows"]
@@ -422,7 +542,7 @@ def main(argv=None):
         else:
             rows.append(bench_one(name, cfg, hw, frames, acts, block, steps, mode, args, model_cache))
         print(fmt(rows[-1:]).splitlines()[-1], flush=True)
-        save()                                              # partial results survive a time limit
+        save()  # partial results survive a time limit
     print("\n" + fmt(rows))
     save()
     print(f"wrote {args.out}")

@@ -31,12 +31,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 # Every variant names its model in full (the study's defaults change between sessions).
-SMALL = (("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))     # session 3's toy model
+SMALL = (("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))  # session 3's toy model
 BIG = (("dim", 256), ("ffn_dim", 1024), ("num_heads", 4), ("num_layers", 6))
 F32, BF16 = (("dtype", "float32"),), (("dtype", "bfloat16"),)
 AUTO, XLA = (("attn_impl", "auto"),), (("attn_impl", "xla"),)
 P1 = (("patch_size", (1, 1, 1)),)
-VARIANTS = {                       # name: model overrides (+ batch_size; default 128)
+VARIANTS = {  # name: model overrides (+ batch_size; default 128)
     "base": dict(model=SMALL + F32 + AUTO),
     "xla_attn": dict(model=SMALL + F32 + XLA),
     "bf16": dict(model=SMALL + BF16 + AUTO),
@@ -44,7 +44,7 @@ VARIANTS = {                       # name: model overrides (+ batch_size; defaul
     "patch1_bf16": dict(model=SMALL + P1 + BF16 + AUTO),
     "big_bf16": dict(model=BIG + BF16 + AUTO),
     "big_patch1_bf16": dict(model=BIG + P1 + BF16 + AUTO),
-    "study": dict(batch_size=256, model=()),        # toy_study's teacher recipe as it is (STUDY_MODEL)
+    "study": dict(batch_size=256, model=()),  # toy_study's teacher recipe as it is (STUDY_MODEL)
 }
 
 
@@ -94,7 +94,7 @@ def time_variant(name: str, overrides: dict, iters: int, repeats: int, quick: bo
     compile_s = time.perf_counter() - t0
     data, steps, loops = [], [], []
     it = 1
-    for _ in range(repeats + 1):            # the first window is a warm-up
+    for _ in range(repeats + 1):  # the first window is a warm-up
         t0 = time.perf_counter()
         for _ in range(iters):
             jax.block_until_ready(get_batch(it))
@@ -121,10 +121,21 @@ def time_variant(name: str, overrides: dict, iters: int, repeats: int, quick: bo
     med = lambda xs: statistics.median(xs[1:]) * 1e3
     b = int(c.data.batch_size)
     mcfg = loop.model_config(c)
-    return dict(variant=name, batch=b, dim=mcfg.dim, layers=mcfg.num_layers, patch=list(mcfg.patch_size),
-                dtype=mcfg.dtype, attn_impl=mcfg.attn_impl, compile_s=round(compile_s, 1),
-                data_ms=round(med(data), 3), step_ms=round(med(steps), 3), loop_ms=round(med(loops), 3),
-                clips_s=round(b / (med(loops) / 1e3)), loss=float(m["loss"]))
+    return dict(
+        variant=name,
+        batch=b,
+        dim=mcfg.dim,
+        layers=mcfg.num_layers,
+        patch=list(mcfg.patch_size),
+        dtype=mcfg.dtype,
+        attn_impl=mcfg.attn_impl,
+        compile_s=round(compile_s, 1),
+        data_ms=round(med(data), 3),
+        step_ms=round(med(steps), 3),
+        loop_ms=round(med(loops), 3),
+        clips_s=round(b / (med(loops) / 1e3)),
+        loss=float(m["loss"]),
+    )
 
 
 def main(argv=None):
@@ -140,19 +151,26 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     import jax
+
     print(f"device: {jax.devices()[0].device_kind}")
     rows = []
-    print(f"{'variant':18s} {'batch':>5s} {'compile s':>9s} {'data ms':>8s} {'step ms':>8s} {'loop ms':>8s} {'clips/s':>8s}")
+    print(
+        f"{'variant':18s} {'batch':>5s} {'compile s':>9s} {'data ms':>8s} {'step ms':>8s} {'loop ms':>8s} {'clips/s':>8s}"
+    )
     for n in names:
         r = time_variant(n, VARIANTS[n], a.iters, a.repeats, a.quick)
         rows.append(r)
-        print(f"{n:18s} {r['batch']:5d} {r['compile_s']:9.1f} {r['data_ms']:8.2f} {r['step_ms']:8.2f} "
-              f"{r['loop_ms']:8.2f} {r['clips_s']:8d}", flush=True)
-        if a.out:                # after every variant, so a cut run keeps what it measured
+        print(
+            f"{n:18s} {r['batch']:5d} {r['compile_s']:9.1f} {r['data_ms']:8.2f} {r['step_ms']:8.2f} "
+            f"{r['loop_ms']:8.2f} {r['clips_s']:8d}",
+            flush=True,
+        )
+        if a.out:  # after every variant, so a cut run keeps what it measured
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             with open(a.out, "w") as f:
-                json.dump(dict(device=jax.devices()[0].device_kind, iters=a.iters, repeats=a.repeats, rows=rows),
-                          f, indent=1)
+                json.dump(
+                    dict(device=jax.devices()[0].device_kind, iters=a.iters, repeats=a.repeats, rows=rows), f, indent=1
+                )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def run_video(dec, z, chunk):
     jax.block_until_ready(state)
     steps = []
     for s in range(0, z.shape[1], chunk):
-        zc = z[:, s:s + chunk]
+        zc = z[:, s : s + chunk]
         jax.block_until_ready(zc)
         t0 = time.perf_counter()
         y, state = dec.step(state, zc)
@@ -91,29 +91,50 @@ def bench(args):
             if later:
                 fps.append(sum(v for _, v, _ in later) / sum(sec for _, _, sec in later))
             totals.append(sum(sec for _, _, sec in steps))
-        rows.append(dict(
-            chunk=chunk, first_chunk_ms=statistics.median(firsts),
-            ms_per_latent_frame=statistics.median(per_frame) if per_frame else None,
-            video_fps=statistics.median(fps) if fps else None, total_s=statistics.median(totals),
-            warmup_s=compile_s, peak_mem_gb=peak_mem_gb()))
-    return dict(device=str(jax.devices()[0]), platform=jax.devices()[0].platform,
-                config="tiny" if args.tiny else "wan2.1", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                batch=args.batch, latent_hw=[h, w], latent_frames=frames,
-                video_shape=[args.batch, 1 + 4 * (frames - 1), 8 * h, 8 * w, 3],
-                init_s=init_s, repeats=args.repeats, rows=rows)
+        rows.append(
+            dict(
+                chunk=chunk,
+                first_chunk_ms=statistics.median(firsts),
+                ms_per_latent_frame=statistics.median(per_frame) if per_frame else None,
+                video_fps=statistics.median(fps) if fps else None,
+                total_s=statistics.median(totals),
+                warmup_s=compile_s,
+                peak_mem_gb=peak_mem_gb(),
+            )
+        )
+    return dict(
+        device=str(jax.devices()[0]),
+        platform=jax.devices()[0].platform,
+        config="tiny" if args.tiny else "wan2.1",
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        batch=args.batch,
+        latent_hw=[h, w],
+        latent_frames=frames,
+        video_shape=[args.batch, 1 + 4 * (frames - 1), 8 * h, 8 * w, 3],
+        init_s=init_s,
+        repeats=args.repeats,
+        rows=rows,
+    )
 
 
 def print_table(res):
-    print(f"{res['config']} VAE, {res['dtype']}, B={res['batch']}, latent {res['latent_frames']}x"
-          f"{res['latent_hw'][0]}x{res['latent_hw'][1]} -> video {res['video_shape'][1:4]} on {res['device']}")
-    head = f"{'chunk':>5} {'first_ms':>10} {'ms/lat_frame':>12} {'video_fps':>10} {'total_s':>9} " \
-           f"{'warmup_s':>9} {'peak_GB':>8}"
+    print(
+        f"{res['config']} VAE, {res['dtype']}, B={res['batch']}, latent {res['latent_frames']}x"
+        f"{res['latent_hw'][0]}x{res['latent_hw'][1]} -> video {res['video_shape'][1:4]} on {res['device']}"
+    )
+    head = (
+        f"{'chunk':>5} {'first_ms':>10} {'ms/lat_frame':>12} {'video_fps':>10} {'total_s':>9} "
+        f"{'warmup_s':>9} {'peak_GB':>8}"
+    )
     print(head)
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in res["rows"]:
-        print(f"{r['chunk']:>5} {fmt(r['first_chunk_ms'], '10.1f')} {fmt(r['ms_per_latent_frame'], '12.1f')} "
-              f"{fmt(r['video_fps'], '10.2f')} {fmt(r['total_s'], '9.3f')} {fmt(r['warmup_s'], '9.1f')} "
-              f"{fmt(r['peak_mem_gb'], '8.2f')}")
+        print(
+            f"{r['chunk']:>5} {fmt(r['first_chunk_ms'], '10.1f')} {fmt(r['ms_per_latent_frame'], '12.1f')} "
+            f"{fmt(r['video_fps'], '10.2f')} {fmt(r['total_s'], '9.3f')} {fmt(r['warmup_s'], '9.1f')} "
+            f"{fmt(r['peak_mem_gb'], '8.2f')}"
+        )
 
 
 def main(argv=None):
@@ -123,8 +144,12 @@ def main(argv=None):
     ap.add_argument("--height", type=int, default=60, help="latent height (480 / 8)")
     ap.add_argument("--width", type=int, default=104, help="latent width (832 / 8)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--chunks", type=lambda s: [int(c) for c in s.split(",")], default=[1, 3],
-                    help="comma-separated latent frames per step")
+    ap.add_argument(
+        "--chunks",
+        type=lambda s: [int(c) for c in s.split(",")],
+        default=[1, 3],
+        help="comma-separated latent frames per step",
+    )
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--param_dtype", default=None, help="default: --dtype")
     ap.add_argument("--repeats", type=int, default=3)

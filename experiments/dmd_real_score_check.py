@@ -33,8 +33,9 @@ sys.path.insert(0, ROOT)
 def chunk_errors(x0_hat, x0, block: int):
     """Mean squared x0 error per chunk of `block` frames: `[B, T, ...]` -> list of T // block floats."""
     import jax.numpy as jnp
+
     err = jnp.mean(jnp.square(x0_hat.astype(jnp.float32) - x0.astype(jnp.float32)), axis=(0, 2, 3, 4))
-    return [float(jnp.mean(err[i:i + block])) for i in range(0, x0.shape[1], block)]
+    return [float(jnp.mean(err[i : i + block])) for i in range(0, x0.shape[1], block)]
 
 
 def main(argv=None):
@@ -68,11 +69,18 @@ def main(argv=None):
     uncond = nets.uncond_like(cond, src.negative_context())
 
     nets_by_row = {}
-    for job, rows in (("teacher_bi", (("bi / full", "full", nets.velocity_fn),)),
-                      ("teacher_c2", (("c2 / block_causal", "block_causal", nets.velocity_fn),
-                                      ("c2 / teacher_forcing", "teacher_forcing", nets.tf_velocity_fn)))):
+    for job, rows in (
+        ("teacher_bi", (("bi / full", "full", nets.velocity_fn),)),
+        (
+            "teacher_c2",
+            (
+                ("c2 / block_causal", "block_causal", nets.velocity_fn),
+                ("c2 / teacher_forcing", "teacher_forcing", nets.tf_velocity_fn),
+            ),
+        ),
+    ):
         apply, params = functional(convert.load_nnx(study.export(job)))
-        for name, kind, make in rows:   # guided velocity of each row, jitted once
+        for name, kind, make in rows:  # guided velocity of each row, jitted once
             fn = make(apply, params, tcfg.pattern(kind))
             nets_by_row[name] = jax.jit(lambda x, tb, fn=fn: D.guided_velocity(fn, x, tb, cond, uncond, ts.GUIDANCE))
 
@@ -92,8 +100,10 @@ def main(argv=None):
         for name in nets_by_row:
             table[name][t] = [s / a.draws for s in sums[name]]
 
-    print(f"guided (CFG {ts.GUIDANCE}) x0 mean squared error on {a.episodes} held-out simulator clips, "
-          f"per chunk of {tcfg.block_frames} frames")
+    print(
+        f"guided (CFG {ts.GUIDANCE}) x0 mean squared error on {a.episodes} held-out simulator clips, "
+        f"per chunk of {tcfg.block_frames} frames"
+    )
     n_chunks = len(next(iter(table.values()))[times[0]])
     print(f"{'teacher / layout':24s} {'t':>4s} " + " ".join(f"{'chunk ' + str(i):>9s}" for i in range(n_chunks)))
     for name, by_t in table.items():
@@ -105,9 +115,17 @@ def main(argv=None):
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
-            json.dump(dict(episodes=a.episodes, guidance=ts.GUIDANCE, block_frames=tcfg.block_frames,
-                           chunk0_relative_gap=gap0, mse={n: {str(t): e for t, e in bt.items()} for n, bt in table.items()}),
-                      f, indent=1)
+            json.dump(
+                dict(
+                    episodes=a.episodes,
+                    guidance=ts.GUIDANCE,
+                    block_frames=tcfg.block_frames,
+                    chunk0_relative_gap=gap0,
+                    mse={n: {str(t): e for t, e in bt.items()} for n, bt in table.items()},
+                ),
+                f,
+                indent=1,
+            )
         print(f"wrote {a.out}")
     return 0 if gap0 < 1e-3 else 1
 

@@ -44,6 +44,7 @@ def ffn(gelu, out_f32=False):
         else:
             g = gelu(jnp.dot(x, w1) + b1)
         return jnp.dot(g, w2) + b2
+
     return f
 
 
@@ -66,9 +67,9 @@ def main():
         M, D, F = 64, 32, 48
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
     x = jax.random.normal(ks[0], (M, D), jnp.bfloat16)
-    w1 = (jax.random.normal(ks[1], (D, F)) * D ** -0.5).astype(jnp.bfloat16)
+    w1 = (jax.random.normal(ks[1], (D, F)) * D**-0.5).astype(jnp.bfloat16)
     b1 = (0.1 * jax.random.normal(ks[2], (F,))).astype(jnp.bfloat16)
-    w2 = (jax.random.normal(ks[3], (F, D)) * F ** -0.5).astype(jnp.bfloat16)
+    w2 = (jax.random.normal(ks[3], (F, D)) * F**-0.5).astype(jnp.bfloat16)
     b2 = (0.1 * jax.random.normal(ks[4], (D,))).astype(jnp.bfloat16)
     args_ = (x, w1, b1, w2, b2)
     f32 = [a.astype(jnp.float32) for a in args_]
@@ -91,17 +92,26 @@ def main():
                 t0 = time.perf_counter()
                 compiled(*args_).block_until_ready()
                 ts.append(time.perf_counter() - t0)
-            row = dict(variant=name, options=opts, ms=statistics.median(ts) * 1e3, rel_err=err,
-                       custom_calls=targets, epilogues=epilogues, fusions=fusions)
+            row = dict(
+                variant=name,
+                options=opts,
+                ms=statistics.median(ts) * 1e3,
+                rel_err=err,
+                custom_calls=targets,
+                epilogues=epilogues,
+                fusions=fusions,
+            )
         except Exception as e:  # noqa: BLE001 -- report and go on
             row = dict(variant=name, options=opts, error=f"{type(e).__name__}: {str(e)[:500]}")
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n| variant | ms | GELU epilogue | custom calls | other fusions | rel err |\n|---|---|---|---|---|---|")
+    print("\n| variant | ms | GELU epilogue | custom calls | other fusions | rel err |\n|---|---|---|---|---|---|")
     for r in rows:
         if "ms" in r:
-            print(f"| {r['variant']} | {r['ms']:.3f} | {','.join(r['epilogues']) or '-'} | "
-                  f"{','.join(r['custom_calls'])} | {r['fusions']} | {r['rel_err']:.1e} |")
+            print(
+                f"| {r['variant']} | {r['ms']:.3f} | {','.join(r['epilogues']) or '-'} | "
+                f"{','.join(r['custom_calls'])} | {r['fusions']} | {r['rel_err']:.1e} |"
+            )
         else:
             print(f"| {r['variant']} | failed: {r['error'][:80]} |")
     with open(args.out, "w") as fh:

@@ -33,7 +33,7 @@ from flax import nnx  # noqa: E402
 from crm_jax.models.config import get_model_config  # noqa: E402
 from crm_jax.models.wan import WanModel  # noqa: E402
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def param_count(name: str) -> int:
@@ -42,8 +42,11 @@ def param_count(name: str) -> int:
 
 
 def state_gib(mode: str, student: int, teacher: int) -> dict:
-    parts = {"student params+EMA+AdamW (fp32)": 16 * student, "student grads (fp32)": 4 * student,
-             "teacher (bf16)": 2 * teacher}
+    parts = {
+        "student params+EMA+AdamW (fp32)": 16 * student,
+        "student grads (fp32)": 4 * student,
+        "teacher (bf16)": 2 * teacher,
+    }
     if mode == "sf_dmd":
         parts["critic params+AdamW (fp32)"] = 12 * teacher
         parts["critic grads (fp32)"] = 4 * teacher
@@ -52,8 +55,12 @@ def state_gib(mode: str, student: int, teacher: int) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--activations_gib", type=float, default=None,
-                    help="measured activation peak per sample on one GPU (default: per mode, see ACT)")
+    ap.add_argument(
+        "--activations_gib",
+        type=float,
+        default=None,
+        help="measured activation peak per sample on one GPU (default: per mode, see ACT)",
+    )
     ap.add_argument("--gpu_gib", type=float, default=139.0, help="usable memory per GPU (H200: ~139)")
     ap.add_argument("--gpus", default="1,2,4,8")
     ap.add_argument("--out", default=None)
@@ -61,8 +68,10 @@ def main(argv=None):
     counts = {n: param_count(n) for n in ("wan_1_3b", "wan_14b")}
     # Activation peaks (GiB, one sample, 480p x 21 frames, chunk 3, remat block) from the
     # single-H200 benchmark: peak minus the state it held (experiments/RESULTS.md).
-    act = {"tf_scm": 63.0 - 20 * counts["wan_1_3b"] / GIB - 2 * counts["wan_1_3b"] / GIB,
-           "sf_dmd": 125.0 - 20 * counts["wan_1_3b"] / GIB - 18 * counts["wan_1_3b"] / GIB}
+    act = {
+        "tf_scm": 63.0 - 20 * counts["wan_1_3b"] / GIB - 2 * counts["wan_1_3b"] / GIB,
+        "sf_dmd": 125.0 - 20 * counts["wan_1_3b"] / GIB - 18 * counts["wan_1_3b"] / GIB,
+    }
     rows = []
     for mode in ("tf_scm", "sf_dmd"):
         for teacher in ("wan_1_3b", "wan_14b"):
@@ -75,16 +84,30 @@ def main(argv=None):
                 activ += (t_cfg.num_layers * t_cfg.dim - s_cfg.num_layers * s_cfg.dim) * 21 * 1560 * 4 / GIB
             for n in (int(g) for g in a.gpus.split(",")):
                 for context in sorted({1, n}):
-                    per_gpu = state / (n // context) + activ / context   # FSDP over n / context, CP over context
-                    rows.append(dict(mode=mode, teacher=teacher, gpus=n, fsdp=n // context, context=context,
-                                     state_gib=round(state, 1), activations_gib=round(activ, 1),
-                                     per_gpu_gib=round(per_gpu, 1), fits=per_gpu <= a.gpu_gib))
+                    per_gpu = state / (n // context) + activ / context  # FSDP over n / context, CP over context
+                    rows.append(
+                        dict(
+                            mode=mode,
+                            teacher=teacher,
+                            gpus=n,
+                            fsdp=n // context,
+                            context=context,
+                            state_gib=round(state, 1),
+                            activations_gib=round(activ, 1),
+                            per_gpu_gib=round(per_gpu, 1),
+                            fits=per_gpu <= a.gpu_gib,
+                        )
+                    )
     print(f"parameters: wan_1_3b {counts['wan_1_3b'] / 1e9:.2f} B, wan_14b {counts['wan_14b'] / 1e9:.2f} B")
-    print("| mode | teacher + critic | GPUs | fsdp x context | state GiB (total) | activations GiB | per GPU GiB | fits |")
+    print(
+        "| mode | teacher + critic | GPUs | fsdp x context | state GiB (total) | activations GiB | per GPU GiB | fits |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['teacher']} | {r['gpus']} | {r['fsdp']} x {r['context']} | {r['state_gib']} | "
-              f"{r['activations_gib']} | {r['per_gpu_gib']} | {'yes' if r['fits'] else 'no'} |")
+        print(
+            f"| {r['mode']} | {r['teacher']} | {r['gpus']} | {r['fsdp']} x {r['context']} | {r['state_gib']} | "
+            f"{r['activations_gib']} | {r['per_gpu_gib']} | {'yes' if r['fits'] else 'no'} |"
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(params=counts, gpu_gib=a.gpu_gib, rows=rows), f, indent=1)

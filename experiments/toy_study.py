@@ -68,24 +68,50 @@ from crm_jax import distributed as dist  # noqa: E402
 
 # Budgets. "full" is the GPU study; "smoke" exercises every code path on a CPU.
 SCALES = {
-    "full": dict(clf_steps=3000, clf_batch=128,
-                 teacher_iters=6000, teacher_batch=256, teacher_eval_every=1500,
-                 data_samples=2048, data_steps=32,
-                 student_iters=1000, student_batch=64, eval_every=100,
-                 dmd_iters=300, dmd_batch=32, dmd_eval_every=100,
-                 eval_episodes=256, final_episodes=256, long_frames=32, teacher_steps=16),
-    "smoke": dict(clf_steps=2, clf_batch=4,
-                  teacher_iters=2, teacher_batch=4, teacher_eval_every=2,
-                  data_samples=8, data_steps=2,
-                  student_iters=2, student_batch=4, eval_every=1,
-                  dmd_iters=2, dmd_batch=2, dmd_eval_every=1,
-                  eval_episodes=4, final_episodes=4, long_frames=12, teacher_steps=2),
+    "full": dict(
+        clf_steps=3000,
+        clf_batch=128,
+        teacher_iters=6000,
+        teacher_batch=256,
+        teacher_eval_every=1500,
+        data_samples=2048,
+        data_steps=32,
+        student_iters=1000,
+        student_batch=64,
+        eval_every=100,
+        dmd_iters=300,
+        dmd_batch=32,
+        dmd_eval_every=100,
+        eval_episodes=256,
+        final_episodes=256,
+        long_frames=32,
+        teacher_steps=16,
+    ),
+    "smoke": dict(
+        clf_steps=2,
+        clf_batch=4,
+        teacher_iters=2,
+        teacher_batch=4,
+        teacher_eval_every=2,
+        data_samples=8,
+        data_steps=2,
+        student_iters=2,
+        student_batch=4,
+        eval_every=1,
+        dmd_iters=2,
+        dmd_batch=2,
+        dmd_eval_every=1,
+        eval_episodes=4,
+        final_episodes=4,
+        long_frames=12,
+        teacher_steps=2,
+    ),
 }
-STEPS = (1, 2, 4)                 # few-step sampling of students: steps per chunk
-PREFIX = 2                        # given ground-truth frames per rollout (a chunk, or 2 frames)
-GUIDANCE = 2.0                    # CFG of teachers (sampling, distillation targets, DMD real score)
-TEACHER_SHIFT = 3.0               # Euler grid shift of teacher sampling
-PATTERNS = {"c2": 2, "c1": 1}     # job suffix -> block_frames
+STEPS = (1, 2, 4)  # few-step sampling of students: steps per chunk
+PREFIX = 2  # given ground-truth frames per rollout (a chunk, or 2 frames)
+GUIDANCE = 2.0  # CFG of teachers (sampling, distillation targets, DMD real score)
+TEACHER_SHIFT = 3.0  # Euler grid shift of teacher sampling
+PATTERNS = {"c2": 2, "c1": 1}  # job suffix -> block_frames
 # The study's model (every job: teachers, students, critics): a Wan of dim 192 (3 heads of 64) x 4
 # layers, attention by XLA (at 2 x 8 x 16 tokens the Pallas kernels are slower: bench_toy_teacher.py).
 # Teachers compute in bf16 (a 1.6x faster step than float32 on the H200), students in float32 (the sCM
@@ -95,17 +121,19 @@ TEACHER_DTYPE = "bfloat16"
 # SF-DMD's initialisations: the TF students, ODE regression, and two without distillation: the causal
 # teacher's own weights ("none") and the bidirectional teacher's weights run block-causally ("bidir": the
 # paper's "no init", a base model that was never causal).
-DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2",
-             "bidir": "teacher_bi"}
+DMD_INITS = {"scm": "tf_scm_c2", "dcm": "tf_dcm_c2", "ode": "ode_init_c2", "none": "teacher_c2", "bidir": "teacher_bi"}
 # SF-DMD's real score (and critic init): the bidirectional teacher (default, as in Self Forcing) or, in
 # jobs run on demand (`--only dmd_causal` / `--only dmd_tf`), the chunk-wise causal teacher, scoring
 # every chunk block-causally with noised earlier chunks (`dmd_*_causal`: an input it was never trained
 # on, experiments/dmd_real_score_check.py) or in its own teacher-forcing layout with the rollout's
 # clean earlier chunks as context (`dmd_*_tf`). Session 5 found teacher_bi too poor a target.
-DMD_REAL = {"bi": ("teacher_bi", "full"), "causal": ("teacher_c2", "block_causal"),
-            "tf": ("teacher_c2", "teacher_forcing")}
+DMD_REAL = {
+    "bi": ("teacher_bi", "full"),
+    "causal": ("teacher_c2", "block_causal"),
+    "tf": ("teacher_c2", "teacher_forcing"),
+}
 DMD_ON_DEMAND = {real: tuple(f"dmd_{i}_{real}" for i in DMD_INITS) for real in DMD_REAL if real != "bi"}
-TEACHER_VARIANTS = {               # diagnostics: the chunk-wise teacher with one change of its recipe
+TEACHER_VARIANTS = {  # diagnostics: the chunk-wise teacher with one change of its recipe
     "teacher_c2_small": dict(model=(("dim", 128), ("ffn_dim", 256), ("num_heads", 2), ("num_layers", 3))),
     "teacher_c2_lr5e-4": dict(lr=5e-4),
     "teacher_c2_f32": dict(model=(("dtype", "float32"),)),
@@ -117,10 +145,11 @@ class Variant:
     """A TF student with one change of its recipe, for claim 1 (why TF-sCM is or is not faster, and
     how much a second seed moves the curves). `train`: train-config overrides; the key `seed` is not
     one: it is added to the job's seeds (init noise, data order), a repeat of the method."""
-    method: str                   # tf_scm | tf_dcm
-    block: int                    # block frames (PATTERNS)
-    train: tuple                  # sorted (key, value) pairs
-    about: str                    # for tables and plots
+
+    method: str  # tf_scm | tf_dcm
+    block: int  # block frames (PATTERNS)
+    train: tuple  # sorted (key, value) pairs
+    about: str  # for tables and plots
 
     @property
     def suffix(self) -> str:
@@ -128,10 +157,12 @@ class Variant:
 
 
 def _variants() -> dict[str, Variant]:
-    changes = {"nowarmup": (dict(tangent_warmup=0), "no tangent warm-up"),
-               "nonorm": (dict(tangent_normalise=False), "g not normalised"),
-               "highnoise": (dict(p_mean=0.7), "times LogNormal(0.7, 1.6), more noise"),
-               "seed1": (dict(seed=1), "seed 1")}
+    changes = {
+        "nowarmup": (dict(tangent_warmup=0), "no tangent warm-up"),
+        "nonorm": (dict(tangent_normalise=False), "g not normalised"),
+        "highnoise": (dict(p_mean=0.7), "times LogNormal(0.7, 1.6), more noise"),
+        "seed1": (dict(seed=1), "seed 1"),
+    }
     out = {}
     for sfx, block in PATTERNS.items():
         for tag, (train, about) in changes.items():
@@ -140,19 +171,25 @@ def _variants() -> dict[str, Variant]:
     return out
 
 
-ABLATIONS = _variants()           # claim 1's variants: tf_{scm,dcm}_{c2,c1}_{tag}
-DIAGNOSTICS = tuple(TEACHER_VARIANTS) + ("final_teachers",) + tuple(   # only by --only
-    j for real, jobs in DMD_ON_DEMAND.items() for j in jobs + (f"final_dmd_{real}",))
+ABLATIONS = _variants()  # claim 1's variants: tf_{scm,dcm}_{c2,c1}_{tag}
+DIAGNOSTICS = (
+    tuple(TEACHER_VARIANTS)
+    + ("final_teachers",)
+    + tuple(  # only by --only
+        j for real, jobs in DMD_ON_DEMAND.items() for j in jobs + (f"final_dmd_{real}",)
+    )
+)
 
 
 # ----------------------------------------------------------------------------- jobs
 
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     name: str
-    kind: str                     # classifier | teacher | data | student | dmd | final
+    kind: str  # classifier | teacher | data | student | dmd | final
     deps: tuple[str, ...] = ()
-    args: tuple = ()              # kind-specific, hashable
+    args: tuple = ()  # kind-specific, hashable
 
 
 def _unique(*names: str) -> tuple[str, ...]:
@@ -160,9 +197,11 @@ def _unique(*names: str) -> tuple[str, ...]:
 
 
 def all_jobs() -> dict[str, Job]:
-    jobs = [Job("classifier", "classifier"),
-            Job("teacher_bi", "teacher", (), ("teacher_full", 1, ())),
-            Job("data", "data", ("teacher_bi",))]
+    jobs = [
+        Job("classifier", "classifier"),
+        Job("teacher_bi", "teacher", (), ("teacher_full", 1, ())),
+        Job("data", "data", ("teacher_bi",)),
+    ]
     for sfx, b in PATTERNS.items():
         jobs.append(Job(f"teacher_{sfx}", "teacher", (), ("teacher_tf", b, ())))
         for mode in ("tf_scm", "tf_meanflow", "tf_dcm"):
@@ -177,8 +216,12 @@ def all_jobs() -> dict[str, Job]:
         for real in DMD_ON_DEMAND:
             jobs.append(Job(f"dmd_{init}_{real}", "dmd", _unique(src, "teacher_c2", "classifier"), (src, real)))
     c1_models = (("teacher_c1", 1),) + tuple((f"{m}_c1", 1) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
-    c2_models = ((("teacher_bi", 0), ("teacher_c2", 2)) + tuple((f"{m}_c2", 2) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
-                 + (("ode_init_c2", 2),) + tuple((f"dmd_{i}", 2) for i in DMD_INITS))
+    c2_models = (
+        (("teacher_bi", 0), ("teacher_c2", 2))
+        + tuple((f"{m}_c2", 2) for m in ("tf_scm", "tf_meanflow", "tf_dcm"))
+        + (("ode_init_c2", 2),)
+        + tuple((f"dmd_{i}", 2) for i in DMD_INITS)
+    )
     for name, models in (("final_c1", c1_models), ("final_c2", c2_models)):
         jobs.append(Job(name, "final", tuple(m for m, _ in models) + ("classifier",), (models,)))
     # All teachers, the diagnostic variants included when they left an export (also a cut run's).
@@ -189,19 +232,23 @@ def all_jobs() -> dict[str, Job]:
     return {j.name: j for j in jobs}
 
 
-GROUPS = {"prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"), "variants": tuple(TEACHER_VARIANTS),
-          "ablations": tuple(ABLATIONS),
-          **{f"dmd_{real}": dmd + (f"final_dmd_{real}",) for real, dmd in DMD_ON_DEMAND.items()}}
+GROUPS = {
+    "prep": ("classifier", "teacher_bi", "teacher_c2", "teacher_c1"),
+    "variants": tuple(TEACHER_VARIANTS),
+    "ablations": tuple(ABLATIONS),
+    **{f"dmd_{real}": dmd + (f"final_dmd_{real}",) for real, dmd in DMD_ON_DEMAND.items()},
+}
 
 
 # ----------------------------------------------------------------------------- shared setup
 
-STUDENT_WEIGHTS = ("ema", "raw")   # what students (and SF-DMD) are evaluated and exported as
+STUDENT_WEIGHTS = ("ema", "raw")  # what students (and SF-DMD) are evaluated and exported as
 
 
 class Study:
-    def __init__(self, workdir: str, scale: str, student_weights: str = "ema", overrides: dict | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, workdir: str, scale: str, student_weights: str = "ema", overrides: dict | None = None, seed: int = 0
+    ):
         """`overrides`: budgets of `SCALES[scale]` to replace (`--set KEY=VALUE`), e.g. {"dmd_iters": 1000}.
         `seed`: added to every training job's seeds (init, data order, noise); the classifier, the
         synthetic set and the evaluation episodes stay fixed, so studies of two seeds differ only in
@@ -231,15 +278,17 @@ class Study:
 
     def base(self, mode: str, block: int, **model):
         from configs.base import base_config, toy_model
+
         c = base_config(mode, "tiny", **toy_model(**{**dict(STUDY_MODEL), **model}))
         c.train.update(block_frames=block, guidance=GUIDANCE, dmd_teacher_pattern="full")
         c.log_every = 50
-        c.checkpoint.update(every=10 ** 9, keep=1)    # the final checkpoint only (resume = rerun)
+        c.checkpoint.update(every=10**9, keep=1)  # the final checkpoint only (resume = rerun)
         return c
 
     @property
     def world(self):
         from crm_jax.training import loop
+
         return loop.toy_world_config(self.base("teacher_tf", 2))
 
     def world_of(self, frames: int):
@@ -259,8 +308,9 @@ def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None 
 
     block = c.train.block_frames
     mcfg = loop.model_config(c)
-    src, batch = wm.heldout_source(study.world_of(frames or study.world.num_frames), mcfg.text_len,
-                                   mcfg.text_dim, episodes)
+    src, batch = wm.heldout_source(
+        study.world_of(frames or study.world.num_frames), mcfg.text_len, mcfg.text_dim, episodes
+    )
     key = jax.random.key(2024)
     loaded = {}
 
@@ -273,8 +323,10 @@ def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None 
     def evaluate(it, state):
         params = state.ema if c.get("export_ema", False) else state.params
         apply, feats = apply_for(mcfg), features()
-        return {name: _strip(wm.evaluate(apply, params, mcfg, src, batch, key, features=feats, **kw))
-                for name, kw in eval_settings(study, kind, block)}
+        return {
+            name: _strip(wm.evaluate(apply, params, mcfg, src, batch, key, features=feats, **kw))
+            for name, kw in eval_settings(study, kind, block)
+        }
 
     return evaluate
 
@@ -290,6 +342,7 @@ def eval_settings(study: Study, kind: str, block: int) -> list[tuple[str, dict]]
     colours, which way do they move), the one where a few-step sampler must not average.
     """
     from crm_jax.models.wan import AttentionPattern
+
     euler = dict(method="euler", steps=study.S["teacher_steps"], guidance=GUIDANCE, shift=TEACHER_SHIFT)
     if kind == "full":
         return [("euler", dict(pattern=AttentionPattern("full"), prefix_frames=0, **euler))]
@@ -299,8 +352,9 @@ def eval_settings(study: Study, kind: str, block: int) -> list[tuple[str, dict]]
         return [("euler", dict(given, **euler)), ("euler_scratch", dict(scratch, **euler))]
     if kind != "student":
         raise ValueError(f"unknown model kind {kind!r}")
-    return ([(f"steps{n}", dict(given, method="consistency", steps=n)) for n in STEPS]
-            + [(f"scratch{n}", dict(scratch, method="consistency", steps=n)) for n in STEPS])
+    return [(f"steps{n}", dict(given, method="consistency", steps=n)) for n in STEPS] + [
+        (f"scratch{n}", dict(scratch, method="consistency", steps=n)) for n in STEPS
+    ]
 
 
 def _strip(r: dict) -> dict:
@@ -316,26 +370,36 @@ def seeded(study: Study, c):
 
 def _train(study: Study, job: Job, c, evaluator):
     from crm_jax.training import loop
+
     t0 = time.time()
     c = seeded(study, c)
-    if dist.is_main_process():   # several processes: process 0 writes the study's files
-        with open(study.path(job.name, "config.json"), "w") as f:   # what ran, for the record
+    if dist.is_main_process():  # several processes: process 0 writes the study's files
+        with open(study.path(job.name, "config.json"), "w") as f:  # what ran, for the record
             f.write(c.to_json_best_effort(indent=1))
     out = loop.train(c, study.path(job.name), progress=False, evaluator=evaluator)
-    if out["iteration"] < c.num_iterations:   # stopped by a signal: checkpoint saved, not done
-        raise RuntimeError(f"{job.name} stopped at iteration {out['iteration']} of {c.num_iterations}; "
-                           f"rerun to resume from {study.path(job.name, 'checkpoints')}")
-    return dict(seconds=round(time.time() - t0, 1), iterations=out["iteration"], steps=out["step"],
-                batch_size=int(c.data.batch_size),
-                nan_skips=out["nan_skips"], final_metrics=out["metrics"])
+    if out["iteration"] < c.num_iterations:  # stopped by a signal: checkpoint saved, not done
+        raise RuntimeError(
+            f"{job.name} stopped at iteration {out['iteration']} of {c.num_iterations}; "
+            f"rerun to resume from {study.path(job.name, 'checkpoints')}"
+        )
+    return dict(
+        seconds=round(time.time() - t0, 1),
+        iterations=out["iteration"],
+        steps=out["step"],
+        batch_size=int(c.data.batch_size),
+        nan_skips=out["nan_skips"],
+        final_metrics=out["metrics"],
+    )
 
 
 # ----------------------------------------------------------------------------- job kinds
+
 
 def run_classifier(study: Study, job: Job) -> dict:
     import jax
 
     from crm_jax.evaluation.video_features import train_classifier
+
     t0 = time.time()
     m = train_classifier(study.world, steps=study.S["clf_steps"], batch_size=study.S["clf_batch"], seed=0)
     m.save(study.path(job.name))
@@ -346,6 +410,7 @@ def teacher_config(study: Study, mode: str, block: int):
     """Teachers from scratch: configs/toy_teacher_*.py with Adam b1 = 0.9 (not DESIGN's 0, a
     fine-tuning default), uniform times without the bell weight, the power EMA exported."""
     from configs.base import toy_teacher_config
+
     c = toy_teacher_config(mode)
     c.model.overrides.update(dict(STUDY_MODEL, dtype=TEACHER_DTYPE))
     c.train.update(block_frames=block, adam_b1=0.9, fm_weighting="none", fm_shift=1.0)
@@ -354,7 +419,7 @@ def teacher_config(study: Study, mode: str, block: int):
     c.export_ema = True
     c.num_iterations, c.data.batch_size = study.S["teacher_iters"], study.S["teacher_batch"]
     c.log_every, c.eval_every = 100, study.S["teacher_eval_every"]
-    c.checkpoint.update(every=10 ** 9, keep=1)
+    c.checkpoint.update(every=10**9, keep=1)
     return c
 
 
@@ -363,20 +428,20 @@ def run_teacher(study: Study, job: Job) -> dict:
     c = teacher_config(study, mode, block)
     over = dict(over)
     c.model.overrides.update(dict(over.pop("model", ())))
-    if study.scale == "full":      # budgets of a variant (the smoke scale keeps its own)
+    if study.scale == "full":  # budgets of a variant (the smoke scale keeps its own)
         c.data.batch_size = over.pop("batch_size", c.data.batch_size)
         c.num_iterations = over.pop("num_iterations", c.num_iterations)
         c.eval_every = max(1, c.num_iterations // 5)
     over.pop("batch_size", None), over.pop("num_iterations", None)
     c.train.update(over)
-    ev = _evaluator(study, c, kind="full" if mode == "teacher_full" else "teacher",
-                    episodes=study.S["eval_episodes"])
+    ev = _evaluator(study, c, kind="full" if mode == "teacher_full" else "teacher", episodes=study.S["eval_episodes"])
     return _train(study, job, c, ev)
 
 
 def data_config(study: Study):
     """Synthetic set: teacher_bi's Euler samples (CFG) of simulator prompts/actions, with ODE points."""
     from configs.toy_generate import get_config
+
     w = study.world
     g = get_config()
     g.teacher = study.export("teacher_bi")
@@ -393,6 +458,7 @@ def data_config(study: Study):
 
 def run_data(study: Study, job: Job) -> dict:
     from crm_jax.data.generate import generate
+
     t0 = time.time()
     res = generate(data_config(study), study.path(job.name, "set"), progress=False)
     if not res["complete"]:
@@ -402,17 +468,18 @@ def run_data(study: Study, job: Job) -> dict:
 
 def student_config(study: Study, mode: str, block: int, overrides=()):
     from configs.base import toy_student_config
+
     sfx = {2: "c2", 1: "c1"}[block]
     c = toy_student_config(mode, mean_flow=(mode == "tf_meanflow"), **dict(STUDY_MODEL))
     c.train.update(block_frames=block, guidance=GUIDANCE, **dict(overrides))
     c.num_iterations, c.data.batch_size = study.S["student_iters"], study.S["student_batch"]
-    if mode == "ode_init":    # regression onto teacher_bi's ODE points; TF students see simulator clips
+    if mode == "ode_init":  # regression onto teacher_bi's ODE points; TF students see simulator clips
         c.data.update(kind="dataset", path=study.path("data", "set"))
     c.init.teacher = study.export(f"teacher_{sfx}")
     c.init.student = "" if mode == "tf_meanflow" else study.export(f"teacher_{sfx}")
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["eval_every"]
-    c.checkpoint.update(every=10 ** 9, keep=1)
-    c.export_ema = study.student_weights == "ema"   # like the teachers (session 4's run: raw)
+    c.checkpoint.update(every=10**9, keep=1)
+    c.export_ema = study.student_weights == "ema"  # like the teachers (session 4's run: raw)
     return c
 
 
@@ -436,6 +503,7 @@ def dmd_config(study: Study, init_job: str, real: str = "bi"):
     """SF-DMD from `init_job`'s export; `real` (a `DMD_REAL` key): which teacher gives the real score
     (with CFG) and initialises the critic."""
     from configs.base import toy_student_config
+
     if real not in DMD_REAL:
         raise ValueError(f"real must be one of {sorted(DMD_REAL)}, got {real!r}")
     real_job, real_pattern = DMD_REAL[real]
@@ -443,10 +511,11 @@ def dmd_config(study: Study, init_job: str, real: str = "bi"):
     c.train.update(block_frames=2, guidance=GUIDANCE, dmd_teacher_pattern=real_pattern, sf_max_steps=4)
     c.num_iterations, c.data.batch_size = study.S["dmd_iters"], study.S["dmd_batch"]
     c.data.kind = "toy"
-    c.init.update(student=study.export(init_job), teacher=study.export("teacher_c2"),
-                  dmd_teacher=study.export(real_job))
+    c.init.update(
+        student=study.export(init_job), teacher=study.export("teacher_c2"), dmd_teacher=study.export(real_job)
+    )
     c.sample_every, c.log_every, c.eval_every = 0, 50, study.S["dmd_eval_every"]
-    c.checkpoint.update(every=10 ** 9, keep=1)
+    c.checkpoint.update(every=10**9, keep=1)
     c.export_ema = study.student_weights == "ema"
     return c
 
@@ -480,8 +549,7 @@ def run_final(study: Study, job: Job) -> dict:
     mcfg = loop.model_config(study.base("teacher_tf", 2))
     key, t0, n_ep = jax.random.key(4242), time.time(), study.S["final_episodes"]
     short_src, short_batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, n_ep)
-    long_src, long_batch = wm.heldout_source(study.world_of(study.S["long_frames"]), mcfg.text_len,
-                                             mcfg.text_dim, n_ep)
+    long_src, long_batch = wm.heldout_source(study.world_of(study.S["long_frames"]), mcfg.text_len, mcfg.text_dim, n_ep)
     results, pictures, sources = _previous_final(study, job.name, [m for m, _ in models])
     for name, block in models:
         if not os.path.isdir(study.export(name)):
@@ -491,7 +559,7 @@ def run_final(study: Study, job: Job) -> dict:
         if name in sources and sources[name] == source:
             print(f"{name}: evaluated before (evaluated.json), kept", flush=True)
             continue
-        for tag in [t for t in results if t.startswith(f"{name}/")]:   # retrained: evaluate it again
+        for tag in [t for t in results if t.startswith(f"{name}/")]:  # retrained: evaluate it again
             results.pop(tag)
             pictures.pop(tag, None)
         model = convert.load_nnx(study.export(name))
@@ -500,22 +568,29 @@ def run_final(study: Study, job: Job) -> dict:
         for setting, kw in eval_settings(study, kind, block):
             tag = f"{name}/{setting}"
             short = wm.evaluate(apply, params, model.cfg, short_src, short_batch, key, features=feats, **kw)
-            if kw["prefix_frames"] == 0:   # whole clips of the trained length: no long rollout
+            if kw["prefix_frames"] == 0:  # whole clips of the trained length: no long rollout
                 print(f"{tag}: follow {short['action_following']:.3f} fd {short['fd']:.2f}", flush=True)
                 results[tag] = dict(short=_strip(short))
                 continue
             long_kw = dict(kw, pattern=wm.long_rollout_pattern(kw["pattern"], study.world.num_frames))
-            long = wm.evaluate(apply, params, model.cfg, long_src, long_batch, key, features=feats,
-                               keep_frames=4, **long_kw)
+            long = wm.evaluate(
+                apply, params, model.cfg, long_src, long_batch, key, features=feats, keep_frames=4, **long_kw
+            )
             pictures[tag] = long.pop("frames")
             results[tag] = dict(short=short, long=long)
-            print(f"{tag}: short traj {short['trajectory_error']:.3f} fd {short['fd']:.2f} | long traj "
-                  f"{long['trajectory_error']:.3f} fd(last {feats.clip_frames}) {long['fd']:.2f}", flush=True)
+            print(
+                f"{tag}: short traj {short['trajectory_error']:.3f} fd {short['fd']:.2f} | long traj "
+                f"{long['trajectory_error']:.3f} fd(last {feats.clip_frames}) {long['fd']:.2f}",
+                flush=True,
+            )
         sources[name] = source
     truth = np.asarray(latents_to_frames(long_batch["latents"][:4], short_src.factor))
     if dist.is_main_process():
-        np.savez_compressed(study.path(job.name, "long_rollouts.npz"), truth=truth,
-                            **{k.replace("/", "__"): v for k, v in pictures.items()})
+        np.savez_compressed(
+            study.path(job.name, "long_rollouts.npz"),
+            truth=truth,
+            **{k.replace("/", "__"): v for k, v in pictures.items()},
+        )
         with open(study.path(job.name, "final.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(study.path(job.name, "evaluated.json"), "w") as f:
@@ -534,6 +609,7 @@ def _previous_final(study: Study, name: str, models: list[str]) -> tuple[dict, d
     `evaluated.json` existed are not trusted (no record of which weights they were) and are evaluated
     again; so is everything when the earlier run's files are incomplete or unreadable (said, not fatal)."""
     import numpy as np
+
     files = [study.path(name, f) for f in ("evaluated.json", "final.json", "long_rollouts.npz")]
     if not os.path.exists(files[0]):
         return {}, {}, {}
@@ -542,16 +618,16 @@ def _previous_final(study: Study, name: str, models: list[str]) -> tuple[dict, d
         results = json.load(open(files[1]))
         with np.load(files[2]) as z:
             pictures = {k.replace("__", "/"): z[k] for k in z.files if k != "truth"}
-    except (OSError, ValueError, KeyError) as e:   # missing, truncated or corrupt
-        print(f"{name}: earlier results unreadable ({type(e).__name__}: {e}); evaluating every model again",
-              flush=True)
+    except (OSError, ValueError, KeyError) as e:  # missing, truncated or corrupt
+        print(f"{name}: earlier results unreadable ({type(e).__name__}: {e}); evaluating every model again", flush=True)
         return {}, {}, {}
     keep = lambda tag: tag.split("/")[0] in sources
     return ({t: r for t, r in results.items() if keep(t)}, {t: p for t, p in pictures.items() if keep(t)}, sources)
 
 
-RUNNERS = dict(classifier=run_classifier, teacher=run_teacher, data=run_data, student=run_student,
-               dmd=run_dmd, final=run_final)
+RUNNERS = dict(
+    classifier=run_classifier, teacher=run_teacher, data=run_data, student=run_student, dmd=run_dmd, final=run_final
+)
 
 
 def run_job(study: Study, name: str) -> None:
@@ -564,20 +640,38 @@ def run_job(study: Study, name: str) -> None:
     if not dist.is_main_process():
         return
     with open(study.path(name, "done.json"), "w") as f:
-        json.dump({"job": name, "scale": study.scale, "overrides": study.overrides, "seed": study.seed, **summary},
-                  f, indent=1)
+        json.dump(
+            {"job": name, "scale": study.scale, "overrides": study.overrides, "seed": study.seed, **summary},
+            f,
+            indent=1,
+        )
 
 
 # ----------------------------------------------------------------------------- scheduler
 
+
 def job_command(study: Study, name: str) -> list[str]:
     sets = [a for k, v in sorted(study.overrides.items()) for a in ("--set", f"{k}={v}")]
-    return [sys.executable, os.path.abspath(__file__), "--workdir", study.workdir, "--scale", study.scale,
-            "--student_weights", study.student_weights, "--seed", str(study.seed), *sets, "--job", name]
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--workdir",
+        study.workdir,
+        "--scale",
+        study.scale,
+        "--student_weights",
+        study.student_weights,
+        "--seed",
+        str(study.seed),
+        *sets,
+        "--job",
+        name,
+    ]
 
 
-def schedule(study: Study, names: list[str], parallel: int, command=job_command,
-             jobs: dict[str, Job] | None = None) -> dict[str, str]:
+def schedule(
+    study: Study, names: list[str], parallel: int, command=job_command, jobs: dict[str, Job] | None = None
+) -> dict[str, str]:
     """Run jobs (and their unfinished dependencies) as subprocesses (`command(study, name)`),
     `parallel` at a time, each as soon as its dependencies are done; a job counts as finished
     when it exits 0 (it writes its `done.json`). SIGTERM is passed on to running jobs.
@@ -592,7 +686,7 @@ def schedule(study: Study, names: list[str], parallel: int, command=job_command,
             raise ValueError(f"unknown job {n!r}; known: {sorted(jobs)}")
         if n not in want:
             want.add(n)
-            if not done(n):          # a finished job needs nothing rerun (its inputs may be gone)
+            if not done(n):  # a finished job needs nothing rerun (its inputs may be gone)
                 stack.extend(jobs[n].deps)
     status = {n: "skipped" for n in want if done(n)}
     pending = sorted(n for n in want if n not in status)
@@ -602,7 +696,7 @@ def schedule(study: Study, names: list[str], parallel: int, command=job_command,
 
     stopping = []
 
-    def forward(signum, frame):   # a cut run: jobs checkpoint and export (loop.train on SIGTERM)
+    def forward(signum, frame):  # a cut run: jobs checkpoint and export (loop.train on SIGTERM)
         stopping.append(signum)
         for p, _ in running.values():
             p.send_signal(signum)
@@ -623,9 +717,11 @@ def _loop(study, jobs, pending, running, status, parallel, command, t_start, sto
         for n, (p, t0) in list(running.items()):
             if p.poll() is not None:
                 status[n] = "done" if p.returncode == 0 else "failed"
-                print(f"[{time.time() - t_start:7.1f}s] {n}: {status[n]} in {time.time() - t0:.0f}s"
-                      + ("" if p.returncode == 0 else f" (exit {p.returncode}; log {study.path('logs', n + '.log')})"),
-                      flush=True)
+                print(
+                    f"[{time.time() - t_start:7.1f}s] {n}: {status[n]} in {time.time() - t0:.0f}s"
+                    + ("" if p.returncode == 0 else f" (exit {p.returncode}; log {study.path('logs', n + '.log')})"),
+                    flush=True,
+                )
                 del running[n]
         for n in list(pending):
             deps = jobs[n].deps
@@ -635,8 +731,10 @@ def _loop(study, jobs, pending, running, status, parallel, command, t_start, sto
                 print(f"[{time.time() - t_start:7.1f}s] {n}: blocked by a failed dependency", flush=True)
             elif len(running) < parallel and all(status.get(d) in ("done", "skipped") for d in deps):
                 with open(study.path("logs", n + ".log"), "w") as log:
-                    running[n] = (subprocess.Popen(command(study, n), stdout=log, stderr=subprocess.STDOUT,
-                                                   cwd=ROOT), time.time())
+                    running[n] = (
+                        subprocess.Popen(command(study, n), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT),
+                        time.time(),
+                    )
                 pending.remove(n)
                 print(f"[{time.time() - t_start:7.1f}s] {n}: started", flush=True)
         time.sleep(0.2)
@@ -655,18 +753,36 @@ def main(argv=None):
     ap.add_argument("--scale", default="full", choices=sorted(SCALES))
     ap.add_argument("--only", default="", help="comma-separated jobs or groups (prep); default: all")
     ap.add_argument("--parallel", type=int, default=8, help="jobs run at once (processes)")
-    ap.add_argument("--student_weights", default="ema", choices=STUDENT_WEIGHTS,
-                    help="evaluate and export students / SF-DMD as their power EMA (default) or their raw "
-                         "weights (what session 4's run did)")
-    ap.add_argument("--set", action="append", default=[], type=_budget, metavar="KEY=VALUE",
-                    help="replace one budget of the scale (repeatable), e.g. --set dmd_iters=1000; "
-                         "recorded in each job's done.json")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="added to every training job's seeds (one workdir per seed; evaluation fixed)")
+    ap.add_argument(
+        "--student_weights",
+        default="ema",
+        choices=STUDENT_WEIGHTS,
+        help="evaluate and export students / SF-DMD as their power EMA (default) or their raw "
+        "weights (what session 4's run did)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_budget,
+        metavar="KEY=VALUE",
+        help="replace one budget of the scale (repeatable), e.g. --set dmd_iters=1000; "
+        "recorded in each job's done.json",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="added to every training job's seeds (one workdir per seed; evaluation fixed)",
+    )
     ap.add_argument("--job", default="", help="(internal) run one job in this process")
     ap.add_argument("--report", default="", help="write tables/plots of the workdir to this directory")
-    ap.add_argument("--repeats", default="", help="with --report: comma-separated workdirs of the same study "
-                                                  "at other --seed values, pooled in 'Claim 2 over seeds'")
+    ap.add_argument(
+        "--repeats",
+        default="",
+        help="with --report: comma-separated workdirs of the same study "
+        "at other --seed values, pooled in 'Claim 2 over seeds'",
+    )
     args = ap.parse_args(argv)
     if args.repeats and not args.report:
         ap.error("--repeats pools other seeds' workdirs into a report: it needs --report DIR")
@@ -676,10 +792,12 @@ def main(argv=None):
         return 0
     if args.report:
         from experiments import toy_study_report
+
         toy_study_report.write_report(study, args.report, tuple(w for w in args.repeats.split(",") if w))
         return 0
-    names = ([x for part in args.only.split(",") if part for x in GROUPS.get(part, (part,))]
-             or sorted(n for n in all_jobs() if n not in DIAGNOSTICS))
+    names = [x for part in args.only.split(",") if part for x in GROUPS.get(part, (part,))] or sorted(
+        n for n in all_jobs() if n not in DIAGNOSTICS
+    )
     status = schedule(study, names, args.parallel)
     bad = {n: s for n, s in status.items() if s in ("failed", "blocked", "cancelled")}
     print("jobs:", json.dumps(status, sort_keys=True))

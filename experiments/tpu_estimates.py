@@ -36,25 +36,31 @@ from crm_jax.training import aot  # noqa: E402
 from pallas_kernels import masks, ops  # noqa: E402
 from pallas_kernels.mosaic import default_config  # noqa: E402
 
-GIB = 2 ** 30
+GIB = 2**30
 GENERATIONS = (("v4", "v4:2x2x1"), ("v5e", "v5e:1x1"), ("v5p", "v5p:2x2x1"), ("v6e", "v6e:1x1"))
 # (slice label, topology, mesh data x fsdp x context, configs and their step plans)
 SLICES = (
-    ("v5p-16", "v5p:2x2x2", (1, 8, 1)),     # v5p names count TensorCores: 8 chips
+    ("v5p-16", "v5p:2x2x2", (1, 8, 1)),  # v5p names count TensorCores: 8 chips
     ("v6e-8", "v6e:2x4", (1, 8, 1)),
     ("v5e-16", "v5e:4x4", (1, 8, 2)),
     ("v5e-32", "v5e:4x8", (1, 8, 4)),
     ("v6e-16", "v6e:4x4", (1, 8, 2)),
 )
-STEPS = (("tf_scm", "wan_tf_scm", None, ""), ("sf_dmd", "wan_sf_dmd", [("student", 4, True), ("critic", 4, True)], ""),
-         ("tf_scm_14b_teacher", "wan_tf_scm", None, "wan_14b"))
+STEPS = (
+    ("tf_scm", "wan_tf_scm", None, ""),
+    ("sf_dmd", "wan_sf_dmd", [("student", 4, True), ("critic", 4, True)], ""),
+    ("tf_scm_14b_teacher", "wan_tf_scm", None, "wan_14b"),
+)
 
 
 def kernel_rows():
     n = 21 * 1560
-    cases = (("full", masks.full(n)), ("block_causal chunk 3", masks.block_causal(21, 1560, 3)),
-             ("teacher_forcing frame", masks.teacher_forcing(21, 1560, 1)),
-             ("teacher_forcing chunk 3", masks.teacher_forcing(21, 1560, 3)))
+    cases = (
+        ("full", masks.full(n)),
+        ("block_causal chunk 3", masks.block_causal(21, 1560, 3)),
+        ("teacher_forcing frame", masks.teacher_forcing(21, 1560, 1)),
+        ("teacher_forcing chunk 3", masks.teacher_forcing(21, 1560, 3)),
+    )
     rows = []
     for gen, topo in GENERATIONS:
         dev = aot.tpu_devices(topo)[0]
@@ -62,11 +68,15 @@ def kernel_rows():
         sh = SingleDeviceSharding(dev)
         for name, spec in cases:
             x = jax.ShapeDtypeStruct((1, spec.q_len, 12, 128), jnp.bfloat16)
-            fns = {"forward": lambda q, k, v, spec=spec: ops.attention(q, k, v, spec),
-                   "jvp": lambda q, k, v, spec=spec: jax.jvp(lambda *a: ops.attention(*a, spec, ad="jvp"),
-                                                             (q, k, v), (q, k, v)),
-                   "forward+backward": lambda q, k, v, spec=spec: jax.grad(
-                       lambda *a: ops.attention(*a, spec).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)}
+            fns = {
+                "forward": lambda q, k, v, spec=spec: ops.attention(q, k, v, spec),
+                "jvp": lambda q, k, v, spec=spec: jax.jvp(
+                    lambda *a: ops.attention(*a, spec, ad="jvp"), (q, k, v), (q, k, v)
+                ),
+                "forward+backward": lambda q, k, v, spec=spec: jax.grad(
+                    lambda *a: ops.attention(*a, spec).astype(jnp.float32).sum(), argnums=(0, 1, 2)
+                )(q, k, v),
+            }
             for mode, fn in fns.items():
                 with ops.target_platform("tpu"):
                     c = jax.jit(fn, in_shardings=(sh,) * 3).trace(x, x, x).lower().compile()
@@ -74,11 +84,21 @@ def kernel_rows():
                 cost = cost[0] if isinstance(cost, (list, tuple)) else cost
                 flops, byts = float(cost["flops"]), float(cost["bytes accessed"])
                 t = aot.roofline_seconds(flops, byts, chip)
-                rows.append(dict(generation=gen, mask=name, tokens=spec.q_len, mode=mode,
-                                 tiles=list(default_config(spec.q_len, spec.kv_len).fwd), flops=flops,
-                                 bytes=byts, roofline_ms=round(t * 1e3, 2),
-                                 bound="compute" if flops / (chip.bf16_tflops * 1e12) >= byts / (chip.hbm_gbps * 1e9)
-                                 else "memory"))
+                rows.append(
+                    dict(
+                        generation=gen,
+                        mask=name,
+                        tokens=spec.q_len,
+                        mode=mode,
+                        tiles=list(default_config(spec.q_len, spec.kv_len).fwd),
+                        flops=flops,
+                        bytes=byts,
+                        roofline_ms=round(t * 1e3, 2),
+                        bound="compute"
+                        if flops / (chip.bf16_tflops * 1e12) >= byts / (chip.hbm_gbps * 1e9)
+                        else "memory",
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -100,16 +120,27 @@ def step_rows(only: str | None, steps: str | None):
             t0 = time.time()
             try:
                 reps = aot.compile_steps(c, devices, platform="tpu", plans=plans)
-            except Exception as e:   # e.g. out of HBM at compile time: recorded as such
+            except Exception as e:  # e.g. out of HBM at compile time: recorded as such
                 msg = str(e).strip().splitlines()
                 rows.append(dict(slice=label, step=name, error=(msg[0] if msg else type(e).__name__)[:300]))
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             for r in reps:
-                rows.append(dict(slice=label, topology=topo, chips=len(devices), mesh=[d, f, cp], step=f"{name}: {r.name}",
-                                 total_gib=round(r.total / GIB, 2), temp_gib=round(r.temp / GIB, 2),
-                                 argument_gib=round(r.argument / GIB, 2), hbm_gib=chip.hbm_gib,
-                                 fits=r.total <= chip.hbm_gib * GIB, compile_s=round(time.time() - t0)))
+                rows.append(
+                    dict(
+                        slice=label,
+                        topology=topo,
+                        chips=len(devices),
+                        mesh=[d, f, cp],
+                        step=f"{name}: {r.name}",
+                        total_gib=round(r.total / GIB, 2),
+                        temp_gib=round(r.temp / GIB, 2),
+                        argument_gib=round(r.argument / GIB, 2),
+                        hbm_gib=chip.hbm_gib,
+                        fits=r.total <= chip.hbm_gib * GIB,
+                        compile_s=round(time.time() - t0),
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -119,16 +150,19 @@ def main(argv=None):
     ap.add_argument("what", choices=("kernels", "steps"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="steps: one slice label (e.g. v5p-16)")
-    ap.add_argument("--steps", default=None, help="steps: a comma-separated subset of " +
-                    ", ".join(repr(n) for n, *_ in STEPS))
+    ap.add_argument(
+        "--steps", default=None, help="steps: a comma-separated subset of " + ", ".join(repr(n) for n, *_ in STEPS)
+    )
     a = ap.parse_args(argv)
     rows = kernel_rows() if a.what == "kernels" else step_rows(a.only, a.steps)
     if a.what == "kernels":
         print("| generation | mask | tokens | tiles | mode | TFLOP | GB moved | roofline ms | bound |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['generation']} | {r['mask']} | {r['tokens']} | {r['tiles'][0]}x{r['tiles'][1]} | {r['mode']} | "
-                  f"{r['flops'] / 1e12:.1f} | {r['bytes'] / 1e9:.2f} | {r['roofline_ms']} | {r['bound']} |")
+            print(
+                f"| {r['generation']} | {r['mask']} | {r['tokens']} | {r['tiles'][0]}x{r['tiles'][1]} | {r['mode']} | "
+                f"{r['flops'] / 1e12:.1f} | {r['bytes'] / 1e9:.2f} | {r['roofline_ms']} | {r['bound']} |"
+            )
     else:
         print("| slice | mesh (data x fsdp x context) | step | per chip GiB (temporaries) | HBM GiB | fits |")
         print("|---|---|---|---|---|---|")
@@ -136,8 +170,10 @@ def main(argv=None):
             if "error" in r:
                 print(f"| {r['slice']} | | {r['step']} | does not compile: {r['error']} | | no |")
                 continue
-            print(f"| {r['slice']} | {' x '.join(map(str, r['mesh']))} | {r['step']} | {r['total_gib']} ({r['temp_gib']}) | "
-                  f"{r['hbm_gib']} | {'yes' if r['fits'] else 'no'} |")
+            print(
+                f"| {r['slice']} | {' x '.join(map(str, r['mesh']))} | {r['step']} | {r['total_gib']} ({r['temp_gib']}) | "
+                f"{r['hbm_gib']} | {'yes' if r['fits'] else 'no'} |"
+            )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -41,8 +41,20 @@ import os
 
 CATEGORIES = [
     ("attention", ("crm_flash", "fmha", "flash", "cudnn", "attention")),
-    ("collective", ("nccl", "all-to-all", "all_to_all", "allgather", "all-gather", "reduce-scatter",
-                    "reduce_scatter", "all-reduce", "allreduce")),
+    (
+        "collective",
+        (
+            "nccl",
+            "all-to-all",
+            "all_to_all",
+            "allgather",
+            "all-gather",
+            "reduce-scatter",
+            "reduce_scatter",
+            "all-reduce",
+            "allreduce",
+        ),
+    ),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "dot", "matmul", "wgmma")),
     ("copy", ("memcpy", "memset", "copy", "dynamic-update-slice", "dynamic_update_slice")),
 ]
@@ -57,9 +69,11 @@ def category(name: str) -> str:
 
 
 def find_trace(trace_dir: str) -> str:
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-                   + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
         raise FileNotFoundError(f"no *.trace.json.gz / perfetto_trace.json.gz under {trace_dir}")
     return files[-1]
@@ -76,9 +90,14 @@ def summarize(trace_dir: str, per: float = 1.0, top: int = 15) -> dict:
             pname[e["pid"]] = e.get("args", {}).get("name", "")
         if e.get("ph") == "M" and e.get("name") == "thread_name":
             tname[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
-    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e
-               and "stream" in tname.get((e["pid"], e.get("tid")), "").lower()
-               and any(k in pname.get(e["pid"], "").lower() for k in ("gpu", "device", "tpu"))]
+    kernels = [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and "dur" in e
+        and "stream" in tname.get((e["pid"], e.get("tid")), "").lower()
+        and any(k in pname.get(e["pid"], "").lower() for k in ("gpu", "device", "tpu"))
+    ]
     if not kernels:
         lines = sorted({f"{pname.get(p, p)} / {t}" for (p, _), t in tname.items()})
         raise ValueError(f"no device stream events in {path}; lines present: {lines[:40]}")
@@ -105,12 +124,20 @@ def summarize(trace_dir: str, per: float = 1.0, top: int = 15) -> dict:
             cid = _correlation(e)
             if cid is not None:
                 launches[cid] = e["ts"] + e["dur"]
-    return dict(trace=path, per=per, busy_ms=ms(busy), span_ms=ms(span), idle_ms=ms(span - union),
-                kernels=round(len(kernels) / per, 1),
-                categories={c: dict(ms=ms(v), share=round(v / busy, 3)) for c, v in by_cat.most_common()},
-                top_kernels=[dict(name=n[:120], category=category(n), ms=ms(v), calls=round(calls[n] / per, 1))
-                             for n, v in by_name.most_common(top)],
-                gaps=gap_stats(kernels, launches, per))
+    return dict(
+        trace=path,
+        per=per,
+        busy_ms=ms(busy),
+        span_ms=ms(span),
+        idle_ms=ms(span - union),
+        kernels=round(len(kernels) / per, 1),
+        categories={c: dict(ms=ms(v), share=round(v / busy, 3)) for c, v in by_cat.most_common()},
+        top_kernels=[
+            dict(name=n[:120], category=category(n), ms=ms(v), calls=round(calls[n] / per, 1))
+            for n, v in by_name.most_common(top)
+        ],
+        gaps=gap_stats(kernels, launches, per),
+    )
 
 
 GAP_BINS = ((2, "<2us"), (5, "2-5us"), (10, "5-10us"), (50, "10-50us"), (1000, "50us-1ms"))
@@ -157,31 +184,49 @@ def gap_stats(kernels: list, launches: dict, per: float = 1.0, top: int = 10) ->
         elif gap >= 1000:
             between += gap
         end = max(end, e["ts"] + e["dur"])
-    out = dict(within_ms=ms(within), between_ms=ms(between), short_gaps=round(short / per, 1),
-               hist={k: dict(gaps=round(n / per, 1), ms=ms(v)) for k, (n, v) in hist.items()},
-               top_waiting=[dict(name=n[:120], ms=ms(v), gaps=round(waits[n] / per, 1))
-                            for n, v in waiting.most_common(top)])
+    out = dict(
+        within_ms=ms(within),
+        between_ms=ms(between),
+        short_gaps=round(short / per, 1),
+        hist={k: dict(gaps=round(n / per, 1), ms=ms(v)) for k, (n, v) in hist.items()},
+        top_waiting=[dict(name=n[:120], ms=ms(v), gaps=round(waits[n] / per, 1)) for n, v in waiting.most_common(top)],
+    )
     if matched:
-        out.update(host_late_ms=ms(host_late), device_ms=ms(within - host_late),
-                   launch_matched=round(matched / max(short, 1), 3))
+        out.update(
+            host_late_ms=ms(host_late),
+            device_ms=ms(within - host_late),
+            launch_matched=round(matched / max(short, 1), 3),
+        )
     return out
 
 
 def fmt(s: dict) -> str:
-    lines = [f"kernel time per unit (/{s['per']:g}): busy {s['busy_ms']:.2f} ms, span {s['span_ms']:.2f} ms, "
-             f"idle {s['idle_ms']:.2f} ms, {s.get('kernels', float('nan')):g} kernels",
-             f"{'category':12s} {'ms':>10s} {'share':>7s}"]
+    lines = [
+        f"kernel time per unit (/{s['per']:g}): busy {s['busy_ms']:.2f} ms, span {s['span_ms']:.2f} ms, "
+        f"idle {s['idle_ms']:.2f} ms, {s.get('kernels', float('nan')):g} kernels",
+        f"{'category':12s} {'ms':>10s} {'share':>7s}",
+    ]
     lines += [f"{c:12s} {v['ms']:10.2f} {v['share']:7.1%}" for c, v in s["categories"].items()]
     lines.append("top kernels:")
-    lines += [f"  {k['ms']:9.2f} ms  {k.get('calls', float('nan')):7g} x  {k['category']:10s} {k['name']}"
-              for k in s["top_kernels"]]
+    lines += [
+        f"  {k['ms']:9.2f} ms  {k.get('calls', float('nan')):7g} x  {k['category']:10s} {k['name']}"
+        for k in s["top_kernels"]
+    ]
     g = s.get("gaps")
     if g:
-        host = (f", host late {g['host_late_ms']:.2f} ms / device {g['device_ms']:.2f} ms "
-                f"({g['launch_matched']:.0%} of gaps linked to their launch)" if "host_late_ms" in g else "")
-        lines.append(f"idle: {g['within_ms']:.2f} ms in {g['short_gaps']:g} gaps < 1 ms{host}; "
-                     f"{g['between_ms']:.2f} ms in gaps >= 1 ms")
-        lines.append("  short gaps: " + ", ".join(f"{k} {v['gaps']:g} x {v['ms']:.2f} ms" for k, v in g["hist"].items()))
+        host = (
+            f", host late {g['host_late_ms']:.2f} ms / device {g['device_ms']:.2f} ms "
+            f"({g['launch_matched']:.0%} of gaps linked to their launch)"
+            if "host_late_ms" in g
+            else ""
+        )
+        lines.append(
+            f"idle: {g['within_ms']:.2f} ms in {g['short_gaps']:g} gaps < 1 ms{host}; "
+            f"{g['between_ms']:.2f} ms in gaps >= 1 ms"
+        )
+        lines.append(
+            "  short gaps: " + ", ".join(f"{k} {v['gaps']:g} x {v['ms']:.2f} ms" for k, v in g["hist"].items())
+        )
         lines.append("  longest total wait before:")
         lines += [f"    {w['ms']:8.2f} ms  {w['gaps']:7g} x  {w['name']}" for w in g["top_waiting"]]
     return "\n".join(lines)

@@ -78,18 +78,21 @@ class MaskSpec:
             if self.q_len != self.kv_len or self.q_len % 2:
                 raise ValueError(
                     "teacher_forcing packs [clean | noisy]: q_len must equal kv_len and be even, "
-                    f"got q_len={self.q_len}, kv_len={self.kv_len}")
+                    f"got q_len={self.q_len}, kv_len={self.kv_len}"
+                )
             if (self.q_len // 2) % self.tokens_per_frame:
                 raise ValueError(
                     f"teacher_forcing half length {self.q_len // 2} is not a multiple of "
-                    f"tokens_per_frame={self.tokens_per_frame}")
+                    f"tokens_per_frame={self.tokens_per_frame}"
+                )
             if self.q_offset:
                 raise ValueError("teacher_forcing does not take a q_offset")
         if self.kind == "block_causal":
             if self.q_offset + self.q_len > self.kv_len:
                 raise ValueError(
                     f"block_causal queries [{self.q_offset}, {self.q_offset + self.q_len}) extend "
-                    f"past the {self.kv_len} keys")
+                    f"past the {self.kv_len} keys"
+                )
         if self.kind == "full" and (self.q_offset or self.local_attn_blocks or self.sink_blocks):
             raise ValueError("full attention takes no q_offset, local window or sinks")
 
@@ -99,9 +102,10 @@ class MaskSpec:
         if (q_len, kv_len) != (self.q_len, self.kv_len):
             raise ValueError(
                 f"MaskSpec({self.kind}) expects q_len={self.q_len}, kv_len={self.kv_len}; "
-                f"got q_len={q_len}, kv_len={kv_len}")
+                f"got q_len={q_len}, kv_len={kv_len}"
+            )
 
-    def replace(self, **kw) -> "MaskSpec":
+    def replace(self, **kw) -> MaskSpec:
         return dataclasses.replace(self, **kw)
 
 
@@ -110,9 +114,16 @@ def full(q_len: int, kv_len: int | None = None) -> MaskSpec:
     return MaskSpec("full", q_len, q_len if kv_len is None else kv_len)
 
 
-def block_causal(num_frames: int, tokens_per_frame: int, block_frames: int,
-                 first_block_frames: int | None = None, *, q_frames: int | None = None,
-                 local_attn_blocks: int = 0, sink_blocks: int = 0) -> MaskSpec:
+def block_causal(
+    num_frames: int,
+    tokens_per_frame: int,
+    block_frames: int,
+    first_block_frames: int | None = None,
+    *,
+    q_frames: int | None = None,
+    local_attn_blocks: int = 0,
+    sink_blocks: int = 0,
+) -> MaskSpec:
     """Block-causal mask over `num_frames` key frames.
 
     With `q_frames` set, the queries are the last `q_frames` frames (KV-cache use).
@@ -120,19 +131,41 @@ def block_causal(num_frames: int, tokens_per_frame: int, block_frames: int,
     first = block_frames if first_block_frames is None else first_block_frames
     kv_len = num_frames * tokens_per_frame
     q_len = kv_len if q_frames is None else q_frames * tokens_per_frame
-    return MaskSpec("block_causal", q_len, kv_len, tokens_per_frame, first, block_frames,
-                    q_offset=kv_len - q_len, local_attn_blocks=local_attn_blocks,
-                    sink_blocks=sink_blocks)
+    return MaskSpec(
+        "block_causal",
+        q_len,
+        kv_len,
+        tokens_per_frame,
+        first,
+        block_frames,
+        q_offset=kv_len - q_len,
+        local_attn_blocks=local_attn_blocks,
+        sink_blocks=sink_blocks,
+    )
 
 
-def teacher_forcing(num_frames: int, tokens_per_frame: int, block_frames: int,
-                    first_block_frames: int | None = None, *, local_attn_blocks: int = 0,
-                    sink_blocks: int = 0) -> MaskSpec:
+def teacher_forcing(
+    num_frames: int,
+    tokens_per_frame: int,
+    block_frames: int,
+    first_block_frames: int | None = None,
+    *,
+    local_attn_blocks: int = 0,
+    sink_blocks: int = 0,
+) -> MaskSpec:
     """Teacher-forcing mask over a packed `[clean | noisy]` sequence of 2 x num_frames frames."""
     first = block_frames if first_block_frames is None else first_block_frames
     n = 2 * num_frames * tokens_per_frame
-    return MaskSpec("teacher_forcing", n, n, tokens_per_frame, first, block_frames,
-                    local_attn_blocks=local_attn_blocks, sink_blocks=sink_blocks)
+    return MaskSpec(
+        "teacher_forcing",
+        n,
+        n,
+        tokens_per_frame,
+        first,
+        block_frames,
+        local_attn_blocks=local_attn_blocks,
+        sink_blocks=sink_blocks,
+    )
 
 
 # ---------------------------------------------------------------- element-wise
@@ -192,7 +225,7 @@ def _segments(spec: MaskSpec, length: int, side: str):
     else:
         half = spec.q_len // 2
         noisy = pos >= half
-        key = block_of(spec, np.where(noisy, pos - half, pos)) + noisy * (10 ** 9)
+        key = block_of(spec, np.where(noisy, pos - half, pos)) + noisy * (10**9)
     change = np.concatenate([[True], key[1:] != key[:-1]])
     return np.flatnonzero(change)
 
@@ -264,8 +297,8 @@ def _pack(mask: np.ndarray):
     for r in range(rows):
         cols = np.flatnonzero(mask[r])
         if len(cols):
-            idx[r, :len(cols)] = cols
-            idx[r, len(cols):] = cols[-1]
+            idx[r, : len(cols)] = cols
+            idx[r, len(cols) :] = cols[-1]
     return idx, counts
 
 
@@ -319,8 +352,7 @@ class TileRuns:
         return int(self.end[:, -1].sum())
 
 
-def tile_runs(spec: MaskSpec, block_q: int, block_k: int, transpose: bool = False,
-              rows: int | None = None) -> TileRuns:
+def tile_runs(spec: MaskSpec, block_q: int, block_k: int, transpose: bool = False, rows: int | None = None) -> TileRuns:
     """`tile_schedule` as runs of consecutive tiles of one class (see `TileRuns`).
 
     `rows` pads the row count (extra rows visit nothing), e.g. to the kernel grid's rows.
@@ -345,8 +377,9 @@ def tile_runs(spec: MaskSpec, block_q: int, block_k: int, transpose: bool = Fals
             continue
         visited = cls[r] != 0
         # A run ends at the next run's start or at the first unvisited tile after it.
-        lengths = np.array([np.argmin(np.append(visited[c:], False) & np.append(
-            (cls[r, c:] == cls[r, c]), False)) for c in cols])
+        lengths = np.array(
+            [np.argmin(np.append(visited[c:], False) & np.append((cls[r, c:] == cls[r, c]), False)) for c in cols]
+        )
         k = len(cols)
         start[r, :k] = cols
         end[r, :k] = np.cumsum(lengths)

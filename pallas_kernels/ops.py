@@ -61,12 +61,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import mgpu as _mgpu
-from pallas_kernels.masks import MaskSpec, allowed_pairs
-from pallas_kernels.reference import attention_reference, check_qkv
 from pallas_kernels import mosaic as _mosaic
+from pallas_kernels.masks import MaskSpec, allowed_pairs
 from pallas_kernels.mosaic import MosaicConfig
+from pallas_kernels.reference import attention_reference, check_qkv
 from pallas_kernels.triton import flash as _flash
-from pallas_kernels.triton.flash import FlashConfig, SUPPORTED_HEAD_DIMS, Tiles
+from pallas_kernels.triton.flash import SUPPORTED_HEAD_DIMS, FlashConfig, Tiles
 
 
 def _kernels(impl):
@@ -75,12 +75,12 @@ def _kernels(impl):
         return _flash.flash_forward, _flash.flash_backward, _flash.flash_jvp
     return _mosaic.mosaic_forward, _mosaic.mosaic_backward, _mosaic.mosaic_jvp
 
+
 IMPLS = ("auto", "xla", "triton", "mosaic", "cudnn")
 AD_MODES = ("vjp", "jvp")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
-_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "attention_target_platform", default=None)
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target_platform", default=None)
 
 
 @contextlib.contextmanager
@@ -115,13 +115,15 @@ def resolve_impl(impl: str, interpret: bool = False) -> str:
     if impl == "triton" and backend != "gpu" and not interpret:
         raise ValueError(
             f"impl='triton' needs a GPU (the platform is {backend!r}); pass interpret=True "
-            "to run the kernels in Pallas interpret mode, or use impl='xla'")
+            "to run the kernels in Pallas interpret mode, or use impl='xla'"
+        )
     if impl == "mosaic" and backend != "tpu" and not interpret:
         raise ValueError(
             f"impl='mosaic' needs a TPU (the platform is {backend!r}); pass interpret=True "
             "to run the kernels in Pallas TPU interpret mode, trace under "
             "pallas_kernels.ops.target_platform('tpu') to compile for TPU chips ahead of time, "
-            "or use impl='xla'")
+            "or use impl='xla'"
+        )
     return impl
 
 
@@ -136,8 +138,13 @@ def _allowed_pairs(spec: MaskSpec) -> int:
 
 
 def _auto_cudnn(q, k, spec: MaskSpec, ad: str) -> bool:
-    return (ad == "vjp" and q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS and unmasked(spec))
+    return (
+        ad == "vjp"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.dtype == k.dtype
+        and q.shape[-1] in SUPPORTED_HEAD_DIMS
+        and unmasked(spec)
+    )
 
 
 def _check_kernel_inputs(q, k, v, impl):
@@ -145,11 +152,13 @@ def _check_kernel_inputs(q, k, v, impl):
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"the {impl} attention kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {d}; "
-            "use impl='xla' explicitly for other head dims (slow, materialises scores)")
+            "use impl='xla' explicitly for other head dims (slow, materialises scores)"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(
             f"the {impl} attention kernels need q, k, v of one dtype, bfloat16 or float32; got "
-            f"{q.dtype}, {k.dtype}, {v.dtype}")
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
 
 
 def kernel_config(impl: str, tiles: tuple[int, int], dtype=jnp.bfloat16) -> FlashConfig | MosaicConfig:
@@ -160,8 +169,10 @@ def kernel_config(impl: str, tiles: tuple[int, int], dtype=jnp.bfloat16) -> Flas
         return MosaicConfig.uniform(bq, bk)
     if impl == "triton":
         base = _flash.default_config(dtype)
-        return FlashConfig(*(Tiles(bq, bk, t.num_warps, t.num_stages)
-                             for t in (base.fwd, base.jvp, base.dkdv, base.dq)), full_ranges=base.full_ranges)
+        return FlashConfig(
+            *(Tiles(bq, bk, t.num_warps, t.num_stages) for t in (base.fwd, base.jvp, base.dkdv, base.dq)),
+            full_ranges=base.full_ranges,
+        )
     raise ValueError(f"tiles apply to the 'triton' and 'mosaic' kernels, not impl={impl!r}")
 
 
@@ -179,8 +190,7 @@ def _attn_vjp_fwd(q, k, v, spec, scale, config, interpret, impl):
 
 def _attn_vjp_bwd(spec, scale, config, interpret, impl, res, do):
     q, k, v, o, lse = res
-    return _kernels(impl)[1](q, k, v, o, lse, do, spec, scale=scale, config=config,
-                             interpret=interpret)
+    return _kernels(impl)[1](q, k, v, o, lse, do, spec, scale=scale, config=config, interpret=interpret)
 
 
 _attn_vjp.defvjp(_attn_vjp_fwd, _attn_vjp_bwd)
@@ -190,6 +200,7 @@ _attn_vjp.defvjp(_attn_vjp_fwd, _attn_vjp_bwd)
 def _is_linearizing(x) -> bool:
     """True when `x` is being partially evaluated (jax.grad / vjp / linearize)."""
     from jax._src.interpreters import partial_eval as pe
+
     return isinstance(x, pe.JaxprTracer)
 
 
@@ -215,9 +226,9 @@ def _attn_jvp_rule(spec, scale, config, interpret, impl, primals, tangents):
         raise ValueError(
             "attention(..., ad='jvp') supports forward mode (jax.jvp) only: its JVP kernel has "
             "no transpose, so jax.grad / jax.vjp / jax.linearize cannot go through it. Use "
-            "ad='vjp' for gradients (or impl='xla' on small inputs).")
-    o, to, _ = _kernels(impl)[2](q, k, v, tq, tk, tv, spec, scale=scale, config=config,
-                                 interpret=interpret)
+            "ad='vjp' for gradients (or impl='xla' on small inputs)."
+        )
+    o, to, _ = _kernels(impl)[2](q, k, v, tq, tk, tv, spec, scale=scale, config=config, interpret=interpret)
     return o, to
 
 
@@ -225,10 +236,19 @@ _attn_jvp.defjvp(_attn_jvp_rule, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------- public
-def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str = "auto",
-              ad: str = "vjp", interpret: bool | str = False,
-              config: FlashConfig | MosaicConfig | None = None,
-              tiles: tuple[int, int] | None = None):
+def attention(
+    q,
+    k,
+    v,
+    spec: MaskSpec,
+    *,
+    scale: float | None = None,
+    impl: str = "auto",
+    ad: str = "vjp",
+    interpret: bool | str = False,
+    config: FlashConfig | MosaicConfig | None = None,
+    tiles: tuple[int, int] | None = None,
+):
     """Masked multi-head attention.
 
     Args:
@@ -259,8 +279,10 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, impl: str 
         return attention_reference(q, k, v, spec, scale=scale)
     if impl == "cudnn":
         if not unmasked(spec) or ad != "vjp":
-            raise ValueError("impl='cudnn' takes unmasked attention in reverse mode only; "
-                             f"got kind={spec.kind!r}, ad={ad!r} (use impl='triton')")
+            raise ValueError(
+                "impl='cudnn' takes unmasked attention in reverse mode only; "
+                f"got kind={spec.kind!r}, ad={ad!r} (use impl='triton')"
+            )
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     _check_kernel_inputs(q, k, v, impl)
     if tiles is not None:
@@ -313,11 +335,14 @@ def prefix_impl(q, k, *, impl: str = "auto", ad: str = "vjp", interpret: bool | 
     """
     if impl == "mgpu":
         if ad != "vjp":
-            raise ValueError("impl='mgpu' (a forward kernel; gradients via cuDNN) takes ad='vjp'; "
-                             "use impl='triton' for ad='jvp'")
+            raise ValueError(
+                "impl='mgpu' (a forward kernel; gradients via cuDNN) takes ad='vjp'; use impl='triton' for ad='jvp'"
+            )
         if not interpret and not _is_hopper():
-            raise ValueError(f"impl='mgpu' needs an sm_90 GPU (H100/H200), not {jax.devices()[0].device_kind!r}; "
-                             "pass interpret=True to run it in Pallas' GPU interpret mode, or use impl='cudnn'")
+            raise ValueError(
+                f"impl='mgpu' needs an sm_90 GPU (H100/H200), not {jax.devices()[0].device_kind!r}; "
+                "pass interpret=True to run it in Pallas' GPU interpret mode, or use impl='cudnn'"
+            )
         return "mgpu"
     requested, impl = impl, resolve_impl(impl, interpret)
     if requested == "auto" and impl == "triton" and _auto_cudnn(q, k, MaskSpec("full", q.shape[1], k.shape[1]), ad):
@@ -325,16 +350,14 @@ def prefix_impl(q, k, *, impl: str = "auto", ad: str = "vjp", interpret: bool | 
     return impl
 
 
-def prefix_len_can_be_traced(q, k, *, impl: str = "auto", ad: str = "vjp",
-                             interpret: bool | str = False) -> bool:
+def prefix_len_can_be_traced(q, k, *, impl: str = "auto", ad: str = "vjp", interpret: bool | str = False) -> bool:
     """Whether `attention_kv_prefix` accepts a traced `kv_len` for these inputs (mgpu, cuDNN or XLA)."""
     return prefix_impl(q, k, impl=impl, ad=ad, interpret=interpret) in ("xla", "cudnn", "mgpu")
 
 
 def _cudnn_prefix(q, k, v, kv_len, scale):
     lens = jnp.full((q.shape[0],), kv_len, jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens, implementation="cudnn")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -361,10 +384,19 @@ def _mgpu_prefix_bwd(scale, config, interpret, res, g):
 _mgpu_prefix.defvjp(_mgpu_prefix_fwd, _mgpu_prefix_bwd)
 
 
-def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: str = "auto",
-                        ad: str = "vjp", interpret: bool | str = False,
-                        config: FlashConfig | MosaicConfig | None = None,
-                        tiles: tuple[int, int] | None = None):
+def attention_kv_prefix(
+    q,
+    k,
+    v,
+    kv_len,
+    *,
+    scale: float | None = None,
+    impl: str = "auto",
+    ad: str = "vjp",
+    interpret: bool | str = False,
+    config: FlashConfig | MosaicConfig | None = None,
+    tiles: tuple[int, int] | None = None,
+):
     """Attention in which every query sees keys `[0, kv_len)` of `k, v`; later keys are ignored.
 
     For a KV-cache buffer that already holds this call's keys: attending over the whole
@@ -398,32 +430,34 @@ def attention_kv_prefix(q, k, v, kv_len, *, scale: float | None = None, impl: st
             raise ValueError(f"impl='mgpu' takes a PrefixConfig, got {type(config).__name__}")
         config = _mgpu.default_config(q.shape, k.shape) if config is None else config
         _mgpu.check_inputs(q, k, v, config)
-        return _mgpu_prefix(q, k, v, jnp.asarray(kv_len, jnp.int32), None if scale is None else float(scale),
-                            config, bool(interpret))
+        return _mgpu_prefix(
+            q, k, v, jnp.asarray(kv_len, jnp.int32), None if scale is None else float(scale), config, bool(interpret)
+        )
     if impl == "cudnn":
         if ad != "vjp":
             raise ValueError("impl='cudnn' takes reverse mode (ad='vjp') only; use impl='triton' for ad='jvp'")
         return _cudnn_prefix(q, k, v, kv_len, scale)
     if impl == "xla":
-        if static:        # the same arithmetic as `attention` on exactly the valid keys
+        if static:  # the same arithmetic as `attention` on exactly the valid keys
             kv_len = int(kv_len)
-            return attention_reference(q, k[:, :kv_len], v[:, :kv_len], MaskSpec("full", q.shape[1], kv_len),
-                                       scale=scale)
+            return attention_reference(
+                q, k[:, :kv_len], v[:, :kv_len], MaskSpec("full", q.shape[1], kv_len), scale=scale
+            )
         return _prefix_reference(q, k, v, kv_len, scale)
     if not static:
         raise ValueError(
             f"attention_kv_prefix with impl={impl!r} needs a static (Python int) kv_len: the kernels' "
             "tile schedule is built at trace time; traced lengths run on cuDNN (bf16/fp16, ad='vjp') "
-            "or impl='xla'")
+            "or impl='xla'"
+        )
     spec = prefix_spec(q.shape[1], s_len, int(kv_len))
-    return attention(q, k, v, spec, scale=scale, impl=impl, ad=ad, interpret=interpret, config=config,
-                     tiles=tiles)
+    return attention(q, k, v, spec, scale=scale, impl=impl, ad=ad, interpret=interpret, config=config, tiles=tiles)
 
 
 def _prefix_reference(q, k, v, kv_len, scale):
     """XLA attention over keys `[0, kv_len)` (the same arithmetic as `attention_reference`)."""
     d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     out_dtype = q.dtype
     ct = jnp.promote_types(q.dtype, jnp.float32)
     q, k, v = q.astype(ct), k.astype(ct), v.astype(ct)
@@ -435,10 +469,19 @@ def _prefix_reference(q, k, v, kv_len, scale):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
 
 
-def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = None, *,
-                      batch_axis: str | tuple[str, ...] | None = None,
-                      head_axis: str | tuple[str, ...] | None = None,
-                      context_axis: str | None = None, split_kv: bool = True, **kwargs):
+def attention_sharded(
+    q,
+    k,
+    v,
+    spec: MaskSpec,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    batch_axis: str | tuple[str, ...] | None = None,
+    head_axis: str | tuple[str, ...] | None = None,
+    context_axis: str | None = None,
+    split_kv: bool = True,
+    **kwargs,
+):
     """`attention` under `jax.shard_map`: batch, head and context (sequence) parallel.
 
     Layouts: q `[B, Lq, H, D]`, k, v `[B, Lk, H, D]` (token order = the spec's), or
@@ -465,8 +508,10 @@ def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = 
     if mesh.empty:
         raise ValueError("attention_sharded needs a mesh: pass one or call it under jax.set_mesh(mesh)")
     if q.ndim not in (4, 5) or k.ndim != v.ndim or k.ndim not in (4, 5):
-        raise ValueError(f"attention_sharded expects q [B, L, H, D] or [B, T, N, H, D] and k, v of "
-                         f"rank 4 or 5; got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
+        raise ValueError(
+            f"attention_sharded expects q [B, L, H, D] or [B, T, N, H, D] and k, v of "
+            f"rank 4 or 5; got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
     frames = q.ndim == 5
     tok_ax = 2 if frames else 1
 
@@ -495,44 +540,73 @@ def attention_sharded(q, k, v, spec: MaskSpec, mesh: jax.sharding.Mesh | None = 
 
     fn = functools.partial(attention, **kwargs)
     if context_axis is None or nc == 1:
+
         def local(q, k, v):
             return fn(flat(q), flat(k), flat(v), spec).reshape(q.shape)
+
         kv_ctx = False
     elif split_kv:
         for name, x in (("q", q), ("k", k)):
             if x.shape[tok_ax] % nc:
-                raise ValueError(f"context parallelism: {name}'s token axis ({x.shape[tok_ax]}) is not "
-                                 f"divisible by the {nc} shards of {context_axis!r}")
+                raise ValueError(
+                    f"context parallelism: {name}'s token axis ({x.shape[tok_ax]}) is not "
+                    f"divisible by the {nc} shards of {context_axis!r}"
+                )
         if (q.shape[-2] // nh) % nc:
-            raise ValueError(f"context parallelism (Ulysses) splits heads: {q.shape[-2] // nh} local heads "
-                             f"are not divisible by the {nc} shards of {context_axis!r}")
+            raise ValueError(
+                f"context parallelism (Ulysses) splits heads: {q.shape[-2] // nh} local heads "
+                f"are not divisible by the {nc} shards of {context_axis!r}"
+            )
         h_ax = q.ndim - 2
 
-        def gather_tokens(x):   # [.., L/c or N/c, .., h, D] -> [.., L or N, .., h/c, D]
+        def gather_tokens(x):  # [.., L/c or N/c, .., h, D] -> [.., L or N, .., h/c, D]
             return jax.lax.all_to_all(x, context_axis, h_ax, tok_ax, tiled=True)
 
         def local(q, k, v):
             o = fn(flat(gather_tokens(q)), flat(gather_tokens(k)), flat(gather_tokens(v)), spec)
-            o = o.reshape(*q.shape[:tok_ax], q.shape[tok_ax] * nc, *q.shape[tok_ax + 1:-2], -1, q.shape[-1])
+            o = o.reshape(*q.shape[:tok_ax], q.shape[tok_ax] * nc, *q.shape[tok_ax + 1 : -2], -1, q.shape[-1])
             return jax.lax.all_to_all(o, context_axis, tok_ax, h_ax, tiled=True)
+
         kv_ctx = True
     else:
         if spec.kind != "full":
-            raise ValueError("context parallelism with split_kv=False (replicated k/v) needs a full mask "
-                             f"(cross-attention); got kind={spec.kind!r}")
+            raise ValueError(
+                "context parallelism with split_kv=False (replicated k/v) needs a full mask "
+                f"(cross-attention); got kind={spec.kind!r}"
+            )
         if q.shape[tok_ax] % nc:
-            raise ValueError(f"context parallelism: q's token axis ({q.shape[tok_ax]}) is not divisible by "
-                             f"the {nc} shards of {context_axis!r}")
+            raise ValueError(
+                f"context parallelism: q's token axis ({q.shape[tok_ax]}) is not divisible by "
+                f"the {nc} shards of {context_axis!r}"
+            )
+
         def local(q, k, v):
             lq = flat(q)
             local_spec = spec.replace(q_len=lq.shape[1])
             return fn(lq, flat(k), flat(v), local_spec).reshape(q.shape)
+
         kv_ctx = False
     in_specs = (pspec(q, context_axis is not None), pspec(k, kv_ctx), pspec(v, kv_ctx))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0],
-                         check_vma=False)(q, k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0], check_vma=False)(q, k, v)
 
 
-__all__ = ["attention", "attention_sharded", "attention_kv_prefix", "prefix_spec", "prefix_len_can_be_traced",
-           "prefix_impl", "MaskSpec", "IMPLS", "PREFIX_IMPLS", "AD_MODES", "resolve_impl", "FlashConfig", "Tiles",
-           "MosaicConfig", "kernel_config", "target_platform", "current_platform", "PLATFORMS"]
+__all__ = [
+    "attention",
+    "attention_sharded",
+    "attention_kv_prefix",
+    "prefix_spec",
+    "prefix_len_can_be_traced",
+    "prefix_impl",
+    "MaskSpec",
+    "IMPLS",
+    "PREFIX_IMPLS",
+    "AD_MODES",
+    "resolve_impl",
+    "FlashConfig",
+    "Tiles",
+    "MosaicConfig",
+    "kernel_config",
+    "target_platform",
+    "current_platform",
+    "PLATFORMS",
+]

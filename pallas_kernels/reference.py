@@ -18,19 +18,21 @@ def check_qkv(q, k, v, spec: MaskSpec | None = None):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"attention expects q, k, v of rank 4 [B, L, H, D]; got q{tuple(q.shape)}, "
-            f"k{tuple(k.shape)}, v{tuple(v.shape)}")
+            f"k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k{tuple(k.shape)}, v{tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
-            f"q [B, Lq, H, D] and k [B, Lk, H, D] must agree on B, H, D; got q{tuple(q.shape)}, "
-            f"k{tuple(k.shape)}")
+            f"q [B, Lq, H, D] and k [B, Lk, H, D] must agree on B, H, D; got q{tuple(q.shape)}, k{tuple(k.shape)}"
+        )
     if spec is not None:
         spec.check_lengths(q.shape[1], k.shape[1])
 
 
-def attention_reference(q, k, v, spec: MaskSpec, *, scale: float | None = None,
-                        return_lse: bool = False, upcast: bool = True):
+def attention_reference(
+    q, k, v, spec: MaskSpec, *, scale: float | None = None, return_lse: bool = False, upcast: bool = True
+):
     """Masked softmax attention.
 
     Args:
@@ -45,7 +47,7 @@ def attention_reference(q, k, v, spec: MaskSpec, *, scale: float | None = None,
     """
     check_qkv(q, k, v, spec)
     d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     out_dtype = q.dtype
     if upcast:
         ct = jnp.promote_types(q.dtype, jnp.float32)
@@ -54,8 +56,7 @@ def attention_reference(q, k, v, spec: MaskSpec, *, scale: float | None = None,
     if spec.kind == "full":
         mask = None
     else:
-        mask = jnp.asarray(allowed(spec, np.arange(spec.q_len)[:, None],
-                                   np.arange(spec.kv_len)[None, :]))
+        mask = jnp.asarray(allowed(spec, np.arange(spec.q_len)[:, None], np.arange(spec.kv_len)[None, :]))
         s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)

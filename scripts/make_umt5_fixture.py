@@ -40,21 +40,39 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-TINY = dict(vocab_size=128, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64,
-            relative_attention_num_buckets=32, relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
-            is_encoder_decoder=False, use_cache=False)
+TINY = dict(
+    vocab_size=128,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    d_kv=8,
+    d_ff=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.0,
+    is_encoder_decoder=False,
+    use_cache=False,
+)
 
 SENTENCES = [
-    "a cat walking on the grass in the sun", "a red car driving down a rainy street at night",
-    "two dogs playing with a ball on the beach", "a bird flying over the mountains and rivers",
-    "close-up of a flower opening in spring, time-lapse", "an old man reading a book by the window",
-    "a spaceship landing on a desert planet, cinematic lighting", "waves crashing against rocks",
+    "a cat walking on the grass in the sun",
+    "a red car driving down a rainy street at night",
+    "two dogs playing with a ball on the beach",
+    "a bird flying over the mountains and rivers",
+    "close-up of a flower opening in spring, time-lapse",
+    "an old man reading a book by the window",
+    "a spaceship landing on a desert planet, cinematic lighting",
+    "waves crashing against rocks",
     "Bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality",
 ]
-PROMPTS = ["a cat on the beach, zebra!", "  multiple   spaces\tand  Ünïcode  ",
-           "a red car driving down a rainy street at night while two dogs play with a ball on the beach",
-           "waves"]
+PROMPTS = [
+    "a cat on the beach, zebra!",
+    "  multiple   spaces\tand  Ünïcode  ",
+    "a red car driving down a rainy street at night while two dogs play with a ball on the beach",
+    "waves",
+]
 NEGATIVE = "Bright tones, overexposed, static, blurred details, worst quality"
 
 
@@ -69,18 +87,30 @@ def make_tokenizer(out: str) -> None:
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", max_piece_length=8)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", max_piece_length=8
+    )
     tok.train_from_iterator(SENTENCES, trainer)
     assert (tok.token_to_id("<pad>"), tok.token_to_id("</s>"), tok.token_to_id("<unk>")) == (0, 1, 2)
     assert tok.get_vocab_size() <= TINY["vocab_size"]
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     os.makedirs(out, exist_ok=True)
     tok.save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>",
-                   "unk_token": "<unk>", "extra_ids": 0, "model_max_length": 512}, f, indent=1)
+        json.dump(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "extra_ids": 0,
+                "model_max_length": 512,
+            },
+            f,
+            indent=1,
+        )
 
 
 # --------------------------------------------------------------------------- Wan's layout
@@ -120,7 +150,7 @@ def wan_t5_forward(w: dict, ids, mask):
     x = w["token_embedding.weight"][ids]
     bk = buckets(n)
     for i in range(TINY["num_layers"]):
-        g = lambda k: w[f"blocks.{i}.{k}"]  # noqa: E731
+        g = lambda k, i=i: w[f"blocks.{i}.{k}"]  # noqa: E731
         h = rms(x, g("norm1.weight"))
         q, k, v = [(h @ g(f"attn.{c}.weight").T).view(b, n, heads, -1) for c in "qkv"]
         s = torch.einsum("binc,bjnc->bnij", q, k) + g("pos_embedding.embedding.weight")[bk].permute(2, 0, 1)[None]
@@ -145,16 +175,19 @@ def make_torch_ckpt(out: str) -> None:
     flat["i64"] = torch.arange(-3, 9, dtype=torch.int64).reshape(3, 4)
     flat["bool"] = torch.tensor([True, False, True])
     flat["scalar"] = torch.tensor(2.5)
-    flat["transposed"] = base.t()                 # shares base's storage, strides (1, 6)
-    flat["offset_slice"] = base[1:3, 2:5]         # storage offset 8, strides (6, 1)
-    flat["strided"] = base[::2, ::3]              # strides (12, 3)
-    flat["bf16_view"] = flat["bf16"][:, 1]        # offset 1, stride 5, bf16
+    flat["transposed"] = base.t()  # shares base's storage, strides (1, 6)
+    flat["offset_slice"] = base[1:3, 2:5]  # storage offset 8, strides (6, 1)
+    flat["strided"] = base[::2, ::3]  # strides (12, 3)
+    flat["bf16_view"] = flat["bf16"][:, 1]  # offset 1, stride 5, bf16
     flat["param"] = torch.nn.Parameter(torch.randn(2, 2, generator=g))
     flat["empty"] = torch.zeros(0, 3)
     torch.save(flat, os.path.join(out, "flat.pth"))
 
-    wrapped = {"state_dict": {"encoder": {"w": flat["f32"], "b": flat["fp16"]}, "head.w": flat["bf16"]},
-               "epoch": 3, "optimizer_name": "adam"}
+    wrapped = {
+        "state_dict": {"encoder": {"w": flat["f32"], "b": flat["fp16"]}, "head.w": flat["bf16"]},
+        "epoch": 3,
+        "optimizer_name": "adam",
+    }
     torch.save(wrapped, os.path.join(out, "wrapped.pth"))
     torch.save({"w": torch.ones(2)}, os.path.join(out, "legacy.pth"), _use_new_zipfile_serialization=False)
     # a module's state_dict, as Wan saved its T5 (an OrderedDict carrying a `_metadata` attribute)
@@ -164,10 +197,17 @@ def make_torch_ckpt(out: str) -> None:
     def np_of(t):
         t = t.detach()
         return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
     exp = {f"flat/{k}": np_of(v) for k, v in flat.items()}
-    exp.update({"wrapped/encoder.w": np_of(flat["f32"]), "wrapped/encoder.b": np_of(flat["fp16"]),
-                "wrapped/head.w": np_of(flat["bf16"]),
-                "module/weight": np_of(lin.weight), "module/bias": np_of(lin.bias)})
+    exp.update(
+        {
+            "wrapped/encoder.w": np_of(flat["f32"]),
+            "wrapped/encoder.b": np_of(flat["fp16"]),
+            "wrapped/head.w": np_of(flat["bf16"]),
+            "module/weight": np_of(lin.weight),
+            "module/bias": np_of(lin.bias),
+        }
+    )
     np.savez(os.path.join(out, "expected.npz"), **exp)
 
 
@@ -191,8 +231,11 @@ def main():
             elif "relative_attention_bias" in name:
                 p.copy_(torch.randn_like(p))
             else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]) if p.ndim == 2 and "shared" not in name
-                        else torch.randn_like(p))
+                p.copy_(
+                    torch.randn_like(p) / math.sqrt(p.shape[-1])
+                    if p.ndim == 2 and "shared" not in name
+                    else torch.randn_like(p)
+                )
     tdir = os.path.join(args.out, "transformers")
     model.save_pretrained(tdir, safe_serialization=True)
 
@@ -202,7 +245,7 @@ def main():
     ids = torch.zeros(b, n, dtype=torch.long)
     mask = torch.zeros(b, n, dtype=torch.long)
     for r, ln in enumerate(lengths):
-        ids[r, :ln - 1] = torch.randint(3, TINY["vocab_size"], (ln - 1,), generator=g)
+        ids[r, : ln - 1] = torch.randint(3, TINY["vocab_size"], (ln - 1,), generator=g)
         ids[r, ln - 1] = 1  # </s>
         mask[r, :ln] = 1
     with torch.no_grad():
@@ -218,33 +261,65 @@ def main():
     os.makedirs(odir, exist_ok=True)
     torch.save(collections.OrderedDict(orig), os.path.join(odir, "umt5_tiny.pth"))
     save_file(orig, os.path.join(odir, "umt5_tiny.safetensors"))
-    np.savez_compressed(os.path.join(args.out, "io.npz"), ids=ids.numpy().astype(np.int32),
-                        mask=mask.numpy().astype(np.int32), out=out.numpy())
+    np.savez_compressed(
+        os.path.join(args.out, "io.npz"),
+        ids=ids.numpy().astype(np.int32),
+        mask=mask.numpy().astype(np.int32),
+        out=out.numpy(),
+    )
 
     # Tokenization and Wan-style prompt embeddings (as diffusers' WanPipeline computes them).
     tok = AutoTokenizer.from_pretrained(tok_dir)
     toks = {}
     for ml in (16, 64):
-        t = tok([clean(p) for p in PROMPTS], padding="max_length", max_length=ml, truncation=True,
-                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        t = tok(
+            [clean(p) for p in PROMPTS],
+            padding="max_length",
+            max_length=ml,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         toks[f"ids_{ml}"] = t.input_ids.numpy().astype(np.int32)
         toks[f"mask_{ml}"] = t.attention_mask.numpy().astype(np.int32)
 
     def embed(texts):
-        t = tok(texts, padding="max_length", max_length=64, truncation=True, add_special_tokens=True,
-                return_attention_mask=True, return_tensors="pt")
+        t = tok(
+            texts,
+            padding="max_length",
+            max_length=64,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             e = model(t.input_ids, t.attention_mask).last_hidden_state
         lens = t.attention_mask.sum(1)
         return torch.stack([torch.cat([u[:v], u.new_zeros(64 - v, u.size(1))]) for u, v in zip(e, lens)]), lens
+
     ctx, lens = embed([clean(p) for p in PROMPTS])  # Wan and diffusers clean prompts first
     neg, _ = embed([clean(NEGATIVE)])
-    np.savez(os.path.join(args.out, "tokens.npz"), prompts=np.array(PROMPTS), negative_prompt=np.array(NEGATIVE),
-             lengths=lens.numpy().astype(np.int32), context=ctx.numpy(), negative_context=neg[0].numpy(), **toks)
+    np.savez(
+        os.path.join(args.out, "tokens.npz"),
+        prompts=np.array(PROMPTS),
+        negative_prompt=np.array(NEGATIVE),
+        lengths=lens.numpy().astype(np.int32),
+        context=ctx.numpy(),
+        negative_context=neg[0].numpy(),
+        **toks,
+    )
 
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
-    print("wrote", os.path.abspath(args.out), f"({total / 1e6:.2f} MB); output norm", float(out.norm()),
-          "tokenizer vocab", tok.vocab_size if hasattr(tok, "vocab_size") else "?")
+    print(
+        "wrote",
+        os.path.abspath(args.out),
+        f"({total / 1e6:.2f} MB); output norm",
+        float(out.norm()),
+        "tokenizer vocab",
+        tok.vocab_size if hasattr(tok, "vocab_size") else "?",
+    )
 
 
 if __name__ == "__main__":

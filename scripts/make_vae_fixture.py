@@ -29,18 +29,31 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
-TINY = dict(base_dim=6, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-            temperal_downsample=[False, True, True], dropout=0.0,
-            latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 0.5, 2.0, 1.0])
+TINY = dict(
+    base_dim=6,
+    z_dim=4,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    latents_mean=[0.1, -0.2, 0.3, -0.4],
+    latents_std=[1.5, 0.5, 2.0, 1.0],
+)
 
-_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
-             "conv2": "residual.6", "conv_shortcut": "shortcut"}
+_RESIDUAL = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1": "residual.2",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
 
 
 def _residual(rest: str) -> str:
     for a, b in _RESIDUAL.items():
         if rest.startswith(a):
-            return b + rest[len(a):]
+            return b + rest[len(a) :]
     return rest
 
 
@@ -49,14 +62,14 @@ def to_original(key: str, num_res_blocks: int) -> str:
     head = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
     for a, b in head.items():
         if key.startswith(a):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     part, rest = key.split(".", 1)  # encoder / decoder
     if rest.startswith("conv_in."):
-        return f"{part}.conv1." + rest[len("conv_in."):]
+        return f"{part}.conv1." + rest[len("conv_in.") :]
     if rest.startswith("norm_out."):
-        return f"{part}.head.0." + rest[len("norm_out."):]
+        return f"{part}.head.0." + rest[len("norm_out.") :]
     if rest.startswith("conv_out."):
-        return f"{part}.head.2." + rest[len("conv_out."):]
+        return f"{part}.head.2." + rest[len("conv_out.") :]
     if rest.startswith("mid_block."):
         _, kind, idx, sub = rest.split(".", 3)
         slot = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{kind}.{idx}"]
@@ -85,8 +98,7 @@ def randomize(model, seed):
 
 def check_renaming_against_diffusers():
     """Our original key names, fed to diffusers' converter, give back the diffusers keys."""
-    model = AutoencoderKLWan(base_dim=4, z_dim=4, num_res_blocks=2, latents_mean=[0.0] * 4,
-                             latents_std=[1.0] * 4)
+    model = AutoencoderKLWan(base_dim=4, z_dim=4, num_res_blocks=2, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     sd = model.state_dict()
     original = {to_original(k, 2): v for k, v in sd.items()}
     assert len(original) == len(sd)
@@ -97,8 +109,7 @@ def check_renaming_against_diffusers():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                                                  "wan_vae_tiny"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "wan_vae_tiny"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     check_renaming_against_diffusers()
@@ -108,7 +119,7 @@ def main():
     randomize(model, args.seed)
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    video = (torch.rand(1, 3, 9, 16, 24, generator=g) * 2 - 1)
+    video = torch.rand(1, 3, 9, 16, 24, generator=g) * 2 - 1
     z = torch.randn(1, TINY["z_dim"], 3, 3, 4, generator=g)
     with torch.no_grad():
         post = model.encode(video).latent_dist
@@ -125,11 +136,20 @@ def main():
     save_file(original, os.path.join(odir, "Wan2.1_VAE.safetensors"))
     torch.save(original, os.path.join(odir, "Wan2.1_VAE.pth"))
 
-    np.savez_compressed(os.path.join(args.out, "io.npz"), video=video.numpy(), mean=post.mean.numpy(),
-                        logvar=post.logvar.numpy(), z=z.numpy(), decoded=decoded.numpy())
+    np.savez_compressed(
+        os.path.join(args.out, "io.npz"),
+        video=video.numpy(),
+        mean=post.mean.numpy(),
+        logvar=post.logvar.numpy(),
+        z=z.numpy(),
+        decoded=decoded.numpy(),
+    )
     n = sum(v.numel() for v in sd.values())
-    print("wrote", os.path.abspath(args.out), f"{n} parameters; decoded std {float(decoded.std()):.3f},"
-          f" mean std {float(post.mean.std()):.3f}")
+    print(
+        "wrote",
+        os.path.abspath(args.out),
+        f"{n} parameters; decoded std {float(decoded.std()):.3f}, mean std {float(post.mean.std()):.3f}",
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,21 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import save_file
 
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4,
-            out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-            rope_max_seq_len=1024)
+TINY = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=128,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
 
 # diffusers name fragment -> original Wan2.1 name fragment (applied in order).
 TO_ORIGINAL = [
@@ -35,9 +46,14 @@ TO_ORIGINAL = [
     ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
     ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
     ("condition_embedder.time_proj", "time_projection.1"),
-    ("attn1", "self_attn"), ("attn2", "cross_attn"),
-    (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
-    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("attn1", "self_attn"),
+    ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
     ("norm2", "norm3"),  # diffusers' cross-attention norm is the original's norm3
 ]
 
@@ -90,12 +106,28 @@ def main():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     save_file(original, os.path.join(odir, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(odir, "config.json"), "w") as f:
-        json.dump(dict(model_type="t2v", patch_size=[1, 2, 2], text_len=8, in_dim=c, dim=64,
-                       ffn_dim=128, freq_dim=32, text_dim=32, out_dim=c, num_heads=4,
-                       num_layers=2, eps=1e-6), f, indent=1)
+        json.dump(
+            dict(
+                model_type="t2v",
+                patch_size=[1, 2, 2],
+                text_len=8,
+                in_dim=c,
+                dim=64,
+                ffn_dim=128,
+                freq_dim=32,
+                text_dim=32,
+                out_dim=c,
+                num_heads=4,
+                num_layers=2,
+                eps=1e-6,
+            ),
+            f,
+            indent=1,
+        )
 
-    np.savez_compressed(os.path.join(args.out, "io.npz"), x=x.numpy(), t=t_frame.numpy(),
-                        context=context.numpy(), out=out.numpy())
+    np.savez_compressed(
+        os.path.join(args.out, "io.npz"), x=x.numpy(), t=t_frame.numpy(), context=context.numpy(), out=out.numpy()
+    )
     print("wrote", os.path.abspath(args.out), "output norm", float(out.norm()))
 
 

@@ -8,8 +8,9 @@ import os
 # machine (experiments/RESULTS.md). Subprocesses (the CLI tests) inherit these flags.
 CPU_COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      f"--xla_cpu_multi_thread_eigen=false {CPU_COMPILE_FAST}")
+os.environ.setdefault(
+    "XLA_FLAGS", f"--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false {CPU_COMPILE_FAST}"
+)
 
 import gc  # noqa: E402
 
@@ -25,7 +26,7 @@ def _mapping_limit():
     try:
         with open("/proc/sys/vm/max_map_count") as f:
             return int(f.read())
-    except (OSError, ValueError):   # not readable here (some containers): the kernel's default
+    except (OSError, ValueError):  # not readable here (some containers): the kernel's default
         return 65530
 
 
@@ -45,6 +46,7 @@ def _bounded_memory_mappings():
     before = _mapping_count()
     if before > _mapping_limit() // 2:
         import jax
+
         jax.clear_caches()
         gc.collect()
         if os.environ.get("CRM_DEBUG_MAPS"):

@@ -20,14 +20,12 @@ import pytest
 
 from pallas_kernels import masks, ops
 from pallas_kernels.reference import attention_reference
-from pallas_kernels.triton import (FlashConfig, Tiles, flash_backward, flash_forward, flash_jvp,
-                                   kernel_allowed)
+from pallas_kernels.triton import FlashConfig, Tiles, flash_backward, flash_forward, flash_jvp, kernel_allowed
 
 SMALL = FlashConfig(fwd=Tiles(16, 16), jvp=Tiles(16, 16), dkdv=Tiles(16, 16), dq=Tiles(16, 16))
 # Different tile shapes per kernel (rectangular tiles, transposed schedule with
 # bq != bk, padding multiple larger than some tiles) and index-list walking.
-MIXED = FlashConfig(fwd=Tiles(32, 16), jvp=Tiles(16, 32), dkdv=Tiles(16, 32), dq=Tiles(32, 16),
-                    full_ranges=False)
+MIXED = FlashConfig(fwd=Tiles(32, 16), jvp=Tiles(16, 32), dkdv=Tiles(16, 32), dq=Tiles(32, 16), full_ranges=False)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 _seed = itertools.count(int(np.random.SeedSequence().entropy % 1_000_000))
@@ -57,8 +55,7 @@ def _reference_all(spec, q, k, v, do, tq, tk, tv):
         o, lse = attention_reference(*a, spec, return_lse=True)
         _, vjp = jax.vjp(f, *a)
         grads = vjp(jnp.asarray(_f64(do)))
-        tans = tuple(jnp.zeros_like(x) if t is None else jnp.asarray(_f64(t))
-                     for t, x in zip((tq, tk, tv), a))
+        tans = tuple(jnp.zeros_like(x) if t is None else jnp.asarray(_f64(t)) for t, x in zip((tq, tk, tv), a))
         _, to = jax.jvp(f, tuple(a), tans)
         return (np.asarray(o), np.asarray(lse), [np.asarray(g) for g in grads], np.asarray(to))
 
@@ -69,15 +66,23 @@ CASES = [
     ("full_cross_bf16_d128", masks.full(20, 48), jnp.bfloat16, 128, SMALL),
     ("bc_frame_f32", masks.block_causal(3, 13, 1), jnp.float32, 64, SMALL),
     ("bc_chunk_f32", masks.block_causal(5, 7, 2, 1), jnp.float32, 64, MIXED),
-    ("bc_kvcache_local_sink_f32",
-     masks.block_causal(6, 9, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1), jnp.float32,
-     64, SMALL),
-    ("bc_qoffset_d128_f32", masks.block_causal(4, 10, 2, 1, q_frames=2), jnp.float32, 128,
-     MIXED),
+    (
+        "bc_kvcache_local_sink_f32",
+        masks.block_causal(6, 9, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1),
+        jnp.float32,
+        64,
+        SMALL,
+    ),
+    ("bc_qoffset_d128_f32", masks.block_causal(4, 10, 2, 1, q_frames=2), jnp.float32, 128, MIXED),
     ("tf_frame_f32", masks.teacher_forcing(2, 11, 1), jnp.float32, 64, SMALL),
     ("tf_chunk_f32", masks.teacher_forcing(3, 7, 2, 1), jnp.float32, 64, MIXED),
-    ("tf_chunk_local_bf16_d128", masks.teacher_forcing(3, 6, 1, local_attn_blocks=2,
-                                                      sink_blocks=1), jnp.bfloat16, 128, SMALL),
+    (
+        "tf_chunk_local_bf16_d128",
+        masks.teacher_forcing(3, 6, 1, local_attn_blocks=2, sink_blocks=1),
+        jnp.bfloat16,
+        128,
+        SMALL,
+    ),
 ]
 
 
@@ -117,13 +122,16 @@ def test_jvp_kernel_partial_tangents():
         assert _rel(to, rto) < 1e-5
 
 
-@pytest.mark.parametrize("spec", [
-    masks.block_causal(5, 7, 2, 1),
-    masks.block_causal(6, 5, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1),
-    masks.teacher_forcing(4, 3, 1, local_attn_blocks=2, sink_blocks=1),
-    masks.teacher_forcing(5, 4, 2, 1),
-    masks.full(9, 13),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        masks.block_causal(5, 7, 2, 1),
+        masks.block_causal(6, 5, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1),
+        masks.teacher_forcing(4, 3, 1, local_attn_blocks=2, sink_blocks=1),
+        masks.teacher_forcing(5, 4, 2, 1),
+        masks.full(9, 13),
+    ],
+)
 def test_kernel_mask_equals_allowed(spec):
     qp = np.arange(spec.q_len + 5)[:, None]
     kp = np.arange(spec.kv_len + 7)[None, :]
@@ -133,8 +141,7 @@ def test_kernel_mask_equals_allowed(spec):
 
 # ----------------------------------------------------------------------------- public op
 def _op(ad, spec):
-    return lambda q, k, v: ops.attention(q, k, v, spec, impl="triton", ad=ad, interpret=True,
-                                         config=SMALL)
+    return lambda q, k, v: ops.attention(q, k, v, spec, impl="triton", ad=ad, interpret=True, config=SMALL)
 
 
 def _ref(spec):
@@ -153,6 +160,7 @@ def test_op_jvp_matches_reference_jvp():
             q = jnp.tanh(x @ w)
             k = x @ w.T + kv_cache
             return jnp.sin(attn(q, k, x))
+
         return f
 
     y, ty = jax.jvp(model(_op("jvp", spec)), (x,), (tx,))
@@ -177,8 +185,7 @@ def test_op_grad_matches_reference_grad():
 
     g = jax.jit(jax.grad(loss(_op("vjp", spec)), argnums=(0, 1, 2)))(q, k, v)
     with jax.enable_x64(True):
-        rg = jax.grad(loss(_ref(spec)), argnums=(0, 1, 2))(*(jnp.asarray(_f64(x))
-                                                             for x in (q, k, v)))
+        rg = jax.grad(loss(_ref(spec)), argnums=(0, 1, 2))(*(jnp.asarray(_f64(x)) for x in (q, k, v)))
     for a, b in zip(g, rg):
         assert _rel(a, b) < 1e-5
 
@@ -203,31 +210,41 @@ def test_auto_on_cpu_is_xla_and_matches_reference():
     spec = masks.block_causal(3, 5, 1)
     q = _rand((2, 15, 3, 32), jnp.float32)  # head_dim 32 fine for XLA
     assert ops.resolve_impl("auto") == "xla"
-    np.testing.assert_allclose(ops.attention(q, q, q, spec), attention_reference(q, q, q, spec),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ops.attention(q, q, q, spec), attention_reference(q, q, q, spec), rtol=1e-6, atol=1e-6)
     # both AD modes work on the XLA path
     jax.jvp(lambda q: ops.attention(q, q, q, spec, ad="jvp"), (q,), (q,))
     jax.grad(lambda q: ops.attention(q, q, q, spec, ad="vjp").sum())(q)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(q=(1, 16, 2)), "rank 4"),
-    (dict(k=(1, 16, 2, 64), v=(1, 15, 2, 64)), "same shape"),
-    (dict(q=(1, 16, 3, 64)), "agree on B, H, D"),
-    (dict(q=(1, 16, 2, 32), k=(1, 16, 2, 32), v=(1, 16, 2, 32)), "head_dim"),
-    (dict(spec=masks.full(17)), "expects q_len"),
-    (dict(impl="cuda"), "impl must be one of"),
-    (dict(ad="fwd"), "ad mode must be one of"),
-    (dict(interpret=False), "needs a GPU"),
-    (dict(k_dtype=jnp.bfloat16), "one dtype"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(q=(1, 16, 2)), "rank 4"),
+        (dict(k=(1, 16, 2, 64), v=(1, 15, 2, 64)), "same shape"),
+        (dict(q=(1, 16, 3, 64)), "agree on B, H, D"),
+        (dict(q=(1, 16, 2, 32), k=(1, 16, 2, 32), v=(1, 16, 2, 32)), "head_dim"),
+        (dict(spec=masks.full(17)), "expects q_len"),
+        (dict(impl="cuda"), "impl must be one of"),
+        (dict(ad="fwd"), "ad mode must be one of"),
+        (dict(interpret=False), "needs a GPU"),
+        (dict(k_dtype=jnp.bfloat16), "one dtype"),
+    ],
+)
 def test_bad_inputs_raise(bad, match):
     q = jnp.ones(bad.get("q", (1, 16, 2, 64)), jnp.float32)
     k = jnp.ones(bad.get("k", (1, 16, 2, 64)), bad.get("k_dtype", jnp.float32))
     v = jnp.ones(bad.get("v", k.shape), bad.get("k_dtype", jnp.float32))
     with pytest.raises(ValueError, match=match):
-        ops.attention(q, k, v, bad.get("spec", masks.full(16)), impl=bad.get("impl", "triton"),
-                      ad=bad.get("ad", "vjp"), interpret=bad.get("interpret", True), config=SMALL)
+        ops.attention(
+            q,
+            k,
+            v,
+            bad.get("spec", masks.full(16)),
+            impl=bad.get("impl", "triton"),
+            ad=bad.get("ad", "vjp"),
+            interpret=bad.get("interpret", True),
+            config=SMALL,
+        )
 
 
 def test_kv_prefix_attention_ignores_keys_past_the_length():
@@ -237,8 +254,7 @@ def test_kv_prefix_attention_ignores_keys_past_the_length():
     junk = lambda a: a.at[:, valid:].set(1e3)
     k, v = junk(k), junk(v)
     ref = attention_reference(q, k[:, :valid], v[:, :valid], masks.full(24, valid))
-    assert ops.prefix_len_can_be_traced(q, k) and not ops.prefix_len_can_be_traced(q, k, impl="triton",
-                                                                                  interpret=True)
+    assert ops.prefix_len_can_be_traced(q, k) and not ops.prefix_len_can_be_traced(q, k, impl="triton", interpret=True)
     np.testing.assert_allclose(ops.attention_kv_prefix(q, k, v, valid), ref, rtol=1e-6, atol=1e-6)
     traced = jax.jit(lambda q, k, v, n: ops.attention_kv_prefix(q, k, v, n))(q, k, v, jnp.int32(valid))
     np.testing.assert_allclose(traced, ref, rtol=1e-5, atol=1e-5)

@@ -51,7 +51,7 @@ def _rel(a, b):
 
 def _inputs(b, lq, s, h, d, dtype, valid):
     q, k, v = _rand((b, lq, h, d), dtype), _rand((b, s, h, d), dtype), _rand((b, s, h, d), dtype)
-    junk = lambda a: a.at[:, valid:].set(1e3)                      # noqa: E731
+    junk = lambda a: a.at[:, valid:].set(1e3)  # noqa: E731
     return q, junk(k), junk(v)
 
 
@@ -70,12 +70,12 @@ CASES = {
 def test_prefix_kernel_matches_reference(name):
     b, lq, s, h, d, dtype, cfg, lens = CASES[name]
     f = jax.jit(lambda q, k, v, n: prefix_attention(q, k, v, n, config=cfg, interpret=True))
-    for kv_len in lens:       # one compile: the length is traced
+    for kv_len in lens:  # one compile: the length is traced
         q, k, v = _inputs(b, lq, s, h, d, dtype, kv_len)
         out = f(q, k, v, jnp.int32(kv_len))
         assert out.shape == q.shape and out.dtype == q.dtype
         err = _rel(out, _reference(q, k, v, kv_len))
-        assert err < 1e-2, (name, kv_len, err)          # bf16/f16 output rounding is ~3e-3
+        assert err < 1e-2, (name, kv_len, err)  # bf16/f16 output rounding is ~3e-3
 
 
 def test_prefix_kernel_static_length_and_scale():
@@ -91,7 +91,7 @@ def test_merge_splits_equals_one_softmax():
     parts, lses = [], []
     for lo, hi in ((0, 5), (5, 12), (12, 12)):
         if hi > lo:
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k[:, lo:hi]) * 8 ** -0.5
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k[:, lo:hi]) * 8**-0.5
             lses.append(jax.nn.logsumexp(s, axis=-1))
             parts.append(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v[:, lo:hi]))
         else:
@@ -102,37 +102,42 @@ def test_merge_splits_equals_one_softmax():
 
 
 def test_default_config_fills_waves():
-    one_chunk = default_config((1, 4680, 12, 128), (1, 32760, 12, 128), sms=132)    # 444 CTAs: 3.4 waves
-    assert one_chunk.splits == 2                                                      # 888: 6.7 of 7
+    one_chunk = default_config((1, 4680, 12, 128), (1, 32760, 12, 128), sms=132)  # 444 CTAs: 3.4 waves
+    assert one_chunk.splits == 2  # 888: 6.7 of 7
     assert default_config((1, 32760, 12, 128), (1, 32760, 12, 128), sms=132).splits == 1
     for shape in ((1, 1560, 12, 128), (2, 4680, 40, 128), (1, 64, 2, 64)):
         ctas = shape[0] * shape[2] * -(-shape[1] // 128)
         fill = {s: ctas * s / 132 / np.ceil(ctas * s / 132) for s in (1, 2, 3, 4)}
         good = [s for s, f in fill.items() if f >= 0.9]
         assert default_config(shape, shape, sms=132).splits == (good[0] if good else max(fill, key=fill.get))
-    assert default_config((1, 64, 2, 64), (1, 64, 2, 64), sms=132).splits == 4      # 2 CTAs: split most
+    assert default_config((1, 64, 2, 64), (1, 64, 2, 64), sms=132).splits == 4  # 2 CTAs: split most
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(dtype=jnp.float32), "bfloat16 or float16"),
-    (dict(d=32), "head_dim in"),
-    (dict(k_heads=3), "alike"),
-    (dict(q=(1, 64, 2)), "expects q"),
-    (dict(config=PrefixConfig(block_kv=256, stages=4)), "shared memory"),
-    (dict(kv_len=0), r"kv_len must be in \[1, 128\]"),
-    (dict(scale=-1.0), "positive score scale"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(dtype=jnp.float32), "bfloat16 or float16"),
+        (dict(d=32), "head_dim in"),
+        (dict(k_heads=3), "alike"),
+        (dict(q=(1, 64, 2)), "expects q"),
+        (dict(config=PrefixConfig(block_kv=256, stages=4)), "shared memory"),
+        (dict(kv_len=0), r"kv_len must be in \[1, 128\]"),
+        (dict(scale=-1.0), "positive score scale"),
+    ],
+)
 def test_prefix_kernel_bad_input_raises(bad, match):
     d = bad.get("d", 64)
     q = jnp.ones(bad.get("q", (1, 64, 2, d)), bad.get("dtype", jnp.bfloat16))
     k = jnp.ones((1, 128, bad.get("k_heads", 2), d), bad.get("dtype", jnp.bfloat16))
     with pytest.raises(ValueError, match=match):
-        prefix_attention(q, k, k, bad.get("kv_len", 64), scale=bad.get("scale"), config=bad.get("config"),
-                         interpret=True)
+        prefix_attention(
+            q, k, k, bad.get("kv_len", 64), scale=bad.get("scale"), config=bad.get("config"), interpret=True
+        )
 
 
-@pytest.mark.parametrize("kw,match", [(dict(block_q=96), "multiples of 64"), (dict(stages=1), "stages"),
-                                      (dict(splits=0), "splits")])
+@pytest.mark.parametrize(
+    "kw,match", [(dict(block_q=96), "multiples of 64"), (dict(stages=1), "stages"), (dict(splits=0), "splits")]
+)
 def test_prefix_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
         PrefixConfig(**kw)
@@ -143,27 +148,41 @@ def test_ops_prefix_mgpu_forward_and_gradient():
     (cuDNN's on a GPU, the XLA reference in interpret mode) and reaches only the valid keys."""
     q, k, v = _inputs(1, 64, 192, 2, 64, jnp.bfloat16, 150)
     assert ops.prefix_len_can_be_traced(q, k, impl="mgpu", interpret=True)
-    out = jax.jit(lambda q, k, v, n: ops.attention_kv_prefix(q, k, v, n, impl="mgpu", interpret=True,
-                                                             config=PrefixConfig(block_kv=64)))(q, k, v, jnp.int32(150))
+    out = jax.jit(
+        lambda q, k, v, n: ops.attention_kv_prefix(
+            q, k, v, n, impl="mgpu", interpret=True, config=PrefixConfig(block_kv=64)
+        )
+    )(q, k, v, jnp.int32(150))
     assert _rel(out, _reference(q, k, v, 150)) < 1e-2
     g = _rand(q.shape, jnp.float32)
-    loss = lambda impl: (lambda k: (ops.attention_kv_prefix(q, k, v, 150, impl=impl, interpret=True,  # noqa: E731
-                                                            config=PrefixConfig(block_kv=64) if impl == "mgpu" else None)
-                                    .astype(jnp.float32) * g).sum())
+    loss = lambda impl: (
+        lambda k: (
+            ops.attention_kv_prefix(
+                q,
+                k,
+                v,
+                150,
+                impl=impl,
+                interpret=True,  # noqa: E731
+                config=PrefixConfig(block_kv=64) if impl == "mgpu" else None,
+            ).astype(jnp.float32)
+            * g
+        ).sum()
+    )
     gk, gref = jax.grad(loss("mgpu"))(k), jax.grad(loss("xla"))(k)
-    assert _rel(gk, np.asarray(gref, np.float64)) < 5e-3      # bf16 gradients of two XLA formulations
+    assert _rel(gk, np.asarray(gref, np.float64)) < 5e-3  # bf16 gradients of two XLA formulations
     assert float(jnp.abs(gk[:, 150:].astype(jnp.float32)).max()) == 0.0 < float(jnp.abs(gk.astype(jnp.float32)).max())
 
 
 def test_ops_prefix_mgpu_errors():
     q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="sm_90"):               # CPU, not interpret
+    with pytest.raises(ValueError, match="sm_90"):  # CPU, not interpret
         ops.attention_kv_prefix(q, q, q, 64, impl="mgpu")
     with pytest.raises(ValueError, match="ad='vjp'"):
         ops.attention_kv_prefix(q, q, q, 64, impl="mgpu", ad="jvp", interpret=True)
     with pytest.raises(ValueError, match="PrefixConfig"):
         ops.attention_kv_prefix(q, q, q, 64, impl="mgpu", interpret=True, config=ops.FlashConfig())
-    assert ops.prefix_impl(q, q) == "xla"                          # auto on the CPU
+    assert ops.prefix_impl(q, q) == "xla"  # auto on the CPU
 
 
 def test_streaming_with_mgpu_cache_attention_matches_xla():
@@ -177,7 +196,7 @@ def test_streaming_with_mgpu_cache_attention_matches_xla():
     for impl in ("xla", "mgpu", "mgpu_cross"):
         cross = "mgpu" if impl == "mgpu_cross" else "auto"
         cfg = base.replace(cache_attn_impl=impl.removesuffix("_cross"), cross_attn_impl=cross, attn_interpret=True)
-        apply, params = functional(WanModel(cfg, rngs=nnx.Rngs(0)))      # the same weights
+        apply, params = functional(WanModel(cfg, rngs=nnx.Rngs(0)))  # the same weights
         s = StreamingSampler(apply, params, cfg, AttentionPattern("block_causal", 2), (4, 4), 1, 2, "noisy")
         assert s.traced_cache_len
         videos[impl] = s.generate(jax.random.key(3), ctx, 6)

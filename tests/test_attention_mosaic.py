@@ -25,12 +25,22 @@ CASES = [
     ("tpu_bc_chunk_f32", masks.block_causal(3, 7, 2, 1), jnp.float32, 64, SMALL, True),
     ("tpu_tf_frame_f32", masks.teacher_forcing(2, 7, 1), jnp.float32, 64, SMALL, True),
     ("gen_full_cross_bf16_d128", masks.full(20, 37), jnp.bfloat16, 128, SMALL, "generic"),
-    ("gen_bc_kvcache_local_sink_f32",
-     masks.block_causal(6, 9, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1), jnp.float32,
-     64, MIXED, "generic"),
-    ("gen_tf_chunk_local_f32", masks.teacher_forcing(3, 7, 2, 1, local_attn_blocks=2,
-                                                    sink_blocks=1), jnp.float32, 64, MIXED,
-     "generic"),
+    (
+        "gen_bc_kvcache_local_sink_f32",
+        masks.block_causal(6, 9, 1, q_frames=2, local_attn_blocks=2, sink_blocks=1),
+        jnp.float32,
+        64,
+        MIXED,
+        "generic",
+    ),
+    (
+        "gen_tf_chunk_local_f32",
+        masks.teacher_forcing(3, 7, 2, 1, local_attn_blocks=2, sink_blocks=1),
+        jnp.float32,
+        64,
+        MIXED,
+        "generic",
+    ),
 ]
 
 
@@ -49,8 +59,15 @@ def test_mosaic_kernels_match_float64_reference(name, spec, dtype, d, config, in
     o2, to, _ = mosaic_jvp(q, k, v, tq, None if interpret is True else tk, tv, spec, **kw)
     if interpret is True:  # K̇ skipped: compare with the reference for K̇ = 0
         *_, rto = _reference_all(spec, q, k, v, do, tq, None, tv)
-    errs = dict(o=_rel(o, ro), lse=_rel(lse, rlse), dq=_rel(dq, rdq), dk=_rel(dk, rdk),
-                dv=_rel(dv, rdv), jvp_o=_rel(o2, ro), jvp_to=_rel(to, rto))
+    errs = dict(
+        o=_rel(o, ro),
+        lse=_rel(lse, rlse),
+        dq=_rel(dq, rdq),
+        dk=_rel(dk, rdk),
+        dv=_rel(dv, rdv),
+        jvp_o=_rel(o2, ro),
+        jvp_to=_rel(to, rto),
+    )
     bad = {key: e for key, e in errs.items() if not e < TOL[dtype]}
     assert not bad, f"{name}: {bad} (all: {errs})"
 
@@ -58,12 +75,10 @@ def test_mosaic_kernels_match_float64_reference(name, spec, dtype, d, config, in
 def test_mosaic_op_wiring_jvp_and_grad():
     spec = masks.block_causal(2, 9, 1)
     q = _rand((1, spec.q_len, 2, 64), jnp.float32)
-    k, v, tq = _rand(q.shape, jnp.float32), _rand(q.shape, jnp.float32), _rand(q.shape,
-                                                                             jnp.float32)
+    k, v, tq = _rand(q.shape, jnp.float32), _rand(q.shape, jnp.float32), _rand(q.shape, jnp.float32)
 
     def op(ad):
-        return lambda q, k, v: ops.attention(q, k, v, spec, impl="mosaic", ad=ad,
-                                             interpret="generic", config=SMALL)
+        return lambda q, k, v: ops.attention(q, k, v, spec, impl="mosaic", ad=ad, interpret="generic", config=SMALL)
 
     _, t = jax.jvp(lambda q: op("jvp")(q, k, v), (q,), (tq,))
     g = jax.grad(lambda q: jnp.sum(op("vjp")(q, k, v) * v))(q)
@@ -87,10 +102,9 @@ def test_default_tiles_follow_the_sequence_length_and_odd_lengths_match_referenc
     assert default_config(32_760, 512).fwd == (512, 512) and default_config(300, 20).fwd == (512, 128)
     cfg = default_config(300, 37)
     assert (cfg.q_multiple, cfg.kv_multiple) == (512, 128)
-    spec = masks.teacher_forcing(2, 75, 1)          # 300 tokens: frames of 75 cut across tiles
+    spec = masks.teacher_forcing(2, 75, 1)  # 300 tokens: frames of 75 cut across tiles
     q, k, v, tq = (_rand((1, 300, 2, 64), jnp.float32) for _ in range(4))
-    o, to = jax.jvp(lambda q: ops.attention(q, k, v, spec, impl="mosaic", ad="jvp", interpret="generic"),
-                    (q,), (tq,))
+    o, to = jax.jvp(lambda q: ops.attention(q, k, v, spec, impl="mosaic", ad="jvp", interpret="generic"), (q,), (tq,))
     with jax.enable_x64(True):
         a = [jnp.asarray(_f64(x)) for x in (q, k, v, tq)]
         ro, rto = jax.jvp(lambda q: _ref(spec)(q, a[1], a[2]), (a[0],), (a[3],))
@@ -99,15 +113,14 @@ def test_default_tiles_follow_the_sequence_length_and_odd_lengths_match_referenc
 
 def test_auto_picks_mosaic_for_tpu_and_never_the_dense_reference():
     q = jnp.ones((1, 32, 2, 64), jnp.float32)
-    assert ops.resolve_impl("auto") == "xla"                   # this CPU
+    assert ops.resolve_impl("auto") == "xla"  # this CPU
     with ops.target_platform("tpu"):
         assert ops.current_platform() == "tpu"
         assert ops.resolve_impl("auto") == "mosaic"
         assert ops.prefix_impl(q, q) == "mosaic" and ops.prefix_impl(q, q, ad="jvp") == "mosaic"
         assert not ops.prefix_len_can_be_traced(q, q)
-        with pytest.raises(ValueError, match="head_dim"):       # no silent dense fallback
-            ops.attention(jnp.ones((1, 32, 2, 32)), jnp.ones((1, 32, 2, 32)), jnp.ones((1, 32, 2, 32)),
-                          masks.full(32))
+        with pytest.raises(ValueError, match="head_dim"):  # no silent dense fallback
+            ops.attention(jnp.ones((1, 32, 2, 32)), jnp.ones((1, 32, 2, 32)), jnp.ones((1, 32, 2, 32)), masks.full(32))
         with pytest.raises(ValueError, match="needs a GPU"):
             ops.resolve_impl("triton")
     with ops.target_platform("gpu"):
@@ -135,18 +148,29 @@ def test_tiles_reach_the_kernels_from_the_op_and_the_model_config(monkeypatch):
 
     from crm_jax.models import partitioning
     from crm_jax.models.config import get_model_config
-    from crm_jax.models.wan import AttentionPattern, apply_for, init_model, functional
+    from crm_jax.models.wan import AttentionPattern, apply_for, functional, init_model
 
     with pytest.raises(ValueError, match="attn_tiles"):
         get_model_config("tiny", attn_tiles=(100, 16))
     seen = []
     real = partitioning.attention
-    monkeypatch.setattr(partitioning, "attention", lambda *a, **kw: (seen.append(kw.get("tiles")), real(
-        *a, **{key: val for key, val in kw.items() if key != "tiles"}))[1])
+    monkeypatch.setattr(
+        partitioning,
+        "attention",
+        lambda *a, **kw: (
+            seen.append(kw.get("tiles")),
+            real(*a, **{key: val for key, val in kw.items() if key != "tiles"}),
+        )[1],
+    )
     cfg = get_model_config("tiny", attn_tiles=[256, 128])
     assert cfg.attn_tiles == (256, 128)
     _, params = functional(init_model(cfg))
     x = jnp.ones((1, 2, 4, 4, cfg.in_channels))
-    apply_for(cfg)(params, x, jnp.ones((1, 2)), jnp.ones((1, cfg.text_len, cfg.text_dim)),
-                   pattern=AttentionPattern("block_causal", 1))
-    assert seen and set(seen) == {(256, 128)}       # self- and cross-attention
+    apply_for(cfg)(
+        params,
+        x,
+        jnp.ones((1, 2)),
+        jnp.ones((1, cfg.text_len, cfg.text_dim)),
+        pattern=AttentionPattern("block_causal", 1),
+    )
+    assert seen and set(seen) == {(256, 128)}  # self- and cross-attention

@@ -97,8 +97,11 @@ SCRIPT = textwrap.dedent("""
 
 def test_attention_sharded_on_4_cpu_devices():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {CPU_COMPILE_FAST}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=600)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {CPU_COMPILE_FAST}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=root,
+    )
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -8,22 +8,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_streaming  # noqa: E402
 
-COMMAND_BUFFERS = ("xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
-                   "DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL")
+COMMAND_BUFFERS = (
+    "xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"
+)
 
 
 def test_quick_variants_and_compare(tmp_path, capsys):
     variants = {
         "base": ["--profile", str(tmp_path / "trace")],
         "inplace": ["--kv_update", "inplace", "--scan_unroll", "2"],
-        "layers_host": ["--kv_update", "inplace", "--kv_layout", "per_layer", "--call_loop", "host",
-                        "--compiler_option", COMMAND_BUFFERS],
+        "layers_host": [
+            "--kv_update",
+            "inplace",
+            "--kv_layout",
+            "per_layer",
+            "--call_loop",
+            "host",
+            "--compiler_option",
+            COMMAND_BUFFERS,
+        ],
     }
     outs = []
     for label, flags in variants.items():
         out = tmp_path / f"{label}.json"
-        bench_streaming.main(["--quick", "--blocks", "3", "--configs", "2:noisy,1:clean", "--repeats", "1",
-                              "--label", label, *flags, "--out", str(out)])
+        bench_streaming.main(
+            [
+                "--quick",
+                "--blocks",
+                "3",
+                "--configs",
+                "2:noisy,1:clean",
+                "--repeats",
+                "1",
+                "--label",
+                label,
+                *flags,
+                "--out",
+                str(out),
+            ]
+        )
         with open(out) as f:
             result = json.load(f)
         rows = result["rows"]

@@ -10,8 +10,11 @@ from crm_jax.training import loop
 from crm_jax.training.steps import MODES
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not os.path.basename(p).startswith(("_", "base")))
+CONFIGS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not os.path.basename(p).startswith(("_", "base"))
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -86,6 +86,7 @@ def test_wrong_shape_is_named(tmp_path):
 
 def test_mismatched_config_is_an_error():
     from crm_jax.models.config import TINY
+
     with pytest.raises(ValueError, match="does not match the model config"):
         convert.load_wan(os.path.join(FIX, "diffusers"), cfg=TINY.replace(num_layers=3))
 

@@ -16,13 +16,24 @@ from crm_jax.data import toy_world as tw
 from crm_jax.models.config import TINY
 
 # A tiny teacher (TINY with 5 actions, made smaller still: compile time dominates on CPU).
-SMALL = dict(in_channels=4, out_channels=4, text_len=8, text_dim=32, num_actions=5,
-             dim=32, ffn_dim=64, num_heads=2, num_layers=1, freq_dim=16)
+SMALL = dict(
+    in_channels=4,
+    out_channels=4,
+    text_len=8,
+    text_dim=32,
+    num_actions=5,
+    dim=32,
+    ffn_dim=64,
+    num_heads=2,
+    num_layers=1,
+    freq_dim=16,
+)
 N, PER_SHARD = 10, 4  # 3 shards: 4 + 4 + 2
 
 
 def gen_config(**kw):
     from configs.toy_generate import get_config
+
     c = get_config()
     c.model.overrides = SMALL
     c.allow_random_teacher = True
@@ -61,11 +72,17 @@ def mcfg():
 
 # ----------------------------------------------------------------------------- round trip
 
+
 def test_record_codec_bit_exact():
     import ml_dtypes
+
     rng = np.random.default_rng(0)
-    arrays = {"id": np.asarray(7, np.int64), "x": rng.normal(size=(2, 3, 5)).astype(np.float32),
-              "b": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16), "a": np.arange(3, dtype=np.int32)}
+    arrays = {
+        "id": np.asarray(7, np.int64),
+        "x": rng.normal(size=(2, 3, 5)).astype(np.float32),
+        "b": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16),
+        "a": np.arange(3, dtype=np.int32),
+    }
     got, text = ds.decode_record(ds.encode_record(arrays, {"prompt": "héllo | x"}))
     assert text == {"prompt": "héllo | x"}
     for k, v in arrays.items():
@@ -87,8 +104,8 @@ def test_generated_written_read_back_bit_identical(ref):
     for lo in range(0, N, 2):
         arrays, t = gen.samples(np.arange(lo, min(lo + 2, N)))
         for k, v in arrays.items():
-            assert cols[k][lo:lo + 2].tobytes() == v.tobytes(), k
-        assert [x["prompt"] for x in texts[lo:lo + 2]] == t
+            assert cols[k][lo : lo + 2].tobytes() == v.tobytes(), k
+        assert [x["prompt"] for x in texts[lo : lo + 2]] == t
     # The toy prompts/actions are those of the world episodes.
     ep = tw.sample_episode(jax.random.fold_in(jax.random.key(1), 3), gen.cond.world)
     np.testing.assert_array_equal(cols["actions"][3], np.asarray(ep.actions))
@@ -133,8 +150,10 @@ def test_two_hosts_write_their_shards(ref, tmp_path):
     out = tmp_path / "ds"
     assert run_gen(gen_config(), out, process_index=1, process_count=2)["complete"] is False
     # process 1 of 2 owns the block process_rows(3 shards, 1, 2) = [1, 3)
-    assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == \
-        [ds.shard_name(1, 3), ds.shard_name(2, 3)]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == [
+        ds.shard_name(1, 3),
+        ds.shard_name(2, 3),
+    ]
     assert run_gen(gen_config(), out, process_index=0, process_count=2)["complete"] is True
     cols, _ = ds.read_all(str(out))
     assert cols["latents"].tobytes() == ds.read_all(ref)[0]["latents"].tobytes()
@@ -146,9 +165,9 @@ def test_two_hosts_read_their_rows_of_the_global_batch(ref):
     assert sorted(stream[:N]) == sorted(stream[N:]) == list(range(N))  # each epoch a permutation
     assert stream[:N] != list(range(N)) or stream[N:] != stream[:N]  # shuffled, reshuffled per epoch
     hosts = [ds.DatasetSource(ref, 4, seed=0, process_index=p, process_count=2) for p in range(2)]
-    for step in range(5):   # batches walk the stream, straddling epoch ends; host p has rows [2p, 2p + 2)
+    for step in range(5):  # batches walk the stream, straddling epoch ends; host p has rows [2p, 2p + 2)
         want = one.batch(step)
-        np.testing.assert_array_equal(want["id"], stream[4 * step:4 * step + 4])
+        np.testing.assert_array_equal(want["id"], stream[4 * step : 4 * step + 4])
         parts = [h.batch(step) for h in hosts]
         assert all(b["latents"].shape[0] == 2 for b in parts)
         np.testing.assert_array_equal(parts[1]["ode_times"], want["ode_times"])  # not a batch field
@@ -173,13 +192,15 @@ def test_iterator_state_save_restore_resumes_exactly(ref):
         assert set(got) == set(e) and all(got[k].tobytes() == e[k].tobytes() for k in e)
     assert it2.get_state()["step"] == 7
     other = ds.DatasetSource(ref, 4, seed=8)
-    assert not np.array_equal(other.batch(3)["id"], expected[0]["id"]) or \
-        not np.array_equal(other.batch(4)["id"], expected[1]["id"])
+    assert not np.array_equal(other.batch(3)["id"], expected[0]["id"]) or not np.array_equal(
+        other.batch(4)["id"], expected[1]["id"]
+    )
     with pytest.raises(ValueError, match="seed"):
         other.iterator(state)
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_unreadable_or_foreign_directory_errors_name_the_file(ref, tmp_path):
     missing = str(tmp_path / "nope")
@@ -241,12 +262,14 @@ def test_prompt_file_bad_lines_name_file_and_line(tmp_path):
     f.write_text("# toy prompts\nscene=1 color=3\n\nscene=0 color=red | up 2 right\n")
     lines = pr.read_toy_prompt_file(str(f), world)
     assert [(l.line, s, c, l.actions) for l, s, c in lines] == [(2, 1, 3, None), (4, 0, 0, (1, 2, 4))]
-    cases = {"scene=1 color=3 | up jump stay\n": "jump",
-             "scene=1 color=3 | up up\n": "2 actions given, expected one per frame",
-             "scene=9 color=3\n": "scene 9 out of range",
-             "scene=1 colour=3\n": "scene=<id> color",
-             "scene=1 color=3 | 0 1 7\n": "action id 7",
-             " | up up up\n": "empty prompt"}
+    cases = {
+        "scene=1 color=3 | up jump stay\n": "jump",
+        "scene=1 color=3 | up up\n": "2 actions given, expected one per frame",
+        "scene=9 color=3\n": "scene 9 out of range",
+        "scene=1 colour=3\n": "scene=<id> color",
+        "scene=1 color=3 | 0 1 7\n": "action id 7",
+        " | up up up\n": "empty prompt",
+    }
     for text, msg in cases.items():
         f.write_text("scene=0 color=1\n# ok\n" + text)
         with pytest.raises(ValueError, match=rf"prompts\.txt:3: .*{msg}"):
@@ -258,8 +281,10 @@ def test_prompt_file_bad_lines_name_file_and_line(tmp_path):
         pr.read_prompt_file(str(tmp_path / "missing.txt"))
     free = tmp_path / "wan.txt"
     free.write_text("a cat on grass\na dog | 1, 2\n")
-    assert [(p.prompt, p.actions) for p in pr.read_prompt_file(str(free))] == \
-        [("a cat on grass", None), ("a dog", (1, 2))]
+    assert [(p.prompt, p.actions) for p in pr.read_prompt_file(str(free))] == [
+        ("a cat on grass", None),
+        ("a dog", (1, 2)),
+    ]
 
 
 def test_generate_from_toy_prompt_file(tmp_path):
@@ -283,6 +308,7 @@ def test_generate_from_teacher_checkpoint(tmp_path):
 
     from crm_jax.models import convert
     from crm_jax.models.wan import WanModel
+
     model = nnx.eval_shape(lambda: WanModel(mcfg(), rngs=nnx.Rngs(0)))
     nnx.update(model, G.random_teacher(mcfg(), 3)[1])
     convert.save_nnx(model, str(tmp_path / "teacher"))
@@ -299,10 +325,19 @@ def test_generate_from_teacher_checkpoint(tmp_path):
 def test_generate_from_embedding_file_bfloat16(tmp_path):
     rng = np.random.default_rng(0)
     emb = tmp_path / "emb.npz"
-    np.savez(emb, context=rng.normal(size=(3, 8, 32)).astype(np.float32), prompts=np.array(["a", "b", "c"]),
-             actions=np.array([[0, 1], [2, 3], [4, 0]]), negative_context=np.zeros((8, 32), np.float32))
-    c = gen_config(num_samples=4, samples_per_shard=4, latent_dtype="bfloat16",
-                   **{"cond.kind": "embeddings", "cond.embeddings": str(emb)})
+    np.savez(
+        emb,
+        context=rng.normal(size=(3, 8, 32)).astype(np.float32),
+        prompts=np.array(["a", "b", "c"]),
+        actions=np.array([[0, 1], [2, 3], [4, 0]]),
+        negative_context=np.zeros((8, 32), np.float32),
+    )
+    c = gen_config(
+        num_samples=4,
+        samples_per_shard=4,
+        latent_dtype="bfloat16",
+        **{"cond.kind": "embeddings", "cond.embeddings": str(emb)},
+    )
     assert run_gen(c, tmp_path / "ds")["complete"]
     cols, texts = ds.read_all(str(tmp_path / "ds"))
     assert cols["latents"].dtype.name == "bfloat16" and cols["ode_traj"].dtype.name == "bfloat16"
@@ -318,6 +353,7 @@ def test_generate_from_embedding_file_bfloat16(tmp_path):
 
 # ----------------------------------------------------------------------------- converter
 
+
 def _external_dir(path, n=3, fmt="npz", C=4, T=2, H=4, W=4, L=6, Dm=32):
     path.mkdir()
     rng = np.random.default_rng(1)
@@ -330,8 +366,12 @@ def _external_dir(path, n=3, fmt="npz", C=4, T=2, H=4, W=4, L=6, Dm=32):
             np.savez(path / f"sample_{i:03d}.npz", latent=lat, prompt_embed=emb, prompt=np.asarray(prompt))
         else:
             from safetensors.numpy import save_file
-            save_file({"latent": lat, "prompt_embed": emb}, str(path / f"sample_{i:03d}.safetensors"),
-                      metadata={"prompt": prompt})
+
+            save_file(
+                {"latent": lat, "prompt_embed": emb},
+                str(path / f"sample_{i:03d}.safetensors"),
+                metadata={"prompt": prompt},
+            )
         out.append((lat, emb, prompt))
     return out
 
@@ -341,8 +381,9 @@ def test_external_converter_round_trip(tmp_path, fmt):
     samples = _external_dir(tmp_path / "src", fmt=fmt)
     np.savez(tmp_path / "neg.npz", prompt_embed=np.ones((5, 32), np.float32))
     out = str(tmp_path / "ds")
-    res = external.convert(str(tmp_path / "src"), out, samples_per_shard=2, text_len=8,
-                           negative=str(tmp_path / "neg.npz"), progress=False)
+    res = external.convert(
+        str(tmp_path / "src"), out, samples_per_shard=2, text_len=8, negative=str(tmp_path / "neg.npz"), progress=False
+    )
     assert res == {"written": 2, "complete": True}
     cols, texts = ds.read_all(out)
     for i, (lat, emb, prompt) in enumerate(samples):
@@ -353,14 +394,26 @@ def test_external_converter_round_trip(tmp_path, fmt):
     src = ds.DatasetSource(out, 2, mcfg=TINY, process_index=0, process_count=1)
     assert src.batch(0)["latents"].shape == (2, 2, 4, 4, 4)
     np.testing.assert_array_equal(src.negative_context()[:5], 1)
-    assert external.convert(str(tmp_path / "src"), out, samples_per_shard=2, text_len=8,
-                            negative=str(tmp_path / "neg.npz"), progress=False)["written"] == 0
+    assert (
+        external.convert(
+            str(tmp_path / "src"),
+            out,
+            samples_per_shard=2,
+            text_len=8,
+            negative=str(tmp_path / "neg.npz"),
+            progress=False,
+        )["written"]
+        == 0
+    )
 
 
 def test_external_converter_bad_files(tmp_path):
     _external_dir(tmp_path / "src")
-    np.savez(tmp_path / "src" / "sample_001.npz", latent=np.zeros((4, 2, 4, 5), np.float32),
-             prompt_embed=np.zeros((6, 32), np.float32))
+    np.savez(
+        tmp_path / "src" / "sample_001.npz",
+        latent=np.zeros((4, 2, 4, 5), np.float32),
+        prompt_embed=np.zeros((6, 32), np.float32),
+    )
     with pytest.raises(ValueError, match=r"sample_001\.npz.*latents.*\[2, 4, 5, 4\].*\[2, 4, 4, 4\]"):
         external.convert(str(tmp_path / "src"), str(tmp_path / "ds"), samples_per_shard=2, progress=False)
     assert ds.shard_name(0, 2) not in os.listdir(tmp_path / "ds")  # the failed shard left no file

@@ -31,15 +31,16 @@ def randn(seed, shape):
 
 # ---------------------------------------------------------------- Gaussian toy data (analytic)
 
+
 def _gauss(mu, sig):
     """Exact RF velocity and flow map for data N(mu, diag sig^2) (per trailing feature)."""
 
     def a(t):
-        return jnp.sqrt((1 - t) ** 2 * sig ** 2 + t ** 2)
+        return jnp.sqrt((1 - t) ** 2 * sig**2 + t**2)
 
     def v(x, t, cond=None):
         tb = D.expand_time(t, x)
-        return (tb - (1 - tb) * sig ** 2) / a(tb) ** 2 * (x - (1 - tb) * mu) - mu
+        return (tb - (1 - tb) * sig**2) / a(tb) ** 2 * (x - (1 - tb) * mu) - mu
 
     def flow(x, t, r):
         tb, rb = D.expand_time(t, x), D.expand_time(r, x)
@@ -50,6 +51,7 @@ def _gauss(mu, sig):
 
 # ---------------------------------------------------------------- conversions
 
+
 def test_time_conversion_round_trips(x64):
     t = jnp.linspace(0.0, 0.999, 101)
     s = D.rf_to_trig(t)
@@ -57,7 +59,7 @@ def test_time_conversion_round_trips(x64):
     np.testing.assert_allclose(D.sigma_to_rf(sigma), t, atol=1e-12)
     np.testing.assert_allclose(D.trig_to_rf(s), t, atol=1e-12)
     np.testing.assert_allclose(D.trig_to_sigma(D.sigma_to_trig(sigma)), sigma, rtol=1e-10)
-    np.testing.assert_allclose(D.sigma_to_trig(sigma), s, atol=1e-12)        # rf->sigma->trig == rf->trig
+    np.testing.assert_allclose(D.sigma_to_trig(sigma), s, atol=1e-12)  # rf->sigma->trig == rf->trig
     np.testing.assert_allclose(D.trig_to_sigma(s), sigma, rtol=1e-9)
     s_grid = jnp.linspace(0.0, math.pi / 2, 33)
     np.testing.assert_allclose(D.rf_to_trig(D.trig_to_rf(s_grid)), s_grid, atol=1e-12)
@@ -71,7 +73,6 @@ def test_time_conversion_round_trips(x64):
 
 
 def test_state_conversions_round_trip_and_agree(x64):
-    key = jax.random.key(0)
     x0, eps = randn(0, (2, 3, 4)), randn(1, (2, 3, 4))
     t = jnp.array([0.2, 0.9])
     s = D.rf_to_trig(t)
@@ -142,12 +143,13 @@ def test_cfg_and_guided():
     np.testing.assert_allclose(D.cfg(2.0, 1.0, 3.0), 4.0)
     calls = []
     D.guided_velocity(lambda x, t, c: calls.append(c) or x, x, t, c, u, 1.0)
-    assert len(calls) == 1                          # guidance 1: only the conditional call
+    assert len(calls) == 1  # guidance 1: only the conditional call
     with pytest.raises(ValueError, match="uncond"):
         D.guided(net, None, 3.0)
 
 
 # ---------------------------------------------------------------- samplers
+
 
 def test_lognormal_sampler_is_logit_normal():
     t = D.sample_lognormal_t(jax.random.key(0), (20000,), p_mean=-0.8, p_std=1.6)
@@ -162,7 +164,7 @@ def test_uniform_shift_sampler():
     assert float(t.min()) >= 0 and float(t.max()) < 1
     u = np.asarray(D.unshift_time(t, 5.0))
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - math.sqrt(1 / 12)) < 0.01
-    assert float(jnp.mean(t)) > 0.7                         # shift 5 pushes mass to high noise
+    assert float(jnp.mean(t)) > 0.7  # shift 5 pushes mass to high noise
     u2 = jax.random.uniform(jax.random.key(0), (20000,))
     np.testing.assert_allclose(t, 5 * u2 / (1 + 4 * u2), rtol=1e-6)
 
@@ -184,6 +186,7 @@ def test_block_times_constant_within_blocks():
 
 
 # ---------------------------------------------------------------- grids
+
 
 def test_few_step_grid():
     np.testing.assert_allclose(D.few_step_times(4), [1600 / 1601, 15 / 16, 5 / 6, 5 / 8, 0.0])
@@ -207,6 +210,7 @@ def test_shifted_grid():
 
 # ---------------------------------------------------------------- ODE samplers
 
+
 def test_euler_sampler_matches_exact_flow_map(x64):
     mu, sig = jnp.array([0.5, -1.0]), jnp.array([0.7, 1.3])
     v, flow = _gauss(mu, sig)
@@ -216,7 +220,7 @@ def test_euler_sampler_matches_exact_flow_map(x64):
     for n in (50, 100):
         x = jit(lambda z: D.euler_sample(v, z, None, num_steps=n, shift=3.0))(noise)
         errs.append(float(jnp.max(jnp.abs(x - exact))))
-    assert errs[0] < 0.15 and errs[1] < errs[0] * 0.6         # first-order convergence
+    assert errs[0] < 0.15 and errs[1] < errs[0] * 0.6  # first-order convergence
     x, (traj, ts) = jit(lambda z: D.euler_sample(v, z, None, num_steps=8, return_trajectory=True))(noise)
     assert traj.shape == (16, 9, 3, 2) and ts.shape == (9,)
     np.testing.assert_array_equal(traj[:, 0], noise)
@@ -229,14 +233,14 @@ def test_euler_sampler_cfg():
 
     noise = jnp.zeros((2, 3))
     x = D.euler_sample(net, noise, jnp.array([1.0, 1.0]), num_steps=4, uncond=jnp.array([0.0, 0.0]), guidance=3.0)
-    np.testing.assert_allclose(x, -3.0 * jnp.ones((2, 3)), rtol=1e-6)     # integrates v = 3 from t=1 to 0
+    np.testing.assert_allclose(x, -3.0 * jnp.ones((2, 3)), rtol=1e-6)  # integrates v = 3 from t=1 to 0
 
 
 def test_few_step_sample_with_exact_consistency_student(x64):
     mu, sig = jnp.array([0.5, -1.0]), jnp.array([0.7, 0.3])
     v, flow = _gauss(mu, sig)
 
-    def student(x, t, c):            # x0_hat = x - t v = flow(x, t -> 0): exact consistency function
+    def student(x, t, c):  # x0_hat = x - t v = flow(x, t -> 0): exact consistency function
         return (x - flow(x, t, jnp.zeros_like(t))) / D.expand_time(t, x)
 
     noise = randn(0, (4000, 2))
@@ -247,6 +251,7 @@ def test_few_step_sample_with_exact_consistency_student(x64):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_bad_input_raises():
     x = jnp.ones((2, 3, 4))

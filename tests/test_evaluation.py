@@ -16,8 +16,7 @@ from crm_jax.evaluation import world_model as wm
 from crm_jax.models.config import get_model_config
 from crm_jax.models.wan import AttentionPattern, functional, init_model
 
-WORLD = tw.ToyWorldConfig(num_frames=6, height=16, width=16, num_sprites=2, sprite_size=3, action_speed=1,
-                          max_speed=1)
+WORLD = tw.ToyWorldConfig(num_frames=6, height=16, width=16, num_sprites=2, sprite_size=3, action_speed=1, max_speed=1)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def test_ground_truth_scores_perfectly(episodes):
 def test_wrong_frames_score_badly_and_match_the_per_episode_metrics(episodes):
     src, batch = episodes
     truth = latents_to_frames(batch["latents"], src.factor)
-    frozen = jnp.repeat(truth[:, :1], WORLD.num_frames, axis=1)        # nothing moves
+    frozen = jnp.repeat(truth[:, :1], WORLD.num_frames, axis=1)  # nothing moves
     s = wm.score(frozen, batch, WORLD, prefix_frames=2)
     for b in range(3):
         ref = tw.trajectory_error(frozen[b, 2:], batch["states"][b, 2:], batch["colors"][b], WORLD)
@@ -45,7 +44,7 @@ def test_wrong_frames_score_badly_and_match_the_per_episode_metrics(episodes):
         ref = tw.action_following_accuracy(frozen[b, 1:], batch["actions"][b, 1:], batch["colors"][b], WORLD)
         np.testing.assert_allclose(s["action_following"][b], ref, rtol=1e-6)
     assert s["trajectory_error"].mean() > 0.5
-    blank = jnp.full_like(truth, 0.3)                                    # no sprite anywhere
+    blank = jnp.full_like(truth, 0.3)  # no sprite anywhere
     diag = float(np.hypot(WORLD.height, WORLD.width))
     np.testing.assert_allclose(wm.score(blank, batch, WORLD, 2)["trajectory_error"], diag, rtol=1e-6)
 
@@ -75,14 +74,27 @@ def _tiny(**kw):
     return get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5, text_len=4, text_dim=32, **kw)
 
 
-@pytest.mark.parametrize("pattern,prefix,method", [(AttentionPattern("block_causal", 2), 2, "consistency"),
-                                                   (AttentionPattern("full"), 0, "euler")])
+@pytest.mark.parametrize(
+    "pattern,prefix,method",
+    [(AttentionPattern("block_causal", 2), 2, "consistency"), (AttentionPattern("full"), 0, "euler")],
+)
 def test_evaluate_runs_and_keeps_the_given_frames(episodes, pattern, prefix, method):
     src, batch = episodes
     model = init_model(_tiny(), 0)
     apply, params = functional(model)
-    r = wm.evaluate(apply, params, model.cfg, src, batch, jax.random.key(0), pattern=pattern, prefix_frames=prefix,
-                    method=method, steps=2, keep_frames=2)
+    r = wm.evaluate(
+        apply,
+        params,
+        model.cfg,
+        src,
+        batch,
+        jax.random.key(0),
+        pattern=pattern,
+        prefix_frames=prefix,
+        method=method,
+        steps=2,
+        keep_frames=2,
+    )
     assert r["episodes"] == 6 and r["frames"].shape == (2, WORLD.num_frames, 16, 16, 3)
     assert 0.0 <= r["action_following"] <= 1.0
     if prefix:
@@ -103,18 +115,23 @@ def test_meanflow_students_are_sampled_with_r_zero(episodes):
     apply, params = functional(model)
     x = batch["latents"][:2, :2]
     pat = AttentionPattern("block_causal", 2)
-    kw = dict(pattern=pat, num_frames=2, latent_hw=(8, 8), method="consistency", steps=1, actions=batch["actions"][:2, :2])
+    kw = dict(
+        pattern=pat, num_frames=2, latent_hw=(8, 8), method="consistency", steps=1, actions=batch["actions"][:2, :2]
+    )
     noise = jax.random.normal(jax.random.key(3), x.shape)
     got = causal_sample(apply, params, cfg, jax.random.key(1), batch["context"][:2], noise=noise, **kw)
     t0 = float(block_times("consistency", 1)[0])
     t = jnp.full((2, 2), t0)
-    u0 = apply(params, noise, t, batch["context"][:2], pattern=pat, actions=batch["actions"][:2, :2], r=jnp.zeros_like(t))
+    u0 = apply(
+        params, noise, t, batch["context"][:2], pattern=pat, actions=batch["actions"][:2, :2], r=jnp.zeros_like(t)
+    )
     ut = apply(params, noise, t, batch["context"][:2], pattern=pat, actions=batch["actions"][:2, :2])
     np.testing.assert_allclose(got, noise - t0 * u0, atol=1e-5)
     assert float(jnp.abs(u0 - ut).max()) > 1e-4
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
+
 
 def _gaussian_fd(mu1, s1, mu2, s2):
     """Closed form for commuting (diagonal) covariances."""
@@ -125,8 +142,9 @@ def test_frechet_distance_matches_the_closed_form_and_is_zero_on_identical_sets(
     rng = np.random.default_rng(0)
     a = rng.normal(size=(20000, 3)) * np.array([1.0, 2.0, 0.5]) + np.array([0.0, 1.0, -1.0])
     b = rng.normal(size=(20000, 3)) * np.array([1.5, 1.0, 0.5]) + np.array([1.0, 1.0, 0.0])
-    ref = _gaussian_fd(np.array([0.0, 1.0, -1.0]), np.array([1.0, 4.0, 0.25]),
-                       np.array([1.0, 1.0, 0.0]), np.array([2.25, 1.0, 0.25]))
+    ref = _gaussian_fd(
+        np.array([0.0, 1.0, -1.0]), np.array([1.0, 4.0, 0.25]), np.array([1.0, 1.0, 0.0]), np.array([2.25, 1.0, 0.25])
+    )
     np.testing.assert_allclose(vf.frechet_distance(a, b), ref, rtol=0.03)
     np.testing.assert_allclose(vf.frechet_distance(a, b), vf.frechet_distance(b, a), rtol=1e-9)
     c = rng.normal(size=(50, 8))
@@ -160,7 +178,7 @@ def test_classifier_load_errors(tmp_path):
     m = vf.train_classifier(world, steps=1, batch_size=2, width=4, feat=8)
     m.save(str(tmp_path / "clf"))
     meta = json.load(open(tmp_path / "clf" / "classifier.json"))
-    meta["feat"] = 16                                         # params no longer fit the config
+    meta["feat"] = 16  # params no longer fit the config
     json.dump(meta, open(tmp_path / "clf" / "classifier.json", "w"))
     with pytest.raises(ValueError, match="shape"):
         vf.FeatureModel.load(str(tmp_path / "clf"))

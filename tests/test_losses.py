@@ -39,20 +39,20 @@ SIG = (0.7, 1.3, 0.4)
 
 
 def _a(t, sig):
-    return jnp.sqrt((1 - t) ** 2 * sig ** 2 + t ** 2)
+    return jnp.sqrt((1 - t) ** 2 * sig**2 + t**2)
 
 
 def v_exact(x, t, p):
     mu, sig = p["mu"], jnp.exp(p["ls"])
     tb = D.expand_time(t, x)
-    return (tb - (1 - tb) * sig ** 2) / _a(tb, sig) ** 2 * (x - (1 - tb) * mu) - mu
+    return (tb - (1 - tb) * sig**2) / _a(tb, sig) ** 2 * (x - (1 - tb) * mu) - mu
 
 
 def u_exact(z, r, t, p):
     mu, sig = p["mu"], jnp.exp(p["ls"])
     tb, rb = D.expand_time(t, z), D.expand_time(r, z)
     at, ar = _a(tb, sig), _a(rb, sig)
-    return (z - (1 - tb) * mu) * ((tb + rb) - sig ** 2 * (2 - tb - rb)) / (at * (at + ar)) - mu
+    return (z - (1 - tb) * mu) * ((tb + rb) - sig**2 * (2 - tb - rb)) / (at * (at + ar)) - mu
 
 
 def flow_map(x, t, r, p):
@@ -98,14 +98,19 @@ def max_abs(tree):
 
 # ---------------------------------------------------------------- a small random network (frames interact)
 
+
 def make_net(seed, F=3, H=8):
-    params = {"W1": 0.5 * randn(seed, (F, H)), "b": randn(seed + 1, (H,)),
-              "c": randn(seed + 2, (H,)), "W2": 0.5 * randn(seed + 3, (H, F))}
+    params = {
+        "W1": 0.5 * randn(seed, (F, H)),
+        "b": randn(seed + 1, (H,)),
+        "c": randn(seed + 2, (H,)),
+        "W2": 0.5 * randn(seed + 3, (H, F)),
+    }
 
     def net(p, x, t, cond):
         tb = D.expand_time(t, x)
         h = jnp.tanh(x @ p["W1"] + tb * p["b"] + jnp.cos(3 * tb) * p["c"])
-        h = jnp.cumsum(h, axis=1) / h.shape[1]            # causal mixing over frames
+        h = jnp.cumsum(h, axis=1) / h.shape[1]  # causal mixing over frames
         return h @ p["W2"]
 
     return params, net
@@ -147,9 +152,9 @@ def test_scm_exact_student_and_perturbed_student(x64, form):
 
     f = vg(loss)
     (val, m), grads = f(p_true)
-    assert float(m["g_norm"]) < 1e-10                     # g = 0 for the exact consistency function
+    assert float(m["g_norm"]) < 1e-10  # g = 0 for the exact consistency function
     assert float(val) < 1e-18
-    assert max_abs(grads) < 1e-9                          # and the loss gradient vanishes
+    assert max_abs(grads) < 1e-9  # and the loss gradient vanishes
     assert float(m["tangent_norm"]) > 0.1 and float(m["nan_frac"]) == 0.0
 
     (val, m), grads = f(p0)
@@ -176,24 +181,34 @@ def test_scm_without_normalisation_weighs_each_sample_by_its_g(x64, form):
     p0 = perturbed_params()
     norms = []
     for i in range(3):
+
         def loss(p, normalise):
             fn, jfn = student_pair(p)
-            return SCM_FORMS[form](fn, jfn, teacher_fn, x0[i:i + 1], jax.random.key(1), t=t[i:i + 1],
-                                   noise=eps[i:i + 1], normalise=normalise)
+            return SCM_FORMS[form](
+                fn,
+                jfn,
+                teacher_fn,
+                x0[i : i + 1],
+                jax.random.key(1),
+                t=t[i : i + 1],
+                noise=eps[i : i + 1],
+                normalise=normalise,
+            )
+
         (_, m_raw), g_raw = vg(lambda p: loss(p, False))(p0)
         (_, m_hat), g_hat = vg(lambda p: loss(p, True))(p0)
         n = float(m_raw["g_norm"])
         np.testing.assert_allclose(m_hat["g_norm"], n, rtol=1e-12)
-        np.testing.assert_allclose(m_raw["loss_unscaled"], n ** 2, rtol=1e-10)
+        np.testing.assert_allclose(m_raw["loss_unscaled"], n**2, rtol=1e-10)
         np.testing.assert_allclose(m_hat["loss_unscaled"], (n / (n + 0.1)) ** 2, rtol=1e-10)
         for k in p0:
             np.testing.assert_allclose(g_raw[k], (n + 0.1) * g_hat[k], rtol=1e-9, atol=1e-12)
         norms.append(n)
-    assert max(norms) > 2 * min(norms)          # samples really differ in ||g||: the weighting matters
+    assert max(norms) > 2 * min(norms)  # samples really differ in ||g||: the weighting matters
 
 
 def _mean_norm(x):
-    return jnp.mean(jnp.sqrt(jnp.sum(x ** 2, axis=tuple(range(1, x.ndim)))))
+    return jnp.mean(jnp.sqrt(jnp.sum(x**2, axis=tuple(range(1, x.ndim)))))
 
 
 def test_scm_trigflow_warmup_term(x64):
@@ -206,15 +221,16 @@ def test_scm_trigflow_warmup_term(x64):
     r = 0.25
 
     @jit
-    def run(step):                       # step is traced, as in a jitted train step
-        _, m = L.scm_trigflow_loss(fn, jfn, teacher_fn, x0, None, jax.random.key(0), t=t, noise=eps,
-                                   step=step, tangent_warmup=4)
+    def run(step):  # step is traced, as in a jitted train step
+        _, m = L.scm_trigflow_loss(
+            fn, jfn, teacher_fn, x0, None, jax.random.key(0), t=t, noise=eps, step=step, tangent_warmup=4
+        )
         s = D.rf_to_trig(t)
         x_s = D.trig_noise(x0, eps, s)
         F = D.trigflow_fn(fn)(x_s, s, None)
         F_T = D.trigflow_fn(teacher_fn)(x_s, s, None)
         c, sn = D.expand_time(jnp.cos(s), x0), D.expand_time(jnp.sin(s), x0)
-        expect = c * (c - jnp.sqrt(1 - r ** 2 * sn ** 2)) * (F - F_T) + (1 - r) * c * sn * x_s
+        expect = c * (c - jnp.sqrt(1 - r**2 * sn**2)) * (F - F_T) + (1 - r) * c * sn * x_s
         return m, _mean_norm(expect)
 
     m, want = run(jnp.asarray(1))
@@ -231,8 +247,19 @@ def test_scm_rf_warmup_term(x64):
 
     @jit
     def run():
-        _, m = L.scm_rf_loss(fn, jfn, teacher_fn, x0, None, jax.random.key(0), t=t, noise=eps, step=3,
-                             tangent_warmup=4, teacher_forcing=True)
+        _, m = L.scm_rf_loss(
+            fn,
+            jfn,
+            teacher_fn,
+            x0,
+            None,
+            jax.random.key(0),
+            t=t,
+            noise=eps,
+            step=3,
+            tangent_warmup=4,
+            teacher_forcing=True,
+        )
         x_t = D.rf_noise(x0, eps, t)
         return m, _mean_norm(0.25 * (teacher_fn(x_t, t, None) - fn(x_t, t, None)))
 
@@ -241,6 +268,7 @@ def test_scm_rf_warmup_term(x64):
 
 
 # ---------------------------------------------------------------- jvp vs finite differences
+
 
 def test_jvp_time_derivative_matches_central_difference(x64):
     params, net = make_net(0)
@@ -286,7 +314,7 @@ def test_scm_tangents_match_finite_differences(x64):
         xp, tp = D.pack_teacher_forcing(x0, x_t, t)
         v_T = D.unpack_noisy(teacher_fn(xp, tp, None), 4)
 
-        def noisy(xn, tn):                 # network output on the noisy half, clean context held fixed
+        def noisy(xn, tn):  # network output on the noisy half, clean context held fixed
             a, b = D.pack_teacher_forcing(x0, xn, tn)
             return D.unpack_noisy(fn(a, b, None), 4)
 
@@ -299,6 +327,7 @@ def test_scm_tangents_match_finite_differences(x64):
 
 
 # ---------------------------------------------------------------- teacher-forcing sCM structure
+
 
 def test_tf_scm_context_tangent_is_zero(x64):
     """A jvp network whose noisy output picks up alpha * (context tangent) gives the same loss for any alpha:
@@ -313,14 +342,16 @@ def test_tf_scm_context_tangent_is_zero(x64):
     def spy(alpha):
         def jfn(x, t, c):
             ctx = x[:, :T]
-            leak = alpha * (ctx - sg(ctx))                    # value 0, tangent = alpha * context tangent
+            leak = alpha * (ctx - sg(ctx))  # value 0, tangent = alpha * context tangent
             return fn(x, t, c) + jnp.concatenate([jnp.zeros_like(ctx), leak], axis=1)
+
         return jfn
 
     def teacher_ctx(beta):
         def te(x, t, c):
             out = teacher_fn(x, t, c)
             return out.at[:, :T].add(beta)
+
         return te
 
     f = jit(lambda a, b: L.scm_rf_loss(fn, spy(a), teacher_ctx(b), x0, None, jax.random.key(5)))
@@ -338,17 +369,17 @@ def test_tf_scm_context_tangent_is_zero(x64):
 
 def test_tf_scm_per_frame_batch_equals_mean_of_per_sample_losses(x64):
     params, net = make_net(0)
-    fn = lambda x, t, c: net(params, x, t, c["emb"][:, None, None] * x)   # uses cond per sample
+    fn = lambda x, t, c: net(params, x, t, c["emb"][:, None, None] * x)  # uses cond per sample
     teacher = lambda x, t, c: net(params, 1.1 * x, t, c)
     jfn = fn
     B, T = 3, 4
     x0 = randn(1, (B, T, 3))
     eps = randn(2, (B, T, 3))
-    t = jnp.asarray(np.random.default_rng(3).uniform(0.05, 0.95, (B, T)))   # per-frame times
+    t = jnp.asarray(np.random.default_rng(3).uniform(0.05, 0.95, (B, T)))  # per-frame times
     cond = {"emb": jnp.array([0.5, 1.0, 1.5])}
     f = jit(lambda x0_, c_, t_, e_: L.scm_rf_loss(fn, jfn, teacher, x0_, c_, jax.random.key(0), t=t_, noise=e_))
     full, m = f(x0, cond, t, eps)
-    per = [f(x0[b:b + 1], {"emb": cond["emb"][b:b + 1]}, t[b:b + 1], eps[b:b + 1]) for b in range(B)]
+    per = [f(x0[b : b + 1], {"emb": cond["emb"][b : b + 1]}, t[b : b + 1], eps[b : b + 1]) for b in range(B)]
     np.testing.assert_allclose(full, np.mean([float(o[0]) for o in per]), rtol=1e-12)
     np.testing.assert_allclose(m["g_norm"], np.mean([float(o[1]["g_norm"]) for o in per]), rtol=1e-12)
 
@@ -361,7 +392,7 @@ def test_scm_nan_samples_are_masked_and_counted(form):
     def loss(p):
         fn = lambda x, t, c: net(p, x, t, c)
 
-        def jfn(x, t, c):                     # jvp pass blows up on sample 0 only
+        def jfn(x, t, c):  # jvp pass blows up on sample 0 only
             out = net(sg(p), x, t, c)
             return out.at[0].multiply(jnp.nan)
 
@@ -405,8 +436,13 @@ def test_jvp_pass_is_never_reverse_differentiated(form):
     x0 = randn(1, (2, 4, 3))
 
     def loss(p, jvp_params):
-        return SCM_FORMS[form](lambda x, t, c: net(p, x, t, c), lambda x, t, c: jnet(jvp_params(p), x, t, c),
-                               teacher_fn, x0, jax.random.key(0))
+        return SCM_FORMS[form](
+            lambda x, t, c: net(p, x, t, c),
+            lambda x, t, c: jnet(jvp_params(p), x, t, c),
+            teacher_fn,
+            x0,
+            jax.random.key(0),
+        )
 
     (val, m), g = vg(lambda p: loss(p, sg))(params)
     assert np.isfinite(float(val)) and max_abs(g) > 0 and float(m["tangent_norm"]) > 0
@@ -416,12 +452,14 @@ def test_jvp_pass_is_never_reverse_differentiated(form):
 
 # ---------------------------------------------------------------- MeanFlow
 
+
 def test_meanflow_target_equals_exact_average_velocity(x64):
     p = true_params()
     z = randn(0, (6, 2, 3))
     t = jnp.array([0.9, 0.7, 0.5, 0.3, 0.6, 0.99])
-    r = jnp.array([0.1, 0.7, 0.2, 0.0, 0.59, 0.5])          # includes r == t and r == 0
+    r = jnp.array([0.1, 0.7, 0.2, 0.0, 0.59, 0.5])  # includes r == t and r == 0
     u_fn = lambda z_, r_, t_, c: u_exact(z_, r_, t_, p)
+
     @jit
     def run():
         target, _ = L.meanflow_target(u_fn, z, r, t, v_exact(z, t, p), None)
@@ -429,7 +467,7 @@ def test_meanflow_target_equals_exact_average_velocity(x64):
 
     target, u, z_r, z_r_exact = run()
     np.testing.assert_allclose(target, u, atol=1e-12)
-    np.testing.assert_allclose(z_r, z_r_exact, atol=1e-12)     # u is the average velocity: z_r = z_t - (t - r) u
+    np.testing.assert_allclose(z_r, z_r_exact, atol=1e-12)  # u is the average velocity: z_r = z_t - (t - r) u
 
 
 def test_meanflow_exact_and_perturbed(x64):
@@ -466,11 +504,16 @@ def test_meanflow_time_sampler_and_default_velocity():
 
 # ---------------------------------------------------------------- dCM
 
+
 def test_dcm_times_are_adjacent_on_shifted_grid(x64):
-    both = jit(lambda k: (L.dcm_times(k, 100, num_steps=48, shift=5.0, dtype=jnp.float64),
-                          L.dcm_times(k, 100, num_steps=48, shift=5.0, discrete=True, dtype=jnp.float64)))
+    both = jit(
+        lambda k: (
+            L.dcm_times(k, 100, num_steps=48, shift=5.0, dtype=jnp.float64),
+            L.dcm_times(k, 100, num_steps=48, shift=5.0, discrete=True, dtype=jnp.float64),
+        )
+    )
     (t0, t1), (d0, d1) = jax.tree.map(np.asarray, both(jax.random.key(0)))
-    np.testing.assert_allclose(t0 / (5 - 4 * t0) - t1 / (5 - 4 * t1), 1 / 48, atol=1e-12)   # unshifted gap 1/N
+    np.testing.assert_allclose(t0 / (5 - 4 * t0) - t1 / (5 - 4 * t1), 1 / 48, atol=1e-12)  # unshifted gap 1/N
     assert np.all(t0 > t1) and np.all(t1 >= 0) and np.all(t0 <= 1)
     t0, t1 = d0, d1
     grid = D.shifted_time_grid(48, 5.0)
@@ -490,8 +533,7 @@ def test_dcm_exact_vs_perturbed(x64, tf):
         shapes.append(x.shape)
         return teacher_fn(x, t, c)
 
-    f = vg(lambda p, t0, t1: L.dcm_loss(student(p), te, x0, None, jax.random.key(1), teacher_forcing=tf,
-                                        t0=t0, t1=t1))
+    f = vg(lambda p, t0, t1: L.dcm_loss(student(p), te, x0, None, jax.random.key(1), teacher_forcing=tf, t0=t0, t1=t1))
     ratios = []
     for n in (48, 480):
         t0, t1 = jit(lambda k: L.dcm_times(k, x0.shape[0], num_steps=n, dtype=jnp.float64))(jax.random.key(1))
@@ -513,14 +555,28 @@ def test_dcm_uses_guided_teacher_step(x64):
     eps = jnp.ones((2, 3))
     t0, t1 = jnp.array([0.8, 0.6]), jnp.array([0.7, 0.5])
     te = lambda x, t, c: jnp.zeros_like(x) + c[:, None]
-    fn = lambda x, t, c: jnp.zeros_like(x)                   # x0_hat(x, t) = x
-    loss, _ = jit(lambda: L.dcm_loss(fn, te, x0, jnp.ones(2), jax.random.key(0), uncond=jnp.zeros(2), guidance=4.0,
-                                     t0=t0, t1=t1, noise=eps, loss_scale=1.0))()
+    fn = lambda x, t, c: jnp.zeros_like(x)  # x0_hat(x, t) = x
+    loss, _ = jit(
+        lambda: L.dcm_loss(
+            fn,
+            te,
+            x0,
+            jnp.ones(2),
+            jax.random.key(0),
+            uncond=jnp.zeros(2),
+            guidance=4.0,
+            t0=t0,
+            t1=t1,
+            noise=eps,
+            loss_scale=1.0,
+        )
+    )()
     # x0_hat(x_t0) - x0_hat(x_t1) = (t0 - t1) * 4 per element; 3 elements per sample
     np.testing.assert_allclose(loss, np.mean(3 * (4 * (t0 - t1)) ** 2), rtol=1e-9)
 
 
 # ---------------------------------------------------------------- DMD and critic
+
 
 def test_dmd_equal_scores_give_exactly_zero_gradient():
     params, net = make_net(0)
@@ -547,7 +603,7 @@ def test_dmd_sgd_step_moves_generator_toward_real(x64):
     (val, m), g = vg(loss)(gen)
     gen1 = jax.tree.map(lambda a, b: a - 0.05 * b, gen, g)
 
-    def w2(gp):   # squared 2-Wasserstein distance between diagonal Gaussians
+    def w2(gp):  # squared 2-Wasserstein distance between diagonal Gaussians
         return float(jnp.sum((gp["m"] - p_real["mu"]) ** 2 + (jnp.exp(gp["ls"]) - jnp.exp(p_real["ls"])) ** 2))
 
     assert w2(gen1) < w2(gen)
@@ -560,20 +616,20 @@ def test_dmd_formula_and_nan_masking():
     eps = randn(1, G.shape)
     t = jnp.array([0.2, 0.5, 0.9])
     real = lambda x, t, c: 0.5 * x
-    fake = lambda x, t, c: (0.5 * x).at[1].set(jnp.nan)     # sample 1 broken
+    fake = lambda x, t, c: (0.5 * x).at[1].set(jnp.nan)  # sample 1 broken
     (val, m), g = vg(lambda G_: L.dmd_loss(G_, real, fake, None, jax.random.key(2), t=t, noise=eps))(G)
     assert float(m["nan_frac"]) == pytest.approx(1 / 3) and np.all(np.isfinite(g))
     np.testing.assert_array_equal(g[1], 0.0)
     fake2 = lambda x, t, c: 0.3 * x
     (val, m), g = vg(lambda G_: L.dmd_loss(G_, real, fake2, None, jax.random.key(2), t=t, noise=eps))(G)
-    G, eps, t = (np.asarray(a) for a in (G, eps, t))                      # expected value, in numpy
+    G, eps, t = (np.asarray(a) for a in (G, eps, t))  # expected value, in numpy
     tb = t[:, None, None]
     x = (1 - tb) * G + tb * eps
     x0r, x0f = x - tb * 0.5 * x, x - tb * 0.3 * x
     norm = np.maximum(np.mean(np.abs(G - x0r), axis=(1, 2), keepdims=True), 1e-5)
     grad = (x0f - x0r) / norm
-    np.testing.assert_allclose(val, jnp.mean(jnp.sum(grad ** 2, axis=(1, 2))), rtol=1e-5)
-    np.testing.assert_allclose(g, 2 * grad / 3, rtol=1e-5, atol=1e-7)   # dL/dG = 2 grad / B
+    np.testing.assert_allclose(val, jnp.mean(jnp.sum(grad**2, axis=(1, 2))), rtol=1e-5)
+    np.testing.assert_allclose(g, 2 * grad / 3, rtol=1e-5, atol=1e-7)  # dL/dG = 2 grad / B
 
 
 def test_critic_loss_detaches_generator_and_fits_fake_score(x64):
@@ -585,7 +641,7 @@ def test_critic_loss_detaches_generator_and_fits_fake_score(x64):
         return L.critic_loss(lambda x, t, c: v_exact(x, t, cp), G_, None, jax.random.key(1))
 
     (val, m), (gc, gG) = jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(crit, G)
-    assert float(jnp.max(jnp.abs(gG))) == 0.0              # no gradient into the generator
+    assert float(jnp.max(jnp.abs(gG))) == 0.0  # no gradient into the generator
     assert float(m["critic_loss"]) == pytest.approx(float(val))
     c1 = jax.tree.map(lambda a, b: a - 0.1 * b, crit, gc)
     assert float(jnp.sum((c1["mu"] - p_gen["mu"]) ** 2)) < float(jnp.sum((crit["mu"] - p_gen["mu"]) ** 2))
@@ -593,27 +649,36 @@ def test_critic_loss_detaches_generator_and_fits_fake_score(x64):
 
 # ---------------------------------------------------------------- ODE regression
 
+
 def test_ode_regression_exact_student_and_blocks(x64):
     p = true_params()
     noise = randn(0, (8, 6, 3))
-    ts = jnp.asarray(D.few_step_times(4, sigma_max=80.0)[:-1])            # [K] = 4 points
+    ts = jnp.asarray(D.few_step_times(4, sigma_max=80.0)[:-1])  # [K] = 4 points
     B = noise.shape[0]
-    traj, x_target = jit(lambda: (
-        jnp.stack([flow_map(noise, jnp.full((B,), ts[0]), jnp.full((B,), tk), p) for tk in ts], axis=1),
-        flow_map(noise, jnp.full((B,), ts[0]), jnp.zeros(B), p)))()
+    traj, x_target = jit(
+        lambda: (
+            jnp.stack([flow_map(noise, jnp.full((B,), ts[0]), jnp.full((B,), tk), p) for tk in ts], axis=1),
+            flow_map(noise, jnp.full((B,), ts[0]), jnp.zeros(B), p),
+        )
+    )()
     loss, _ = jit(lambda: L.ode_regression_loss(student(p), traj, ts, x_target, None, jax.random.key(1)))()
     assert float(loss) < 1e-20
-    loss_b, m = jit(lambda: L.ode_regression_loss(student(p), traj, ts, x_target, None, jax.random.key(1),
-                                                  sizes=(2, 2, 2)))()
+    loss_b, m = jit(
+        lambda: L.ode_regression_loss(student(p), traj, ts, x_target, None, jax.random.key(1), sizes=(2, 2, 2))
+    )()
     assert float(loss_b) < 1e-20
     idx = jnp.tile(jnp.array([[0, 3, 1]]), (B, 1))
-    loss_p, m = jit(lambda: L.ode_regression_loss(student(perturbed_params()), traj, ts, x_target, None,
-                                                  jax.random.key(1), sizes=(2, 2, 2), index=idx))()
+    loss_p, m = jit(
+        lambda: L.ode_regression_loss(
+            student(perturbed_params()), traj, ts, x_target, None, jax.random.key(1), sizes=(2, 2, 2), index=idx
+        )
+    )()
     assert float(loss_p) > 1e-3
     np.testing.assert_allclose(m["t_mean"], np.mean(np.asarray(ts)[[0, 0, 3, 3, 1, 1]]), rtol=1e-12)
 
 
 # ---------------------------------------------------------------- teacher flow matching (TF / DF)
+
 
 def test_bell_weight():
     np.testing.assert_allclose(L.bell_weight(jnp.array([0.0, 0.5, 1.0])), [0.0, 1 - math.exp(-0.5), 0.0], atol=1e-7)
@@ -621,7 +686,7 @@ def test_bell_weight():
 
 def test_teacher_forcing_packing_and_formula():
     B, T = 2, 3
-    x0 = randn(0, (B, T, 2, 2, 4))            # [B, T, H, W, C]
+    x0 = randn(0, (B, T, 2, 2, 4))  # [B, T, H, W, C]
     eps = randn(1, x0.shape)
     t = jnp.array([0.3, 0.8])
 
@@ -630,8 +695,8 @@ def test_teacher_forcing_packing_and_formula():
         seen = {}
 
         def net(x, tt, c):
-            seen["x"], seen["t"] = x, tt                                  # what the network received
-            return jnp.zeros_like(x) + D.expand_time(tt, x)             # predicts v = t everywhere
+            seen["x"], seen["t"] = x, tt  # what the network received
+            return jnp.zeros_like(x) + D.expand_time(tt, x)  # predicts v = t everywhere
 
         loss, _ = L.teacher_forcing_loss(net, x0, None, jax.random.key(2), t=t, noise=eps)
         loss_n, _ = L.teacher_forcing_loss(net, x0, None, jax.random.key(2), t=t, noise=eps, weighting="none")
@@ -639,11 +704,11 @@ def test_teacher_forcing_packing_and_formula():
 
     loss, loss_n, seen = run()
     assert seen["x"].shape == (B, 2 * T, 2, 2, 4) and seen["t"].shape == (B, 2 * T)
-    np.testing.assert_array_equal(seen["x"][:, :T], x0)                   # clean context first ...
-    np.testing.assert_array_equal(seen["t"][:, :T], 0.0)                  # ... at t = 0
+    np.testing.assert_array_equal(seen["x"][:, :T], x0)  # clean context first ...
+    np.testing.assert_array_equal(seen["t"][:, :T], 0.0)  # ... at t = 0
     np.testing.assert_allclose(seen["x"][:, T:], D.rf_noise(x0, eps, t), rtol=1e-6)
     err = D.expand_time(t, x0) - (eps - x0)
-    per_frame = jnp.mean(err ** 2, axis=(2, 3, 4))                        # [B, T]
+    per_frame = jnp.mean(err**2, axis=(2, 3, 4))  # [B, T]
     expect = jnp.mean(jnp.sum(L.bell_weight(t)[:, None] * per_frame, axis=1))
     np.testing.assert_allclose(loss, expect, rtol=1e-5)
     np.testing.assert_allclose(loss_n, jnp.mean(jnp.sum(per_frame, axis=1)), rtol=1e-5)
@@ -672,8 +737,9 @@ def test_diffusion_forcing_block_times_and_formula():
     tt = np.asarray(sampled())
     assert tt.shape == (B, T)
     assert np.all(tt[:, 1:4] == tt[:, 1:2]) and np.all(tt[:, 4:] == tt[:, 4:5]) and not np.all(tt[:, 0] == tt[:, 1])
-    loss, _ = jit(lambda: L.diffusion_forcing_loss(net, x0, None, jax.random.key(1), sizes, t=jnp.asarray(tt),
-                                                   noise=eps))()
+    loss, _ = jit(
+        lambda: L.diffusion_forcing_loss(net, x0, None, jax.random.key(1), sizes, t=jnp.asarray(tt), noise=eps)
+    )()
     np.testing.assert_allclose(loss, jnp.mean(jnp.sum(jnp.mean((eps - x0) ** 2, axis=2), axis=1)), rtol=1e-5)
 
 
@@ -689,6 +755,7 @@ def test_flow_matching_exact_velocity_is_the_minimiser(x64):
 
 # ---------------------------------------------------------------- rCM combination
 
+
 def test_rcm_combination_does_not_rescale(x64):
     x0 = data(B=4)
     fn, jfn = student_pair(perturbed_params())
@@ -703,7 +770,7 @@ def test_rcm_combination_does_not_rescale(x64):
     cm, dmd = both()
     total, m = L.rcm_loss(cm, dmd, dmd_weight=0.5)
     np.testing.assert_allclose(total, cm[0] + 0.5 * dmd[0])
-    np.testing.assert_allclose(cm[0], 100 * cm[1]["loss_unscaled"])       # the 100 lives in the sCM loss
+    np.testing.assert_allclose(cm[0], 100 * cm[1]["loss_unscaled"])  # the 100 lives in the sCM loss
     assert {"cm/g_norm", "cm/nan_frac", "dmd/dmd_grad_norm", "loss"} <= set(m)
     np.testing.assert_allclose(L.rcm_loss(cm, None)[0], cm[0])
     with pytest.raises(ValueError):
@@ -712,20 +779,21 @@ def test_rcm_combination_does_not_rescale(x64):
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_bad_inputs_raise_value_error():
     params, net = make_net(0)
     fn = lambda x, t, c: net(params, x, t, c)
     x0 = jnp.ones((2, 4, 3))
     k = jax.random.key(0)
-    with pytest.raises(ValueError, match="does not match"):               # t vs x
+    with pytest.raises(ValueError, match="does not match"):  # t vs x
         L.scm_rf_loss(fn, fn, teacher_fn, x0, None, k, t=jnp.full((3,), 0.5))
     with pytest.raises(ValueError, match="does not match"):
         L.teacher_forcing_loss(fn, x0, None, k, t=jnp.full((2, 5), 0.5))
-    with pytest.raises(ValueError, match="leading"):                      # cond vs x
+    with pytest.raises(ValueError, match="leading"):  # cond vs x
         L.scm_trigflow_loss(fn, fn, teacher_fn, x0, {"text": jnp.ones((3, 8))}, k)
     with pytest.raises(ValueError, match="leading"):
         L.dmd_loss(x0, fn, fn, None, k, uncond={"text": jnp.ones((5, 8))}, guidance=3.0)
-    with pytest.raises(ValueError, match="must lie in"):                  # t outside [0, 1]
+    with pytest.raises(ValueError, match="must lie in"):  # t outside [0, 1]
         L.flow_matching_loss(fn, x0, None, k, t=jnp.array([0.5, 1.2]))
     with pytest.raises(ValueError, match="must lie in"):
         L.critic_loss(fn, x0, None, k, t=jnp.array([-0.1, 0.2]))
@@ -751,6 +819,7 @@ def test_bad_inputs_raise_value_error():
 
 
 # ---------------------------------------------------------------- docs example
+
 
 def test_docs_example_runs():
     text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()

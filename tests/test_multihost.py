@@ -32,12 +32,25 @@ def free_port() -> int:
 
 
 def env_for(devices: int, **extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                         f"--xla_cpu_multi_thread_eigen=false {CPU_COMPILE_FAST}")
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
-              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+        PYTHONUNBUFFERED="1",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+        f"--xla_cpu_multi_thread_eigen=false {CPU_COMPILE_FAST}",
+    )
+    for k in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -48,16 +61,29 @@ class Run:
     2 x 4 devices through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
 
     def __init__(self, argv, n: int, logdir, name: str, **env):
-        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(logdir, "jax_cache"))   # reruns skip compiles
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(logdir, "jax_cache"))  # reruns skip compiles
         self.logs = [open(os.path.join(logdir, f"{name}-{i}.log"), "w+") for i in range(n)]
         port = free_port()
         self.procs = []
         for i in range(n):
-            e = env_for(8 // n, **env) if n == 1 else env_for(
-                8 // n, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=n, JAX_PROCESS_ID=i,
-                CRM_DIST_HEARTBEAT_TIMEOUT=HEARTBEAT_S, CRM_DIST_INIT_TIMEOUT=60, **env)
-            self.procs.append(subprocess.Popen([sys.executable, *argv], env=e, cwd=ROOT, stdout=self.logs[i],
-                                               stderr=subprocess.STDOUT))
+            e = (
+                env_for(8 // n, **env)
+                if n == 1
+                else env_for(
+                    8 // n,
+                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                    JAX_NUM_PROCESSES=n,
+                    JAX_PROCESS_ID=i,
+                    CRM_DIST_HEARTBEAT_TIMEOUT=HEARTBEAT_S,
+                    CRM_DIST_INIT_TIMEOUT=60,
+                    **env,
+                )
+            )
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, *argv], env=e, cwd=ROOT, stdout=self.logs[i], stderr=subprocess.STDOUT
+                )
+            )
 
     def output(self, i: int) -> str:
         self.logs[i].flush()
@@ -161,7 +187,7 @@ def test_steps_two_processes_equal_one_process(tmp_path):
     for r in runs:
         r.check(300)
     one, two = np.load(tmp_path / "1.npz"), np.load(tmp_path / "2.npz")
-    assert list(one["rows"]) == [0, 8] and list(two["rows"]) == [0, 4]   # process 0's rows
+    assert list(one["rows"]) == [0, 8] and list(two["rows"]) == [0, 4]  # process 0's rows
     assert set(one.files) == set(two.files) and len(one.files) > 10
     for case in ("tf_scm-student", "sf_dmd-student", "sf_dmd-critic"):
         loss1, loss2 = float(one[f"{case}-loss"]), float(two[f"{case}-loss"])
@@ -175,13 +201,28 @@ def test_steps_two_processes_equal_one_process(tmp_path):
 
 # ----------------------------------------------------------------------------- the training program
 
+
 def main_argv(workdir, iterations: int) -> list[str]:
-    return ["-m", "crm_jax.main", "--config=configs/toy_teacher_tf.py", f"--workdir={workdir}",
-            "--config.model.overrides.num_layers=1", "--config.data.num_frames=2", "--config.data.height=8",
-            "--config.data.width=8", "--config.data.batch_size=8", "--config.train.block_frames=1",
-            "--config.train.warmup_steps=0", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-            f"--config.num_iterations={iterations}", "--config.log_every=1", "--config.checkpoint.every=2",
-            "--config.checkpoint.keep=100", "--config.checkpoint.async_save=False"]
+    return [
+        "-m",
+        "crm_jax.main",
+        "--config=configs/toy_teacher_tf.py",
+        f"--workdir={workdir}",
+        "--config.model.overrides.num_layers=1",
+        "--config.data.num_frames=2",
+        "--config.data.height=8",
+        "--config.data.width=8",
+        "--config.data.batch_size=8",
+        "--config.train.block_frames=1",
+        "--config.train.warmup_steps=0",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=4",
+        f"--config.num_iterations={iterations}",
+        "--config.log_every=1",
+        "--config.checkpoint.every=2",
+        "--config.checkpoint.keep=100",
+        "--config.checkpoint.async_save=False",
+    ]
 
 
 def metrics(workdir) -> list[dict]:
@@ -201,7 +242,7 @@ def test_main_two_processes_killed_resume_exactly(tmp_path):
     wd = tmp_path / "two"
     first = Run(main_argv(wd, 1000), 2, tmp_path, "first")
     deadline = time.monotonic() + 300
-    while not checkpoint_steps(wd):   # the first checkpoint is complete (Orbax renames it when done)
+    while not checkpoint_steps(wd):  # the first checkpoint is complete (Orbax renames it when done)
         if time.monotonic() > deadline or any(p.poll() is not None for p in first.procs):
             first.kill()
             pytest.fail("no checkpoint written:\n" + first.tails())
@@ -221,37 +262,51 @@ def test_main_two_processes_killed_resume_exactly(tmp_path):
     resumed = Run(main_argv(wd, total), 2, tmp_path, "resumed")
     resumed.check(300)
     ref.check(300)
-    assert f"(iteration {last})" in resumed.output(0)      # resumed from the last complete checkpoint
+    assert f"(iteration {last})" in resumed.output(0)  # resumed from the last complete checkpoint
     assert "teacher_tf:" in resumed.output(0) and "teacher_tf:" not in resumed.output(1)  # process 0 prints
     assert checkpoint_steps(wd)[-1] == total
     rows = metrics(wd)
     its = [r["iteration"] for r in rows]
-    cut = len(its) - (total - last)   # the first run's rows, then the resumed run's: each once
+    cut = len(its) - (total - last)  # the first run's rows, then the resumed run's: each once
     assert cut >= last and its[:cut] == list(range(1, cut + 1)) and its[cut:] == list(range(last + 1, total + 1)), its
     want = {r["iteration"]: r for r in metrics(tmp_path / "one")}
-    got = {r["iteration"]: r for r in rows}    # the resumed run's rows replace the first run's
+    got = {r["iteration"]: r for r in rows}  # the resumed run's rows replace the first run's
     assert sorted(got) == sorted(want) == list(range(1, total + 1))
     for it in want:
         for k, v in want[it].items():
             assert got[it][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (it, k, got[it][k], v)
-    from crm_jax.models import convert   # exports (process 0's, 1 process's): the same weights
-    got, want = (jax.tree.leaves(nnx.state(convert.load_nnx(str(d / "export")), nnx.Param))
-                 for d in (wd, tmp_path / "one"))
+    from crm_jax.models import convert  # exports (process 0's, 1 process's): the same weights
+
+    got, want = (
+        jax.tree.leaves(nnx.state(convert.load_nnx(str(d / "export")), nnx.Param)) for d in (wd, tmp_path / "one")
+    )
     assert len(got) == len(want) > 5
     assert rel_tree(got, want) <= 1e-5
-    if os.path.isdir(wd / "tb"):   # one event file per run (the first and the resumed), from process 0
+    if os.path.isdir(wd / "tb"):  # one event file per run (the first and the resumed), from process 0
         assert len(os.listdir(wd / "tb")) == 2, os.listdir(wd / "tb")
 
 
 # ----------------------------------------------------------------------------- dataset generation
 
+
 def gen_argv(out, *extra) -> list[str]:
-    return ["-m", "crm_jax.data.generate", "--config=configs/toy_generate.py", f"--out={out}",
-            "--config.allow_random_teacher=True", "--config.model.overrides.num_layers=1",
-            "--config.model.overrides.dim=32", "--config.model.overrides.ffn_dim=64",
-            "--config.model.overrides.num_heads=2", "--config.num_samples=10", "--config.samples_per_shard=4",
-            "--config.batch_size=8", "--config.latent_shape=(2, 4, 4, 12)", "--config.sampler.num_steps=2",
-            *extra]
+    return [
+        "-m",
+        "crm_jax.data.generate",
+        "--config=configs/toy_generate.py",
+        f"--out={out}",
+        "--config.allow_random_teacher=True",
+        "--config.model.overrides.num_layers=1",
+        "--config.model.overrides.dim=32",
+        "--config.model.overrides.ffn_dim=64",
+        "--config.model.overrides.num_heads=2",
+        "--config.num_samples=10",
+        "--config.samples_per_shard=4",
+        "--config.batch_size=8",
+        "--config.latent_shape=(2, 4, 4, 12)",
+        "--config.sampler.num_steps=2",
+        *extra,
+    ]
 
 
 def test_generate_two_processes_write_disjoint_shards(tmp_path):
@@ -263,7 +318,7 @@ def test_generate_two_processes_write_disjoint_shards(tmp_path):
     part = Run(gen_argv(tmp_path / "two", "--max_shards=1"), 2, tmp_path, "gen2a")
     part.check(240)
     shards = sorted(n for n in os.listdir(tmp_path / "two") if n.endswith(".array_record"))
-    assert shards == [ds.shard_name(0, 3), ds.shard_name(1, 3)]   # each process's first shard
+    assert shards == [ds.shard_name(0, 3), ds.shard_name(1, 3)]  # each process's first shard
     assert not ds.read_metadata(str(tmp_path / "two"))["complete"]
     Run(gen_argv(tmp_path / "two"), 2, tmp_path, "gen2b").check(240)
     ref.check(240)
@@ -276,14 +331,21 @@ def test_generate_two_processes_write_disjoint_shards(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_bad_cluster_input_gives_one_clear_error(tmp_path):
     """Unreachable coordinator, inconsistent process ids, a batch that does not divide."""
     from crm_jax import distributed as dist
 
-    env = env_for(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=2,
-                  JAX_PROCESS_ID=1, CRM_DIST_INIT_TIMEOUT=2)
-    r = subprocess.run([sys.executable, *main_argv(tmp_path / "x", 2)], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    env = env_for(
+        4,
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+        JAX_NUM_PROCESSES=2,
+        JAX_PROCESS_ID=1,
+        CRM_DIST_INIT_TIMEOUT=2,
+    )
+    r = subprocess.run(
+        [sys.executable, *main_argv(tmp_path / "x", 2)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0 and "error: process 1 of 2: coordinator 127.0.0.1:" in r.stderr, r.stderr[-2000:]
     assert "not reachable within 2 s" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(dist.ClusterError, match=r"JAX_PROCESS_ID=2 is not in \[0, JAX_NUM_PROCESSES=2\)"):

@@ -57,19 +57,43 @@ def test_real_path_to_mp4(tmp_path, capsys):
         return out
 
     # 1. convert the DiT (text_len: the tiny umT5's max_len below)
-    assert stage("convert", lambda: convert_wan.main(
-        ["--src", p["transformer"], "--dst", p["dit"], "--text_len", "8"])) == 0
+    assert (
+        stage("convert", lambda: convert_wan.main(["--src", p["transformer"], "--dst", p["dit"], "--text_len", "8"]))
+        == 0
+    )
     # 2. encode prompts (VAE and umT5 are read in their published layouts, no conversion)
     emb_dir = os.path.dirname(p["embeddings"])
-    assert stage("encode", lambda: encode_prompts.main(
-        ["--encoder", p["text_encoder"], "--tokenizer", p["tokenizer"], "--prompts", p["prompts"],
-         "--out", emb_dir, "--max_len", "8", "--batch_size", "2", "--dtype", "float32",
-         "--no_progress"])) == 0
+    assert (
+        stage(
+            "encode",
+            lambda: encode_prompts.main(
+                [
+                    "--encoder",
+                    p["text_encoder"],
+                    "--tokenizer",
+                    p["tokenizer"],
+                    "--prompts",
+                    p["prompts"],
+                    "--out",
+                    emb_dir,
+                    "--max_len",
+                    "8",
+                    "--batch_size",
+                    "2",
+                    "--dtype",
+                    "float32",
+                    "--no_progress",
+                ]
+            ),
+        )
+        == 0
+    )
     emb = np.load(p["embeddings"])
     assert emb["context"].shape == (2, 8, 32)
     # 3. synthetic data from the teacher
-    res = stage("generate", lambda: generate.cli(
-        ["generate", f"--config={CONFIG}:generate,{root}", f"--out={p['dataset']}"]))
+    res = stage(
+        "generate", lambda: generate.cli(["generate", f"--config={CONFIG}:generate,{root}", f"--out={p['dataset']}"])
+    )
     assert res["complete"]
     # 4. TF-sCM from the converted teacher, 5. SF-DMD from its export
     for mode, iters in (("tf_scm", 2), ("sf_dmd", 1)):
@@ -79,10 +103,31 @@ def test_real_path_to_mp4(tmp_path, capsys):
     # 6. stream the student through the VAE into an MP4: 3 latent frames -> 1 + 4 * 2 = 9 frames
     out = os.path.join(root, "videos", "fox.mp4")
     gif = out[:-4] + ".gif"
-    summary = stage("sample", lambda: sample.main(
-        ["--ckpt", os.path.join(p["sf_dmd"], "export"), "--vae", p["vae"], "--embeddings", p["embeddings"],
-         "--rows", "0", "--frames", "3", "--block_frames", "1", "--steps", "2", "--latent_hw", "4,4",
-         "--out", f"{out},{gif}"]))
+    summary = stage(
+        "sample",
+        lambda: sample.main(
+            [
+                "--ckpt",
+                os.path.join(p["sf_dmd"], "export"),
+                "--vae",
+                p["vae"],
+                "--embeddings",
+                p["embeddings"],
+                "--rows",
+                "0",
+                "--frames",
+                "3",
+                "--block_frames",
+                "1",
+                "--steps",
+                "2",
+                "--latent_hw",
+                "4,4",
+                "--out",
+                f"{out},{gif}",
+            ]
+        ),
+    )
     assert summary["outputs"] == [out, gif] and summary["video_frames"] == 9
     reader = iio.get_reader(out)
     frames = [f for f in reader]

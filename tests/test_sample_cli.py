@@ -19,8 +19,8 @@ from crm_jax.data.toy_world import ACTION_DELTAS
 from crm_jax.models.config import TINY
 from crm_jax.sampling import video
 
-PX = 16          # toy frames 16 x 16 -> latents 8 x 8 x 12
-SHIFT = 5        # px the test double moves the square per action
+PX = 16  # toy frames 16 x 16 -> latents 8 x 8 x 12
+SHIFT = 5  # px the test double moves the square per action
 
 
 def scripted_world_model(args):
@@ -36,14 +36,18 @@ def scripted_world_model(args):
     def apply(params, x, t, context, *, actions=None, cache=None, **kw):
         b, f, h, w, _ = x.shape
         a = jnp.zeros((b, f), jnp.int32) if actions is None else actions
-        cx = PX // 2 + SHIFT * deltas[a, 0]                  # [B, f]
+        cx = PX // 2 + SHIFT * deltas[a, 0]  # [B, f]
         cy = PX // 2 + SHIFT * deltas[a, 1]
         yy = jnp.arange(PX)[:, None]
         xx = jnp.arange(PX)[None, :]
-        inside = ((yy >= cy[..., None, None] - 2) & (yy < cy[..., None, None] + 2)
-                  & (xx >= cx[..., None, None] - 2) & (xx < cx[..., None, None] + 2))
+        inside = (
+            (yy >= cy[..., None, None] - 2)
+            & (yy < cy[..., None, None] + 2)
+            & (xx >= cx[..., None, None] - 2)
+            & (xx < cx[..., None, None] + 2)
+        )
         red = jnp.asarray([1.0, 0.0, 0.0])
-        frames = jnp.where(inside[..., None], red, 0.3)       # [B, f, PX, PX, 3]
+        frames = jnp.where(inside[..., None], red, 0.3)  # [B, f, PX, PX, 3]
         target = frames_to_latents(frames)
         tb = t[:, :, None, None, None]
         v = jnp.where(tb > 0, (x - target) / jnp.maximum(tb, 1e-6), 0.0)
@@ -79,13 +83,14 @@ def cli(tmp_path, *extra, stdin="", model_fn=scripted_world_model):
 
 def test_interactive_stdin_actions_drive_the_sprite(tmp_path):
     path = str(tmp_path / "live.npz")
-    lines = "up\njump\nleft\n\n2\n"          # 'jump' is refused and asked again; '' repeats 'left'
-    summary, out = cli(tmp_path, "--interactive", "--frames", "10", "--block_frames", "1",
-                       "--steps", "2", "--out", path, stdin=lines)
-    assert summary["frames"] == 4            # stdin ended after 4 chunks
+    lines = "up\njump\nleft\n\n2\n"  # 'jump' is refused and asked again; '' repeats 'left'
+    summary, out = cli(
+        tmp_path, "--interactive", "--frames", "10", "--block_frames", "1", "--steps", "2", "--out", path, stdin=lines
+    )
+    assert summary["frames"] == 4  # stdin ended after 4 chunks
     assert summary["actions"] == [[1], [3], [3], [2]]
     assert "unknown action 'jump'" in out
-    assert out.count("action>") == 6 and "R" in out        # prompts + ASCII preview with the sprite
+    assert out.count("action>") == 6 and "R" in out  # prompts + ASCII preview with the sprite
     frames = video.read_frames(path)
     assert frames.shape == (4, PX, PX, 3)
     assert_follows(frames, [1, 3, 3, 2])
@@ -93,8 +98,21 @@ def test_interactive_stdin_actions_drive_the_sprite(tmp_path):
 
 def test_interactive_per_frame_actions_in_chunks(tmp_path):
     path = str(tmp_path / "chunks.npz")
-    summary, out = cli(tmp_path, "--interactive", "--frames", "4", "--block_frames", "2",
-                       "--context", "noisy", "--steps", "1", "--out", path, stdin="up right\n1 2 3\n4\n")
+    summary, out = cli(
+        tmp_path,
+        "--interactive",
+        "--frames",
+        "4",
+        "--block_frames",
+        "2",
+        "--context",
+        "noisy",
+        "--steps",
+        "1",
+        "--out",
+        path,
+        stdin="up right\n1 2 3\n4\n",
+    )
     assert summary["frames"] == 4 and summary["actions"] == [[1, 4], [4, 4]]
     assert "give 1 action or 2" in out
     assert_follows(video.read_frames(path), [1, 4, 4, 4])
@@ -110,7 +128,7 @@ def test_action_file_and_writers(tmp_path):
     gif = str(tmp_path / "file.gif")
     try:
         video.check_writable(gif)
-    except ValueError as e:                  # neither imageio nor Pillow installed here
+    except ValueError as e:  # neither imageio nor Pillow installed here
         assert "pip install imageio" in str(e) and "pillow" in str(e)
         with pytest.raises(ValueError, match="pip install imageio"):
             cli(tmp_path, "--actions", str(acts), "--frames", "4", "--out", gif)
@@ -131,7 +149,7 @@ def test_gif_frames_last_one_over_fps(tmp_path, fps):
     for i in range(3):
         im.seek(i)
         durations.append(im.info["duration"])
-    assert all(abs(d - 1000 / fps) <= 10 for d in durations), durations   # GIF stores 1/100 s
+    assert all(abs(d - 1000 / fps) <= 10 for d in durations), durations  # GIF stores 1/100 s
 
 
 def test_writer_errors_name_what_to_install(monkeypatch, tmp_path):
@@ -144,19 +162,22 @@ def test_writer_errors_name_what_to_install(monkeypatch, tmp_path):
         video.check_writable(str(tmp_path / "a.avi"))
 
 
-@pytest.mark.parametrize("kind,content,msg", [
-    ("actions", "up\nfly\n", r"actions.txt:2: unknown action 'fly'"),
-    ("actions", "up 7\n", r"actions.txt:1: action id 7 is outside the vocabulary \[0, 5\)"),
-    ("actions", "up\n", r"1 actions for 4 frames"),
-    ("prompts", "scene=0 color=red\nscene=1 color=purple\n", r"prompts.txt:2: color 'purple' is neither"),
-    ("prompts", "scene=9 color=red\n", r"prompts.txt:1: scene 9 out of range"),
-    ("prompts", "scene=0 color=red | up fly\n", r"prompts.txt:1: action 'fly'"),
-    ("prompts", "scene=0 color=red | up up\n", r"2 actions per prompt for 4 frames"),
-    ("prompts", "a cat on grass\n", r"prompts.txt:1: toy prompt must be .scene=<id> color=<id|name>."),
-    ("prompts", "emb.npy\n", r"prompts.txt:1: embedding file .*emb.npy' does not exist"),
-    ("prompts", None, r"--prompts = .*nope.txt': no such file"),
-    ("actions", None, r"--actions = .*nope.txt': no such file"),
-])
+@pytest.mark.parametrize(
+    "kind,content,msg",
+    [
+        ("actions", "up\nfly\n", r"actions.txt:2: unknown action 'fly'"),
+        ("actions", "up 7\n", r"actions.txt:1: action id 7 is outside the vocabulary \[0, 5\)"),
+        ("actions", "up\n", r"1 actions for 4 frames"),
+        ("prompts", "scene=0 color=red\nscene=1 color=purple\n", r"prompts.txt:2: color 'purple' is neither"),
+        ("prompts", "scene=9 color=red\n", r"prompts.txt:1: scene 9 out of range"),
+        ("prompts", "scene=0 color=red | up fly\n", r"prompts.txt:1: action 'fly'"),
+        ("prompts", "scene=0 color=red | up up\n", r"2 actions per prompt for 4 frames"),
+        ("prompts", "a cat on grass\n", r"prompts.txt:1: toy prompt must be .scene=<id> color=<id|name>."),
+        ("prompts", "emb.npy\n", r"prompts.txt:1: embedding file .*emb.npy' does not exist"),
+        ("prompts", None, r"--prompts = .*nope.txt': no such file"),
+        ("actions", None, r"--actions = .*nope.txt': no such file"),
+    ],
+)
 def test_bad_files_name_file_and_line(tmp_path, kind, content, msg):
     f = tmp_path / f"{kind}.txt"
     if content is None:
@@ -182,7 +203,6 @@ def test_prompts_batch_one_video_each(tmp_path):
 def test_random_init_tiny_model_end_to_end(tmp_path):
     """The real (random) tiny toy model through the CLI: one chunk of 2 frames."""
     path = str(tmp_path / "real.npz")
-    summary, _ = cli(tmp_path, "--frames", "2", "--block_frames", "2", "--steps", "1", "--out", path,
-                     model_fn=None)
+    summary, _ = cli(tmp_path, "--frames", "2", "--block_frames", "2", "--steps", "1", "--out", path, model_fn=None)
     frames = video.read_frames(path)
     assert frames.shape == (2, PX, PX, 3) and summary["chunks"] == 1

@@ -4,7 +4,6 @@ Fixtures: tests/fixtures/umt5_tiny/torch_ckpt (scripts/make_umt5_fixture.py).
 """
 
 import os
-import pickle
 import zipfile
 
 import ml_dtypes
@@ -21,9 +20,17 @@ def test_flat_checkpoint_all_dtypes_and_views():
     sd = load_torch_state_dict(os.path.join(FIX, "flat.pth"))
     want = {k.split("/", 1)[1]: EXP[k] for k in EXP.files if k.startswith("flat/")}
     assert set(sd) == set(want)
-    dtypes = {"f32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16, "i64": np.int64,
-              "bool": np.bool_, "transposed": np.float32, "offset_slice": np.float32,
-              "bf16_view": ml_dtypes.bfloat16, "param": np.float32}
+    dtypes = {
+        "f32": np.float32,
+        "bf16": ml_dtypes.bfloat16,
+        "fp16": np.float16,
+        "i64": np.int64,
+        "bool": np.bool_,
+        "transposed": np.float32,
+        "offset_slice": np.float32,
+        "bf16_view": ml_dtypes.bfloat16,
+        "param": np.float32,
+    }
     for k, dt in dtypes.items():
         assert sd[k].dtype == np.dtype(dt), k
     for k, v in want.items():
@@ -86,10 +93,12 @@ def test_corrupt_files(tmp_path):
     with pytest.raises(ValueError):
         load_torch_state_dict(str(bad))
     # a [3, 4] float tensor over storage '0' of 8 elements (handcrafted pickle, as torch writes it)
-    pkl = (b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02"
-           b"((X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000q\x05"
-           b"X\x03\x00\x00\x00cpuq\x06K\x08tq\x07QK\x00K\x03K\x04\x86K\x04K\x01\x86\x89ccollections\n"
-           b"OrderedDict\n)Rtq\x08Rq\x09s.")
+    pkl = (
+        b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n_rebuild_tensor_v2\nq\x02"
+        b"((X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04X\x01\x00\x00\x000q\x05"
+        b"X\x03\x00\x00\x00cpuq\x06K\x08tq\x07QK\x00K\x03K\x04\x86K\x04K\x01\x86\x89ccollections\n"
+        b"OrderedDict\n)Rtq\x08Rq\x09s."
+    )
     short = _zip_with(tmp_path, pkl, {"x/data/0": np.zeros(8, np.float32).tobytes()})
     with pytest.raises(ValueError, match="needs 12 elements but storage '0' holds 8"):
         load_torch_state_dict(short)

@@ -20,10 +20,13 @@ def _detect(frames, colors, cfg):
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _metrics(frames, states, actions, colors, cfg):
-    return jax.vmap(lambda f, s, a, c: (
-        tw.trajectory_error(f, s, c, cfg),
-        tw.drift_by_frame(f, s, c, cfg),
-        tw.action_following_accuracy(f, a, c, cfg)))(frames, states, actions, colors)
+    return jax.vmap(
+        lambda f, s, a, c: (
+            tw.trajectory_error(f, s, c, cfg),
+            tw.drift_by_frame(f, s, c, cfg),
+            tw.action_following_accuracy(f, a, c, cfg),
+        )
+    )(frames, states, actions, colors)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -83,10 +86,13 @@ def test_detector_exact_on_clean_frames(batch):
     assert (np.asarray(cov)[~vis] < 1).all()
 
 
-@pytest.mark.parametrize("cfg", [
-    tw.ToyWorldConfig(height=64, width=64, sprite_size=6, num_frames=4),   # half-integer centres
-    tw.ToyWorldConfig(height=24, width=40, sprite_size=4, num_frames=4),  # non-square frame
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tw.ToyWorldConfig(height=64, width=64, sprite_size=6, num_frames=4),  # half-integer centres
+        tw.ToyWorldConfig(height=24, width=40, sprite_size=4, num_frames=4),  # non-square frame
+    ],
+)
 def test_detector_exact_other_configs(cfg):
     ep, frames = tw.sample_batch(jax.random.key(7), 4, cfg)
     assert frames.shape == (4, 4, cfg.height, cfg.width, 3)
@@ -99,8 +105,12 @@ def test_detector_exact_other_configs(cfg):
 
 def test_rendering_geometry_and_occlusion():
     # Sprite 0 centre (10, 4): covers columns 8..12 and rows 2..6.
-    states = jnp.array([[[10.0, 4.0], [12.0, 5.0], [24.0, 24.0]],   # 1 partly under 0
-                        [[10.0, 4.0], [10.0, 4.0], [24.0, 24.0]]])  # 1 fully under 0
+    states = jnp.array(
+        [
+            [[10.0, 4.0], [12.0, 5.0], [24.0, 24.0]],  # 1 partly under 0
+            [[10.0, 4.0], [10.0, 4.0], [24.0, 24.0]],
+        ]
+    )  # 1 fully under 0
     colors = jnp.array([0, 1, 2])
     frames = tw.render(states, colors, 0, CFG)
     red = np.all(np.asarray(frames[1]) == np.array(tw.PALETTE[0]), -1)
@@ -109,10 +119,9 @@ def test_rendering_geometry_and_occlusion():
     pos, cov = tw.detect(frames, colors, CFG)
     np.testing.assert_array_equal(pos[:, 0], states[:, 0])
     np.testing.assert_array_equal(pos[:, 2], states[:, 2])
-    assert 0 < float(cov[0, 1]) < 1            # partly occluded: only visible part seen
+    assert 0 < float(cov[0, 1]) < 1  # partly occluded: only visible part seen
     assert np.isnan(np.asarray(pos[1, 1])).all() and float(cov[1, 1]) == 0.0  # hidden: NaN
-    np.testing.assert_array_equal(tw.visibility(states, CFG),
-                                  [[True, False, True], [True, False, True]])
+    np.testing.assert_array_equal(tw.visibility(states, CFG), [[True, False, True], [True, False, True]])
 
 
 def test_actions_move_controlled_sprite_as_specified():
@@ -121,8 +130,7 @@ def test_actions_move_controlled_sprite_as_specified():
     acts = jnp.array([tw.UP, tw.DOWN, tw.DOWN, tw.LEFT, tw.RIGHT, tw.RIGHT, tw.STAY])
     states = np.asarray(tw.simulate(init, acts, CFG))
     ctrl = np.concatenate([[[15.0, 15.0]], states[:, 0]])
-    np.testing.assert_array_equal(np.diff(ctrl, axis=0),
-                                  [[0, -s], [0, s], [0, s], [-s, 0], [s, 0], [s, 0], [0, 0]])
+    np.testing.assert_array_equal(np.diff(ctrl, axis=0), [[0, -s], [0, s], [0, s], [-s, 0], [s, 0], [s, 0], [0, 0]])
     # Free sprites ignore the actions: same rollout under all-STAY.
     stay = np.asarray(tw.simulate(init, jnp.zeros_like(acts), CFG))
     np.testing.assert_array_equal(states[:, 1:], stay[:, 1:])
@@ -134,16 +142,15 @@ def test_walls_clamp_controlled_sprite():
     init = _state([[lo[0], lo[1] + 1], [15.0, 15.0], [20.0, 20.0]])
     acts = jnp.array([tw.UP, tw.UP, tw.LEFT, tw.RIGHT] + [tw.RIGHT] * 14)
     states = np.asarray(tw.simulate(init, acts, CFG))
-    np.testing.assert_array_equal(states[0, 0], [lo[0], lo[1]])   # 1 px left to the wall
-    np.testing.assert_array_equal(states[1, 0], [lo[0], lo[1]])   # pushing into it: no move
+    np.testing.assert_array_equal(states[0, 0], [lo[0], lo[1]])  # 1 px left to the wall
+    np.testing.assert_array_equal(states[1, 0], [lo[0], lo[1]])  # pushing into it: no move
     np.testing.assert_array_equal(states[2, 0], [lo[0], lo[1]])
     np.testing.assert_array_equal(states[-1, 0], [hi[0], lo[1]])  # clamped at the right wall
 
 
 def test_bouncing_reflects_and_stays_in_bounds():
     lo, hi = CFG.bounds
-    init = _state([[15.0, 15.0], [hi[0] - 1, 10.0], [10.0, lo[1]]],
-                  [[0, 0], [2, 1], [-1, -2]])
+    init = _state([[15.0, 15.0], [hi[0] - 1, 10.0], [10.0, lo[1]]], [[0, 0], [2, 1], [-1, -2]])
     states = np.asarray(tw.simulate(init, jnp.zeros(3, jnp.int32), CFG))
     np.testing.assert_array_equal(states[:, 1], [[hi[0] - 1, 11], [hi[0] - 3, 12], [hi[0] - 5, 13]])
     np.testing.assert_array_equal(states[:, 2], [[9, lo[1] + 2], [8, lo[1] + 4], [7, lo[1] + 6]])
@@ -212,15 +219,15 @@ def test_scattered_pixels_of_a_sprite_colour_are_not_a_detection():
     near the image centre (it used to beat a clean but empty frame)."""
     cfg = tw.ToyWorldConfig(num_frames=1, height=16, width=16, num_sprites=1, sprite_size=3)
     frame = np.full((1, 16, 16, 3), 0.3, np.float32)
-    for y, x in ((1, 1), (1, 14), (14, 1), (14, 14), (8, 8)):    # red pixels far apart
+    for y, x in ((1, 1), (1, 14), (14, 1), (14, 14), (8, 8)):  # red pixels far apart
         frame[0, y, x] = tw.PALETTE[0]
     pos, cov = tw.detect(frame, jnp.array([0]), cfg)
     assert np.isnan(np.asarray(pos)).all()
     np.testing.assert_allclose(float(cov[0, 0]), 5 / 9, rtol=1e-6)
     diag = float(np.hypot(16, 16))
     np.testing.assert_allclose(tw.trajectory_error(frame, jnp.array([[[8.0, 8.0]]]), jnp.array([0]), cfg), diag)
-    frame[0, 7:10, 7:10] = tw.PALETTE[0]                          # a real sprite + one stray pixel: found
+    frame[0, 7:10, 7:10] = tw.PALETTE[0]  # a real sprite + one stray pixel: found
     frame[0, (1, 1, 14, 14), (1, 14, 1, 14)] = 0.3
     frame[0, 5, 8] = tw.PALETTE[0]
     pos, _ = tw.detect(frame, jnp.array([0]), cfg)
-    np.testing.assert_allclose(np.asarray(pos)[0, 0], [8.0, 7.7], atol=1e-5)   # (9 * 8 + 5) / 10
+    np.testing.assert_allclose(np.asarray(pos)[0, 0], [8.0, 7.7], atol=1e-5)  # (9 * 8 + 5) / 10

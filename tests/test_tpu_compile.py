@@ -36,12 +36,15 @@ def libtpu_dir() -> str | None:
             return d
     try:
         import importlib.util
+
         if importlib.util.find_spec("libtpu") is not None:
             return None
     except ImportError:
         pass
-    pytest.fail("libtpu is not installed: `make venv` puts it in .venv/libtpu "
-                "(pip install --target .venv/libtpu libtpu==0.0.48.1), or set CRM_LIBTPU_DIR")
+    pytest.fail(
+        "libtpu is not installed: `make venv` puts it in .venv/libtpu "
+        "(pip install --target .venv/libtpu libtpu==0.0.48.1), or set CRM_LIBTPU_DIR"
+    )
 
 
 def run_group(tmp_path, group: str, *args: str, timeout: int) -> list[dict]:
@@ -52,8 +55,14 @@ def run_group(tmp_path, group: str, *args: str, timeout: int) -> list[dict]:
     out = tmp_path / f"{group}.json"
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.run([sys.executable, WORKER, group, str(out), *args], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, WORKER, group, str(out), *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     rows = json.loads(out.read_text())
     assert rows, "the worker compiled nothing"
@@ -70,8 +79,14 @@ def test_attention_kernels_compile_for_tpu_chips(tmp_path):
     assert_all_compiled(rows)
     cases = {r["case"] for r in rows}
     for topo in ("v5e:1x1", "v5p:2x2x1"):
-        for mask in ("full", "block_causal_frame", "block_causal_chunk3", "teacher_forcing_frame",
-                     "teacher_forcing_chunk3", "cross_text512"):
+        for mask in (
+            "full",
+            "block_causal_frame",
+            "block_causal_chunk3",
+            "teacher_forcing_frame",
+            "teacher_forcing_chunk3",
+            "cross_text512",
+        ):
             for ad in ("forward", "jvp", "grad"):
                 assert f"{topo}/{mask}/{ad}" in cases
     for topo in ("v4:2x2x1", "v6e:1x1"):
@@ -87,14 +102,17 @@ def test_attention_kernels_compile_for_tpu_chips(tmp_path):
     visited = masks.tile_runs(spec, bq, bk).visited_pairs
     expected = visited * 4 * bq * bk * 128 * 12
     assert abs(tf["flops"] - expected) <= 0.01 * expected, (tf, expected)
-    assert expected < 0.35 * 4 * spec.q_len ** 2 * 128 * 12
+    assert expected < 0.35 * 4 * spec.q_len**2 * 128 * 12
 
 
 def test_wan_1_3b_forward_jvp_and_grad_compile_for_tpu(tmp_path):
     rows = run_group(tmp_path, "model", timeout=1800)
     assert_all_compiled(rows)
-    assert {r["case"] for r in rows} == {"v5p/wan_1_3b/forward_block_causal", "v5p/wan_1_3b/jvp_teacher_forcing",
-                                         "v5p/wan_1_3b/grad_teacher_forcing"}
+    assert {r["case"] for r in rows} == {
+        "v5p/wan_1_3b/forward_block_causal",
+        "v5p/wan_1_3b/jvp_teacher_forcing",
+        "v5p/wan_1_3b/grad_teacher_forcing",
+    }
 
 
 ALL_MODES = {"teacher_tf", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dmd", "rcm", "tf_scm_14b_teacher"}
@@ -111,7 +129,7 @@ def test_train_steps_compile_for_a_v5p_slice(tmp_path):
     names = {r["case"].split("/")[1] for r in rows}
     assert names == modes
     for r in rows:
-        assert all(s["total_bytes"] <= 95 * 2 ** 30 for s in r["steps"]), r   # a v5p chip's HBM
+        assert all(s["total_bytes"] <= 95 * 2**30 for s in r["steps"]), r  # a v5p chip's HBM
         assert all(s["flops"] > 0 for s in r["steps"]), r
     crit = next(r for r in rows if r["case"].endswith("/sf_dmd"))
     assert [s["step"] for s in crit["steps"]] == ["student (4 SF steps)", "critic (4 SF steps)"]

@@ -88,8 +88,7 @@ def test_bad_config_keys_and_mesh(tmp_path):
 
 
 def test_teacher_pretraining_lowers_the_loss(tmp_path):
-    c = tiny_config(**{"num_iterations": 40, "train.lr": 2e-3, "train.warmup_steps": 5,
-                       "checkpoint.every": 1000})
+    c = tiny_config(**{"num_iterations": 40, "train.lr": 2e-3, "train.warmup_steps": 5, "checkpoint.every": 1000})
     losses = loop.train(c, str(tmp_path), progress=False)["losses"]
     first, last = np.mean([losses[i] for i in range(8)]), np.mean([losses[i] for i in range(32, 40)])
     assert last < 0.8 * first, (first, last)
@@ -97,8 +96,10 @@ def test_teacher_pretraining_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("mode", ["tf_scm", "sf_dmd", "rcm"])
 def test_distillation_modes_run_without_nan(mode, tmp_path):
-    c = tiny_config(mode, **{"num_iterations": 8, "train.tangent_warmup": 2,
-                             "train.student_update_freq": 2, "checkpoint.every": 1000})
+    c = tiny_config(
+        mode,
+        **{"num_iterations": 8, "train.tangent_warmup": 2, "train.student_update_freq": 2, "checkpoint.every": 1000},
+    )
     c.init.allow_random_teacher = True
     out = loop.train(c, str(tmp_path), progress=False)
     assert out["nan_skips"] == 0 and all(np.isfinite(list(out["losses"].values())))
@@ -109,9 +110,19 @@ def test_distillation_modes_run_without_nan(mode, tmp_path):
 def test_host_offload_runs_and_resumes_exactly(tmp_path, mode, mesh):
     """memory.offload keeps the EMA and teacher in host memory (split steps): the plain run's
     losses and final parameters / EMA, also across a stop and resume."""
-    c = tiny_config(mode, **{"init.allow_random_teacher": True, "num_iterations": 4, "mesh.data": mesh[0],
-                             "mesh.fsdp": mesh[1], "data.batch_size": 2 if mesh == (1, 1) else 8,
-                             "train.student_update_freq": 2, "train.sf_max_steps": 1, "export": False})
+    c = tiny_config(
+        mode,
+        **{
+            "init.allow_random_teacher": True,
+            "num_iterations": 4,
+            "mesh.data": mesh[0],
+            "mesh.fsdp": mesh[1],
+            "data.batch_size": 2 if mesh == (1, 1) else 8,
+            "train.student_update_freq": 2,
+            "train.sf_max_steps": 1,
+            "export": False,
+        },
+    )
     ref = loop.train(c, str(tmp_path / "a"), progress=False)
     c.memory.offload = "ema,teacher"
     first = loop.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)
@@ -121,10 +132,10 @@ def test_host_offload_runs_and_resumes_exactly(tmp_path, mode, mesh):
     for it, v in losses.items():
         assert v == pytest.approx(ref["losses"][it], rel=1e-6), (it, v, ref["losses"][it])
     got, want = jax.device_get(rest["state"]), jax.device_get(ref["state"])
-    for field in ("params", "ema", "critic"):   # relative L2 error of the field (Adam amplifies rounding
-        a, b = (jax.tree.leaves(getattr(x, field)) for x in (got, want))   # of near-zero gradients)
+    for field in ("params", "ema", "critic"):  # relative L2 error of the field (Adam amplifies rounding
+        a, b = (jax.tree.leaves(getattr(x, field)) for x in (got, want))  # of near-zero gradients)
         err = sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b)) ** 0.5
-        assert err <= 1e-6 * sum(float(np.sum(y ** 2)) for y in b) ** 0.5, field
+        assert err <= 1e-6 * sum(float(np.sum(y**2)) for y in b) ** 0.5, field
     assert {x.sharding.memory_kind for x in jax.tree.leaves(rest["state"].ema)} == {"pinned_host"}
     c.memory.offload = "params"
     with pytest.raises(ValueError, match="memory.offload"):

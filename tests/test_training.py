@@ -23,7 +23,7 @@ def model_cfg(mode):
     return TINY.replace(num_layers=1, num_actions=5, mean_flow=(mode == "tf_meanflow"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(mode):
     mcfg = model_cfg(mode)
     apply, params = functional(init_model(mcfg, 0))
@@ -33,9 +33,11 @@ def setup(mode):
     state = trainer.init_state(params, critic=teacher if tcfg.has_critic else None)
     frozen = Frozen(teacher, teacher, jnp.zeros((mcfg.text_len, mcfg.text_dim)))
     ks = jax.random.split(jax.random.key(42), 4)
-    batch = dict(latents=jax.random.normal(ks[0], (B, T, H, W, mcfg.in_channels)),
-                 context=jax.random.normal(ks[1], (B, mcfg.text_len, mcfg.text_dim)),
-                 actions=jax.random.randint(ks[2], (B, T), 0, 5))
+    batch = dict(
+        latents=jax.random.normal(ks[0], (B, T, H, W, mcfg.in_channels)),
+        context=jax.random.normal(ks[1], (B, mcfg.text_len, mcfg.text_dim)),
+        actions=jax.random.randint(ks[2], (B, T), 0, 5),
+    )
     if mode == "ode_init":
         batch["ode_traj"] = jax.random.normal(ks[3], (B, 3, T, H, W, mcfg.in_channels))
         batch["ode_times"] = jnp.array([0.95, 0.7, 0.4])
@@ -50,14 +52,15 @@ def run_step(trainer, state, frozen, batch, mesh=None, which="student"):
         return jax.jit(functools.partial(fn, **kw))(state, frozen, batch, key)
     st_sh, fr_sh = shd.state_shardings(state, mesh), shd.state_shardings(frozen, mesh)
     b_sh = shd.batch_shardings(batch, mesh, B)
-    step = shd.jit_step(functools.partial(fn, **kw), mesh, (st_sh, fr_sh, b_sh, shd.replicated(key, mesh)),
-                        (st_sh, None))
+    step = shd.jit_step(
+        functools.partial(fn, **kw), mesh, (st_sh, fr_sh, b_sh, shd.replicated(key, mesh)), (st_sh, None)
+    )
     return step(jax.device_put(state, st_sh), jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh), key)
 
 
 def rel_tree(a, b):
     num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    den = sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b))
+    den = sum(float(jnp.sum(y**2)) for y in jax.tree.leaves(b))
     return (num / den) ** 0.5
 
 
@@ -113,12 +116,14 @@ def _rollout_setup(context_mode, steps):
     mcfg = TINY.replace(num_layers=1, num_actions=5)
     apply, params = functional(init_model(mcfg, 3))
     pat = AttentionPattern("block_causal", 1)
-    times = (0.98, 0.8, 0.5, 0.0)[-(steps + 1):] if steps < 3 else (0.98, 0.8, 0.5, 0.0)
+    times = (0.98, 0.8, 0.5, 0.0)[-(steps + 1) :] if steps < 3 else (0.98, 0.8, 0.5, 0.0)
     spec = self_forcing.RolloutSpec(pat, 3, times, context_mode)
     ks = jax.random.split(jax.random.key(5), 4)
     noise = jax.random.normal(ks[0], (2, 3, H, W, mcfg.in_channels))
-    cond = {"context": jax.random.normal(ks[1], (2, mcfg.text_len, mcfg.text_dim)),
-            "actions": jax.random.randint(ks[2], (2, 3), 0, 5)}
+    cond = {
+        "context": jax.random.normal(ks[1], (2, mcfg.text_len, mcfg.text_dim)),
+        "actions": jax.random.randint(ks[2], (2, 3), 0, 5),
+    }
     cache = self_forcing.empty_cache(mcfg, 2, spec, (H // 2) * (W // 2))
     return apply, params, noise, cond, ks[3], spec, cache
 
@@ -136,7 +141,7 @@ def test_replayed_backward_equals_direct_backward(context_mode):
     G, last = self_forcing.rollout(apply, jax.lax.stop_gradient(params), noise, cond, key, spec, cache)
     g_replay = self_forcing.replayed_grad(apply, params, last, weights, cond, spec)
     assert rel_tree(g_replay, g_direct) < 1e-5
-    assert sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(g_direct)) > 0
+    assert sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(g_direct)) > 0
 
 
 def test_gradient_flows_only_through_each_blocks_last_step():
@@ -149,8 +154,16 @@ def test_gradient_flows_only_through_each_blocks_last_step():
     x_last, cache_before = last[1]
 
     def block1(x):
-        v, _ = apply(params, x, jnp.full(x.shape[:2], spec.times[-2]), cond["context"], pattern=spec.pattern,
-                     actions=cond["actions"][:, 1:2], cache=cache_before, cache_frames=1)
+        v, _ = apply(
+            params,
+            x,
+            jnp.full(x.shape[:2], spec.times[-2]),
+            cond["context"],
+            pattern=spec.pattern,
+            actions=cond["actions"][:, 1:2],
+            cache=cache_before,
+            cache_frames=1,
+        )
         return jnp.sum(x - spec.times[-2] * v)
 
     assert float(jnp.abs(jax.grad(block1)(x_last)).max()) > 0
@@ -205,22 +218,26 @@ def test_teacher_larger_than_student(mode):
 
 def test_teacher_model_config():
     import ml_collections
+
     from crm_jax.training.loop import teacher_model_config
+
     student = TINY.replace(num_actions=5, dtype="bfloat16", remat="block")
     c = ml_collections.ConfigDict(dict(teacher_model=dict(name="", overrides={})))
     assert teacher_model_config(c, student.replace(mean_flow=True)) == student
     c.teacher_model = ml_collections.ConfigDict(dict(name="tiny", overrides=dict(num_layers=4, num_actions=5)))
     t = teacher_model_config(c, student)
     assert t.num_layers == 4 and t.dtype == student.dtype and t.remat == "block" and not t.mean_flow
-    c.teacher_model.overrides = dict(num_layers=4)   # num_actions differs from the student's
+    c.teacher_model.overrides = dict(num_layers=4)  # num_actions differs from the student's
     with pytest.raises(ValueError, match="num_actions: teacher 0 vs student 5"):
         teacher_model_config(c, student)
 
 
 def _device_bytes(tree, shardings):
     """Bytes per device of `tree`'s leaves under `shardings` (the largest shard)."""
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+    return sum(
+        int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+        for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+    )
 
 
 @pytest.mark.parametrize("mode,which", [("tf_scm", "student"), ("sf_dmd", "student"), ("sf_dmd", "critic")])
@@ -237,7 +254,7 @@ def test_host_offloaded_ema_and_teacher(mode, which):
         st_sh = shd.state_shardings(state, mesh, offload=("ema",) if offload else ())
         fr_sh = shd.state_shardings(frozen, mesh, offload=("teacher", "dmd_teacher") if offload else ())
         step = make_step(trainer, mesh, (st_sh, fr_sh, b_sh, key_sh), which, sf_steps=2)
-        fresh = jax.tree.map(jnp.copy, state)   # the step donates it (device_put may share buffers)
+        fresh = jax.tree.map(jnp.copy, state)  # the step donates it (device_put may share buffers)
         s, fr, b = jax.device_put(fresh, st_sh), jax.device_put(frozen, fr_sh), jax.device_put(batch, b_sh)
         memory[offload] = step.memory(s, fr, b, key)
         if offload:
@@ -245,18 +262,17 @@ def test_host_offloaded_ema_and_teacher(mode, which):
             assert list(step.jits) == (["teacher", "main", "ema"] if which == "student" else ["main"])
             offloaded = _device_bytes(state.ema, st_sh.ema)
             if which == "student":
-                offloaded += _device_bytes(frozen.teacher, fr_sh.teacher)   # sf_dmd: the dmd_teacher, same size
+                offloaded += _device_bytes(frozen.teacher, fr_sh.teacher)  # sf_dmd: the dmd_teacher, same size
         results[offload] = step(s, fr, b, key)
     (ref_state, ref_m), (new_state, m) = results[False], results[True]
     assert float(m["loss"]) == pytest.approx(float(ref_m["loss"]), rel=1e-6)
     assert rel_tree(jax.device_get(new_state), jax.device_get(ref_state)) <= 1e-6
     ema_moved = rel_tree(jax.device_get(new_state.ema), jax.device_get(state.ema))
-    assert (ema_moved > 0) == (which == "student")   # a critic step leaves the EMA alone
+    assert (ema_moved > 0) == (which == "student")  # a critic step leaves the EMA alone
     assert {x.sharding.memory_kind for x in jax.tree.leaves(new_state.ema)} == {"pinned_host"}
     assert {x.sharding.memory_kind for x in jax.tree.leaves(new_state.params)} == {"device"}
     plain, split = memory[False]["main"]["total"], memory[True]["main"]["total"]
-    print(f"{mode}-{which} compiled bytes/device: one jit {memory[False]}, split {memory[True]}, "
-          f"offloaded {offloaded}")
+    print(f"{mode}-{which} compiled bytes/device: one jit {memory[False]}, split {memory[True]}, offloaded {offloaded}")
     assert plain - split >= offloaded, (plain, split, offloaded)
     with pytest.raises(ValueError, match="cannot offload"):
         shd.state_shardings(state, mesh, offload=("params",))
@@ -267,8 +283,12 @@ def test_teacher_pass_needs_a_teacher_mode_and_replay():
     with pytest.raises(ValueError, match="has no teacher"):
         trainer.teacher_pass(state, frozen, batch, jax.random.key(0))
     trainer, state, frozen, batch = setup("sf_dmd")
-    direct = Trainer(dataclasses.replace(trainer.cfg, sf_replay=False), trainer.apply, trainer.model_cfg,
-                     teacher_apply=trainer.teacher_apply)
+    direct = Trainer(
+        dataclasses.replace(trainer.cfg, sf_replay=False),
+        trainer.apply,
+        trainer.model_cfg,
+        teacher_apply=trainer.teacher_apply,
+    )
     with pytest.raises(ValueError, match="sf_replay"):
         jax.eval_shape(functools.partial(direct.teacher_pass, sf_steps=1), state, frozen, batch, jax.random.key(0))
 
@@ -283,27 +303,34 @@ def test_precompile_compiles_each_step_once_in_parallel():
     trainer, state, frozen, batch = setup("sf_dmd")
     mesh = shd.make_mesh(1, 1)
     key = jax.random.key(7)
-    shardings = (shd.state_shardings(state, mesh), shd.state_shardings(frozen, mesh),
-                 shd.batch_shardings(batch, mesh, B), shd.replicated(key, mesh))
+    shardings = (
+        shd.state_shardings(state, mesh),
+        shd.state_shardings(frozen, mesh),
+        shd.batch_shardings(batch, mesh, B),
+        shd.replicated(key, mesh),
+    )
     plans = [("student", 1), ("critic", 2)]
 
     def steps():
         return [make_step(trainer, mesh, shardings, w, sf_steps=n) for w, n in plans]
 
-    def run(step_list):   # each step donates its state: a copy each (copies made before counting)
+    def run(step_list):  # each step donates its state: a copy each (copies made before counting)
         return [step(fresh, frozen, batch, key) for step, fresh in zip(step_list, copies.pop())]
 
     copies = [[jax.tree.map(jnp.copy, state) for _ in plans] for _ in range(2)]
     compiles = []
     monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, secs, **kw: (
+            compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
     pre = steps()
     assert precompile(pre, state, frozen, batch, key) > 0
     n_pre = len(compiles)
     assert n_pre >= len(plans)
     out = run(pre)
     assert len(compiles) == n_pre, "a precompiled step compiled again when called"
-    ref = run(steps())     # fresh jits: compiled lazily
+    ref = run(steps())  # fresh jits: compiled lazily
     for (s, m), (rs, rm) in zip(out, ref):
         assert float(m["loss"]) == float(rm["loss"])
         assert rel_tree(jax.device_get(s.params), jax.device_get(rs.params)) == 0.0
@@ -322,17 +349,24 @@ def test_teacher_forcing_dmd_scores_see_the_clean_rollout_as_context():
     cond = dict(context=batch["context"][:2], actions=batch["actions"][:2, :1].repeat(T4, 1))
     scores = {}
     for kind in ("block_causal", "teacher_forcing"):
-        tr = Trainer(dataclasses.replace(trainer.cfg, dmd_teacher_pattern=kind), trainer.apply,
-                     trainer.model_cfg, teacher_apply=trainer.teacher_apply)
+        tr = Trainer(
+            dataclasses.replace(trainer.cfg, dmd_teacher_pattern=kind),
+            trainer.apply,
+            trainer.model_cfg,
+            teacher_apply=trainer.teacher_apply,
+        )
         sc = tr.score_cond(cond, G)
         assert ("tf_context" in sc) == (kind == "teacher_forcing")
         scores[kind] = tr.score_fn(frozen.dmd_teacher)(x, t, sc)
-        if kind == "teacher_forcing":   # the same, by hand: one packed call, clean half at t = 0
+        if kind == "teacher_forcing":  # the same, by hand: one packed call, clean half at t = 0
             packed = trainer.teacher_apply(
-                frozen.dmd_teacher, jnp.concatenate([G, x], 1),
+                frozen.dmd_teacher,
+                jnp.concatenate([G, x], 1),
                 jnp.concatenate([jnp.zeros((2, T4)), jnp.broadcast_to(t[:, None], (2, T4))], 1),
-                cond["context"], pattern=tr.cfg.pattern("teacher_forcing"),
-                actions=jnp.concatenate([cond["actions"]] * 2, 1))
+                cond["context"],
+                pattern=tr.cfg.pattern("teacher_forcing"),
+                actions=jnp.concatenate([cond["actions"]] * 2, 1),
+            )
             np.testing.assert_allclose(scores[kind], packed[:, T4:], rtol=1e-6, atol=1e-6)
             x2 = x.at[:, 0].set(jax.random.normal(ks[2], x[:, 0].shape))  # other noise in chunk 0 only
             moved = jnp.abs(tr.score_fn(frozen.dmd_teacher)(x2, t, sc) - scores[kind])
@@ -349,8 +383,12 @@ def test_teacher_forcing_dmd_steps_train(mode):
     """SF-DMD (and rCM's) student and critic steps with teacher-forcing scores: finite, and they move
     the weights."""
     trainer, state, frozen, batch = setup(mode)
-    tr = Trainer(dataclasses.replace(trainer.cfg, dmd_teacher_pattern="teacher_forcing"), trainer.apply,
-                 trainer.model_cfg, teacher_apply=trainer.teacher_apply)
+    tr = Trainer(
+        dataclasses.replace(trainer.cfg, dmd_teacher_pattern="teacher_forcing"),
+        trainer.apply,
+        trainer.model_cfg,
+        teacher_apply=trainer.teacher_apply,
+    )
     for which in ("student", "critic"):
         new, m = run_step(tr, jax.tree.map(jnp.copy, state), frozen, batch, which=which)
         assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
@@ -367,8 +405,12 @@ def test_replayed_and_direct_sf_dmd_gradients_agree(kind):
     k_sf, k_dmd = jax.random.split(jax.random.key(5))
     out = {}
     for replay in (True, False):
-        tr = Trainer(dataclasses.replace(trainer.cfg, dmd_teacher_pattern=kind, sf_replay=replay),
-                     trainer.apply, trainer.model_cfg, teacher_apply=trainer.teacher_apply)
+        tr = Trainer(
+            dataclasses.replace(trainer.cfg, dmd_teacher_pattern=kind, sf_replay=replay),
+            trainer.apply,
+            trainer.model_cfg,
+            teacher_apply=trainer.teacher_apply,
+        )
         out[replay] = jax.jit(functools.partial(tr._dmd_grads, sf_steps=2))(state, frozen, batch, k_sf, k_dmd)
     (l_r, _, g_r), (l_d, _, g_d) = out[True], out[False]
     assert np.isfinite(float(l_r)) and float(l_r) == pytest.approx(float(l_d), rel=1e-6)

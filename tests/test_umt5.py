@@ -105,7 +105,7 @@ def test_tokenizer_against_the_library_and_errors(tmp_path):
     for text in ["a cat on the beach", "waves crashing, time-lapse!", ""]:
         want = lib.encode(text).ids
         ids, mask = tok.encode(text, max_len=40)
-        assert list(ids[0, : len(want)]) == want and mask[0].sum() == len(want) and not ids[0, len(want):].any()
+        assert list(ids[0, : len(want)]) == want and mask[0].sum() == len(want) and not ids[0, len(want) :].any()
     with pytest.raises(FileNotFoundError, match="tokenizer file"):
         UMT5Tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text("{not json")
@@ -133,6 +133,7 @@ def test_unexpected_key_is_named(tmp_path):
     def edit(sd):
         sd["encoder.block.0.layer.0.SelfAttention.extra.weight"] = np.ones(3, np.float32)
         sd["decoder.block.0.layer.0.layer_norm.weight"] = np.ones(3, np.float32)  # skipped: seq2seq decoder
+
     with pytest.raises(ValueError, match=r"unexpected \(1\).*SelfAttention.extra.weight"):
         umt5_convert.load_umt5(_broken_copy(tmp_path, edit))
 
@@ -181,9 +182,16 @@ def _prompt_file(tmp_path):
 def _run(tmp_path, out, *flags, **kw):
     from crm_jax.tools import encode_prompts
 
-    args = dict(encoder=TRANSFORMERS, tokenizer=os.path.join(FIX, "tokenizer"), prompts=_prompt_file(tmp_path),
-                negative_prompt=str(TOK["negative_prompt"]), out=str(out), max_len="64", batch_size="3",
-                dtype="float32")
+    args = dict(
+        encoder=TRANSFORMERS,
+        tokenizer=os.path.join(FIX, "tokenizer"),
+        prompts=_prompt_file(tmp_path),
+        negative_prompt=str(TOK["negative_prompt"]),
+        out=str(out),
+        max_len="64",
+        batch_size="3",
+        dtype="float32",
+    )
     args.update(kw)
     return encode_prompts.main([f"--{k}={v}" for k, v in args.items()] + ["--no_progress", *flags])
 
@@ -240,8 +248,12 @@ def test_xxl_shapes_abstractly():
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert 5.6e9 < n_params < 5.8e9  # umt5-xxl encoder: ~5.68 B parameters
     graphdef, state = nnx.split(m)
-    out = jax.eval_shape(lambda s, i, k: nnx.merge(graphdef, s)(i, k, zero_padding=True), state,
-                         jax.ShapeDtypeStruct((2, 512), jnp.int32), jax.ShapeDtypeStruct((2, 512), jnp.int32))
+    out = jax.eval_shape(
+        lambda s, i, k: nnx.merge(graphdef, s)(i, k, zero_padding=True),
+        state,
+        jax.ShapeDtypeStruct((2, 512), jnp.int32),
+        jax.ShapeDtypeStruct((2, 512), jnp.int32),
+    )
     assert out.shape == (2, 512, 4096) and out.dtype == jnp.float32
 
 

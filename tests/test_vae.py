@@ -33,12 +33,12 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(dtype="float32"):
     return C.load_wan_vae(DIFFUSERS, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(dtype="float32"):
     graphdef, params = nnx.split(model(dtype))
     decode = jax.jit(lambda p, z: nnx.merge(graphdef, p).decode(z))
@@ -101,8 +101,9 @@ def test_pth_goes_through_the_torch_checkpoint_reader(monkeypatch, tmp_path):
     fn.write_bytes(b"")
     m = C.load_wan_vae(str(fn), cfg=V.TINY_VAE)
     assert seen == [str(fn)]
-    np.testing.assert_array_equal(np.asarray(m.decoder.conv_in.kernel[...]),
-                                  np.asarray(model().decoder.conv_in.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(m.decoder.conv_in.kernel[...]), np.asarray(model().decoder.conv_in.kernel[...])
+    )
 
 
 def test_bfloat16_decode_is_close():
@@ -130,7 +131,7 @@ def test_streaming_decode_equals_whole_decode(chunks, normalized):
     state = dec.init(1, 3, 4)
     outs, s = [], 0
     for n in chunks:
-        zc = z[:, s:s + n]
+        zc = z[:, s : s + n]
         y, state = dec.step(state, model().normalize(zc) if normalized else zc)
         assert y.shape[1] == (1 + 4 * (n - 1) if s == 0 else 4 * n)
         outs.append(y)
@@ -138,7 +139,7 @@ def test_streaming_decode_equals_whole_decode(chunks, normalized):
     np.testing.assert_allclose(np.concatenate(outs, axis=1), whole, atol=1e-5, rtol=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _streamer(normalized=False):
     return V.StreamingDecoder(model(), normalized=normalized)
 

@@ -12,7 +12,7 @@ from crm_jax.models.config import TINY
 from crm_jax.models.wan import AttentionPattern, KVCache, WanModel, functional, split_layer_params
 
 CFG = TINY.replace(num_actions=5)
-H, W = 4, 6          # latent size -> 2 x 3 = 6 tokens per frame
+H, W = 4, 6  # latent size -> 2 x 3 = 6 tokens per frame
 TPF = 6
 
 
@@ -78,8 +78,7 @@ def test_streaming_equals_full_block_causal(first, chunk, frames):
     starts = pat.block_starts(frames) + [frames]
     outs = []
     for s, e in zip(starts[:-1], starts[1:]):
-        o, cache = run(x[:, s:e], t[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache,
-                       cache_frames=s, write_cache=True)
+        o, cache = run(x[:, s:e], t[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache, cache_frames=s, write_cache=True)
         outs.append(o)
     stream = jnp.concatenate(outs, axis=1)
     assert float(jnp.abs(stream - full).max()) <= 1e-5 * float(jnp.abs(full).max())
@@ -93,8 +92,9 @@ def test_teacher_forcing_equals_cached_clean_prefix(first, chunk):
     x0, t, ctx, a = inputs(3, frames)
     xt, _, _, _ = inputs(4, frames)
     zeros = jnp.zeros_like(t)
-    packed = run(jnp.concatenate([x0, xt], 1), jnp.concatenate([zeros, t], 1), ctx,
-                 jnp.concatenate([a, a], 1), pattern=tf)
+    packed = run(
+        jnp.concatenate([x0, xt], 1), jnp.concatenate([zeros, t], 1), ctx, jnp.concatenate([a, a], 1), pattern=tf
+    )
     # clean half = block-causal forward of the clean video at t = 0
     clean = run(x0, zeros, ctx, a, pattern=pat)
     assert rel(packed[:, :frames], clean) < 1e-5
@@ -103,9 +103,10 @@ def test_teacher_forcing_equals_cached_clean_prefix(first, chunk):
     starts = pat.block_starts(frames) + [frames]
     for s, e in zip(starts[:-1], starts[1:]):
         noisy, _ = run(xt[:, s:e], t[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache, cache_frames=s)
-        assert rel(packed[:, frames + s:frames + e], noisy) < 1e-5, (s, e)
-        _, cache = run(x0[:, s:e], zeros[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache,
-                       cache_frames=s, write_cache=True)
+        assert rel(packed[:, frames + s : frames + e], noisy) < 1e-5, (s, e)
+        _, cache = run(
+            x0[:, s:e], zeros[:, s:e], ctx, a[:, s:e], pattern=pat, cache=cache, cache_frames=s, write_cache=True
+        )
 
 
 def test_per_frame_time_only_changes_modulation_of_that_frame_under_causality():
@@ -123,6 +124,7 @@ def _params_fn():
     @functools.partial(jax.jit, static_argnames="ad")
     def f(p, x, t, ctx, a, ad="vjp"):
         return apply(p, x, t, ctx, actions=a, ad=ad, pattern=AttentionPattern("block_causal", 1))
+
     return f, params
 
 
@@ -152,16 +154,19 @@ def test_grad_matches_finite_difference():
     assert abs(float(analytic) - float(fd)) <= 2e-2 * abs(float(fd)) + 1e-6
 
 
-@pytest.mark.parametrize("case,msg", [
-    ("x_rank", r"x must be \[B, T, H, W, C=4\]"),
-    ("x_channels", r"got \(2, 3, 4, 6, 3\)"),
-    ("patch", "not divisible by patch"),
-    ("t_shape", r"t must be per-frame \[B, T\] = \(2, 3\), got \(2,\)"),
-    ("text_len", r"context must be \[B, text_len, text_dim\] = \(2, 8, 32\), got \(2, 5, 32\)"),
-    ("tf_odd", "T must be even"),
-    ("cache_boundary", "block boundary"),
-    ("cache_missing", "need a cache"),
-])
+@pytest.mark.parametrize(
+    "case,msg",
+    [
+        ("x_rank", r"x must be \[B, T, H, W, C=4\]"),
+        ("x_channels", r"got \(2, 3, 4, 6, 3\)"),
+        ("patch", "not divisible by patch"),
+        ("t_shape", r"t must be per-frame \[B, T\] = \(2, 3\), got \(2,\)"),
+        ("text_len", r"context must be \[B, text_len, text_dim\] = \(2, 8, 32\), got \(2, 5, 32\)"),
+        ("tf_odd", "T must be even"),
+        ("cache_boundary", "block boundary"),
+        ("cache_missing", "need a cache"),
+    ],
+)
 def test_bad_input_raises(case, msg):
     x, t, ctx, a = inputs(8, 3)
     kw = {}
@@ -178,8 +183,7 @@ def test_bad_input_raises(case, msg):
     elif case == "tf_odd":
         kw = dict(pattern=AttentionPattern("teacher_forcing", 1))
     elif case == "cache_boundary":
-        kw = dict(pattern=AttentionPattern("block_causal", 2), cache=KVCache.create(CFG, 2, 8, TPF),
-                  cache_frames=1)
+        kw = dict(pattern=AttentionPattern("block_causal", 2), cache=KVCache.create(CFG, 2, 8, TPF), cache_frames=1)
     elif case == "cache_missing":
         kw = dict(cache_frames=2)
     with pytest.raises(ValueError, match=msg):
@@ -188,7 +192,7 @@ def test_bad_input_raises(case, msg):
 
 def test_jvp_and_grad_with_pallas_kernels_equal_reference_attention():
     """The tiny model with the Triton kernels (interpret mode) vs the XLA reference attention."""
-    cfg = CFG.replace(dim=128, num_heads=2, num_layers=1)     # head_dim 64: a kernel size
+    cfg = CFG.replace(dim=128, num_heads=2, num_layers=1)  # head_dim 64: a kernel size
     ref_model = WanModel(cfg.replace(attn_impl="xla"), rngs=nnx.Rngs(3))
     ker_model = WanModel(cfg.replace(attn_impl="triton", attn_interpret=True), rngs=nnx.Rngs(3))
     ref, params = functional(ref_model)
@@ -198,18 +202,19 @@ def test_jvp_and_grad_with_pallas_kernels_equal_reference_attention():
     x = jax.random.normal(k[0], (1, 4, H, W, cfg.in_channels))
     t = jnp.concatenate([jnp.zeros((1, 2)), jax.random.uniform(k[1], (1, 2))], 1)
     ctx = jax.random.normal(k[2], (1, cfg.text_len, cfg.text_dim))
-    dx = jnp.concatenate([jnp.zeros((1, 2, H, W, cfg.in_channels)),
-                          jax.random.normal(k[3], (1, 2, H, W, cfg.in_channels))], 1)
+    dx = jnp.concatenate(
+        [jnp.zeros((1, 2, H, W, cfg.in_channels)), jax.random.normal(k[3], (1, 2, H, W, cfg.in_channels))], 1
+    )
     dt = jnp.concatenate([jnp.zeros((1, 2)), jnp.ones((1, 2))], 1)
-    f = lambda apply, ad: (lambda x, t: apply(params, x, t, ctx, pattern=pat, ad=ad))
+    f = lambda apply, ad: lambda x, t: apply(params, x, t, ctx, pattern=pat, ad=ad)
     o_ref, do_ref = jax.jvp(f(ref, "jvp"), (x, t), (dx, dt))
     o_ker, do_ker = jax.jvp(f(ker, "jvp"), (x, t), (dx, dt))
     assert rel(o_ker, o_ref) < 1e-5 and rel(do_ker, do_ref) < 1e-5
     target = jax.random.normal(k[4], x.shape)
-    loss = lambda apply: (lambda p: jnp.mean((apply(p, x, t, ctx, pattern=pat) - target) ** 2))
+    loss = lambda apply: lambda p: jnp.mean((apply(p, x, t, ctx, pattern=pat) - target) ** 2)
     g_ref, g_ker = jax.grad(loss(ref))(params), jax.grad(loss(ker))(params)
     num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref)))
-    den = sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(g_ref))
+    den = sum(float(jnp.sum(b**2)) for b in jax.tree.leaves(g_ref))
     assert (num / den) ** 0.5 < 1e-5
     with pytest.raises(Exception, match="jvp|custom_vjp|forward-mode"):
         jax.jvp(f(ker, "vjp"), (x, t), (dx, dt))
@@ -245,9 +250,19 @@ def stream_blocks(pat, x, t, ctx, a, variant):
     for s, e in zip(starts[:-1], starts[1:]):
         # a traced length needs a pattern whose block is the call (the sampler's buffer pattern)
         p = AttentionPattern("block_causal", max(pat.block_frames, pat.first)) if traced else pat
-        o, cache = apply(params, x[:, s:e], t[:, s:e], ctx, actions=a[:, s:e], pattern=p, cache=cache,
-                         cache_frames=jnp.int32(s) if traced else s, write_cache=True, kv_update=kv_update,
-                         layer_params=lp if use_lp else None)
+        o, cache = apply(
+            params,
+            x[:, s:e],
+            t[:, s:e],
+            ctx,
+            actions=a[:, s:e],
+            pattern=p,
+            cache=cache,
+            cache_frames=jnp.int32(s) if traced else s,
+            write_cache=True,
+            kv_update=kv_update,
+            layer_params=lp if use_lp else None,
+        )
         outs.append(o)
     assert cache.per_layer == per_layer
     return jnp.concatenate(outs, axis=1), cache.stacked()
@@ -262,10 +277,10 @@ def test_kv_variants_stream_like_full_block_causal_and_fill_the_same_cache(first
     ref_out, ref_cache = stream_blocks(pat, x, t, ctx, a, None)
     out, cache = stream_blocks(pat, x, t, ctx, a, variant)
     assert float(jnp.abs(out - full).max()) <= 1e-5 * float(jnp.abs(full).max())
-    if KV_VARIANTS[variant][2]:      # traced length: masked softmax over the whole buffer (other rounding)
+    if KV_VARIANTS[variant][2]:  # traced length: masked softmax over the whole buffer (other rounding)
         np.testing.assert_allclose(cache.k, ref_cache.k, atol=1e-5)
         np.testing.assert_allclose(cache.v, ref_cache.v, atol=1e-5)
-    else:                            # the same attention inputs: the very same cache
+    else:  # the same attention inputs: the very same cache
         np.testing.assert_array_equal(cache.k, ref_cache.k)
         np.testing.assert_array_equal(cache.v, ref_cache.v)
         np.testing.assert_array_equal(out, ref_out)
@@ -279,23 +294,43 @@ def grad_case():
     apply, params = functional(model())
     cache = KVCache.create(CFG, 2, 5, TPF)
     for s, e in ((0, 1), (1, 3)):
-        _, cache = apply(params, x[:, s:e], t[:, s:e], ctx, actions=a[:, s:e], pattern=pat, cache=cache,
-                         cache_frames=s, write_cache=True)
+        _, cache = apply(
+            params,
+            x[:, s:e],
+            t[:, s:e],
+            ctx,
+            actions=a[:, s:e],
+            pattern=pat,
+            cache=cache,
+            cache_frames=s,
+            write_cache=True,
+        )
     target = jax.random.normal(jax.random.key(130), x[:, 3:5].shape)
 
     def loss(p, xb, var, ad="vjp"):
         kv_update, per_layer, traced, use_lp = KV_VARIANTS[var] if var else ("concat", False, False, False)
         c = cache.split() if per_layer else cache
-        out, c2 = apply(p, xb, t[:, 3:5], ctx, actions=a[:, 3:5], cache=c, write_cache=True, kv_update=kv_update,
-                        ad=ad, pattern=AttentionPattern("block_causal", 2) if traced else pat,
-                        cache_frames=jnp.int32(3) if traced else 3,
-                        layer_params=split_layer_params(p) if use_lp else None)
+        out, c2 = apply(
+            p,
+            xb,
+            t[:, 3:5],
+            ctx,
+            actions=a[:, 3:5],
+            cache=c,
+            write_cache=True,
+            kv_update=kv_update,
+            ad=ad,
+            pattern=AttentionPattern("block_causal", 2) if traced else pat,
+            cache_frames=jnp.int32(3) if traced else 3,
+            layer_params=split_layer_params(p) if use_lp else None,
+        )
         # the written cache is stop-gradient: it must not change the gradient
         return jnp.mean((out - target) ** 2) + jnp.sum(c2.stacked().k) * 0.5
 
     grad = jax.jit(jax.grad(loss), static_argnums=2)
-    tangent = jax.jit(lambda xb, dx, var: jax.jvp(lambda z: loss(params, z, var, "jvp"), (xb,), (dx,))[1],
-                      static_argnums=2)
+    tangent = jax.jit(
+        lambda xb, dx, var: jax.jvp(lambda z: loss(params, z, var, "jvp"), (xb,), (dx,))[1], static_argnums=2
+    )
     return grad, tangent, params, x[:, 3:5]
 
 
@@ -305,7 +340,7 @@ def test_kv_variants_keep_gradients_and_tangents(variant):
     grad, tangent, params, xb = grad_case()
     g_ref, g = grad(params, xb, None), grad(params, xb, variant)
     num = sum(float(jnp.sum((u - w) ** 2)) for u, w in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)))
-    den = sum(float(jnp.sum(w ** 2)) for w in jax.tree.leaves(g_ref))
+    den = sum(float(jnp.sum(w**2)) for w in jax.tree.leaves(g_ref))
     assert (num / den) ** 0.5 < 1e-5
     dx = jax.random.normal(jax.random.key(131), xb.shape)
     ref = float(tangent(xb, dx, None))
@@ -326,14 +361,33 @@ def test_kv_variant_errors():
     with pytest.raises(ValueError, match="traced cache_frames needs a per-layer KV cache"):
         apply(params, x, t, ctx, pattern=one, cache=per_layer, cache_frames=jnp.int32(2), **kw)
     with pytest.raises(ValueError, match="without a local window and a call of one block"):
-        apply(params, x, t, ctx, pattern=AttentionPattern("block_causal", 1), cache=per_layer,
-              cache_frames=jnp.int32(2), kv_update="inplace", **kw)
-    window = AttentionPattern("block_causal", 1, local_attn_blocks=1)      # cached frames out of the window
+        apply(
+            params,
+            x,
+            t,
+            ctx,
+            pattern=AttentionPattern("block_causal", 1),
+            cache=per_layer,
+            cache_frames=jnp.int32(2),
+            kv_update="inplace",
+            **kw,
+        )
+    window = AttentionPattern("block_causal", 1, local_attn_blocks=1)  # cached frames out of the window
     with pytest.raises(ValueError, match="every query of the call must see every cached key"):
-        apply(params, x[:, :1], t[:, :1], ctx, actions=a[:, :1], pattern=window, cache=per_layer, cache_frames=2,
-              write_cache=True, kv_update="inplace")
+        apply(
+            params,
+            x[:, :1],
+            t[:, :1],
+            ctx,
+            actions=a[:, :1],
+            pattern=window,
+            cache=per_layer,
+            cache_frames=2,
+            write_cache=True,
+            kv_update="inplace",
+        )
     remat = functional(WanModel(CFG.replace(remat="block"), rngs=nnx.Rngs(0)))[0]
-    for lp in (None, split_layer_params(params)):          # layer scan and Python layer loop
+    for lp in (None, split_layer_params(params)):  # layer scan and Python layer loop
         with pytest.raises(ValueError, match="remat='block' would save it at every layer"):
             remat(params, x, t, ctx, pattern=one, cache=stacked, kv_update="inplace", layer_params=lp, **kw)
     with pytest.raises(ValueError, match="layer_params must hold 2 layers"):
@@ -357,11 +411,18 @@ def test_text_kv_gives_the_same_output(path):
         elif path == "concat_scan":
             kw = dict(pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF), cache_frames=1, write_cache=True)
         elif path == "inplace_scan":
-            kw = dict(pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF), cache_frames=1, write_cache=True,
-                      kv_update="inplace")
+            kw = dict(
+                pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF), cache_frames=1, write_cache=True, kv_update="inplace"
+            )
         else:
-            kw = dict(pattern=pat, cache=KVCache.create(CFG, 2, 4, TPF, per_layer=True), cache_frames=1,
-                      write_cache=True, kv_update="inplace", layer_params=split_layer_params(params))
+            kw = dict(
+                pattern=pat,
+                cache=KVCache.create(CFG, 2, 4, TPF, per_layer=True),
+                cache_frames=1,
+                write_cache=True,
+                kv_update="inplace",
+                layer_params=split_layer_params(params),
+            )
         xs, ts, acts = (x[:, :1], t[:, :1], a[:, :1]) if "cache" in kw else (x, t, a)
         ref = apply(params, xs, ts, ctx, actions=acts, **kw)
         got = apply(params, xs, ts, ctx, actions=acts, text_kv=tkv, **kw)
@@ -375,7 +436,7 @@ def test_text_kv_errors():
     tkv = apply.text_kv(params, ctx)
     with pytest.raises(ValueError, match="text_kv must hold"):
         apply(params, x, t, ctx, actions=a, text_kv=type(tkv)(tkv.k[:1], tkv.v[:1]))
-    with pytest.raises(ValueError, match="text_kv must hold"):        # another batch size
+    with pytest.raises(ValueError, match="text_kv must hold"):  # another batch size
         apply(params, x[:1], t[:1], ctx[:1], actions=a[:1], text_kv=tkv)
     with pytest.raises(ValueError, match="context must be"):
         apply.text_kv(params, ctx[..., :-1])

@@ -38,7 +38,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 from crm_jax.training import aot  # noqa: E402
 from pallas_kernels import masks, ops  # noqa: E402
 
-FRAMES, TOKENS = 21, 1560          # 480p: 21 latent frames of 30 x 52 tokens
+FRAMES, TOKENS = 21, 1560  # 480p: 21 latent frames of 30 x 52 tokens
 
 
 def _case(rows, name, fn, **info):
@@ -48,8 +48,16 @@ def _case(rows, name, fn, **info):
         rows.append(dict(case=name, ok=True, error="", seconds=round(time.time() - t0, 1), **info, **extra))
     except Exception as e:  # recorded, not raised: the test names every failing case
         msg = str(e).strip().splitlines()
-        rows.append(dict(case=name, ok=False, error=(msg[0] if msg else type(e).__name__)[:400],
-                         trace=traceback.format_exc()[-2000:], seconds=round(time.time() - t0, 1), **info))
+        rows.append(
+            dict(
+                case=name,
+                ok=False,
+                error=(msg[0] if msg else type(e).__name__)[:400],
+                trace=traceback.format_exc()[-2000:],
+                seconds=round(time.time() - t0, 1),
+                **info,
+            )
+        )
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}), flush=True)
 
 
@@ -75,8 +83,11 @@ def _compile_attention(dev, spec, heads, ad, prefix_len=None):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
-    return dict(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-                temp_bytes=int(mem.temp_size_in_bytes))
+    return dict(
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        temp_bytes=int(mem.temp_size_in_bytes),
+    )
 
 
 def kernels(rows):
@@ -87,8 +98,7 @@ def kernels(rows):
         "block_causal_chunk3": masks.block_causal(FRAMES, TOKENS, 3),
         "teacher_forcing_frame": masks.teacher_forcing(FRAMES, TOKENS, 1),
         "teacher_forcing_chunk3": masks.teacher_forcing(FRAMES, TOKENS, 3),
-        "teacher_forcing_chunk3_window": masks.teacher_forcing(FRAMES, TOKENS, 3, local_attn_blocks=3,
-                                                               sink_blocks=1),
+        "teacher_forcing_chunk3_window": masks.teacher_forcing(FRAMES, TOKENS, 3, local_attn_blocks=3, sink_blocks=1),
         "cross_text512": masks.full(n, 512),
     }
     tf = [k for k in specs if k.startswith("teacher_forcing")]
@@ -97,21 +107,49 @@ def kernels(rows):
         dev = aot.tpu_devices(topo)[0]
         for name in names:
             for ad in ("forward", "jvp", "grad"):
-                _case(rows, f"{topo}/{name}/{ad}", lambda: _compile_attention(dev, specs[name], 12, ad),
-                      group="kernels", topology=topo, mask=name, ad=ad, tokens=specs[name].q_len, heads=12)
+                _case(
+                    rows,
+                    f"{topo}/{name}/{ad}",
+                    lambda: _compile_attention(dev, specs[name], 12, ad),
+                    group="kernels",
+                    topology=topo,
+                    mask=name,
+                    ad=ad,
+                    tokens=specs[name].q_len,
+                    heads=12,
+                )
     dev = aot.tpu_devices("v5p:2x2x1")[0]
-    big = masks.teacher_forcing(2 * FRAMES, TOKENS, 3)   # 131,040 tokens: twice the 1.3B sequence
-    for name, spec, heads in (("teacher_forcing_chunk3_14b_heads", specs["teacher_forcing_chunk3"], 40),
-                              ("teacher_forcing_chunk3_2x_tokens", big, 12)):
+    big = masks.teacher_forcing(2 * FRAMES, TOKENS, 3)  # 131,040 tokens: twice the 1.3B sequence
+    for name, spec, heads in (
+        ("teacher_forcing_chunk3_14b_heads", specs["teacher_forcing_chunk3"], 40),
+        ("teacher_forcing_chunk3_2x_tokens", big, 12),
+    ):
         for ad in ("forward", "jvp", "grad"):
-            _case(rows, f"v5p:2x2x1/{name}/{ad}", lambda: _compile_attention(dev, spec, heads, ad),
-                  group="kernels", topology="v5p:2x2x1", mask=name, ad=ad, tokens=spec.q_len, heads=heads)
+            _case(
+                rows,
+                f"v5p:2x2x1/{name}/{ad}",
+                lambda: _compile_attention(dev, spec, heads, ad),
+                group="kernels",
+                topology="v5p:2x2x1",
+                mask=name,
+                ad=ad,
+                tokens=spec.q_len,
+                heads=heads,
+            )
     # A streaming chunk (3 frames) over a cache buffer of 21 frames holding 9 valid ones.
     chunk = masks.full(3 * TOKENS, n)
     for ad in ("forward", "jvp", "grad"):
-        _case(rows, f"v5p:2x2x1/kv_prefix/{ad}",
-              lambda: _compile_attention(dev, chunk, 12, ad, prefix_len=9 * TOKENS),
-              group="kernels", topology="v5p:2x2x1", mask="kv_prefix", ad=ad, tokens=chunk.q_len, heads=12)
+        _case(
+            rows,
+            f"v5p:2x2x1/kv_prefix/{ad}",
+            lambda: _compile_attention(dev, chunk, 12, ad, prefix_len=9 * TOKENS),
+            group="kernels",
+            topology="v5p:2x2x1",
+            mask="kv_prefix",
+            ad=ad,
+            tokens=chunk.q_len,
+            heads=12,
+        )
 
 
 def model(rows, latents):
@@ -135,31 +173,44 @@ def model(rows, latents):
     def forward(p, x, t, c):
         return apply(p, x, t, c, pattern=bc)
 
-    def jvp(p, x, t, c):   # the sCM tangent pass: d/dt of the teacher-forcing forward
+    def jvp(p, x, t, c):  # the sCM tangent pass: d/dt of the teacher-forcing forward
         return jax.jvp(lambda x, t: apply(p, x, t, c, pattern=tf, ad="jvp"), (x, t), (x, jnp.ones_like(t)))
 
     def grad(p, x, t, c):
         return jax.grad(lambda p: apply(p, x, t, c, pattern=tf).astype(jnp.float32).mean())(p)
 
-    for name, fn, xs, ts in (("forward_block_causal", forward, x, t), ("jvp_teacher_forcing", jvp, x2, t2),
-                             ("grad_teacher_forcing", grad, x2, t2)):
+    for name, fn, xs, ts in (
+        ("forward_block_causal", forward, x, t),
+        ("jvp_teacher_forcing", jvp, x2, t2),
+        ("grad_teacher_forcing", grad, x2, t2),
+    ):
+
         def run(fn=fn, xs=xs, ts=ts):
             with ops.target_platform("tpu"):
                 compiled = jax.jit(fn).trace(params, xs, ts, ctx).lower().compile()
             m = compiled.memory_analysis()
-            return dict(total_bytes=int(m.argument_size_in_bytes + m.output_size_in_bytes
-                                        - m.alias_size_in_bytes + m.temp_size_in_bytes))
+            return dict(
+                total_bytes=int(
+                    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+                )
+            )
+
         _case(rows, f"v5p/wan_1_3b/{name}", run, group="model", latents=list(latents))
 
 
 def steps(rows, latents, only=None):
     import importlib
 
-    modes = [("teacher_tf", "wan_teacher_tf", None), ("tf_scm", "wan_tf_scm", None),
-             ("tf_meanflow", "wan_tf_meanflow", None), ("tf_dcm", "wan_tf_dcm", None),
-             ("ode_init", "wan_ode_init", None), ("sf_dmd", "wan_sf_dmd", [("student", 4, True), ("critic", 4, True)]),
-             ("rcm", "wan_rcm", [("student", 4, True)]),   # its critic step is SF-DMD's
-             ("tf_scm_14b_teacher", "wan_tf_scm", None)]
+    modes = [
+        ("teacher_tf", "wan_teacher_tf", None),
+        ("tf_scm", "wan_tf_scm", None),
+        ("tf_meanflow", "wan_tf_meanflow", None),
+        ("tf_dcm", "wan_tf_dcm", None),
+        ("ode_init", "wan_ode_init", None),
+        ("sf_dmd", "wan_sf_dmd", [("student", 4, True), ("critic", 4, True)]),
+        ("rcm", "wan_rcm", [("student", 4, True)]),  # its critic step is SF-DMD's
+        ("tf_scm_14b_teacher", "wan_tf_scm", None),
+    ]
     modes = [m for m in modes if only is None or m[0] in only]
     if not modes:
         return
@@ -173,8 +224,10 @@ def steps(rows, latents, only=None):
 
         def run(c=c, plans=plans):
             reps = aot.compile_steps(c, devices, platform="tpu", plans=plans)
-            return dict(steps=[dict(step=r.name, total_bytes=r.total, flops=r.flops, seconds=round(r.seconds, 1))
-                               for r in reps])
+            return dict(
+                steps=[dict(step=r.name, total_bytes=r.total, flops=r.flops, seconds=round(r.seconds, 1)) for r in reps]
+            )
+
         _case(rows, f"v5p:2x2x2/{name}", run, group="steps", latents=list(latents))
 
 
@@ -187,8 +240,11 @@ def main(argv):
     if "--modes" in argv:
         only = set(argv[argv.index("--modes") + 1].split(","))
     rows = []
-    {"kernels": lambda: kernels(rows), "model": lambda: model(rows, latents),
-     "steps": lambda: steps(rows, latents, only)}[group]()
+    {
+        "kernels": lambda: kernels(rows),
+        "model": lambda: model(rows, latents),
+        "steps": lambda: steps(rows, latents, only),
+    }[group]()
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
 

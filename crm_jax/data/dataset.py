@@ -44,7 +44,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -64,12 +64,14 @@ class DatasetError(ValueError):
 
 # ----------------------------------------------------------------------------- dtypes
 
+
 def _dtype(name: str) -> np.dtype:
     """numpy dtype from its name, including ``bfloat16`` (via ml_dtypes)."""
     try:
         return np.dtype(name)
     except TypeError:
         import ml_dtypes
+
         return np.dtype(getattr(ml_dtypes, name))
 
 
@@ -79,7 +81,8 @@ def dtype_name(dt) -> str:
 
 # ----------------------------------------------------------------------------- records
 
-def encode_record(arrays: dict[str, np.ndarray], text: Optional[dict[str, str]] = None) -> bytes:
+
+def encode_record(arrays: dict[str, np.ndarray], text: dict[str, str] | None = None) -> bytes:
     """Serialise named arrays (+ text fields) into one record.
 
     Layout: ``b"CRMR" | uint32 header length | JSON header | raw array bytes``; the header
@@ -103,19 +106,19 @@ def decode_record(data: bytes, where: str = "record") -> tuple[dict[str, np.ndar
         raise DatasetError(f"{where}: not a crm_jax dataset record (bad magic {bytes(data[:4])!r})")
     (n,) = struct.unpack("<I", data[4:8])
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except ValueError as e:
         raise DatasetError(f"{where}: corrupt record header: {e}") from e
     base, arrays = 8 + n, {}
     for name, (dt, shape, off, nbytes) in header["a"].items():
         if base + off + nbytes > len(data):
             raise DatasetError(f"{where}: truncated record (field {name!r})")
-        arrays[name] = np.frombuffer(data, _dtype(dt), count=math.prod(shape),
-                                     offset=base + off).reshape(shape)
+        arrays[name] = np.frombuffer(data, _dtype(dt), count=math.prod(shape), offset=base + off).reshape(shape)
     return arrays, header["t"]
 
 
 # ----------------------------------------------------------------------------- metadata
+
 
 @dataclasses.dataclass(frozen=True)
 class Feature:
@@ -132,9 +135,15 @@ def shard_name(j: int, n: int, prefix: str = "data") -> str:
     return f"{prefix}-{j:05d}-of-{n:05d}.array_record"
 
 
-def make_metadata(*, num_samples: int, samples_per_shard: int, features: dict[str, Feature],
-                  text_fields: Sequence[str] = (), source: dict | None = None,
-                  extra: dict | None = None) -> dict:
+def make_metadata(
+    *,
+    num_samples: int,
+    samples_per_shard: int,
+    features: dict[str, Feature],
+    text_fields: Sequence[str] = (),
+    source: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
     """The metadata dict of a dataset plan (``complete`` False until every shard exists).
 
     ``source`` identifies how the data was made (teacher checkpoint, model config, sampler
@@ -144,12 +153,26 @@ def make_metadata(*, num_samples: int, samples_per_shard: int, features: dict[st
     if num_samples < 1 or samples_per_shard < 1:
         raise ValueError(f"num_samples ({num_samples}) and samples_per_shard ({samples_per_shard}) must be >= 1")
     n = math.ceil(num_samples / samples_per_shard)
-    shards = [{"file": shard_name(j, n), "first_id": j * samples_per_shard,
-               "num_records": min(samples_per_shard, num_samples - j * samples_per_shard)} for j in range(n)]
-    return {"format": FORMAT, "version": VERSION, "num_samples": int(num_samples),
-            "samples_per_shard": int(samples_per_shard),
-            "features": {k: f.to_json() for k, f in features.items()}, "text_fields": list(text_fields),
-            "shards": shards, "source": source or {}, **(extra or {}), "complete": False}
+    shards = [
+        {
+            "file": shard_name(j, n),
+            "first_id": j * samples_per_shard,
+            "num_records": min(samples_per_shard, num_samples - j * samples_per_shard),
+        }
+        for j in range(n)
+    ]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": int(num_samples),
+        "samples_per_shard": int(samples_per_shard),
+        "features": {k: f.to_json() for k, f in features.items()},
+        "text_fields": list(text_fields),
+        "shards": shards,
+        "source": source or {},
+        **(extra or {}),
+        "complete": False,
+    }
 
 
 def _atomic_write_json(path: str, obj: dict, exclusive: bool = False) -> bool:
@@ -184,16 +207,20 @@ def read_metadata(path: str) -> dict:
         raise DatasetError(f"dataset directory {path!r} does not exist or is not a directory")
     fn = os.path.join(path, METADATA)
     if not os.path.exists(fn):
-        raise DatasetError(f"{fn!r} not found: {path!r} is not a crm_jax dataset directory "
-                           f"(make one with `python -m crm_jax.data.generate` or `crm_jax.data.external`)")
+        raise DatasetError(
+            f"{fn!r} not found: {path!r} is not a crm_jax dataset directory "
+            f"(make one with `python -m crm_jax.data.generate` or `crm_jax.data.external`)"
+        )
     try:
         with open(fn) as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DatasetError(f"cannot read dataset metadata {fn!r}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DatasetError(f"{fn!r} is not crm_jax dataset metadata (format "
-                           f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        raise DatasetError(
+            f"{fn!r} is not crm_jax dataset metadata (format "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
+        )
     if meta.get("version") != VERSION:
         raise DatasetError(f"{fn!r}: dataset format version {meta.get('version')!r}, this code reads {VERSION}")
     for k in ("num_samples", "samples_per_shard", "features", "shards"):
@@ -208,6 +235,7 @@ def plan_key(meta: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def host_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
     """Shards written by one process: its block ``process_rows(num_shards, p, P)`` of them."""
@@ -225,25 +253,29 @@ class ShardWriter:
       process_index / process_count: this host and the number of hosts (default: JAX's).
     """
 
-    def __init__(self, path: str, meta: dict, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None):
+    def __init__(self, path: str, meta: dict, process_index: int | None = None, process_count: int | None = None):
         import jax
+
         self.path = path
         self.meta = meta
         self.pi = jax.process_index() if process_index is None else int(process_index)
         self.pc = jax.process_count() if process_count is None else int(process_count)
         mfile = os.path.join(path, METADATA)
-        if not os.path.exists(mfile):   # (another process may create it meanwhile: checked below)
+        if not os.path.exists(mfile):  # (another process may create it meanwhile: checked below)
             if os.path.isdir(path) and any(not n.startswith(".") and n != METADATA for n in os.listdir(path)):
-                raise DatasetError(f"output directory {path!r} is not empty and has no {METADATA}: "
-                                   f"refusing to write a dataset into a foreign directory")
+                raise DatasetError(
+                    f"output directory {path!r} is not empty and has no {METADATA}: "
+                    f"refusing to write a dataset into a foreign directory"
+                )
             os.makedirs(path, exist_ok=True)
             _atomic_write_json(mfile, meta, exclusive=True)
         old, new = read_metadata(path), json.loads(json.dumps(meta))
         if plan_key(old) != plan_key(new):
             diff = sorted(k for k in set(old) | set(new) if k != "complete" and old.get(k) != new.get(k))
-            raise DatasetError(f"{mfile!r} describes a different dataset (differs in {diff}); "
-                               f"refusing to mix: use a new output directory or the same settings")
+            raise DatasetError(
+                f"{mfile!r} describes a different dataset (differs in {diff}); "
+                f"refusing to mix: use a new output directory or the same settings"
+            )
 
     @property
     def shards(self) -> list[dict]:
@@ -251,8 +283,11 @@ class ShardWriter:
 
     def pending(self) -> list[int]:
         """This host's shards that are not complete yet (complete = final file exists)."""
-        return [j for j in host_shards(len(self.shards), self.pi, self.pc)
-                if not os.path.exists(os.path.join(self.path, self.shards[j]["file"]))]
+        return [
+            j
+            for j in host_shards(len(self.shards), self.pi, self.pc)
+            if not os.path.exists(os.path.join(self.path, self.shards[j]["file"]))
+        ]
 
     def write_shard(self, j: int, records: Iterable[bytes]) -> None:
         """Write shard ``j`` from exactly ``num_records`` encoded records (temp name, then rename)."""
@@ -293,6 +328,7 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- reading
 
+
 def open_dataset(path: str, *, require_complete: bool = True, check_files: bool = True) -> dict:
     """Read and validate a dataset directory; return its metadata.
 
@@ -304,10 +340,13 @@ def open_dataset(path: str, *, require_complete: bool = True, check_files: bool 
     fn = os.path.join(path, METADATA)
     if require_complete and not meta.get("complete"):
         missing = [s["file"] for s in meta["shards"] if not os.path.exists(os.path.join(path, s["file"]))]
-        raise DatasetError(f"{fn!r}: dataset is incomplete ({len(missing)} of {len(meta['shards'])} shards "
-                           f"missing, e.g. {missing[:3]}); rerun the generation command to resume it")
+        raise DatasetError(
+            f"{fn!r}: dataset is incomplete ({len(missing)} of {len(meta['shards'])} shards "
+            f"missing, e.g. {missing[:3]}); rerun the generation command to resume it"
+        )
     if check_files:
         from array_record.python.array_record_module import ArrayRecordReader
+
         for s in meta["shards"]:
             sf = os.path.join(path, s["file"])
             if not os.path.exists(sf):
@@ -334,8 +373,10 @@ def check_record(arrays: dict[str, np.ndarray], meta: dict, where: str) -> None:
             raise DatasetError(f"{where}: feature {name!r} missing (has {sorted(arrays)})")
         a = arrays[name]
         if list(a.shape) != list(f["shape"]) or dtype_name(a.dtype) != f["dtype"]:
-            raise DatasetError(f"{where}: feature {name!r} is {dtype_name(a.dtype)}{list(a.shape)}, "
-                               f"metadata says {f['dtype']}{f['shape']}")
+            raise DatasetError(
+                f"{where}: feature {name!r} is {dtype_name(a.dtype)}{list(a.shape)}, "
+                f"metadata says {f['dtype']}{f['shape']}"
+            )
 
 
 def check_model_compat(meta: dict, mcfg, path: str = "") -> None:
@@ -350,21 +391,29 @@ def check_model_compat(meta: dict, mcfg, path: str = "") -> None:
     T, H, W, C = feats["latents"]["shape"]
     pt, ph, pw = mcfg.patch_size
     if C != mcfg.in_channels:
-        raise DatasetError(f"{fn!r}: latents {feats['latents']['shape']} have {C} channels but the model "
-                           f"expects in_channels={mcfg.in_channels}")
+        raise DatasetError(
+            f"{fn!r}: latents {feats['latents']['shape']} have {C} channels but the model "
+            f"expects in_channels={mcfg.in_channels}"
+        )
     if T % pt or H % ph or W % pw:
-        raise DatasetError(f"{fn!r}: latents [T, H, W] = {[T, H, W]} not divisible by the model's "
-                           f"patch_size {tuple(mcfg.patch_size)}")
+        raise DatasetError(
+            f"{fn!r}: latents [T, H, W] = {[T, H, W]} not divisible by the model's patch_size {tuple(mcfg.patch_size)}"
+        )
     if list(feats["context"]["shape"]) != [mcfg.text_len, mcfg.text_dim]:
-        raise DatasetError(f"{fn!r}: context embeddings are {feats['context']['shape']} but the model "
-                           f"expects [text_len, text_dim] = {[mcfg.text_len, mcfg.text_dim]}")
+        raise DatasetError(
+            f"{fn!r}: context embeddings are {feats['context']['shape']} but the model "
+            f"expects [text_len, text_dim] = {[mcfg.text_len, mcfg.text_dim]}"
+        )
     if mcfg.num_actions > 0:
         if "actions" not in feats:
-            raise DatasetError(f"{fn!r}: the model takes actions (num_actions={mcfg.num_actions}) "
-                               f"but the dataset has none")
+            raise DatasetError(
+                f"{fn!r}: the model takes actions (num_actions={mcfg.num_actions}) but the dataset has none"
+            )
         if meta.get("num_actions", 0) > mcfg.num_actions:
-            raise DatasetError(f"{fn!r}: dataset action ids go up to {meta['num_actions'] - 1} but the model "
-                               f"has num_actions={mcfg.num_actions}")
+            raise DatasetError(
+                f"{fn!r}: dataset action ids go up to {meta['num_actions'] - 1} but the model "
+                f"has num_actions={mcfg.num_actions}"
+            )
         if feats["actions"]["shape"] != [T]:
             raise DatasetError(f"{fn!r}: actions {feats['actions']['shape']} must be [T] = [{T}]")
 
@@ -401,9 +450,19 @@ class DatasetSource:
       fields: stored features to return (default: all the training ones present).
     """
 
-    def __init__(self, path: str, batch_size: int, *, seed: int = 0, shuffle: bool = True, mcfg=None,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None,
-                 fields: Optional[Sequence[str]] = None, check_files: bool = True):
+    def __init__(
+        self,
+        path: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        mcfg=None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        fields: Sequence[str] | None = None,
+        check_files: bool = True,
+    ):
         import grain.python as gp
         import jax
 
@@ -421,8 +480,9 @@ class DatasetSource:
                 fields.remove("actions")  # the model has no action embedding
         missing = [k for k in fields if k not in feats]
         if missing:
-            raise DatasetError(f"{os.path.join(path, METADATA)!r}: requested fields {missing} not stored "
-                               f"(has {sorted(feats)})")
+            raise DatasetError(
+                f"{os.path.join(path, METADATA)!r}: requested fields {missing} not stored (has {sorted(feats)})"
+            )
         self.fields = tuple(fields)
         self.rows = process_rows(batch_size, self.pi, self.pc)
         self.seed, self.shuffle = int(seed), bool(shuffle)
@@ -431,8 +491,7 @@ class DatasetSource:
         if shuffle:
             ds = ds.shuffle(seed=self.seed)
         self._records = ds.repeat().map(_Decode(self.fields))
-        self._ode_times = (np.asarray(self.meta["ode_times"], np.float32)
-                           if "ode_traj" in self.fields else None)
+        self._ode_times = np.asarray(self.meta["ode_times"], np.float32) if "ode_traj" in self.fields else None
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -456,8 +515,10 @@ class DatasetSource:
         """CFG's negative-prompt embedding ``[L, D]`` stored with the dataset."""
         fn = os.path.join(self.path, NEGATIVE)
         if not os.path.exists(fn):
-            raise DatasetError(f"{fn!r} not found: the dataset stores no negative-prompt embedding "
-                               f"(pass one to the generator/converter)")
+            raise DatasetError(
+                f"{fn!r} not found: the dataset stores no negative-prompt embedding "
+                f"(pass one to the generator/converter)"
+            )
         try:
             neg = np.load(fn)
         except Exception as e:
@@ -467,7 +528,7 @@ class DatasetSource:
             raise DatasetError(f"{fn!r} has shape {list(neg.shape)}, expected context shape {want}")
         return neg
 
-    def iterator(self, state: Optional[dict] = None) -> "DatasetIterator":
+    def iterator(self, state: dict | None = None) -> DatasetIterator:
         """A batch iterator starting at ``state`` (from ``get_state()``) or step 0."""
         it = DatasetIterator(self)
         if state is not None:
@@ -495,8 +556,14 @@ class DatasetIterator:
 
     def _ident(self) -> dict:
         s = self.source
-        return {"seed": s.seed, "shuffle": s.shuffle, "process_index": s.pi, "process_count": s.pc,
-                "num_samples": s.meta["num_samples"], "batch_size": s.batch_size}
+        return {
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "process_index": s.pi,
+            "process_count": s.pc,
+            "num_samples": s.meta["num_samples"],
+            "batch_size": s.batch_size,
+        }
 
     def get_state(self) -> dict:
         return {"step": self.step, **self._ident()}
@@ -509,7 +576,7 @@ class DatasetIterator:
         self.step = int(state["step"])
 
 
-def read_all(path: str, fields: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], list[dict]]:
+def read_all(path: str, fields: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Every sample of a dataset in id order, stacked: ``({name: [N, ...]}, [text fields per sample])``."""
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -529,8 +596,9 @@ def read_all(path: str, fields: Optional[Sequence[str]] = None) -> tuple[dict[st
     return {k: np.stack(v) for k, v in cols.items()}, texts
 
 
-def write_records(writer: ShardWriter, make_record: Callable[[int], bytes], progress: bool = False,
-                  desc: str = "writing") -> int:
+def write_records(
+    writer: ShardWriter, make_record: Callable[[int], bytes], progress: bool = False, desc: str = "writing"
+) -> int:
     """Write this host's pending shards from ``make_record(sample_id) -> bytes``; returns shards written."""
     from tqdm import tqdm
 

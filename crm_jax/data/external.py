@@ -27,7 +27,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -58,6 +57,7 @@ def read_sample(path: str) -> tuple[dict[str, np.ndarray], str]:
                 prompt = str(z["prompt"]) if "prompt" in z.files else ""
         else:
             from safetensors import safe_open
+
             arrays = {}
             try:
                 with safe_open(path, framework="numpy") as f:
@@ -72,26 +72,31 @@ def read_sample(path: str) -> tuple[dict[str, np.ndarray], str]:
         raise ValueError(f"cannot read sample file {path!r}: {e}") from e
     for k in ("latent", "prompt_embed"):
         if k not in arrays:
-            raise ValueError(f"sample file {path!r} has no {k!r} (has {sorted(arrays)}); expected "
-                             f"latent [C, T, H, W] and prompt_embed [L, D]")
+            raise ValueError(
+                f"sample file {path!r} has no {k!r} (has {sorted(arrays)}); expected "
+                f"latent [C, T, H, W] and prompt_embed [L, D]"
+            )
     if arrays["latent"].ndim != 4:
         raise ValueError(f"sample file {path!r}: latent must be [C, T, H, W], got {list(arrays['latent'].shape)}")
     if arrays["prompt_embed"].ndim != 2:
-        raise ValueError(f"sample file {path!r}: prompt_embed must be [L, D], "
-                         f"got {list(arrays['prompt_embed'].shape)}")
+        raise ValueError(f"sample file {path!r}: prompt_embed must be [L, D], got {list(arrays['prompt_embed'].shape)}")
     return arrays, prompt
 
 
-def to_record(i: int, path: str, arrays: dict, prompt: str, feats: dict, text_len: int, dtype,
-              num_actions: int = 0) -> bytes:
+def to_record(
+    i: int, path: str, arrays: dict, prompt: str, feats: dict, text_len: int, dtype, num_actions: int = 0
+) -> bytes:
     """One output record: channels-last latents, padded context, checked against ``feats``."""
     lat = np.moveaxis(arrays["latent"], 0, -1)  # [C, T, H, W] -> [T, H, W, C]
     ctx = arrays["prompt_embed"]
     if ctx.shape[0] > text_len:
         raise ValueError(f"sample file {path!r}: prompt_embed has {ctx.shape[0]} tokens > text_len {text_len}")
     ctx = np.pad(ctx, ((0, text_len - ctx.shape[0]), (0, 0)))
-    rec = {"id": np.asarray(i, np.int64), "latents": lat.astype(dtype or lat.dtype),
-           "context": ctx.astype(dtype or ctx.dtype)}
+    rec = {
+        "id": np.asarray(i, np.int64),
+        "latents": lat.astype(dtype or lat.dtype),
+        "context": ctx.astype(dtype or ctx.dtype),
+    }
     if "actions" in feats:
         if "actions" not in arrays:
             raise ValueError(f"sample file {path!r} has no 'actions' but the first sample has")
@@ -100,15 +105,26 @@ def to_record(i: int, path: str, arrays: dict, prompt: str, feats: dict, text_le
             raise ValueError(f"sample file {path!r}: action ids must be in [0, {num_actions})")
     for k, f in feats.items():
         if list(rec[k].shape) != list(f.shape) or ds.dtype_name(rec[k].dtype) != f.dtype:
-            raise ValueError(f"sample file {path!r}: {k} is {ds.dtype_name(rec[k].dtype)}{list(rec[k].shape)} "
-                             f"after conversion, the first sample's is {f.dtype}{list(f.shape)}")
+            raise ValueError(
+                f"sample file {path!r}: {k} is {ds.dtype_name(rec[k].dtype)}{list(rec[k].shape)} "
+                f"after conversion, the first sample's is {f.dtype}{list(f.shape)}"
+            )
     return ds.encode_record(rec, {"prompt": prompt, "file": os.path.basename(path)})
 
 
-def convert(src: str, out: str, *, samples_per_shard: int = 64, dtype: Optional[str] = None,
-            text_len: Optional[int] = None, negative: Optional[str] = None, num_actions: Optional[int] = None,
-            process_index: Optional[int] = None, process_count: Optional[int] = None,
-            progress: bool = True) -> dict:
+def convert(
+    src: str,
+    out: str,
+    *,
+    samples_per_shard: int = 64,
+    dtype: str | None = None,
+    text_len: int | None = None,
+    negative: str | None = None,
+    num_actions: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Convert the per-sample files of ``src`` into the dataset directory ``out`` (resumable).
 
     Args:
@@ -125,8 +141,11 @@ def convert(src: str, out: str, *, samples_per_shard: int = 64, dtype: Optional[
     ctx_dt = ds.dtype_name(dt or first["prompt_embed"].dtype)
     C, T, H, W = first["latent"].shape
     L = int(text_len or first["prompt_embed"].shape[0])
-    feats = {"id": ds.Feature((), "int64"), "latents": ds.Feature((T, H, W, C), lat_dt),
-             "context": ds.Feature((L, first["prompt_embed"].shape[1]), ctx_dt)}
+    feats = {
+        "id": ds.Feature((), "int64"),
+        "latents": ds.Feature((T, H, W, C), lat_dt),
+        "context": ds.Feature((L, first["prompt_embed"].shape[1]), ctx_dt),
+    }
     extra = {"num_actions": 0}
     if "actions" in first:
         if not num_actions:
@@ -136,18 +155,34 @@ def convert(src: str, out: str, *, samples_per_shard: int = 64, dtype: Optional[
     h = hashlib.sha256()
     for f in files:
         h.update(f"{os.path.basename(f)}:{os.path.getsize(f)}\n".encode())
-    source = {"kind": "external", "src": os.path.abspath(src), "files": len(files), "files_sha256": h.hexdigest(),
-              "layout": "per-sample latent [C, T, H, W] + prompt_embed [L, D]"}
-    meta = ds.make_metadata(num_samples=len(files), samples_per_shard=samples_per_shard, features=feats,
-                            text_fields=["prompt", "file"], source=source, extra=extra)
+    source = {
+        "kind": "external",
+        "src": os.path.abspath(src),
+        "files": len(files),
+        "files_sha256": h.hexdigest(),
+        "layout": "per-sample latent [C, T, H, W] + prompt_embed [L, D]",
+    }
+    meta = ds.make_metadata(
+        num_samples=len(files),
+        samples_per_shard=samples_per_shard,
+        features=feats,
+        text_fields=["prompt", "file"],
+        source=source,
+        extra=extra,
+    )
     neg = None
     if negative:
         neg_arrays, _ = read_sample_embed(negative)
-        neg = np.pad(neg_arrays, ((0, L - neg_arrays.shape[0]), (0, 0))).astype(ctx_dt) \
-            if neg_arrays.shape[0] <= L else None
+        neg = (
+            np.pad(neg_arrays, ((0, L - neg_arrays.shape[0]), (0, 0))).astype(ctx_dt)
+            if neg_arrays.shape[0] <= L
+            else None
+        )
         if neg is None or neg.shape != feats["context"].shape:
-            raise ValueError(f"negative embedding {negative!r} is {list(neg_arrays.shape)}, "
-                             f"expected at most [{L}, {feats['context'].shape[1]}]")
+            raise ValueError(
+                f"negative embedding {negative!r} is {list(neg_arrays.shape)}, "
+                f"expected at most [{L}, {feats['context'].shape[1]}]"
+            )
     writer = ds.ShardWriter(out, meta, process_index, process_count)
     if neg is not None:
         writer.write_negative_context(neg)
@@ -169,6 +204,7 @@ def read_sample_embed(path: str) -> tuple[np.ndarray, str]:
             with np.load(path, allow_pickle=False) as z:
                 return np.asarray(z["prompt_embed"]), str(z["prompt"]) if "prompt" in z.files else ""
         from safetensors import safe_open
+
         with safe_open(path, framework="numpy") as f:
             return f.get_tensor("prompt_embed"), (f.metadata() or {}).get("prompt", "")
     except Exception as e:
@@ -177,10 +213,18 @@ def read_sample_embed(path: str) -> tuple[np.ndarray, str]:
 
 def main(argv):
     from absl import flags
+
     del argv
     F = flags.FLAGS
-    res = convert(F.src, F.out, samples_per_shard=F.samples_per_shard, dtype=F.dtype, text_len=F.text_len,
-                  negative=F.negative, num_actions=F.num_actions)
+    res = convert(
+        F.src,
+        F.out,
+        samples_per_shard=F.samples_per_shard,
+        dtype=F.dtype,
+        text_len=F.text_len,
+        negative=F.negative,
+        num_actions=F.num_actions,
+    )
     print(f"wrote {res['written']} shard(s) to {F.out}: {'complete' if res['complete'] else 'incomplete'}")
 
 

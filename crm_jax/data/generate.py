@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +49,8 @@ from crm_jax.models.config import WanConfig, model_config_from, same_architectur
 from crm_jax.models.wan import AttentionPattern, apply_for, functional
 from crm_jax.training import nets
 
-
 # ----------------------------------------------------------------------------- helpers
+
 
 def model_config(c) -> WanConfig:
     return model_config_from(c.model)
@@ -79,15 +78,19 @@ def load_teacher(c, mcfg: WanConfig):
     when ``c.allow_random_teacher``); its config must equal ``mcfg`` up to numerics."""
     if not c.teacher:
         if not c.get("allow_random_teacher", False):
-            raise ValueError("config.teacher is empty: give a teacher checkpoint directory "
-                             "(or set allow_random_teacher=True for tests)")
+            raise ValueError(
+                "config.teacher is empty: give a teacher checkpoint directory "
+                "(or set allow_random_teacher=True for tests)"
+            )
         apply, params = random_teacher(mcfg, int(c.seed))
         return apply, params, {"checkpoint": f"random-init(seed={c.seed})"}
     from crm_jax.models import convert
+
     model = convert.load_any(c.teacher)
     if not same_architecture(model.cfg, mcfg):
-        raise ValueError(f"teacher checkpoint {c.teacher!r} has model config {model.cfg}, "
-                         f"but the generation config asks for {mcfg}")
+        raise ValueError(
+            f"teacher checkpoint {c.teacher!r} has model config {model.cfg}, but the generation config asks for {mcfg}"
+        )
     # The config's runtime fields (dtype, attention backend, remat) apply to the loaded parameters.
     return apply_for(mcfg), functional(model)[1], {"checkpoint": os.path.abspath(c.teacher)}
 
@@ -102,6 +105,7 @@ def random_teacher(mcfg: WanConfig, seed: int):
     from flax import nnx
 
     from crm_jax.models.wan import WanModel
+
     abstract = nnx.state(nnx.eval_shape(lambda: WanModel(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
     rng = np.random.default_rng(seed)
 
@@ -121,6 +125,7 @@ def random_teacher(mcfg: WanConfig, seed: int):
 
 # ----------------------------------------------------------------------------- conditioning
 
+
 class Conditioner(abc.ABC):
     """Per-sample conditioning. ``get(ids) -> (arrays {name: [n, ...]}, texts [n])``."""
 
@@ -131,7 +136,7 @@ class Conditioner(abc.ABC):
     def get(self, ids: np.ndarray):
         """Conditioning arrays and prompt texts of sample ids."""
 
-    def negative_context(self) -> Optional[np.ndarray]:
+    def negative_context(self) -> np.ndarray | None:
         return None
 
     @abc.abstractmethod
@@ -152,8 +157,9 @@ class ToyConditioner(Conditioner):
         self.lines = pr.read_toy_prompt_file(cc.prompt_file, self.world) if cc.kind == "toy_prompts" else None
         self.kind, self.prompt_file = cc.kind, cc.prompt_file
         if 0 < mcfg.num_actions < tw.NUM_ACTIONS:
-            raise ValueError(f"the toy world has {tw.NUM_ACTIONS} actions but the model only "
-                             f"num_actions={mcfg.num_actions}")
+            raise ValueError(
+                f"the toy world has {tw.NUM_ACTIONS} actions but the model only num_actions={mcfg.num_actions}"
+            )
         self.num_actions = tw.NUM_ACTIONS if mcfg.num_actions > 0 else 0
         T, L, Dm = latent_frames, mcfg.text_len, mcfg.text_dim
         self.features = {"context": ds.Feature((L, Dm), "float32"), "prompt_tokens": ds.Feature((2,), "int32")}
@@ -172,8 +178,10 @@ class ToyConditioner(Conditioner):
                 tokens[r] = np.asarray(tw.make_prompt(scene, color, self.world))
                 if pl.actions is not None:
                     actions[r] = pl.actions
-        out = {"context": np.asarray(self.src.embed_prompt(jnp.asarray(tokens)), np.float32),
-               "prompt_tokens": tokens.astype(np.int32)}
+        out = {
+            "context": np.asarray(self.src.embed_prompt(jnp.asarray(tokens)), np.float32),
+            "prompt_tokens": tokens.astype(np.int32),
+        }
         if self.num_actions:
             out["actions"] = actions
         if self.lines is None:
@@ -207,25 +215,31 @@ class EmbeddingConditioner(Conditioner):
             self.actions = np.asarray(z["actions"]) if "actions" in keys else None
             self.neg = np.asarray(z["negative_context"]) if "negative_context" in keys else None
         except KeyError:
-            raise ValueError(f"{self.path!r}: needs an array 'context' (or 'prompt_embeds') [n, L, D]; "
-                             f"has {sorted(keys)}") from None
+            raise ValueError(
+                f"{self.path!r}: needs an array 'context' (or 'prompt_embeds') [n, L, D]; has {sorted(keys)}"
+            ) from None
         except Exception as e:
             raise ValueError(f"cannot read prompt-embedding file {self.path!r}: {e}") from e
         n = self.context.shape[0] if self.context.ndim == 3 else -1
         if self.context.shape[1:] != (mcfg.text_len, mcfg.text_dim) or n < 1:
-            raise ValueError(f"{self.path!r}: context is {list(self.context.shape)}, the model needs "
-                             f"[n, text_len, text_dim] = [n, {mcfg.text_len}, {mcfg.text_dim}]")
+            raise ValueError(
+                f"{self.path!r}: context is {list(self.context.shape)}, the model needs "
+                f"[n, text_len, text_dim] = [n, {mcfg.text_len}, {mcfg.text_dim}]"
+            )
         if self.prompts is not None and len(self.prompts) != n:
             raise ValueError(f"{self.path!r}: {len(self.prompts)} prompts for {n} embeddings")
         if self.neg is not None and self.neg.shape != self.context.shape[1:]:
-            raise ValueError(f"{self.path!r}: negative_context is {list(self.neg.shape)}, "
-                             f"expected {list(self.context.shape[1:])}")
+            raise ValueError(
+                f"{self.path!r}: negative_context is {list(self.neg.shape)}, expected {list(self.context.shape[1:])}"
+            )
         self.num_actions = 0
         if mcfg.num_actions > 0:
             if self.actions is None or self.actions.shape != (n, latent_frames):
-                raise ValueError(f"{self.path!r}: the model takes actions: needs 'actions' "
-                                 f"[{n}, {latent_frames}], got "
-                                 f"{None if self.actions is None else list(self.actions.shape)}")
+                raise ValueError(
+                    f"{self.path!r}: the model takes actions: needs 'actions' "
+                    f"[{n}, {latent_frames}], got "
+                    f"{None if self.actions is None else list(self.actions.shape)}"
+                )
             if self.actions.min() < 0 or self.actions.max() >= mcfg.num_actions:
                 raise ValueError(f"{self.path!r}: action ids must be in [0, {mcfg.num_actions})")
             self.num_actions = int(mcfg.num_actions)
@@ -274,7 +288,8 @@ def make_conditioner(c, mcfg: WanConfig, latent_frames: int) -> Conditioner:
 
 # ----------------------------------------------------------------------------- teacher sampling
 
-def sampling_grid(c) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+
+def sampling_grid(c) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(grid [N'+1], ode_times [K] | None, ode_index [K] | None)``: the Euler grid (shifted,
     merged with the few-step times when ``c.ode.save``) and where the ODE points sit on it."""
     s = c.sampler
@@ -301,10 +316,18 @@ def make_sample_fn(apply, pattern: AttentionPattern, c, mesh: Mesh, has_actions:
     if pattern.kind == "block_causal":
         if idx is not None:
             raise ValueError("ODE trajectories (ode.save) need a full-sequence teacher pattern, not block_causal")
-        return _causal_sample_fn(apply, pattern, mcfg, tuple(grid.tolist()), float(c.sampler.guidance),
-                                 bool(has_actions))
-    return _sample_fn(apply, pattern, tuple(grid.tolist()), None if idx is None else tuple(idx.tolist()),
-                      float(c.sampler.guidance), mesh, bool(has_actions))
+        return _causal_sample_fn(
+            apply, pattern, mcfg, tuple(grid.tolist()), float(c.sampler.guidance), bool(has_actions)
+        )
+    return _sample_fn(
+        apply,
+        pattern,
+        tuple(grid.tolist()),
+        None if idx is None else tuple(idx.tolist()),
+        float(c.sampler.guidance),
+        mesh,
+        bool(has_actions),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -320,27 +343,45 @@ def _sample_fn(apply, pattern, grid, idx, guidance, mesh, has_actions):
         uncond = None if guidance == 1.0 else nets.uncond_like(cond, neg)
         if idx is None:
             return D.euler_sample(fn, noise, cond, times=grid, uncond=uncond, guidance=guidance), None
-        x0, (traj, _) = D.euler_sample(fn, noise, cond, times=grid, uncond=uncond, guidance=guidance,
-                                       return_trajectory=True)
+        x0, (traj, _) = D.euler_sample(
+            fn, noise, cond, times=grid, uncond=uncond, guidance=guidance, return_trajectory=True
+        )
         return x0, traj[:, np.asarray(idx)]
 
-    return jax.jit(f, in_shardings=(rep, batch, batch, batch if has_actions else rep, rep),
-                   out_shardings=(batch, batch if idx is not None else None))
+    return jax.jit(
+        f,
+        in_shardings=(rep, batch, batch, batch if has_actions else rep, rep),
+        out_shardings=(batch, batch if idx is not None else None),
+    )
 
 
 def _causal_sample_fn(apply, pattern, mcfg, grid, guidance, has_actions):
     from crm_jax.sampling.causal import causal_sample
 
     def f(params, noise, context, actions, neg):
-        x0 = causal_sample(apply, params, mcfg, None, context, pattern=pattern, num_frames=noise.shape[1],
-                           latent_hw=noise.shape[2:4], method="euler", times=grid, guidance=guidance,
-                           neg_context=neg, actions=actions if has_actions else None, noise=noise)
+        x0 = causal_sample(
+            apply,
+            params,
+            mcfg,
+            None,
+            context,
+            pattern=pattern,
+            num_frames=noise.shape[1],
+            latent_hw=noise.shape[2:4],
+            method="euler",
+            times=grid,
+            guidance=guidance,
+            neg_context=neg,
+            actions=actions if has_actions else None,
+            noise=noise,
+        )
         return x0, None
 
     return f
 
 
 # ----------------------------------------------------------------------------- the program
+
 
 class Generator:
     """Teacher + conditioning + dataset plan of a generation config ``c``.
@@ -355,44 +396,62 @@ class Generator:
         mcfg = self.mcfg = model_config(c)
         T, H, W, C = self.latent_shape = tuple(int(v) for v in c.latent_shape)
         if C != mcfg.in_channels:
-            raise ValueError(f"latent_shape {tuple(c.latent_shape)} has {C} channels, the model expects "
-                             f"in_channels={mcfg.in_channels}")
+            raise ValueError(
+                f"latent_shape {tuple(c.latent_shape)} has {C} channels, the model expects "
+                f"in_channels={mcfg.in_channels}"
+            )
         self.cond = make_conditioner(c, mcfg, T)
         self.neg = self.cond.negative_context()
         if float(c.sampler.guidance) != 1.0 and self.neg is None:
-            raise ValueError(f"guidance={c.sampler.guidance} needs a negative context; "
-                             f"the conditioning source ({c.cond.kind}) has none")
+            raise ValueError(
+                f"guidance={c.sampler.guidance} needs a negative context; "
+                f"the conditioning source ({c.cond.kind}) has none"
+            )
         self.apply, self.params, teacher_id = load_teacher(c, mcfg)
         self.pattern = AttentionPattern(c.pattern.kind, c.pattern.block_frames, c.pattern.get("first_block_frames"))
         grid, ode_t, _ = sampling_grid(c)
-        feats = {"id": ds.Feature((), "int64"), "latents": ds.Feature((T, H, W, C), c.latent_dtype),
-                 **self.cond.features}
+        feats = {
+            "id": ds.Feature((), "int64"),
+            "latents": ds.Feature((T, H, W, C), c.latent_dtype),
+            **self.cond.features,
+        }
         extra = {"num_actions": self.cond.num_actions}
         if ode_t is not None:
             feats["ode_traj"] = ds.Feature((len(ode_t), T, H, W, C), c.latent_dtype)
             extra["ode_times"] = [float(t) for t in ode_t]
-        source = {"kind": "teacher", "teacher": {**teacher_id, "fingerprint": params_fingerprint(self.params)},
-                  "model": {k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in dataclasses.asdict(mcfg).items()},
-                  "pattern": dataclasses.asdict(self.pattern),
-                  "sampler": {"num_steps": int(c.sampler.num_steps), "shift": float(c.sampler.shift),
-                              "t_max": float(c.sampler.t_max), "guidance": float(c.sampler.guidance),
-                              "grid": [float(t) for t in grid]},
-                  "noise_seed": int(c.seed), "conditioning": self.cond.identity()}
-        self.meta = ds.make_metadata(num_samples=int(c.num_samples), samples_per_shard=int(c.samples_per_shard),
-                                     features=feats, text_fields=["prompt"], source=source, extra=extra)
+        source = {
+            "kind": "teacher",
+            "teacher": {**teacher_id, "fingerprint": params_fingerprint(self.params)},
+            "model": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(mcfg).items()},
+            "pattern": dataclasses.asdict(self.pattern),
+            "sampler": {
+                "num_steps": int(c.sampler.num_steps),
+                "shift": float(c.sampler.shift),
+                "t_max": float(c.sampler.t_max),
+                "guidance": float(c.sampler.guidance),
+                "grid": [float(t) for t in grid],
+            },
+            "noise_seed": int(c.seed),
+            "conditioning": self.cond.identity(),
+        }
+        self.meta = ds.make_metadata(
+            num_samples=int(c.num_samples),
+            samples_per_shard=int(c.samples_per_shard),
+            features=feats,
+            text_fields=["prompt"],
+            source=source,
+            extra=extra,
+        )
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.batch_size = int(c.batch_size)
         if self.batch_size % len(self.devices):
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by the {len(self.devices)} "
-                             f"local devices")
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by the {len(self.devices)} local devices")
         self._ready = False
 
     def _setup(self):
         if not self._ready:
             mesh = Mesh(np.asarray(self.devices), ("data",))
-            self._sample = make_sample_fn(self.apply, self.pattern, self.c, mesh, self.cond.num_actions > 0,
-                                          self.mcfg)
+            self._sample = make_sample_fn(self.apply, self.pattern, self.c, mesh, self.cond.num_actions > 0, self.mcfg)
             self._params = jax.device_put(self.params, NamedSharding(mesh, P()))
             shape = self.meta["features"]["context"]["shape"]
             self._neg = jnp.zeros(shape, jnp.float32) if self.neg is None else jnp.asarray(self.neg)
@@ -416,11 +475,11 @@ class Generator:
             out["ode_traj"] = np.asarray(traj).astype(out_dt)[:n]
         return out, texts[:n]
 
-    def shard_records(self, shard: dict, counter: Optional[list] = None, crash_after: Optional[int] = None):
+    def shard_records(self, shard: dict, counter: list | None = None, crash_after: int | None = None):
         """Encoded records of one shard (``shard`` from the metadata), in id order."""
         ids_all = np.arange(shard["first_id"], shard["first_id"] + shard["num_records"])
         for b0 in range(0, len(ids_all), self.batch_size):
-            arrays, texts = self.samples(ids_all[b0:b0 + self.batch_size])
+            arrays, texts = self.samples(ids_all[b0 : b0 + self.batch_size])
             for r in range(len(texts)):
                 if crash_after is not None and counter[0] >= crash_after:
                     raise RuntimeError(f"simulated crash after {counter[0]} records")
@@ -429,9 +488,17 @@ class Generator:
                 yield ds.encode_record({k: v[r] for k, v in arrays.items()}, {"prompt": texts[r]})
 
 
-def generate(c, out: str, *, process_index: Optional[int] = None, process_count: Optional[int] = None,
-             max_shards: Optional[int] = None, progress: bool = True, devices=None,
-             crash_after_records: Optional[int] = None) -> dict:
+def generate(
+    c,
+    out: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    max_shards: int | None = None,
+    progress: bool = True,
+    devices=None,
+    crash_after_records: int | None = None,
+) -> dict:
     """Generate (or resume) the dataset of config ``c`` in ``out``.
 
     Args:
@@ -448,7 +515,7 @@ def generate(c, out: str, *, process_index: Optional[int] = None, process_count:
 
     from crm_jax.inputs import check_inputs, generation_inputs
 
-    check_inputs(generation_inputs(c), "generation config")   # before any compute or writing
+    check_inputs(generation_inputs(c), "generation config")  # before any compute or writing
     gen = Generator(c, devices)
     writer = ds.ShardWriter(out, gen.meta, process_index, process_count)
     if gen.neg is not None and not os.path.exists(os.path.join(out, ds.NEGATIVE)):
@@ -458,12 +525,17 @@ def generate(c, out: str, *, process_index: Optional[int] = None, process_count:
         todo = todo[:max_shards]
     counter = [0]
     total = sum(writer.shards[j]["num_records"] for j in todo)
-    with tqdm(total=total, desc=f"generate (host {writer.pi}/{writer.pc})",
-              disable=not progress or not is_main_process(), dynamic_ncols=True, unit="sample") as bar:
+    with tqdm(
+        total=total,
+        desc=f"generate (host {writer.pi}/{writer.pc})",
+        disable=not progress or not is_main_process(),
+        dynamic_ncols=True,
+        unit="sample",
+    ) as bar:
         for j in todo:
             recs = gen.shard_records(writer.shards[j], counter, crash_after_records)
             writer.write_shard(j, _counted(recs, bar))
-    if process_count is None and jax.process_count() > 1:   # process 0 finalizes once all have written
+    if process_count is None and jax.process_count() > 1:  # process 0 finalizes once all have written
         barrier("crm_jax.data.generate: shards written")
         if is_main_process():
             writer.finalize()
@@ -484,13 +556,14 @@ def _define_flags(fv):
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "generation config file (e.g. configs/wan_generate.py)",
-                                    flag_values=fv, lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "generation config file (e.g. configs/wan_generate.py)", flag_values=fv, lock_config=True
+    )
     flags.DEFINE_string("out", None, "output dataset directory (resumed if it exists)", flag_values=fv)
     flags.DEFINE_integer("max_shards", None, "write at most this many shards in this run", flag_values=fv)
 
 
-def run(c, out: str, max_shards: Optional[int] = None) -> dict:
+def run(c, out: str, max_shards: int | None = None) -> dict:
     res = generate(c, out, max_shards=max_shards)
     status = "complete" if res["complete"] else f"{res['pending']} shard(s) of this host left"
     log(f"wrote {res['written']} shard(s) to {out}: {status}")
@@ -512,13 +585,15 @@ def cli(argv) -> dict:
 
 def main(argv):
     from absl import flags
+
     del argv
     from crm_jax.inputs import MissingInputError
+
     FLAGS = flags.FLAGS
     try:
         maybe_init_distributed()
         run(FLAGS.config, FLAGS.out, FLAGS.max_shards)
-    except (MissingInputError, ClusterError) as e:       # a clear message, no traceback
+    except (MissingInputError, ClusterError) as e:  # a clear message, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

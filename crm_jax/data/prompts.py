@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
 
 from crm_jax.data import toy_world as tw
 
@@ -27,7 +26,7 @@ class PromptLine:
     """One parsed line: prompt text, optional actions ``[T]`` ids, and its origin."""
 
     prompt: str
-    actions: Optional[tuple[int, ...]]
+    actions: tuple[int, ...] | None
     line: int
 
 
@@ -56,8 +55,9 @@ def parse_actions(text: str, num_actions: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def read_prompt_file(path: str, *, num_frames: Optional[int] = None,
-                     num_actions: int = tw.NUM_ACTIONS, require_actions: bool = False) -> list[PromptLine]:
+def read_prompt_file(
+    path: str, *, num_frames: int | None = None, num_actions: int = tw.NUM_ACTIONS, require_actions: bool = False
+) -> list[PromptLine]:
     """Parse a prompt/action file (format in the module docstring).
 
     Args:

@@ -30,7 +30,7 @@ def frames_to_latents(frames, factor: int = 2):
         raise ValueError(f"frame size {(h, w)} is not divisible by factor {factor}")
     lead = frames.shape[:-3]
     x = frames.reshape(*lead, h // factor, factor, w // factor, factor, 3)
-    x = xp.moveaxis(x, -4, -3)                    # [..., H/f, W/f, f, f, 3]
+    x = xp.moveaxis(x, -4, -3)  # [..., H/f, W/f, f, f, 3]
     return x.reshape(*lead, h // factor, w // factor, 3 * factor * factor) * 2.0 - 1.0
 
 
@@ -38,11 +38,12 @@ def latents_to_frames(latents, factor: int = 2, clip: bool = True):
     """Inverse of `frames_to_latents`: `[..., h, w, 3 f²]` -> `[..., h f, w f, 3]` in [0, 1]."""
     xp = _xp(latents)
     if latents.ndim < 3 or latents.shape[-1] != 3 * factor * factor:
-        raise ValueError(f"latents must be [..., h, w, {3 * factor * factor}] for factor {factor}, "
-                         f"got {tuple(latents.shape)}")
+        raise ValueError(
+            f"latents must be [..., h, w, {3 * factor * factor}] for factor {factor}, got {tuple(latents.shape)}"
+        )
     h, w = latents.shape[-3:-1]
     lead = latents.shape[:-3]
     x = latents.reshape(*lead, h, w, factor, factor, 3)
-    x = xp.moveaxis(x, -3, -4)                    # [..., h, f, w, f, 3]
+    x = xp.moveaxis(x, -3, -4)  # [..., h, f, w, f, 3]
     x = (x.reshape(*lead, h * factor, w * factor, 3) + 1.0) * 0.5
     return xp.clip(x, 0.0, 1.0) if clip else x

@@ -55,7 +55,7 @@ class ToySource:
 
     def text_table(self):
         key = jax.random.key(TEXT_TABLE_SEED)
-        return jax.random.normal(key, (self.world.prompt_vocab_size, self.text_dim)) / self.text_dim ** 0.5
+        return jax.random.normal(key, (self.world.prompt_vocab_size, self.text_dim)) / self.text_dim**0.5
 
     def embed_prompt(self, tokens):
         """`[B, P]` prompt tokens -> context `[B, text_len, text_dim]`."""
@@ -69,10 +69,14 @@ class ToySource:
 
     def batch(self, step: int) -> dict:
         key = jax.random.fold_in(jax.random.key(self.seed), step)
-        rows = None if self.process_count == 1 else \
-            process_rows(self.batch_size, self.process_index, self.process_count)
+        rows = (
+            None if self.process_count == 1 else process_rows(self.batch_size, self.process_index, self.process_count)
+        )
         ep, frames = tw.sample_batch(key, self.batch_size, self.world, rows)
-        return dict(latents=frames_to_latents(frames, self.factor),
-                    context=self.embed_prompt(ep.prompt),
-                    actions=ep.actions.astype(jnp.int32),
-                    states=ep.states, colors=ep.colors)
+        return dict(
+            latents=frames_to_latents(frames, self.factor),
+            context=self.embed_prompt(ep.prompt),
+            actions=ep.actions.astype(jnp.int32),
+            states=ep.states,
+            colors=ep.colors,
+        )

@@ -84,18 +84,26 @@ class ToyWorldConfig:
     width: int = 32
     num_sprites: int = 3
     sprite_size: int = 5
-    action_speed: int = 2        # px/frame of the controlled sprite
-    max_speed: int = 2           # max |v| per axis of the free sprites, px/frame
-    num_scenes: int = 4          # <= len(_SCENES)
+    action_speed: int = 2  # px/frame of the controlled sprite
+    max_speed: int = 2  # max |v| per axis of the free sprites, px/frame
+    num_scenes: int = 4  # <= len(_SCENES)
     action_repeat_prob: float = 0.75  # sampled actions repeat the previous one with this prob
-    detect_tol: float = 0.3      # max per-channel |pixel - sprite colour| to count as sprite
+    detect_tol: float = 0.3  # max per-channel |pixel - sprite colour| to count as sprite
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"ToyWorldConfig: {msg}")
 
-        for name in ("num_frames", "height", "width", "num_sprites", "sprite_size",
-                     "action_speed", "max_speed", "num_scenes"):
+        for name in (
+            "num_frames",
+            "height",
+            "width",
+            "num_sprites",
+            "sprite_size",
+            "action_speed",
+            "max_speed",
+            "num_scenes",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 bad(f"{name} must be a positive int, got {v!r}")
@@ -105,11 +113,12 @@ class ToyWorldConfig:
             bad(f"num_scenes={self.num_scenes} exceeds {len(_SCENES)} available scenes")
         span = min(self.height, self.width) - self.sprite_size
         if span < 1:
-            bad(f"sprite_size={self.sprite_size} must be smaller than the frame "
-                f"({self.height}x{self.width})")
+            bad(f"sprite_size={self.sprite_size} must be smaller than the frame ({self.height}x{self.width})")
         if max(self.max_speed, self.action_speed) > span:
-            bad(f"speeds (max_speed={self.max_speed}, action_speed={self.action_speed}) must "
-                f"be <= frame size - sprite_size = {span}")
+            bad(
+                f"speeds (max_speed={self.max_speed}, action_speed={self.action_speed}) must "
+                f"be <= frame size - sprite_size = {span}"
+            )
         if not 0.0 <= self.action_repeat_prob <= 1.0:
             bad(f"action_repeat_prob must be in [0, 1], got {self.action_repeat_prob}")
         if not 0.0 < self.detect_tol < 0.5:
@@ -156,6 +165,7 @@ class Episode(NamedTuple):
 
 # ----------------------------------------------------------------------------- checks
 
+
 def _concrete(x):
     """np.ndarray of x, or None when x is being traced."""
     try:
@@ -173,32 +183,31 @@ def _check_actions(actions, cfg: ToyWorldConfig, name="actions"):
     a = _concrete(actions)
     if a is not None and a.size and (a.min() < 0 or a.max() >= NUM_ACTIONS):
         bad = a[(a < 0) | (a >= NUM_ACTIONS)]
-        raise ValueError(f"{name}: action id {int(bad[0])} out of vocabulary "
-                         f"[0, {NUM_ACTIONS}) = {ACTION_NAMES}")
+        raise ValueError(f"{name}: action id {int(bad[0])} out of vocabulary [0, {NUM_ACTIONS}) = {ACTION_NAMES}")
     return actions.astype(jnp.int32)
 
 
 def _check_frames(frames, cfg: ToyWorldConfig, name="frames"):
     frames = jnp.asarray(frames)
     if frames.ndim != 4 or tuple(frames.shape[1:]) != cfg.frame_shape:
-        raise ValueError(f"{name} must have shape [T, {cfg.height}, {cfg.width}, 3], "
-                         f"got {tuple(frames.shape)}")
+        raise ValueError(f"{name} must have shape [T, {cfg.height}, {cfg.width}, 3], got {tuple(frames.shape)}")
     return frames.astype(jnp.float32)
 
 
 def _check_states(states, cfg: ToyWorldConfig, name="true_states"):
     states = jnp.asarray(states, jnp.float32)
     if states.ndim != 3 or tuple(states.shape[1:]) != (cfg.num_sprites, 2):
-        raise ValueError(f"{name} must have shape [T, {cfg.num_sprites}, 2], "
-                         f"got {tuple(states.shape)}")
+        raise ValueError(f"{name} must have shape [T, {cfg.num_sprites}, 2], got {tuple(states.shape)}")
     return states
 
 
 def _check_colors(colors, cfg: ToyWorldConfig):
     colors = jnp.asarray(colors)
     if colors.shape != (cfg.num_sprites,) or not jnp.issubdtype(colors.dtype, jnp.integer):
-        raise ValueError(f"colors must be int palette ids of shape [{cfg.num_sprites}], "
-                         f"got shape {tuple(colors.shape)} dtype {colors.dtype}")
+        raise ValueError(
+            f"colors must be int palette ids of shape [{cfg.num_sprites}], "
+            f"got shape {tuple(colors.shape)} dtype {colors.dtype}"
+        )
     c = _concrete(colors)
     if c is not None and (c.min() < 0 or c.max() >= len(PALETTE)):
         raise ValueError(f"colors: palette id out of range [0, {len(PALETTE)}): {c.tolist()}")
@@ -206,6 +215,7 @@ def _check_colors(colors, cfg: ToyWorldConfig):
 
 
 # ----------------------------------------------------------------------------- dynamics
+
 
 def step(state: WorldState, action, cfg: ToyWorldConfig) -> WorldState:
     """Advance one frame. action: [] int32 (ids outside the vocabulary act as STAY)."""
@@ -242,8 +252,7 @@ def simulate(init_state: WorldState, actions, cfg: ToyWorldConfig) -> jax.Array:
     pos = jnp.asarray(init_state.pos, jnp.float32)
     vel = jnp.asarray(init_state.vel, jnp.float32)
     if pos.shape != (cfg.num_sprites, 2) or vel.shape != (cfg.num_sprites, 2):
-        raise ValueError(f"init_state pos/vel must have shape [{cfg.num_sprites}, 2], "
-                         f"got {pos.shape} / {vel.shape}")
+        raise ValueError(f"init_state pos/vel must have shape [{cfg.num_sprites}, 2], got {pos.shape} / {vel.shape}")
     return _simulate(WorldState(pos, vel), actions, cfg)
 
 
@@ -282,20 +291,22 @@ def sample_episode(key, cfg: ToyWorldConfig) -> Episode:
 
 def make_prompt(scene, controlled_color, cfg: ToyWorldConfig) -> jax.Array:
     """Prompt tokens [PROMPT_LEN] int32: [scene_id, num_scenes + controlled colour id]."""
-    return jnp.stack([jnp.asarray(scene, jnp.int32),
-                      cfg.num_scenes + jnp.asarray(controlled_color, jnp.int32)])
+    return jnp.stack([jnp.asarray(scene, jnp.int32), cfg.num_scenes + jnp.asarray(controlled_color, jnp.int32)])
 
 
 # ----------------------------------------------------------------------------- rendering
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _background_table(height: int, width: int, num_scenes: int) -> np.ndarray:
     """[num_scenes, H, W, 3] float32, computed once in numpy (identical under jit or not)."""
     u = np.broadcast_to(np.linspace(0.0, 1.0, width)[None, :], (height, width))
     v = np.broadcast_to(np.linspace(0.0, 1.0, height)[:, None], (height, width))
     weights = (np.zeros_like(u), u, v, (u + v) / 2)
-    out = [np.asarray(c0) + (np.asarray(c1) - np.asarray(c0)) * weights[axis][..., None]
-           for c0, c1, axis in _SCENES[:num_scenes]]
+    out = [
+        np.asarray(c0) + (np.asarray(c1) - np.asarray(c0)) * weights[axis][..., None]
+        for c0, c1, axis in _SCENES[:num_scenes]
+    ]
     return np.stack(out).astype(np.float32)
 
 
@@ -344,20 +355,22 @@ def render_episode(ep: Episode, cfg: ToyWorldConfig) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "cfg", "rows"))
-def sample_batch(key, batch_size: int, cfg: ToyWorldConfig,
-                 rows: tuple[int, int] | None = None) -> tuple[Episode, jax.Array]:
+def sample_batch(
+    key, batch_size: int, cfg: ToyWorldConfig, rows: tuple[int, int] | None = None
+) -> tuple[Episode, jax.Array]:
     """B independent episodes (episode i from ``jax.random.split(key, B)[i]``) and their
     frames: (Episode with a leading [B] on every field, frames [B, T, H, W, 3]).
     ``rows=(lo, hi)``: only episodes ``lo..hi-1`` of those B (leading dim ``hi - lo``)."""
     keys = jax.random.split(key, batch_size)
     if rows is not None:
-        keys = keys[rows[0]:rows[1]]
+        keys = keys[rows[0] : rows[1]]
     eps = jax.vmap(lambda k: sample_episode(k, cfg))(keys)
     frames = jax.vmap(lambda e: _render(e.states, e.colors, e.scene, cfg))(eps)
     return eps, frames
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _detect(frames, colors, cfg: ToyWorldConfig):
@@ -371,15 +384,15 @@ def _detect(frames, colors, cfg: ToyWorldConfig):
     sy = (mask.sum(-1) * ys).sum(-1)
     denom = jnp.maximum(count, 1.0)[..., None]
     pos = jnp.stack([sx, sy], -1) / denom
-    second = jnp.stack([(mask.sum(-2) * xs ** 2).sum(-1), (mask.sum(-1) * ys ** 2).sum(-1)], -1) / denom
-    spread = jnp.sqrt(jnp.max(jnp.maximum(second - pos ** 2, 0.0), -1))      # [T, N] px
+    second = jnp.stack([(mask.sum(-2) * xs**2).sum(-1), (mask.sum(-1) * ys**2).sum(-1)], -1) / denom
+    spread = jnp.sqrt(jnp.max(jnp.maximum(second - pos**2, 0.0), -1))  # [T, N] px
     # XLA may compute the division inside fusions with a few ulp of error; snap centroids
     # within _SNAP px of the half-pixel grid onto it so clean frames are recovered exactly.
     half = jnp.round(2 * pos) / 2
     pos = jnp.where(jnp.abs(pos - half) < _SNAP, half, pos)
     found = (count > 0) & (spread <= cfg.sprite_size / 2)
     pos = jnp.where(found[..., None], pos, jnp.nan)
-    return pos, count / cfg.sprite_size ** 2
+    return pos, count / cfg.sprite_size**2
 
 
 def detect(frames, colors, cfg: ToyWorldConfig) -> tuple[jax.Array, jax.Array]:
@@ -420,8 +433,7 @@ def _errors(pred_frames, true_states, colors, cfg):
     pred_frames = _check_frames(pred_frames, cfg, "pred_frames")
     true_states = _check_states(true_states, cfg)
     if pred_frames.shape[0] != true_states.shape[0]:
-        raise ValueError(f"pred_frames has {pred_frames.shape[0]} frames but true_states "
-                         f"has {true_states.shape[0]}")
+        raise ValueError(f"pred_frames has {pred_frames.shape[0]} frames but true_states has {true_states.shape[0]}")
     return _errors_core(pred_frames, true_states, _check_colors(colors, cfg), cfg)
 
 
@@ -471,8 +483,7 @@ def action_following_accuracy(frames, actions, colors, cfg: ToyWorldConfig) -> j
     frames = _check_frames(frames, cfg)
     actions = _check_actions(actions, cfg)
     if actions.shape[0] != frames.shape[0]:
-        raise ValueError(f"actions has {actions.shape[0]} entries but frames has "
-                         f"{frames.shape[0]}")
+        raise ValueError(f"actions has {actions.shape[0]} entries but frames has {frames.shape[0]}")
     if frames.shape[0] < 2:
         raise ValueError("action_following_accuracy needs at least 2 frames")
     return _action_following(frames, actions, _check_colors(colors, cfg), cfg)

@@ -27,14 +27,14 @@ from flax import nnx
 
 from crm_jax.data import toy_world as tw
 
-MOTION_CLASSES = 9          # (sign dx + 1) * 3 + (sign dy + 1)
+MOTION_CLASSES = 9  # (sign dx + 1) * 3 + (sign dy + 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     world: tw.ToyWorldConfig
-    width: int = 32          # channels of the first conv (then 2x)
-    feat: int = 128          # clip feature size
+    width: int = 32  # channels of the first conv (then 2x)
+    feat: int = 128  # clip feature size
 
 
 class VideoClassifier(nnx.Module):
@@ -67,13 +67,16 @@ class VideoClassifier(nnx.Module):
         clip = f.mean(1)
         pairs = jnp.concatenate([f[:, 1:], f[:, :-1]], -1)
         b, t1 = pairs.shape[:2]
-        return dict(scene=self.scene(clip), color=self.color(clip).reshape(b, self.n, -1),
-                    motion=self.motion(pairs).reshape(b, t1, self.n, MOTION_CLASSES)), clip
+        return dict(
+            scene=self.scene(clip),
+            color=self.color(clip).reshape(b, self.n, -1),
+            motion=self.motion(pairs).reshape(b, t1, self.n, MOTION_CLASSES),
+        ), clip
 
 
 def labels(ep: tw.Episode) -> dict:
     """Targets of a batched episode: scene `[B]`, color `[B, N]`, motion `[B, T-1, N]`."""
-    d = jnp.sign(ep.states[:, 1:] - ep.states[:, :-1]).astype(jnp.int32) + 1    # [B, T-1, N, 2]
+    d = jnp.sign(ep.states[:, 1:] - ep.states[:, :-1]).astype(jnp.int32) + 1  # [B, T-1, N, 2]
     return dict(scene=ep.scene, color=ep.colors, motion=d[..., 0] * 3 + d[..., 1])
 
 
@@ -118,8 +121,12 @@ class FeatureModel:
         want = (self.clip_frames,) + self.cfg.world.frame_shape
         if clips.ndim != 5 or tuple(clips.shape[1:]) != want:
             raise ValueError(f"clips must be [B, {', '.join(map(str, want))}], got {tuple(clips.shape)}")
-        return np.concatenate([np.asarray(self._embed(self.params, clips[s:s + batch_size]))
-                               for s in range(0, clips.shape[0], batch_size)])
+        return np.concatenate(
+            [
+                np.asarray(self._embed(self.params, clips[s : s + batch_size]))
+                for s in range(0, clips.shape[0], batch_size)
+            ]
+        )
 
     def frechet_distance(self, clips_a, clips_b) -> float:
         return frechet_distance(self.embed(clips_a), self.embed(clips_b))
@@ -134,20 +141,21 @@ class FeatureModel:
     # ----------------------------------------------------------------- files
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
-        flat = {jax.tree_util.keystr(p): np.asarray(x)
-                for p, x in jax.tree_util.tree_flatten_with_path(self.params)[0]}
+        flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(self.params)[0]}
         np.savez(os.path.join(path, "params.npz"), **flat)
         meta = dict(width=self.cfg.width, feat=self.cfg.feat, world=dataclasses.asdict(self.cfg.world))
         with open(os.path.join(path, "classifier.json"), "w") as f:
             json.dump(meta, f, indent=1)
 
     @classmethod
-    def load(cls, path: str) -> "FeatureModel":
+    def load(cls, path: str) -> FeatureModel:
         meta_path, params_path = os.path.join(path, "classifier.json"), os.path.join(path, "params.npz")
         for p in (meta_path, params_path):
             if not os.path.exists(p):
-                raise FileNotFoundError(f"video classifier file {p!r} does not exist "
-                                        f"(train one with crm_jax.evaluation.video_features.train_classifier)")
+                raise FileNotFoundError(
+                    f"video classifier file {p!r} does not exist "
+                    f"(train one with crm_jax.evaluation.video_features.train_classifier)"
+                )
         with open(meta_path) as f:
             meta = json.load(f)
         cfg = ClassifierConfig(tw.ToyWorldConfig(**meta["world"]), meta["width"], meta["feat"])
@@ -157,18 +165,29 @@ class FeatureModel:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
         names = [jax.tree_util.keystr(p) for p, _ in leaves]
         if set(names) != set(stored):
-            raise ValueError(f"{params_path}: parameters {sorted(set(stored) ^ set(names))} do not match "
-                             f"the classifier of {meta_path}")
+            raise ValueError(
+                f"{params_path}: parameters {sorted(set(stored) ^ set(names))} do not match "
+                f"the classifier of {meta_path}"
+            )
         vals = []
-        for (p, ref), name in zip(leaves, names):
+        for (_, ref), name in zip(leaves, names):
             if stored[name].shape != ref.shape:
                 raise ValueError(f"{params_path}: {name} has shape {stored[name].shape}, expected {ref.shape}")
             vals.append(jnp.asarray(stored[name], ref.dtype))
         return cls(cfg, jax.tree_util.tree_unflatten(treedef, vals))
 
 
-def train_classifier(world: tw.ToyWorldConfig, *, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3,
-                     seed: int = 0, width: int = 32, feat: int = 128, progress: bool = False) -> FeatureModel:
+def train_classifier(
+    world: tw.ToyWorldConfig,
+    *,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    width: int = 32,
+    feat: int = 128,
+    progress: bool = False,
+) -> FeatureModel:
     """Train the classifier on fresh simulator clips (batch of step s from fold_in(key(seed), s))."""
     cfg = ClassifierConfig(world, width, feat)
     model = VideoClassifier(cfg, rngs=nnx.Rngs(seed))
@@ -190,6 +209,7 @@ def train_classifier(world: tw.ToyWorldConfig, *, steps: int = 2000, batch_size:
         return optax.apply_updates(params, upd), opt, loss
 
     from tqdm import tqdm
+
     base = jax.random.key(seed)
     for s in tqdm(range(steps), desc="video classifier", disable=not progress):
         params, opt, loss = step(params, opt, jax.random.fold_in(base, s))

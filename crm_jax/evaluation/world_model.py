@@ -40,8 +40,9 @@ from crm_jax.sampling.causal import causal_sample
 HELDOUT_SEED = 10_007
 
 
-def heldout_source(world: tw.ToyWorldConfig, text_len: int, text_dim: int, episodes: int,
-                   seed: int = HELDOUT_SEED) -> tuple[ToySource, dict]:
+def heldout_source(
+    world: tw.ToyWorldConfig, text_len: int, text_dim: int, episodes: int, seed: int = HELDOUT_SEED
+) -> tuple[ToySource, dict]:
     """`episodes` held-out toy episodes: (source, batch with latents `[B, T, h, w, C]`, context
     `[B, L, D]`, actions `[B, T]`, states `[B, T, N, 2]`, colors `[B, N]`)."""
     if episodes < 1:
@@ -70,7 +71,8 @@ def _scores(frames, states, colors, actions, world: tw.ToyWorldConfig, prefix: i
     drift = jax.vmap(lambda f, s, c: tw.drift_by_frame(f, s, c, world))(gen, truth, colors)
     start = max(prefix - 1, 0)
     follow = jax.vmap(lambda f, a, c: tw.action_following_accuracy(f, a, c, world))(
-        frames[:, start:], actions[:, start:], colors)
+        frames[:, start:], actions[:, start:], colors
+    )
     return traj, follow, drift
 
 
@@ -84,19 +86,19 @@ def score(frames, batch: dict, world: tw.ToyWorldConfig, prefix_frames: int) -> 
     frames = jnp.asarray(frames, jnp.float32)
     b, t = frames.shape[:2]
     if batch["states"].shape[:2] != (b, t):
-        raise ValueError(f"frames {tuple(frames.shape)} do not match the episodes' states "
-                         f"{tuple(batch['states'].shape)}")
+        raise ValueError(
+            f"frames {tuple(frames.shape)} do not match the episodes' states {tuple(batch['states'].shape)}"
+        )
     if not 0 <= prefix_frames < t:
         raise ValueError(f"prefix_frames must be in [0, {t}), got {prefix_frames}")
-    traj, follow, drift = _scores(frames, batch["states"], batch["colors"], batch["actions"], world,
-                                  prefix_frames)
+    traj, follow, drift = _scores(frames, batch["states"], batch["colors"], batch["actions"], world, prefix_frames)
     traj, drift = np.asarray(traj), np.asarray(drift)
     if prefix_frames == 0:
         traj, drift = np.full_like(traj, np.nan), np.full_like(drift, np.nan)
     return dict(trajectory_error=traj, action_following=np.asarray(follow), drift=drift)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _full_sampler(apply, steps: int, shift: float, guidance: float):
     from crm_jax import diffusion as D
     from crm_jax.training import nets
@@ -111,9 +113,22 @@ def _full_sampler(apply, steps: int, shift: float, guidance: float):
     return sample
 
 
-def rollout(apply, params, mcfg, src: ToySource, batch: dict, key, *, pattern: AttentionPattern,
-            prefix_frames: int, method: str, steps: int, guidance: float = 1.0, shift: float = 3.0,
-            chunk_size: int = 256) -> jax.Array:
+def rollout(
+    apply,
+    params,
+    mcfg,
+    src: ToySource,
+    batch: dict,
+    key,
+    *,
+    pattern: AttentionPattern,
+    prefix_frames: int,
+    method: str,
+    steps: int,
+    guidance: float = 1.0,
+    shift: float = 3.0,
+    chunk_size: int = 256,
+) -> jax.Array:
     """Generate latents `[B, T, h, w, C]` for the episodes of `batch`, `chunk_size` at a time.
 
     Causal models (block_causal `pattern`) get the first `prefix_frames` frames and generate
@@ -136,32 +151,76 @@ def rollout(apply, params, mcfg, src: ToySource, batch: dict, key, *, pattern: A
     outs = []
     for i, s in enumerate(range(0, b, chunk_size)):
         sl = slice(s, min(s + chunk_size, b))
-        outs.append(causal_sample(
-            apply, params, mcfg, jax.random.fold_in(key, i), batch["context"][sl], pattern=pattern,
-            num_frames=t, latent_hw=lat.shape[2:4], method=method, steps=steps, guidance=guidance,
-            shift=shift, neg_context=src.negative_context() if guidance != 1.0 else None,
-            actions=batch["actions"][sl], prefix=lat[sl, :prefix_frames] if prefix_frames else None))
+        outs.append(
+            causal_sample(
+                apply,
+                params,
+                mcfg,
+                jax.random.fold_in(key, i),
+                batch["context"][sl],
+                pattern=pattern,
+                num_frames=t,
+                latent_hw=lat.shape[2:4],
+                method=method,
+                steps=steps,
+                guidance=guidance,
+                shift=shift,
+                neg_context=src.negative_context() if guidance != 1.0 else None,
+                actions=batch["actions"][sl],
+                prefix=lat[sl, :prefix_frames] if prefix_frames else None,
+            )
+        )
     return jnp.concatenate(outs)
 
 
-def evaluate(apply, params, mcfg, src: ToySource, batch: dict, key, *, pattern: AttentionPattern,
-             prefix_frames: int, method: str, steps: int, guidance: float = 1.0, shift: float = 3.0,
-             features=None, fd_window: int | None = None, keep_frames: int = 0) -> dict[str, Any]:
+def evaluate(
+    apply,
+    params,
+    mcfg,
+    src: ToySource,
+    batch: dict,
+    key,
+    *,
+    pattern: AttentionPattern,
+    prefix_frames: int,
+    method: str,
+    steps: int,
+    guidance: float = 1.0,
+    shift: float = 3.0,
+    features=None,
+    fd_window: int | None = None,
+    keep_frames: int = 0,
+) -> dict[str, Any]:
     """Roll out and score. Returns mean scores (floats), `drift_by_frame` (list), `fd` when
     `features` (a `video_features.FeatureModel`) is given -- on the last `fd_window` frames
     (default: the classifier's clip length) of rollouts and real clips -- `seconds`, and the
     first `keep_frames` rollouts as `frames [k, T, H, W, 3]` numpy (for pictures)."""
     t0 = time.perf_counter()
-    lat = rollout(apply, params, mcfg, src, batch, key, pattern=pattern, prefix_frames=prefix_frames,
-                  method=method, steps=steps, guidance=guidance, shift=shift)
+    lat = rollout(
+        apply,
+        params,
+        mcfg,
+        src,
+        batch,
+        key,
+        pattern=pattern,
+        prefix_frames=prefix_frames,
+        method=method,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+    )
     frames = latents_to_frames(lat, src.factor)
     jax.block_until_ready(frames)
     seconds = time.perf_counter() - t0
     s = score(frames, batch, src.world, prefix_frames)
-    out = dict(trajectory_error=None if prefix_frames == 0 else float(np.mean(s["trajectory_error"])),
-               action_following=float(np.mean(s["action_following"])),
-               drift_by_frame=None if prefix_frames == 0 else np.round(np.mean(s["drift"], 0), 4).tolist(),
-               episodes=int(lat.shape[0]), seconds=round(seconds, 3))
+    out = dict(
+        trajectory_error=None if prefix_frames == 0 else float(np.mean(s["trajectory_error"])),
+        action_following=float(np.mean(s["action_following"])),
+        drift_by_frame=None if prefix_frames == 0 else np.round(np.mean(s["drift"], 0), 4).tolist(),
+        episodes=int(lat.shape[0]),
+        seconds=round(seconds, 3),
+    )
     if features is not None:
         truth = latents_to_frames(batch["latents"], src.factor)
         w = features.clip_frames if fd_window is None else fd_window

@@ -19,12 +19,21 @@ from crm_jax.losses.rcm import rcm_loss
 from crm_jax.losses.scm import scm_rf_loss, scm_trigflow_loss
 
 __all__ = [
-    "bell_weight", "jvp_time_derivative", "warmup_ratio",
-    "flow_matching_loss", "teacher_forcing_loss", "diffusion_forcing_loss",
-    "scm_trigflow_loss", "scm_rf_loss",
-    "meanflow_loss", "meanflow_target", "sample_meanflow_times",
-    "dcm_loss", "dcm_times",
-    "dmd_loss", "critic_loss",
+    "bell_weight",
+    "jvp_time_derivative",
+    "warmup_ratio",
+    "flow_matching_loss",
+    "teacher_forcing_loss",
+    "diffusion_forcing_loss",
+    "scm_trigflow_loss",
+    "scm_rf_loss",
+    "meanflow_loss",
+    "meanflow_target",
+    "sample_meanflow_times",
+    "dcm_loss",
+    "dcm_times",
+    "dmd_loss",
+    "critic_loss",
     "ode_regression_loss",
     "rcm_loss",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ def check_x(x: Array, name: str = "x0", min_ndim: int = 1) -> Array:
     return x
 
 
-def check_same_shape(a: Optional[Array], x: Array, name: str) -> None:
+def check_same_shape(a: Array | None, x: Array, name: str) -> None:
     if a is not None and tuple(a.shape) != tuple(x.shape):
         raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(x.shape)}")
 
@@ -39,7 +40,7 @@ def check_conds(x: Array, cond: Any, uncond: Any = None, guidance=1.0) -> None:
         raise ValueError("guidance != 1 needs an `uncond` (negative / unconditional) pytree")
 
 
-def get_time(t: Optional[Array], x: Array, key: Array, sampler, dtype, *, lo=0.0, hi=1.0, name="t") -> Array:
+def get_time(t: Array | None, x: Array, key: Array, sampler, dtype, *, lo=0.0, hi=1.0, name="t") -> Array:
     """Return the given times (checked) or per-sample times ``[B]`` drawn with ``sampler``."""
     if t is None:
         return sampler(key, (x.shape[0],), dtype=dtype)
@@ -48,7 +49,7 @@ def get_time(t: Optional[Array], x: Array, key: Array, sampler, dtype, *, lo=0.0
     return jnp.asarray(t, dtype)
 
 
-def get_noise(noise: Optional[Array], x: Array, key: Array, dtype) -> Array:
+def get_noise(noise: Array | None, x: Array, key: Array, dtype) -> Array:
     if noise is None:
         return jax.random.normal(key, x.shape, dtype)
     check_same_shape(noise, x, "noise")
@@ -95,7 +96,7 @@ def warmup_ratio(step, tangent_warmup) -> Array:
     return jnp.where(w > 0, jnp.minimum(1.0, step / jnp.maximum(w, 1e-12)), 1.0)
 
 
-def jvp_time_derivative(f: Callable, x: Array, t: Array, cond: Any, dx_dt: Array, dt_dt=None) -> Tuple[Array, Array]:
+def jvp_time_derivative(f: Callable, x: Array, t: Array, cond: Any, dx_dt: Array, dt_dt=None) -> tuple[Array, Array]:
     """Total time derivative of ``f(x, t, cond)`` along a path: ``jax.jvp`` with tangents ``(dx_dt, dt_dt)``.
 
     ``dt_dt`` defaults to ones (``d/dt``); pass a scaled tangent (e.g. ``cos s sin s``) to get the

@@ -5,7 +5,7 @@ The returned loss ALREADY INCLUDES ``loss_scale = 100``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,9 @@ Array = jax.Array
 sg = jax.lax.stop_gradient
 
 
-def dcm_times(key: Array, batch: int, *, num_steps: int = 48, shift: float = 5.0, discrete: bool = False,
-              dtype=jnp.float32) -> Tuple[Array, Array]:
+def dcm_times(
+    key: Array, batch: int, *, num_steps: int = 48, shift: float = 5.0, discrete: bool = False, dtype=jnp.float32
+) -> tuple[Array, Array]:
     """Adjacent times ``(t0, t1)``, ``t0 > t1``, on the shifted ``num_steps``-step grid.
 
     ``u ~ U[0, 1 - 1/N)`` (``discrete=True``: ``u = i / N``, ``i ~ U{0..N-2}``),
@@ -35,10 +36,24 @@ def dcm_times(key: Array, batch: int, *, num_steps: int = 48, shift: float = 5.0
     return D.shift_time(1.0 - u, shift), D.shift_time(1.0 - u - du, shift)
 
 
-def dcm_loss(fn, teacher_fn, x0: Array, cond: Any, key: Array, *, uncond: Any = None, guidance=1.0,
-             num_steps: int = 48, shift: float = 5.0, discrete: bool = False, teacher_forcing: bool = False,
-             t0: Optional[Array] = None, t1: Optional[Array] = None, noise: Optional[Array] = None,
-             loss_scale: float = 100.0):
+def dcm_loss(
+    fn,
+    teacher_fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    *,
+    uncond: Any = None,
+    guidance=1.0,
+    num_steps: int = 48,
+    shift: float = 5.0,
+    discrete: bool = False,
+    teacher_forcing: bool = False,
+    t0: Array | None = None,
+    t1: Array | None = None,
+    noise: Array | None = None,
+    loss_scale: float = 100.0,
+):
     """dCM / TF-dCM loss: one guided teacher Euler step ``t0 -> t1`` and a stop-gradient student target.
 
     ``(t0, t1)`` adjacent on the shifted N-step grid (:func:`dcm_times`; or given, ``[B]``),
@@ -93,5 +108,10 @@ def dcm_loss(fn, teacher_fn, x0: Array, cond: Any, key: Array, *, uncond: Any = 
     per = C.sum_per_sample(jnp.square(C.mask_samples(bad, diff)))
     loss_unscaled = jnp.mean(per)
     loss = loss_scale * loss_unscaled
-    return loss, C.scalar_metrics(loss=loss, loss_unscaled=loss_unscaled, t0_mean=jnp.mean(t0),
-                                  dt_mean=jnp.mean(t0 - t1), nan_frac=jnp.mean(bad.astype(jnp.float32)))
+    return loss, C.scalar_metrics(
+        loss=loss,
+        loss_unscaled=loss_unscaled,
+        t0_mean=jnp.mean(t0),
+        dt_mean=jnp.mean(t0 - t1),
+        nan_frac=jnp.mean(bad.astype(jnp.float32)),
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,20 @@ Array = jax.Array
 sg = jax.lax.stop_gradient
 
 
-def dmd_loss(G: Array, real_fn, fake_fn, cond: Any, key: Array, *, uncond: Any = None, guidance=1.0,
-             sampler=None, t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 1.0):
+def dmd_loss(
+    G: Array,
+    real_fn,
+    fake_fn,
+    cond: Any,
+    key: Array,
+    *,
+    uncond: Any = None,
+    guidance=1.0,
+    sampler=None,
+    t: Array | None = None,
+    noise: Array | None = None,
+    loss_scale: float = 1.0,
+):
     """DMD generator loss on generator samples ``G`` (differentiable w.r.t. whatever produced ``G``).
 
     ``t_D ~ sampler`` (default UniformShift(5), per sample; or given ``[B]`` / ``[B, T]``),
@@ -54,14 +66,27 @@ def dmd_loss(G: Array, real_fn, fake_fn, cond: Any, key: Array, *, uncond: Any =
     grad = sg(C.mask_samples(bad, grad))
     per = C.sum_per_sample(jnp.square(G32 - sg(G32 - grad)))
     loss = loss_scale * jnp.mean(per)
-    return loss, C.scalar_metrics(loss=loss, dmd_grad_norm=jnp.mean(C.norm_per_sample(grad)),
-                                  dmd_grad_abs_mean=jnp.mean(jnp.abs(grad)),
-                                  normalizer_mean=jnp.mean(jnp.where(bad, 0.0, normalizer)),
-                                  nan_frac=jnp.mean(bad.astype(jnp.float32)), t_mean=jnp.mean(t))
+    return loss, C.scalar_metrics(
+        loss=loss,
+        dmd_grad_norm=jnp.mean(C.norm_per_sample(grad)),
+        dmd_grad_abs_mean=jnp.mean(jnp.abs(grad)),
+        normalizer_mean=jnp.mean(jnp.where(bad, 0.0, normalizer)),
+        nan_frac=jnp.mean(bad.astype(jnp.float32)),
+        t_mean=jnp.mean(t),
+    )
 
 
-def critic_loss(fake_fn, G: Array, cond: Any, key: Array, *, sampler=None, t: Optional[Array] = None,
-                noise: Optional[Array] = None, loss_scale: float = 1.0):
+def critic_loss(
+    fake_fn,
+    G: Array,
+    cond: Any,
+    key: Array,
+    *,
+    sampler=None,
+    t: Array | None = None,
+    noise: Array | None = None,
+    loss_scale: float = 1.0,
+):
     """Critic (fake score) flow-matching loss on detached generator samples.
 
     ``t ~ sampler`` (default UniformShift(5)), ``x_t = (1 - t) sg(G) + t eps``::

@@ -10,7 +10,8 @@ batch is averaged::
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +44,18 @@ def _weighted_frame_mse(err: Array, t: Array, weighting: str) -> Array:
     return jnp.sum((w * per_time).reshape(t.shape[0], -1), axis=1)
 
 
-def flow_matching_loss(fn, x0: Array, cond: Any, key: Array, *, t: Optional[Array] = None,
-                       noise: Optional[Array] = None, sampler=None, weighting: str = "none",
-                       loss_scale: float = 1.0):
+def flow_matching_loss(
+    fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    *,
+    t: Array | None = None,
+    noise: Array | None = None,
+    sampler=None,
+    weighting: str = "none",
+    loss_scale: float = 1.0,
+):
     """Plain RF flow matching ``loss_scale * mean_b sum_f w(t) mean (fn(x_t, t) - (eps - x0))^2``.
 
     Args:
@@ -76,9 +86,18 @@ def flow_matching_loss(fn, x0: Array, cond: Any, key: Array, *, t: Optional[Arra
     return loss, C.scalar_metrics(loss=loss, mse=jnp.mean(jnp.square(err)), t_mean=jnp.mean(t))
 
 
-def teacher_forcing_loss(fn, x0: Array, cond: Any, key: Array, *, t: Optional[Array] = None,
-                         noise: Optional[Array] = None, sampler=None, weighting: str = "bell",
-                         loss_scale: float = 1.0):
+def teacher_forcing_loss(
+    fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    *,
+    t: Array | None = None,
+    noise: Array | None = None,
+    sampler=None,
+    weighting: str = "bell",
+    loss_scale: float = 1.0,
+):
     """Teacher-forcing (TF) flow matching of a causal teacher on packed ``[clean x0 | noisy x_t]``.
 
     One RF time per sample (default UniformShift(5); ``t`` may also be given ``[B]`` or ``[B, T]``),
@@ -115,9 +134,19 @@ def teacher_forcing_loss(fn, x0: Array, cond: Any, key: Array, *, t: Optional[Ar
     return loss, C.scalar_metrics(loss=loss, mse=jnp.mean(jnp.square(err)), t_mean=jnp.mean(t))
 
 
-def diffusion_forcing_loss(fn, x0: Array, cond: Any, key: Array, sizes: Sequence[int], *,
-                           t: Optional[Array] = None, noise: Optional[Array] = None, sampler=None,
-                           weighting: str = "none", loss_scale: float = 1.0):
+def diffusion_forcing_loss(
+    fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    sizes: Sequence[int],
+    *,
+    t: Array | None = None,
+    noise: Array | None = None,
+    sampler=None,
+    weighting: str = "none",
+    loss_scale: float = 1.0,
+):
     """Diffusion-forcing (DF) flow matching: an independent RF time per block of frames.
 
     ``t_blocks ~ sampler`` (default UniformShift(5)) of shape ``[B, num_blocks]`` broadcast to per-frame

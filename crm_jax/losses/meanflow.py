@@ -6,7 +6,7 @@ The identity ``u = v - (t - r) du/dt`` (total derivative along ``dz/dt = v``) gi
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,15 @@ Array = jax.Array
 sg = jax.lax.stop_gradient
 
 
-def sample_meanflow_times(key: Array, batch: int, *, p_mean: float = -0.4, p_std: float = 1.0,
-                          r_equals_t_fraction: float = 0.75, dtype=jnp.float32) -> Tuple[Array, Array]:
+def sample_meanflow_times(
+    key: Array,
+    batch: int,
+    *,
+    p_mean: float = -0.4,
+    p_std: float = 1.0,
+    r_equals_t_fraction: float = 0.75,
+    dtype=jnp.float32,
+) -> tuple[Array, Array]:
     """``(r, t)``, each ``[B]``: two logit-normal RF times, ``t = max``, ``r = min``; with probability
     ``r_equals_t_fraction`` (default 0.75, MeanFlow's 25% of ``r != t``) ``r = t``. ``0 <= r <= t <= 1``."""
     if not 0.0 <= r_equals_t_fraction <= 1.0:
@@ -33,22 +40,41 @@ def sample_meanflow_times(key: Array, batch: int, *, p_mean: float = -0.4, p_std
     return jnp.where(same, t, r), t
 
 
-def meanflow_target(u_jvp_fn, z: Array, r: Array, t: Array, v: Array, cond: Any) -> Tuple[Array, Array]:
+def meanflow_target(u_jvp_fn, z: Array, r: Array, t: Array, v: Array, cond: Any) -> tuple[Array, Array]:
     """MeanFlow target ``sg(v - (t - r) du/dt)``.
 
     ``u, du/dt = jax.jvp(u_jvp_fn(., ., ., cond), (z, r, t), (v, 0, 1))``. Returns ``(target, du_dt)``.
     ``r``, ``t``: ``[B]`` or ``[B, T]``.
     """
-    _, dudt = jax.jvp(lambda z_, r_, t_: u_jvp_fn(z_, r_, t_, cond), (z, r, t),
-                      (v.astype(z.dtype), jnp.zeros_like(r), jnp.ones_like(t)))
+    _, dudt = jax.jvp(
+        lambda z_, r_, t_: u_jvp_fn(z_, r_, t_, cond),
+        (z, r, t),
+        (v.astype(z.dtype), jnp.zeros_like(r), jnp.ones_like(t)),
+    )
     dudt = sg(dudt)
     return sg(v - D.expand_time(t - r, z) * dudt), dudt
 
 
-def meanflow_loss(u_fn, u_jvp_fn, x0: Array, cond: Any, key: Array, *, teacher_fn=None, uncond: Any = None,
-                  guidance=1.0, p_mean: float = -0.4, p_std: float = 1.0, r_equals_t_fraction: float = 0.75,
-                  adaptive_p: float = 1.0, adaptive_c: float = 0.01, r: Optional[Array] = None,
-                  t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 1.0):
+def meanflow_loss(
+    u_fn,
+    u_jvp_fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    *,
+    teacher_fn=None,
+    uncond: Any = None,
+    guidance=1.0,
+    p_mean: float = -0.4,
+    p_std: float = 1.0,
+    r_equals_t_fraction: float = 0.75,
+    adaptive_p: float = 1.0,
+    adaptive_c: float = 0.01,
+    r: Array | None = None,
+    t: Array | None = None,
+    noise: Array | None = None,
+    loss_scale: float = 1.0,
+):
     """MeanFlow loss with adaptive weighting.
 
     ``z = (1 - t) x0 + t eps``; ``v = eps - x0`` (conditional velocity) or, with ``teacher_fn``, the
@@ -77,8 +103,9 @@ def meanflow_loss(u_fn, u_jvp_fn, x0: Array, cond: Any, key: Array, *, teacher_f
     if (r is None) != (t is None):
         raise ValueError("pass both r and t, or neither")
     if t is None:
-        r, t = sample_meanflow_times(k_t, x0.shape[0], p_mean=p_mean, p_std=p_std,
-                                     r_equals_t_fraction=r_equals_t_fraction, dtype=dt)
+        r, t = sample_meanflow_times(
+            k_t, x0.shape[0], p_mean=p_mean, p_std=p_std, r_equals_t_fraction=r_equals_t_fraction, dtype=dt
+        )
     else:
         if jnp.shape(r) != jnp.shape(t):
             raise ValueError(f"r {jnp.shape(r)} and t {jnp.shape(t)} must have the same shape")
@@ -101,6 +128,11 @@ def meanflow_loss(u_fn, u_jvp_fn, x0: Array, cond: Any, key: Array, *, teacher_f
     err_sq = C.sum_per_sample(jnp.square(err))
     w = 1.0 / sg(err_sq + adaptive_c) ** adaptive_p
     loss = loss_scale * jnp.mean(w * err_sq)
-    return loss, C.scalar_metrics(loss=loss, err_sq=jnp.mean(err_sq), weight_mean=jnp.mean(w),
-                                  dudt_norm=jnp.mean(C.norm_per_sample(dudt)),
-                                  r_eq_t_frac=jnp.mean((r == t).astype(jnp.float32)), t_mean=jnp.mean(t))
+    return loss, C.scalar_metrics(
+        loss=loss,
+        err_sq=jnp.mean(err_sq),
+        weight_mean=jnp.mean(w),
+        dudt_norm=jnp.mean(C.norm_per_sample(dudt)),
+        r_eq_t_frac=jnp.mean((r == t).astype(jnp.float32)),
+        t_mean=jnp.mean(t),
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,18 @@ Array = jax.Array
 sg = jax.lax.stop_gradient
 
 
-def ode_regression_loss(fn, x_traj: Array, t_traj: Array, x_target: Array, cond: Any, key: Array, *,
-                        sizes: Optional[Sequence[int]] = None, index: Optional[Array] = None,
-                        loss_scale: float = 1.0):
+def ode_regression_loss(
+    fn,
+    x_traj: Array,
+    t_traj: Array,
+    x_target: Array,
+    cond: Any,
+    key: Array,
+    *,
+    sizes: Sequence[int] | None = None,
+    index: Array | None = None,
+    loss_scale: float = 1.0,
+):
     """Regress the teacher ODE endpoint from intermediate trajectory points.
 
     The teacher trajectory holds states ``x_traj[:, k]`` at RF times ``t_traj[k]`` (``k < K``) and its
@@ -42,8 +52,10 @@ def ode_regression_loss(fn, x_traj: Array, t_traj: Array, x_target: Array, cond:
     x_traj = jnp.asarray(x_traj)
     B = x_target.shape[0]
     if x_traj.ndim != x_target.ndim + 1 or x_traj.shape[0] != B or x_traj.shape[2:] != x_target.shape[1:]:
-        raise ValueError(f"x_traj must be [B, K, ...] = [{B}, K, {', '.join(map(str, x_target.shape[1:]))}], "
-                         f"got {tuple(x_traj.shape)}")
+        raise ValueError(
+            f"x_traj must be [B, K, ...] = [{B}, K, {', '.join(map(str, x_target.shape[1:]))}], "
+            f"got {tuple(x_traj.shape)}"
+        )
     K = x_traj.shape[1]
     t_traj = jnp.asarray(t_traj)
     if t_traj.shape != (K,):
@@ -64,9 +76,8 @@ def ode_regression_loss(fn, x_traj: Array, t_traj: Array, x_target: Array, cond:
         idx_b = jax.random.randint(key, (B, len(sizes)), 0, K) if index is None else jnp.asarray(index)
         if idx_b.shape != (B, len(sizes)):
             raise ValueError(f"index must be [B, num_blocks] = [{B}, {len(sizes)}], got {tuple(idx_b.shape)}")
-        idx = D.expand_block_times(idx_b, sizes)                                # [B, T]
-        x_in = jnp.take_along_axis(x_traj, idx.reshape((B, 1) + idx.shape[1:] + (1,) * (x_traj.ndim - 3)),
-                                   axis=1)[:, 0]
+        idx = D.expand_block_times(idx_b, sizes)  # [B, T]
+        x_in = jnp.take_along_axis(x_traj, idx.reshape((B, 1) + idx.shape[1:] + (1,) * (x_traj.ndim - 3)), axis=1)[:, 0]
         t_in = t_traj[idx]
     x_in = sg(x_in.astype(dt))
     t_in = t_in.astype(dt)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import jax.numpy as jnp
 
 
-def rcm_loss(cm_out: Tuple, dmd_out: Tuple, *, dmd_weight: float = 1.0):
+def rcm_loss(cm_out: tuple, dmd_out: tuple, *, dmd_weight: float = 1.0):
     """rCM student loss ``100 * L_sCM + lambda * L_DMD`` from two ``(loss, metrics)`` pairs.
 
     The factor 100 is NOT applied here: ``scm_trigflow_loss`` / ``scm_rf_loss`` / ``dcm_loss`` already

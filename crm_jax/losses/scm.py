@@ -21,7 +21,7 @@ non-finite are zeroed (``g``, ``F`` and ``sg(F)``) and counted in ``metrics["nan
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +59,25 @@ def _finish(out: Array, out_sg: Array, g: Array, tangent: Array, loss_scale, ext
     return loss, metrics
 
 
-def scm_trigflow_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, *, uncond: Any = None,
-                      guidance=1.0, step=0, tangent_warmup=0, p_mean: float = -0.8, p_std: float = 1.6,
-                      t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 100.0,
-                      normalise: bool = True):
+def scm_trigflow_loss(
+    fn,
+    jvp_fn,
+    teacher_fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    *,
+    uncond: Any = None,
+    guidance=1.0,
+    step=0,
+    tangent_warmup=0,
+    p_mean: float = -0.8,
+    p_std: float = 1.6,
+    t: Array | None = None,
+    noise: Array | None = None,
+    loss_scale: float = 100.0,
+    normalise: bool = True,
+):
     """sCM loss in TrigFlow form (bidirectional student, RF networks wrapped by ``trigflow_predict``).
 
     ``t ~ LogNormal-sigma(p_mean, p_std)`` in RF time (or given ``[B]`` / ``[B, T]``), ``s = arctan(t/(1-t))``,
@@ -109,14 +124,30 @@ def scm_trigflow_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, 
     F_theta = D.trigflow_predict(fn, x_s, s, cond)[1].astype(dt)
     F_sg = sg(F_theta)
     r = C.warmup_ratio(step, tangent_warmup).astype(dt)
-    g = -cos_s * jnp.sqrt(1.0 - r ** 2 * sin_s ** 2) * (F_sg - F_T) - (r * cos_s * sin_s * x_s + dF)
+    g = -cos_s * jnp.sqrt(1.0 - r**2 * sin_s**2) * (F_sg - F_T) - (r * cos_s * sin_s * x_s + dF)
     return _finish(F_theta, F_sg, g, dF, loss_scale, dict(t_mean=jnp.mean(t), warmup_ratio=r), normalise)
 
 
-def scm_rf_loss(fn, jvp_fn, teacher_fn, x0: Array, cond: Any, key: Array, *, uncond: Any = None, guidance=1.0,
-                step=0, tangent_warmup=0, teacher_forcing: bool = True, p_mean: float = -0.8, p_std: float = 1.6,
-                t: Optional[Array] = None, noise: Optional[Array] = None, loss_scale: float = 100.0,
-                normalise: bool = True):
+def scm_rf_loss(
+    fn,
+    jvp_fn,
+    teacher_fn,
+    x0: Array,
+    cond: Any,
+    key: Array,
+    *,
+    uncond: Any = None,
+    guidance=1.0,
+    step=0,
+    tangent_warmup=0,
+    teacher_forcing: bool = True,
+    p_mean: float = -0.8,
+    p_std: float = 1.6,
+    t: Array | None = None,
+    noise: Array | None = None,
+    loss_scale: float = 100.0,
+    normalise: bool = True,
+):
     """sCM loss in RF form; with ``teacher_forcing=True`` (default) this is TF-sCM on packed sequences.
 
     ``t ~ LogNormal-sigma(p_mean, p_std)`` per sample (or given ``[B]`` / ``[B, T]``),

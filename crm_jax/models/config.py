@@ -112,8 +112,7 @@ class WanConfig(DtypeConfig):
 
 # Fields that say how a model runs, not what a checkpoint holds: they may differ between a
 # checkpoint and the config that loads it, and between a run and its resume.
-RUNTIME_FIELDS = ("dtype", "attn_impl", "cache_attn_impl", "cross_attn_impl", "attn_tiles", "attn_interpret",
-                  "remat")
+RUNTIME_FIELDS = ("dtype", "attn_impl", "cache_attn_impl", "cross_attn_impl", "attn_tiles", "attn_interpret", "remat")
 
 
 def same_architecture(a: WanConfig, b: WanConfig) -> bool:
@@ -123,8 +122,9 @@ def same_architecture(a: WanConfig, b: WanConfig) -> bool:
 
 WAN_1_3B = WanConfig()
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4,
-                 text_dim=32, text_len=8, freq_dim=32)
+TINY = WanConfig(
+    dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4, text_dim=32, text_len=8, freq_dim=32
+)
 
 CONFIGS = {"tiny": TINY, "wan_1_3b": WAN_1_3B, "wan_14b": WAN_14B}
 

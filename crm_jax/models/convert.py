@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from crm_jax.models.param_assembly import assemble_params
 from crm_jax.models.config import WanConfig
+from crm_jax.models.param_assembly import assemble_params
 from crm_jax.models.wan import WanModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -34,11 +34,17 @@ _ORIGINAL_TO_DIFFUSERS = [
     ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
     ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
     ("time_projection.1", "condition_embedder.time_proj"),
-    ("self_attn", "attn1"), ("cross_attn", "attn2"),
-    (".o.", ".to_out.0."), (".q.", ".to_q."), (".k.", ".to_k."), (".v.", ".to_v."),
-    ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"),
+    ("self_attn", "attn1"),
+    ("cross_attn", "attn2"),
+    (".o.", ".to_out.0."),
+    (".q.", ".to_q."),
+    (".k.", ".to_k."),
+    (".v.", ".to_v."),
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
     ("norm3", "norm2"),  # the original's cross-attention norm is diffusers' norm2
-    ("head.modulation", "scale_shift_table"), ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
     ("modulation", "scale_shift_table"),
 ]
 
@@ -72,35 +78,71 @@ def detect_layout(keys) -> str:
 # ----------------------------------------------------------------- configs
 def config_from_diffusers(c: dict, **overrides) -> WanConfig:
     return WanConfig(
-        dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
-        num_heads=c["num_attention_heads"], num_layers=c["num_layers"],
-        in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
-        patch_size=tuple(c["patch_size"]), text_dim=c["text_dim"], freq_dim=c["freq_dim"],
-        eps=c["eps"]).replace(**overrides)
+        dim=c["num_attention_heads"] * c["attention_head_dim"],
+        ffn_dim=c["ffn_dim"],
+        num_heads=c["num_attention_heads"],
+        num_layers=c["num_layers"],
+        in_channels=c["in_channels"],
+        out_channels=c.get("out_channels") or c["in_channels"],
+        patch_size=tuple(c["patch_size"]),
+        text_dim=c["text_dim"],
+        freq_dim=c["freq_dim"],
+        eps=c["eps"],
+    ).replace(**overrides)
 
 
 def config_from_original(c: dict, **overrides) -> WanConfig:
     return WanConfig(
-        dim=c["dim"], ffn_dim=c["ffn_dim"], num_heads=c["num_heads"], num_layers=c["num_layers"],
-        in_channels=c["in_dim"], out_channels=c["out_dim"], patch_size=tuple(c["patch_size"]),
-        text_dim=c["text_dim"], text_len=c.get("text_len", 512), freq_dim=c["freq_dim"],
-        eps=c["eps"]).replace(**overrides)
+        dim=c["dim"],
+        ffn_dim=c["ffn_dim"],
+        num_heads=c["num_heads"],
+        num_layers=c["num_layers"],
+        in_channels=c["in_dim"],
+        out_channels=c["out_dim"],
+        patch_size=tuple(c["patch_size"]),
+        text_dim=c["text_dim"],
+        text_len=c.get("text_len", 512),
+        freq_dim=c["freq_dim"],
+        eps=c["eps"],
+    ).replace(**overrides)
 
 
 def diffusers_config(cfg: WanConfig) -> dict:
-    return dict(_class_name="WanTransformer3DModel", patch_size=list(cfg.patch_size),
-                num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-                in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
-                freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
-                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps,
-                image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+    return dict(
+        _class_name="WanTransformer3DModel",
+        patch_size=list(cfg.patch_size),
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=1024,
+    )
 
 
 def original_config(cfg: WanConfig) -> dict:
-    return dict(model_type="t2v", patch_size=list(cfg.patch_size), text_len=cfg.text_len,
-                in_dim=cfg.in_channels, dim=cfg.dim, ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim,
-                text_dim=cfg.text_dim, out_dim=cfg.out_channels, num_heads=cfg.num_heads,
-                num_layers=cfg.num_layers, eps=cfg.eps)
+    return dict(
+        model_type="t2v",
+        patch_size=list(cfg.patch_size),
+        text_len=cfg.text_len,
+        in_dim=cfg.in_channels,
+        dim=cfg.dim,
+        ffn_dim=cfg.ffn_dim,
+        freq_dim=cfg.freq_dim,
+        text_dim=cfg.text_dim,
+        out_dim=cfg.out_channels,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        eps=cfg.eps,
+    )
 
 
 # ----------------------------------------------------------------- key mapping
@@ -142,8 +184,11 @@ def _our_path(key: str):
             return ("blocks",) + _BLOCK_PLAIN[rest], layer, "plain"
         mod, _, leaf = rest.rpartition(".")
         if mod in _BLOCK_MODULES and leaf in ("weight", "bias"):
-            return (("blocks",) + _BLOCK_MODULES[mod] + (("kernel" if leaf == "weight" else "bias"),),
-                    layer, "linear" if leaf == "weight" else "plain")
+            return (
+                ("blocks",) + _BLOCK_MODULES[mod] + (("kernel" if leaf == "weight" else "bias"),),
+                layer,
+                "linear" if leaf == "weight" else "plain",
+            )
         return None
     if key == "scale_shift_table":
         return ("scale_shift_table",), None, "table"
@@ -186,8 +231,16 @@ def diffusers_to_params(sd: dict, cfg: WanConfig) -> dict:
                 unexpected.append(key)
                 continue
             stacks.setdefault(path, {})[layer] = w
-    return assemble_params(flat, stacks, expected, dtypes, num_layers=cfg.num_layers, unexpected=unexpected,
-                           layer_prefix="blocks", what="Wan checkpoint does not match the model config")
+    return assemble_params(
+        flat,
+        stacks,
+        expected,
+        dtypes,
+        num_layers=cfg.num_layers,
+        unexpected=unexpected,
+        layer_prefix="blocks",
+        what="Wan checkpoint does not match the model config",
+    )
 
 
 def params_to_diffusers(model: WanModel) -> dict:
@@ -326,7 +379,7 @@ def save_nnx(model: WanModel, path: str) -> None:
     with open(os.path.join(path, NNX_CONFIG), "w") as f:
         json.dump(dataclasses.asdict(model.cfg), f, indent=1)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if jax.process_count() > 1:   # Orbax saves host-local values from one process only as numpy
+    if jax.process_count() > 1:  # Orbax saves host-local values from one process only as numpy
         params = jax.tree.map(np.asarray, params)
     ckptr = _this_process_checkpointer()
     ckptr.save(os.path.join(path, "params"), params, force=True)
@@ -341,7 +394,8 @@ def _this_process_checkpointer():
         return ocp.StandardCheckpointer()
     me = jax.process_index()
     return ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    )
 
 
 def load_nnx(path: str, **overrides) -> WanModel:

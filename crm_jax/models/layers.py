@@ -55,8 +55,7 @@ def linear(din: int, dout: int, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.Linea
 class MLP(nnx.Module):
     """linear_1 -> activation -> linear_2."""
 
-    def __init__(self, din: int, dhidden: int, dout: int, activation: str, *, rngs, dtype,
-                 param_dtype):
+    def __init__(self, din: int, dhidden: int, dout: int, activation: str, *, rngs, dtype, param_dtype):
         self.activation = activation
         self.linear_1 = linear(din, dhidden, rngs, dtype, param_dtype)
         self.linear_2 = linear(dhidden, dout, rngs, dtype, param_dtype)

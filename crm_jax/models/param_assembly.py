@@ -18,11 +18,21 @@ def raise_if_mismatch(what: str, missing: list, unexpected: list, bad_shape: lis
             f"{what}:\n"
             + (f"  missing ({len(missing)}): {missing[:20]}\n" if missing else "")
             + (f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n" if unexpected else "")
-            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else ""))
+            + (f"  wrong shape ({len(bad_shape)}): {bad_shape[:20]}\n" if bad_shape else "")
+        )
 
 
-def assemble_params(flat: dict, stacks: dict, expected: dict, dtypes: dict, *, num_layers: int,
-                    unexpected: list, layer_prefix: str, what: str) -> dict:
+def assemble_params(
+    flat: dict,
+    stacks: dict,
+    expected: dict,
+    dtypes: dict,
+    *,
+    num_layers: int,
+    unexpected: list,
+    layer_prefix: str,
+    what: str,
+) -> dict:
     """Stack, check and nest converted weights.
 
     Args:

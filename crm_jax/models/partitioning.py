@@ -63,5 +63,4 @@ def attend(q, k, v, spec: masks.MaskSpec, *, cross: bool, **kwargs) -> jax.Array
         b, t, n, h, d = q.shape
         flat = lambda x: x.reshape(b, -1, h, d)
         return attention(flat(q), flat(k), flat(v), spec, **kwargs).reshape(q.shape)
-    return attention_sharded(q, k, v, spec, mesh, batch_axis=batch, context_axis=context,
-                             split_kv=not cross, **kwargs)
+    return attention_sharded(q, k, v, spec, mesh, batch_axis=batch, context_axis=context, split_kv=not cross, **kwargs)

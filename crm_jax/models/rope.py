@@ -56,4 +56,3 @@ def apply_rope_tables(x, cos, sin):
     s = sin[None, ..., None, :, None] * jnp.asarray([-1.0, 1.0], jnp.float32)
     out = x * c + x[..., ::-1] * s
     return out.reshape(*out.shape[:-2], -1).astype(dtype)
-

@@ -37,7 +37,8 @@ class UMT5Tokenizer:
         if not os.path.isfile(fn):
             raise FileNotFoundError(
                 f"tokenizer file {fn!r} does not exist (give a tokenizer.json or a directory holding one, "
-                f"e.g. google/umt5-xxl's)")
+                f"e.g. google/umt5-xxl's)"
+            )
         from tokenizers import Tokenizer
 
         try:
@@ -72,7 +73,7 @@ class UMT5Tokenizer:
         ids = np.full((len(prompts), max_len), self.pad_id, np.int32)
         mask = np.zeros((len(prompts), max_len), np.int32)
         for r, toks in enumerate(self.tokenize(list(prompts))):
-            toks = list(toks[:max_len - 1]) + [self.eos_id]
-            ids[r, :len(toks)] = toks
-            mask[r, :len(toks)] = 1
+            toks = list(toks[: max_len - 1]) + [self.eos_id]
+            ids[r, : len(toks)] = toks
+            mask[r, : len(toks)] = 1
         return ids, mask

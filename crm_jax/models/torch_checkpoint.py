@@ -65,8 +65,7 @@ class _Storage:
         self.data, self.key = data, key
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
-                    backward_hooks=None, metadata=None):
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """numpy equivalent of `torch._utils._rebuild_tensor_v2`."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError(f"tensor storage is {type(storage).__name__}, not a checkpoint storage")
@@ -80,13 +79,13 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
     if extent > flat.size:
         raise pickle.UnpicklingError(
             f"tensor of size {size}, stride {stride}, offset {offset} needs {extent} elements but storage "
-            f"{storage.key!r} holds {flat.size}")
-    contiguous = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
+            f"{storage.key!r} holds {flat.size}"
+        )
+    contiguous = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
     if stride == contiguous or len(size) == 0:
-        return flat[offset:offset + int(np.prod(size))].reshape(size)
+        return flat[offset : offset + int(np.prod(size))].reshape(size)
     item = flat.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(flat[offset:extent], size, tuple(s * item for s in stride),
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(flat[offset:extent], size, tuple(s * item for s in stride), writeable=False)
     return np.ascontiguousarray(view)
 
 
@@ -115,7 +114,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name)
         raise pickle.UnpicklingError(
             f"refusing to load global '{module}.{name}': only tensors, storages and OrderedDicts are "
-            f"allowed in a checkpoint read without torch")
+            f"allowed in a checkpoint read without torch"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -142,8 +142,7 @@ def _stored_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def load_torch_state_dict(path: str, *, bf16_as_float32: bool = False,
-                          unwrap: bool = True) -> dict[str, np.ndarray]:
+def load_torch_state_dict(path: str, *, bf16_as_float32: bool = False, unwrap: bool = True) -> dict[str, np.ndarray]:
     """Tensors of a `torch.save` zip checkpoint as `{name: np.ndarray}`.
 
     Args:
@@ -164,17 +163,21 @@ def load_torch_state_dict(path: str, *, bf16_as_float32: bool = False,
         with open(path, "rb") as f:
             head = f.read(2)
         kind = "a legacy (torch < 1.6) pickle checkpoint" if head[:1] == b"\x80" else "not a zip archive"
-        raise ValueError(f"{path!r} is {kind}: only torch.save's zip format is supported; re-save it "
-                         f"with torch.save(obj, path) under torch >= 1.6, or as safetensors")
+        raise ValueError(
+            f"{path!r} is {kind}: only torch.save's zip format is supported; re-save it "
+            f"with torch.save(obj, path) under torch >= 1.6, or as safetensors"
+        )
     try:
         obj = _read_zip(path)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, struct.error, KeyError,
-            ValueError, OSError) as e:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, struct.error, KeyError, ValueError, OSError) as e:
         raise ValueError(f"cannot read torch checkpoint {path!r}: {e}") from e
     sd = _collect(obj, unwrap)
     if not sd:
-        raise ValueError(f"torch checkpoint {path!r} holds no tensors (top level: {type(obj).__name__}"
-                         + (f" with keys {list(obj)[:10]}" if isinstance(obj, dict) else "") + ")")
+        raise ValueError(
+            f"torch checkpoint {path!r} holds no tensors (top level: {type(obj).__name__}"
+            + (f" with keys {list(obj)[:10]}" if isinstance(obj, dict) else "")
+            + ")"
+        )
     if bf16_as_float32:
         sd = {k: (v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v) for k, v in sd.items()}
     return sd
@@ -204,8 +207,9 @@ def _read_zip(path: str):
                     raise ValueError(f"storage {name!r} is missing from the archive")
                 nbytes = numel * dtype.itemsize
                 if info.file_size < nbytes:
-                    raise ValueError(f"storage {name!r} has {info.file_size} bytes, expected {nbytes} "
-                                     f"({numel} x {dtype.name})")
+                    raise ValueError(
+                        f"storage {name!r} has {info.file_size} bytes, expected {nbytes} ({numel} x {dtype.name})"
+                    )
                 if info.compress_type == zipfile.ZIP_STORED and mm is not None:
                     start = _stored_offset(raw, info)
                     if start + nbytes > len(mm):

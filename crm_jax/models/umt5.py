@@ -89,15 +89,17 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int, max_dist
     out = (rel > 0).astype(np.int64) * half
     dist = np.abs(rel)
     with np.errstate(divide="ignore"):
-        log_ratio = (np.log(dist.astype(np.float32) / np.float32(exact))
-                     / np.float32(math.log(max_distance / exact)) * np.float32(half - exact))
+        log_ratio = (
+            np.log(dist.astype(np.float32) / np.float32(exact))
+            / np.float32(math.log(max_distance / exact))
+            * np.float32(half - exact)
+        )
     large = np.minimum(exact + np.where(dist > 0, log_ratio, 0).astype(np.int64), half - 1)
     return (out + np.where(dist < exact, dist, large)).astype(np.int32)
 
 
 def _linear(din: int, dout: int, cfg: UMT5Config, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                      rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
 
 
 class UMT5Attention(nnx.Module):
@@ -111,7 +113,8 @@ class UMT5Attention(nnx.Module):
         self.o = _linear(cfg.inner_dim, cfg.d_model, cfg, rngs)
         self.rel_bias = nnx.Param(
             jax.random.normal(rngs.params(), (cfg.num_buckets, cfg.num_heads), cfg.params_dtype)
-            * (2 * cfg.num_buckets * cfg.num_heads) ** -0.5)
+            * (2 * cfg.num_buckets * cfg.num_heads) ** -0.5
+        )
 
     def __call__(self, x, buckets, key_mask):
         """x `[B, L, d_model]`; buckets `[L, L]` int32; key_mask `[B, L]` bool -> `[B, L, d_model]`."""
@@ -162,7 +165,8 @@ class UMT5Encoder(nnx.Module):
     def __init__(self, cfg: UMT5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.token_embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.params_dtype))
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)

@@ -101,17 +101,23 @@ def config_from_transformers(c: dict, **overrides) -> UMT5Config:
         raise ValueError(f"config.json: feed_forward_proj={proj!r} is not supported (umT5 uses 'gated-gelu')")
     try:
         return UMT5Config(
-            vocab_size=c["vocab_size"], d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"],
-            num_layers=c["num_layers"], num_heads=c["num_heads"],
+            vocab_size=c["vocab_size"],
+            d_model=c["d_model"],
+            d_kv=c["d_kv"],
+            d_ff=c["d_ff"],
+            num_layers=c["num_layers"],
+            num_heads=c["num_heads"],
             num_buckets=c.get("relative_attention_num_buckets", 32),
             max_distance=c.get("relative_attention_max_distance", 128),
-            eps=c.get("layer_norm_epsilon", 1e-6)).replace(**overrides)
+            eps=c.get("layer_norm_epsilon", 1e-6),
+        ).replace(**overrides)
     except KeyError as e:
         raise ValueError(f"config.json lacks {e.args[0]!r}: not a umT5/T5 encoder config") from None
 
 
 def config_from_shapes(sd: dict, **overrides) -> UMT5Config:
     """Infer the config of a transformers-keyed state dict from its shapes."""
+
     def shape(k):
         if k not in sd:
             raise ValueError(f"cannot infer the umT5 config: {k!r} is missing from the checkpoint")
@@ -124,8 +130,15 @@ def config_from_shapes(sd: dict, **overrides) -> UMT5Config:
     buckets, heads = shape(p + "0.SelfAttention.relative_attention_bias.weight")
     inner, _ = shape(p + "0.SelfAttention.q.weight")
     d_ff, _ = shape(p + "1.DenseReluDense.wi_0.weight")
-    return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff,
-                      num_layers=max(blocks) + 1, num_heads=heads, num_buckets=buckets).replace(**overrides)
+    return UMT5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        d_ff=d_ff,
+        num_layers=max(blocks) + 1,
+        num_heads=heads,
+        num_buckets=buckets,
+    ).replace(**overrides)
 
 
 # ----------------------------------------------------------------- key mapping
@@ -152,14 +165,23 @@ def transformers_to_params(sd: dict, cfg: UMT5Config) -> dict:
         path, kind = _BLOCK[m.group(2)]
         w = np.asarray(w)
         stacks.setdefault(("blocks",) + path, {})[int(m.group(1))] = w.T if kind == "linear" else w
-    return assemble_params(flat, stacks, expected, dtypes, num_layers=cfg.num_layers, unexpected=unexpected,
-                           layer_prefix="encoder.block", what="umT5 checkpoint does not match the encoder config")
+    return assemble_params(
+        flat,
+        stacks,
+        expected,
+        dtypes,
+        num_layers=cfg.num_layers,
+        unexpected=unexpected,
+        layer_prefix="encoder.block",
+        what="umT5 checkpoint does not match the encoder config",
+    )
 
 
 # ----------------------------------------------------------------- files
 def _read_file(fn: str) -> dict:
     if fn.endswith(".safetensors"):
         from safetensors import safe_open
+
         try:
             with safe_open(fn, framework="flax") as f:
                 return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
@@ -214,8 +236,9 @@ def load_umt5(path: str, cfg: UMT5Config | None = None, **overrides) -> UMT5Enco
     if layout == "original":
         sd = {original_to_transformers_key(k): v for k, v in sd.items()}
     if cfg is None:
-        cfg = config_from_transformers(raw) if (raw is not None and layout == "transformers") \
-            else config_from_shapes(sd)
+        cfg = (
+            config_from_transformers(raw) if (raw is not None and layout == "transformers") else config_from_shapes(sd)
+        )
     cfg = cfg.replace(**overrides)
     params = transformers_to_params(sd, cfg)
     del sd

@@ -34,10 +34,42 @@ from crm_jax.models.config import DtypeConfig
 
 CACHE_T = 2  # frames of input each 3x3x3 causal conv keeps from the previous chunk
 
-WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN_LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+WAN_LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +105,19 @@ class WanVAEConfig(DtypeConfig):
 
     def __post_init__(self):
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
-                             f"entries, got {self.temperal_downsample}")
+            raise ValueError(
+                f"temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
+                f"entries, got {self.temperal_downsample}"
+            )
         if self.attn_scales:
-            raise ValueError(f"attn_scales={self.attn_scales} is not supported (diffusers' Wan decoder "
-                             "ignores it); Wan2.1 uses []")
+            raise ValueError(
+                f"attn_scales={self.attn_scales} is not supported (diffusers' Wan decoder ignores it); Wan2.1 uses []"
+            )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean/std need z_dim={self.z_dim} entries, got "
-                             f"{len(self.latents_mean)} and {len(self.latents_std)}")
+            raise ValueError(
+                f"latents_mean/std need z_dim={self.z_dim} entries, got "
+                f"{len(self.latents_mean)} and {len(self.latents_std)}"
+            )
 
     @property
     def spatial_factor(self) -> int:
@@ -92,8 +129,14 @@ class WanVAEConfig(DtypeConfig):
 
 
 WAN_VAE = WanVAEConfig()
-TINY_VAE = WanVAEConfig(base_dim=6, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-                        latents_mean=(0.1, -0.2, 0.3, -0.4), latents_std=(1.5, 0.5, 2.0, 1.0))
+TINY_VAE = WanVAEConfig(
+    base_dim=6,
+    z_dim=4,
+    dim_mult=(1, 2, 2, 2),
+    num_res_blocks=1,
+    latents_mean=(0.1, -0.2, 0.3, -0.4),
+    latents_std=(1.5, 0.5, 2.0, 1.0),
+)
 
 
 # ----------------------------------------------------------------- layers
@@ -149,11 +192,14 @@ class CausalConv3d(nnx.Module):
             if cache is None:
                 cache = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
             x = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
-            cache = x[:, -(kt - 1):]
+            cache = x[:, -(kt - 1) :]
         y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(self.dtype), (1, 1, 1),
+            x,
+            self.kernel[...].astype(self.dtype),
+            (1, 1, 1),
             [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)],
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        )
         return y + self.bias[...].astype(self.dtype), (cache if kt > 1 else None)
 
 
@@ -177,8 +223,9 @@ class Conv2d(nnx.Module):
             pad, stride = [(k // 2, k // 2)] * 2, (1, 1)
         else:
             pad, stride = [(0, 1)] * 2, (2, 2)
-        y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(self.dtype), stride, pad,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(self.dtype), stride, pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         y = y + self.bias[...].astype(self.dtype)
         return y.reshape(*lead, *y.shape[1:])
 
@@ -266,13 +313,19 @@ class Resample(nnx.Module):
 
     def _downsample_time(self, x, cache: _Cache, first: bool):
         if x.shape[1] % 2 != (1 if first else 0):
-            raise ValueError(f"downsample3d needs an {'odd' if first else 'even'} number of frames "
-                             f"in {'the first' if first else 'a later'} chunk, got {x.shape[1]}")
+            raise ValueError(
+                f"downsample3d needs an {'odd' if first else 'even'} number of frames "
+                f"in {'the first' if first else 'a later'} chunk, got {x.shape[1]}"
+            )
         tc = self.time_conv
         xx = x if first else jnp.concatenate([cache.take().astype(x.dtype), x], axis=1)
         y = jax.lax.conv_general_dilated(
-            xx.astype(tc.dtype), tc.kernel[...].astype(tc.dtype), (2, 1, 1), "VALID",
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + tc.bias[...].astype(tc.dtype)
+            xx.astype(tc.dtype),
+            tc.kernel[...].astype(tc.dtype),
+            (2, 1, 1),
+            "VALID",
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        ) + tc.bias[...].astype(tc.dtype)
         cache.put(x[:, -1:])
         return jnp.concatenate([x[:, :1].astype(y.dtype), y], axis=1) if first else y
 
@@ -336,8 +389,7 @@ class Encoder(nnx.Module):
 class UpBlock(nnx.Module):
     """num_res_blocks + 1 residual blocks, then an optional upsampler."""
 
-    def __init__(self, cin: int, cout: int, num_res_blocks: int, mode: str | None, *, rngs, dtype,
-                 param_dtype):
+    def __init__(self, cin: int, cout: int, num_res_blocks: int, mode: str | None, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         res = []
         for _ in range(num_res_blocks + 1):
@@ -399,8 +451,7 @@ def _check_video(x, cfg: WanVAEConfig):
 
 def _check_latents(z, cfg: WanVAEConfig):
     if z.ndim != 5 or z.shape[-1] != cfg.z_dim:
-        raise ValueError(f"latents must be [B, T', h, w, {cfg.z_dim}] (channels last), got shape "
-                         f"{tuple(z.shape)}")
+        raise ValueError(f"latents must be [B, T', h, w, {cfg.z_dim}] (channels last), got shape {tuple(z.shape)}")
 
 
 class WanVAE(nnx.Module):
@@ -466,7 +517,7 @@ class WanVAE(nnx.Module):
             return self.decode_chunk(z)[0]
         outs, cache = [], None
         for s in range(0, z.shape[1], chunk_frames):
-            y, cache = self.decode_chunk(z[:, s:s + chunk_frames], cache, first=s == 0)
+            y, cache = self.decode_chunk(z[:, s : s + chunk_frames], cache, first=s == 0)
             outs.append(y)
         return jnp.concatenate(outs, axis=1)
 
@@ -547,8 +598,10 @@ class StreamingDecoder:
         if state.caches:
             want = state.caches[0].shape
             if (z.shape[0], *z.shape[2:4]) != (want[0], *want[2:4]):
-                raise ValueError(f"latent chunk {tuple(z.shape)} does not match the stream state "
-                                 f"(batch {want[0]}, {want[2]}x{want[3]} latents)")
+                raise ValueError(
+                    f"latent chunk {tuple(z.shape)} does not match the stream state "
+                    f"(batch {want[0]}, {want[2]}x{want[3]} latents)"
+                )
         y, caches = self._decode(params, z, state.caches, state.first)
         return y, DecodeState(tuple(caches), False)
 
@@ -561,7 +614,7 @@ class StreamingDecoder:
         state = self.init(z.shape[0], z.shape[2], z.shape[3])
         outs = []
         for s in range(0, z.shape[1], chunk_frames):
-            y, state = self.step(state, z[:, s:s + chunk_frames])
+            y, state = self.step(state, z[:, s : s + chunk_frames])
             outs.append(y)
         return jnp.concatenate(outs, axis=1)
 

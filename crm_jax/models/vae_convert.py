@@ -23,8 +23,8 @@ import os
 import numpy as np
 from flax import nnx
 
-from crm_jax.models.vae import WAN_VAE, WanVAE, WanVAEConfig
 from crm_jax.models.param_assembly import raise_if_mismatch
+from crm_jax.models.vae import WAN_VAE, WanVAE, WanVAEConfig
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -47,24 +47,39 @@ def config_from_diffusers(c: dict, **overrides) -> WanVAEConfig:
         raise ValueError(f"unsupported AutoencoderKLWan config: {', '.join(unsupported)}")
     d = WanVAEConfig()
     cfg = WanVAEConfig(
-        base_dim=c.get("base_dim", d.base_dim), z_dim=c.get("z_dim", d.z_dim),
+        base_dim=c.get("base_dim", d.base_dim),
+        z_dim=c.get("z_dim", d.z_dim),
         dim_mult=tuple(c.get("dim_mult", d.dim_mult)),
         num_res_blocks=c.get("num_res_blocks", d.num_res_blocks),
         attn_scales=tuple(c.get("attn_scales", ())),
         temperal_downsample=tuple(bool(b) for b in c.get("temperal_downsample", d.temperal_downsample)),
         dropout=c.get("dropout", 0.0),
         latents_mean=tuple(float(v) for v in c.get("latents_mean", d.latents_mean)),
-        latents_std=tuple(float(v) for v in c.get("latents_std", d.latents_std)))
+        latents_std=tuple(float(v) for v in c.get("latents_std", d.latents_std)),
+    )
     return cfg.replace(**overrides)
 
 
 def diffusers_config(cfg: WanVAEConfig) -> dict:
-    return dict(_class_name="AutoencoderKLWan", base_dim=cfg.base_dim, decoder_base_dim=None,
-                z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
-                attn_scales=list(cfg.attn_scales), temperal_downsample=list(cfg.temperal_downsample),
-                dropout=cfg.dropout, latents_mean=list(cfg.latents_mean), latents_std=list(cfg.latents_std),
-                is_residual=False, in_channels=3, out_channels=3, patch_size=None,
-                scale_factor_temporal=cfg.temporal_factor, scale_factor_spatial=cfg.spatial_factor)
+    return dict(
+        _class_name="AutoencoderKLWan",
+        base_dim=cfg.base_dim,
+        decoder_base_dim=None,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        attn_scales=list(cfg.attn_scales),
+        temperal_downsample=list(cfg.temperal_downsample),
+        dropout=cfg.dropout,
+        latents_mean=list(cfg.latents_mean),
+        latents_std=list(cfg.latents_std),
+        is_residual=False,
+        in_channels=3,
+        out_channels=3,
+        patch_size=None,
+        scale_factor_temporal=cfg.temporal_factor,
+        scale_factor_spatial=cfg.spatial_factor,
+    )
 
 
 # ----------------------------------------------------------------- key mapping
@@ -100,14 +115,19 @@ def _to_ours(w: np.ndarray) -> np.ndarray:
     return w
 
 
-_RESIDUAL_TO_ORIGINAL = (("norm1.", "residual.0."), ("conv1.", "residual.2."), ("norm2.", "residual.3."),
-                         ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
+_RESIDUAL_TO_ORIGINAL = (
+    ("norm1.", "residual.0."),
+    ("conv1.", "residual.2."),
+    ("norm2.", "residual.3."),
+    ("conv2.", "residual.6."),
+    ("conv_shortcut.", "shortcut."),
+)
 
 
 def _residual_to_original(sub: str) -> str:
     for a, b in _RESIDUAL_TO_ORIGINAL:
         if sub.startswith(a):
-            return b + sub[len(a):]
+            return b + sub[len(a) :]
     raise KeyError(sub)
 
 
@@ -120,7 +140,7 @@ def original_key(key: str, cfg: WanVAEConfig) -> str:
     part, rest = key.split(".", 1)
     for a, b in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
         if rest.startswith(a):
-            return f"{part}.{b}{rest[len(a):]}"
+            return f"{part}.{b}{rest[len(a) :]}"
     fields = rest.split(".")
     if fields[0] == "mid_block":
         slot = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[tuple(fields[1:3])]
@@ -153,8 +173,7 @@ def expected_keys(cfg: WanVAEConfig, layout: str = "diffusers") -> dict:
 
 def detect_layout(keys) -> str:
     keys = list(keys)
-    if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "quant_conv.")) or ".mid_block." in k
-           for k in keys):
+    if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "quant_conv.")) or ".mid_block." in k for k in keys):
         return "diffusers"
     if any(k.startswith(("encoder.conv1.", "decoder.conv1.")) or ".middle." in k for k in keys):
         return "original"
@@ -166,10 +185,14 @@ def state_dict_to_params(sd: dict, cfg: WanVAEConfig, layout: str) -> dict:
     expected = expected_keys(cfg, layout)
     unexpected = sorted(k for k in sd if k not in expected)
     missing = sorted(k for k in expected if k not in sd)
-    bad_shape = [f"{k}: checkpoint {tuple(np.shape(sd[k]))} vs model {expected[k][1]}"
-                 for k in sorted(expected) if k in sd and tuple(np.shape(sd[k])) != expected[k][1]]
-    raise_if_mismatch(f"Wan VAE checkpoint ({layout} layout) does not match the model config",
-                      missing, unexpected, bad_shape)
+    bad_shape = [
+        f"{k}: checkpoint {tuple(np.shape(sd[k]))} vs model {expected[k][1]}"
+        for k in sorted(expected)
+        if k in sd and tuple(np.shape(sd[k])) != expected[k][1]
+    ]
+    raise_if_mismatch(
+        f"Wan VAE checkpoint ({layout} layout) does not match the model config", missing, unexpected, bad_shape
+    )
     nested: dict = {}
     for key, (path, _, shape, dtype) in expected.items():
         w = np.asarray(sd[key])
@@ -229,8 +252,10 @@ def read_checkpoint(path: str) -> tuple[dict, dict | None]:
         if "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         return {k: np.asarray(v) for k, v in sd.items()}, None
-    raise ValueError(f"don't know how to read {path!r}: expected a diffusers directory, a .safetensors "
-                     f"file or a torch checkpoint ({', '.join(TORCH_SUFFIXES)})")
+    raise ValueError(
+        f"don't know how to read {path!r}: expected a diffusers directory, a .safetensors "
+        f"file or a torch checkpoint ({', '.join(TORCH_SUFFIXES)})"
+    )
 
 
 def load_wan_vae(path: str, cfg: WanVAEConfig | None = None, **overrides) -> WanVAE:

@@ -27,8 +27,16 @@ from flax import nnx
 
 from crm_jax.models import partitioning
 from crm_jax.models.config import WanConfig
-from crm_jax.models.layers import (MLP, AffineLayerNorm, RMSNorm, layer_norm, linear, patchify,
-                                   timestep_embedding, unpatchify)
+from crm_jax.models.layers import (
+    MLP,
+    AffineLayerNorm,
+    RMSNorm,
+    layer_norm,
+    linear,
+    patchify,
+    timestep_embedding,
+    unpatchify,
+)
 from crm_jax.models.rope import apply_rope_tables, rope_angles, rope_tables
 from pallas_kernels import masks
 from pallas_kernels.ops import attention_kv_prefix
@@ -88,9 +96,11 @@ class AttentionPattern:
         if cache_frames and cache_frames not in self.block_starts(cache_frames + q_frames):
             raise ValueError(
                 f"cached frames ({cache_frames}) must end on a block boundary; block starts are "
-                f"{self.block_starts(cache_frames + q_frames)}")
-        return masks.block_causal(cache_frames + q_frames, tokens_per_frame, self.block_frames,
-                                  self.first, q_frames=q_frames, **kw)
+                f"{self.block_starts(cache_frames + q_frames)}"
+            )
+        return masks.block_causal(
+            cache_frames + q_frames, tokens_per_frame, self.block_frames, self.first, q_frames=q_frames, **kw
+        )
 
 
 FULL = AttentionPattern("full")
@@ -114,8 +124,9 @@ class KVCache:
     v: Any
 
     @classmethod
-    def create(cls, cfg: WanConfig, batch: int, max_frames: int, tokens_per_frame: int,
-               dtype=None, per_layer: bool = False) -> "KVCache":
+    def create(
+        cls, cfg: WanConfig, batch: int, max_frames: int, tokens_per_frame: int, dtype=None, per_layer: bool = False
+    ) -> KVCache:
         dtype = cfg.compute_dtype if dtype is None else dtype
         shape = (batch, max_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
         if per_layer:
@@ -140,22 +151,23 @@ class KVCache:
     def max_tokens(self) -> int:
         return (self.k[0] if self.per_layer else self.k).shape[-3]
 
-    def map_buffers(self, fn) -> "KVCache":
+    def map_buffers(self, fn) -> KVCache:
         """Apply `fn` to every buffer (tokens on axis -3): the same edit in both layouts."""
         if self.per_layer:
             return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v))
         return KVCache(fn(self.k), fn(self.v))
 
-    def stacked(self) -> "KVCache":
+    def stacked(self) -> KVCache:
         """This cache in the stacked layout (a copy when per-layer)."""
         return KVCache(jnp.stack(self.k), jnp.stack(self.v)) if self.per_layer else self
 
-    def split(self) -> "KVCache":
+    def split(self) -> KVCache:
         """This cache in the per-layer layout (a copy when stacked)."""
         if self.per_layer:
             return self
-        return KVCache(tuple(self.k[i] for i in range(self.num_layers)),
-                       tuple(self.v[i] for i in range(self.num_layers)))
+        return KVCache(
+            tuple(self.k[i] for i in range(self.num_layers)), tuple(self.v[i] for i in range(self.num_layers))
+        )
 
 
 @flax.struct.dataclass
@@ -178,7 +190,7 @@ class TextKV:
     def layer(self, i: int):
         return self.k[i], self.v[i]
 
-    def stacked(self) -> "TextKV":
+    def stacked(self) -> TextKV:
         return TextKV(jnp.stack(self.k), jnp.stack(self.v)) if self.per_layer else self
 
 
@@ -218,16 +230,20 @@ def _concat_kv(ck, cv, cache_frames: int, spec, ad: str, write: bool):
     this call's keys]` (cached part stop-gradient, cast to the keys' dtype); returns this
     call's keys and values (stop-gradient) when `write`, for the caller to store.
     """
+
     def fn(attn, q, k, v):
         b, _, n = q.shape[:3]
         new = (sg(k), sg(v)) if write else None
         if cache_frames:
+
             def cached(c, like):
-                c = sg(c[:, :cache_frames * n]).astype(like.dtype)
+                c = sg(c[:, : cache_frames * n]).astype(like.dtype)
                 return c.reshape(b, cache_frames, n, *c.shape[2:])
+
             k = jnp.concatenate([cached(ck, k), k], axis=1)
             v = jnp.concatenate([cached(cv, v), v], axis=1)
         return attn.attend(q, k, v, spec, cross=False, ad=ad), new
+
     return fn
 
 
@@ -240,6 +256,7 @@ def _stacked_inplace_kv(cache_k, cache_v, layer, cache_frames: int, spec, ad: st
     (a copy XLA makes for the attention op), the same keys the concatenating path builds.
     Returns (output, (new cache_k, new cache_v)); the new buffers are stop-gradient.
     """
+
     def fn(attn, q, k, v):
         b, t, n = q.shape[:3]
         start, end = cache_frames * n, (cache_frames + t) * n
@@ -254,6 +271,7 @@ def _stacked_inplace_kv(cache_k, cache_v, layer, cache_frames: int, spec, ad: st
         cache_k2, kv = write_view(cache_k, k)
         cache_v2, vv = write_view(cache_v, v)
         return attn.attend(q, kv, vv, spec, cross=False, ad=ad), (cache_k2, cache_v2)
+
     return fn
 
 
@@ -267,10 +285,12 @@ def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
     mask). The caller guarantees that every query of the
     call may see every valid key. Returns (output, (new ck, new cv)), stop-gradient.
     """
+
     def fn(attn, q, k, v):
         if partitioning.active_axes()[2] is not None:
-            raise ValueError("kv_update='inplace' with a per-layer cache runs on one device; under a "
-                             "device mesh use a stacked cache")
+            raise ValueError(
+                "kv_update='inplace' with a per-layer cache runs on one device; under a device mesh use a stacked cache"
+            )
         b, t, n = q.shape[:3]
         start = cache_frames * n
 
@@ -281,9 +301,18 @@ def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
 
         ck2, kb = write(ck, k)
         cv2, vb = write(cv, v)
-        o = attention_kv_prefix(_flat_tokens(q), kb, vb, start + t * n, impl=attn.cache_attn_impl, ad=ad,
-                                interpret=attn.attn_interpret, **attn._tiles(attn.cache_attn_impl))
+        o = attention_kv_prefix(
+            _flat_tokens(q),
+            kb,
+            vb,
+            start + t * n,
+            impl=attn.cache_attn_impl,
+            ad=ad,
+            interpret=attn.attn_interpret,
+            **attn._tiles(attn.cache_attn_impl),
+        )
         return o.reshape(q.shape), (ck2, cv2)
+
     return fn
 
 
@@ -317,13 +346,32 @@ class Attention(nnx.Module):
         `cross_attn_impl` set: `attention_kv_prefix` over all keys (q `[B, T, N, H, D]`, k, v `[B, Lk, H, D]`)."""
         if cross and self.cross_attn_impl != "auto":
             if partitioning.active_axes()[2] is not None:
-                raise ValueError(f"cross_attn_impl={self.cross_attn_impl!r} runs on one device; under a device "
-                                 "mesh use cross_attn_impl='auto'")
-            o = attention_kv_prefix(_flat_tokens(q), k, v, k.shape[1], impl=self.cross_attn_impl, ad=ad,
-                                    interpret=self.attn_interpret, **self._tiles(self.cross_attn_impl))
+                raise ValueError(
+                    f"cross_attn_impl={self.cross_attn_impl!r} runs on one device; under a device "
+                    "mesh use cross_attn_impl='auto'"
+                )
+            o = attention_kv_prefix(
+                _flat_tokens(q),
+                k,
+                v,
+                k.shape[1],
+                impl=self.cross_attn_impl,
+                ad=ad,
+                interpret=self.attn_interpret,
+                **self._tiles(self.cross_attn_impl),
+            )
             return o.reshape(q.shape)
-        return partitioning.attend(q, k, v, spec, cross=cross, impl=self.attn_impl, ad=ad,
-                                   interpret=self.attn_interpret, **self._tiles(self.attn_impl))
+        return partitioning.attend(
+            q,
+            k,
+            v,
+            spec,
+            cross=cross,
+            impl=self.attn_impl,
+            ad=ad,
+            interpret=self.attn_interpret,
+            **self._tiles(self.attn_impl),
+        )
 
     def _tiles(self, impl: str) -> dict:
         """`tiles=` for the Pallas kernels when the config sets them (not for cuDNN / mgpu)."""
@@ -361,8 +409,7 @@ class WanBlock(nnx.Module):
         self.attn2 = Attention(cfg, cfg.dim, rngs=rngs)
         self.norm2 = AffineLayerNorm(cfg.dim, cfg.eps, param_dtype=pdt)
         self.ffn = MLP(cfg.dim, cfg.ffn_dim, cfg.dim, "gelu_tanh", rngs=rngs, dtype=dt, param_dtype=pdt)
-        self.scale_shift_table = nnx.Param(
-            jax.random.normal(rngs.params(), (6, cfg.dim), pdt) / cfg.dim ** 0.5)
+        self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (6, cfg.dim), pdt) / cfg.dim**0.5)
         self.dtype = dt
 
     def __call__(self, h, mod, context, self_spec, cross_spec, rope, kv_fn, ad, text_kv=None):
@@ -395,15 +442,17 @@ class ConditionEmbedder(nnx.Module):
         self.freq_dim = cfg.freq_dim
         self.timestep_scale = cfg.timestep_scale
         # The time path stays in float32, as in the reference implementation.
-        self.time_embedder = MLP(cfg.freq_dim, cfg.dim, cfg.dim, "silu", rngs=rngs,
-                                 dtype=jnp.float32, param_dtype=pdt)
+        self.time_embedder = MLP(cfg.freq_dim, cfg.dim, cfg.dim, "silu", rngs=rngs, dtype=jnp.float32, param_dtype=pdt)
         self.time_proj = linear(cfg.dim, 6 * cfg.dim, rngs, jnp.float32, pdt)
-        self.text_embedder = MLP(cfg.text_dim, cfg.dim, cfg.dim, "gelu_tanh", rngs=rngs,
-                                 dtype=dt, param_dtype=pdt)
-        self.interval_embedder = (MLP(cfg.freq_dim, cfg.dim, cfg.dim, "silu", rngs=rngs,
-                                      dtype=jnp.float32, param_dtype=pdt) if cfg.mean_flow else None)
-        self.action_embedder = (nnx.Embed(cfg.num_actions, cfg.dim, param_dtype=pdt, rngs=rngs)
-                                if cfg.num_actions else None)
+        self.text_embedder = MLP(cfg.text_dim, cfg.dim, cfg.dim, "gelu_tanh", rngs=rngs, dtype=dt, param_dtype=pdt)
+        self.interval_embedder = (
+            MLP(cfg.freq_dim, cfg.dim, cfg.dim, "silu", rngs=rngs, dtype=jnp.float32, param_dtype=pdt)
+            if cfg.mean_flow
+            else None
+        )
+        self.action_embedder = (
+            nnx.Embed(cfg.num_actions, cfg.dim, param_dtype=pdt, rngs=rngs) if cfg.num_actions else None
+        )
 
     def __call__(self, t, context, actions=None, r=None):
         """t `[B, T]` -> temb `[B, T, dim]`, mod `[B, T, 6, dim]`; context -> `[B, Ltxt, dim]` (None -> None)."""
@@ -436,8 +485,7 @@ class WanModel(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.proj_out = linear(cfg.dim, pt * ph * pw * cfg.out_channels, rngs, dt, pdt)
-        self.scale_shift_table = nnx.Param(
-            jax.random.normal(rngs.params(), (2, cfg.dim), pdt) / cfg.dim ** 0.5)
+        self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (2, cfg.dim), pdt) / cfg.dim**0.5)
 
     # ----------------------------------------------------------------- checks
     def check_inputs(self, x, t, context, actions):
@@ -453,7 +501,8 @@ class WanModel(nnx.Module):
         if context.ndim != 3 or tuple(context.shape) != (b, cfg.text_len, cfg.text_dim):
             raise ValueError(
                 f"context must be [B, text_len, text_dim] = {(b, cfg.text_len, cfg.text_dim)}, "
-                f"got {tuple(context.shape)}")
+                f"got {tuple(context.shape)}"
+            )
         if actions is not None:
             if not cfg.num_actions:
                 raise ValueError("actions given but the model has no action embedding (num_actions=0)")
@@ -471,18 +520,35 @@ class WanModel(nnx.Module):
         share the text."""
         cfg = self.cfg
         if context.ndim != 3 or tuple(context.shape[1:]) != (cfg.text_len, cfg.text_dim):
-            raise ValueError(f"context must be [B, text_len, text_dim] = [B, {cfg.text_len}, {cfg.text_dim}], "
-                             f"got {tuple(context.shape)}")
+            raise ValueError(
+                f"context must be [B, text_len, text_dim] = [B, {cfg.text_len}, {cfg.text_dim}], "
+                f"got {tuple(context.shape)}"
+            )
         ctx = self.condition_embedder.text_embedder(context.astype(cfg.compute_dtype))
         graphdef, state = nnx.split(self.blocks)
         k, v = jax.vmap(lambda s: nnx.merge(graphdef, s).attn2.project_kv(ctx))(state)
         return TextKV(tuple(k), tuple(v)) if per_layer else TextKV(k, v)
 
     # ----------------------------------------------------------------- forward
-    def __call__(self, x, t, context, *, pattern: AttentionPattern = FULL, actions=None, r=None,
-                 frame_pos=None, cache: KVCache | None = None, cache_frames=0,
-                 write_cache: bool = False, ad: str = "vjp", kv_update: str = "concat",
-                 layer_params=None, scan_unroll: int = 1, text_kv: TextKV | None = None):
+    def __call__(
+        self,
+        x,
+        t,
+        context,
+        *,
+        pattern: AttentionPattern = FULL,
+        actions=None,
+        r=None,
+        frame_pos=None,
+        cache: KVCache | None = None,
+        cache_frames=0,
+        write_cache: bool = False,
+        ad: str = "vjp",
+        kv_update: str = "concat",
+        layer_params=None,
+        scan_unroll: int = 1,
+        text_kv: TextKV | None = None,
+    ):
         """Predict the RF velocity.
 
         Args:
@@ -537,8 +603,7 @@ class WanModel(nnx.Module):
         if cache is not None:
             _check_cache(cfg, cache, b)
             if write_cache and not traced and (cache_frames + tq) * n > cache.max_tokens:
-                raise ValueError(f"KV cache of {cache.max_tokens // n} frames cannot hold "
-                                 f"{cache_frames} + {tq} frames")
+                raise ValueError(f"KV cache of {cache.max_tokens // n} frames cannot hold {cache_frames} + {tq} frames")
 
         if frame_pos is None:
             if pattern.kind == "teacher_forcing":
@@ -547,7 +612,7 @@ class WanModel(nnx.Module):
             else:
                 frame_pos = cache_frames + jnp.arange(tq)
         angles = rope_angles(frame_pos, hq, wq, cfg.head_dim, cfg.rope_theta).reshape(tq, n, -1)
-        rope = rope_tables(angles)           # once per call, shared by every layer
+        rope = rope_tables(angles)  # once per call, shared by every layer
 
         h = self.patch_embedding(patchify(x.astype(cfg.compute_dtype), cfg.patch_size))
         h = partitioning.constrain_tokens(h.reshape(b, tq, n, cfg.dim).astype(jnp.float32))
@@ -559,9 +624,12 @@ class WanModel(nnx.Module):
             r = r[:, ::pt]
         if text_kv is not None:
             _check_text_kv(cfg, text_kv, b, context.shape[1])
-        temb, mod, ctx = self.condition_embedder(t[:, ::pt], None if text_kv is not None else
-                                                 context.astype(cfg.compute_dtype),
-                                                 None if actions is None else actions[:, ::pt], r)
+        temb, mod, ctx = self.condition_embedder(
+            t[:, ::pt],
+            None if text_kv is not None else context.astype(cfg.compute_dtype),
+            None if actions is None else actions[:, ::pt],
+            r,
+        )
 
         run = _LayerRun(self, mod, ctx, spec, cross_spec, rope, ad, text_kv)
         inplace = cache is not None and write_cache and kv_update == "inplace"
@@ -592,10 +660,11 @@ def _check_cache(cfg: WanConfig, cache: KVCache, batch: int) -> None:
     if cache.num_layers != cfg.num_layers or (cache.per_layer and len(cache.v) != cfg.num_layers):
         raise ValueError(f"KV cache has {cache.num_layers} layers, the model {cfg.num_layers}")
     for a in bufs:
-        if a.ndim != (4 if cache.per_layer else 5) or tuple(a.shape[-2:]) != want \
-                or a.shape[-3] != cache.max_tokens:
-            raise ValueError(f"KV cache buffers must be [layers, B, S, {want[0]}, {want[1]}] (stacked) or "
-                             f"[B, S, {want[0]}, {want[1]}] per layer; got {tuple(a.shape)}")
+        if a.ndim != (4 if cache.per_layer else 5) or tuple(a.shape[-2:]) != want or a.shape[-3] != cache.max_tokens:
+            raise ValueError(
+                f"KV cache buffers must be [layers, B, S, {want[0]}, {want[1]}] (stacked) or "
+                f"[B, S, {want[0]}, {want[1]}] per layer; got {tuple(a.shape)}"
+            )
     if cache.batch != batch:
         raise ValueError(f"cache batch {cache.batch} != input batch {batch}")
 
@@ -606,22 +675,26 @@ def _check_text_kv(cfg: WanConfig, text_kv: TextKV, batch: int, text_len: int) -
     layers = len(text_kv.k) if text_kv.per_layer else text_kv.k.shape[0]
     shapes = [tuple(a.shape) if text_kv.per_layer else tuple(a.shape[1:]) for a in arrays]
     if layers != cfg.num_layers or any(sh != want for sh in shapes) or (text_kv.per_layer and len(text_kv.v) != layers):
-        raise ValueError(f"text_kv must hold {cfg.num_layers} layers of k, v {want} (WanModel.text_kv of this "
-                         f"context); got {layers} layers of {shapes[0] if shapes else None}")
+        raise ValueError(
+            f"text_kv must hold {cfg.num_layers} layers of k, v {want} (WanModel.text_kv of this "
+            f"context); got {layers} layers of {shapes[0] if shapes else None}"
+        )
 
 
 def _check_traced_cache_call(pattern: AttentionPattern, cache, kv_update, write_cache, tq) -> None:
     """A traced `cache_frames` is only defined for one-block calls that see the whole cache."""
     if not (cache is not None and cache.per_layer and kv_update == "inplace" and write_cache):
-        raise ValueError("a traced cache_frames needs a per-layer KV cache (KVCache.create(..., "
-                         "per_layer=True)), kv_update='inplace' and write_cache=True; otherwise pass "
-                         "cache_frames as a Python int")
-    if pattern.kind != "block_causal" or pattern.local_attn_blocks or tq > min(pattern.first,
-                                                                                pattern.block_frames):
+        raise ValueError(
+            "a traced cache_frames needs a per-layer KV cache (KVCache.create(..., "
+            "per_layer=True)), kv_update='inplace' and write_cache=True; otherwise pass "
+            "cache_frames as a Python int"
+        )
+    if pattern.kind != "block_causal" or pattern.local_attn_blocks or tq > min(pattern.first, pattern.block_frames):
         raise ValueError(
             "a traced cache_frames needs a block_causal pattern without a local window and a call of "
             f"one block (T={tq} <= block frames {min(pattern.first, pattern.block_frames)}): the call must "
-            "see the whole cached prefix, which is then masked by length only")
+            "see the whole cached prefix, which is then masked by length only"
+        )
 
 
 class _LayerRun:
@@ -635,7 +708,7 @@ class _LayerRun:
     loop: a Python loop over the layers (per-layer parameters and/or a per-layer cache).
     """
 
-    def __init__(self, model: "WanModel", mod, ctx, spec, cross_spec, rope, ad, text_kv=None):
+    def __init__(self, model: WanModel, mod, ctx, spec, cross_spec, rope, ad, text_kv=None):
         self.cfg = model.cfg
         self.graphdef, self.block_state = nnx.split(model.blocks)
         self.mod, self.ctx, self.spec, self.cross_spec, self.rope, self.ad = mod, ctx, spec, cross_spec, rope, ad
@@ -670,14 +743,17 @@ class _LayerRun:
         # The cache is read layer by layer as a scan input; only this call's keys and
         # values come out of the scan (as `[layers, B, T, N, H, D]`) and are written
         # into the cache once afterwards, in place when the caller donates it.
-        xs = ((self.block_state, None, None) if cache is None else (self.block_state, cache.k, cache.v)) \
-            + self._text_xs()
+        xs = (
+            (self.block_state, None, None) if cache is None else (self.block_state, cache.k, cache.v)
+        ) + self._text_xs()
         h, new_kv = jax.lax.scan(self._remat(body), h, xs, unroll=unroll)
         if cache is not None and write_cache:
+
             def append(buf, new):
                 start = cache_frames * new.shape[3]
                 new = new.reshape(*new.shape[:2], -1, *new.shape[-2:]).astype(buf.dtype)
                 return jax.lax.dynamic_update_slice(buf, new, (0, 0, start, 0, 0))
+
             cache = KVCache(append(cache.k, new_kv[0]), append(cache.v, new_kv[1]))
         return h, cache
 
@@ -686,7 +762,8 @@ class _LayerRun:
             raise ValueError(
                 "kv_update='inplace' with a stacked cache passes the whole cache from layer to layer, and "
                 f"remat={self.cfg.remat!r} would save it at every layer; use remat='none', a per-layer "
-                "cache, or kv_update='concat'")
+                "cache, or kv_update='concat'"
+            )
 
     def scan_inplace(self, h, cache, cache_frames, unroll):
         self._check_no_remat_carry()
@@ -695,22 +772,25 @@ class _LayerRun:
         def body(carry, xs):
             h, ck, cv, i = carry
             layer_state, tk, tv = xs
-            h, (ck, cv) = self._layer(layer_state, h, _stacked_inplace_kv(ck, cv, i, cache_frames, spec, ad),
-                                      None if tk is None else (tk, tv))
+            h, (ck, cv) = self._layer(
+                layer_state, h, _stacked_inplace_kv(ck, cv, i, cache_frames, spec, ad), None if tk is None else (tk, tv)
+            )
             return (h, ck, cv, i + 1), None
 
-        (h, ck, cv, _), _ = jax.lax.scan(body, (h, cache.k, cache.v, jnp.int32(0)),
-                                         (self.block_state, *self._text_xs()), unroll=unroll)
+        (h, ck, cv, _), _ = jax.lax.scan(
+            body, (h, cache.k, cache.v, jnp.int32(0)), (self.block_state, *self._text_xs()), unroll=unroll
+        )
         return h, KVCache(ck, cv)
 
     def loop(self, h, cache, cache_frames, write_cache, inplace, layer_params):
         """Python loop over the layers; the cache buffers are edited layer by layer."""
         num = self.cfg.num_layers
-        if layer_params is not None:       # leaves of one layer each, in the stacked state's order
+        if layer_params is not None:  # leaves of one layer each, in the stacked state's order
             treedef = jax.tree.structure(self.block_state)
             if len(layer_params) != num or any(len(lv) != treedef.num_leaves for lv in layer_params):
-                raise ValueError(f"layer_params must hold {num} layers of {treedef.num_leaves} arrays each "
-                                 "(from split_layer_params)")
+                raise ValueError(
+                    f"layer_params must hold {num} layers of {treedef.num_leaves} arrays each (from split_layer_params)"
+                )
             states = [jax.tree.unflatten(treedef, leaves) for leaves in layer_params]
         else:
             states = [jax.tree.map(lambda a, i=i: a[i], self.block_state) for i in range(num)]
@@ -720,12 +800,14 @@ class _LayerRun:
             raise ValueError(
                 "kv_update='inplace' with a per-layer cache attends by length only, so every query of "
                 "the call must see every cached key (one block, no local window cutting the cache); "
-                "use kv_update='concat' or a stacked cache for this call")
+                "use kv_update='concat' or a stacked cache for this call"
+            )
         if inplace and not per_layer:
             self._check_no_remat_carry()
         # per-layer: lists of layer buffers [B, S, H, D]; stacked: the [L, B, S, H, D] arrays
-        ks, vs = (None, None) if cache is None else (
-            (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v))
+        ks, vs = (
+            (None, None) if cache is None else ((list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v))
+        )
         for i, state in enumerate(states):
             if cache is None:
                 kv_fn = None
@@ -743,9 +825,11 @@ class _LayerRun:
                 ks[i], vs[i] = extra
             elif inplace:
                 ks, vs = extra
-            elif per_layer:                  # concat + write: store this layer's keys now
-                ks[i], vs[i] = (_put_layer(ks[i], extra[0], None, cache_frames),
-                                _put_layer(vs[i], extra[1], None, cache_frames))
+            elif per_layer:  # concat + write: store this layer's keys now
+                ks[i], vs[i] = (
+                    _put_layer(ks[i], extra[0], None, cache_frames),
+                    _put_layer(vs[i], extra[1], None, cache_frames),
+                )
             else:
                 ks, vs = _put_layer(ks, extra[0], i, cache_frames), _put_layer(vs, extra[1], i, cache_frames)
         if cache is None:
@@ -781,7 +865,7 @@ def init_model(cfg: WanConfig, seed: int = 0) -> WanModel:
     return WanModel(cfg, rngs=nnx.Rngs(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apply_for(cfg: WanConfig):
     """The functional `apply` of a config's architecture, without allocating parameters."""
     return functional(nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0))))[0]
@@ -808,7 +892,8 @@ def _make_apply(graphdef, rest):
         return nnx.merge(graphdef, params, rest)(x, t, context, **kw)
 
     apply.text_kv = lambda params, context, per_layer=True: nnx.merge(graphdef, params, rest).text_kv(
-        context, per_layer)
+        context, per_layer
+    )
     return apply
 
 

@@ -12,6 +12,19 @@ from crm_jax.sampling.plan import CacheLayout, TimeSchedule, cache_capacity, chu
 from crm_jax.sampling.reference import reference_generate
 from crm_jax.sampling.streaming import Chunk, StreamingSampler, chunk_noise, generate, stream
 
-__all__ = ["ActionSource", "check_actions", "parse_action_tokens", "CacheLayout", "TimeSchedule",
-           "cache_capacity", "chunk_bounds", "make_schedule", "reference_generate", "Chunk",
-           "StreamingSampler", "chunk_noise", "generate", "stream"]
+__all__ = [
+    "ActionSource",
+    "check_actions",
+    "parse_action_tokens",
+    "CacheLayout",
+    "TimeSchedule",
+    "cache_capacity",
+    "chunk_bounds",
+    "make_schedule",
+    "reference_generate",
+    "Chunk",
+    "StreamingSampler",
+    "chunk_noise",
+    "generate",
+    "stream",
+]

@@ -7,7 +7,8 @@ takes actions `[B, f]` (a `[f]` vector is broadcast over the batch).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,12 +29,15 @@ def check_actions(actions, batch: int, frames: int, num_actions: int, where: str
     if a.ndim == 1:
         a = np.broadcast_to(a, (batch, a.shape[0]))
     if a.ndim != 2 or a.shape != (batch, frames):
-        raise ValueError(f"{where}: expected {frames} action ids per frame ([{frames}] or [B={batch}, {frames}]), "
-                         f"got shape {tuple(np.shape(actions))}")
+        raise ValueError(
+            f"{where}: expected {frames} action ids per frame ([{frames}] or [B={batch}, {frames}]), "
+            f"got shape {tuple(np.shape(actions))}"
+        )
     bad = (a < 0) | (a >= num_actions)
     if bad.any():
-        raise ValueError(f"{where}: action id {int(a[bad][0])} is outside the vocabulary [0, {num_actions}) "
-                         f"of this model")
+        raise ValueError(
+            f"{where}: action id {int(a[bad][0])} is outside the vocabulary [0, {num_actions}) of this model"
+        )
     return a.astype(np.int32)
 
 
@@ -75,8 +79,9 @@ class ActionSource:
         if self.array is not None:
             have = self.array.shape[-1]
             if num_frames is None or have < num_frames:
-                raise ValueError(f"actions cover {have} frames but {num_frames or 'an endless stream of'} "
-                                 "frames were requested")
+                raise ValueError(
+                    f"actions cover {have} frames but {num_frames or 'an endless stream of'} frames were requested"
+                )
 
     def get(self, index: int, start: int, end: int) -> np.ndarray | None:
         """Actions `[B, end - start]` int32 for a chunk (None when there are none)."""
@@ -107,8 +112,9 @@ def parse_action_tokens(tokens: Sequence[str], names: Sequence[str], num_actions
         try:
             i = int(t)
         except ValueError:
-            raise ValueError(f"unknown action {tok!r}; known: {', '.join(names[:num_actions])} "
-                             f"or ids 0..{num_actions - 1}") from None
+            raise ValueError(
+                f"unknown action {tok!r}; known: {', '.join(names[:num_actions])} or ids 0..{num_actions - 1}"
+            ) from None
         if not 0 <= i < num_actions:
             raise ValueError(f"action id {i} is outside the vocabulary [0, {num_actions})")
         out.append(i)

@@ -24,7 +24,7 @@ from crm_jax.models.wan import AttentionPattern, KVCache
 METHODS = ("euler", "consistency")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit(apply):
     return jax.jit(apply, static_argnames=("pattern", "cache_frames", "write_cache", "ad"))
 
@@ -38,10 +38,27 @@ def block_times(method: str, steps: int, shift: float = 5.0, sigma_max: float = 
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern, num_frames: int,
-                  latent_hw, method: str = "euler", steps: int = 16, shift: float = 5.0,
-                  sigma_max: float = 80.0, guidance: float = 1.0, neg_context=None, actions=None,
-                  prefix=None, times=None, noise=None):
+def causal_sample(
+    apply,
+    params,
+    cfg,
+    key,
+    context,
+    *,
+    pattern: AttentionPattern,
+    num_frames: int,
+    latent_hw,
+    method: str = "euler",
+    steps: int = 16,
+    shift: float = 5.0,
+    sigma_max: float = 80.0,
+    guidance: float = 1.0,
+    neg_context=None,
+    actions=None,
+    prefix=None,
+    times=None,
+    noise=None,
+):
     """Generate `[B, num_frames, H, W, C]`.
 
     Args:
@@ -83,13 +100,25 @@ def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern
             x0 = prefix[:, s:e]
         else:
             kb = jax.random.fold_in(key if key is not None else jax.random.key(0), i)
-            x = (jax.random.normal(kb, (b, e - s, h, w, cfg.in_channels)) if noise is None
-                 else noise[:, s:e].astype(jnp.float32))
+            x = (
+                jax.random.normal(kb, (b, e - s, h, w, cfg.in_channels))
+                if noise is None
+                else noise[:, s:e].astype(jnp.float32)
+            )
             x0 = x
             for j in range(len(ts) - 1):
                 xin = jnp.concatenate([x, x]) if cfg_on else x
-                v, _ = f(params, xin, jnp.full((bb, e - s), ts[j]), ctx, pattern=pattern, actions=a, r=r,
-                         cache=cache, cache_frames=s)
+                v, _ = f(
+                    params,
+                    xin,
+                    jnp.full((bb, e - s), ts[j]),
+                    ctx,
+                    pattern=pattern,
+                    actions=a,
+                    r=r,
+                    cache=cache,
+                    cache_frames=s,
+                )
                 if cfg_on:
                     v = v[b:] + guidance * (v[:b] - v[b:])
                 if method == "euler":
@@ -101,7 +130,17 @@ def causal_sample(apply, params, cfg, key, context, *, pattern: AttentionPattern
                         eps = jax.random.normal(jax.random.fold_in(kb, j + 1), x.shape)
                         x = (1 - ts[j + 1]) * x0 + ts[j + 1] * eps
         xin = jnp.concatenate([x0, x0]) if cfg_on else x0
-        _, cache = f(params, xin, jnp.zeros((bb, e - s)), ctx, pattern=pattern, actions=a, r=r, cache=cache,
-                     cache_frames=s, write_cache=True)
+        _, cache = f(
+            params,
+            xin,
+            jnp.zeros((bb, e - s)),
+            ctx,
+            pattern=pattern,
+            actions=a,
+            r=r,
+            cache=cache,
+            cache_frames=s,
+            write_cache=True,
+        )
         out.append(x0)
     return jnp.concatenate(out, axis=1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -57,15 +57,17 @@ def chunk_bounds(pattern: AttentionPattern, num_frames: int | None) -> Iterator[
 
 # ----------------------------------------------------------------------------- time grids
 
+
 def _as_grid(g, where: str) -> np.ndarray:
     g = np.asarray(g, np.float64).reshape(-1)
     if g.size == 0:
         raise ValueError(f"{where}: empty time grid")
     if g[-1] != 0.0:
-        g = np.append(g, 0.0)          # the final 0 may be left out
+        g = np.append(g, 0.0)  # the final 0 may be left out
     if g.size < 2 or np.any(np.diff(g) >= 0) or g[0] > 1.0 or g[-1] < 0.0 or np.isnan(g).any():
-        raise ValueError(f"{where}: a time grid must be strictly decreasing RF times in (0, 1] ending at 0, "
-                         f"got {g.tolist()}")
+        raise ValueError(
+            f"{where}: a time grid must be strictly decreasing RF times in (0, 1] ending at 0, got {g.tolist()}"
+        )
     return g
 
 
@@ -113,11 +115,11 @@ class TimeSchedule:
 def make_schedule(steps=4, grids=None, sigma_max: float = 1600.0) -> TimeSchedule:
     if isinstance(steps, TimeSchedule):
         return steps
-    return TimeSchedule(steps=steps, grids=None if grids is None else tuple(map(tuple, grids)),
-                        sigma_max=sigma_max)
+    return TimeSchedule(steps=steps, grids=None if grids is None else tuple(map(tuple, grids)), sigma_max=sigma_max)
 
 
 # ----------------------------------------------------------------------------- cache layout
+
 
 def sink_frames(pattern: AttentionPattern) -> int:
     """Frames in the sink blocks."""
@@ -136,7 +138,8 @@ def cache_capacity(pattern: AttentionPattern, num_frames: int | None) -> int:
         if num_frames is None:
             raise ValueError(
                 "an endless stream needs a rolling KV cache: set local_attn_blocks (and sink_blocks) "
-                "in the AttentionPattern")
+                "in the AttentionPattern"
+            )
         return num_frames
     non_sink = [pattern.block_frames] + ([pattern.first] if pattern.sink_blocks == 0 else [])
     cap = sink_frames(pattern) + pattern.local_attn_blocks * max(non_sink)
@@ -171,8 +174,8 @@ class CacheLayout:
     def __init__(self, pattern: AttentionPattern, capacity: int):
         self.pattern = check_pattern(pattern)
         self.capacity = int(capacity)
-        self.sinks: list[int] = []          # sizes of sink blocks in the buffer
-        self.window: deque[int] = deque()   # sizes of window blocks, oldest first
+        self.sinks: list[int] = []  # sizes of sink blocks in the buffer
+        self.window: deque[int] = deque()  # sizes of window blocks, oldest first
         self.index = 0
 
     @property
@@ -195,7 +198,8 @@ class CacheLayout:
             raise ValueError(
                 f"KV cache of {self.capacity} frames cannot hold {cache_frames} cached + {size} new frames "
                 f"(chunk {self.index}, frames {start}..{end - 1}); use a rolling window "
-                f"(AttentionPattern.local_attn_blocks / sink_blocks) or a larger cache")
+                f"(AttentionPattern.local_attn_blocks / sink_blocks) or a larger cache"
+            )
         lay = ChunkLayout(self.index, start, end, self.sink_total, evict, cache_frames)
         if self.index < p.sink_blocks:
             self.sinks.append(size)
@@ -212,7 +216,10 @@ def check_length(pattern: AttentionPattern, num_frames: int | None, max_cache_fr
     need = cache_capacity(pattern, num_frames)
     if max_cache_frames is not None and need > max_cache_frames:
         what = "an endless stream" if num_frames is None else f"{num_frames} frames"
-        hint = ("set local_attn_blocks (and sink_blocks) in the AttentionPattern for a rolling window"
-                if not pattern.local_attn_blocks else "use a smaller local window")
+        hint = (
+            "set local_attn_blocks (and sink_blocks) in the AttentionPattern for a rolling window"
+            if not pattern.local_attn_blocks
+            else "use a smaller local window"
+        )
         raise ValueError(f"the KV cache holds at most {max_cache_frames} frames but {what} need {need}: {hint}")
     return need

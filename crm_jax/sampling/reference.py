@@ -40,8 +40,9 @@ def _ref_step(apply, params, xs, ts, acts, context, x, times, noise, j, start, *
     t = jnp.full((b, f), times[j], jnp.float32)
     xs = jax.lax.dynamic_update_slice(xs, x, (zero, start, zero, zero, zero))
     ts = jax.lax.dynamic_update_slice(ts, t, (zero, start))
-    v = apply(params, xs, ts, context, pattern=pattern, actions=acts,
-              frame_pos=jnp.arange(xs.shape[1], dtype=jnp.int32))
+    v = apply(
+        params, xs, ts, context, pattern=pattern, actions=acts, frame_pos=jnp.arange(xs.shape[1], dtype=jnp.int32)
+    )
     v = jax.lax.dynamic_slice_in_dim(v, start, f, axis=1)
     x0 = x0_from_v(x, t, v)
     return x0, rf_noise(x0, noise[j + 1], jnp.full((b, f), times[j + 1], jnp.float32))
@@ -63,9 +64,20 @@ def _jitted(apply):
     return jax.jit(functools.partial(_ref_step, apply), static_argnames=("pattern",))
 
 
-def reference_generate(apply, params, cfg: WanConfig, key, context, num_frames: int, *,
-                       pattern: AttentionPattern, latent_hw, steps=4, context_mode: str = "clean",
-                       actions=None) -> jax.Array:
+def reference_generate(
+    apply,
+    params,
+    cfg: WanConfig,
+    key,
+    context,
+    num_frames: int,
+    *,
+    pattern: AttentionPattern,
+    latent_hw,
+    steps=4,
+    context_mode: str = "clean",
+    actions=None,
+) -> jax.Array:
     """Generate `[B, num_frames, H, W, C]` without a cache (see the module docstring).
 
     Arguments mean what they mean for `StreamingSampler` / `StreamingSampler.stream`.
@@ -82,7 +94,7 @@ def reference_generate(apply, params, cfg: WanConfig, key, context, num_frames: 
     src.check_length(num_frames)
     step = _jitted(apply)
     xs = jnp.zeros((b, num_frames, *latent_hw, cfg.in_channels), jnp.float32)
-    ts = jnp.ones((b, num_frames), jnp.float32)            # padding: pure noise level
+    ts = jnp.ones((b, num_frames), jnp.float32)  # padding: pure noise level
     acts = None if src.array is None and not src.live else np.zeros((b, num_frames), np.int32)
     outs = []
     for i, (s, e) in enumerate(chunk_bounds(pattern, num_frames)):
@@ -96,8 +108,9 @@ def reference_generate(apply, params, cfg: WanConfig, key, context, num_frames: 
         x = noise[0]
         a_dev = None if acts is None else jnp.asarray(acts)
         for j in range(n):
-            x0, x_next = step(params, xs, ts, a_dev, context, x, times, noise, jnp.int32(j), jnp.int32(s),
-                              pattern=pattern)
+            x0, x_next = step(
+                params, xs, ts, a_dev, context, x, times, noise, jnp.int32(j), jnp.int32(s), pattern=pattern
+            )
             if j < n - 1:
                 x = x_next
         if context_mode == "clean":

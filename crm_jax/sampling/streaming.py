@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +59,16 @@ from crm_jax.diffusion import rf_noise, x0_from_v
 from crm_jax.models.config import WanConfig
 from crm_jax.models.wan import KV_UPDATES, AttentionPattern, KVCache, split_layer_params
 from crm_jax.sampling.actions import ActionSource
-from crm_jax.sampling.plan import (CONTEXT_MODES, CacheLayout, ChunkLayout, TimeSchedule, check_length,
-                                   check_pattern, chunk_bounds, make_schedule)
+from crm_jax.sampling.plan import (
+    CONTEXT_MODES,
+    CacheLayout,
+    ChunkLayout,
+    TimeSchedule,
+    check_length,
+    check_pattern,
+    chunk_bounds,
+    make_schedule,
+)
 from pallas_kernels.ops import prefix_len_can_be_traced
 
 
@@ -76,8 +85,9 @@ class Chunk(NamedTuple):
     actions: np.ndarray | None
 
 
-def chunk_noise(key: jax.Array, index: int | jax.Array, shape: tuple[int, ...], step: int | jax.Array,
-                dtype=jnp.float32) -> jax.Array:
+def chunk_noise(
+    key: jax.Array, index: int | jax.Array, shape: tuple[int, ...], step: int | jax.Array, dtype=jnp.float32
+) -> jax.Array:
     """Noise of chunk `index`: step 0 = initial noise, step i >= 1 = re-noise before step i.
 
     key -> fold_in(key, index) -> fold_in(., step) -> normal(shape).
@@ -121,20 +131,30 @@ def _shift_window(cache: KVCache, sink_tok: int, evict_tok: int, end_tok: int) -
     if evict_tok == 0:
         return cache
 
-    def shift(a):                             # tokens on axis -3 in both cache layouts
-        return a.at[..., sink_tok:end_tok - evict_tok, :, :].set(a[..., sink_tok + evict_tok:end_tok, :, :])
+    def shift(a):  # tokens on axis -3 in both cache layouts
+        return a.at[..., sink_tok : end_tok - evict_tok, :, :].set(a[..., sink_tok + evict_tok : end_tok, :, :])
+
     return cache.map_buffers(shift)
 
 
-def _call_kwargs(static: tuple, f: int, cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
-                 text_kv):
+def _call_kwargs(
+    static: tuple, f: int, cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
+):
     """Model keyword arguments of a chunk's calls (see `_chunk_fn` for `static`)."""
     static_frames = static[2]
     traced = static_frames is None
     pattern = AttentionPattern("block_causal", block_frames=f) if traced else buffer_pattern(static_frames, f)
-    return dict(pattern=pattern, actions=actions, frame_pos=frame_pos,
-                cache_frames=cache_frames if traced else static_frames, write_cache=True, kv_update=kv_update,
-                layer_params=layer_params, scan_unroll=scan_unroll, text_kv=text_kv)
+    return dict(
+        pattern=pattern,
+        actions=actions,
+        frame_pos=frame_pos,
+        cache_frames=cache_frames if traced else static_frames,
+        write_cache=True,
+        kv_update=kv_update,
+        layer_params=layer_params,
+        scan_unroll=scan_unroll,
+        text_kv=text_kv,
+    )
 
 
 def _model_step(apply, params, x, cache, noise, context, times, j, kw):
@@ -152,8 +172,26 @@ def _window_end(static: tuple, tpf: int, cache: KVCache) -> int:
     return cache.max_tokens if static_frames is None else (static_frames + evict) * tpf
 
 
-def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, num_calls, cache_frames,
-              layer_params, text_kv, *, static: tuple, tpf: int, x_shape: tuple, kv_update: str, scan_unroll: int):
+def _chunk_fn(
+    apply,
+    params,
+    cache,
+    noise,
+    context,
+    actions,
+    frame_pos,
+    times,
+    num_calls,
+    cache_frames,
+    layer_params,
+    text_kv,
+    *,
+    static: tuple,
+    tpf: int,
+    x_shape: tuple,
+    kv_update: str,
+    scan_unroll: int,
+):
     """One chunk: evict, denoise, fill the cache. Returns (x̂0 `[B, f, H, W, C]`, cache).
 
     One model call per loop iteration j < num_calls, each writing this chunk's keys/values
@@ -176,8 +214,9 @@ def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, n
     """
     sink, evict, _ = static
     cache = _shift_window(cache, sink * tpf, evict * tpf, _window_end(static, tpf, cache))
-    kw = _call_kwargs(static, x_shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
-                      text_kv)
+    kw = _call_kwargs(
+        static, x_shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
+    )
 
     def call(j, carry):
         x, cache = carry
@@ -186,22 +225,54 @@ def _chunk_fn(apply, params, cache, noise, context, actions, frame_pos, times, n
     return jax.lax.fori_loop(0, num_calls, call, (noise[0], cache))
 
 
-def _rerun_fn(apply, params, cache, x0, context, actions, frame_pos, cache_frames, layer_params, text_kv, *,
-              static: tuple, kv_update: str, scan_unroll: int):
+def _rerun_fn(
+    apply,
+    params,
+    cache,
+    x0,
+    context,
+    actions,
+    frame_pos,
+    cache_frames,
+    layer_params,
+    text_kv,
+    *,
+    static: tuple,
+    kv_update: str,
+    scan_unroll: int,
+):
     """The clean-context re-run of a chunk on its own: v(x̂0, t = 0) writes the chunk's clean keys and
     values into the cache. Returns the cache only (the output is not needed, so XLA drops the last
     layer's work after its keys and values and the head). Arguments as in `_chunk_fn`;
     x0: `[B, f, H, W, C]`, the chunk's output. The same call as `_chunk_fn`'s last iteration
     in clean mode (its grid ends at t_n = 0)."""
-    kw = _call_kwargs(static, x0.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
-                      text_kv)
+    kw = _call_kwargs(
+        static, x0.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
+    )
     b, f = x0.shape[:2]
     _, cache = apply(params, x0, jnp.zeros((b, f), jnp.float32), context, cache=cache, **kw)
     return cache
 
 
-def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times, j, cache_frames,
-             layer_params, text_kv, *, static: tuple, kv_update: str, scan_unroll: int):
+def _call_fn(
+    apply,
+    params,
+    cache,
+    x,
+    noise,
+    context,
+    actions,
+    frame_pos,
+    times,
+    j,
+    cache_frames,
+    layer_params,
+    text_kv,
+    *,
+    static: tuple,
+    kv_update: str,
+    scan_unroll: int,
+):
     """Model call `j` of a chunk on its own (call_loop="host"): returns (x after call j, cache).
 
     The host loops over the calls; each is one jitted, asynchronous dispatch (cache and x
@@ -210,8 +281,9 @@ def _call_fn(apply, params, cache, x, noise, context, actions, frame_pos, times,
     there; here nothing waits on the device.
     Arguments as in `_chunk_fn`; x: `[B, f, H, W, C]` (noise[0] before call 0); j: int32.
     """
-    kw = _call_kwargs(static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll,
-                      text_kv)
+    kw = _call_kwargs(
+        static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
+    )
     return _model_step(apply, params, x, cache, noise, context, times, j, kw)
 
 
@@ -221,23 +293,35 @@ def _jitted_chunk(apply, compiler_options: tuple = (), static_calls: bool = Fals
     (shared by samplers); `static_calls`: `num_calls` is static (call_loop="static": a known loop
     trip count, one compile per call count)."""
     static = ("static", "tpf", "x_shape", "kv_update", "scan_unroll") + (("num_calls",) if static_calls else ())
-    return jax.jit(functools.partial(_chunk_fn, apply), static_argnames=static,
-                   donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
+    return jax.jit(
+        functools.partial(_chunk_fn, apply),
+        static_argnames=static,
+        donate_argnums=(1,),
+        compiler_options=dict(compiler_options) or None,
+    )
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_call(apply, compiler_options: tuple = ()):
     """One jitted model call (call_loop="host") per model `apply` and compiler options."""
-    return jax.jit(functools.partial(_call_fn, apply), static_argnames=("static", "kv_update", "scan_unroll"),
-                   donate_argnums=(1, 2), compiler_options=dict(compiler_options) or None)
+    return jax.jit(
+        functools.partial(_call_fn, apply),
+        static_argnames=("static", "kv_update", "scan_unroll"),
+        donate_argnums=(1, 2),
+        compiler_options=dict(compiler_options) or None,
+    )
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_rerun(apply, compiler_options: tuple = ()):
     """The clean-context re-run (`_rerun_fn`) per model `apply` and compiler options; only the
     cache is donated (x̂0 is the chunk handed to the caller)."""
-    return jax.jit(functools.partial(_rerun_fn, apply), static_argnames=("static", "kv_update", "scan_unroll"),
-                   donate_argnums=(1,), compiler_options=dict(compiler_options) or None)
+    return jax.jit(
+        functools.partial(_rerun_fn, apply),
+        static_argnames=("static", "kv_update", "scan_unroll"),
+        donate_argnums=(1,),
+        compiler_options=dict(compiler_options) or None,
+    )
 
 
 _jitted_new_cache = jax.jit(KVCache.create, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -338,9 +422,11 @@ class StreamingSampler:
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.cfg.mean_flow:
-            raise ValueError("the streaming sampler calls models without MeanFlow's start time r; sample a "
-                             "MeanFlow student with crm_jax.sampling.causal.causal_sample(method='consistency'), "
-                             "which uses u(x, 0, t)")
+            raise ValueError(
+                "the streaming sampler calls models without MeanFlow's start time r; sample a "
+                "MeanFlow student with crm_jax.sampling.causal.causal_sample(method='consistency'), "
+                "which uses u(x, 0, t)"
+            )
         if self.kv_update not in KV_UPDATES:
             raise ValueError(f"kv_update must be one of {KV_UPDATES}, got {self.kv_update!r}")
         if self.kv_layout not in KV_LAYOUTS:
@@ -357,9 +443,11 @@ class StreamingSampler:
         dt = self.cfg.compute_dtype
         probe = jax.ShapeDtypeStruct((self.batch, self.tpf, self.cfg.num_heads, self.cfg.head_dim), dt)
         cache_impl = self.cfg.attn_impl if self.cfg.cache_attn_impl == "auto" else self.cfg.cache_attn_impl
-        self.traced_cache_len = (per_layer and self.kv_update == "inplace" and
-                                 prefix_len_can_be_traced(probe, probe, impl=cache_impl,
-                                                          interpret=self.cfg.attn_interpret))
+        self.traced_cache_len = (
+            per_layer
+            and self.kv_update == "inplace"
+            and prefix_len_can_be_traced(probe, probe, impl=cache_impl, interpret=self.cfg.attn_interpret)
+        )
         options = tuple(sorted((self.compiler_options or {}).items()))
         self._jit = _jitted_chunk(self.apply, options)
         self._jit_static = _jitted_chunk(self.apply, options, static_calls=True)
@@ -382,13 +470,18 @@ class StreamingSampler:
     def new_cache(self, frames: int) -> KVCache:
         """A zeroed KV cache for `frames` latent frames, made by one jitted call (2 x layers buffers
         made op by op cost ~0.4 ms of dispatch each: ~25 ms before the first chunk of wan_1_3b)."""
-        return _jitted_new_cache(self.cfg, self.batch, frames, self.tpf, self.cache_dtype,
-                                 self.kv_layout == "per_layer")
+        return _jitted_new_cache(
+            self.cfg, self.batch, frames, self.tpf, self.cache_dtype, self.kv_layout == "per_layer"
+        )
 
     def compiled_count(self) -> int:
         """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
-        return (self._jit._cache_size() + self._jit_static._cache_size() + self._jit_call._cache_size()
-                + self._jit_rerun._cache_size())
+        return (
+            self._jit._cache_size()
+            + self._jit_static._cache_size()
+            + self._jit_call._cache_size()
+            + self._jit_rerun._cache_size()
+        )
 
     def text_kv_of(self, context):
         """The text's cross-attention keys/values for `context`, or None (`text_kv=False`, or an
@@ -415,21 +508,58 @@ class StreamingSampler:
         kv_kw = dict(static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
         chunk_kw = dict(tpf=self.tpf, x_shape=x_shape, **kv_kw)
         if self.call_loop == "device":
-            x, cache = self._jit(self.params, cache, noise, context, acts, frame_pos, times, jnp.int32(calls),
-                                 cache_frames, self.layer_params, text_kv, **chunk_kw)
+            x, cache = self._jit(
+                self.params,
+                cache,
+                noise,
+                context,
+                acts,
+                frame_pos,
+                times,
+                jnp.int32(calls),
+                cache_frames,
+                self.layer_params,
+                text_kv,
+                **chunk_kw,
+            )
         elif self.call_loop == "static":
-            x, cache = self._jit_static(self.params, cache, noise, context, acts, frame_pos, times,
-                                        cache_frames=cache_frames, layer_params=self.layer_params, text_kv=text_kv,
-                                        num_calls=int(calls), **chunk_kw)
+            x, cache = self._jit_static(
+                self.params,
+                cache,
+                noise,
+                context,
+                acts,
+                frame_pos,
+                times,
+                cache_frames=cache_frames,
+                layer_params=self.layer_params,
+                text_kv=text_kv,
+                num_calls=int(calls),
+                **chunk_kw,
+            )
         else:
             if lay.evict_frames:
-                cache = _jitted_shift(cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf,
-                                      _window_end(static, self.tpf, cache))
+                cache = _jitted_shift(
+                    cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf, _window_end(static, self.tpf, cache)
+                )
             x = noise[0]
             for j in range(calls):
-                x, cache = self._jit_call(self.params, cache, x, noise, context, acts, frame_pos, times,
-                                          jnp.int32(j), cache_frames, self.layer_params, text_kv, **kv_kw)
-        if separate and rerun:   # x is x̂0 exactly: the grid ends at t_n = 0, so the last re-noise adds 0 * eps
+                x, cache = self._jit_call(
+                    self.params,
+                    cache,
+                    x,
+                    noise,
+                    context,
+                    acts,
+                    frame_pos,
+                    times,
+                    jnp.int32(j),
+                    cache_frames,
+                    self.layer_params,
+                    text_kv,
+                    **kv_kw,
+                )
+        if separate and rerun:  # x is x̂0 exactly: the grid ends at t_n = 0, so the last re-noise adds 0 * eps
             cache = self.rerun_call(cache, x, context, actions, lay, text_kv)
         return x, cache
 
@@ -448,12 +578,25 @@ class StreamingSampler:
         """The clean-context re-run of chunk `lay` (jitted, cache donated): v(x̂0, t = 0) writes the
         chunk's clean keys/values. x0: the chunk's output `[B, f, H, W, C]`. Returns the new cache."""
         acts, frame_pos, static, cache_frames = self._layout_args(actions, lay)
-        return self._jit_rerun(self.params, cache, x0, context, acts, frame_pos, cache_frames, self.layer_params,
-                               text_kv, static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
+        return self._jit_rerun(
+            self.params,
+            cache,
+            x0,
+            context,
+            acts,
+            frame_pos,
+            cache_frames,
+            self.layer_params,
+            text_kv,
+            static=static,
+            kv_update=self.kv_update,
+            scan_unroll=int(self.scan_unroll),
+        )
 
     # ------------------------------------------------------------------ API
-    def stream(self, key: jax.Array, context, num_frames: int | None, actions=None,
-               prefetch: bool | None = None) -> Iterator[Chunk]:
+    def stream(
+        self, key: jax.Array, context, num_frames: int | None, actions=None, prefetch: bool | None = None
+    ) -> Iterator[Chunk]:
         """Yield chunks as they are generated.
 
         Args:
@@ -470,7 +613,7 @@ class StreamingSampler:
         src = ActionSource(actions, self.batch, self.cfg.num_actions)
         src.check_length(num_frames)
         prefetch = (not src.live) if prefetch is None else prefetch
-        return self._run(key, context, num_frames, src, capacity, prefetch)   # checked eagerly above
+        return self._run(key, context, num_frames, src, capacity, prefetch)  # checked eagerly above
 
     def _run(self, key, context, num_frames, src: ActionSource, capacity: int, prefetch: bool):
         layout = CacheLayout(self.pattern, capacity)
@@ -480,9 +623,9 @@ class StreamingSampler:
         for i, (s, e) in enumerate(chunk_bounds(self.pattern, num_frames)):
             lay = layout.next(s, e)
             acts = src.get(i, s, e)
-            last = num_frames is not None and e >= num_frames   # its cache is never read
+            last = num_frames is not None and e >= num_frames  # its cache is never read
             x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv, rerun=not last)
-            self.cache, self.layout = cache, lay     # for inspection (donated by the next chunk)
+            self.cache, self.layout = cache, lay  # for inspection (donated by the next chunk)
             chunk = Chunk(i, s, x0, acts)
             if not prefetch:
                 yield chunk
@@ -501,12 +644,24 @@ class StreamingSampler:
         return jnp.concatenate([c.frames for c in self.stream(key, context, num_frames, actions)], axis=1)
 
 
-def stream(apply, params, cfg: WanConfig, key, context, num_frames, *, pattern, latent_hw,
-           steps=4, context_mode="clean", actions=None, max_cache_frames=None) -> Iterator[Chunk]:
+def stream(
+    apply,
+    params,
+    cfg: WanConfig,
+    key,
+    context,
+    num_frames,
+    *,
+    pattern,
+    latent_hw,
+    steps=4,
+    context_mode="clean",
+    actions=None,
+    max_cache_frames=None,
+) -> Iterator[Chunk]:
     """Functional shortcut: `StreamingSampler(...).stream(key, context, num_frames, actions)`."""
     batch = int(np.shape(context)[0]) if np.ndim(context) == 3 else 1
-    s = StreamingSampler(apply, params, cfg, pattern, tuple(latent_hw), batch, steps, context_mode,
-                         max_cache_frames)
+    s = StreamingSampler(apply, params, cfg, pattern, tuple(latent_hw), batch, steps, context_mode, max_cache_frames)
     return s.stream(key, context, num_frames, actions)
 
 

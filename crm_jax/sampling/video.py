@@ -44,11 +44,15 @@ def check_writable(path: str) -> str:
             return "imageio"
         if _have("PIL"):
             return "pillow"
-        raise ValueError(f"writing {path!r} needs imageio or Pillow: `pip install imageio` (or `pip install pillow`); "
-                         "or write raw frames with --out X.npz")
+        raise ValueError(
+            f"writing {path!r} needs imageio or Pillow: `pip install imageio` (or `pip install pillow`); "
+            "or write raw frames with --out X.npz"
+        )
     if not (_have("imageio") and _have("imageio_ffmpeg")):
-        raise ValueError(f"writing {path!r} needs imageio with ffmpeg: `pip install imageio imageio-ffmpeg`; "
-                         "or write a .gif / raw frames with --out X.npz")
+        raise ValueError(
+            f"writing {path!r} needs imageio with ffmpeg: `pip install imageio imageio-ffmpeg`; "
+            "or write a .gif / raw frames with --out X.npz"
+        )
     return "imageio"
 
 
@@ -59,19 +63,19 @@ class VideoWriter:
         self.path, self.fps = path, float(fps)
         self.backend = check_writable(path)
         self.ext = os.path.splitext(path)[1].lower()
-        self.frames: list[np.ndarray] = []      # kept for the Pillow / NPZ back ends
+        self.frames: list[np.ndarray] = []  # kept for the Pillow / NPZ back ends
         self.count = 0
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
         self._writer = None
         if self.backend == "imageio":
             import imageio.v2 as iio
+
             if self.ext == ".gif":
                 # imageio's Pillow GIF plugin takes the frame duration in milliseconds.
                 self._writer = iio.get_writer(path, mode="I", duration=1000.0 / self.fps, loop=0)
             else:
-                self._writer = iio.get_writer(path, fps=self.fps, codec="libx264", macro_block_size=1,
-                                              quality=8)
+                self._writer = iio.get_writer(path, fps=self.fps, codec="libx264", macro_block_size=1, quality=8)
 
     def append(self, frames) -> None:
         f = to_uint8(frames)
@@ -85,12 +89,14 @@ class VideoWriter:
     def flush(self) -> None:
         if self.backend == "pillow" and self.frames:
             from PIL import Image
+
             ims = [Image.fromarray(f) for f in self.frames]
             ims[0].save(self.path, save_all=True, append_images=ims[1:], duration=int(1000 / self.fps), loop=0)
         elif self.backend == "numpy":
             tmp = self.path + ".tmp.npz"
-            np.savez(tmp, frames=np.stack(self.frames) if self.frames else np.zeros((0, 0, 0, 3), np.uint8),
-                     fps=self.fps)
+            np.savez(
+                tmp, frames=np.stack(self.frames) if self.frames else np.zeros((0, 0, 0, 3), np.uint8), fps=self.fps
+            )
             os.replace(tmp, self.path)
 
     def close(self) -> None:
@@ -113,6 +119,7 @@ def read_frames(path: str) -> np.ndarray:
         with np.load(path) as z:
             return z["frames"]
     import imageio.v2 as iio
+
     return np.stack([np.asarray(f)[..., :3] for f in iio.mimread(path)])
 
 

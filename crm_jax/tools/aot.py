@@ -26,14 +26,18 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections training config file")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:2x2, v5p:2x2x2, v4:2x2x1, v6e:2x4; "
-                                "or 'local' for this host's devices")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per chip to check against (default: the chip's spec; "
-                              "for 'local', the device's reported memory)")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU slice, e.g. v5e:2x2, v5p:2x2x2, v4:2x2x1, v6e:2x4; or 'local' for this host's devices"
+)
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib",
+    None,
+    "HBM per chip to check against (default: the chip's spec; for 'local', the device's reported memory)",
+)
 _JSON = flags.DEFINE_string("json", None, "also write the table as JSON to this file")
 flags.mark_flags_as_required(["config", "topology"])
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _local_hbm_gib(dev) -> float | None:
@@ -61,32 +65,52 @@ def run(c, topology: str, hbm_gib: float | None = None, out=print) -> list[dict]
         hbm = hbm_gib if hbm_gib is not None else (chip.hbm_gib if chip else None)
     n = int(c.mesh.data) * int(c.mesh.fsdp) * int(c.mesh.get("context", 1))
     if topology == "local" and n <= len(devices):
-        devices = devices[:n]          # as the training program does
+        devices = devices[:n]  # as the training program does
     if n != len(devices):
         raise aot.TopologyError(
             f"mesh data={c.mesh.data} x fsdp={c.mesh.fsdp} x context={c.mesh.get('context', 1)} = {n} devices, "
             f"but {topology} has {len(devices)} {'devices' if topology == 'local' else 'chips'}: set --config.mesh.* "
-            f"so that the product is {len(devices)}")
+            f"so that the product is {len(devices)}"
+        )
     kind = devices[0].device_kind
-    out(f"{c.mode}: {kind} x {len(devices)} ({topology}), mesh data={c.mesh.data} fsdp={c.mesh.fsdp} "
+    out(
+        f"{c.mode}: {kind} x {len(devices)} ({topology}), mesh data={c.mesh.data} fsdp={c.mesh.fsdp} "
         f"context={c.mesh.get('context', 1)}, batch {c.data.batch_size}, latents {aot.latent_shape_of(c)}"
-        + (f", HBM {hbm:.0f} GiB per chip" if hbm else ""))
+        + (f", HBM {hbm:.0f} GiB per chip" if hbm else "")
+    )
     out("| step | compiled | arguments GiB | outputs GiB | temporaries GiB | total GiB | TFLOP* | fits | compile s |")
     out("|---|---|---|---|---|---|---|---|---|")
     rows = []
 
     def row(r):
         fits = r.fits(hbm)
-        rows.append(dict(step=r.name, device_kind=kind, chips=len(devices), argument=r.argument, output=r.output,
-                         temp=r.temp, alias=r.alias, total=r.total, host=r.host, flops=r.flops, fits=fits,
-                         compile_s=round(r.seconds, 1)))
-        out(f"| {r.name} | yes | {r.argument / GIB:.2f} | {r.output / GIB:.2f} | {r.temp / GIB:.2f} | "
+        rows.append(
+            dict(
+                step=r.name,
+                device_kind=kind,
+                chips=len(devices),
+                argument=r.argument,
+                output=r.output,
+                temp=r.temp,
+                alias=r.alias,
+                total=r.total,
+                host=r.host,
+                flops=r.flops,
+                fits=fits,
+                compile_s=round(r.seconds, 1),
+            )
+        )
+        out(
+            f"| {r.name} | yes | {r.argument / GIB:.2f} | {r.output / GIB:.2f} | {r.temp / GIB:.2f} | "
             f"{r.total / GIB:.2f} | {r.flops / 1e12:.1f} | {'-' if fits is None else 'yes' if fits else 'NO'} | "
-            f"{r.seconds:.0f} |")
+            f"{r.seconds:.0f} |"
+        )
 
     aot.compile_steps(c, devices, platform=platform, on_step=row)
-    out("* per chip, XLA's cost_analysis(): a loop body counts once (the layer scan as one layer), "
-        "so this is a lower bound on the step's FLOPs")
+    out(
+        "* per chip, XLA's cost_analysis(): a loop body counts once (the layer scan as one layer), "
+        "so this is a lower bound on the step's FLOPs"
+    )
     return rows
 
 

@@ -40,8 +40,10 @@ def main(argv=None) -> int:
     else:
         convert.save_wan(model, args.dst, layout=args.to)
     cfg = model.cfg
-    print(f"converted {args.src} -> {args.dst} ({args.to}): {cfg.num_layers} layers, dim {cfg.dim}, "
-          f"{cfg.num_heads} heads in {time.time() - t0:.1f}s")
+    print(
+        f"converted {args.src} -> {args.dst} ({args.to}): {cfg.num_layers} layers, dim {cfg.dim}, "
+        f"{cfg.num_heads} heads in {time.time() - t0:.1f}s"
+    )
     return 0
 
 

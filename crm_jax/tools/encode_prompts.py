@@ -33,11 +33,13 @@ import numpy as np
 EMBEDDINGS = "embeddings.npz"
 NEGATIVE = "negative.npz"
 # The English negative prompt of diffusers' Wan examples (Wan2.1's own default is its Chinese original).
-DEFAULT_NEGATIVE = ("Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
-                    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
-                    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
-                    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
-                    "in the background, walking backwards")
+DEFAULT_NEGATIVE = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards"
+)
 
 
 def read_prompts(path: str, num_actions: int):
@@ -83,12 +85,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--max_len", type=int, default=512, help="tokens per prompt (Wan: 512)")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="compute and parameter dtype of the encoder")
-    ap.add_argument("--store_dtype", default="float32", choices=["float32", "float16"],
-                    help="dtype of the written embeddings")
-    ap.add_argument("--num_actions", type=int, default=None,
-                    help="action vocabulary size, when prompt lines carry actions (default: the toy world's)")
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="compute and parameter dtype of the encoder",
+    )
+    ap.add_argument(
+        "--store_dtype", default="float32", choices=["float32", "float16"], help="dtype of the written embeddings"
+    )
+    ap.add_argument(
+        "--num_actions",
+        type=int,
+        default=None,
+        help="action vocabulary size, when prompt lines carry actions (default: the toy world's)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--no_progress", action="store_true")
     args = ap.parse_args(argv)
@@ -103,8 +114,10 @@ def main(argv=None) -> int:
         return 1
     targets = [os.path.join(args.out, f) for f in (EMBEDDINGS, NEGATIVE)]
     if not args.overwrite and any(os.path.exists(t) for t in targets):
-        print(f"error: {args.out!r} already holds {EMBEDDINGS}/{NEGATIVE}; pass --overwrite to replace them",
-              file=sys.stderr)
+        print(
+            f"error: {args.out!r} already holds {EMBEDDINGS}/{NEGATIVE}; pass --overwrite to replace them",
+            file=sys.stderr,
+        )
         return 2
     try:
         from crm_jax.data import toy_world as tw
@@ -120,8 +133,11 @@ def main(argv=None) -> int:
     ids, mask = tok.encode(texts, args.max_len)
     n_trunc = sum(len(t) > args.max_len - 1 for t in tok.tokenize(texts))
     if n_trunc:
-        print(f"warning: {n_trunc} of {len(texts)} prompts (negative included) are longer than "
-              f"{args.max_len - 1} tokens and were truncated", file=sys.stderr)
+        print(
+            f"warning: {n_trunc} of {len(texts)} prompts (negative included) are longer than "
+            f"{args.max_len - 1} tokens and were truncated",
+            file=sys.stderr,
+        )
     try:
         from crm_jax.models.umt5_convert import load_umt5
 
@@ -130,23 +146,33 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if int(ids.max()) >= model.cfg.vocab_size:
-        print(f"error: the tokenizer produced id {int(ids.max())} but the encoder's vocabulary has "
-              f"{model.cfg.vocab_size} rows: mismatched tokenizer and encoder", file=sys.stderr)
+        print(
+            f"error: the tokenizer produced id {int(ids.max())} but the encoder's vocabulary has "
+            f"{model.cfg.vocab_size} rows: mismatched tokenizer and encoder",
+            file=sys.stderr,
+        )
         return 1
 
     emb = encode_all(model, ids, mask, args.batch_size, np.dtype(args.store_dtype), progress=not args.no_progress)
     lengths = mask.sum(1).astype(np.int32)
     os.makedirs(args.out, exist_ok=True)
-    arrays = dict(context=emb[:-1], prompts=np.asarray(prompts), lengths=lengths[:-1],
-                  negative_context=emb[-1], negative_prompt=np.asarray(args.negative_prompt))
+    arrays = dict(
+        context=emb[:-1],
+        prompts=np.asarray(prompts),
+        lengths=lengths[:-1],
+        negative_context=emb[-1],
+        negative_prompt=np.asarray(args.negative_prompt),
+    )
     if actions is not None:
         arrays["actions"] = actions
     # zero padding compresses to almost nothing; prompts are usually far shorter than 512 tokens
     _save_npz(targets[0], arrays)
     _save_npz(targets[1], dict(prompt_embed=emb[-1], prompt=np.asarray(args.negative_prompt)))
-    print(f"encoded {len(prompts)} prompts + the negative prompt -> {targets[0]} "
-          f"[{len(prompts)}, {args.max_len}, {model.cfg.d_model}] {args.store_dtype} in {time.time() - t0:.1f}s; "
-          f"use --config.cond.kind=embeddings --config.cond.embeddings={targets[0]}")
+    print(
+        f"encoded {len(prompts)} prompts + the negative prompt -> {targets[0]} "
+        f"[{len(prompts)}, {args.max_len}, {model.cfg.d_model}] {args.store_dtype} in {time.time() - t0:.1f}s; "
+        f"use --config.cond.kind=embeddings --config.cond.embeddings={targets[0]}"
+    )
     return 0
 
 

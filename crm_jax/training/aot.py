@@ -28,7 +28,7 @@ from crm_jax.training.offload import make_step
 from crm_jax.training.steps import Frozen, Trainer
 from pallas_kernels import ops
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +57,14 @@ class TopologyError(ValueError):
 
 
 def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
-    """"v5p:2x2x2" -> ("v5:2x2x2", (2, 2, 2)): libtpu's name and the chip grid; one clear error
+    """ "v5p:2x2x2" -> ("v5:2x2x2", (2, 2, 2)): libtpu's name and the chip grid; one clear error
     for anything else."""
     m = TOPOLOGY.match(name.strip())
     if not m:
-        raise TopologyError(f"unknown TPU topology {name!r}: expected GEN:AxB[xC] with GEN one of v4, v5e, "
-                            "v5p, v6e (e.g. v5e:2x2, v5p:2x2x2, v4:2x2x1, v6e:2x4)")
+        raise TopologyError(
+            f"unknown TPU topology {name!r}: expected GEN:AxB[xC] with GEN one of v4, v5e, "
+            "v5p, v6e (e.g. v5e:2x2, v5p:2x2x2, v4:2x2x1, v6e:2x4)"
+        )
     gen = {"v5p": "v5"}.get(m.group(1), m.group(1))
     dims = tuple(int(d) for d in m.group(2, 3, 4) if d is not None)
     if min(dims) < 1:
@@ -90,12 +92,17 @@ def tpu_devices(name: str) -> list:
     else:
         per_host = (min(dims[0], 2), min(dims[1], 2), 1)
     try:
-        topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu",
-                                            chip_config_name="default", chips_per_host_bounds=per_host,
-                                            num_slices=1)
+        topo = topologies.get_topology_desc(
+            topology_name=libtpu_name,
+            platform="tpu",
+            chip_config_name="default",
+            chips_per_host_bounds=per_host,
+            num_slices=1,
+        )
     except ModuleNotFoundError as e:
-        raise TopologyError("compiling for TPU needs libtpu: pip install 'jax[tpu]==0.11.2' "
-                            "(libtpu 0.0.48.x); no TPU is needed") from e
+        raise TopologyError(
+            "compiling for TPU needs libtpu: pip install 'jax[tpu]==0.11.2' (libtpu 0.0.48.x); no TPU is needed"
+        ) from e
     except Exception as e:  # libtpu's own message names what it does not know
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(f"libtpu does not know TPU topology {name!r}: {first}") from e
@@ -116,8 +123,10 @@ def abstract_batch(c, mcfg, latent_shape: tuple[int, ...]) -> dict:
     """The batch a step consumes, `[B, T, H, W, C]` latents of `latent_shape` = (T, H, W, C)."""
     b = int(c.data.batch_size)
     f32 = jnp.float32
-    batch = {"latents": jax.ShapeDtypeStruct((b, *latent_shape), f32),
-             "context": jax.ShapeDtypeStruct((b, mcfg.text_len, mcfg.text_dim), f32)}
+    batch = {
+        "latents": jax.ShapeDtypeStruct((b, *latent_shape), f32),
+        "context": jax.ShapeDtypeStruct((b, mcfg.text_len, mcfg.text_dim), f32),
+    }
     if mcfg.num_actions:
         batch["actions"] = jax.ShapeDtypeStruct((b, latent_shape[0]), jnp.int32)
     if c.mode == "ode_init":
@@ -140,15 +149,17 @@ def latent_shape_of(c) -> tuple[int, ...]:
 
         with open(meta) as f:
             return tuple(json.load(f)["features"]["latents"]["shape"])
-    raise ValueError("the latent shape is unknown: set --config.data.latent_shape=T,H,W,C "
-                     f"(no toy world and no dataset metadata at {meta!r})")
+    raise ValueError(
+        "the latent shape is unknown: set --config.data.latent_shape=T,H,W,C "
+        f"(no toy world and no dataset metadata at {meta!r})"
+    )
 
 
 def step_plans(c, trainer: Trainer) -> list[tuple[str, int, bool]]:
     """Every distinct step function a run of `c` calls (`Trainer.plan` over its iterations)."""
     tcfg = trainer.cfg
     n = int(c.num_iterations)
-    if tcfg.has_critic:   # the plan is periodic past the warm-up: one period after it covers the run
+    if tcfg.has_critic:  # the plan is periodic past the warm-up: one period after it covers the run
         warm = tcfg.tangent_warmup if tcfg.mode == "rcm" else 0
         n = min(n, warm + tcfg.sf_max_steps * tcfg.student_update_freq)
     iters = range(n)
@@ -182,8 +193,9 @@ def build(c, devices, latent_shape: tuple[int, ...] | None = None):
     teacher_cfg = loop.teacher_model_config(c, mcfg)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1), devices=devices)
     shd.check_batch(c.data.batch_size, mesh)
-    trainer = Trainer(tcfg, apply_for(mcfg), mcfg,
-                      teacher_apply=None if teacher_cfg == mcfg else apply_for(teacher_cfg))
+    trainer = Trainer(
+        tcfg, apply_for(mcfg), mcfg, teacher_apply=None if teacher_cfg == mcfg else apply_for(teacher_cfg)
+    )
     params = abstract_params(mcfg)
     frozen = None
     if tcfg.needs_teacher or tcfg.cond_dropout > 0:
@@ -194,8 +206,9 @@ def build(c, devices, latent_shape: tuple[int, ...] | None = None):
     state = jax.eval_shape(trainer.init_state, params, critic)
     offload = loop.offload_fields(c)
     st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
-    fr_sh = None if frozen is None else shd.state_shardings(frozen, mesh,
-                                                             offload=tuple(f for f in offload if f != "ema"))
+    fr_sh = (
+        None if frozen is None else shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema"))
+    )
     batch = abstract_batch(c, mcfg, latent_shape or latent_shape_of(c))
     b_sh = shd.batch_shardings(batch, mesh, c.data.batch_size)
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -210,8 +223,9 @@ def build(c, devices, latent_shape: tuple[int, ...] | None = None):
     return trainer, mesh, state, frozen, batch, key, (st_sh, fr_sh, b_sh, key_sh)
 
 
-def compile_steps(c, devices, *, platform: str, latent_shape: tuple[int, ...] | None = None,
-                  plans=None, on_step=None) -> list[StepReport]:
+def compile_steps(
+    c, devices, *, platform: str, latent_shape: tuple[int, ...] | None = None, plans=None, on_step=None
+) -> list[StepReport]:
     """Compile every step function of `c` (or `plans`) for `devices`; attention is traced for
     `platform` ("tpu" | "gpu" | "cpu", `ops.target_platform`). `on_step(report)` is called as
     each one finishes. Raises on the first step that does not compile."""
@@ -224,12 +238,23 @@ def compile_steps(c, devices, *, platform: str, latent_shape: tuple[int, ...] | 
             t0 = time.time()
             step = make_step(trainer, mesh, shardings, which, sf_steps=sf_steps, use_dmd=use_dmd)
             parts = step.memory(state, frozen, batch, key)
-            name = which if not trainer.cfg.has_critic else \
-                f"{which} ({sf_steps} SF step{'s' if sf_steps > 1 else ''}{'' if use_dmd else ', no DMD'})"
+            name = (
+                which
+                if not trainer.cfg.has_critic
+                else f"{which} ({sf_steps} SF step{'s' if sf_steps > 1 else ''}{'' if use_dmd else ', no DMD'})"
+            )
             peak = max(parts.values(), key=lambda p: p["total"])
-            rep = StepReport(name=name, argument=peak["argument"], output=peak["output"], temp=peak["temp"],
-                             alias=peak["alias"], total=peak["total"], host=sum(p["host"] for p in parts.values()),
-                             flops=sum(p["flops"] for p in parts.values()), seconds=time.time() - t0)
+            rep = StepReport(
+                name=name,
+                argument=peak["argument"],
+                output=peak["output"],
+                temp=peak["temp"],
+                alias=peak["alias"],
+                total=peak["total"],
+                host=sum(p["host"] for p in parts.values()),
+                flops=sum(p["flops"] for p in parts.values()),
+                seconds=time.time() - t0,
+            )
             reports.append(rep)
             if on_step is not None:
                 on_step(rep)
@@ -241,6 +266,19 @@ def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
     return max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gbps * 1e9))
 
 
-__all__ = ["CHIPS", "Chip", "StepReport", "TopologyError", "abstract_batch", "abstract_params", "build",
-           "chip_of", "compile_steps", "latent_shape_of", "parse_topology", "roofline_seconds", "step_plans",
-           "tpu_devices"]
+__all__ = [
+    "CHIPS",
+    "Chip",
+    "StepReport",
+    "TopologyError",
+    "abstract_batch",
+    "abstract_params",
+    "build",
+    "chip_of",
+    "compile_steps",
+    "latent_shape_of",
+    "parse_topology",
+    "roofline_seconds",
+    "step_plans",
+    "tpu_devices",
+]

@@ -34,8 +34,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                            create=True)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.dir, options=opts)
 
     def latest_step(self) -> int | None:
@@ -60,17 +59,20 @@ class Checkpoints:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise CheckpointMismatch(
                 f"workdir checkpoint {self.dir}/{step} belongs to a different run (checkpoint vs config): "
-                f"{json.dumps(diff, default=str)[:2000]}. Use another --workdir; nothing was overwritten.")
+                f"{json.dumps(diff, default=str)[:2000]}. Use another --workdir; nothing was overwritten."
+            )
         return step
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        return self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force
+        )
 
     def restore(self, step: int, abstract_state):
         """Restore onto the shardings/dtypes of `abstract_state` (a pytree of ShapeDtypeStructs)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        )
         return out["state"], dict(out["meta"])
 
     def wait(self):
@@ -84,5 +86,7 @@ class Checkpoints:
 def abstract_like(tree, shardings=None):
     """ShapeDtypeStructs (with shardings) of `tree`, for `restore`."""
     if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+        )
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -18,7 +18,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """Solve the cubic for gamma (the largest real root). sigma_rel=0.1 -> gamma ~ 6.94."""
     if not 0 < sigma_rel < 0.5:
         raise ValueError(f"sigma_rel must be in (0, 0.5), got {sigma_rel}")
-    s2 = sigma_rel ** 2
+    s2 = sigma_rel**2
     # s2 (g+2)^2 (g+3) - (g+1) = 0  ->  s2 g^3 + 7 s2 g^2 + (16 s2 - 1) g + (12 s2 - 1) = 0
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
     real = roots[np.abs(roots.imag) < 1e-9].real

@@ -73,14 +73,22 @@ def teacher_model_config(c, student: WanConfig) -> WanConfig:
     if not block or not block.get("name"):
         return student.replace(mean_flow=False)
     over = block.get("overrides", {}) or {}
-    inherited = {k: getattr(student, k) for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_tiles", "attn_interpret")
-                 if k not in over}
+    inherited = {
+        k: getattr(student, k)
+        for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_tiles", "attn_interpret")
+        if k not in over
+    }
     teacher = model_config_from(block).replace(mean_flow=False, **inherited)
-    bad = {f: (getattr(teacher, f), getattr(student, f)) for f in INTERFACE_FIELDS
-           if getattr(teacher, f) != getattr(student, f)}
+    bad = {
+        f: (getattr(teacher, f), getattr(student, f))
+        for f in INTERFACE_FIELDS
+        if getattr(teacher, f) != getattr(student, f)
+    }
     if bad:
-        raise ValueError("teacher_model must share the student's input/output interface; differing "
-                         + ", ".join(f"{f}: teacher {a} vs student {b}" for f, (a, b) in bad.items()))
+        raise ValueError(
+            "teacher_model must share the student's input/output interface; differing "
+            + ", ".join(f"{f}: teacher {a} vs student {b}" for f, (a, b) in bad.items())
+        )
     return teacher
 
 
@@ -104,21 +112,32 @@ def make_source(c, mcfg: WanConfig):
     """The training batches: the on-the-fly toy world or a generated dataset directory."""
     if c.data.kind == "dataset":
         from crm_jax.data.dataset import DatasetSource
+
         src = DatasetSource(c.data.path, c.data.batch_size, seed=c.data.seed, mcfg=mcfg)
         want = c.data.get("latent_shape")
         have = tuple(src.meta["features"]["latents"]["shape"])
         if want and tuple(want) != have:
-            raise ValueError(f"data.latent_shape={tuple(want)} but the dataset {c.data.path!r} holds latents "
-                             f"of shape {have}: set --config.data.latent_shape={','.join(map(str, have))}")
+            raise ValueError(
+                f"data.latent_shape={tuple(want)} but the dataset {c.data.path!r} holds latents "
+                f"of shape {have}: set --config.data.latent_shape={','.join(map(str, have))}"
+            )
         return src
     if c.data.kind != "toy":
         raise ValueError(f"unknown data.kind {c.data.kind!r} (known: 'toy', 'dataset')")
     world = toy_world_config(c)
-    src = ToySource(world, c.data.batch_size, mcfg.text_len, mcfg.text_dim, seed=c.data.seed,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+    src = ToySource(
+        world,
+        c.data.batch_size,
+        mcfg.text_len,
+        mcfg.text_dim,
+        seed=c.data.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     if src.latent_shape[-1] != mcfg.in_channels:
-        raise ValueError(f"toy latents have {src.latent_shape[-1]} channels but the model expects "
-                         f"in_channels={mcfg.in_channels}")
+        raise ValueError(
+            f"toy latents have {src.latent_shape[-1]} channels but the model expects in_channels={mcfg.in_channels}"
+        )
     return src
 
 
@@ -143,6 +162,7 @@ class MetricsWriter:
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
             from tensorboardX import SummaryWriter
+
             self.tb = SummaryWriter(os.path.join(workdir, "tb"))
         except ImportError:  # documented optional dependency
             self.tb = None
@@ -169,8 +189,7 @@ def run_meta(c, mcfg: WanConfig) -> dict:
     return {"mode": c.mode, "model": dataclasses.asdict(mcfg)}
 
 
-def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True,
-          evaluator=None) -> dict:
+def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True, evaluator=None) -> dict:
     """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration).
 
     `evaluator(iteration, state) -> dict` (optional) runs before the first iteration of a fresh
@@ -179,7 +198,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     mcfg = model_config(c)
     tcfg = train_config(c)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
-    shd.check_batch(c.data.batch_size, mesh)       # config errors before the workdir is touched
+    shd.check_batch(c.data.batch_size, mesh)  # config errors before the workdir is touched
     threads = int(c.get("precompile", 0))
     if threads < -1:
         raise ValueError(f"precompile must be -1 (lazily), 0 (all at once) or N > 0 at a time, got {threads}")
@@ -188,8 +207,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
     start_step = ckpts.check_compatible(meta)  # raises before any compute on mismatch
-    found = dist.agree(-1 if start_step is None else start_step,
-                       f"the checkpoint step to resume from in {ckpts.dir}")
+    found = dist.agree(-1 if start_step is None else start_step, f"the checkpoint step to resume from in {ckpts.dir}")
     start_step = None if found < 0 else found
 
     src = make_source(c, mcfg)
@@ -205,13 +223,14 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         if not c.init.teacher and not c.init.get("allow_random_teacher", False):
             raise ValueError(f"mode {c.mode!r} needs init.teacher (a checkpoint directory)")
         teacher = load_params(c.init.teacher, teacher_cfg, c.seed + 1)
-        dmd_teacher = load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) \
-            if c.init.get("dmd_teacher") else teacher
+        dmd_teacher = load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) if c.init.get("dmd_teacher") else teacher
         frozen = Frozen(teacher, dmd_teacher, src.negative_context())
         if mcfg.mean_flow and not c.init.student:
             if teacher_cfg != mcfg.replace(mean_flow=False):
-                raise ValueError("a MeanFlow student is initialised from its teacher, so it needs the "
-                                 "teacher's architecture (or init.student)")
+                raise ValueError(
+                    "a MeanFlow student is initialised from its teacher, so it needs the "
+                    "teacher's architecture (or init.student)"
+                )
             params = _mean_flow_from(teacher, params)
     elif tcfg.cond_dropout > 0:
         frozen = Frozen(None, None, src.negative_context())
@@ -220,12 +239,17 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
 
     offload = offload_fields(c)
     if offload:
-        dist.log(f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher "
-                 f"pass / main step / EMA update (crm_jax/training/offload.py)")
+        dist.log(
+            f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher "
+            f"pass / main step / EMA update (crm_jax/training/offload.py)"
+        )
     st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
-    fr_sh = shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema")) \
-        if frozen is not None else None
-    if start_step is not None:   # restored into device memory, then placed like a fresh state
+    fr_sh = (
+        shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema"))
+        if frozen is not None
+        else None
+    )
+    if start_step is not None:  # restored into device memory, then placed like a fresh state
         state, old_meta = ckpts.restore(start_step, abstract_like(state, shd.state_shardings(state, mesh)))
         dist.log(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
     state = shd.global_put(state, st_sh)
@@ -238,7 +262,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     global_batch = lambda it: shd.global_batch(_model_batch(src.batch(it)), b_sh, c.data.batch_size)
     in_sh = (st_sh, fr_sh, b_sh, key_sh)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def compiled(which: str, sf_steps: int, use_dmd: bool):
         """One jitted step per (kind, self-forcing steps, dmd on/off); shardings fixed. With
         offloaded fields it is split into jits that keep them off the device (`offload.make_step`)."""
@@ -258,18 +282,32 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
 
     plans = sorted({trainer.plan(it, tcfg.student_update_freq) for it in range(first, total)})
     if len(plans) > 1 and threads >= 0:
-        secs = precompile([compiled(*p) for p in plans], state, frozen, global_batch(first),
-                          shd.global_put(jax.random.key(c.seed), key_sh), threads=threads or None)
-        dist.log(f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
-                 f"{threads or len(plans)} at a time, in {secs:.0f} s")
+        secs = precompile(
+            [compiled(*p) for p in plans],
+            state,
+            frozen,
+            global_batch(first),
+            shd.global_put(jax.random.key(c.seed), key_sh),
+            threads=threads or None,
+        )
+        dist.log(
+            f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
+            f"{threads or len(plans)} at a time, in {secs:.0f} s"
+        )
     if evaluator is not None and first == 0 and total > 0:
         run_eval(0)
     stop = {"signal": None}
     old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     base_key = jax.random.key(c.seed)
     losses, last_metrics = {}, {}
-    bar = tqdm(range(first, total), initial=first, total=total, desc=c.mode, disable=not (progress and main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(first, total),
+        initial=first,
+        total=total,
+        desc=c.mode,
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
     t_start = time.time()
     multi = jax.process_count() > 1
     try:
@@ -284,8 +322,10 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
             pending.clear()
             if int(state.nan_streak) >= c.max_nan_streak:
                 ckpts.wait()
-                raise NanStreakError(f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
-                                     f"stopping (state before them is in {ckpts.dir})")
+                raise NanStreakError(
+                    f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
+                    f"stopping (state before them is in {ckpts.dir})"
+                )
 
         for it in bar:
             batch = global_batch(it)
@@ -297,7 +337,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
             log = done % c.log_every == 0 or done == total
             sample = c.get("sample_every", 0) and (done % c.sample_every == 0 or done == total)
             if multi and dist.any_process(stop["signal"] is not None) and stop["signal"] is None:
-                stop["signal"] = "on another process"   # every process saves the same checkpoint
+                stop["signal"] = "on another process"  # every process saves the same checkpoint
             save = done % c.checkpoint.every == 0 or done == total or stop["signal"] is not None
             if log or sample or save or len(pending) >= c.max_nan_streak:
                 sync(it)
@@ -324,9 +364,16 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         weights = dist.to_host(state.ema if c.get("export_ema", False) else state.params)
         if main:
             export_model(model, weights, os.path.join(workdir, "export"))
-        dist.barrier("export written")   # the next stage may read it on any process
-    return dict(losses=losses, metrics=last_metrics, iteration=int(state.iteration), step=int(state.step),
-                nan_skips=int(state.nan_skips), seconds=time.time() - t_start, state=state)
+        dist.barrier("export written")  # the next stage may read it on any process
+    return dict(
+        losses=losses,
+        metrics=last_metrics,
+        iteration=int(state.iteration),
+        step=int(state.step),
+        nan_skips=int(state.nan_skips),
+        seconds=time.time() - t_start,
+        state=state,
+    )
 
 
 def write_sample(c, mcfg, apply, params, src, workdir: str, iteration: int) -> str:
@@ -337,7 +384,7 @@ def write_sample(c, mcfg, apply, params, src, workdir: str, iteration: int) -> s
     from crm_jax.sampling.causal import causal_sample
 
     tcfg = train_config(c)
-    batch = src.batch(10 ** 6)
+    batch = src.batch(10**6)
     n = min(2, c.data.batch_size)
     lat, ctx = batch["latents"][:n], batch["context"][:n]
     acts = batch.get("actions")
@@ -348,16 +395,28 @@ def write_sample(c, mcfg, apply, params, src, workdir: str, iteration: int) -> s
     if c.mode == "teacher_full":
         x = diffusion_euler_full(apply, params, mcfg, lat, ctx, acts)
     else:
-        x = causal_sample(apply, params, mcfg, jax.random.key(iteration), ctx, pattern=pat,
-                          num_frames=lat.shape[1], latent_hw=lat.shape[2:4], method=method, steps=steps,
-                          actions=acts, prefix=lat[:, :pat.first])
+        x = causal_sample(
+            apply,
+            params,
+            mcfg,
+            jax.random.key(iteration),
+            ctx,
+            pattern=pat,
+            num_frames=lat.shape[1],
+            latent_hw=lat.shape[2:4],
+            method=method,
+            steps=steps,
+            actions=acts,
+            prefix=lat[:, : pat.first],
+        )
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     if isinstance(src, ToySource):
         from crm_jax.data.toy_latents import latents_to_frames
         from crm_jax.sampling.video import VideoWriter
 
-        frames = np.concatenate([np.asarray(latents_to_frames(lat, src.factor)),
-                                 np.asarray(latents_to_frames(x, src.factor))], axis=2)  # truth | sample
+        frames = np.concatenate(
+            [np.asarray(latents_to_frames(lat, src.factor)), np.asarray(latents_to_frames(x, src.factor))], axis=2
+        )  # truth | sample
         path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.gif")
         with VideoWriter(path, fps=4) as w:
             w.append(frames[0])
@@ -380,8 +439,7 @@ def export_model(model, params, path: str) -> None:
     """Write `params` into `model`'s structure as a crm_jax NNX checkpoint (teacher/student input)."""
     from flax import nnx
 
-    params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), jax.device_get(params),
-                          nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), jax.device_get(params), nnx.state(model, nnx.Param))
     nnx.update(model, params)
     convert.save_nnx(model, path)
 

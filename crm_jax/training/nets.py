@@ -38,8 +38,15 @@ def velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "vjp", st
 
     def fn(x, t, cond):
         p = sg(params) if stop_grad else params
-        return apply(p, x, _frame_times(t, x), cond["context"], pattern=pattern,
-                     actions=_actions_for(cond.get("actions"), x), ad=ad)
+        return apply(
+            p,
+            x,
+            _frame_times(t, x),
+            cond["context"],
+            pattern=pattern,
+            actions=_actions_for(cond.get("actions"), x),
+            ad=ad,
+        )
 
     return fn
 
@@ -51,8 +58,7 @@ def uncond_like(cond, neg_context):
     return out
 
 
-def average_velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "vjp",
-                        stop_grad: bool = False):
+def average_velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "vjp", stop_grad: bool = False):
     """MeanFlow's `u_fn(z, r, t, cond) -> u` for a model built with `mean_flow=True`.
 
     With a teacher-forcing pattern, `cond["tf_context"]` (the clean video `[B, T, ...]`)
@@ -68,9 +74,16 @@ def average_velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "
             ctx = cond["tf_context"].astype(z.dtype)
             f = z.shape[1]
             zero = jnp.zeros_like(t)
-            out = apply(p, jnp.concatenate([ctx, z], 1), jnp.concatenate([zero, t], 1),
-                        cond["context"], pattern=pattern, r=jnp.concatenate([zero, r], 1),
-                        actions=None if actions is None else jnp.concatenate([actions, actions], 1), ad=ad)
+            out = apply(
+                p,
+                jnp.concatenate([ctx, z], 1),
+                jnp.concatenate([zero, t], 1),
+                cond["context"],
+                pattern=pattern,
+                r=jnp.concatenate([zero, r], 1),
+                actions=None if actions is None else jnp.concatenate([actions, actions], 1),
+                ad=ad,
+            )
             return out[:, f:]
         return apply(p, z, t, cond["context"], pattern=pattern, r=r, actions=actions, ad=ad)
 
@@ -85,6 +98,6 @@ def tf_velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "vjp",
         ctx = cond["tf_context"].astype(x.dtype)
         t = _frame_times(t, x)
         out = base(jnp.concatenate([ctx, x], 1), jnp.concatenate([jnp.zeros_like(t), t], 1), cond)
-        return out[:, x.shape[1]:]
+        return out[:, x.shape[1] :]
 
     return fn

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 
 from crm_jax.training import sharding as shd
-from crm_jax.training.steps import Frozen, TrainState, Trainer
+from crm_jax.training.steps import Frozen, Trainer, TrainState
 
 
 def on_host(shardings) -> bool:
@@ -68,18 +68,22 @@ class Step:
         self.mesh, self.jits, self.strip_ema, self.strip_teachers = mesh, jits, strip_ema, strip_teachers
 
     def _main_args(self, state, frozen, batch, key):
-        return (state.replace(ema=None) if self.strip_ema else state,
-                _strip_teachers(frozen) if self.strip_teachers else frozen, batch, key)
+        return (
+            state.replace(ema=None) if self.strip_ema else state,
+            _strip_teachers(frozen) if self.strip_teachers else frozen,
+            batch,
+            key,
+        )
 
     def __call__(self, state: TrainState, frozen: Frozen | None, batch, key):
         args = self._main_args(state, frozen, batch, key)
         if "teacher" in self.jits:
             args += (self.jits["teacher"](args[0], frozen, batch, key),)
-        new, metrics = self.jits["main"](*args)      # donates args[0] (the state without its EMA)
-        del args   # the teacher outputs (for DMD the rollout's KV caches) die before the EMA update
+        new, metrics = self.jits["main"](*args)  # donates args[0] (the state without its EMA)
+        del args  # the teacher outputs (for DMD the rollout's KV caches) die before the EMA update
         if "ema" in self.jits:
             return new.replace(ema=self.jits["ema"](state.ema, new.params, new.step, metrics["skipped"])), metrics
-        return (new.replace(ema=state.ema) if self.strip_ema else new), metrics   # critic: EMA unchanged
+        return (new.replace(ema=state.ema) if self.strip_ema else new), metrics  # critic: EMA unchanged
 
     def lower(self, state: TrainState, frozen: Frozen | None, batch, key) -> list:
         """`jax.stages.Lowered` of the jits that take the step's own arguments ("main" without a
@@ -111,8 +115,9 @@ class Step:
             out["main"] = _stats(compiled)
             if "ema" in self.jits:
                 metrics = _specs(jax.eval_shape(main, *args)[1], compiled.output_shardings[1])
-                out["ema"] = _stats(self.jits["ema"].jitted.lower(state.ema, state.params, state.step,
-                                                                  metrics["skipped"]).compile())
+                out["ema"] = _stats(
+                    self.jits["ema"].jitted.lower(state.ema, state.params, state.step, metrics["skipped"]).compile()
+                )
         return out
 
 
@@ -125,11 +130,19 @@ def _stats(compiled) -> dict:
     host memory (arguments + outputs - aliases + temps; 0 on CPU, where pinned-host buffers count
     as device arguments)."""
     m = compiled.memory_analysis()
-    d = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
-             temp=m.temp_size_in_bytes)
+    d = dict(
+        argument=m.argument_size_in_bytes,
+        output=m.output_size_in_bytes,
+        alias=m.alias_size_in_bytes,
+        temp=m.temp_size_in_bytes,
+    )
     d["total"] = d["argument"] + d["output"] - d["alias"] + d["temp"]
-    d["host"] = (m.host_argument_size_in_bytes + m.host_output_size_in_bytes - m.host_alias_size_in_bytes
-                 + m.host_temp_size_in_bytes)
+    d["host"] = (
+        m.host_argument_size_in_bytes
+        + m.host_output_size_in_bytes
+        - m.host_alias_size_in_bytes
+        + m.host_temp_size_in_bytes
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     d["flops"] = float((cost or {}).get("flops", 0.0))
@@ -150,15 +163,20 @@ def make_step(trainer: Trainer, mesh, shardings, which: str, sf_steps: int = 1, 
     st_sh, fr_sh, b_sh, key_sh = shardings
     strip_ema = on_host(st_sh.ema)
     strip_teachers = fr_sh is not None and on_host((fr_sh.teacher, fr_sh.dmd_teacher))
-    main_sh = (st_sh.replace(ema=None) if strip_ema else st_sh,
-               _strip_teachers(fr_sh) if strip_teachers else fr_sh, b_sh, key_sh)
+    main_sh = (
+        st_sh.replace(ema=None) if strip_ema else st_sh,
+        _strip_teachers(fr_sh) if strip_teachers else fr_sh,
+        b_sh,
+        key_sh,
+    )
     jits = {}
     if which == "student":
         kw = dict(sf_steps=sf_steps, use_dmd=use_dmd)
         if strip_teachers and trainer.cfg.needs_teacher:
-            jits["teacher"] = shd.jit_step(functools.partial(trainer.teacher_pass, **kw), mesh,
-                                           (main_sh[0], fr_sh, b_sh, key_sh), None)
-            main_sh += (None,)    # the teacher outputs, as the pass left them
+            jits["teacher"] = shd.jit_step(
+                functools.partial(trainer.teacher_pass, **kw), mesh, (main_sh[0], fr_sh, b_sh, key_sh), None
+            )
+            main_sh += (None,)  # the teacher outputs, as the pass left them
 
             def main(state, frozen, batch, key, teacher_out):
                 return trainer.student_step(state, frozen, batch, key, teacher_out=teacher_out, **kw)
@@ -168,13 +186,15 @@ def make_step(trainer: Trainer, mesh, shardings, which: str, sf_steps: int = 1, 
         main = functools.partial(trainer.critic_step, sf_steps=sf_steps)
     jits["main"] = shd.jit_step(main, mesh, main_sh, (main_sh[0], None), donate_argnums=0)
     if which == "student" and strip_ema:
-        jits["ema"] = shd.jit_step(trainer.ema_step, mesh, (st_sh.ema, st_sh.params, st_sh.step, None),
-                                   st_sh.ema, donate_argnums=0)
+        jits["ema"] = shd.jit_step(
+            trainer.ema_step, mesh, (st_sh.ema, st_sh.params, st_sh.step, None), st_sh.ema, donate_argnums=0
+        )
     return Step(mesh, jits, strip_ema, strip_teachers)
 
 
-def precompile(steps: list[Step], state: TrainState, frozen: Frozen | None, batch, key,
-               threads: int | None = None) -> float:
+def precompile(
+    steps: list[Step], state: TrainState, frozen: Frozen | None, batch, key, threads: int | None = None
+) -> float:
     """Compile several train steps at once (`Step.lower`, then XLA compiles in `threads` threads,
     default one per step), so that a loop that cycles through them (SF-DMD / rCM: one student and
     one critic step per self-forcing step count) does not stop to compile each in turn. Traces in

@@ -5,9 +5,17 @@ from __future__ import annotations
 import optax
 
 
-def make_optimizer(lr: float, *, b1: float = 0.0, b2: float = 0.999, weight_decay: float = 0.01,
-                   warmup_steps: int = 0, grad_clip: float = 0.0, accumulate: int = 1,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
+def make_optimizer(
+    lr: float,
+    *,
+    b1: float = 0.0,
+    b2: float = 0.999,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 0,
+    grad_clip: float = 0.0,
+    accumulate: int = 1,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
     """AdamW (DESIGN.md defaults beta = (0, 0.999), wd 0.01) with linear lr warm-up.
 
     grad_clip > 0 clips the global norm first; accumulate > 1 averages that many

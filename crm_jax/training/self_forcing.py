@@ -14,7 +14,6 @@ others' and the backward can be replayed block by block (`replayed_grad`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ class RolloutSpec:
 
     pattern: AttentionPattern
     num_frames: int
-    times: tuple[float, ...]          # n + 1 decreasing RF times ending in 0
+    times: tuple[float, ...]  # n + 1 decreasing RF times ending in 0
     context_mode: str = "clean"
 
     def __post_init__(self):
@@ -57,9 +56,18 @@ class RolloutSpec:
 def _call(apply, params, x, t, cond, spec, cache, start, write):
     b, f = x.shape[:2]
     actions = cond.get("actions")
-    a = None if actions is None else actions[:, start:start + f]
-    return apply(params, x, jnp.full((b, f), t, x.dtype), cond["context"], pattern=spec.pattern,
-                 actions=_actions_for(a, x), cache=cache, cache_frames=start, write_cache=write)
+    a = None if actions is None else actions[:, start : start + f]
+    return apply(
+        params,
+        x,
+        jnp.full((b, f), t, x.dtype),
+        cond["context"],
+        pattern=spec.pattern,
+        actions=_actions_for(a, x),
+        cache=cache,
+        cache_frames=start,
+        write_cache=write,
+    )
 
 
 def _denoise_block(apply, params, x, cond, spec: RolloutSpec, cache, start, keys):
@@ -116,6 +124,7 @@ def replayed_grad(apply, params, last_inputs, cotangent, cond, spec: RolloutSpec
     t_last = spec.times[spec.num_steps - 1]
     total = jax.tree.map(jnp.zeros_like, params)
     for (s, e), (x_in, cache) in zip(spec.blocks(), last_inputs):
+
         def block_out(p, x_in=x_in, cache=cache, s=s):
             v, _ = _call(apply, p, x_in, t_last, cond, spec, cache, s, False)
             return x_in - t_last * v

@@ -29,18 +29,21 @@ def make_mesh(data: int = 1, fsdp: int = 1, context: int = 1, devices=None) -> M
     "context" is the innermost axis, so a context group is made of neighbouring
     devices (one host's NVLink domain) and its all-to-alls stay local.
     """
-    if devices is None:   # each process's devices next to each other (stable within a process)
+    if devices is None:  # each process's devices next to each other (stable within a process)
         devices = sorted(jax.devices(), key=lambda d: d.process_index)
     sizes = dict(data=data, fsdp=fsdp, context=context)
     if min(sizes.values()) < 1:
         raise ValueError(f"mesh sizes must be >= 1, got {sizes}")
     n = data * fsdp * context
     if n > len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x context={context} needs {n} devices, "
-                         f"only {len(devices)} present")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x context={context} needs {n} devices, only {len(devices)} present"
+        )
     if jax.process_count() > 1 and n != len(devices):
-        raise ClusterError(f"mesh data={data} x fsdp={fsdp} x context={context} = {n} devices, but a "
-                           f"{jax.process_count()}-process run must use all {len(devices)} devices")
+        raise ClusterError(
+            f"mesh data={data} x fsdp={fsdp} x context={context} = {n} devices, but a "
+            f"{jax.process_count()}-process run must use all {len(devices)} devices"
+        )
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, context), MESH_AXES)
 
 
@@ -50,8 +53,7 @@ def jit_step(fn, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()):
     The mesh context is what lets the model split tokens over "context" and run the
     attention kernels under `shard_map` (see `crm_jax.models.partitioning`).
     """
-    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                     donate_argnums=donate_argnums)
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
 
     @functools.wraps(fn)
     def run(*args):
@@ -75,10 +77,12 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     rows = sorted({(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop) for i in held.values()})
     lo, hi = process_rows(batch_size)
     if rows[0][0] != lo or rows[-1][1] != hi or sum(b - a for a, b in rows) != local:
-        raise ClusterError(f"process {jax.process_index()} of {jax.process_count()} owns rows [{lo}, {hi}) of "
-                           f"the batch of {batch_size}, but its devices hold rows {rows} of the mesh "
-                           f"data={mesh.shape['data']} x fsdp={n // mesh.shape['data']}: data x fsdp must be a "
-                           f"multiple of the process count")
+        raise ClusterError(
+            f"process {jax.process_index()} of {jax.process_count()} owns rows [{lo}, {hi}) of "
+            f"the batch of {batch_size}, but its devices hold rows {rows} of the mesh "
+            f"data={mesh.shape['data']} x fsdp={n // mesh.shape['data']}: data x fsdp must be a "
+            f"multiple of the process count"
+        )
 
 
 def _param_spec(path, shape, fsdp: int) -> P:
@@ -100,7 +104,8 @@ def param_shardings(params, mesh: Mesh):
     """NamedSharding per parameter leaf (FSDP over the mesh's "fsdp" axis)."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, _param_spec(path, x.shape, fsdp)), params)
+        lambda path, x: NamedSharding(mesh, _param_spec(path, x.shape, fsdp)), params
+    )
 
 
 def batch_shardings(batch, mesh: Mesh, batch_size: int):
@@ -151,12 +156,13 @@ def global_put(tree, shardings):
         if x is None:
             return None
         if (isinstance(x, jax.Array) and not x.is_fully_addressable) or sh.memory_kind == "pinned_host":
-            return jax.device_put(x, sh)   # already global / host memory: jax checks and places it
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):   # keys: through their raw data
+            return jax.device_put(x, sh)  # already global / host memory: jax checks and places it
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # keys: through their raw data
             data = np.asarray(jax.random.key_data(x))
             data_sh = NamedSharding(sh.mesh, P(*sh.spec, *([None] * (data.ndim - len(sh.spec)))))
-            return jax.random.wrap_key_data(jax.make_array_from_process_local_data(data_sh, data, data.shape),
-                                            impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(
+                jax.make_array_from_process_local_data(data_sh, data, data.shape), impl=jax.random.key_impl(x)
+            )
         return jax.make_array_from_process_local_data(sh, np.asarray(x), x.shape)
 
     return jax.tree.map(one, tree, shardings)

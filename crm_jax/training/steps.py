@@ -41,8 +41,7 @@ from crm_jax.training import ema as ema_lib
 from crm_jax.training import nets, self_forcing
 from crm_jax.training.optim import make_optimizer
 
-MODES = ("teacher_full", "teacher_tf", "teacher_df", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init",
-         "sf_dmd", "rcm")
+MODES = ("teacher_full", "teacher_tf", "teacher_df", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dmd", "rcm")
 CRITIC_MODES = ("sf_dmd", "rcm")
 # How DMD's real score (teacher) and fake score (critic) see a rollout G noised to x_t: "full"
 # (bidirectional teacher), "block_causal" (every chunk sees the noised earlier chunks), or
@@ -65,7 +64,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0
     weight_decay: float = 0.01
-    adam_b1: float = 0.0            # DESIGN's distillation default; teachers from scratch use 0.9
+    adam_b1: float = 0.0  # DESIGN's distillation default; teachers from scratch use 0.9
     ema_sigma_rel: float = 0.1
     guidance: float = 5.0
     tangent_warmup: int = 0
@@ -81,8 +80,8 @@ class TrainConfig:
     sf_replay: bool = True
     meanflow_r_eq_t: float = 0.75
     cond_dropout: float = 0.0
-    fm_weighting: str = "bell"      # teacher pretraining: "bell" (DESIGN, fine-tuning Wan) or "none"
-    fm_shift: float = 5.0           # teacher pretraining times ~ UniformShift(fm_shift)
+    fm_weighting: str = "bell"  # teacher pretraining: "bell" (DESIGN, fine-tuning Wan) or "none"
+    fm_shift: float = 5.0  # teacher pretraining times ~ UniformShift(fm_shift)
     student_update_freq: int = 5
     sf_max_steps: int = 4
 
@@ -90,7 +89,9 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"unknown training mode {self.mode!r}; known modes: {MODES}")
         if self.dmd_teacher_pattern not in DMD_SCORE_PATTERNS:
-            raise ValueError(f"dmd_teacher_pattern must be one of {DMD_SCORE_PATTERNS}, got {self.dmd_teacher_pattern!r}")
+            raise ValueError(
+                f"dmd_teacher_pattern must be one of {DMD_SCORE_PATTERNS}, got {self.dmd_teacher_pattern!r}"
+            )
 
     def pattern(self, kind: str) -> AttentionPattern:
         if kind == "full":
@@ -114,8 +115,8 @@ class TrainState:
     such a student step leaves the EMA to `Trainer.ema_step`.
     """
 
-    step: jax.Array            # student optimizer updates applied
-    iteration: jax.Array       # loop iterations (student + critic steps)
+    step: jax.Array  # student optimizer updates applied
+    iteration: jax.Array  # loop iterations (student + critic steps)
     params: Any
     ema: Any
     opt_state: Any
@@ -138,10 +139,11 @@ def on_device(tree):
     """Bring host-offloaded leaves (memory kind "pinned_host") into device memory inside a
     jitted step; leaves already in device memory are returned untouched. Where they end up
     after the step is set by its output shardings (`sharding.state_shardings(..., offload=...)`)."""
+
     def one(x):
         if getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host:
             return jax.device_put(x, jax.memory.Space.Device)
-        return x   # no device_put otherwise: it would commit the step's outputs to one device
+        return x  # no device_put otherwise: it would commit the step's outputs to one device
 
     return jax.tree.map(one, tree)
 
@@ -166,6 +168,7 @@ class TeacherOutputs:
 
 def _recording(fn, tape: list):
     """`fn` that also appends each output to `tape` (inside `Trainer.teacher_pass`)."""
+
     def rec(x, t, cond):
         out = fn(x, t, cond)
         tape.append(out)
@@ -186,8 +189,10 @@ class _Replay:
             raise ValueError(f"the loss called the teacher more than the {len(self.outputs)} recorded times")
         out = self.outputs[self.used]
         if out.shape != x.shape:
-            raise ValueError(f"recorded teacher output {self.used} has shape {out.shape}, the call's input "
-                             f"{x.shape}: teacher_out does not belong to this step")
+            raise ValueError(
+                f"recorded teacher output {self.used} has shape {out.shape}, the call's input "
+                f"{x.shape}: teacher_out does not belong to this step"
+            )
         self.used += 1
         return out
 
@@ -235,8 +240,9 @@ class Trainer:
         self.apply = apply
         self.teacher_apply = apply if teacher_apply is None else teacher_apply
         self.model_cfg = model_cfg
-        opt = dict(warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
-                   b1=cfg.adam_b1)
+        opt = dict(
+            warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay, b1=cfg.adam_b1
+        )
         self.tx = make_optimizer(cfg.lr, **opt)
         self.critic_tx = make_optimizer(cfg.critic_lr, **opt)
         self.gamma = ema_lib.sigma_rel_to_gamma(cfg.ema_sigma_rel)
@@ -250,16 +256,24 @@ class Trainer:
         copy = lambda t, dtype=None: jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), t)
         critic = copy(critic) if self.cfg.has_critic else None
         zero = lambda: jnp.zeros((), jnp.int32)
-        return TrainState(step=zero(), iteration=zero(), params=params, ema=copy(params, jnp.float32),
-                          opt_state=self.tx.init(params), critic=critic,
-                          critic_opt_state=None if critic is None else self.critic_tx.init(critic),
-                          nan_skips=zero(), nan_streak=zero())
+        return TrainState(
+            step=zero(),
+            iteration=zero(),
+            params=params,
+            ema=copy(params, jnp.float32),
+            opt_state=self.tx.init(params),
+            critic=critic,
+            critic_opt_state=None if critic is None else self.critic_tx.init(critic),
+            nan_skips=zero(),
+            nan_streak=zero(),
+        )
 
     # ----------------------------------------------------------------- losses
     def rollout_spec(self, num_frames: int, sf_steps: int) -> self_forcing.RolloutSpec:
         times = D.few_step_times(sf_steps, self.cfg.sf_sigma_max)
-        return self_forcing.RolloutSpec(self.cfg.pattern("block_causal"), num_frames,
-                                        tuple(float(t) for t in times), self.cfg.sf_context)
+        return self_forcing.RolloutSpec(
+            self.cfg.pattern("block_causal"), num_frames, tuple(float(t) for t in times), self.cfg.sf_context
+        )
 
     def _teacher_fn(self, frozen: Frozen, which: str):
         c = self.cfg
@@ -301,8 +315,9 @@ class Trainer:
         if c.cond_dropout > 0:  # teacher pretraining: learn the unconditional branch used by CFG
             key, k_drop = jax.random.split(key)
             drop = jax.random.bernoulli(k_drop, c.cond_dropout, (x0.shape[0],))[:, None, None]
-            cond = dict(cond, context=jnp.where(drop, frozen.neg_context.astype(cond["context"].dtype),
-                                                cond["context"]))
+            cond = dict(
+                cond, context=jnp.where(drop, frozen.neg_context.astype(cond["context"].dtype), cond["context"])
+            )
         tf = c.pattern("teacher_forcing")
         teacher = self.cm_teacher(frozen) if teacher is None else teacher
         fm = dict(sampler=D.uniform_shift_sampler(c.fm_shift), weighting=c.fm_weighting)
@@ -312,38 +327,78 @@ class Trainer:
             return L.teacher_forcing_loss(nets.velocity_fn(a, params, tf), x0, cond, key, **fm)
         if c.mode == "teacher_df":
             sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
-            return L.diffusion_forcing_loss(nets.velocity_fn(a, params, c.pattern("block_causal")), x0, cond,
-                                            key, sizes, **fm)
+            return L.diffusion_forcing_loss(
+                nets.velocity_fn(a, params, c.pattern("block_causal")), x0, cond, key, sizes, **fm
+            )
         if c.mode in ("tf_scm", "rcm"):
-            return L.scm_rf_loss(nets.velocity_fn(a, params, tf),
-                                 nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
-                                 teacher, x0, cond, key, uncond=uncond,
-                                 guidance=c.guidance, step=step, tangent_warmup=c.tangent_warmup,
-                                 teacher_forcing=True, p_mean=c.p_mean, p_std=c.p_std,
-                                 normalise=c.tangent_normalise)
+            return L.scm_rf_loss(
+                nets.velocity_fn(a, params, tf),
+                nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+                teacher,
+                x0,
+                cond,
+                key,
+                uncond=uncond,
+                guidance=c.guidance,
+                step=step,
+                tangent_warmup=c.tangent_warmup,
+                teacher_forcing=True,
+                p_mean=c.p_mean,
+                p_std=c.p_std,
+                normalise=c.tangent_normalise,
+            )
         if c.mode == "tf_meanflow":
             mcond = dict(cond, tf_context=x0)
-            return L.meanflow_loss(nets.average_velocity_fn(a, params, tf),
-                                   nets.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
-                                   x0, mcond, key, teacher_fn=teacher,
-                                   uncond=dict(uncond, tf_context=x0), guidance=c.guidance,
-                                   r_equals_t_fraction=c.meanflow_r_eq_t)
+            return L.meanflow_loss(
+                nets.average_velocity_fn(a, params, tf),
+                nets.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+                x0,
+                mcond,
+                key,
+                teacher_fn=teacher,
+                uncond=dict(uncond, tf_context=x0),
+                guidance=c.guidance,
+                r_equals_t_fraction=c.meanflow_r_eq_t,
+            )
         if c.mode == "tf_dcm":
-            return L.dcm_loss(nets.velocity_fn(a, params, tf), teacher, x0, cond, key,
-                              uncond=uncond, guidance=c.guidance, num_steps=c.dcm_steps, shift=c.dcm_shift,
-                              teacher_forcing=True)
+            return L.dcm_loss(
+                nets.velocity_fn(a, params, tf),
+                teacher,
+                x0,
+                cond,
+                key,
+                uncond=uncond,
+                guidance=c.guidance,
+                num_steps=c.dcm_steps,
+                shift=c.dcm_shift,
+                teacher_forcing=True,
+            )
         if c.mode == "ode_init":
             sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
-            return L.ode_regression_loss(nets.velocity_fn(a, params, c.pattern("block_causal")),
-                                         batch["ode_traj"], batch["ode_times"], x0, cond, key, sizes=sizes)
+            return L.ode_regression_loss(
+                nets.velocity_fn(a, params, c.pattern("block_causal")),
+                batch["ode_traj"],
+                batch["ode_times"],
+                x0,
+                cond,
+                key,
+                sizes=sizes,
+            )
         raise ValueError(f"mode {c.mode!r} has no CM loss")
 
     def _dmd_loss(self, G, frozen, critic, cond, key):
         """DMD loss of rollout `G`: real score = the frozen DMD teacher with CFG, fake = `critic`,
         both on `dmd_teacher_pattern` (with `sg(G)` as their context where it needs one)."""
         sc = self.score_cond(cond, G)
-        return L.dmd_loss(G, self._teacher_fn(frozen, "dmd"), self.score_fn(critic), sc, key,
-                          uncond=nets.uncond_like(sc, frozen.neg_context), guidance=self.cfg.guidance)
+        return L.dmd_loss(
+            G,
+            self._teacher_fn(frozen, "dmd"),
+            self.score_fn(critic),
+            sc,
+            key,
+            uncond=nets.uncond_like(sc, frozen.neg_context),
+            guidance=self.cfg.guidance,
+        )
 
     def _dmd_cotangent(self, G, frozen, critic, cond, key):
         """(loss, metrics, dloss/dG) of `_dmd_loss`: the cotangent the replayed backward starts from."""
@@ -365,8 +420,11 @@ class Trainer:
             new = new.replace(ema=ema_lib.ema_update(state.ema, params, step, self.gamma))
         new = _select(ok, new, state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), skipped=(~ok).astype(jnp.int32))
-        return new.replace(iteration=state.iteration + 1, nan_skips=state.nan_skips + (~ok),
-                           nan_streak=jnp.where(ok, 0, state.nan_streak + 1)), metrics
+        return new.replace(
+            iteration=state.iteration + 1,
+            nan_skips=state.nan_skips + (~ok),
+            nan_streak=jnp.where(ok, 0, state.nan_streak + 1),
+        ), metrics
 
     def ema_step(self, ema, params, step, skipped):
         """The power-EMA update of a student step that ran on a state without its EMA.
@@ -380,8 +438,9 @@ class Trainer:
         ema = on_device(ema)
         return _select(skipped == 0, ema_lib.ema_update(ema, params, step, self.gamma), ema)
 
-    def teacher_pass(self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1,
-                     use_dmd: bool = True) -> TeacherOutputs:
+    def teacher_pass(
+        self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1, use_dmd: bool = True
+    ) -> TeacherOutputs:
         """The part of `student_step` (same arguments) that needs the frozen teachers.
 
         The CM loss is traced with a recording teacher and only the teacher's outputs are
@@ -397,19 +456,30 @@ class Trainer:
         k_cm, k_sf, k_dmd = jax.random.split(key, 3)
         tape = []
         if c.mode != "sf_dmd":
-            self.cm_loss(state.params, frozen, batch, k_cm, state.step,
-                         teacher=_recording(self.cm_teacher(frozen), tape))
+            self.cm_loss(
+                state.params, frozen, batch, k_cm, state.step, teacher=_recording(self.cm_teacher(frozen), tape)
+            )
         dmd = None
         if c.mode in CRITIC_MODES and use_dmd:
             if not c.sf_replay:
-                raise ValueError("a split step's DMD part needs train.sf_replay=True (the direct backward "
-                                 "differentiates through the rollout that the teacher scores)")
+                raise ValueError(
+                    "a split step's DMD part needs train.sf_replay=True (the direct backward "
+                    "differentiates through the rollout that the teacher scores)"
+                )
             loss, m, last, cot = self._dmd_scores(state, frozen, batch, k_sf, k_dmd, sf_steps)
             dmd = (loss, m, [(last[0][0], None)] + last[1:], cot)
         return TeacherOutputs(tuple(tape), dmd)
 
-    def student_step(self, state: TrainState, frozen: Frozen, batch, key, sf_steps: int = 1,
-                     use_dmd: bool = True, teacher_out: TeacherOutputs | None = None):
+    def student_step(
+        self,
+        state: TrainState,
+        frozen: Frozen,
+        batch,
+        key,
+        sf_steps: int = 1,
+        use_dmd: bool = True,
+        teacher_out: TeacherOutputs | None = None,
+    ):
         """One student update. `sf_steps` (static) = self-forcing denoising steps per block;
         `use_dmd=False` runs the CM loss alone (rCM's tangent warm-up phase). `teacher_out`: the
         teachers' part, precomputed by `teacher_pass` with the same arguments; the step then
@@ -421,7 +491,8 @@ class Trainer:
         if c.mode != "sf_dmd":
             replay = None if teacher_out is None else _Replay(teacher_out.cm)
             (loss, m), grads = jax.value_and_grad(self.cm_loss, has_aux=True)(
-                state.params, frozen, batch, k_cm, state.step, replay)
+                state.params, frozen, batch, k_cm, state.step, replay
+            )
             if replay is not None:
                 replay.done()
             metrics.update({f"cm/{k}": v for k, v in m.items()})
@@ -464,7 +535,7 @@ class Trainer:
             spec = self.rollout_spec(batch["latents"].shape[1], sf_steps)
             if scores is None:
                 loss, m, last, cot = self._dmd_scores(state, frozen, batch, k_sf, k_dmd, sf_steps)
-            else:   # block 0's cache, the empty one, is rebuilt rather than carried
+            else:  # block 0's cache, the empty one, is rebuilt rather than carried
                 loss, m, last, cot = scores
                 last = [(last[0][0], self.empty_cache(batch["latents"], spec))] + list(last[1:])
             grads = self_forcing.replayed_grad(self.apply, state.params, last, cot, cond, spec)
@@ -497,13 +568,17 @@ class Trainer:
         ok = jnp.isfinite(loss) & _finite(grads)
         grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
         updates, copt = self.critic_tx.update(grads, state.critic_opt_state, state.critic)
-        critic, copt = _select(ok, (optax.apply_updates(state.critic, updates), copt),
-                               (state.critic, state.critic_opt_state))
-        new = state.replace(critic=critic, critic_opt_state=copt)   # the EMA is not touched
+        critic, copt = _select(
+            ok, (optax.apply_updates(state.critic, updates), copt), (state.critic, state.critic_opt_state)
+        )
+        new = state.replace(critic=critic, critic_opt_state=copt)  # the EMA is not touched
         metrics = {f"critic/{k}": v for k, v in m.items()}
         metrics.update(loss=loss, skipped=(~ok).astype(jnp.int32))
-        return new.replace(iteration=state.iteration + 1, nan_skips=state.nan_skips + (~ok),
-                           nan_streak=jnp.where(ok, 0, state.nan_streak + 1)), metrics
+        return new.replace(
+            iteration=state.iteration + 1,
+            nan_skips=state.nan_skips + (~ok),
+            nan_streak=jnp.where(ok, 0, state.nan_streak + 1),
+        ), metrics
 
     # ----------------------------------------------------------------- schedule
     def plan(self, iteration: int, freq: int) -> tuple[str, int, bool]:

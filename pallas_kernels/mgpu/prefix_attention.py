@@ -46,8 +46,8 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
-SMEM_LIMIT = 227 * 1024      # an sm_90 CTA's shared-memory limit
-SMEM_OVERHEAD = 2648         # what Mosaic GPU allocated beyond the tiles in the measured case
+SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's shared-memory limit
+SMEM_OVERHEAD = 2648  # what Mosaic GPU allocated beyond the tiles in the measured case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,9 @@ class PrefixConfig:
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64 or self.block_q <= 0 or self.block_kv <= 0:
-            raise ValueError(f"block_q and block_kv must be positive multiples of 64, got "
-                             f"{self.block_q}, {self.block_kv}")
+            raise ValueError(
+                f"block_q and block_kv must be positive multiples of 64, got {self.block_q}, {self.block_kv}"
+            )
         if self.stages < 2:
             raise ValueError(f"stages must be at least 2, got {self.stages}")
         if self.splits < 1:
@@ -105,24 +106,29 @@ def default_config(q_shape, k_shape, sms: int | None = None) -> PrefixConfig:
 def check_inputs(q, k, v, config: PrefixConfig):
     """Shape / dtype checks of `prefix_attention` (clear errors, nothing silently converted)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"prefix_attention expects q [B, Lq, H, D], k and v [B, S, H, D]; got "
-                         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
+        raise ValueError(
+            f"prefix_attention expects q [B, Lq, H, D], k and v [B, S, H, D]; got "
+            f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
     b, _, h, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
-        raise ValueError(f"k and v must be [B={b}, S, H={h}, D={d}] alike; got k{tuple(k.shape)}, "
-                         f"v{tuple(v.shape)}")
+        raise ValueError(f"k and v must be [B={b}, S, H={h}, D={d}] alike; got k{tuple(k.shape)}, v{tuple(v.shape)}")
     if d not in HEAD_DIMS:
         raise ValueError(f"prefix_attention supports head_dim in {HEAD_DIMS}, got {d}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(f"prefix_attention needs q, k, v of one dtype, bfloat16 or float16; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"prefix_attention needs q, k, v of one dtype, bfloat16 or float16; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if config.smem_bytes(d) > SMEM_LIMIT:
-        raise ValueError(f"{config} needs {config.smem_bytes(d)} bytes of shared memory for head_dim {d}, "
-                         f"more than the {SMEM_LIMIT} an sm_90 CTA has; lower stages or block_kv")
+        raise ValueError(
+            f"{config} needs {config.smem_bytes(d)} bytes of shared memory for head_dim {d}, "
+            f"more than the {SMEM_LIMIT} an sm_90 CTA has; lower stages or block_kv"
+        )
 
 
-def prefix_attention(q, k, v, kv_len, *, scale: float | None = None, config: PrefixConfig | None = None,
-                     interpret: bool = False):
+def prefix_attention(
+    q, k, v, kv_len, *, scale: float | None = None, config: PrefixConfig | None = None, interpret: bool = False
+):
     """Attention of every query over keys `[0, kv_len)` of `k, v`.
 
     Args:
@@ -162,7 +168,7 @@ def merge_splits(out, lse):
     out: `[P, B, Lq, H, D]`, each normalised over its own keys; lse: `[P, B, H, Lq]` float32
     natural-log sum of exp of its scores (-inf for a range with no keys). Returns `[B, Lq, H, D]`.
     """
-    lse = jnp.transpose(lse, (0, 1, 3, 2))[..., None]                  # [P, B, Lq, H, 1]
+    lse = jnp.transpose(lse, (0, 1, 3, 2))[..., None]  # [P, B, Lq, H, 1]
     top = jnp.max(lse, axis=0)
     w = jnp.exp(lse - top)
     o = jnp.sum(jnp.where(w > 0, out.astype(jnp.float32), 0.0) * w, axis=0) / jnp.sum(w, axis=0)
@@ -177,11 +183,10 @@ def _call_kernel(q, k, v, lens, scale, cfg: PrefixConfig, interpret: bool):
     dtype = q.dtype
     bq, bkv, stages, splits = cfg.block_q, cfg.block_kv, cfg.stages, cfg.splits
     q_tiles = pl.cdiv(q_len, 2 * bq)
-    c = scale * LOG2E                     # scores in log2 units: exp(s * scale) = exp2(s * c)
+    c = scale * LOG2E  # scores in log2 units: exp(s * scale) = exp2(s * c)
 
     def kernel(lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-        (qo_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), \
-            (k_free, v_free), turn = scoped
+        (qo_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
         head = lax.axis_index("heads")
         q_tile = lax.axis_index("q_tiles")
         part = lax.axis_index("parts")
@@ -259,14 +264,16 @@ def _call_kernel(q, k, v, lens, scale, cfg: PrefixConfig, interpret: bool):
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
 
-                if interpret:         # the interpreter's wgmma takes no register operand
+                if interpret:  # the interpreter's wgmma takes no register operand
                     pv = jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
                     wait_next_k()
                     acc = acc + pv
                 else:
+
                     def pv_state(acc_ref):
                         plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                         wait_next_k()
+
                     acc = pl.run_state(pv_state)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
@@ -276,7 +283,7 @@ def _call_kernel(q, k, v, lens, scale, cfg: PrefixConfig, interpret: bool):
             if cfg.schedule_barrier:
                 pl.when(wg == 0)(take_turn)
 
-            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)       # an empty split writes zeros
+            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # an empty split writes zeros
             acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
             qo_smem[...] = acc.astype(dtype)
             if lse_smem2 is not None:
@@ -309,47 +316,57 @@ def _call_kernel(q, k, v, lens, scale, cfg: PrefixConfig, interpret: bool):
 
             lax.fori_loop(0, jnp.maximum(steps - stages, 0), refill, None)
 
-            def drain(t, _):      # see the last tiles released, so every barrier phase is observed
+            def drain(t, _):  # see the last tiles released, so every barrier phase is observed
                 slot = lax.rem(t, jnp.int32(stages))
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
 
             lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
 
-    def crm_prefix_attention(lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):   # the kernel's name in traces
+    def crm_prefix_attention(lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):  # the kernel's name in traces
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        smem = [plgpu.SMEM((2, bq, head_dim), dtype, transforms=tiled),
-                plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled),
-                plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled),
-                plgpu.SMEM((2, bq), jnp.float32) if splits > 1 else None]
+        smem = [
+            plgpu.SMEM((2, bq, head_dim), dtype, transforms=tiled),
+            plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled),
+            plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled),
+            plgpu.SMEM((2, bq), jnp.float32) if splits > 1 else None,
+        ]
         pl.run_scoped(
             lambda *scoped: kernel(lens_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
             smem,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
 
-    rows = q_tiles * 2 * bq                # whole tiles: no store runs past the arrays
-    out_type = [jax.ShapeDtypeStruct((splits, batch, rows, heads, head_dim), dtype),
-                jax.ShapeDtypeStruct((splits, batch, heads, rows), jnp.float32) if splits > 1 else None]
+    rows = q_tiles * 2 * bq  # whole tiles: no store runs past the arrays
+    out_type = [
+        jax.ShapeDtypeStruct((splits, batch, rows, heads, head_dim), dtype),
+        jax.ShapeDtypeStruct((splits, batch, heads, rows), jnp.float32) if splits > 1 else None,
+    ]
     kw = {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
         kw["interpret"] = InterpretGPUParams()
     out, lse = plgpu.kernel(
-        crm_prefix_attention, out_type=out_type, grid=(heads, q_tiles, batch * splits),
-        grid_names=("heads", "q_tiles", "parts"), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), **kw)(lens, q, k, v)
+        crm_prefix_attention,
+        out_type=out_type,
+        grid=(heads, q_tiles, batch * splits),
+        grid_names=("heads", "q_tiles", "parts"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kw,
+    )(lens, q, k, v)
     return out, lse
 
 
 def prefix_attention_reference(q, k, v, kv_len, *, scale: float | None = None):
     """float32 XLA attention of q `[B, Lq, H, D]` over keys `[0, kv_len)` (the test oracle)."""
     d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
     s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=lax.Precision.HIGHEST) * scale
     s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, -jnp.inf)

@@ -40,7 +40,6 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.masks import MaskSpec, tile_runs
 from pallas_kernels.triton.flash import SUPPORTED_HEAD_DIMS, _check, _padded, kernel_allowed
 
-
 DEFAULT_BLOCK = 512
 
 
@@ -72,7 +71,7 @@ class MosaicConfig:
         return max(t[1] for t in (self.fwd, self.jvp, self.dkdv, self.dq))
 
     @staticmethod
-    def uniform(block_q: int, block_k: int | None = None) -> "MosaicConfig":
+    def uniform(block_q: int, block_k: int | None = None) -> MosaicConfig:
         t = (block_q, block_q if block_k is None else block_k)
         return MosaicConfig(t, t, t, t)
 
@@ -111,8 +110,11 @@ def _cost(visited: int, B: int, H: int, bq: int, bk: int, D: int, dots: int, row
     row tile and `col_bytes` read per visited tile. Lets XLA's scheduler and `cost_analysis()`
     see the block sparsity."""
     per = B * H * visited
-    return pl.CostEstimate(flops=int(per * dots * 2 * bq * bk * D), transcendentals=int(per * bq * bk),
-                           bytes_accessed=int(B * H * row_bytes + per * col_bytes))
+    return pl.CostEstimate(
+        flops=int(per * dots * 2 * bq * bk * D),
+        transcendentals=int(per * bq * bk),
+        bytes_accessed=int(B * H * row_bytes + per * col_bytes),
+    )
 
 
 def _locate(i, j, start_ref, end_ref, runs):
@@ -161,8 +163,7 @@ def _from_bhld(x, length):
 
 
 def _params():
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def _row_spec(b, d):
@@ -172,6 +173,7 @@ def _row_spec(b, d):
 def _col_spec(b, d, runs):
     def index(bi, h, i, j, start_ref, end_ref):
         return bi, h, _locate(i, j, start_ref, end_ref, runs)[0], 0
+
     return pl.BlockSpec((None, None, b, d), index)
 
 
@@ -189,8 +191,9 @@ def _online_step(spec, scale, q, k, v, row0, col0, bq, bk, masked, m_ref, l_ref,
     return p, alpha
 
 
-def _fwd_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref,
-                *, spec, scale, bq, bk, steps, runs):
+def _fwd_kernel(
+    start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, spec, scale, bq, bk, steps, runs
+):
     i, j = pl.program_id(2), pl.program_id(3)
     prec = _prec(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
@@ -204,8 +207,9 @@ def _fwd_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref
     def step(masked):
         col0 = col * bk
         v = v_ref[...]
-        p, alpha = _online_step(spec, scale, q_ref[...], k_ref[...], v, i * bq, col0, bq, bk,
-                                masked, m_ref, l_ref, prec)
+        p, alpha = _online_step(
+            spec, scale, q_ref[...], k_ref[...], v, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec
+        )
         acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, prec)
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
@@ -243,8 +247,7 @@ def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has
     def step(masked):
         col0 = col * bk
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        p, alpha = _online_step(spec, scale, q, k, v, i * bq, col0, bq, bk, masked, m_ref, l_ref,
-                                prec)
+        p, alpha = _online_step(spec, scale, q, k, v, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec)
         acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, prec)
         acct = alpha * acct_ref[...]
         if has_tq or has_tk:
@@ -277,8 +280,27 @@ def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dkdv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                 dv_ref, dk_acc, dv_acc, *, spec, scale, bq, bk, steps, runs):
+def _dkdv_kernel(
+    start_ref,
+    end_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    dk_acc,
+    dv_acc,
+    *,
+    spec,
+    scale,
+    bq,
+    bk,
+    steps,
+    runs,
+):
     i, j = pl.program_id(2), pl.program_id(3)  # i: key tile
     prec = _prec(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
@@ -309,8 +331,25 @@ def _dkdv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc,
-               *, spec, scale, bq, bk, steps, runs):
+def _dq_kernel(
+    start_ref,
+    end_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    dq_acc,
+    *,
+    spec,
+    scale,
+    bq,
+    bk,
+    steps,
+    runs,
+):
     i, j = pl.program_id(2), pl.program_id(3)
     prec = _prec(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
@@ -352,15 +391,14 @@ def _interp(interpret):
 def _prologue(q, k, v, spec, scale, config):
     _check(q, k, v, spec)
     B, Lq, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     Lk = k.shape[1]
     config = default_config(Lq, Lk) if config is None else config
     return B, Lq, Lk, H, D, scale, config, _padded(Lq, config.q_multiple), _padded(Lk, config.kv_multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
-def mosaic_forward(q, k, v, spec: MaskSpec, *, scale=None, config: MosaicConfig | None = None,
-                   interpret=False):
+def mosaic_forward(q, k, v, spec: MaskSpec, *, scale=None, config: MosaicConfig | None = None, interpret=False):
     """q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> o `[B, Lq, H, D]`, lse `[B, H, Lq]` f32."""
     B, Lq, Lk, H, D, scale, config, Lqp, Lkp = _prologue(q, k, v, spec, scale, config)
     isz = jnp.dtype(q.dtype).itemsize
@@ -371,22 +409,27 @@ def mosaic_forward(q, k, v, spec: MaskSpec, *, scale=None, config: MosaicConfig 
     o, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, H, rows, steps),
+            num_scalar_prefetch=2,
+            grid=(B, H, rows, steps),
             in_specs=[_row_spec(bq, D), _col_spec(bk, D, runs), _col_spec(bk, D, runs)],
             out_specs=[_row_spec(bq, D), _row_spec(bq, 1)],
-            scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, 1), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Lqp, 1), jnp.float32)],
-        compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_fwd",
+            scratch_shapes=[
+                pltpu.VMEM((bq, D), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+            ],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype), jax.ShapeDtypeStruct((B, H, Lqp, 1), jnp.float32)],
+        compiler_params=_params(),
+        interpret=_interp(interpret),
+        name="crm_mosaic_fwd",
         cost_estimate=_cost(visited, B, H, bq, bk, D, 2, Lqp * (2 * D * isz + 4), 2 * bk * D * isz),
     )(jnp.asarray(start), jnp.asarray(end), _to_bhld(q, Lqp), _to_bhld(k, Lkp), _to_bhld(v, Lkp))
     return _from_bhld(o, Lq), lse[:, :, :Lq, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
-def mosaic_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale=None,
-               config: MosaicConfig | None = None, interpret=False):
+def mosaic_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale=None, config: MosaicConfig | None = None, interpret=False):
     """(q, k, v) and tangents (or None for zero) -> o, to `[B, Lq, H, D]`, lse `[B, H, Lq]`."""
     B, Lq, Lk, H, D, scale, config, Lqp, Lkp = _prologue(q, k, v, spec, scale, config)
     isz = jnp.dtype(q.dtype).itemsize
@@ -396,35 +439,68 @@ def mosaic_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale=None,
     has = (tq is not None, tk is not None, tv is not None)
     in_specs = [_row_spec(bq, D), _col_spec(bk, D, runs), _col_spec(bk, D, runs)]
     args = [_to_bhld(q, Lqp), _to_bhld(k, Lkp), _to_bhld(v, Lkp)]
-    for h_, t_, spec_, L_ in ((has[0], tq, _row_spec(bq, D), Lqp),
-                              (has[1], tk, _col_spec(bk, D, runs), Lkp),
-                              (has[2], tv, _col_spec(bk, D, runs), Lkp)):
+    for h_, t_, spec_, L_ in (
+        (has[0], tq, _row_spec(bq, D), Lqp),
+        (has[1], tk, _col_spec(bk, D, runs), Lkp),
+        (has[2], tv, _col_spec(bk, D, runs), Lkp),
+    ):
         if h_:
             in_specs.append(spec_)
             args.append(_to_bhld(t_.astype(q.dtype), L_))
-    kernel = functools.partial(_jvp_kernel, spec=spec, scale=scale, bq=bq, bk=bk, steps=steps, runs=runs,
-                               has_tq=has[0], has_tk=has[1], has_tv=has[2])
+    kernel = functools.partial(
+        _jvp_kernel,
+        spec=spec,
+        scale=scale,
+        bq=bq,
+        bk=bk,
+        steps=steps,
+        runs=runs,
+        has_tq=has[0],
+        has_tk=has[1],
+        has_tv=has[2],
+    )
     o, to, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, H, rows, steps), in_specs=in_specs,
+            num_scalar_prefetch=2,
+            grid=(B, H, rows, steps),
+            in_specs=in_specs,
             out_specs=[_row_spec(bq, D), _row_spec(bq, D), _row_spec(bq, 1)],
-            scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32), pltpu.VMEM((bq, D), jnp.float32),
-                            pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, 1), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Lqp, 1), jnp.float32)],
-        compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_jvp",
-        cost_estimate=_cost(visited, B, H, bq, bk, D, 2 + has[0] + has[1] + (has[0] or has[1]) + has[2],
-                            Lqp * ((3 + has[0]) * D * isz + 4), (2 + has[1] + has[2]) * bk * D * isz),
+            scratch_shapes=[
+                pltpu.VMEM((bq, D), jnp.float32),
+                pltpu.VMEM((bq, D), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
+            jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype),
+            jax.ShapeDtypeStruct((B, H, Lqp, 1), jnp.float32),
+        ],
+        compiler_params=_params(),
+        interpret=_interp(interpret),
+        name="crm_mosaic_jvp",
+        cost_estimate=_cost(
+            visited,
+            B,
+            H,
+            bq,
+            bk,
+            D,
+            2 + has[0] + has[1] + (has[0] or has[1]) + has[2],
+            Lqp * ((3 + has[0]) * D * isz + 4),
+            (2 + has[1] + has[2]) * bk * D * isz,
+        ),
     )(jnp.asarray(start), jnp.asarray(end), *args)
     return _from_bhld(o, Lq), _from_bhld(to, Lq), lse[:, :, :Lq, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
-def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
-                    config: MosaicConfig | None = None, interpret=False):
+def mosaic_backward(
+    q, k, v, o, lse, do, spec: MaskSpec, *, scale=None, config: MosaicConfig | None = None, interpret=False
+):
     """Residuals (q, k, v, o, lse) and do -> dq `[B, Lq, H, D]`, dk, dv `[B, Lk, H, D]`."""
     B, Lq, Lk, H, D, scale, config, Lqp, Lkp = _prologue(q, k, v, spec, scale, config)
     isz = jnp.dtype(q.dtype).itemsize
@@ -445,13 +521,16 @@ def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
     dk, dv = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, H, rows, steps),
+            num_scalar_prefetch=2,
+            grid=(B, H, rows, steps),
             in_specs=[qcol, _row_spec(bk, D), _row_spec(bk, D), qcol, vcol, vcol],
             out_specs=[_row_spec(bk, D), _row_spec(bk, D)],
-            scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((B, H, Lkp, D), k.dtype),
-                   jax.ShapeDtypeStruct((B, H, Lkp, D), v.dtype)],
-        compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_dkdv",
+            scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((B, H, Lkp, D), k.dtype), jax.ShapeDtypeStruct((B, H, Lkp, D), v.dtype)],
+        compiler_params=_params(),
+        interpret=_interp(interpret),
+        name="crm_mosaic_dkdv",
         cost_estimate=_cost(visited, B, H, bq, bk, D, 4, Lkp * 4 * D * isz, bq * (2 * D * isz + 8)),
     )(jnp.asarray(start), jnp.asarray(end), qt, kt, vt, dot_, lse_s, delta)
 
@@ -463,17 +542,19 @@ def mosaic_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale=None,
     (dq,) = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(B, H, rows, steps),
-            in_specs=[_row_spec(bq, D), kcol, kcol, _row_spec(bq, D), _row_spec(bq, 1),
-                      _row_spec(bq, 1)],
+            num_scalar_prefetch=2,
+            grid=(B, H, rows, steps),
+            in_specs=[_row_spec(bq, D), kcol, kcol, _row_spec(bq, D), _row_spec(bq, 1), _row_spec(bq, 1)],
             out_specs=[_row_spec(bq, D)],
-            scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct((B, H, Lqp, D), q.dtype)],
-        compiler_params=_params(), interpret=_interp(interpret), name="crm_mosaic_dq",
+        compiler_params=_params(),
+        interpret=_interp(interpret),
+        name="crm_mosaic_dq",
         cost_estimate=_cost(visited, B, H, bq, bk, D, 3, Lqp * (3 * D * isz + 8), 2 * bk * D * isz),
     )(jnp.asarray(start), jnp.asarray(end), qt, kt, vt, dot_, lse_s, delta)
     return _from_bhld(dq, Lq), _from_bhld(dk, Lk), _from_bhld(dv, Lk)
 
 
-__all__ = ["MosaicConfig", "mosaic_forward", "mosaic_backward", "mosaic_jvp",
-           "SUPPORTED_HEAD_DIMS"]
+__all__ = ["MosaicConfig", "mosaic_forward", "mosaic_backward", "mosaic_jvp", "SUPPORTED_HEAD_DIMS"]

@@ -7,9 +7,9 @@ Entry points (all layouts `[B, L, H, D]`, see `flash.py`):
 """
 
 from pallas_kernels.triton.flash import (  # noqa: F401
+    SUPPORTED_HEAD_DIMS,
     FlashConfig,
     Tiles,
-    SUPPORTED_HEAD_DIMS,
     default_config,
     flash_backward,
     flash_forward,

@@ -80,13 +80,12 @@ class FlashConfig:
         return max(max(t.block_q, t.block_k) for t in (self.fwd, self.jvp, self.dkdv, self.dq))
 
     @staticmethod
-    def uniform(block: int, num_warps: int = 4, num_stages: int = 2) -> "FlashConfig":
+    def uniform(block: int, num_warps: int = 4, num_stages: int = 2) -> FlashConfig:
         t = Tiles(block, block, num_warps, num_stages)
         return FlashConfig(t, t, t, t)
 
 
-FP32_CONFIG = FlashConfig(Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 1), Tiles(32, 64, 4, 2),
-                          Tiles(64, 32, 4, 2))
+FP32_CONFIG = FlashConfig(Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 1), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2))
 
 
 def default_config(dtype=jnp.bfloat16) -> FlashConfig:
@@ -125,8 +124,7 @@ def kernel_allowed(spec: MaskSpec, q_pos, k_pos):
         clean_q = jnp.logical_and(kc, kb <= qb)
         noisy_q = jnp.logical_or(jnp.logical_and(kc, kb < qb), jnp.logical_and(kn, kb == qb))
         # and/or only: Mosaic TPU has no layout for a select between boolean vectors.
-        by_half = jnp.logical_or(jnp.logical_and(qn, noisy_q),
-                                 jnp.logical_and(jnp.logical_not(qn), clean_q))
+        by_half = jnp.logical_or(jnp.logical_and(qn, noisy_q), jnp.logical_and(jnp.logical_not(qn), clean_q))
         ok = jnp.logical_and(ok, by_half)
     if spec.local_attn_blocks > 0:
         win = jnp.logical_or(kb > qb - spec.local_attn_blocks, kb < spec.sink_blocks)
@@ -165,7 +163,7 @@ def _ranges_np(spec: MaskSpec, bq: int, bk: int, transpose: bool, rows: int):
     fi, fc = _schedule_np(spec, bq, bk, transpose, rows)[:2]
     per_row = []
     for r in range(rows):
-        cols = fi[r, :fc[r]]
+        cols = fi[r, : fc[r]]
         runs = []
         for c in cols:
             if runs and c == runs[-1][1]:
@@ -220,11 +218,9 @@ def _run_schedule(row, fi_ref, fc_ref, pi_ref, pc_ref, body, carry):
     With range schedules (`fc_ref` 2-D) `fi_ref`/`fc_ref` hold lo/hi per range."""
     if len(fc_ref.shape) == 2:
         for j in range(fc_ref.shape[1]):
-            carry = lax.fori_loop(fi_ref[row, j], fc_ref[row, j],
-                                  lambda col, c: body(col, c, False), carry)
+            carry = lax.fori_loop(fi_ref[row, j], fc_ref[row, j], lambda col, c: body(col, c, False), carry)
     else:
-        carry = lax.fori_loop(0, fc_ref[row], lambda t, c: body(fi_ref[row, t], c, False),
-                              carry)
+        carry = lax.fori_loop(0, fc_ref[row], lambda t, c: body(fi_ref[row, t], c, False), carry)
     carry = lax.fori_loop(0, pc_ref[row], lambda t, c: body(pi_ref[row, t], c, True), carry)
     return carry
 
@@ -234,8 +230,7 @@ def _compiler_params(t: Tiles):
 
 
 # ----------------------------------------------------------------------------- forward
-def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq,
-                bk, rows, reverse, poison):
+def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk, rows, reverse, poison):
     if poison:
         refs = refs[2:]
     o_ref, lse_ref = refs
@@ -260,8 +255,7 @@ def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, prec)
         return acc, m_new, l
 
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -1e30, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
+    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, l = _run_schedule(row, fi_ref, fc_ref, pi_ref, pc_ref, body, init)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
@@ -270,8 +264,9 @@ def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec
 
 
 # ----------------------------------------------------------------------------- JVP
-def _jvp_kernel(fi_ref, fc_ref, pi_ref, pc_ref, *refs, spec, scale, bq, bk, rows, reverse,
-                has_tq, has_tk, has_tv, poison):
+def _jvp_kernel(
+    fi_ref, fc_ref, pi_ref, pc_ref, *refs, spec, scale, bq, bk, rows, reverse, has_tq, has_tk, has_tv, poison
+):
     refs = list(refs)
     q_ref, k_ref, v_ref = refs[:3]
     refs = refs[3:]
@@ -319,9 +314,13 @@ def _jvp_kernel(fi_ref, fc_ref, pi_ref, pc_ref, *refs, spec, scale, bq, bk, rows
             acct = acct + _dot(p.astype(tv.dtype), tv, prec)
         return acc, acct, m_new, l, r
 
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.zeros((bq, d), jnp.float32),
-            jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
+    init = (
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.full((bq,), -1e30, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
     acc, acct, m, l, r = _run_schedule(row, fi_ref, fc_ref, pi_ref, pc_ref, body, init)
     empty = l == 0.0
     inv_l = 1.0 / jnp.where(empty, 1.0, l)
@@ -333,8 +332,26 @@ def _jvp_kernel(fi_ref, fc_ref, pi_ref, pc_ref, *refs, spec, scale, bq, bk, rows
 
 
 # ----------------------------------------------------------------------------- backward
-def _dkdv_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                 *refs, spec, scale, bq, bk, rows, reverse, poison):
+def _dkdv_kernel(
+    fi_ref,
+    fc_ref,
+    pi_ref,
+    pc_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *refs,
+    spec,
+    scale,
+    bq,
+    bk,
+    rows,
+    reverse,
+    poison,
+):
     if poison:
         refs = refs[2:]
     dk_ref, dv_ref = refs
@@ -369,8 +386,26 @@ def _dkdv_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, do_ref, ls
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, spec, scale, bq, bk, rows, reverse, poison):
+def _dq_kernel(
+    fi_ref,
+    fc_ref,
+    pi_ref,
+    pc_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *refs,
+    spec,
+    scale,
+    bq,
+    bk,
+    rows,
+    reverse,
+    poison,
+):
     if poison:
         refs = refs[1:]
     (dq_ref,) = refs
@@ -413,16 +448,17 @@ def _padded(n, mult):
 
 def _check(q, k, v, spec):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError("flash kernels expect rank-4 [B, L, H, D] q, k, v; got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"flash kernels expect rank-4 [B, L, H, D] q, k, v; got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"incompatible q{q.shape}, k{k.shape}, v{v.shape}")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[-1]} not supported by the flash kernels "
-                         f"(supported: {SUPPORTED_HEAD_DIMS})")
+        raise ValueError(
+            f"head_dim {q.shape[-1]} not supported by the flash kernels (supported: {SUPPORTED_HEAD_DIMS})"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"flash kernels need q, k, v of one dtype in (bfloat16, float32); got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"flash kernels need q, k, v of one dtype in (bfloat16, float32); got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     spec.check_lengths(q.shape[1], k.shape[1])
 
 
@@ -446,11 +482,19 @@ def _poisoned(shapes):
     return [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret", "poison",
-                                             "reverse"))
-def flash_forward(q, k, v, spec: MaskSpec, *, scale: float | None = None,
-                  config: FlashConfig | None = None, interpret: bool = False,
-                  poison: bool = False, reverse: bool = True):
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret", "poison", "reverse"))
+def flash_forward(
+    q,
+    k,
+    v,
+    spec: MaskSpec,
+    *,
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+    interpret: bool = False,
+    poison: bool = False,
+    reverse: bool = True,
+):
     """Forward pass.
 
     Args: q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` (bf16 or fp32, D in {64, 128}).
@@ -461,7 +505,7 @@ def flash_forward(q, k, v, spec: MaskSpec, *, scale: float | None = None,
     _check(q, k, v, spec)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     config = default_config(q.dtype) if config is None else config
     t = config.fwd
     mult = config.pad_multiple
@@ -470,31 +514,52 @@ def flash_forward(q, k, v, spec: MaskSpec, *, scale: float | None = None,
     rmap = _row_map(reverse, rows)
     sched = _schedule(spec, t.block_q, t.block_k, False, rows, config.full_ranges)
     qp, kp, vp = _pad_len(q, Lqp), _pad_len(k, Lkp), _pad_len(v, Lkp)
-    out_shape = [jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype),
-                 jax.ShapeDtypeStruct((B, H, Lqp), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype), jax.ShapeDtypeStruct((B, H, Lqp), jnp.float32)]
     out_specs = [_qspec(t.block_q, rmap, D), _row_vec_spec(t.block_q, rmap)]
     in_specs = [_whole(a.shape) for a in sched] + [
-        _qspec(t.block_q, rmap, D), _full_seq_spec(Lkp, D), _full_seq_spec(Lkp, D)]
+        _qspec(t.block_q, rmap, D),
+        _full_seq_spec(Lkp, D),
+        _full_seq_spec(Lkp, D),
+    ]
     args = list(sched) + [qp, kp, vp]
     aliases = {}
     if poison:
         aliases = {len(args): 0, len(args) + 1: 1}
         args += _poisoned(out_shape)
         in_specs += out_specs
-    kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k,
-                               rows=rows, reverse=reverse, poison=poison)
+    kernel = functools.partial(
+        _fwd_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k, rows=rows, reverse=reverse, poison=poison
+    )
     o, lse = pl.pallas_call(
-        kernel, grid=(rows, B, H), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases, compiler_params=_compiler_params(t), interpret=interpret,
-        name="crm_flash_fwd")(*args)
+        kernel,
+        grid=(rows, B, H),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(t),
+        interpret=interpret,
+        name="crm_flash_fwd",
+    )(*args)
     return o[:, :Lq], lse[:, :, :Lq]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret", "poison",
-                                             "reverse"))
-def flash_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale: float | None = None,
-              config: FlashConfig | None = None, interpret: bool = False,
-              poison: bool = False, reverse: bool = True):
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret", "poison", "reverse"))
+def flash_jvp(
+    q,
+    k,
+    v,
+    tq,
+    tk,
+    tv,
+    spec: MaskSpec,
+    *,
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+    interpret: bool = False,
+    poison: bool = False,
+    reverse: bool = True,
+):
     """Forward-mode pass: primal output and its tangent in one streaming pass.
 
     Args: q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`; tangents tq/tk/tv of the same
@@ -504,11 +569,10 @@ def flash_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale: float | None = None
     _check(q, k, v, spec)
     for name, x, ref in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         if x is not None and (x.shape != ref.shape or x.dtype != ref.dtype):
-            raise ValueError(f"tangent {name} {x.shape}/{x.dtype} does not match its primal "
-                             f"{ref.shape}/{ref.dtype}")
+            raise ValueError(f"tangent {name} {x.shape}/{x.dtype} does not match its primal {ref.shape}/{ref.dtype}")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     config = default_config(q.dtype) if config is None else config
     t = config.jvp
     mult = config.pad_multiple
@@ -518,7 +582,10 @@ def flash_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale: float | None = None
     sched = _schedule(spec, t.block_q, t.block_k, False, rows, config.full_ranges)
     has = (tq is not None, tk is not None, tv is not None)
     in_specs = [_whole(a.shape) for a in sched] + [
-        _qspec(t.block_q, rmap, D), _full_seq_spec(Lkp, D), _full_seq_spec(Lkp, D)]
+        _qspec(t.block_q, rmap, D),
+        _full_seq_spec(Lkp, D),
+        _full_seq_spec(Lkp, D),
+    ]
     args = list(sched) + [_pad_len(q, Lqp), _pad_len(k, Lkp), _pad_len(v, Lkp)]
     if has[0]:
         in_specs.append(_qspec(t.block_q, rmap, D))
@@ -529,31 +596,60 @@ def flash_jvp(q, k, v, tq, tk, tv, spec: MaskSpec, *, scale: float | None = None
     if has[2]:
         in_specs.append(_full_seq_spec(Lkp, D))
         args.append(_pad_len(tv, Lkp))
-    out_shape = [jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype),
-                 jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype),
-                 jax.ShapeDtypeStruct((B, H, Lqp), jnp.float32)]
-    out_specs = [_qspec(t.block_q, rmap, D), _qspec(t.block_q, rmap, D),
-                 _row_vec_spec(t.block_q, rmap)]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype),
+        jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype),
+        jax.ShapeDtypeStruct((B, H, Lqp), jnp.float32),
+    ]
+    out_specs = [_qspec(t.block_q, rmap, D), _qspec(t.block_q, rmap, D), _row_vec_spec(t.block_q, rmap)]
     aliases = {}
     if poison:
         aliases = {len(args) + j: j for j in range(3)}
         args += _poisoned(out_shape)
         in_specs += out_specs
-    kernel = functools.partial(_jvp_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k,
-                               rows=rows, reverse=reverse, has_tq=has[0], has_tk=has[1],
-                               has_tv=has[2], poison=poison)
+    kernel = functools.partial(
+        _jvp_kernel,
+        spec=spec,
+        scale=scale,
+        bq=t.block_q,
+        bk=t.block_k,
+        rows=rows,
+        reverse=reverse,
+        has_tq=has[0],
+        has_tk=has[1],
+        has_tv=has[2],
+        poison=poison,
+    )
     o, to, lse = pl.pallas_call(
-        kernel, grid=(rows, B, H), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases, compiler_params=_compiler_params(t), interpret=interpret,
-        name="crm_flash_jvp")(*args)
+        kernel,
+        grid=(rows, B, H),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(t),
+        interpret=interpret,
+        name="crm_flash_jvp",
+    )(*args)
     return o[:, :Lq], to[:, :Lq], lse[:, :, :Lq]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret", "poison",
-                                             "reverse"))
-def flash_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale: float | None = None,
-                   config: FlashConfig | None = None, interpret: bool = False,
-                   poison: bool = False, reverse: bool = True):
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret", "poison", "reverse"))
+def flash_backward(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    do,
+    spec: MaskSpec,
+    *,
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+    interpret: bool = False,
+    poison: bool = False,
+    reverse: bool = True,
+):
     """Backward pass from the forward's residuals.
 
     Args: q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, o and do `[B, Lq, H, D]`,
@@ -564,7 +660,7 @@ def flash_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale: float | None =
     _check(q, k, v, spec)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     config = default_config(q.dtype) if config is None else config
     mult = config.pad_multiple
     Lqp, Lkp = _padded(Lq, mult), _padded(Lk, mult)
@@ -583,23 +679,35 @@ def flash_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale: float | None =
     sched = _schedule(spec, t.block_q, t.block_k, True, rows, config.full_ranges)
     kspec = pl.BlockSpec((None, t.block_k, None, D), lambda i, b, h: (b, rmap(i), h, 0))
     in_specs = [_whole(a.shape) for a in sched] + [
-        _full_seq_spec(Lqp, D), kspec, kspec, _full_seq_spec(Lqp, D), _full_vec_spec(Lqp),
-        _full_vec_spec(Lqp)]
+        _full_seq_spec(Lqp, D),
+        kspec,
+        kspec,
+        _full_seq_spec(Lqp, D),
+        _full_vec_spec(Lqp),
+        _full_vec_spec(Lqp),
+    ]
     args = list(sched) + [qp, kp, vp, dop, lse2, delta]
-    out_shape = [jax.ShapeDtypeStruct((B, Lkp, H, D), k.dtype),
-                 jax.ShapeDtypeStruct((B, Lkp, H, D), v.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((B, Lkp, H, D), k.dtype), jax.ShapeDtypeStruct((B, Lkp, H, D), v.dtype)]
     out_specs = [kspec, kspec]
     aliases = {}
     if poison:
         aliases = {len(args): 0, len(args) + 1: 1}
         args += _poisoned(out_shape)
         in_specs += out_specs
-    kernel = functools.partial(_dkdv_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k,
-                               rows=rows, reverse=reverse, poison=poison)
+    kernel = functools.partial(
+        _dkdv_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k, rows=rows, reverse=reverse, poison=poison
+    )
     dk, dv = pl.pallas_call(
-        kernel, grid=(rows, B, H), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases, compiler_params=_compiler_params(t), interpret=interpret,
-        name="crm_flash_dkdv")(*args)
+        kernel,
+        grid=(rows, B, H),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(t),
+        interpret=interpret,
+        name="crm_flash_dkdv",
+    )(*args)
 
     # dQ: grid over query tiles, loop over key tiles.
     t = config.dq
@@ -607,8 +715,13 @@ def flash_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale: float | None =
     rmap = _row_map(reverse, rows)
     sched = _schedule(spec, t.block_q, t.block_k, False, rows, config.full_ranges)
     in_specs = [_whole(a.shape) for a in sched] + [
-        _qspec(t.block_q, rmap, D), _full_seq_spec(Lkp, D), _full_seq_spec(Lkp, D),
-        _qspec(t.block_q, rmap, D), _row_vec_spec(t.block_q, rmap), _row_vec_spec(t.block_q, rmap)]
+        _qspec(t.block_q, rmap, D),
+        _full_seq_spec(Lkp, D),
+        _full_seq_spec(Lkp, D),
+        _qspec(t.block_q, rmap, D),
+        _row_vec_spec(t.block_q, rmap),
+        _row_vec_spec(t.block_q, rmap),
+    ]
     args = list(sched) + [qp, kp, vp, dop, lse2, delta]
     out_shape = [jax.ShapeDtypeStruct((B, Lqp, H, D), q.dtype)]
     out_specs = [_qspec(t.block_q, rmap, D)]
@@ -617,10 +730,18 @@ def flash_backward(q, k, v, o, lse, do, spec: MaskSpec, *, scale: float | None =
         aliases = {len(args): 0}
         args += _poisoned(out_shape)
         in_specs += out_specs
-    kernel = functools.partial(_dq_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k,
-                               rows=rows, reverse=reverse, poison=poison)
+    kernel = functools.partial(
+        _dq_kernel, spec=spec, scale=scale, bq=t.block_q, bk=t.block_k, rows=rows, reverse=reverse, poison=poison
+    )
     (dq,) = pl.pallas_call(
-        kernel, grid=(rows, B, H), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases, compiler_params=_compiler_params(t), interpret=interpret,
-        name="crm_flash_dq")(*args)
+        kernel,
+        grid=(rows, B, H),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(t),
+        interpret=interpret,
+        name="crm_flash_dq",
+    )(*args)
     return dq[:, :Lq], dk[:, :Lk], dv[:, :Lk]
