@@ -73,7 +73,7 @@ def mcfg():
 # ----------------------------------------------------------------------------- round trip
 
 
-def test_record_codec_bit_exact():
+def test_tfds_codec_bit_exact():
     import ml_dtypes
 
     rng = np.random.default_rng(0)
@@ -83,12 +83,105 @@ def test_record_codec_bit_exact():
         "b": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16),
         "a": np.arange(3, dtype=np.int32),
     }
-    got, text = ds.decode_record(ds.encode_record(arrays, {"prompt": "héllo | x"}))
+    meta = ds.make_metadata(
+        num_samples=1,
+        samples_per_shard=1,
+        features={k: ds.Feature(v.shape, ds.dtype_name(v.dtype)) for k, v in arrays.items()},
+        text_fields=["prompt"],
+    )
+    feats = ds.tfds_features(meta)
+    example = feats.deserialize_example_np(feats.serialize_example({**arrays, "prompt": "héllo | x"}))
+    got, text = ds.split_example(example, meta)
     assert text == {"prompt": "héllo | x"}
     for k, v in arrays.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes()
-    with pytest.raises(ds.DatasetError, match="bad magic"):
-        ds.decode_record(b"garbage-bytes", "somewhere")
+
+
+def test_tfds_reads_generated_set_without_tensorflow(ref):
+    """`tfds.builder_from_directory(path).as_data_source()` reads the generated set, equal to what was written."""
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    cols, texts = ds.read_all(ref)
+    train = tfds.builder_from_directory(ref).as_data_source()["train"]
+    assert len(train) == N
+    for i in range(N):
+        ex = train[i]
+        assert int(ex["id"]) == i and ex["prompt"].decode() == texts[i]["prompt"]
+        for k in ("latents", "context", "actions", "ode_traj"):
+            assert np.asarray(ex[k]).tobytes() == cols[k][i].tobytes(), k
+    assert "tensorflow" not in sys.modules
+
+
+def test_damaged_shard_named_on_open_and_rewritten_by_generate(ref, tmp_path):
+    out = tmp_path / "ds"
+    shutil.copytree(ref, out)
+    shard = out / ds.shard_name(1, 3)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ds.DatasetError, match=rf"{ds.shard_name(1, 3)}.*damaged.*rerun the generation"):
+        ds.open_dataset(str(out))
+    shard0 = (out / ds.shard_name(0, 3)).read_bytes()
+    assert run_gen(gen_config(), out) == {"written": 1, "pending": 0, "complete": True}
+    assert (out / ds.shard_name(0, 3)).read_bytes() == shard0  # intact shards are kept
+    assert shard.read_bytes() == open(os.path.join(ref, ds.shard_name(1, 3)), "rb").read()
+    ds.open_dataset(str(out))
+
+
+def _write_v1_dataset(path, n=3):
+    """A dataset in the earlier CRMR record format (metadata version 1)."""
+    import struct
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(path)
+    rng = np.random.default_rng(1)
+    samples = []
+    w = ArrayRecordWriter(os.path.join(path, "data-00000-of-00001.array_record"), "group_size:1")
+    for i in range(n):
+        arrays = {"id": np.asarray(i, np.int64), "latents": rng.normal(size=(2, 4, 4, 4)).astype(np.float32)}
+        header, blobs, off = {"a": {}, "t": {"prompt": f"p{i}"}}, [], 0
+        for k, a in arrays.items():
+            header["a"][k] = [a.dtype.name, list(a.shape), off, a.nbytes]
+            blobs.append(a.tobytes())
+            off += a.nbytes
+        h = json.dumps(header).encode()
+        w.write(b"".join([b"CRMR", struct.pack("<I", len(h)), h, *blobs]))
+        samples.append(arrays)
+    w.close()
+    meta = {
+        "format": ds.FORMAT,
+        "version": 1,
+        "num_samples": n,
+        "samples_per_shard": n,
+        "features": {"id": {"shape": [], "dtype": "int64"}, "latents": {"shape": [2, 4, 4, 4], "dtype": "float32"}},
+        "text_fields": ["prompt"],
+        "shards": [{"file": "data-00000-of-00001.array_record", "first_id": 0, "num_records": n}],
+        "source": {"kind": "test"},
+        "num_actions": 0,
+        "complete": True,
+    }
+    with open(os.path.join(path, ds.METADATA), "w") as f:
+        json.dump(meta, f)
+    return samples
+
+
+def test_old_format_refused_with_the_upgrade_command_which_converts_it(tmp_path):
+    from crm_jax.data import upgrade
+
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    samples = _write_v1_dataset(old)
+    with pytest.raises(ds.DatasetError, match=rf"old crm_jax record format.*python -m crm_jax.data.upgrade {old}"):
+        ds.open_dataset(old)
+    assert upgrade.main([old, new]) == 0
+    cols, texts = ds.read_all(new)
+    assert [t["prompt"] for t in texts] == ["p0", "p1", "p2"]
+    for i, a in enumerate(samples):
+        assert cols["latents"][i].tobytes() == a["latents"].tobytes()
+    assert ds.read_metadata(new)["source"] == {"kind": "test"}
+    assert upgrade.main([new, str(tmp_path / "again")]) == 1  # not a version-1 dataset: one error line
 
 
 def test_generated_written_read_back_bit_identical(ref):
@@ -150,7 +243,7 @@ def test_two_hosts_write_their_shards(ref, tmp_path):
     out = tmp_path / "ds"
     assert run_gen(gen_config(), out, process_index=1, process_count=2)["complete"] is False
     # process 1 of 2 owns the block process_rows(3 shards, 1, 2) = [1, 3)
-    assert sorted(n for n in os.listdir(out) if n.endswith(".array_record")) == [
+    assert sorted(n for n in os.listdir(out) if ds.is_shard(n)) == [
         ds.shard_name(1, 3),
         ds.shard_name(2, 3),
     ]

@@ -317,7 +317,7 @@ def test_generate_two_processes_write_disjoint_shards(tmp_path):
     ref = Run(gen_argv(tmp_path / "one"), 1, tmp_path, "gen1")
     part = Run(gen_argv(tmp_path / "two", "--max_shards=1"), 2, tmp_path, "gen2a")
     part.check(240)
-    shards = sorted(n for n in os.listdir(tmp_path / "two") if n.endswith(".array_record"))
+    shards = sorted(n for n in os.listdir(tmp_path / "two") if ds.is_shard(n))
     assert shards == [ds.shard_name(0, 3), ds.shard_name(1, 3)]  # each process's first shard
     assert not ds.read_metadata(str(tmp_path / "two"))["complete"]
     Run(gen_argv(tmp_path / "two"), 2, tmp_path, "gen2b").check(240)

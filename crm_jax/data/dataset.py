@@ -1,17 +1,22 @@
-"""Synthetic-data datasets on disk: ArrayRecord shards + a JSON metadata file.
+"""Datasets on disk in the TFDS layout (ArrayRecord shards), plus this project's plan file.
 
 Layout of a dataset directory::
 
-    metadata.json                            format, features, shards, teacher/model identity
-    data-00000-of-00004.array_record         records of samples [0, S)
-    data-00001-of-00004.array_record         records of samples [S, 2S)   (S = samples_per_shard)
+    metadata.json                                    plan: features, shards, source, checksums, complete
+    dataset_info.json, features.json                 TFDS metadata (written when the dataset is complete)
+    synthetic-train.array_record-00000-of-00004      records of samples [0, S)
+    synthetic-train.array_record-00001-of-00004      records of samples [S, 2S)   (S = samples_per_shard)
     ...
-    negative_context.npy                     optional: CFG's negative-prompt embedding [L, D]
+    negative_context.npy                             optional: CFG's negative-prompt embedding [L, D]
 
-Every record is one sample, a dict of named numpy arrays encoded by :func:`encode_record`
-(bit-exact, any dtype incl. bfloat16) plus optional text fields (e.g. ``prompt``). Sample
-``i`` always lives in shard ``i // S`` at position ``i % S`` and carries ``id = i``.
-Standard features (channels last, per sample)::
+Every record is one sample encoded by TFDS (``FeaturesDict.serialize_example``): arrays as raw
+bytes (any dtype incl. bfloat16, bit-exact) plus text fields (e.g. ``prompt``). Any TFDS reader
+opens a complete dataset without TensorFlow::
+
+    tfds.builder_from_directory(path).as_data_source()["train"][i]
+
+Sample ``i`` lives in shard ``i // S`` at position ``i % S`` and carries ``id = i``. Standard
+features (channels last, per sample)::
 
     id        []               int64    global sample index
     latents   [T, H, W, C]     float32 / bfloat16
@@ -19,13 +24,19 @@ Standard features (channels last, per sample)::
     actions   [T]              int32    (world models; optional)
     ode_traj  [K, T, H, W, C]  teacher ODE states at metadata["ode_times"] (optional)
 
-Writing (:class:`ShardWriter`) is resumable: a shard is written under a hidden temporary
-name and renamed atomically when complete, so a crash loses at most the shard in progress,
-and a restart skips complete shards. ``metadata.json`` is created (atomically, once) before
-any shard and marked ``"complete": true`` when every shard exists.
+Writing (:class:`ShardWriter`) is resumable: a shard is written under a hidden temporary name,
+its SHA-256 recorded, and then renamed into place, so a crash loses at most the shard in
+progress. A restart rewrites every shard that is missing or does not match its checksum.
+``metadata.json`` is created (atomically, once) before any shard and marked
+``"complete": true``, with every shard's checksum, when all shards exist.
 
-Reading (:class:`DatasetSource`) goes through ``grain`` (``ArrayRecordDataSource`` ->
-``MapDataset``): one seeded, per-epoch shuffled stream of all samples, global batches as
+Opening (:func:`open_dataset`) checks the plan, every shard's size and checksum, and the first
+record against the declared features; every error names the file. Datasets in the earlier
+``CRMR`` record format are refused with the command that converts them
+(``python -m crm_jax.data.upgrade OLD NEW``).
+
+Reading (:class:`DatasetSource`) goes through TFDS's data source API and ``grain``
+(``MapDataset``): one seeded, per-epoch shuffled stream of all samples, global batches as
 consecutive pieces of it, each process reading only its rows of every global batch
 (:func:`crm_jax.distributed.process_rows`), all by random access (``batch(step)`` is a pure
 function of ``step``), and iterators whose state (``get_state()``, a small JSON-able dict)
@@ -40,10 +51,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
-import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -51,11 +62,12 @@ import numpy as np
 from crm_jax.distributed import local_batch_size, process_rows
 
 FORMAT = "crm_jax.synthetic_dataset"
-VERSION = 1
+VERSION = 2  # 1: the CRMR record format (crm_jax/data/upgrade.py converts it)
 METADATA = "metadata.json"
 NEGATIVE = "negative_context.npy"
+TFDS_NAME, TFDS_SPLIT = "synthetic", "train"
+TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access
-_MAGIC = b"CRMR"
 
 
 class DatasetError(ValueError):
@@ -82,39 +94,27 @@ def dtype_name(dt) -> str:
 # ----------------------------------------------------------------------------- records
 
 
-def encode_record(arrays: dict[str, np.ndarray], text: dict[str, str] | None = None) -> bytes:
-    """Serialise named arrays (+ text fields) into one record.
+def tfds_features(meta: dict):
+    """The ``tfds.features.FeaturesDict`` of a plan: arrays stored as raw bytes, text as strings."""
+    import tensorflow_datasets as tfds
 
-    Layout: ``b"CRMR" | uint32 header length | JSON header | raw array bytes``; the header
-    maps each name to ``[dtype, shape, offset, nbytes]`` and holds the text fields.
-    Round trip through :func:`decode_record` is bit-identical.
-    """
-    header, blobs, off = {"a": {}, "t": dict(text or {})}, [], 0
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        b = a.tobytes(order="C")  # (ascontiguousarray would turn 0-d into 1-d)
-        header["a"][name] = [dtype_name(a.dtype), list(a.shape), off, len(b)]
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([_MAGIC, struct.pack("<I", len(h)), h, *blobs])
+    spec = {}
+    for name, f in meta["features"].items():
+        if f["shape"]:
+            spec[name] = tfds.features.Tensor(
+                shape=tuple(f["shape"]), dtype=_dtype(f["dtype"]), encoding=tfds.features.Encoding.BYTES
+            )
+        else:
+            spec[name] = tfds.features.Scalar(dtype=_dtype(f["dtype"]))
+    for name in meta.get("text_fields", ()):
+        spec[name] = tfds.features.Text()
+    return tfds.features.FeaturesDict(spec)
 
 
-def decode_record(data: bytes, where: str = "record") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Inverse of :func:`encode_record`: ``(arrays, text)``. ``where`` names it in errors."""
-    if len(data) < 8 or data[:4] != _MAGIC:
-        raise DatasetError(f"{where}: not a crm_jax dataset record (bad magic {bytes(data[:4])!r})")
-    (n,) = struct.unpack("<I", data[4:8])
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError as e:
-        raise DatasetError(f"{where}: corrupt record header: {e}") from e
-    base, arrays = 8 + n, {}
-    for name, (dt, shape, off, nbytes) in header["a"].items():
-        if base + off + nbytes > len(data):
-            raise DatasetError(f"{where}: truncated record (field {name!r})")
-        arrays[name] = np.frombuffer(data, _dtype(dt), count=math.prod(shape), offset=base + off).reshape(shape)
-    return arrays, header["t"]
+def split_example(example: dict, meta: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A decoded TFDS example as ``(arrays, text fields)``; text decoded from UTF-8."""
+    text = {k: example[k].decode() if isinstance(example[k], bytes) else str(example[k]) for k in meta["text_fields"]}
+    return {k: np.asarray(example[k]) for k in meta["features"]}, text
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -131,8 +131,18 @@ class Feature:
         return {"shape": list(self.shape), "dtype": self.dtype}
 
 
-def shard_name(j: int, n: int, prefix: str = "data") -> str:
-    return f"{prefix}-{j:05d}-of-{n:05d}.array_record"
+def shard_name(j: int, n: int) -> str:
+    """File name of shard ``j`` of ``n`` (TFDS's naming of an ArrayRecord split)."""
+    return f"{TFDS_NAME}-{TFDS_SPLIT}.array_record-{j:05d}-of-{n:05d}"
+
+
+def is_shard(name: str) -> bool:
+    return name.startswith(f"{TFDS_NAME}-{TFDS_SPLIT}.array_record-")
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def make_metadata(
@@ -221,6 +231,11 @@ def read_metadata(path: str) -> dict:
             f"{fn!r} is not crm_jax dataset metadata (format "
             f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
         )
+    if meta.get("version") == 1:
+        raise DatasetError(
+            f"{fn!r}: {path!r} is in the old crm_jax record format (version 1); convert it to the TFDS "
+            f"layout with `python -m crm_jax.data.upgrade {path} NEW_DIR`"
+        )
     if meta.get("version") != VERSION:
         raise DatasetError(f"{fn!r}: dataset format version {meta.get('version')!r}, this code reads {VERSION}")
     for k in ("num_samples", "samples_per_shard", "features", "shards"):
@@ -231,7 +246,7 @@ def read_metadata(path: str) -> dict:
 
 def plan_key(meta: dict) -> dict:
     """The part of the metadata that must agree between a run and its restart."""
-    return {k: v for k, v in meta.items() if k != "complete"}
+    return {k: v for k, v in meta.items() if k not in ("complete", "checksums")}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -281,16 +296,26 @@ class ShardWriter:
     def shards(self) -> list[dict]:
         return self.meta["shards"]
 
-    def pending(self) -> list[int]:
-        """This host's shards that are not complete yet (complete = final file exists)."""
-        return [
-            j
-            for j in host_shards(len(self.shards), self.pi, self.pc)
-            if not os.path.exists(os.path.join(self.path, self.shards[j]["file"]))
-        ]
+    def _checksum_file(self, j: int) -> str:
+        return os.path.join(self.path, f".{self.shards[j]['file']}.sha256")
 
-    def write_shard(self, j: int, records: Iterable[bytes]) -> None:
-        """Write shard ``j`` from exactly ``num_records`` encoded records (temp name, then rename)."""
+    def shard_ok(self, j: int) -> bool:
+        """Shard ``j`` exists and matches the checksum recorded when it was written."""
+        final = os.path.join(self.path, self.shards[j]["file"])
+        try:
+            with open(self._checksum_file(j)) as f:
+                want = f.read().strip()
+        except OSError:
+            return False
+        return os.path.exists(final) and file_sha256(final) == want
+
+    def pending(self) -> list[int]:
+        """This host's shards still to write: missing, or not matching their checksum (damaged)."""
+        return [j for j in host_shards(len(self.shards), self.pi, self.pc) if not self.shard_ok(j)]
+
+    def write_shard(self, j: int, examples: Iterable[dict]) -> None:
+        """Write shard ``j`` from exactly ``num_records`` examples (dicts of the plan's features and
+        text fields), TFDS-encoded, under a temporary name; record its checksum; rename it."""
         from array_record.python.array_record_module import ArrayRecordWriter
 
         info = self.shards[j]
@@ -298,25 +323,50 @@ class ShardWriter:
         tmp = os.path.join(self.path, f".{info['file']}.tmp-p{self.pi}")
         for old in glob.glob(os.path.join(glob.escape(self.path), f".{info['file']}.tmp-*")):
             os.remove(old)  # leftover of a crash (by any host layout): redo this shard
+        features = tfds_features(self.meta)
         w = ArrayRecordWriter(tmp, WRITER_OPTIONS)
         n = 0
         try:
-            for rec in records:
-                w.write(rec)
+            for ex in examples:
+                w.write(features.serialize_example(ex))
                 n += 1
         finally:
             w.close()
         if n != info["num_records"]:
             os.remove(tmp)
             raise RuntimeError(f"shard {info['file']}: got {n} records, expected {info['num_records']}")
+        digest = file_sha256(tmp)
+        ck_tmp = f"{self._checksum_file(j)}.tmp-p{self.pi}"
+        with open(ck_tmp, "w") as f:
+            f.write(digest + "\n")
+        os.replace(ck_tmp, self._checksum_file(j))
         os.replace(tmp, final)
 
     def finalize(self) -> bool:
-        """Mark the dataset complete if every shard exists (any host may do it). Returns it."""
-        missing = [s["file"] for s in self.shards if not os.path.exists(os.path.join(self.path, s["file"]))]
-        if missing:
+        """Mark the dataset complete if every shard is intact (any host may do it): write the TFDS
+        metadata, then ``metadata.json`` with every shard's checksum. Returns whether it is complete."""
+        import tensorflow_datasets as tfds
+
+        if not all(self.shard_ok(j) for j in range(len(self.shards))):
             return False
-        _atomic_write_json(os.path.join(self.path, METADATA), {**self.meta, "complete": True})
+        checksums = {}
+        for j, s in enumerate(self.shards):
+            with open(self._checksum_file(j)) as f:
+                checksums[s["file"]] = f.read().strip()
+        split = tfds.core.SplitInfo(
+            name=TFDS_SPLIT,
+            shard_lengths=[s["num_records"] for s in self.shards],
+            num_bytes=sum(os.path.getsize(os.path.join(self.path, s["file"])) for s in self.shards),
+        )
+        tfds.folder_dataset.write_metadata(
+            data_dir=self.path,
+            features=tfds_features(self.meta),
+            split_infos=[split],
+            filename_template=TFDS_TEMPLATE,
+            description="crm_jax dataset (metadata.json holds how it was made)",
+            check_data=False,
+        )
+        _atomic_write_json(os.path.join(self.path, METADATA), {**self.meta, "checksums": checksums, "complete": True})
         return True
 
     def write_negative_context(self, neg: np.ndarray) -> None:
@@ -332,9 +382,9 @@ class ShardWriter:
 def open_dataset(path: str, *, require_complete: bool = True, check_files: bool = True) -> dict:
     """Read and validate a dataset directory; return its metadata.
 
-    Checks: metadata readable and ours, generation complete, every shard present, readable
-    as ArrayRecord and holding the planned number of records, and the first record of the
-    first shard matching the declared features. Errors name the offending file.
+    Checks: metadata readable and ours, generation complete, every shard present, of the
+    recorded checksum (``check_files``), and the first record matching the declared features.
+    Errors name the offending file and what to do.
     """
     meta = read_metadata(path)
     fn = os.path.join(path, METADATA)
@@ -345,25 +395,33 @@ def open_dataset(path: str, *, require_complete: bool = True, check_files: bool 
             f"missing, e.g. {missing[:3]}); rerun the generation command to resume it"
         )
     if check_files:
-        from array_record.python.array_record_module import ArrayRecordReader
-
+        checksums = meta.get("checksums", {})
         for s in meta["shards"]:
             sf = os.path.join(path, s["file"])
             if not os.path.exists(sf):
-                raise DatasetError(f"shard {sf!r} listed in {fn!r} is missing")
-            try:
-                r = ArrayRecordReader(sf)
-                n = r.num_records()
-                first = r.read([0])[0] if s is meta["shards"][0] and n else None
-                r.close()
-            except Exception as e:  # array_record raises RuntimeError/ValueError on bad files
-                raise DatasetError(f"cannot read shard {sf!r} as ArrayRecord: {e}") from e
-            if n != s["num_records"]:
-                raise DatasetError(f"shard {sf!r} holds {n} records, {fn!r} says {s['num_records']}")
-            if first is not None:
-                arrays, _ = decode_record(first, f"{sf!r} record 0")
-                check_record(arrays, meta, f"{sf!r} record 0")
+                raise DatasetError(f"shard {sf!r} listed in {fn!r} is missing; rerun the generation command")
+            if s["file"] in checksums and file_sha256(sf) != checksums[s["file"]]:
+                raise DatasetError(
+                    f"shard {sf!r} is damaged (its SHA-256 differs from the one recorded in {fn!r}); "
+                    f"rerun the generation command to rewrite it"
+                )
+        if meta.get("complete") and meta["num_samples"]:
+            where = f"{os.path.join(path, meta['shards'][0]['file'])!r} record 0"
+            arrays, _ = split_example(_tfds_source(path, meta)[0], meta)
+            check_record(arrays, meta, where)
     return meta
+
+
+def _tfds_source(path: str, meta: dict):
+    """TFDS's random-access data source of the dataset's split (records decoded to numpy)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder_from_directory(path).as_data_source()[TFDS_SPLIT]
+    except Exception as e:  # missing / unreadable TFDS metadata
+        raise DatasetError(
+            f"{path!r}: cannot open as a TFDS dataset ({type(e).__name__}: {e}); rerun the generation command"
+        ) from e
 
 
 def check_record(arrays: dict[str, np.ndarray], meta: dict, where: str) -> None:
@@ -418,15 +476,14 @@ def check_model_compat(meta: dict, mcfg, path: str = "") -> None:
             raise DatasetError(f"{fn!r}: actions {feats['actions']['shape']} must be [T] = [{T}]")
 
 
-class _Decode:
-    """grain map: record bytes -> dict of arrays (only ``fields``)."""
+class _Select:
+    """grain map: a decoded TFDS example -> dict of the requested arrays."""
 
     def __init__(self, fields: Sequence[str]):
         self.fields = tuple(fields)
 
-    def __call__(self, data: bytes) -> dict:
-        arrays, _ = decode_record(data)
-        return {k: arrays[k] for k in self.fields}
+    def __call__(self, example: dict) -> dict:
+        return {k: np.asarray(example[k]) for k in self.fields}
 
 
 class DatasetSource:
@@ -486,11 +543,10 @@ class DatasetSource:
         self.fields = tuple(fields)
         self.rows = process_rows(batch_size, self.pi, self.pc)
         self.seed, self.shuffle = int(seed), bool(shuffle)
-        src = gp.ArrayRecordDataSource([os.path.join(path, s["file"]) for s in self.meta["shards"]])
-        ds = gp.MapDataset.source(src)
+        ds = gp.MapDataset.source(_tfds_source(path, self.meta))
         if shuffle:
             ds = ds.shuffle(seed=self.seed)
-        self._records = ds.repeat().map(_Decode(self.fields))
+        self._records = ds.repeat().map(_Select(self.fields))
         self._ode_times = np.asarray(self.meta["ode_times"], np.float32) if "ode_traj" in self.fields else None
 
     @property
@@ -505,7 +561,13 @@ class DatasetSource:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         first = step * self.batch_size
-        recs = [self._records[first + r] for r in range(*self.rows)]
+        try:
+            recs = [self._records[first + r] for r in range(*self.rows)]
+        except Exception as e:  # a shard damaged after the dataset was opened
+            raise DatasetError(
+                f"{self.path!r}: cannot read batch {step} ({type(e).__name__}: {e}); a shard was changed after "
+                f"the dataset was opened: rerun the generation command to rewrite damaged shards"
+            ) from e
         out = {k: np.stack([r[k] for r in recs]) for k in self.fields}
         if self._ode_times is not None:
             out["ode_times"] = self._ode_times
@@ -578,28 +640,22 @@ class DatasetIterator:
 
 def read_all(path: str, fields: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Every sample of a dataset in id order, stacked: ``({name: [N, ...]}, [text fields per sample])``."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     meta = open_dataset(path)
+    src = _tfds_source(path, meta)
     cols, texts = {}, []
-    for s in meta["shards"]:
-        sf = os.path.join(path, s["file"])
-        r = ArrayRecordReader(sf)
-        recs = r.read_all()
-        r.close()
-        for i, rec in enumerate(recs):
-            arrays, text = decode_record(rec, f"{sf!r} record {i}")
-            for k, v in arrays.items():
-                if fields is None or k in fields:
-                    cols.setdefault(k, []).append(v)
-            texts.append(text)
+    for i in range(len(src)):
+        arrays, text = split_example(src[i], meta)
+        for k, v in arrays.items():
+            if fields is None or k in fields:
+                cols.setdefault(k, []).append(v)
+        texts.append(text)
     return {k: np.stack(v) for k, v in cols.items()}, texts
 
 
 def write_records(
-    writer: ShardWriter, make_record: Callable[[int], bytes], progress: bool = False, desc: str = "writing"
+    writer: ShardWriter, make_example: Callable[[int], dict], progress: bool = False, desc: str = "writing"
 ) -> int:
-    """Write this host's pending shards from ``make_record(sample_id) -> bytes``; returns shards written."""
+    """Write this host's pending shards from ``make_example(sample_id) -> dict``; returns shards written."""
     from tqdm import tqdm
 
     todo = writer.pending()
@@ -610,7 +666,7 @@ def write_records(
 
             def gen(s=s):
                 for i in range(s["first_id"], s["first_id"] + s["num_records"]):
-                    yield make_record(i)
+                    yield make_example(i)
                     bar.update(1)
 
             writer.write_shard(j, gen())

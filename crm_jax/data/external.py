@@ -85,8 +85,8 @@ def read_sample(path: str) -> tuple[dict[str, np.ndarray], str]:
 
 def to_record(
     i: int, path: str, arrays: dict, prompt: str, feats: dict, text_len: int, dtype, num_actions: int = 0
-) -> bytes:
-    """One output record: channels-last latents, padded context, checked against ``feats``."""
+) -> dict:
+    """One output example: channels-last latents, padded context, checked against ``feats``."""
     lat = np.moveaxis(arrays["latent"], 0, -1)  # [C, T, H, W] -> [T, H, W, C]
     ctx = arrays["prompt_embed"]
     if ctx.shape[0] > text_len:
@@ -109,7 +109,7 @@ def to_record(
                 f"sample file {path!r}: {k} is {ds.dtype_name(rec[k].dtype)}{list(rec[k].shape)} "
                 f"after conversion, the first sample's is {f.dtype}{list(f.shape)}"
             )
-    return ds.encode_record(rec, {"prompt": prompt, "file": os.path.basename(path)})
+    return {**rec, "prompt": prompt, "file": os.path.basename(path)}
 
 
 def convert(

@@ -476,7 +476,7 @@ class Generator:
         return out, texts[:n]
 
     def shard_records(self, shard: dict, counter: list | None = None, crash_after: int | None = None):
-        """Encoded records of one shard (``shard`` from the metadata), in id order."""
+        """The examples of one shard (``shard`` from the metadata), in id order."""
         ids_all = np.arange(shard["first_id"], shard["first_id"] + shard["num_records"])
         for b0 in range(0, len(ids_all), self.batch_size):
             arrays, texts = self.samples(ids_all[b0 : b0 + self.batch_size])
@@ -485,7 +485,7 @@ class Generator:
                     raise RuntimeError(f"simulated crash after {counter[0]} records")
                 if counter is not None:
                     counter[0] += 1
-                yield ds.encode_record({k: v[r] for k, v in arrays.items()}, {"prompt": texts[r]})
+                yield {**{k: v[r] for k, v in arrays.items()}, "prompt": texts[r]}
 
 
 def generate(
