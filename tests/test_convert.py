@@ -121,3 +121,27 @@ def test_cli_round_trip_through_nnx(tmp_path):
     assert convert_wan.main(["--src", str(nnx_dir), "--dst", str(orig_dir)]) == 2
     assert convert_wan.main(["--src", str(tmp_path / "none"), "--dst", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_cli_keeps_actions_text_len_and_mean_flow(layout, tmp_path):
+    """The shipped toy teacher (5 actions, 4 text tokens) survives nnx -> layout -> nnx exactly, and so
+    does a MeanFlow model's interval embedding: nothing this project adds to Wan2.1 is dropped."""
+    from flax import nnx
+
+    from crm_jax.models.wan import WanModel
+    from crm_jax.tools.convert_wan import main
+
+    teacher = os.path.join(os.path.dirname(__file__), "..", "assets", "toy_teacher")
+    mean_flow = tmp_path / "mf"
+    convert.save_nnx(WanModel(convert.load_nnx(teacher).cfg.replace(mean_flow=True), rngs=nnx.Rngs(1)), mean_flow)
+    for src in (teacher, str(mean_flow)):
+        name = os.path.basename(src)
+        out, back = tmp_path / f"{name}_{layout}", tmp_path / f"{name}_back"
+        assert main(["--src", src, "--dst", str(out), "--to", layout]) == 0
+        assert main(["--src", str(out), "--dst", str(back), "--to", "nnx"]) == 0
+        a, b = convert.load_nnx(src), convert.load_nnx(str(back))
+        assert b.cfg == a.cfg and b.cfg.num_actions == 5 and b.cfg.text_len == 4
+        flat_b = dict(nnx.to_flat_state(nnx.state(b, nnx.Param)))
+        for path, v in nnx.to_flat_state(nnx.state(a, nnx.Param)):
+            assert np.array_equal(np.asarray(v[...]), np.asarray(flat_b[path][...])), path

@@ -49,7 +49,16 @@ _ORIGINAL_TO_DIFFUSERS = [
 ]
 
 
+# Beyond Wan2.1: what this project's models add (text length, action embedding, MeanFlow's interval
+# embedding) rides along in the diffusers/original layouts as a `crm_jax` entry of config.json and
+# as weights named `crm_jax.<our parameter path>`; Wan2.1 readers ignore both.
+EXTRA_CONFIG = "crm_jax"
+EXTRA_PREFIX = "crm_jax."
+
+
 def original_to_diffusers_key(key: str) -> str:
+    if key.startswith(EXTRA_PREFIX):
+        return key
     key = key.removeprefix("model.diffusion_model.")
     for a, b in _ORIGINAL_TO_DIFFUSERS:
         key = key.replace(a, b)
@@ -57,6 +66,8 @@ def original_to_diffusers_key(key: str) -> str:
 
 
 def diffusers_to_original_key(key: str) -> str:
+    if key.startswith(EXTRA_PREFIX):
+        return key
     if key == "scale_shift_table":
         return "head.modulation"
     if key.startswith("proj_out."):
@@ -76,6 +87,10 @@ def detect_layout(keys) -> str:
 
 
 # ----------------------------------------------------------------- configs
+def _extra_config(c: dict) -> dict:
+    return {k: c[EXTRA_CONFIG][k] for k in ("text_len", "num_actions", "mean_flow") if k in c.get(EXTRA_CONFIG, {})}
+
+
 def config_from_diffusers(c: dict, **overrides) -> WanConfig:
     return WanConfig(
         dim=c["num_attention_heads"] * c["attention_head_dim"],
@@ -88,7 +103,7 @@ def config_from_diffusers(c: dict, **overrides) -> WanConfig:
         text_dim=c["text_dim"],
         freq_dim=c["freq_dim"],
         eps=c["eps"],
-    ).replace(**overrides)
+    ).replace(**{**_extra_config(c), **overrides})
 
 
 def config_from_original(c: dict, **overrides) -> WanConfig:
@@ -104,7 +119,7 @@ def config_from_original(c: dict, **overrides) -> WanConfig:
         text_len=c.get("text_len", 512),
         freq_dim=c["freq_dim"],
         eps=c["eps"],
-    ).replace(**overrides)
+    ).replace(**{**_extra_config(c), **overrides})
 
 
 def diffusers_config(cfg: WanConfig) -> dict:
@@ -125,6 +140,7 @@ def diffusers_config(cfg: WanConfig) -> dict:
         image_dim=None,
         added_kv_proj_dim=None,
         rope_max_seq_len=1024,
+        **{EXTRA_CONFIG: dict(text_len=cfg.text_len, num_actions=cfg.num_actions, mean_flow=cfg.mean_flow)},
     )
 
 
@@ -142,6 +158,7 @@ def original_config(cfg: WanConfig) -> dict:
         num_heads=cfg.num_heads,
         num_layers=cfg.num_layers,
         eps=cfg.eps,
+        **{EXTRA_CONFIG: dict(num_actions=cfg.num_actions, mean_flow=cfg.mean_flow)},
     )
 
 
@@ -218,6 +235,9 @@ def diffusers_to_params(sd: dict, cfg: WanConfig) -> dict:
     flat: dict[tuple, np.ndarray] = {}
     unexpected = []
     for key, w in sd.items():
+        if key.startswith(EXTRA_PREFIX):
+            flat[tuple(key.removeprefix(EXTRA_PREFIX).split("."))] = np.asarray(w)
+            continue
         hit = _our_path(key)
         if hit is None:
             unexpected.append(key)
@@ -254,8 +274,10 @@ def params_to_diffusers(model: WanModel) -> dict:
         keys += [f"blocks.{i}.scale_shift_table"] + [f"blocks.{i}.{k}" for k in _BLOCK_PLAIN]
         keys += [f"blocks.{i}.{m}.{leaf}" for m in _BLOCK_MODULES for leaf in ("weight", "bias")]
     pt, ph, pw = cfg.patch_size
+    covered = set()
     for key in keys:
         path, layer, kind = _our_path(key)
+        covered.add(path)
         w = flat[path] if layer is None else flat[path][layer]
         if kind == "linear":
             w = w.T
@@ -264,6 +286,9 @@ def params_to_diffusers(model: WanModel) -> dict:
         elif kind == "table":
             w = w[None]
         inverse[key] = np.ascontiguousarray(w)
+    for path, w in flat.items():  # parameters Wan2.1 does not have (actions, MeanFlow's interval)
+        if path not in covered:
+            inverse[EXTRA_PREFIX + ".".join(map(str, path))] = np.ascontiguousarray(w)
     return inverse
 
 
