@@ -74,6 +74,34 @@ def check_inputs(inputs: Iterable[Input], what: str = "") -> None:
         raise MissingInputError(head + ":\n  " + "\n  ".join(bad))
 
 
+class OutputPathError(PermissionError, ValueError):
+    """An output path that cannot be written (checked before any compute)."""
+
+
+def check_output(name: str, path: str, *, is_dir: bool) -> None:
+    """Raise `OutputPathError` unless `path` can be created or written: a directory (`is_dir`) or a
+    file. `name` is the flag or config field that set it. Nothing is created."""
+    if not path:
+        raise OutputPathError(f"{name} is empty: give an output {'directory' if is_dir else 'file'}")
+    p = os.path.abspath(path)
+    if os.path.exists(p):
+        if is_dir and not os.path.isdir(p):
+            raise OutputPathError(f"{name} = {path!r} is a file, not a directory: choose a directory")
+        if not is_dir and os.path.isdir(p):
+            raise OutputPathError(f"{name} = {path!r} is a directory: give a file name")
+        target = p if is_dir else os.path.dirname(p)
+        if not os.access(target if is_dir else p, os.W_OK) or not os.access(target, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{name} = {path!r} is not writable: choose another path or fix its permissions")
+        return
+    parent = os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputPathError(f"{name} = {path!r}: {parent!r} is a file, not a directory: choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or parent.startswith(("/proc", "/sys")):
+        raise OutputPathError(f"{name} = {path!r}: {parent!r} is not writable: choose another path")
+
+
 def _get(c, dotted: str, default=""):
     node = c
     for k in dotted.split("."):

@@ -234,6 +234,13 @@ def test_encode_prompts_missing_inputs(tmp_path, capsys):
     assert _run(tmp_path, out, tokenizer=str(tmp_path / "no_tok.json")) == 1
     assert _run(tmp_path, out, prompts=str(tmp_path / "no_prompts.txt")) == 1
     assert not out.exists()
+    capsys.readouterr()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    assert _run(tmp_path, a_file) == 2  # an output that is a file: refused before any encoding
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out") and "is a file" in err[0]
+    assert a_file.read_text() == "kept"
 
 
 def test_xxl_shapes_abstractly():

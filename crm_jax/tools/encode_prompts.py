@@ -112,6 +112,13 @@ def main(argv=None) -> int:
     if args.max_len < 2 or args.batch_size < 1:
         print("error: --max_len must be >= 2 and --batch_size >= 1", file=sys.stderr)
         return 1
+    from crm_jax.inputs import OutputPathError, check_output
+
+    try:
+        check_output("--out", args.out, is_dir=True)
+    except OutputPathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     targets = [os.path.join(args.out, f) for f in (EMBEDDINGS, NEGATIVE)]
     if not args.overwrite and any(os.path.exists(t) for t in targets):
         print(
