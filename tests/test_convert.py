@@ -145,3 +145,31 @@ def test_cli_keeps_actions_text_len_and_mean_flow(layout, tmp_path):
         flat_b = dict(nnx.to_flat_state(nnx.state(b, nnx.Param)))
         for path, v in nnx.to_flat_state(nnx.state(a, nnx.Param)):
             assert np.array_equal(np.asarray(v[...]), np.asarray(flat_b[path][...])), path
+
+
+def test_interrupted_export_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A failure (or kill) while an export is written leaves the previous export whole and loadable."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from crm_jax.models.config import TINY
+    from crm_jax.models.wan import WanModel
+
+    path = str(tmp_path / "export")
+    old, new = WanModel(TINY, rngs=nnx.Rngs(0)), WanModel(TINY, rngs=nnx.Rngs(1))
+    convert.save_nnx(old, path)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert.save_nnx(new, path)
+    monkeypatch.undo()
+    got = dict(nnx.to_flat_state(nnx.state(convert.load_nnx(path), nnx.Param)))
+    for p, v in nnx.to_flat_state(nnx.state(old, nnx.Param)):
+        assert np.array_equal(np.asarray(v[...]), np.asarray(got[p][...])), p
+    os.replace(path, path + ".previous")  # killed between the two renames: the old one is still found
+    assert convert.load_any(path).cfg == old.cfg
+    convert.save_nnx(new, path)
+    assert not os.path.exists(path + ".previous") and not os.path.exists(path + ".partial")

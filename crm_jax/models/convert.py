@@ -396,19 +396,32 @@ NNX_CONFIG = "wan_config.json"
 
 def save_nnx(model: WanModel, path: str) -> None:
     """Save the model's parameters with Orbax, plus its config as JSON. The calling process
-    writes it alone (in a multi-process run the others do not take part)."""
+    writes it alone (in a multi-process run the others do not take part).
+
+    The checkpoint is written beside `path` and moved into place when complete; an older one at
+    `path` is replaced only then, so a kill at any moment leaves a complete checkpoint (the old or
+    the new one; `load_nnx` also finds the old one under `<path>.previous` in the instant between
+    the two renames)."""
     import dataclasses
+    import shutil
 
     path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, NNX_CONFIG), "w") as f:
+    partial, previous = f"{path}.partial", f"{path}.previous"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    with open(os.path.join(partial, NNX_CONFIG), "w") as f:
         json.dump(dataclasses.asdict(model.cfg), f, indent=1)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if jax.process_count() > 1:  # Orbax saves host-local values from one process only as numpy
         params = jax.tree.map(np.asarray, params)
     ckptr = _this_process_checkpointer()
-    ckptr.save(os.path.join(path, "params"), params, force=True)
+    ckptr.save(os.path.join(partial, "params"), params, force=True)
     ckptr.wait_until_finished()
+    if os.path.exists(path):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(path, previous)
+    os.replace(partial, path)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _this_process_checkpointer():
@@ -426,6 +439,8 @@ def _this_process_checkpointer():
 def load_nnx(path: str, **overrides) -> WanModel:
     """Load a model saved by `save_nnx`."""
     path = os.path.abspath(path)
+    if not os.path.exists(path) and os.path.exists(os.path.join(f"{path}.previous", NNX_CONFIG)):
+        path = f"{path}.previous"  # killed between save_nnx's two renames
     cfg_file = os.path.join(path, NNX_CONFIG)
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file!r} not found: not a crm_jax NNX checkpoint")
@@ -451,6 +466,6 @@ def load_nnx(path: str, **overrides) -> WanModel:
 
 def load_any(path: str, **overrides) -> WanModel:
     """Load a Wan transformer from a diffusers, original or crm_jax NNX directory."""
-    if os.path.exists(os.path.join(path, NNX_CONFIG)):
+    if any(os.path.exists(os.path.join(p, NNX_CONFIG)) for p in (path, f"{path.rstrip('/')}.previous")):
         return load_nnx(path, **overrides)
     return load_wan(path, **overrides)
