@@ -80,7 +80,7 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     # "teacher" or "ema,teacher" (costs host<->device copies of them per step). Each step is then
     # split (crm_jax/training/offload.py: teacher pass, main step, EMA update) so that the main step,
     # the student's backward, holds neither. H200, wan_1_3b, 480p: TF-sCM peak 57.7 -> 50.0 GiB,
-    # SF-DMD 125.1 -> 117.2 GiB, step times unchanged (experiments/RESULTS.md).
+    # SF-DMD 125.1 -> 117.2 GiB, step times unchanged (docs/benchmarks.md).
     c.memory = ml_collections.ConfigDict(dict(offload=""))
     c.init = ml_collections.ConfigDict(dict(student="", teacher="", dmd_teacher="", allow_random_teacher=False))
     return c
@@ -197,7 +197,7 @@ def toy_teacher_config(mode: str) -> ml_collections.ConfigDict:
     weight (0 at t = 0) leaves small-t velocities poorly learnt: samples keep some noise. The toy
     study (experiments/toy_study.py, `teacher_config`) trains its teachers with the from-scratch
     recipe instead: Adam b1 = 0.9, uniform times without the bell weight, the EMA exported -- clean
-    backgrounds, but at the budgets tried no better rollouts (experiments/RESULTS.md)."""
+    backgrounds, but at the budgets tried no better rollouts (docs/benchmarks.md)."""
     c = base_config(mode, "tiny", **toy_model())
     c.train.update(lr=5e-4, warmup_steps=200, grad_clip=1.0, cond_dropout=0.1)
     c.data.batch_size = 64
