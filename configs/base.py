@@ -129,7 +129,7 @@ def wan_paths(root: str = "") -> dict:
 
 
 def wan_config(mode: str, student: str = "wan_1_3b", paths: dict | None = None) -> ml_collections.ConfigDict:
-    """Wan2.1 defaults (DESIGN.md §6): 480p x 21 latent frames, chunk 3, bf16 compute with fp32
+    """Wan2.1 defaults (docs/design.md §6): 480p x 21 latent frames, chunk 3, bf16 compute with fp32
     master weights, remat of whole blocks, data from a generated dataset, teachers from converted
     checkpoints (`python -m crm_jax.tools.convert_wan --src DIFFUSERS_DIR --dst DIR`).
 
@@ -193,7 +193,7 @@ def toy_teacher_config(mode: str) -> ml_collections.ConfigDict:
     """Toy teacher pretraining (teacher_tf / teacher_df / teacher_full) on the simulator's videos:
     the recipe of the shipped `assets/toy_teacher` (5,000 iterations at batch 64 on one GPU).
 
-    DESIGN's fine-tuning defaults (bell weight, UniformShift(5), Adam b1 = 0). From scratch the bell
+    The fine-tuning defaults of docs/design.md (bell weight, UniformShift(5), Adam b1 = 0). From scratch the bell
     weight (0 at t = 0) leaves small-t velocities poorly learnt: samples keep some noise. The toy
     study (experiments/toy_study.py, `teacher_config`) trains its teachers with the from-scratch
     recipe instead: Adam b1 = 0.9, uniform times without the bell weight, the EMA exported -- clean

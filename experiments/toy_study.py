@@ -407,7 +407,7 @@ def run_classifier(study: Study, job: Job) -> dict:
 
 
 def teacher_config(study: Study, mode: str, block: int):
-    """Teachers from scratch: configs/toy_teacher_*.py with Adam b1 = 0.9 (not DESIGN's 0, a
+    """Teachers from scratch: configs/toy_teacher_*.py with Adam b1 = 0.9 (not docs/design.md's 0, a
     fine-tuning default), uniform times without the bell weight, the power EMA exported."""
     from configs.base import toy_teacher_config
 
