@@ -75,7 +75,8 @@ profile_flag() {  # --profile DIR for jobs that take one, when PROFILE is set
 if [ -n "${CPU_DRY_RUN:-}" ]; then
   STREAM_SIZE="--quick"
   TRAIN_SIZE="--model tiny --frames 6 --height 8 --width 8 --iters 1 --peak_tflops 1"
-  MODEL_SIZE="--model tiny --frames 3 --height 8 --width 8 --iters 1 --impl xla"
+  MODEL_SIZE="--model tiny --frames 3 --height 8 --width 8 --iters 1"
+  MODEL_IMPL=${MODEL_IMPL:-xla}
   VAE_SIZE="--tiny --repeats 1"
   ATTN_SIZE="--quick"
   CHECK_SIZE="--interpret --max-cases 1"
