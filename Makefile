@@ -9,11 +9,11 @@ PYTEST_ARGS ?=
 # runs never probe for a TPU.
 LIBTPU := libtpu==0.0.48.1
 
-.PHONY: venv demo test clean-venv
+.PHONY: venv demo test lint clean-venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -28,6 +28,10 @@ $(VENV)/libtpu/.installed: $(VENV)/.installed
 
 test: venv $(VENV)/libtpu/.installed
 	$(PY) -m pytest -q -n 2 --dist worksteal tests $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

@@ -80,7 +80,7 @@ def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collect
     # "teacher" or "ema,teacher" (costs host<->device copies of them per step). Each step is then
     # split (crm_jax/training/offload.py: teacher pass, main step, EMA update) so that the main step,
     # the student's backward, holds neither. H200, wan_1_3b, 480p: TF-sCM peak 57.7 -> 50.0 GiB,
-    # SF-DMD 125.1 -> 117.2 GiB, step times unchanged (experiments/RESULTS.md).
+    # SF-DMD 125.1 -> 117.2 GiB, step times unchanged (docs/benchmarks.md).
     c.memory = ml_collections.ConfigDict(dict(offload=""))
     c.init = ml_collections.ConfigDict(dict(student="", teacher="", dmd_teacher="", allow_random_teacher=False))
     return c
@@ -129,7 +129,7 @@ def wan_paths(root: str = "") -> dict:
 
 
 def wan_config(mode: str, student: str = "wan_1_3b", paths: dict | None = None) -> ml_collections.ConfigDict:
-    """Wan2.1 defaults (DESIGN.md §6): 480p x 21 latent frames, chunk 3, bf16 compute with fp32
+    """Wan2.1 defaults (docs/design.md §6): 480p x 21 latent frames, chunk 3, bf16 compute with fp32
     master weights, remat of whole blocks, data from a generated dataset, teachers from converted
     checkpoints (`python -m crm_jax.tools.convert_wan --src DIFFUSERS_DIR --dst DIR`).
 
@@ -193,11 +193,11 @@ def toy_teacher_config(mode: str) -> ml_collections.ConfigDict:
     """Toy teacher pretraining (teacher_tf / teacher_df / teacher_full) on the simulator's videos:
     the recipe of the shipped `assets/toy_teacher` (5,000 iterations at batch 64 on one GPU).
 
-    DESIGN's fine-tuning defaults (bell weight, UniformShift(5), Adam b1 = 0). From scratch the bell
+    The fine-tuning defaults of docs/design.md (bell weight, UniformShift(5), Adam b1 = 0). From scratch the bell
     weight (0 at t = 0) leaves small-t velocities poorly learnt: samples keep some noise. The toy
     study (experiments/toy_study.py, `teacher_config`) trains its teachers with the from-scratch
     recipe instead: Adam b1 = 0.9, uniform times without the bell weight, the EMA exported -- clean
-    backgrounds, but at the budgets tried no better rollouts (experiments/RESULTS.md)."""
+    backgrounds, but at the budgets tried no better rollouts (docs/benchmarks.md)."""
     c = base_config(mode, "tiny", **toy_model())
     c.train.update(lr=5e-4, warmup_steps=200, grad_clip=1.0, cond_dropout=0.1)
     c.data.batch_size = 64

@@ -15,7 +15,7 @@ def get_config():
     c.train.guidance = 2.0
     c.train.tangent_warmup = 100
     # SF-DMD scores each chunk in the causal teacher's own teacher-forcing layout, with the rollout's clean
-    # earlier chunks as context (block-causal, over noised context, misleads it: RESULTS.md, toy study).
+    # earlier chunks as context (block-causal, over noised context, misleads it: docs/benchmarks.md, toy study).
     c.train.dmd_teacher_pattern = "teacher_forcing"
     c.train.student_update_freq = 3
     c.train.sf_max_steps = 1  # 1-step self-forcing rollouts: fewer compiled variants on a CPU

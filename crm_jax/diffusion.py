@@ -345,7 +345,7 @@ def trigflow_predict(fn: Net, x_s: Array, s: Array, cond: Any) -> tuple[Array, A
 
         v     = fn(c_in * x_s, t, cond)
         x0_hat = c_in * x_s - (sin s / (cos s + sin s)) * v          (= x_t - t v)
-        F     = (cos s * x_s - x0_hat) / sin s                      (DESIGN §4)
+        F     = (cos s * x_s - x0_hat) / sin s                      (docs/design.md §4)
               = (cos s - sin s) * c_in * x_s + c_in * v             (form used: no 1/sin s)
 
     For a network predicting the true velocity ``eps - x0`` this gives

@@ -1,4 +1,4 @@
-"""GPU benchmark of the block-sparse Pallas-Triton flash attention (DESIGN.md §3).
+"""GPU benchmark of the block-sparse Pallas-Triton flash attention (docs/design.md §3).
 
 B=1, 12 heads, head_dim 128, bf16. Cases: dense L=32,760; block_causal frame-wise
 (21 blocks of 1 frame of 1560 tokens) and chunk-wise (first block 3 frames, then
@@ -39,7 +39,7 @@ from pallas_kernels.triton import FlashConfig, Tiles
 B, H, D = 1, 12, 128
 TPF = 1560
 
-# DESIGN.md §3 anchors (one H200, 2026-11-21).
+# docs/design.md §3 anchors (one H200, 2026-11-21).
 ANCHORS = dict(
     cudnn_fwd_ms=12.1,
     cudnn_fwdbwd_ms=41.5,

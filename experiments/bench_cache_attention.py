@@ -27,7 +27,7 @@ amortised as in the model; warm-up; `block_until_ready`), useful TFLOP/s
 profile's attention row, 65.1 ms per chunk in gpu_run16). Every variant but cuDNN is checked
 against a float32 XLA reference on fresh random inputs per n (relative Frobenius error; a
 kernel that left rows unwritten or read past the length fails it). A dense row (L = 32,760
-self-attention, the DESIGN.md anchor: cuDNN 12.1 ms on an H200) is timed last.
+self-attention, the docs/design.md §3 anchor: cuDNN 12.1 ms on an H200) is timed last.
 
     PYTHONPATH=. python3 experiments/bench_cache_attention.py --out $OUT/bench_cache_attention.json
     ... --only cudnn,ours_s2  a subset of the variants

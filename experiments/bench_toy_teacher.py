@@ -14,7 +14,7 @@ batch overrides) it times, after warm-up, medians of `--repeats` windows of `--i
 
 The teacher-forcing step packs [clean | noisy] (2 x 8 frames of 4 x 4 tokens at patch 2, 8 x 8 at
 patch 1). Variants (name: overrides) are in VARIANTS; `--variants a,b` picks some; gpu_run13 measured
-all but `study` (experiments/RESULTS.md, "Toy study").
+all but `study` (docs/benchmarks.md, "Toy study").
 """
 
 from __future__ import annotations

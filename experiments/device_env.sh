@@ -1,4 +1,4 @@
-# Sourced by the experiments/gpu_suite*.sh device scripts: install the carried wheels (.whl),
+# Sourced by experiments/device_run.sh: install the carried wheels (.whl),
 # set PYTHONPATH and unbuffered output, make $OUT. Keeps NCCL's NVLink multicast off.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=.:/tmp/site || exit 1

@@ -67,7 +67,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     counts = {n: param_count(n) for n in ("wan_1_3b", "wan_14b")}
     # Activation peaks (GiB, one sample, 480p x 21 frames, chunk 3, remat block) from the
-    # single-H200 benchmark: peak minus the state it held (experiments/RESULTS.md).
+    # single-H200 benchmark: peak minus the state it held (docs/benchmarks.md).
     act = {
         "tf_scm": 63.0 - 20 * counts["wan_1_3b"] / GIB - 2 * counts["wan_1_3b"] / GIB,
         "sf_dmd": 125.0 - 20 * counts["wan_1_3b"] / GIB - 18 * counts["wan_1_3b"] / GIB,

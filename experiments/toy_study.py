@@ -115,7 +115,7 @@ PATTERNS = {"c2": 2, "c1": 1}  # job suffix -> block_frames
 # The study's model (every job: teachers, students, critics): a Wan of dim 192 (3 heads of 64) x 4
 # layers, attention by XLA (at 2 x 8 x 16 tokens the Pallas kernels are slower: bench_toy_teacher.py).
 # Teachers compute in bf16 (a 1.6x faster step than float32 on the H200), students in float32 (the sCM
-# and MeanFlow tangents). Session 3's teachers were dim 128 x 3 layers in float32 (RESULTS.md).
+# and MeanFlow tangents). Session 3's teachers were dim 128 x 3 layers in float32 (docs/benchmarks.md).
 STUDY_MODEL = (("dim", 192), ("ffn_dim", 384), ("num_heads", 3), ("num_layers", 4), ("attn_impl", "xla"))
 TEACHER_DTYPE = "bfloat16"
 # SF-DMD's initialisations: the TF students, ODE regression, and two without distillation: the causal
@@ -407,7 +407,7 @@ def run_classifier(study: Study, job: Job) -> dict:
 
 
 def teacher_config(study: Study, mode: str, block: int):
-    """Teachers from scratch: configs/toy_teacher_*.py with Adam b1 = 0.9 (not DESIGN's 0, a
+    """Teachers from scratch: configs/toy_teacher_*.py with Adam b1 = 0.9 (not docs/design.md's 0, a
     fine-tuning default), uniform times without the bell weight, the power EMA exported."""
     from configs.base import toy_teacher_config
 

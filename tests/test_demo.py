@@ -1,4 +1,4 @@
-"""The embedded demo end to end at a tiny budget (the real run: `make demo`, numbers in RESULTS.md)."""
+"""The embedded demo end to end at a tiny budget (the real run: `make demo`, numbers in docs/benchmarks.md)."""
 
 import json
 import os

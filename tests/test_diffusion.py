@@ -108,7 +108,7 @@ def test_trigflow_wrapper_true_velocity_gives_exact_F(x64):
         sb = D.expand_time(s, x0)
         np.testing.assert_allclose(F, jnp.cos(sb) * eps - jnp.sin(sb) * x0, atol=1e-12)
         np.testing.assert_allclose(x0_hat, x0, atol=1e-12)
-        # agrees with the DESIGN form (cos s x_s - x0_hat) / sin s where sin s > 0
+        # agrees with the docs/design.md §4 form (cos s x_s - x0_hat) / sin s where sin s > 0
         ok = np.asarray(jnp.broadcast_to(jnp.sin(sb) > 1e-3, F.shape))
         design = (jnp.cos(sb) * x_s - x0_hat) / jnp.sin(sb)
         np.testing.assert_allclose(np.asarray(F)[ok], np.asarray(design)[ok], atol=1e-9)

@@ -97,7 +97,7 @@ def scm_trigflow_loss(
       teacher_fn: teacher RF velocity network (outputs are stop-gradiented).
       x0: data ``[B, ...]``; cond / uncond / guidance: CFG of the teacher.
       key: PRNG key; step, tangent_warmup: warm-up (traceable step).
-      normalise: per-sample ``g_hat = g / (||g|| + 0.1)`` (DESIGN); False: ``g_hat = g`` (ablation).
+      normalise: per-sample ``g_hat = g / (||g|| + 0.1)`` (docs/design.md); False: ``g_hat = g`` (ablation).
     Returns:
       ``(loss, metrics)`` with ``loss, loss_unscaled, g_norm (mean ||g|| before normalisation),
       tangent_norm (mean ||dF||), nan_frac, nan_count, t_mean``.

@@ -16,7 +16,7 @@ def make_optimizer(
     accumulate: int = 1,
     eps: float = 1e-8,
 ) -> optax.GradientTransformation:
-    """AdamW (DESIGN.md defaults beta = (0, 0.999), wd 0.01) with linear lr warm-up.
+    """AdamW (docs/design.md defaults beta = (0, 0.999), wd 0.01) with linear lr warm-up.
 
     grad_clip > 0 clips the global norm first; accumulate > 1 averages that many
     micro-batch gradients before an update (optax.MultiSteps).

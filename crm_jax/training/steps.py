@@ -64,7 +64,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0
     weight_decay: float = 0.01
-    adam_b1: float = 0.0  # DESIGN's distillation default; teachers from scratch use 0.9
+    adam_b1: float = 0.0  # the distillation default (docs/design.md); teachers from scratch use 0.9
     ema_sigma_rel: float = 0.1
     guidance: float = 5.0
     tangent_warmup: int = 0
@@ -80,7 +80,7 @@ class TrainConfig:
     sf_replay: bool = True
     meanflow_r_eq_t: float = 0.75
     cond_dropout: float = 0.0
-    fm_weighting: str = "bell"  # teacher pretraining: "bell" (DESIGN, fine-tuning Wan) or "none"
+    fm_weighting: str = "bell"  # teacher pretraining: "bell" (docs/design.md, fine-tuning Wan) or "none"
     fm_shift: float = 5.0  # teacher pretraining times ~ UniformShift(fm_shift)
     student_update_freq: int = 5
     sf_max_steps: int = 4
