@@ -1,4 +1,5 @@
-"""Entry point: `python -m crm_jax.main --config=configs/X.py --workdir=DIR [--config.key=value ...]`."""
+"""Entry point: `python -m crm_jax.main --config=configs/X.py --workdir=DIR [--config.key=value ...]`
+(installed as `crm-train`). `--verbose` shows the libraries' INFO logs, `--debug` tracebacks."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, samples)")
 flags.mark_flags_as_required(["config", "workdir"])
 
-from crm_jax.distributed import ClusterError, is_main_process, log, maybe_init_distributed  # noqa: E402
+from crm_jax.distributed import is_main_process, log, maybe_init_distributed  # noqa: E402
+from crm_jax.errors import UsageError, nearest, run_command  # noqa: E402
 from crm_jax.training.steps import MODES as TRAIN_MODES  # noqa: E402
 
 MODES = ("forward_check", "demo") + TRAIN_MODES
@@ -62,7 +64,12 @@ def forward_check(cfg, workdir: str) -> dict:
 def run(cfg, workdir: str) -> None:
     """Run the config's mode in `workdir` (what the command line does after parsing)."""
     if cfg.mode not in MODES:
-        raise app.UsageError(f"unknown mode {cfg.mode!r}; known: {MODES}")
+        raise UsageError(f"--config: unknown mode {cfg.mode!r}{nearest(cfg.mode, MODES)} (known: {', '.join(MODES)})")
+    from crm_jax.inputs import check_output
+    from crm_jax.training.validate import check_run_config
+
+    check_run_config(cfg)
+    check_output("--workdir", workdir, is_dir=True)
     if cfg.mode in TRAIN_MODES:
         from crm_jax.inputs import check_inputs, training_inputs
 
@@ -101,7 +108,7 @@ def parse_argv(argv):
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
     fv(list(argv))
     if fv["config"].value is None or not fv["workdir"].value:
-        raise app.UsageError("--config and --workdir are required")
+        raise UsageError("--config and --workdir are required")
     return fv["config"].value, fv["workdir"].value
 
 
@@ -111,16 +118,16 @@ def cli(argv) -> None:
     run(*parse_argv(argv))
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
-    from crm_jax.inputs import MissingInputError
+    maybe_init_distributed()
+    run(_CONFIG.value, _WORKDIR.value)
 
-    try:
-        maybe_init_distributed()
-        run(_CONFIG.value, _WORKDIR.value)
-    except (MissingInputError, ClusterError) as e:  # a clear message, no traceback
-        raise SystemExit(f"error: {e}") from None
+
+def console() -> None:
+    """The command line (`crm-train`): every failure one `error:` line (crm_jax.errors)."""
+    run_command(main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console()

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from crm_jax.distributed import local_batch_size, process_rows
+from crm_jax.errors import CrmError
 
 FORMAT = "crm_jax.synthetic_dataset"
 VERSION = 2  # 1: the CRMR record format (crm_jax/data/upgrade.py converts it)
@@ -70,8 +71,8 @@ TFDS_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access
 
 
-class DatasetError(ValueError):
-    """A dataset directory or file that cannot be used (the message names the file)."""
+class DatasetError(CrmError, ValueError):
+    """A dataset directory or file that cannot be used (the message names the file; exit code 1)."""
 
 
 # ----------------------------------------------------------------------------- dtypes

@@ -44,7 +44,7 @@ from crm_jax import diffusion as D
 from crm_jax.data import dataset as ds
 from crm_jax.data import prompts as pr
 from crm_jax.data import toy_world as tw
-from crm_jax.distributed import ClusterError, barrier, is_main_process, log, maybe_init_distributed
+from crm_jax.distributed import barrier, is_main_process, log, maybe_init_distributed
 from crm_jax.models.config import WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import AttentionPattern, apply_for, functional
 from crm_jax.training import nets
@@ -583,23 +583,24 @@ def cli(argv) -> dict:
     return run(fv["config"].value, fv["out"].value, fv["max_shards"].value)
 
 
-def main(argv):
+def main(argv) -> None:
     from absl import flags
 
     del argv
-    from crm_jax.inputs import MissingInputError
-
-    FLAGS = flags.FLAGS
-    try:
-        maybe_init_distributed()
-        run(FLAGS.config, FLAGS.out, FLAGS.max_shards)
-    except (MissingInputError, ClusterError) as e:  # a clear message, no traceback
-        raise SystemExit(f"error: {e}") from None
+    maybe_init_distributed()
+    run(flags.FLAGS.config, flags.FLAGS.out, flags.FLAGS.max_shards)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def console() -> None:
+    """The command line (`crm-generate`): every failure one `error:` line (crm_jax.errors)."""
+    from absl import flags
+
+    from crm_jax.errors import run_command
 
     _define_flags(flags.FLAGS)
     flags.mark_flags_as_required(["config", "out"])
-    app.run(main)
+    run_command(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -1,0 +1,54 @@
+"""Bad input at the command lines: each probe ends with one `error:` line and its exit code (2 for
+usage errors, 1 for runtime failures), before anything is computed or written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=ROOT, timeout=240):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env.pop("CRM_DEBUG", None)
+    p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr.strip().splitlines()
+
+
+TRAIN = ("-m", "crm_jax.main", "--config=configs/toy_tf_scm.py")
+
+PROBES = {
+    "typo_top_level": (["--config.num_iteration=3"], 2, "did you mean --config.num_iterations?"),
+    "typo_nested": (["--config.train.lrr=0.1"], 2, "did you mean --config.train.lr?"),
+    "bad_type": (["--config.num_iterations=abc"], 2, "invalid literal"),
+    "negative_iterations": (["--config.num_iterations=-5"], 2, "--config.num_iterations=-5: must be an integer >= 1"),
+    "zero_batch": (["--config.data.batch_size=0"], 2, "--config.data.batch_size=0"),
+    "zero_checkpoint_every": (["--config.checkpoint.every=0"], 2, "--config.checkpoint.every=0"),
+    "unknown_data_kind": (["--config.data.kind=foo"], 2, "--config.data.kind='foo': must be one of"),
+    "unknown_mode": (["--config.mode=tf_scmm"], 2, "did you mean tf_scm?"),
+    "dataset_without_path": (["--config.data.kind=dataset"], 2, "--config.data.path is empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_training_config_errors_are_one_line(name, tmp_path):
+    extra, code, text = PROBES[name]
+    workdir = tmp_path / "w"
+    rc, _, err = run(*TRAIN, f"--workdir={workdir}", *extra)
+    assert rc == code and len(err) == 1 and err[0].startswith("error: ") and text in err[0], (rc, err)
+    assert not workdir.exists()  # nothing made before the check
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("kept")
+    rc, _, err = run(*TRAIN, f"--workdir={f}")
+    assert rc == 2 and err == [f"error: --workdir = '{f}' is a file, not a directory: choose a directory"]
+    assert f.read_text() == "kept"
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    rc, _, err = run(*TRAIN, f"--workdir={tmp_path / 'w'}", "--config.num_iterations=-5", "--debug")
+    assert rc == 2 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("error: ")
