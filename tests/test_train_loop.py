@@ -65,10 +65,44 @@ def test_foreign_workdir_is_refused_untouched(tmp_path):
     before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
     other = tiny_config(**{"num_iterations": 4})
     other.model.overrides.dim = 32
-    with pytest.raises(CheckpointMismatch, match="different run"):
+    with pytest.raises(
+        CheckpointMismatch, match=r"another run's checkpoint .*model\.dim: 128 in the checkpoint, 32 now"
+    ) as e:
         loop.train(other, str(tmp_path), progress=False)
+    assert "\n" not in str(e.value) and "ffn_dim" not in str(e.value)  # only the differing fields
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
     assert before == after
+
+
+def test_changed_initialisation_is_not_resumed_over(tmp_path):
+    """A stage initialised from another checkpoint (an earlier stage rerun) is refused, not resumed."""
+    from crm_jax.models import convert
+    from crm_jax.models.wan import init_model
+
+    teacher = tmp_path / "teacher"
+    c = tiny_config("tf_scm", **{"num_iterations": 2})
+    convert.save_nnx(init_model(loop.model_config(c), 0), str(teacher))
+    c.init.teacher = str(teacher)
+    loop.train(c, str(tmp_path / "run"), progress=False)
+    loop.train(c, str(tmp_path / "run"), progress=False)  # unchanged: a rerun resumes (nothing to do)
+    convert.save_nnx(init_model(loop.model_config(c), 1), str(teacher))  # the earlier stage changed
+    with pytest.raises(CheckpointMismatch, match=r"init\.teacher\.fingerprint"):
+        loop.train(c, str(tmp_path / "run"), progress=False)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
+    c = tiny_config(**{"num_iterations": 4})
+    full = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    loop.train(c, str(tmp_path / "b"), max_iterations=4, progress=False)  # checkpoints 2 and 4
+    state_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            open(os.path.join(root, f), "wb").close()  # emptied: unreadable
+    c6 = tiny_config(**{"num_iterations": 4})
+    rest = loop.train(c6, str(tmp_path / "b"), progress=False)["losses"]
+    err = capsys.readouterr().err
+    assert "checkpoints/4" in err and "resuming from" in err and "checkpoints/2" in err
+    assert sorted(rest) == [2, 3] and all(rest[i] == full[i] for i in rest)
 
 
 def test_bad_config_keys_and_mesh(tmp_path):

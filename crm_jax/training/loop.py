@@ -186,7 +186,13 @@ class MetricsWriter:
 
 
 def run_meta(c, mcfg: WanConfig) -> dict:
-    return {"mode": c.mode, "model": dataclasses.asdict(mcfg)}
+    """What identifies a run: its mode, architecture and the checkpoints it was initialised from
+    (path and fingerprint), so that a changed earlier stage is not silently resumed over."""
+    from crm_jax.training.checkpoints import fingerprint
+
+    init = {k: c.init.get(k, "") for k in ("student", "teacher", "dmd_teacher")} if "init" in c else {}
+    init = {k: {"path": v, "fingerprint": fingerprint(v) if os.path.exists(v) else ""} for k, v in init.items() if v}
+    return {"mode": c.mode, "model": dataclasses.asdict(mcfg), "init": init}
 
 
 def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True, evaluator=None) -> dict:
@@ -251,7 +257,7 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     )
     if start_step is not None:  # restored into device memory, then placed like a fresh state
         state, old_meta = ckpts.restore(start_step, abstract_like(state, shd.state_shardings(state, mesh)))
-        dist.log(f"resumed from {ckpts.dir}/{start_step} (iteration {int(state.iteration)})")
+        dist.log(f"resumed from {ckpts.dir}/{old_meta['restored_step']} (iteration {int(state.iteration)})")
     state = shd.global_put(state, st_sh)
     if frozen is not None:
         frozen = place_frozen(frozen, fr_sh)
@@ -360,7 +366,8 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
         ckpts.close()
         writer.close()
         signal.signal(signal.SIGTERM, old_handler)
-    if c.get("export", True):  # also after a stop, so a cut run still leaves usable weights
+    finished_before = first >= total and os.path.exists(os.path.join(workdir, "export", convert.NNX_CONFIG))
+    if c.get("export", True) and not finished_before:  # also after a stop: a cut run leaves usable weights
         weights = dist.to_host(state.ema if c.get("export_ema", False) else state.params)
         if main:
             export_model(model, weights, os.path.join(workdir, "export"))
