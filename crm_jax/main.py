@@ -75,6 +75,13 @@ def run(cfg, workdir: str) -> None:
 
         check_inputs(training_inputs(cfg), f"{cfg.mode} config")  # before the workdir is made
     os.makedirs(workdir, exist_ok=True)  # every process: Orbax writes checkpoints from all of them
+    from crm_jax.training.workdir_lock import workdir_lock
+
+    with workdir_lock(workdir):
+        run_mode(cfg, workdir)
+
+
+def run_mode(cfg, workdir: str) -> None:
     if cfg.mode == "demo":
         from crm_jax.demo import run_demo
 
@@ -84,10 +91,7 @@ def run(cfg, workdir: str) -> None:
         from crm_jax.training.loop import train
 
         out = train(cfg, workdir)
-        log(
-            f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
-            f"{out['nan_skips']} skipped, final metrics {out['metrics']}"
-        )
+        log(summary_line(cfg.mode, out, workdir))
         return
     result = forward_check(cfg, workdir)
     if not is_main_process():
@@ -98,6 +102,18 @@ def run(cfg, workdir: str) -> None:
     for k, v in result.items():
         print(f"  {k:32s} {v}")
     print(f"wrote {os.path.join(workdir, 'result.json')}")
+
+
+def summary_line(mode: str, out: dict, workdir: str) -> str:
+    """The last line of a training run: what ran, the final metrics rounded, where the outputs are."""
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(out["metrics"].items()) if isinstance(v, float))
+    where = [f"export {os.path.join(workdir, 'export')}", f"metrics {os.path.join(workdir, 'metrics.jsonl')}"]
+    if os.path.isdir(os.path.join(workdir, "samples")):
+        where.append(f"samples {os.path.join(workdir, 'samples')}")
+    return (
+        f"{mode}: {out['iteration']} iterations ({out['step']} student steps, {out['nan_skips']} skipped) "
+        f"in {out.get('seconds', 0):.0f} s; {metrics or 'no new metrics'}; {', '.join(where)}"
+    )
 
 
 def parse_argv(argv):

@@ -99,7 +99,7 @@ def test_real_path_to_mp4(tmp_path, capsys):
     for mode, iters in (("tf_scm", 2), ("sf_dmd", 1)):
         stage(mode, lambda: train_main.cli(["main", f"--config={CONFIG}:{mode},{root}", f"--workdir={p[mode]}"]))
         assert os.path.exists(os.path.join(p[mode], "export", "wan_config.json"))
-        assert f"{mode}: {iters} iterations, {iters} student steps, 0 skipped" in capsys.readouterr().out
+        assert f"{mode}: {iters} iterations ({iters} student steps, 0 skipped)" in capsys.readouterr().out
     # 6. stream the student through the VAE into an MP4: 3 latent frames -> 1 + 4 * 2 = 9 frames
     out = os.path.join(root, "videos", "fox.mp4")
     gif = out[:-4] + ".gif"

@@ -52,3 +52,25 @@ def test_workdir_that_is_a_file(tmp_path):
 def test_debug_flag_shows_the_traceback(tmp_path):
     rc, _, err = run(*TRAIN, f"--workdir={tmp_path / 'w'}", "--config.num_iterations=-5", "--debug")
     assert rc == 2 and any(line.startswith("Traceback") for line in err) and err[-1].startswith("error: ")
+
+
+def test_second_live_run_in_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    import fcntl
+    import json
+
+    from crm_jax.training.workdir_lock import LOCK_FILE, WorkdirBusy, workdir_lock
+
+    with workdir_lock(str(tmp_path)):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid()
+        # a second run (another process) is refused with one line naming the holder
+        rc, _, err = run(*TRAIN, f"--workdir={tmp_path}")
+        assert rc == 1 and len(err) == 1 and f"pid {os.getpid()}" in err[0] and "in use by a live run" in err[0]
+    # a lock file left by a dead process holds nothing: the next run takes it over
+    with open(tmp_path / LOCK_FILE, "w") as f:
+        f.write(json.dumps({"pid": 999999, "host": "gone"}))
+    with workdir_lock(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    with open(tmp_path / LOCK_FILE) as f:  # released on exit
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert WorkdirBusy.exit_code == 1
