@@ -206,3 +206,35 @@ def test_random_init_tiny_model_end_to_end(tmp_path):
     summary, _ = cli(tmp_path, "--frames", "2", "--block_frames", "2", "--steps", "1", "--out", path, model_fn=None)
     frames = video.read_frames(path)
     assert frames.shape == (2, PX, PX, 3) and summary["chunks"] == 1
+
+
+def test_mp4_writes_without_a_fork_warning(tmp_path):
+    """ffmpeg is started without a pre-exec hook: JAX (multithreaded) has nothing to warn about."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, jax.numpy as jnp, numpy as np\n"
+        "warnings.simplefilter('error', RuntimeWarning)\n"
+        "jnp.ones(3).block_until_ready()\n"
+        "from crm_jax.sampling.video import VideoWriter\n"
+        f"with VideoWriter({str(tmp_path / 'a.mp4')!r}, fps=8) as w:\n"
+        "    w.append(np.random.default_rng(0).random((4, 16, 16, 3)))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}
+    )
+    assert p.returncode == 0 and "fork" not in p.stderr, p.stderr
+    assert os.path.getsize(tmp_path / "a.mp4") > 0
+
+
+@pytest.mark.parametrize("out", ["/proc/x.gif", "FILE/x.gif", "DIR"])
+def test_unwritable_outputs_refused_before_any_compute(tmp_path, out):
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "DIR").mkdir()
+    path = out if out.startswith("/") else str(tmp_path / out)
+    with pytest.raises(ValueError, match="--out"):
+        video.check_writable(path)
+    with pytest.raises(ValueError, match="--fps 0"):
+        video.VideoWriter(str(tmp_path / "ok.gif"), fps=0)

@@ -32,8 +32,12 @@ def to_uint8(frames) -> np.ndarray:
     return (np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def check_writable(path: str) -> str:
-    """The back end that will write `path` ('imageio', 'pillow' or 'numpy'); ValueError if none."""
+def check_writable(path: str, name: str = "--out") -> str:
+    """The back end that will write `path` ('imageio', 'pillow' or 'numpy'); ValueError if none, or if
+    `path` (set by flag `name`) cannot be written (checked before any compute)."""
+    from crm_jax.inputs import check_output
+
+    check_output(name, path, is_dir=False)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ValueError(f"unsupported output {path!r}: use one of {', '.join(FORMATS)}")
@@ -60,6 +64,8 @@ class VideoWriter:
     """Append frames chunk by chunk; `close()` (or the context manager) finishes the file."""
 
     def __init__(self, path: str, fps: float = 8.0):
+        if not float(fps) > 0:
+            raise ValueError(f"--fps {fps}: frames per second must be > 0")
         self.path, self.fps = path, float(fps)
         self.backend = check_writable(path)
         self.ext = os.path.splitext(path)[1].lower()
@@ -75,6 +81,9 @@ class VideoWriter:
                 # imageio's Pillow GIF plugin takes the frame duration in milliseconds.
                 self._writer = iio.get_writer(path, mode="I", duration=1000.0 / self.fps, loop=0)
             else:
+                # Start ffmpeg without a pre-exec hook, so the fork is a plain spawn (JAX is
+                # multithreaded and warns about fork hooks); Ctrl-C then reaches ffmpeg too.
+                os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
                 self._writer = iio.get_writer(path, fps=self.fps, codec="libx264", macro_block_size=1, quality=8)
 
     def append(self, frames) -> None:
