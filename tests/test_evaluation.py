@@ -49,6 +49,19 @@ def test_wrong_frames_score_badly_and_match_the_per_episode_metrics(episodes):
     np.testing.assert_allclose(wm.score(blank, batch, WORLD, 2)["trajectory_error"], diag, rtol=1e-6)
 
 
+def test_background_error_counts_only_background_pixels(episodes):
+    src, batch = episodes
+    truth = np.asarray(latents_to_frames(batch["latents"], src.factor))
+    s = wm.score(truth, batch, WORLD, 2, truth_frames=truth)
+    np.testing.assert_array_equal(s["background_error"], 0.0)
+    covered = np.stack([np.asarray(tw.sprite_masks(st, WORLD)).any(1) for st in np.asarray(batch["states"])])
+    noisy = truth.copy()
+    noisy[:, 2:] += 0.1 * ~covered[:, 2:, :, :, None]  # background off by 0.1 in generated frames
+    sprites_wrong = np.where(covered[..., None], 1.0 - truth, truth)  # only sprite pixels changed
+    np.testing.assert_allclose(wm.score(noisy, batch, WORLD, 2, truth_frames=truth)["background_error"], 0.1, rtol=1e-5)
+    np.testing.assert_array_equal(wm.score(sprites_wrong, batch, WORLD, 2, truth_frames=truth)["background_error"], 0.0)
+
+
 def test_score_rejects_bad_input(episodes):
     src, batch = episodes
     frames = latents_to_frames(batch["latents"], src.factor)

@@ -11,6 +11,8 @@ simulator's states of the same episode are the ground truth:
   action_following   fraction of transitions (from the last given frame on) where the
                      controlled sprite moves the way its action commands
   drift_by_frame     the trajectory error per generated frame index (`[T - prefix]`)
+  background_error   mean absolute error (frames in [0, 1]) over the generated frames' pixels
+                     that are background in the ground truth: how clean the scene stays
   fd                 Fréchet distance between the rollouts and the real clips in the
                      feature space of a separately trained video classifier (optional)
 
@@ -76,10 +78,11 @@ def _scores(frames, states, colors, actions, world: tw.ToyWorldConfig, prefix: i
     return traj, follow, drift
 
 
-def score(frames, batch: dict, world: tw.ToyWorldConfig, prefix_frames: int) -> dict:
+def score(frames, batch: dict, world: tw.ToyWorldConfig, prefix_frames: int, truth_frames=None) -> dict:
     """Per-episode scores of rollout `frames [B, T, H, W, 3]` in [0, 1] against `batch`'s truth.
 
-    Returns numpy arrays: trajectory_error `[B]`, action_following `[B]`, drift `[B, T - prefix]`.
+    Returns numpy arrays: trajectory_error `[B]`, action_following `[B]`, drift `[B, T - prefix]`,
+    and background_error `[B]` when the ground-truth frames `truth_frames [B, T, H, W, 3]` are given.
     With no prefix (a model that generates whole clips), trajectory_error / drift are NaN
     (the initial state is unknown to the model) and action following covers every transition.
     """
@@ -95,7 +98,21 @@ def score(frames, batch: dict, world: tw.ToyWorldConfig, prefix_frames: int) -> 
     traj, drift = np.asarray(traj), np.asarray(drift)
     if prefix_frames == 0:
         traj, drift = np.full_like(traj, np.nan), np.full_like(drift, np.nan)
-    return dict(trajectory_error=traj, action_following=np.asarray(follow), drift=drift)
+    out = dict(trajectory_error=traj, action_following=np.asarray(follow), drift=drift)
+    if truth_frames is not None:
+        out["background_error"] = np.asarray(
+            _background_error(frames, jnp.asarray(truth_frames), batch["states"], world, prefix_frames)
+        )
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("world", "prefix"))
+def _background_error(frames, truth, states, world: tw.ToyWorldConfig, prefix: int):
+    """`[B]` mean |frames - truth| over generated frames' pixels not covered by a sprite in the truth."""
+    covered = jax.vmap(lambda s: tw.sprite_masks(s, world).any(axis=1))(states[:, prefix:])  # [B, T', H, W]
+    background = (~covered)[..., None].astype(jnp.float32)
+    err = jnp.abs(frames[:, prefix:] - truth[:, prefix:]) * background
+    return err.sum((1, 2, 3, 4)) / (background.sum((1, 2, 3, 4)) * frames.shape[-1])
 
 
 @functools.cache
@@ -213,16 +230,17 @@ def evaluate(
     frames = latents_to_frames(lat, src.factor)
     jax.block_until_ready(frames)
     seconds = time.perf_counter() - t0
-    s = score(frames, batch, src.world, prefix_frames)
+    truth = latents_to_frames(batch["latents"], src.factor)
+    s = score(frames, batch, src.world, prefix_frames, truth_frames=truth)
     out = dict(
         trajectory_error=None if prefix_frames == 0 else float(np.mean(s["trajectory_error"])),
         action_following=float(np.mean(s["action_following"])),
+        background_error=float(np.mean(s["background_error"])),
         drift_by_frame=None if prefix_frames == 0 else np.round(np.mean(s["drift"], 0), 4).tolist(),
         episodes=int(lat.shape[0]),
         seconds=round(seconds, 3),
     )
     if features is not None:
-        truth = latents_to_frames(batch["latents"], src.factor)
         w = features.clip_frames if fd_window is None else fd_window
         out["fd"] = float(features.frechet_distance(frames[:, -w:], truth[:, -w:]))
     if keep_frames:
