@@ -428,9 +428,9 @@ def write_sample(c, mcfg, apply, params, src, workdir: str, iteration: int) -> s
 
 def diffusion_euler_full(apply, params, mcfg, lat, ctx, acts):
     from crm_jax import diffusion as D
-    from crm_jax.training import nets
+    from crm_jax.models import adapter
 
-    fn = nets.velocity_fn(apply, params, TrainConfig(mode="teacher_full").pattern("full"))
+    fn = adapter.velocity_fn(apply, params, TrainConfig(mode="teacher_full").pattern("full"))
     cond = {"context": ctx} if acts is None else {"context": ctx, "actions": acts}
     return D.euler_sample(fn, jax.random.normal(jax.random.key(0), lat.shape), cond, num_steps=16)
 

@@ -36,9 +36,10 @@ import optax
 
 from crm_jax import diffusion as D
 from crm_jax import losses as L
+from crm_jax.models import adapter
 from crm_jax.models.wan import AttentionPattern
 from crm_jax.training import ema as ema_lib
-from crm_jax.training import nets, self_forcing
+from crm_jax.training import self_forcing
 from crm_jax.training.optim import make_optimizer
 
 MODES = ("teacher_full", "teacher_tf", "teacher_df", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dmd", "rcm")
@@ -278,14 +279,14 @@ class Trainer:
     def _teacher_fn(self, frozen: Frozen, which: str):
         c = self.cfg
         if which == "cm":
-            return nets.velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
+            return adapter.velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
         return self.score_fn(frozen.dmd_teacher)
 
     def score_fn(self, params):
         """DMD's real (teacher) or fake (critic) score network `fn(x_t, t, cond) -> v` on
         `dmd_teacher_pattern`; with "teacher_forcing" it needs `score_cond`'s `tf_context`."""
         c = self.cfg
-        make = nets.tf_velocity_fn if c.dmd_teacher_pattern == "teacher_forcing" else nets.velocity_fn
+        make = adapter.tf_velocity_fn if c.dmd_teacher_pattern == "teacher_forcing" else adapter.velocity_fn
         return make(self.teacher_apply, params, c.pattern(c.dmd_teacher_pattern))
 
     def score_cond(self, cond, G):
@@ -301,7 +302,7 @@ class Trainer:
         if c.mode in ("tf_scm", "rcm", "tf_dcm"):
             return self._teacher_fn(frozen, "cm")
         if c.mode == "tf_meanflow":
-            return nets.tf_velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
+            return adapter.tf_velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
         return None
 
     def cm_loss(self, params, frozen: Frozen, batch, key, step, teacher=None):
@@ -311,7 +312,7 @@ class Trainer:
         replaying its outputs, see `teacher_pass`); default `cm_teacher(frozen)`."""
         c, a = self.cfg, self.apply
         x0, cond = batch["latents"], _cond(batch)
-        uncond = nets.uncond_like(cond, frozen.neg_context) if frozen is not None else None
+        uncond = adapter.uncond_like(cond, frozen.neg_context) if frozen is not None else None
         if c.cond_dropout > 0:  # teacher pretraining: learn the unconditional branch used by CFG
             key, k_drop = jax.random.split(key)
             drop = jax.random.bernoulli(k_drop, c.cond_dropout, (x0.shape[0],))[:, None, None]
@@ -322,18 +323,18 @@ class Trainer:
         teacher = self.cm_teacher(frozen) if teacher is None else teacher
         fm = dict(sampler=D.uniform_shift_sampler(c.fm_shift), weighting=c.fm_weighting)
         if c.mode == "teacher_full":
-            return L.flow_matching_loss(nets.velocity_fn(a, params, c.pattern("full")), x0, cond, key, **fm)
+            return L.flow_matching_loss(adapter.velocity_fn(a, params, c.pattern("full")), x0, cond, key, **fm)
         if c.mode == "teacher_tf":
-            return L.teacher_forcing_loss(nets.velocity_fn(a, params, tf), x0, cond, key, **fm)
+            return L.teacher_forcing_loss(adapter.velocity_fn(a, params, tf), x0, cond, key, **fm)
         if c.mode == "teacher_df":
             sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
             return L.diffusion_forcing_loss(
-                nets.velocity_fn(a, params, c.pattern("block_causal")), x0, cond, key, sizes, **fm
+                adapter.velocity_fn(a, params, c.pattern("block_causal")), x0, cond, key, sizes, **fm
             )
         if c.mode in ("tf_scm", "rcm"):
             return L.scm_rf_loss(
-                nets.velocity_fn(a, params, tf),
-                nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+                adapter.velocity_fn(a, params, tf),
+                adapter.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
                 teacher,
                 x0,
                 cond,
@@ -350,8 +351,8 @@ class Trainer:
         if c.mode == "tf_meanflow":
             mcond = dict(cond, tf_context=x0)
             return L.meanflow_loss(
-                nets.average_velocity_fn(a, params, tf),
-                nets.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+                adapter.average_velocity_fn(a, params, tf),
+                adapter.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
                 x0,
                 mcond,
                 key,
@@ -362,7 +363,7 @@ class Trainer:
             )
         if c.mode == "tf_dcm":
             return L.dcm_loss(
-                nets.velocity_fn(a, params, tf),
+                adapter.velocity_fn(a, params, tf),
                 teacher,
                 x0,
                 cond,
@@ -376,7 +377,7 @@ class Trainer:
         if c.mode == "ode_init":
             sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
             return L.ode_regression_loss(
-                nets.velocity_fn(a, params, c.pattern("block_causal")),
+                adapter.velocity_fn(a, params, c.pattern("block_causal")),
                 batch["ode_traj"],
                 batch["ode_times"],
                 x0,
@@ -396,7 +397,7 @@ class Trainer:
             self.score_fn(critic),
             sc,
             key,
-            uncond=nets.uncond_like(sc, frozen.neg_context),
+            uncond=adapter.uncond_like(sc, frozen.neg_context),
             guidance=self.cfg.guidance,
         )
 
