@@ -14,7 +14,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, 
 flags.mark_flags_as_required(["config", "workdir"])
 
 from crm_jax.distributed import ClusterError, is_main_process, log, maybe_init_distributed  # noqa: E402
-from crm_jax.training.steps import MODES as TRAIN_MODES  # noqa: E402
+from crm_jax.training.modes import MODES as TRAIN_MODES  # noqa: E402
 
 MODES = ("forward_check", "demo") + TRAIN_MODES
 
