@@ -25,14 +25,20 @@ import jax
 import numpy as np
 
 from crm_jax import distributed as dist
+from crm_jax import pipeline
+from crm_jax.config_files import load_config
 from crm_jax.data import toy_world as tw
 from crm_jax.data.generate import generate
+from crm_jax.data.sources import make_source
 from crm_jax.data.toy_latents import latents_to_frames
 from crm_jax.data.toy_source import ToySource
 from crm_jax.models import convert
 from crm_jax.models.wan import AttentionPattern, functional
 from crm_jax.sampling.causal import causal_sample
 from crm_jax.training import loop
+
+# The synthetic set's generation config (relative paths: under the repository root).
+GENERATION_CONFIG = "configs/toy_generate.py"
 
 
 def _pattern(c) -> AttentionPattern:
@@ -41,9 +47,7 @@ def _pattern(c) -> AttentionPattern:
 
 def generation_config(c, src: ToySource):
     """The `crm_jax.data.generate` config of the demo's synthetic set (causal teacher, chunk-wise)."""
-    from configs.toy_generate import get_config as gen_config
-
-    g = gen_config()
+    g = load_config(c.demo.get("generation_config", GENERATION_CONFIG))
     g.model.overrides = copy.deepcopy(c.model.overrides)
     g.teacher = c.demo.teacher
     g.num_samples = c.demo.synthetic_samples
@@ -138,7 +142,7 @@ def run_demo(c, workdir: str) -> dict:
     mcfg = loop.model_config(c)
     if teacher.cfg != mcfg:
         raise ValueError(f"shipped teacher config {teacher.cfg} differs from the demo's model config {mcfg}")
-    src = dataclasses.replace(loop.make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
+    src = dataclasses.replace(make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
     timings = {}
 
     dist.log(f"[1/5] teacher loaded from {c.demo.teacher}")
@@ -153,7 +157,7 @@ def run_demo(c, workdir: str) -> dict:
     cs = _stage_config(c, "tf_scm", workdir, c.demo.scm_iterations, lr=c.demo.scm_lr)
     cs.init.teacher = c.demo.teacher
     cs.init.student = c.demo.teacher
-    loop.train(cs, scm_dir)
+    pipeline.train(cs, scm_dir)
     timings["tf_scm_s"] = round(time.time() - t0, 1)
     dist.log(f"[3/5] TF-sCM student -> {scm_dir}/export ({timings['tf_scm_s']} s)")
 
@@ -162,7 +166,7 @@ def run_demo(c, workdir: str) -> dict:
     cd = _stage_config(c, "sf_dmd", workdir, c.demo.dmd_iterations, lr=c.demo.dmd_lr, critic_lr=c.demo.dmd_lr)
     cd.init.teacher = c.demo.teacher
     cd.init.student = os.path.join(scm_dir, "export")
-    loop.train(cd, dmd_dir)
+    pipeline.train(cd, dmd_dir)
     timings["sf_dmd_s"] = round(time.time() - t0, 1)
     dist.log(f"[4/5] SF-DMD student -> {dmd_dir}/export ({timings['sf_dmd_s']} s)")
 

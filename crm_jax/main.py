@@ -74,7 +74,7 @@ def run(cfg, workdir: str) -> None:
         run_demo(cfg, workdir)
         return
     if cfg.mode in TRAIN_MODES:
-        from crm_jax.training.loop import train
+        from crm_jax.pipeline import train
 
         out = train(cfg, workdir)
         log(

@@ -287,9 +287,9 @@ class Study:
 
     @property
     def world(self):
-        from crm_jax.training import loop
+        from crm_jax.data import sources
 
-        return loop.toy_world_config(self.base("teacher_tf", 2))
+        return sources.toy_world_config(self.base("teacher_tf", 2))
 
     def world_of(self, frames: int):
         return dataclasses.replace(self.world, num_frames=frames)
@@ -369,14 +369,14 @@ def seeded(study: Study, c):
 
 
 def _train(study: Study, job: Job, c, evaluator):
-    from crm_jax.training import loop
+    from crm_jax import pipeline
 
     t0 = time.time()
     c = seeded(study, c)
     if dist.is_main_process():  # several processes: process 0 writes the study's files
         with open(study.path(job.name, "config.json"), "w") as f:  # what ran, for the record
             f.write(c.to_json_best_effort(indent=1))
-    out = loop.train(c, study.path(job.name), progress=False, evaluator=evaluator)
+    out = pipeline.train(c, study.path(job.name), progress=False, evaluator=evaluator)
     if out["iteration"] < c.num_iterations:  # stopped by a signal: checkpoint saved, not done
         raise RuntimeError(
             f"{job.name} stopped at iteration {out['iteration']} of {c.num_iterations}; "

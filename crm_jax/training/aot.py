@@ -143,7 +143,9 @@ def latent_shape_of(c) -> tuple[int, ...]:
     if c.data.get("latent_shape"):
         return tuple(int(x) for x in c.data.latent_shape)
     if c.data.kind == "toy":
-        return tuple(loop.make_source(c, loop.model_config(c)).latent_shape)
+        from crm_jax.data.sources import make_source
+
+        return tuple(make_source(c, loop.model_config(c)).latent_shape)
     meta = os.path.join(str(c.data.get("path", "")), "metadata.json")
     if os.path.exists(meta):
         import json
