@@ -740,7 +740,8 @@ def _loop(study, jobs, pending, running, status, parallel, command, t_start, sto
         time.sleep(0.2)
 
 
-def _budget(text: str) -> tuple[str, int]:
+def budget_override(text: str) -> tuple[str, int]:
+    """`--budget KEY=INTEGER` -> (KEY, INTEGER); argparse's type error otherwise."""
     key, sep, value = text.partition("=")
     if not sep or not value.strip().lstrip("-").isdigit():
         raise argparse.ArgumentTypeError(f"expected KEY=INTEGER, got {text!r}")
@@ -764,7 +765,7 @@ def main(argv=None):
         "--set",
         action="append",
         default=[],
-        type=_budget,
+        type=budget_override,
         metavar="KEY=VALUE",
         help="replace one budget of the scale (repeatable), e.g. --set dmd_iters=1000; "
         "recorded in each job's done.json",

@@ -410,7 +410,7 @@ def test_replayed_and_direct_sf_dmd_gradients_agree(kind):
             trainer.model_cfg,
             teacher_apply=trainer.teacher_apply,
         )
-        out[replay] = jax.jit(functools.partial(tr._dmd_grads, sf_steps=2))(state, frozen, batch, k_sf, k_dmd)
+        out[replay] = jax.jit(functools.partial(tr.dmd_grads, sf_steps=2))(state, frozen, batch, k_sf, k_dmd)
     (l_r, _, g_r), (l_d, _, g_d) = out[True], out[False]
     assert np.isfinite(float(l_r)) and float(l_r) == pytest.approx(float(l_d), rel=1e-6)
     assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(g_d)) > 0

@@ -65,8 +65,8 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------- dtypes
 
 
-def _dtype(name: str) -> np.dtype:
-    """numpy dtype from its name, including ``bfloat16`` (via ml_dtypes)."""
+def dtype_from_name(name: str) -> np.dtype:
+    """numpy dtype from its name (e.g. "float32"), including ``bfloat16`` (via ml_dtypes)."""
     try:
         return np.dtype(name)
     except TypeError:
@@ -113,7 +113,9 @@ def decode_record(data: bytes, where: str = "record") -> tuple[dict[str, np.ndar
     for name, (dt, shape, off, nbytes) in header["a"].items():
         if base + off + nbytes > len(data):
             raise DatasetError(f"{where}: truncated record (field {name!r})")
-        arrays[name] = np.frombuffer(data, _dtype(dt), count=math.prod(shape), offset=base + off).reshape(shape)
+        arrays[name] = np.frombuffer(data, dtype_from_name(dt), count=math.prod(shape), offset=base + off).reshape(
+            shape
+        )
     return arrays, header["t"]
 
 

@@ -468,7 +468,7 @@ class Generator:
         acts = arrays.get("actions", np.zeros((B, self.latent_shape[0]), np.int32))
         noise = _noise(int(self.c.seed), self.latent_shape, jnp.asarray(padded))
         x0, traj = self._sample(self._params, noise, jnp.asarray(arrays["context"]), jnp.asarray(acts), self._neg)
-        out_dt = ds._dtype(self.c.latent_dtype)
+        out_dt = ds.dtype_from_name(self.c.latent_dtype)
         out = {"id": ids, "latents": np.asarray(x0).astype(out_dt)[:n]}
         out.update({k: np.asarray(v)[:n] for k, v in arrays.items()})
         if traj is not None:

@@ -508,7 +508,7 @@ class Trainer:
             if teacher_out is not None and teacher_out.dmd is None:
                 raise ValueError("teacher_out has no DMD part: it was computed with use_dmd=False")
             scores = None if teacher_out is None else teacher_out.dmd
-            dmd_l, m, dmd_g = self._dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps, scores)
+            dmd_l, m, dmd_g = self.dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps, scores)
             metrics.update({f"dmd/{k}": v for k, v in m.items()})
             loss = loss + c.dmd_weight * dmd_l
             grads = jax.tree.map(lambda a, b: a + c.dmd_weight * b, grads, dmd_g)
@@ -534,8 +534,10 @@ class Trainer:
         loss, m, cot = self._dmd_cotangent(G, frozen, state.critic, _cond(batch), k_dmd)
         return loss, m, last, cot
 
-    def _dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps, scores=None):
-        """DMD loss, metrics and student gradient; `scores`: `TeacherOutputs.dmd`, precomputed."""
+    def dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps, scores=None):
+        """(DMD loss `[]`, metrics, student gradient shaped like `state.params`) of the self-forcing
+        rollout of `batch` (`latents [B, T, H, W, C]`, `context [B, L, D]`); `scores`:
+        `TeacherOutputs.dmd`, precomputed (then the frozen teachers are not called)."""
         cond = _cond(batch)
         if self.cfg.sf_replay:
             spec = self.rollout_spec(batch["latents"].shape[1], sf_steps)
