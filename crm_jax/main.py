@@ -59,29 +59,23 @@ def forward_check(cfg, workdir: str) -> dict:
     )
 
 
-def run(cfg, workdir: str) -> None:
-    """Run the config's mode in `workdir` (what the command line does after parsing)."""
-    if cfg.mode not in MODES:
-        raise app.UsageError(f"unknown mode {cfg.mode!r}; known: {MODES}")
-    if cfg.mode in TRAIN_MODES:
-        from crm_jax.inputs import check_inputs, training_inputs
+def _run_training(cfg, workdir: str) -> None:
+    from crm_jax.pipeline import train
 
-        check_inputs(training_inputs(cfg), f"{cfg.mode} config")  # before the workdir is made
-    os.makedirs(workdir, exist_ok=True)  # every process: Orbax writes checkpoints from all of them
-    if cfg.mode == "demo":
-        from crm_jax.demo import run_demo
+    out = train(cfg, workdir)
+    log(
+        f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
+        f"{out['nan_skips']} skipped, final metrics {out['metrics']}"
+    )
 
-        run_demo(cfg, workdir)
-        return
-    if cfg.mode in TRAIN_MODES:
-        from crm_jax.pipeline import train
 
-        out = train(cfg, workdir)
-        log(
-            f"{cfg.mode}: {out['iteration']} iterations, {out['step']} student steps, "
-            f"{out['nan_skips']} skipped, final metrics {out['metrics']}"
-        )
-        return
+def _run_demo(cfg, workdir: str) -> None:
+    from crm_jax.demo import run_demo
+
+    run_demo(cfg, workdir)
+
+
+def _run_forward_check(cfg, workdir: str) -> None:
     result = forward_check(cfg, workdir)
     if not is_main_process():
         return
@@ -91,6 +85,22 @@ def run(cfg, workdir: str) -> None:
     for k, v in result.items():
         print(f"  {k:32s} {v}")
     print(f"wrote {os.path.join(workdir, 'result.json')}")
+
+
+# What each `cfg.mode` runs: the training modes of `crm_jax.training.modes`, the demo, the check.
+PROGRAMS = {"forward_check": _run_forward_check, "demo": _run_demo, **dict.fromkeys(TRAIN_MODES, _run_training)}
+
+
+def run(cfg, workdir: str) -> None:
+    """Run the config's mode in `workdir` (what the command line does after parsing)."""
+    if cfg.mode not in PROGRAMS:
+        raise app.UsageError(f"unknown mode {cfg.mode!r}; known: {MODES}")
+    if cfg.mode in TRAIN_MODES:
+        from crm_jax.inputs import check_inputs, training_inputs
+
+        check_inputs(training_inputs(cfg), f"{cfg.mode} config")  # before the workdir is made
+    os.makedirs(workdir, exist_ok=True)  # every process: Orbax writes checkpoints from all of them
+    PROGRAMS[cfg.mode](cfg, workdir)
 
 
 def parse_argv(argv):
