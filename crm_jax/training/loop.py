@@ -1,4 +1,4 @@
-"""The training program behind `python -m crm_jax.main` (modes of `crm_jax.training.steps`).
+"""The training program behind `python -m crm_jax.main` (the modes of `crm_jax.training.modes`).
 
 Builds the models from the config (random init or converted checkpoints), the
 mesh and shardings, restores `--workdir` if it holds a compatible checkpoint, then
