@@ -4,6 +4,8 @@ import os
 
 import ml_collections
 
+from crm_jax.training.modes import get_mode
+
 
 def base_config(mode: str, model: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -216,7 +218,7 @@ def toy_student_config(mode: str, **model) -> ml_collections.ConfigDict:
     c.num_iterations = 1000
     c.sample_every = 250
     c.init.teacher = TOY_TEACHER_DIR
-    if mode in ("sf_dmd", "rcm"):
+    if get_mode(mode).has_critic:
         c.train.update(lr=2e-5, critic_lr=2e-5, tangent_warmup=100)
         c.num_iterations = 500
         c.init.student = "runs/toy_tf_scm/export"

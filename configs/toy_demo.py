@@ -25,6 +25,7 @@ def get_config():
     c.demo = ml_collections.ConfigDict(
         dict(
             teacher="assets/toy_teacher",
+            generation_config="configs/toy_generate.py",  # relative to the repository root
             teacher_steps=16,  # Euler steps per chunk of the teacher (data and reference)
             synthetic_samples=96,
             scm_iterations=200,

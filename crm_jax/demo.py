@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -25,14 +26,20 @@ import jax
 import numpy as np
 
 from crm_jax import distributed as dist
+from crm_jax import pipeline
+from crm_jax.config_files import load_config
 from crm_jax.data import toy_world as tw
 from crm_jax.data.generate import generate
+from crm_jax.data.sources import make_source
 from crm_jax.data.toy_latents import latents_to_frames
 from crm_jax.data.toy_source import ToySource
 from crm_jax.models import convert
 from crm_jax.models.wan import AttentionPattern, functional
 from crm_jax.sampling.causal import causal_sample
 from crm_jax.training import loop
+
+# The synthetic set's generation config (relative paths: under the repository root).
+GENERATION_CONFIG = "configs/toy_generate.py"
 
 
 def _pattern(c) -> AttentionPattern:
@@ -41,9 +48,7 @@ def _pattern(c) -> AttentionPattern:
 
 def generation_config(c, src: ToySource):
     """The `crm_jax.data.generate` config of the demo's synthetic set (causal teacher, chunk-wise)."""
-    from configs.toy_generate import get_config as gen_config
-
-    g = gen_config()
+    g = load_config(c.demo.get("generation_config", GENERATION_CONFIG))
     g.model.overrides = copy.deepcopy(c.model.overrides)
     g.teacher = c.demo.teacher
     g.num_samples = c.demo.synthetic_samples
@@ -126,8 +131,48 @@ def write_gif(path: str, rows: list[np.ndarray], scale: int = 4) -> None:
 
 
 def run_demo(c, workdir: str) -> dict:
+    """The five stages of the demo in `workdir`; returns the metrics summary."""
     t_all = time.time()
     os.makedirs(workdir, exist_ok=True)
+    teacher = _load_teacher(c)
+    mcfg = loop.model_config(c)
+    src = dataclasses.replace(make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
+    dist.log(f"[1/5] teacher loaded from {c.demo.teacher}")
+    timings = {}
+    synth = os.path.join(workdir, "synthetic")
+    with _timed(timings, "synthetic_s"):
+        generate(generation_config(c, src), synth)  # resumable: a rerun skips finished shards
+    dist.log(f"[2/5] synthetic set: {c.demo.synthetic_samples} teacher videos -> {synth} ({timings['synthetic_s']} s)")
+    exports = _distil(c, workdir, timings)
+    with _timed(timings, "eval_s"):
+        rows = _evaluate_all(c, teacher, src, exports)
+    timings["total_s"] = round(time.time() - t_all, 1)
+    return _report(workdir, rows, timings)
+
+
+class Stopped(Exception):
+    """A stage was stopped by a signal (its checkpoint and export are saved): the demo ends there."""
+
+    def __init__(self, stage: str, signum: int):
+        super().__init__(f"{stage} stopped by a signal; rerun the demo to resume it")
+        self.signum = signum
+
+
+def _train_stage(c, workdir: str, stage: str) -> None:
+    out = pipeline.train(c, workdir)
+    if out["stopped_by"] is not None:
+        raise Stopped(stage, int(out["stopped_by"]))
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    t0 = time.time()
+    yield
+    timings[name] = round(time.time() - t0, 1)
+
+
+def _load_teacher(c):
+    """The shipped toy teacher (NNX model), checked against the demo's model config."""
     if not os.path.isdir(c.demo.teacher):
         raise FileNotFoundError(
             f"toy teacher {c.demo.teacher!r} not found; train one with "
@@ -138,35 +183,31 @@ def run_demo(c, workdir: str) -> dict:
     mcfg = loop.model_config(c)
     if teacher.cfg != mcfg:
         raise ValueError(f"shipped teacher config {teacher.cfg} differs from the demo's model config {mcfg}")
-    src = dataclasses.replace(loop.make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
-    timings = {}
+    return teacher
 
-    dist.log(f"[1/5] teacher loaded from {c.demo.teacher}")
-    t0 = time.time()
-    synth = os.path.join(workdir, "synthetic")
-    generate(generation_config(c, src), synth)  # resumable: a rerun skips finished shards
-    timings["synthetic_s"] = round(time.time() - t0, 1)
-    dist.log(f"[2/5] synthetic set: {c.demo.synthetic_samples} teacher videos -> {synth} ({timings['synthetic_s']} s)")
 
-    t0 = time.time()
+def _distil(c, workdir: str, timings: dict) -> dict:
+    """TF-sCM from the teacher on the synthetic set, then SF-DMD from that student; returns
+    {student name: export directory}."""
     scm_dir = os.path.join(workdir, "tf_scm")
     cs = _stage_config(c, "tf_scm", workdir, c.demo.scm_iterations, lr=c.demo.scm_lr)
     cs.init.teacher = c.demo.teacher
     cs.init.student = c.demo.teacher
-    loop.train(cs, scm_dir)
-    timings["tf_scm_s"] = round(time.time() - t0, 1)
+    with _timed(timings, "tf_scm_s"):
+        _train_stage(cs, scm_dir, "TF-sCM")
     dist.log(f"[3/5] TF-sCM student -> {scm_dir}/export ({timings['tf_scm_s']} s)")
-
-    t0 = time.time()
     dmd_dir = os.path.join(workdir, "sf_dmd")
     cd = _stage_config(c, "sf_dmd", workdir, c.demo.dmd_iterations, lr=c.demo.dmd_lr, critic_lr=c.demo.dmd_lr)
     cd.init.teacher = c.demo.teacher
     cd.init.student = os.path.join(scm_dir, "export")
-    loop.train(cd, dmd_dir)
-    timings["sf_dmd_s"] = round(time.time() - t0, 1)
+    with _timed(timings, "sf_dmd_s"):
+        _train_stage(cd, dmd_dir, "SF-DMD")
     dist.log(f"[4/5] SF-DMD student -> {dmd_dir}/export ({timings['sf_dmd_s']} s)")
+    return {"TF-sCM": os.path.join(scm_dir, "export"), "TF-sCM + SF-DMD": os.path.join(dmd_dir, "export")}
 
-    t0 = time.time()
+
+def _evaluate_all(c, teacher, src: ToySource, exports: dict) -> dict:
+    """World-model rollouts of the teacher (Euler) and of each student at 1 and 2 steps."""
     key = jax.random.key(c.seed + 99)
     n = c.demo.eval_episodes
     rows = {
@@ -174,16 +215,17 @@ def run_demo(c, workdir: str) -> dict:
             c, teacher, src, method="euler", steps=c.demo.teacher_steps, episodes=n, key=key
         )
     }
-    for name, path in (
-        ("TF-sCM", os.path.join(scm_dir, "export")),
-        ("TF-sCM + SF-DMD", os.path.join(dmd_dir, "export")),
-    ):
+    for name, path in exports.items():
         student = convert.load_nnx(path)
         for steps in (1, 2):
             rows[f"{name}, {steps} step{'s' if steps > 1 else ''}"] = evaluate(
                 c, student, src, method="consistency", steps=steps, episodes=n, key=key
             )
-    timings["eval_s"] = round(time.time() - t0, 1)
+    return rows
+
+
+def _report(workdir: str, rows: dict, timings: dict) -> dict:
+    """The GIF, the metrics table (markdown + JSON) and the log lines; returns the summary."""
     first = next(iter(rows.values()))
     gif = os.path.join(workdir, "demo.gif")
     vids = [first["truth"][0]] + [r["frames"][0] for r in rows.values()]
@@ -194,7 +236,7 @@ def run_demo(c, workdir: str) -> dict:
     for name, r in rows.items():
         table.append(f"| {name} | {r['trajectory_error']:.3f} | {r['action_following']:.2f} | {r['ms_per_frame']} |")
     summary = {name: {k: v for k, v in r.items() if k not in ("frames", "truth")} for name, r in rows.items()}
-    summary["timings"] = {**timings, "total_s": round(time.time() - t_all, 1)}
+    summary["timings"] = dict(timings)
     if main:
         with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -204,5 +246,5 @@ def run_demo(c, workdir: str) -> dict:
     dist.log("\n".join(table))
     dist.log(f"video (rows: ground truth, {', '.join(rows)}): {gif}")
     dist.log(f"metrics: {os.path.join(workdir, 'demo_metrics.md')}, {os.path.join(workdir, 'demo_metrics.json')}")
-    dist.log(f"total {summary['timings']['total_s']} s")
+    dist.log(f"total {timings['total_s']} s")
     return summary

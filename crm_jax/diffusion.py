@@ -102,7 +102,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-def _is_concrete(x) -> bool:
+def is_concrete(x) -> bool:
+    """True when `x` (any shape) holds values, False when it is a tracer inside `jit` / `grad`."""
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -120,7 +121,7 @@ def check_time(t, *, lo: float = 0.0, hi: float = 1.0, name: str = "t") -> None:
 
     Traced values (inside ``jit``/``grad``) cannot be inspected and are not checked.
     """
-    if t is None or not _is_concrete(t):
+    if t is None or not is_concrete(t):
         return
     a = np.asarray(t, dtype=np.float64)
     if not a.size:
@@ -154,7 +155,9 @@ def expand_time(t: Array, x: Array, name: str = "t") -> Array:
     return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
-def _check_time_shape(t, x, name="t", allow_scalar=False):
+def check_time_shape(t, x, name="t", allow_scalar=False):
+    """`t` as an array after checking that it is per-sample `[B]` or per-frame `[B, T]` for
+    `x [B, T, ...]` (a scalar `[]` only with `allow_scalar`)."""
     t = jnp.asarray(t)
     if t.ndim == 0 and not allow_scalar:
         raise ValueError(f"{name} must be per-sample [B] or per-frame [B, T], got a scalar")
@@ -178,7 +181,9 @@ def check_cond(cond: Any, batch: int, name: str = "cond") -> None:
                 )
 
 
-def _call_net(fn: Net, x: Array, t: Array, cond: Any, name: str = "fn") -> Array:
+def call_net(fn: Net, x: Array, t: Array, cond: Any, name: str = "fn") -> Array:
+    """`fn(x, t, cond)` for `x [B, T, H, W, C]`, `t [B]` or `[B, T]`; raises unless the output is
+    shaped like `x` (a network callable returns a velocity `[B, T, H, W, C]`)."""
     out = fn(x, t, cond)
     if tuple(out.shape) != tuple(x.shape):
         raise ValueError(
@@ -365,7 +370,7 @@ def trigflow_predict(fn: Net, x_s: Array, s: Array, cond: Any) -> tuple[Array, A
     c_in = 1.0 / (c + sn)
     t = trig_to_rf(s)
     x_t = c_in * x_s
-    v = _call_net(fn, x_t, t, cond)
+    v = call_net(fn, x_t, t, cond)
     tb = expand_time(t, x_s)
     x0_hat = x_t - tb * v
     F = (c - sn) * x_t + c_in * v
@@ -386,7 +391,9 @@ def cfg(v_cond: Array, v_uncond: Array, guidance) -> Array:
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def _guidance_is_one(guidance) -> bool:
+def guidance_is_one(guidance) -> bool:
+    """True when the CFG scale is the Python number 1 (only the conditional call is needed); a
+    traced or array scale (shape `[]`) counts as not one."""
     return isinstance(guidance, (int, float)) and float(guidance) == 1.0
 
 
@@ -396,18 +403,18 @@ def guided_velocity(fn: Net, x: Array, t: Array, cond: Any, uncond: Any = None, 
     With ``guidance == 1`` (Python number) only the conditional call is made. Works for any
     output that is affine in the velocity (v, x0_hat, F). ``guidance != 1`` needs ``uncond``.
     """
-    v_c = _call_net(fn, x, t, cond)
-    if _guidance_is_one(guidance):
+    v_c = call_net(fn, x, t, cond)
+    if guidance_is_one(guidance):
         return v_c
     if uncond is None:
         raise ValueError("guidance != 1 needs an `uncond` (negative / unconditional) pytree")
-    v_u = _call_net(fn, x, t, uncond)
+    v_u = call_net(fn, x, t, uncond)
     return cfg(v_c, v_u, guidance)
 
 
 def guided(fn: Net, uncond: Any = None, guidance=1.0) -> Net:
     """Wrap ``fn`` into a guided network callable ``g(x, t, cond) = fn_u + w (fn_c - fn_u)``."""
-    if not _guidance_is_one(guidance) and uncond is None:
+    if not guidance_is_one(guidance) and uncond is None:
         raise ValueError("guidance != 1 needs an `uncond` (negative / unconditional) pytree")
 
     def g(x, t, cond):
@@ -474,7 +481,8 @@ def block_sizes(num_frames: int, chunk_frames: int, first_chunk_frames: int | No
     return tuple(sizes)
 
 
-def _check_block_sizes(sizes: Sequence[int], num_frames: int | None = None) -> tuple[int, ...]:
+def check_block_sizes(sizes: Sequence[int], num_frames: int | None = None) -> tuple[int, ...]:
+    """Frames per block (positive ints, summing to `num_frames` when given) as a tuple."""
     sizes = tuple(int(s) for s in sizes)
     if not sizes or any(s <= 0 for s in sizes):
         raise ValueError(f"block sizes must be a non-empty sequence of positive ints, got {sizes}")
@@ -485,7 +493,7 @@ def _check_block_sizes(sizes: Sequence[int], num_frames: int | None = None) -> t
 
 def expand_block_times(t_blocks: Array, sizes: Sequence[int]) -> Array:
     """Broadcast per-block times ``[B, num_blocks]`` to per-frame times ``[B, sum(sizes)]``."""
-    sizes = _check_block_sizes(sizes)
+    sizes = check_block_sizes(sizes)
     t_blocks = jnp.asarray(t_blocks)
     if t_blocks.ndim != 2 or t_blocks.shape[1] != len(sizes):
         raise ValueError(f"t_blocks must be [B, {len(sizes)}], got {tuple(t_blocks.shape)}")
@@ -505,7 +513,7 @@ def sample_block_times(
     Returns:
       per-frame times ``[B, sum(sizes)]``, constant within each block.
     """
-    sizes = _check_block_sizes(sizes)
+    sizes = check_block_sizes(sizes)
     sampler = sampler or uniform_shift_sampler(5.0)
     return expand_block_times(sampler(key, (batch, len(sizes)), dtype=dtype), sizes)
 
@@ -631,7 +639,7 @@ def few_step_sample(
     x0 = x
     for i in range(num_steps):
         t = jnp.full((B,), ts[i], noise.dtype)
-        x0 = x0_from_v(x, t, _call_net(fn, x, t, cond))
+        x0 = x0_from_v(x, t, call_net(fn, x, t, cond))
         if i < num_steps - 1:
             eps = jax.random.normal(keys[i], noise.shape, noise.dtype)
             x = rf_noise(x0, eps, jnp.full((B,), ts[i + 1], noise.dtype))
@@ -660,14 +668,14 @@ def pack_teacher_forcing(x_ctx: Array, x_t: Array, t: Array, t_ctx: Array | None
             f"context {tuple(x_ctx.shape)} and noisy {tuple(x_t.shape)} must share the shape [B, T, ...] (frame axis 1)"
         )
     B, T = x_t.shape[:2]
-    t = _check_time_shape(t, x_t)
+    t = check_time_shape(t, x_t)
     t_frames = jnp.broadcast_to(t[:, None], (B, T)) if t.ndim == 1 else t
     if t_frames.ndim != 2:
         raise ValueError(f"t must be [B] or [B, T], got {tuple(t.shape)}")
     if t_ctx is None:
         t_ctx = jnp.zeros_like(t_frames)
     else:
-        t_ctx = _check_time_shape(t_ctx, x_t, "t_ctx")
+        t_ctx = check_time_shape(t_ctx, x_t, "t_ctx")
         t_ctx = jnp.broadcast_to(t_ctx[:, None], (B, T)) if t_ctx.ndim == 1 else t_ctx
     return (jnp.concatenate([x_ctx, x_t], axis=1), jnp.concatenate([t_ctx.astype(t_frames.dtype), t_frames], axis=1))
 

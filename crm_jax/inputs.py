@@ -113,16 +113,16 @@ def _get(c, dotted: str, default=""):
 
 def training_inputs(c) -> list[Input]:
     """The local inputs of a training config (`crm_jax.main`)."""
-    from crm_jax.training.steps import MODES, TrainConfig
+    from crm_jax.training.modes import REGISTRY
 
-    if c.mode not in MODES:
+    if c.mode not in REGISTRY:
         return []
     out = []
     if _get(c, "data.kind") == "dataset":
         out.append(Input("config.data.path", _get(c, "data.path"), DATASET))
     if _get(c, "init.student"):
         out.append(Input("config.init.student", c.init.student, CKPT))
-    needs_teacher = TrainConfig(mode=c.mode).needs_teacher
+    needs_teacher = REGISTRY[c.mode].needs_teacher
     if needs_teacher:
         random_ok = bool(_get(c, "init.allow_random_teacher", False))
         out.append(Input("config.init.teacher", _get(c, "init.teacher"), CKPT, required=not random_ok))

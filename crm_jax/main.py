@@ -16,7 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 from crm_jax.distributed import is_main_process, log, maybe_init_distributed  # noqa: E402
 from crm_jax.errors import UsageError, nearest, run_command  # noqa: E402
-from crm_jax.training.steps import MODES as TRAIN_MODES  # noqa: E402
+from crm_jax.training.modes import MODES as TRAIN_MODES  # noqa: E402
 
 MODES = ("forward_check", "demo") + TRAIN_MODES
 
@@ -61,9 +61,58 @@ def forward_check(cfg, workdir: str) -> dict:
     )
 
 
-def run(cfg, workdir: str) -> None:
-    """Run the config's mode in `workdir` (what the command line does after parsing)."""
-    if cfg.mode not in MODES:
+def _run_training(cfg, workdir: str) -> int | None:
+    from crm_jax.pipeline import train
+
+    out = train(cfg, workdir)
+    log(summary_line(cfg.mode, out, workdir))
+    return None if out["stopped_by"] is None else 128 + int(out["stopped_by"])
+
+
+def summary_line(mode: str, out: dict, workdir: str) -> str:
+    """The last line of a training run: what ran, the final metrics rounded, where the outputs are."""
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(out["metrics"].items()) if isinstance(v, float))
+    where = [f"export {os.path.join(workdir, 'export')}", f"metrics {os.path.join(workdir, 'metrics.jsonl')}"]
+    if os.path.isdir(os.path.join(workdir, "samples")):
+        where.append(f"samples {os.path.join(workdir, 'samples')}")
+    stopped = "" if out["stopped_by"] is None else " (stopped by a signal; rerun to resume)"
+    return (
+        f"{mode}: {out['iteration']} iterations ({out['step']} student steps, {out['nan_skips']} skipped) "
+        f"in {out.get('seconds', 0):.0f} s{stopped}; {metrics or 'no new metrics'}; {', '.join(where)}"
+    )
+
+
+def _run_demo(cfg, workdir: str) -> int | None:
+    from crm_jax.demo import Stopped, run_demo
+
+    try:
+        run_demo(cfg, workdir)
+    except Stopped as e:
+        log(str(e))
+        return 128 + e.signum
+    return None
+
+
+def _run_forward_check(cfg, workdir: str) -> None:
+    result = forward_check(cfg, workdir)
+    if not is_main_process():
+        return
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print("forward pass of the tiny causal Wan model, streamed block by block vs one pass:")
+    for k, v in result.items():
+        print(f"  {k:32s} {v}")
+    print(f"wrote {os.path.join(workdir, 'result.json')}")
+
+
+# What each `cfg.mode` runs: the training modes of `crm_jax.training.modes`, the demo, the check.
+PROGRAMS = {"forward_check": _run_forward_check, "demo": _run_demo, **dict.fromkeys(TRAIN_MODES, _run_training)}
+
+
+def run(cfg, workdir: str) -> int | None:
+    """Run the config's mode in `workdir` (what the command line does after parsing). Returns the
+    exit code: None, or 128 + the signal that stopped training (after its checkpoint and export)."""
+    if cfg.mode not in PROGRAMS:
         raise UsageError(f"--config: unknown mode {cfg.mode!r}{nearest(cfg.mode, MODES)} (known: {', '.join(MODES)})")
     from crm_jax.inputs import check_output
     from crm_jax.training.validate import check_run_config
@@ -78,42 +127,7 @@ def run(cfg, workdir: str) -> None:
     from crm_jax.training.workdir_lock import workdir_lock
 
     with workdir_lock(workdir):
-        run_mode(cfg, workdir)
-
-
-def run_mode(cfg, workdir: str) -> None:
-    if cfg.mode == "demo":
-        from crm_jax.demo import run_demo
-
-        run_demo(cfg, workdir)
-        return
-    if cfg.mode in TRAIN_MODES:
-        from crm_jax.training.loop import train
-
-        out = train(cfg, workdir)
-        log(summary_line(cfg.mode, out, workdir))
-        return
-    result = forward_check(cfg, workdir)
-    if not is_main_process():
-        return
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print("forward pass of the tiny causal Wan model, streamed block by block vs one pass:")
-    for k, v in result.items():
-        print(f"  {k:32s} {v}")
-    print(f"wrote {os.path.join(workdir, 'result.json')}")
-
-
-def summary_line(mode: str, out: dict, workdir: str) -> str:
-    """The last line of a training run: what ran, the final metrics rounded, where the outputs are."""
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(out["metrics"].items()) if isinstance(v, float))
-    where = [f"export {os.path.join(workdir, 'export')}", f"metrics {os.path.join(workdir, 'metrics.jsonl')}"]
-    if os.path.isdir(os.path.join(workdir, "samples")):
-        where.append(f"samples {os.path.join(workdir, 'samples')}")
-    return (
-        f"{mode}: {out['iteration']} iterations ({out['step']} student steps, {out['nan_skips']} skipped) "
-        f"in {out.get('seconds', 0):.0f} s; {metrics or 'no new metrics'}; {', '.join(where)}"
-    )
+        return PROGRAMS[cfg.mode](cfg, workdir)
 
 
 def parse_argv(argv):
@@ -128,16 +142,16 @@ def parse_argv(argv):
     return fv["config"].value, fv["workdir"].value
 
 
-def cli(argv) -> None:
+def cli(argv) -> int | None:
     """In-process entry: `cli(["crm_jax.main", "--config=...", "--workdir=...", ...])`."""
     maybe_init_distributed()
-    run(*parse_argv(argv))
+    return run(*parse_argv(argv))
 
 
-def main(argv) -> None:
+def main(argv) -> int | None:
     del argv
     maybe_init_distributed()
-    run(_CONFIG.value, _WORKDIR.value)
+    return run(_CONFIG.value, _WORKDIR.value)
 
 
 def console() -> None:

@@ -53,6 +53,7 @@ def build(overrides: dict, quick: bool):
     import jax
     import toy_study as ts
 
+    from crm_jax.data.sources import make_source
     from crm_jax.models.wan import functional, init_model
     from crm_jax.training import loop
     from crm_jax.training import sharding as shd
@@ -64,7 +65,7 @@ def build(overrides: dict, quick: bool):
     c.model.overrides.update(dict(overrides.get("model", ())))
     c.data.batch_size = 8 if quick else overrides.get("batch_size", 128)
     mcfg, tcfg = loop.model_config(c), loop.train_config(c)
-    src = loop.make_source(c, mcfg)
+    src = make_source(c, mcfg)
     apply, params = functional(init_model(mcfg, c.seed))
     trainer = Trainer(tcfg, apply, mcfg)
     frozen = Frozen(None, None, src.negative_context()) if tcfg.cond_dropout > 0 else None
@@ -73,7 +74,7 @@ def build(overrides: dict, quick: bool):
     st_sh = shd.state_shardings(state, mesh)
     fr_sh = shd.state_shardings(frozen, mesh) if frozen is not None else None
     state = jax.device_put(state, st_sh)
-    example = loop._model_batch(src.batch(0))
+    example = loop.model_batch(src.batch(0))
     b_sh = shd.batch_shardings(example, mesh, c.data.batch_size)
     step = make_step(trainer, mesh, (st_sh, fr_sh, b_sh, shd.replicated(jax.random.key(0), mesh)), "student")
     return c, state, frozen, step, src, b_sh
@@ -86,7 +87,7 @@ def time_variant(name: str, overrides: dict, iters: int, repeats: int, quick: bo
 
     c, state, frozen, step, src, b_sh = build(overrides, quick)
     key = jax.random.key(0)
-    get_batch = lambda it: jax.device_put(loop._model_batch(src.batch(it)), b_sh)
+    get_batch = lambda it: jax.device_put(loop.model_batch(src.batch(it)), b_sh)
     t0 = time.perf_counter()
     batch = get_batch(0)
     state, m = step(state, frozen, batch, key)

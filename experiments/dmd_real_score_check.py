@@ -52,9 +52,9 @@ def main(argv=None):
 
     from crm_jax import diffusion as D
     from crm_jax.evaluation import world_model as wm
-    from crm_jax.models import convert
+    from crm_jax.models import adapter, convert
     from crm_jax.models.wan import functional
-    from crm_jax.training import loop, nets
+    from crm_jax.training import loop
     from experiments import toy_study as ts
 
     study = ts.Study(os.path.abspath(a.workdir), "full")
@@ -66,16 +66,16 @@ def main(argv=None):
     src, batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, a.episodes)
     x0 = batch["latents"]
     cond = dict(context=batch["context"], actions=batch["actions"], tf_context=x0)
-    uncond = nets.uncond_like(cond, src.negative_context())
+    uncond = adapter.uncond_like(cond, src.negative_context())
 
     nets_by_row = {}
     for job, rows in (
-        ("teacher_bi", (("bi / full", "full", nets.velocity_fn),)),
+        ("teacher_bi", (("bi / full", "full", adapter.velocity_fn),)),
         (
             "teacher_c2",
             (
-                ("c2 / block_causal", "block_causal", nets.velocity_fn),
-                ("c2 / teacher_forcing", "teacher_forcing", nets.tf_velocity_fn),
+                ("c2 / block_causal", "block_causal", adapter.velocity_fn),
+                ("c2 / teacher_forcing", "teacher_forcing", adapter.tf_velocity_fn),
             ),
         ),
     ):

@@ -287,9 +287,9 @@ class Study:
 
     @property
     def world(self):
-        from crm_jax.training import loop
+        from crm_jax.data import sources
 
-        return loop.toy_world_config(self.base("teacher_tf", 2))
+        return sources.toy_world_config(self.base("teacher_tf", 2))
 
     def world_of(self, frames: int):
         return dataclasses.replace(self.world, num_frames=frames)
@@ -369,14 +369,14 @@ def seeded(study: Study, c):
 
 
 def _train(study: Study, job: Job, c, evaluator):
-    from crm_jax.training import loop
+    from crm_jax import pipeline
 
     t0 = time.time()
     c = seeded(study, c)
     if dist.is_main_process():  # several processes: process 0 writes the study's files
         with open(study.path(job.name, "config.json"), "w") as f:  # what ran, for the record
             f.write(c.to_json_best_effort(indent=1))
-    out = loop.train(c, study.path(job.name), progress=False, evaluator=evaluator)
+    out = pipeline.train(c, study.path(job.name), progress=False, evaluator=evaluator)
     if out["iteration"] < c.num_iterations:  # stopped by a signal: checkpoint saved, not done
         raise RuntimeError(
             f"{job.name} stopped at iteration {out['iteration']} of {c.num_iterations}; "
@@ -740,7 +740,8 @@ def _loop(study, jobs, pending, running, status, parallel, command, t_start, sto
         time.sleep(0.2)
 
 
-def _budget(text: str) -> tuple[str, int]:
+def budget_override(text: str) -> tuple[str, int]:
+    """`--budget KEY=INTEGER` -> (KEY, INTEGER); argparse's type error otherwise."""
     key, sep, value = text.partition("=")
     if not sep or not value.strip().lstrip("-").isdigit():
         raise argparse.ArgumentTypeError(f"expected KEY=INTEGER, got {text!r}")
@@ -764,7 +765,7 @@ def main(argv=None):
         "--set",
         action="append",
         default=[],
-        type=_budget,
+        type=budget_override,
         metavar="KEY=VALUE",
         help="replace one budget of the scale (repeatable), e.g. --set dmd_iters=1000; "
         "recorded in each job's done.json",

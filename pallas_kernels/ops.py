@@ -62,11 +62,13 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import mgpu as _mgpu
 from pallas_kernels import mosaic as _mosaic
+from pallas_kernels._jax_private import is_linearizing
+from pallas_kernels.common import SUPPORTED_HEAD_DIMS
 from pallas_kernels.masks import MaskSpec, allowed_pairs
 from pallas_kernels.mosaic import MosaicConfig
 from pallas_kernels.reference import attention_reference, check_qkv
 from pallas_kernels.triton import flash as _flash
-from pallas_kernels.triton.flash import SUPPORTED_HEAD_DIMS, FlashConfig, Tiles
+from pallas_kernels.triton.flash import FlashConfig, Tiles
 
 
 def _kernels(impl):
@@ -197,13 +199,6 @@ _attn_vjp.defvjp(_attn_vjp_fwd, _attn_vjp_bwd)
 
 
 # ----------------------------------------------------------------------------- jvp op
-def _is_linearizing(x) -> bool:
-    """True when `x` is being partially evaluated (jax.grad / vjp / linearize)."""
-    from jax._src.interpreters import partial_eval as pe
-
-    return isinstance(x, pe.JaxprTracer)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _attn_jvp(q, k, v, spec, scale, config, interpret, impl):
     o, _ = _kernels(impl)[0](q, k, v, spec, scale=scale, config=config, interpret=interpret)
@@ -222,7 +217,7 @@ def _attn_jvp_rule(spec, scale, config, interpret, impl, primals, tangents):
     if tq is None and tk is None and tv is None:
         o = _attn_jvp(q, k, v, spec, scale, config, interpret, impl)
         return o, jnp.zeros_like(o)
-    if any(t is not None and _is_linearizing(t) for t in (tq, tk, tv)):
+    if any(t is not None and is_linearizing(t) for t in (tq, tk, tv)):
         raise ValueError(
             "attention(..., ad='jvp') supports forward mode (jax.jvp) only: its JVP kernel has "
             "no transpose, so jax.grad / jax.vjp / jax.linearize cannot go through it. Use "
@@ -374,7 +369,7 @@ def _mgpu_prefix_bwd(scale, config, interpret, res, g):
     or from the XLA reference in interpret mode (CPU)."""
     q, k, v, kv_len = res
     if interpret:
-        fn = lambda q, k, v: _prefix_reference(q, k, v, kv_len, scale)
+        fn = lambda q, k, v: attention_reference(q, k, v, scale=scale, kv_valid_len=kv_len)
     else:
         fn = lambda q, k, v: _cudnn_prefix(q, k, v, kv_len, scale)
     _, pull = jax.vjp(fn, q, k, v)
@@ -443,7 +438,7 @@ def attention_kv_prefix(
             return attention_reference(
                 q, k[:, :kv_len], v[:, :kv_len], MaskSpec("full", q.shape[1], kv_len), scale=scale
             )
-        return _prefix_reference(q, k, v, kv_len, scale)
+        return attention_reference(q, k, v, scale=scale, kv_valid_len=kv_len)
     if not static:
         raise ValueError(
             f"attention_kv_prefix with impl={impl!r} needs a static (Python int) kv_len: the kernels' "
@@ -452,21 +447,6 @@ def attention_kv_prefix(
         )
     spec = prefix_spec(q.shape[1], s_len, int(kv_len))
     return attention(q, k, v, spec, scale=scale, impl=impl, ad=ad, interpret=interpret, config=config, tiles=tiles)
-
-
-def _prefix_reference(q, k, v, kv_len, scale):
-    """XLA attention over keys `[0, kv_len)` (the same arithmetic as `attention_reference`)."""
-    d = q.shape[-1]
-    scale = d**-0.5 if scale is None else scale
-    out_dtype = q.dtype
-    ct = jnp.promote_types(q.dtype, jnp.float32)
-    q, k, v = q.astype(ct), k.astype(ct), v.astype(ct)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST) * scale
-    s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.exp(s - m)
-    p = p / jnp.sum(p, axis=-1, keepdims=True)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
 
 
 def attention_sharded(

@@ -1,4 +1,5 @@
-"""XLA attention with a `MaskSpec`: the oracle for the kernels and the CPU path.
+"""XLA attention with a `MaskSpec` and an optional valid key length: the one oracle of every
+kernel (Triton, Mosaic, the Hopper KV-cache kernel) and the CPU path.
 
 Plain jnp, so `jax.jvp`, `jax.grad` and `jax.vmap` all work. It materialises
 the `[B, H, Lq, Lk]` score matrix: for tests and small models only.
@@ -31,16 +32,26 @@ def check_qkv(q, k, v, spec: MaskSpec | None = None):
 
 
 def attention_reference(
-    q, k, v, spec: MaskSpec, *, scale: float | None = None, return_lse: bool = False, upcast: bool = True
+    q,
+    k,
+    v,
+    spec: MaskSpec | None = None,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    upcast: bool = True,
+    kv_valid_len=None,
 ):
     """Masked softmax attention.
 
     Args:
       q: `[B, Lq, H, D]`; k, v: `[B, Lk, H, D]`.
-      spec: the attention pattern; its lengths must match Lq, Lk.
+      spec: the attention pattern; its lengths must match Lq, Lk. None: every key (full).
       scale: score scale, default `D ** -0.5`.
       return_lse: also return the log-sum-exp of the scaled scores `[B, H, Lq]`.
       upcast: compute in float32 (or float64 if inputs are float64).
+      kv_valid_len: int or int32 scalar `[]` (may be traced): only keys `[0, kv_valid_len)` are
+        attended (a KV cache's filled prefix); keys past it are never read into the result.
     Returns:
       `o [B, Lq, H, D]` in q's dtype (and `lse [B, H, Lq]` in float32/64).
       Rows with no allowed key give 0 output and lse = -inf.
@@ -53,11 +64,11 @@ def attention_reference(
         ct = jnp.promote_types(q.dtype, jnp.float32)
         q, k, v = q.astype(ct), k.astype(ct), v.astype(ct)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=jax.lax.Precision.HIGHEST) * scale
-    if spec.kind == "full":
-        mask = None
-    else:
+    if spec is not None and spec.kind != "full":
         mask = jnp.asarray(allowed(spec, np.arange(spec.q_len)[:, None], np.arange(spec.kv_len)[None, :]))
         s = jnp.where(mask, s, -jnp.inf)
+    if kv_valid_len is not None:
+        s = jnp.where(jnp.arange(k.shape[1]) < kv_valid_len, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - jax.lax.stop_gradient(m_safe))

@@ -13,6 +13,7 @@ os.environ.setdefault(
 )
 
 import gc  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -51,6 +52,16 @@ def _bounded_memory_mappings():
         gc.collect()
         if os.environ.get("CRM_DEBUG_MAPS"):
             print(f"\n[maps] cleared JAX caches: {before} -> {_mapping_count()} mappings", flush=True)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_random_inputs(request):
+    """Each test draws the attention tests' random inputs from a seed fixed by its node id, so
+    it sees the same inputs whichever tests run with it and in whatever order."""
+    helpers = sys.modules.get("tests.attention_helpers")
+    if helpers is not None:
+        helpers.seed(request.node.nodeid)
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,8 +11,6 @@ Sizes are tiny (tiles of 16/32, a few frames of 7-20 tokens) to keep CPU time lo
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,45 +19,12 @@ import pytest
 from pallas_kernels import masks, ops
 from pallas_kernels.reference import attention_reference
 from pallas_kernels.triton import FlashConfig, Tiles, flash_backward, flash_forward, flash_jvp, kernel_allowed
+from tests.attention_helpers import TOL, f64, rand, reference_all, reference_fn, rel
 
 SMALL = FlashConfig(fwd=Tiles(16, 16), jvp=Tiles(16, 16), dkdv=Tiles(16, 16), dq=Tiles(16, 16))
 # Different tile shapes per kernel (rectangular tiles, transposed schedule with
 # bq != bk, padding multiple larger than some tiles) and index-list walking.
 MIXED = FlashConfig(fwd=Tiles(32, 16), jvp=Tiles(16, 32), dkdv=Tiles(16, 32), dq=Tiles(32, 16), full_ranges=False)
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-
-_seed = itertools.count(int(np.random.SeedSequence().entropy % 1_000_000))
-
-
-def _rand(shape, dtype):
-    rng = np.random.default_rng(next(_seed))
-    return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
-def _rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    assert np.all(np.isfinite(a)), "non-finite (unwritten or NaN) elements in kernel output"
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def _f64(x):
-    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-
-
-def _reference_all(spec, q, k, v, do, tq, tk, tv):
-    """float64 O, LSE, (dQ, dK, dV) = vjp(dO), Ȯ = jvp((Q̇, K̇, V̇)); zero tangents for None."""
-    with jax.enable_x64(True):
-        a = [jnp.asarray(_f64(x)) for x in (q, k, v)]
-        f = lambda q, k, v: attention_reference(q, k, v, spec)  # noqa: E731
-        o, lse = attention_reference(*a, spec, return_lse=True)
-        _, vjp = jax.vjp(f, *a)
-        grads = vjp(jnp.asarray(_f64(do)))
-        tans = tuple(jnp.zeros_like(x) if t is None else jnp.asarray(_f64(t)) for t, x in zip((tq, tk, tv), a))
-        _, to = jax.jvp(f, tuple(a), tans)
-        return (np.asarray(o), np.asarray(lse), [np.asarray(g) for g in grads], np.asarray(to))
-
-
 CASES = [
     # name, spec, dtype, head_dim, config
     ("full_cross_f32", masks.full(37, 24), jnp.float32, 64, SMALL),
@@ -89,22 +54,22 @@ CASES = [
 @pytest.mark.parametrize("name,spec,dtype,d,config", CASES, ids=[c[0] for c in CASES])
 def test_kernels_match_float64_reference(name, spec, dtype, d, config):
     B, H = 1, 2
-    q = _rand((B, spec.q_len, H, d), dtype)
-    k = _rand((B, spec.kv_len, H, d), dtype)
-    v = _rand((B, spec.kv_len, H, d), dtype)
-    do = _rand(q.shape, dtype)
-    tq, tk, tv = _rand(q.shape, dtype), _rand(k.shape, dtype), _rand(v.shape, dtype)
-    ro, rlse, (rdq, rdk, rdv), rto = _reference_all(spec, q, k, v, do, tq, tk, tv)
+    q = rand((B, spec.q_len, H, d), dtype)
+    k = rand((B, spec.kv_len, H, d), dtype)
+    v = rand((B, spec.kv_len, H, d), dtype)
+    do = rand(q.shape, dtype)
+    tq, tk, tv = rand(q.shape, dtype), rand(k.shape, dtype), rand(v.shape, dtype)
+    ro, rlse, (rdq, rdk, rdv), rto = reference_all(spec, q, k, v, do, tq, tk, tv)
     tol = TOL[dtype]
     kw = dict(config=config, interpret=True, poison=True)
 
     o, lse = flash_forward(q, k, v, spec, **kw)
     assert o.shape == q.shape and o.dtype == dtype and lse.shape == (B, H, spec.q_len)
-    errs = {"o": _rel(o, ro), "lse": _rel(lse, rlse)}
+    errs = {"o": rel(o, ro), "lse": rel(lse, rlse)}
     dq, dk, dv = flash_backward(q, k, v, o, lse, do, spec, **kw)
-    errs.update(dq=_rel(dq, rdq), dk=_rel(dk, rdk), dv=_rel(dv, rdv))
+    errs.update(dq=rel(dq, rdq), dk=rel(dk, rdk), dv=rel(dv, rdv))
     o2, to, lse2 = flash_jvp(q, k, v, tq, tk, tv, spec, **kw)
-    errs.update(jvp_o=_rel(o2, ro), jvp_to=_rel(to, rto), jvp_lse=_rel(lse2, rlse))
+    errs.update(jvp_o=rel(o2, ro), jvp_to=rel(to, rto), jvp_lse=rel(lse2, rlse))
     bad = {key: e for key, e in errs.items() if not e < tol}
     assert not bad, f"{name}: errors above {tol}: {bad} (all: {errs})"
 
@@ -112,14 +77,14 @@ def test_kernels_match_float64_reference(name, spec, dtype, d, config):
 def test_jvp_kernel_partial_tangents():
     """KV-cache style: only Q̇ (K̇ = V̇ = 0 skipped in-kernel), and only V̇."""
     spec = masks.block_causal(4, 9, 1, q_frames=2)
-    q = _rand((1, spec.q_len, 2, 64), jnp.float32)
-    k = _rand((1, spec.kv_len, 2, 64), jnp.float32)
-    v = _rand(k.shape, jnp.float32)
-    tq, tv = _rand(q.shape, jnp.float32), _rand(v.shape, jnp.float32)
+    q = rand((1, spec.q_len, 2, 64), jnp.float32)
+    k = rand((1, spec.kv_len, 2, 64), jnp.float32)
+    v = rand(k.shape, jnp.float32)
+    tq, tv = rand(q.shape, jnp.float32), rand(v.shape, jnp.float32)
     for tans in ((tq, None, None), (None, None, tv)):
-        *_, rto = _reference_all(spec, q, k, v, q, *tans)
+        *_, rto = reference_all(spec, q, k, v, q, *tans)
         _, to, _ = flash_jvp(q, k, v, *tans, spec, config=SMALL, interpret=True, poison=True)
-        assert _rel(to, rto) < 1e-5
+        assert rel(to, rto) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -144,16 +109,12 @@ def _op(ad, spec):
     return lambda q, k, v: ops.attention(q, k, v, spec, impl="triton", ad=ad, interpret=True, config=SMALL)
 
 
-def _ref(spec):
-    return lambda q, k, v: attention_reference(q, k, v, spec)
-
-
 def test_op_jvp_matches_reference_jvp():
     spec = masks.teacher_forcing(2, 9, 1)
-    w = _rand((64, 64), jnp.float32) * 0.2
-    x = _rand((1, spec.q_len, 2, 64), jnp.float32)
-    tx = _rand(x.shape, jnp.float32)
-    kv_cache = _rand(x.shape, jnp.float32)  # closed over: symbolic-zero tangent
+    w = rand((64, 64), jnp.float32) * 0.2
+    x = rand((1, spec.q_len, 2, 64), jnp.float32)
+    tx = rand(x.shape, jnp.float32)
+    kv_cache = rand(x.shape, jnp.float32)  # closed over: symbolic-zero tangent
 
     def model(attn):
         def f(x):
@@ -165,41 +126,41 @@ def test_op_jvp_matches_reference_jvp():
 
     y, ty = jax.jvp(model(_op("jvp", spec)), (x,), (tx,))
     with jax.enable_x64(True):
-        ry, rty = jax.jvp(model(_ref(spec)), (jnp.asarray(_f64(x)),), (jnp.asarray(_f64(tx)),))
-    assert _rel(y, ry) < 1e-5 and _rel(ty, rty) < 1e-5
+        ry, rty = jax.jvp(model(reference_fn(spec)), (jnp.asarray(f64(x)),), (jnp.asarray(f64(tx)),))
+    assert rel(y, ry) < 1e-5 and rel(ty, rty) < 1e-5
     # jit of jvp, tangent only on q (k, v from a cache)
-    q, k, v = x, kv_cache, _rand(x.shape, jnp.float32)
+    q, k, v = x, kv_cache, rand(x.shape, jnp.float32)
     f = jax.jit(lambda q, tq: jax.jvp(lambda q: _op("jvp", spec)(q, k, v), (q,), (tq,)))
     _, tq_out = f(q, tx)
-    _, rtq = jax.jvp(lambda q: _ref(spec)(q, k, v), (q,), (tx,))
-    assert _rel(tq_out, rtq) < 1e-4  # reference here in float32
+    _, rtq = jax.jvp(lambda q: reference_fn(spec)(q, k, v), (q,), (tx,))
+    assert rel(tq_out, rtq) < 1e-4  # reference here in float32
 
 
 def test_op_grad_matches_reference_grad():
     spec = masks.block_causal(3, 11, 1)
-    q = _rand((1, spec.q_len, 2, 64), jnp.float32)
-    k, v = _rand(q.shape, jnp.float32), _rand(q.shape, jnp.float32)
+    q = rand((1, spec.q_len, 2, 64), jnp.float32)
+    k, v = rand(q.shape, jnp.float32), rand(q.shape, jnp.float32)
 
     def loss(attn):
         return lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v)) * v)
 
     g = jax.jit(jax.grad(loss(_op("vjp", spec)), argnums=(0, 1, 2)))(q, k, v)
     with jax.enable_x64(True):
-        rg = jax.grad(loss(_ref(spec)), argnums=(0, 1, 2))(*(jnp.asarray(_f64(x)) for x in (q, k, v)))
+        rg = jax.grad(loss(reference_fn(spec)), argnums=(0, 1, 2))(*(jnp.asarray(f64(x)) for x in (q, k, v)))
     for a, b in zip(g, rg):
-        assert _rel(a, b) < 1e-5
+        assert rel(a, b) < 1e-5
 
 
 def test_jvp_through_vjp_op_errors():
     spec = masks.full(16)
-    q = _rand((1, 16, 1, 64), jnp.float32)
+    q = rand((1, 16, 1, 64), jnp.float32)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(_op("vjp", spec), (q, q, q), (q, q, q))
 
 
 def test_grad_through_jvp_op_errors():
     spec = masks.full(16)
-    q = _rand((1, 16, 1, 64), jnp.float32)
+    q = rand((1, 16, 1, 64), jnp.float32)
     with pytest.raises(ValueError, match="forward mode"):
         jax.grad(lambda q: _op("jvp", spec)(q, q, q).sum())(q)
     with pytest.raises(ValueError, match="forward mode"):
@@ -208,7 +169,7 @@ def test_grad_through_jvp_op_errors():
 
 def test_auto_on_cpu_is_xla_and_matches_reference():
     spec = masks.block_causal(3, 5, 1)
-    q = _rand((2, 15, 3, 32), jnp.float32)  # head_dim 32 fine for XLA
+    q = rand((2, 15, 3, 32), jnp.float32)  # head_dim 32 fine for XLA
     assert ops.resolve_impl("auto") == "xla"
     np.testing.assert_allclose(ops.attention(q, q, q, spec), attention_reference(q, q, q, spec), rtol=1e-6, atol=1e-6)
     # both AD modes work on the XLA path
@@ -249,7 +210,7 @@ def test_bad_inputs_raise(bad, match):
 
 def test_kv_prefix_attention_ignores_keys_past_the_length():
     """`attention_kv_prefix`: keys [0, kv_len) of a longer buffer; later keys hold junk and never count."""
-    q, k, v = _rand((1, 24, 2, 64), jnp.float32), _rand((1, 80, 2, 64), jnp.float32), _rand((1, 80, 2, 64), jnp.float32)
+    q, k, v = rand((1, 24, 2, 64), jnp.float32), rand((1, 80, 2, 64), jnp.float32), rand((1, 80, 2, 64), jnp.float32)
     valid = 50
     junk = lambda a: a.at[:, valid:].set(1e3)
     k, v = junk(k), junk(v)

@@ -6,12 +6,10 @@ tail tile, key splits and their log-sum-exp merge, query and key tiles running p
 arrays -- runs here in the interpreter (which also checks that every barrier phase is
 observed); only the PV product is a `jnp.dot` there (see the module docstring). Reference:
 float64 softmax attention over the valid keys; keys past the length hold junk (1e3), so
-reading them fails the comparison. Inputs are fresh random draws per test.
+reading them fails the comparison. Inputs are seeded per test (`tests.attention_helpers`).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -24,33 +22,11 @@ from crm_jax.models.wan import AttentionPattern, WanModel, functional
 from crm_jax.sampling import StreamingSampler
 from pallas_kernels import ops
 from pallas_kernels.mgpu import PrefixConfig, default_config, merge_splits, prefix_attention
-
-_seed = itertools.count(int(np.random.SeedSequence().entropy % 1_000_000))
-
-
-def _rand(shape, dtype, scale=1.0):
-    rng = np.random.default_rng(next(_seed))
-    return jnp.asarray(scale * rng.standard_normal(shape), dtype)
-
-
-def _reference(q, k, v, kv_len, scale=None):
-    """float64 attention over keys [0, kv_len)."""
-    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = np.einsum("bqhd,bkhd->bhqk", q, k[:, :kv_len]) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhqk,bkhd->bqhd", p, v[:, :kv_len])
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    assert np.isfinite(a).all(), "non-finite elements in the kernel output"
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+from tests.attention_helpers import prefix_reference, rand, rel
 
 
 def _inputs(b, lq, s, h, d, dtype, valid):
-    q, k, v = _rand((b, lq, h, d), dtype), _rand((b, s, h, d), dtype), _rand((b, s, h, d), dtype)
+    q, k, v = rand((b, lq, h, d), dtype), rand((b, s, h, d), dtype), rand((b, s, h, d), dtype)
     junk = lambda a: a.at[:, valid:].set(1e3)  # noqa: E731
     return q, junk(k), junk(v)
 
@@ -74,20 +50,20 @@ def test_prefix_kernel_matches_reference(name):
         q, k, v = _inputs(b, lq, s, h, d, dtype, kv_len)
         out = f(q, k, v, jnp.int32(kv_len))
         assert out.shape == q.shape and out.dtype == q.dtype
-        err = _rel(out, _reference(q, k, v, kv_len))
+        err = rel(out, prefix_reference(q, k, v, kv_len))
         assert err < 1e-2, (name, kv_len, err)  # bf16/f16 output rounding is ~3e-3
 
 
 def test_prefix_kernel_static_length_and_scale():
     q, k, v = _inputs(1, 64, 192, 1, 64, jnp.bfloat16, 150)
     out = prefix_attention(q, k, v, 150, scale=0.3, config=PrefixConfig(block_kv=64), interpret=True)
-    assert _rel(out, _reference(q, k, v, 150, scale=0.3)) < 1e-2
+    assert rel(out, prefix_reference(q, k, v, 150, scale=0.3)) < 1e-2
 
 
 def test_merge_splits_equals_one_softmax():
     """Partial outputs over disjoint key ranges, merged by log-sum-exp, give the whole softmax;
     an empty range (lse = -inf, output 0) contributes nothing."""
-    q, k, v = _rand((1, 5, 2, 8), jnp.float32), _rand((1, 12, 2, 8), jnp.float32), _rand((1, 12, 2, 8), jnp.float32)
+    q, k, v = rand((1, 5, 2, 8), jnp.float32), rand((1, 12, 2, 8), jnp.float32), rand((1, 12, 2, 8), jnp.float32)
     parts, lses = [], []
     for lo, hi in ((0, 5), (5, 12), (12, 12)):
         if hi > lo:
@@ -98,7 +74,7 @@ def test_merge_splits_equals_one_softmax():
             lses.append(jnp.full((1, 2, 5), -jnp.inf))
             parts.append(jnp.zeros((1, 5, 2, 8)))
     merged = merge_splits(jnp.stack(parts), jnp.stack(lses))
-    np.testing.assert_allclose(merged, _reference(q, k, v, 12), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(merged, prefix_reference(q, k, v, 12), rtol=1e-5, atol=1e-5)
 
 
 def test_default_config_fills_waves():
@@ -153,8 +129,8 @@ def test_ops_prefix_mgpu_forward_and_gradient():
             q, k, v, n, impl="mgpu", interpret=True, config=PrefixConfig(block_kv=64)
         )
     )(q, k, v, jnp.int32(150))
-    assert _rel(out, _reference(q, k, v, 150)) < 1e-2
-    g = _rand(q.shape, jnp.float32)
+    assert rel(out, prefix_reference(q, k, v, 150)) < 1e-2
+    g = rand(q.shape, jnp.float32)
     loss = lambda impl: (
         lambda k: (
             ops.attention_kv_prefix(
@@ -170,7 +146,7 @@ def test_ops_prefix_mgpu_forward_and_gradient():
         ).sum()
     )
     gk, gref = jax.grad(loss("mgpu"))(k), jax.grad(loss("xla"))(k)
-    assert _rel(gk, np.asarray(gref, np.float64)) < 5e-3  # bf16 gradients of two XLA formulations
+    assert rel(gk, np.asarray(gref, np.float64)) < 5e-3  # bf16 gradients of two XLA formulations
     assert float(jnp.abs(gk[:, 150:].astype(jnp.float32)).max()) == 0.0 < float(jnp.abs(gk.astype(jnp.float32)).max())
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from pallas_kernels import masks, ops
 from pallas_kernels.mosaic import MosaicConfig, mosaic_backward, mosaic_forward, mosaic_jvp
-from tests.test_attention_kernels import TOL, _f64, _rand, _ref, _reference_all, _rel
+from tests.attention_helpers import TOL, f64, rand, reference_all, reference_fn, rel
 
 SMALL = MosaicConfig.uniform(16)
 MIXED = MosaicConfig(fwd=(32, 16), jvp=(16, 32), dkdv=(16, 32), dq=(32, 16))
@@ -47,26 +47,26 @@ CASES = [
 @pytest.mark.parametrize("name,spec,dtype,d,config,interpret", CASES, ids=[c[0] for c in CASES])
 def test_mosaic_kernels_match_float64_reference(name, spec, dtype, d, config, interpret):
     B, H = 1, 2
-    q = _rand((B, spec.q_len, H, d), dtype)
-    k = _rand((B, spec.kv_len, H, d), dtype)
-    v = _rand((B, spec.kv_len, H, d), dtype)
-    do = _rand(q.shape, dtype)
-    tq, tk, tv = _rand(q.shape, dtype), _rand(k.shape, dtype), _rand(v.shape, dtype)
-    ro, rlse, (rdq, rdk, rdv), rto = _reference_all(spec, q, k, v, do, tq, tk, tv)
+    q = rand((B, spec.q_len, H, d), dtype)
+    k = rand((B, spec.kv_len, H, d), dtype)
+    v = rand((B, spec.kv_len, H, d), dtype)
+    do = rand(q.shape, dtype)
+    tq, tk, tv = rand(q.shape, dtype), rand(k.shape, dtype), rand(v.shape, dtype)
+    ro, rlse, (rdq, rdk, rdv), rto = reference_all(spec, q, k, v, do, tq, tk, tv)
     kw = dict(config=config, interpret=interpret)
     o, lse = mosaic_forward(q, k, v, spec, **kw)
     dq, dk, dv = mosaic_backward(q, k, v, o, lse, do, spec, **kw)
     o2, to, _ = mosaic_jvp(q, k, v, tq, None if interpret is True else tk, tv, spec, **kw)
     if interpret is True:  # K̇ skipped: compare with the reference for K̇ = 0
-        *_, rto = _reference_all(spec, q, k, v, do, tq, None, tv)
+        *_, rto = reference_all(spec, q, k, v, do, tq, None, tv)
     errs = dict(
-        o=_rel(o, ro),
-        lse=_rel(lse, rlse),
-        dq=_rel(dq, rdq),
-        dk=_rel(dk, rdk),
-        dv=_rel(dv, rdv),
-        jvp_o=_rel(o2, ro),
-        jvp_to=_rel(to, rto),
+        o=rel(o, ro),
+        lse=rel(lse, rlse),
+        dq=rel(dq, rdq),
+        dk=rel(dk, rdk),
+        dv=rel(dv, rdv),
+        jvp_o=rel(o2, ro),
+        jvp_to=rel(to, rto),
     )
     bad = {key: e for key, e in errs.items() if not e < TOL[dtype]}
     assert not bad, f"{name}: {bad} (all: {errs})"
@@ -74,8 +74,8 @@ def test_mosaic_kernels_match_float64_reference(name, spec, dtype, d, config, in
 
 def test_mosaic_op_wiring_jvp_and_grad():
     spec = masks.block_causal(2, 9, 1)
-    q = _rand((1, spec.q_len, 2, 64), jnp.float32)
-    k, v, tq = _rand(q.shape, jnp.float32), _rand(q.shape, jnp.float32), _rand(q.shape, jnp.float32)
+    q = rand((1, spec.q_len, 2, 64), jnp.float32)
+    k, v, tq = rand(q.shape, jnp.float32), rand(q.shape, jnp.float32), rand(q.shape, jnp.float32)
 
     def op(ad):
         return lambda q, k, v: ops.attention(q, k, v, spec, impl="mosaic", ad=ad, interpret="generic", config=SMALL)
@@ -83,10 +83,10 @@ def test_mosaic_op_wiring_jvp_and_grad():
     _, t = jax.jvp(lambda q: op("jvp")(q, k, v), (q,), (tq,))
     g = jax.grad(lambda q: jnp.sum(op("vjp")(q, k, v) * v))(q)
     with jax.enable_x64(True):
-        a = [jnp.asarray(_f64(x)) for x in (q, k, v, tq)]
-        _, rt = jax.jvp(lambda q: _ref(spec)(q, a[1], a[2]), (a[0],), (a[3],))
-        rg = jax.grad(lambda q: jnp.sum(_ref(spec)(q, a[1], a[2]) * a[2]))(a[0])
-    assert _rel(t, rt) < 1e-5 and _rel(g, rg) < 1e-5
+        a = [jnp.asarray(f64(x)) for x in (q, k, v, tq)]
+        _, rt = jax.jvp(lambda q: reference_fn(spec)(q, a[1], a[2]), (a[0],), (a[3],))
+        rg = jax.grad(lambda q: jnp.sum(reference_fn(spec)(q, a[1], a[2]) * a[2]))(a[0])
+    assert rel(t, rt) < 1e-5 and rel(g, rg) < 1e-5
     with pytest.raises(ValueError, match="forward mode"):
         jax.grad(lambda q: op("jvp")(q, k, v).sum())(q)
     with pytest.raises(ValueError, match="needs a TPU"):
@@ -103,12 +103,12 @@ def test_default_tiles_follow_the_sequence_length_and_odd_lengths_match_referenc
     cfg = default_config(300, 37)
     assert (cfg.q_multiple, cfg.kv_multiple) == (512, 128)
     spec = masks.teacher_forcing(2, 75, 1)  # 300 tokens: frames of 75 cut across tiles
-    q, k, v, tq = (_rand((1, 300, 2, 64), jnp.float32) for _ in range(4))
+    q, k, v, tq = (rand((1, 300, 2, 64), jnp.float32) for _ in range(4))
     o, to = jax.jvp(lambda q: ops.attention(q, k, v, spec, impl="mosaic", ad="jvp", interpret="generic"), (q,), (tq,))
     with jax.enable_x64(True):
-        a = [jnp.asarray(_f64(x)) for x in (q, k, v, tq)]
-        ro, rto = jax.jvp(lambda q: _ref(spec)(q, a[1], a[2]), (a[0],), (a[3],))
-    assert _rel(o, ro) < 1e-5 and _rel(to, rto) < 1e-5
+        a = [jnp.asarray(f64(x)) for x in (q, k, v, tq)]
+        ro, rto = jax.jvp(lambda q: reference_fn(spec)(q, a[1], a[2]), (a[0],), (a[3],))
+    assert rel(o, ro) < 1e-5 and rel(to, rto) < 1e-5
 
 
 def test_auto_picks_mosaic_for_tpu_and_never_the_dense_reference():
@@ -135,7 +135,7 @@ def test_auto_picks_mosaic_for_tpu_and_never_the_dense_reference():
 
 def test_tiles_reach_the_kernels_from_the_op_and_the_model_config(monkeypatch):
     spec = masks.block_causal(2, 9, 1)
-    q, k, v = (_rand((1, 18, 2, 64), jnp.float32) for _ in range(3))
+    q, k, v = (rand((1, 18, 2, 64), jnp.float32) for _ in range(3))
     by_tiles = ops.attention(q, k, v, spec, impl="mosaic", interpret="generic", tiles=(16, 16))
     by_config = ops.attention(q, k, v, spec, impl="mosaic", interpret="generic", config=SMALL)
     assert float(jnp.abs(by_tiles - by_config).max()) == 0.0

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 4, jax.devices()
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     spec = masks.block_causal(3, 7, 1)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     mk = lambda: jnp.asarray(rng.standard_normal((2, spec.q_len, 4, 64)), jnp.float32)
     q, k, v, tq = mk(), mk(), mk(), mk()
     sh = NamedSharding(mesh, P("data", None, "model", None))

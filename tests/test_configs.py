@@ -7,7 +7,7 @@ import os
 import pytest
 
 from crm_jax.training import loop
-from crm_jax.training.steps import MODES
+from crm_jax.training.modes import MODES
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 CONFIGS = sorted(

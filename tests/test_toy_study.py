@@ -109,7 +109,7 @@ def test_budget_overrides_reach_the_jobs_and_bad_ones_are_refused(tmp_path):
     assert ts.dmd_config(study, "tf_scm_c2").num_iterations == 800
     cmd = ts.job_command(study, "dmd_scm")
     assert cmd[cmd.index("--set") + 1] == "dmd_iters=800" and cmd[-2:] == ["--job", "dmd_scm"]
-    assert ts._budget("dmd_iters=5") == ("dmd_iters", 5)
+    assert ts.budget_override("dmd_iters=5") == ("dmd_iters", 5)
     with pytest.raises(ValueError, match="unknown budget"):
         ts.Study(str(tmp_path), "full", overrides={"dmd_iter": 800})
     with pytest.raises(ValueError, match="positive integers"):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from configs.base import base_config, toy_model
+from crm_jax import pipeline
+from crm_jax.data.toy_source import ToySource
 from crm_jax.training import loop
 from crm_jax.training.checkpoints import CheckpointMismatch
 
@@ -32,9 +34,9 @@ def tiny_config(mode="teacher_tf", **kw):
 
 def test_stop_and_resume_reproduces_losses(tmp_path):
     c = tiny_config()
-    full = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
-    first = loop.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)["losses"]
-    rest = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    full = pipeline.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    first = pipeline.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)["losses"]
+    rest = pipeline.train(c, str(tmp_path / "b"), progress=False)["losses"]
     assert sorted(first) == [0, 1] and sorted(rest) == [2, 3, 4, 5]
     for it, v in {**first, **rest}.items():
         assert v == full[it], (it, v, full[it])
@@ -42,33 +44,33 @@ def test_stop_and_resume_reproduces_losses(tmp_path):
 
 def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
     c = tiny_config(**{"checkpoint.every": 100})
-    full = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
-    real = loop.ToySource.batch
+    full = pipeline.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    real = ToySource.batch
 
     def batch_then_kill(self, step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # delivered mid-run, like a preemption
         return real(self, step)
 
-    monkeypatch.setattr(loop.ToySource, "batch", batch_then_kill)
-    first = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
-    monkeypatch.setattr(loop.ToySource, "batch", real)
+    monkeypatch.setattr(ToySource, "batch", batch_then_kill)
+    first = pipeline.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    monkeypatch.setattr(ToySource, "batch", real)
     assert max(first) == 3  # iteration 3 finished, then the checkpoint was written and the run exited
-    rest = loop.train(c, str(tmp_path / "b"), progress=False)["losses"]
+    rest = pipeline.train(c, str(tmp_path / "b"), progress=False)["losses"]
     assert min(rest) == 4
     for it, v in {**first, **rest}.items():
         assert v == full[it]
 
 
 def test_foreign_workdir_is_refused_untouched(tmp_path):
-    loop.train(tiny_config(**{"num_iterations": 2}), str(tmp_path), progress=False)
+    pipeline.train(tiny_config(**{"num_iterations": 2}), str(tmp_path), progress=False)
     before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
     other = tiny_config(**{"num_iterations": 4})
     other.model.overrides.dim = 32
     with pytest.raises(
         CheckpointMismatch, match=r"another run's checkpoint .*model\.dim: 128 in the checkpoint, 32 now"
     ) as e:
-        loop.train(other, str(tmp_path), progress=False)
+        pipeline.train(other, str(tmp_path), progress=False)
     assert "\n" not in str(e.value) and "ffn_dim" not in str(e.value)  # only the differing fields
     after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(tmp_path) for p in fs}
     assert before == after
@@ -83,23 +85,23 @@ def test_changed_initialisation_is_not_resumed_over(tmp_path):
     c = tiny_config("tf_scm", **{"num_iterations": 2})
     convert.save_nnx(init_model(loop.model_config(c), 0), str(teacher))
     c.init.teacher = str(teacher)
-    loop.train(c, str(tmp_path / "run"), progress=False)
-    loop.train(c, str(tmp_path / "run"), progress=False)  # unchanged: a rerun resumes (nothing to do)
+    pipeline.train(c, str(tmp_path / "run"), progress=False)
+    pipeline.train(c, str(tmp_path / "run"), progress=False)  # unchanged: a rerun resumes (nothing to do)
     convert.save_nnx(init_model(loop.model_config(c), 1), str(teacher))  # the earlier stage changed
     with pytest.raises(CheckpointMismatch, match=r"init\.teacher\.fingerprint"):
-        loop.train(c, str(tmp_path / "run"), progress=False)
+        pipeline.train(c, str(tmp_path / "run"), progress=False)
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
     c = tiny_config(**{"num_iterations": 4})
-    full = loop.train(c, str(tmp_path / "a"), progress=False)["losses"]
-    loop.train(c, str(tmp_path / "b"), max_iterations=4, progress=False)  # checkpoints 2 and 4
+    full = pipeline.train(c, str(tmp_path / "a"), progress=False)["losses"]
+    pipeline.train(c, str(tmp_path / "b"), max_iterations=4, progress=False)  # checkpoints 2 and 4
     state_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
     for root, _, files in os.walk(state_dir):
         for f in files:
             open(os.path.join(root, f), "wb").close()  # emptied: unreadable
     c6 = tiny_config(**{"num_iterations": 4})
-    rest = loop.train(c6, str(tmp_path / "b"), progress=False)["losses"]
+    rest = pipeline.train(c6, str(tmp_path / "b"), progress=False)["losses"]
     err = capsys.readouterr().err
     assert "checkpoints/4" in err and "resuming from" in err and "checkpoints/2" in err
     assert sorted(rest) == [2, 3] and all(rest[i] == full[i] for i in rest)
@@ -113,17 +115,17 @@ def test_bad_config_keys_and_mesh(tmp_path):
     c = tiny_config(**{"mesh.data": 4})
     c.data.batch_size = 6
     with pytest.raises(ValueError, match="not divisible"):
-        loop.train(c, str(tmp_path / "run"), progress=False)
+        pipeline.train(c, str(tmp_path / "run"), progress=False)
     assert not os.path.exists(tmp_path / "run")
     c = tiny_config(**{"precompile": -2})
     with pytest.raises(ValueError, match="precompile must be"):
-        loop.train(c, str(tmp_path / "run"), progress=False)
+        pipeline.train(c, str(tmp_path / "run"), progress=False)
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_teacher_pretraining_lowers_the_loss(tmp_path):
     c = tiny_config(**{"num_iterations": 40, "train.lr": 2e-3, "train.warmup_steps": 5, "checkpoint.every": 1000})
-    losses = loop.train(c, str(tmp_path), progress=False)["losses"]
+    losses = pipeline.train(c, str(tmp_path), progress=False)["losses"]
     first, last = np.mean([losses[i] for i in range(8)]), np.mean([losses[i] for i in range(32, 40)])
     assert last < 0.8 * first, (first, last)
 
@@ -135,7 +137,7 @@ def test_distillation_modes_run_without_nan(mode, tmp_path):
         **{"num_iterations": 8, "train.tangent_warmup": 2, "train.student_update_freq": 2, "checkpoint.every": 1000},
     )
     c.init.allow_random_teacher = True
-    out = loop.train(c, str(tmp_path), progress=False)
+    out = pipeline.train(c, str(tmp_path), progress=False)
     assert out["nan_skips"] == 0 and all(np.isfinite(list(out["losses"].values())))
     assert out["step"] >= 3
 
@@ -157,10 +159,10 @@ def test_host_offload_runs_and_resumes_exactly(tmp_path, mode, mesh):
             "export": False,
         },
     )
-    ref = loop.train(c, str(tmp_path / "a"), progress=False)
+    ref = pipeline.train(c, str(tmp_path / "a"), progress=False)
     c.memory.offload = "ema,teacher"
-    first = loop.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)
-    rest = loop.train(c, str(tmp_path / "b"), progress=False)
+    first = pipeline.train(c, str(tmp_path / "b"), max_iterations=2, progress=False)
+    rest = pipeline.train(c, str(tmp_path / "b"), progress=False)
     losses = {**first["losses"], **rest["losses"]}
     assert sorted(losses) == [0, 1, 2, 3] and rest["step"] == ref["step"] >= 2
     for it, v in losses.items():
@@ -173,4 +175,4 @@ def test_host_offload_runs_and_resumes_exactly(tmp_path, mode, mesh):
     assert {x.sharding.memory_kind for x in jax.tree.leaves(rest["state"].ema)} == {"pinned_host"}
     c.memory.offload = "params"
     with pytest.raises(ValueError, match="memory.offload"):
-        loop.train(c, str(tmp_path / "c"), progress=False)
+        pipeline.train(c, str(tmp_path / "c"), progress=False)

@@ -4,6 +4,7 @@ host offload (split steps)."""
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,9 @@ from crm_jax.models.config import TINY
 from crm_jax.models.wan import AttentionPattern, functional, init_model
 from crm_jax.training import self_forcing
 from crm_jax.training import sharding as shd
+from crm_jax.training.modes import MODES
 from crm_jax.training.offload import make_step
-from crm_jax.training.steps import MODES, Frozen, TrainConfig, Trainer
+from crm_jax.training.steps import Frozen, TrainConfig, Trainer
 
 B, T, H, W = 8, 2, 4, 4
 
@@ -106,8 +108,7 @@ def test_nan_batch_is_skipped_and_counted():
     new_state, m = run_step(trainer, state, frozen, bad)
     assert int(new_state.nan_skips) == 1 and int(new_state.nan_streak) == 1 and int(m["skipped"]) == 1
     assert int(new_state.step) == 0
-    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(new_state.params, state.params)
     ok_state, _ = run_step(trainer, new_state, frozen, batch)
     assert int(ok_state.nan_streak) == 0 and int(ok_state.step) == 1
 
@@ -296,8 +297,6 @@ def test_teacher_pass_needs_a_teacher_mode_and_replay():
 def test_precompile_compiles_each_step_once_in_parallel():
     """`offload.precompile` compiles several steps concurrently; calling them afterwards compiles
     nothing more and gives the lazily compiled steps' results."""
-    from jax._src import monitoring
-
     from crm_jax.training.offload import precompile
 
     trainer, state, frozen, batch = setup("sf_dmd")
@@ -319,7 +318,7 @@ def test_precompile_compiles_each_step_once_in_parallel():
 
     copies = [[jax.tree.map(jnp.copy, state) for _ in plans] for _ in range(2)]
     compiles = []
-    monitoring.register_event_duration_secs_listener(
+    jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: (
             compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
         )
@@ -411,7 +410,7 @@ def test_replayed_and_direct_sf_dmd_gradients_agree(kind):
             trainer.model_cfg,
             teacher_apply=trainer.teacher_apply,
         )
-        out[replay] = jax.jit(functools.partial(tr._dmd_grads, sf_steps=2))(state, frozen, batch, k_sf, k_dmd)
+        out[replay] = jax.jit(functools.partial(tr.dmd_grads, sf_steps=2))(state, frozen, batch, k_sf, k_dmd)
     (l_r, _, g_r), (l_d, _, g_d) = out[True], out[False]
     assert np.isfinite(float(l_r)) and float(l_r) == pytest.approx(float(l_d), rel=1e-6)
     assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(g_d)) > 0

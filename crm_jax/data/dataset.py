@@ -78,8 +78,8 @@ class DatasetError(CrmError, ValueError):
 # ----------------------------------------------------------------------------- dtypes
 
 
-def _dtype(name: str) -> np.dtype:
-    """numpy dtype from its name, including ``bfloat16`` (via ml_dtypes)."""
+def dtype_from_name(name: str) -> np.dtype:
+    """numpy dtype from its name (e.g. "float32"), including ``bfloat16`` (via ml_dtypes)."""
     try:
         return np.dtype(name)
     except TypeError:
@@ -103,10 +103,10 @@ def tfds_features(meta: dict):
     for name, f in meta["features"].items():
         if f["shape"]:
             spec[name] = tfds.features.Tensor(
-                shape=tuple(f["shape"]), dtype=_dtype(f["dtype"]), encoding=tfds.features.Encoding.BYTES
+                shape=tuple(f["shape"]), dtype=dtype_from_name(f["dtype"]), encoding=tfds.features.Encoding.BYTES
             )
         else:
-            spec[name] = tfds.features.Scalar(dtype=_dtype(f["dtype"]))
+            spec[name] = tfds.features.Scalar(dtype=dtype_from_name(f["dtype"]))
     for name in meta.get("text_fields", ()):
         spec[name] = tfds.features.Text()
     return tfds.features.FeaturesDict(spec)

@@ -136,7 +136,7 @@ def convert(
     """
     files = list_samples(src)
     first, _ = read_sample(files[0])
-    dt = None if dtype is None else ds._dtype(dtype)
+    dt = None if dtype is None else ds.dtype_from_name(dtype)
     lat_dt = ds.dtype_name(dt or first["latent"].dtype)
     ctx_dt = ds.dtype_name(dt or first["prompt_embed"].dtype)
     C, T, H, W = first["latent"].shape

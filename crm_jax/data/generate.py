@@ -45,9 +45,9 @@ from crm_jax.data import dataset as ds
 from crm_jax.data import prompts as pr
 from crm_jax.data import toy_world as tw
 from crm_jax.distributed import barrier, is_main_process, log, maybe_init_distributed
+from crm_jax.models import adapter
 from crm_jax.models.config import WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import AttentionPattern, apply_for, functional
-from crm_jax.training import nets
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -336,11 +336,11 @@ def _sample_fn(apply, pattern, grid, idx, guidance, mesh, has_actions):
     grid = np.asarray(grid)
 
     def f(params, noise, context, actions, neg):
-        fn = nets.velocity_fn(apply, params, pattern)
+        fn = adapter.velocity_fn(apply, params, pattern)
         cond = {"context": context}
         if has_actions:
             cond["actions"] = actions
-        uncond = None if guidance == 1.0 else nets.uncond_like(cond, neg)
+        uncond = None if guidance == 1.0 else adapter.uncond_like(cond, neg)
         if idx is None:
             return D.euler_sample(fn, noise, cond, times=grid, uncond=uncond, guidance=guidance), None
         x0, (traj, _) = D.euler_sample(
@@ -468,7 +468,7 @@ class Generator:
         acts = arrays.get("actions", np.zeros((B, self.latent_shape[0]), np.int32))
         noise = _noise(int(self.c.seed), self.latent_shape, jnp.asarray(padded))
         x0, traj = self._sample(self._params, noise, jnp.asarray(arrays["context"]), jnp.asarray(acts), self._neg)
-        out_dt = ds._dtype(self.c.latent_dtype)
+        out_dt = ds.dtype_from_name(self.c.latent_dtype)
         out = {"id": ids, "latents": np.asarray(x0).astype(out_dt)[:n]}
         out.update({k: np.asarray(v)[:n] for k, v in arrays.items()})
         if traj is not None:

@@ -35,7 +35,9 @@ def decode_v1_record(data: bytes, where: str) -> tuple[dict[str, np.ndarray], di
     for name, (dt, shape, off, nbytes) in header["a"].items():
         if base + off + nbytes > len(data):
             raise ds.DatasetError(f"{where}: truncated record (field {name!r})")
-        arrays[name] = np.frombuffer(data, ds._dtype(dt), count=math.prod(shape), offset=base + off).reshape(shape)
+        arrays[name] = np.frombuffer(data, ds.dtype_from_name(dt), count=math.prod(shape), offset=base + off).reshape(
+            shape
+        )
     return arrays, header["t"]
 
 

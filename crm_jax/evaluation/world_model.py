@@ -118,13 +118,13 @@ def _background_error(frames, truth, states, world: tw.ToyWorldConfig, prefix: i
 @functools.cache
 def _full_sampler(apply, steps: int, shift: float, guidance: float):
     from crm_jax import diffusion as D
-    from crm_jax.training import nets
+    from crm_jax.models import adapter
 
     @jax.jit
     def sample(params, noise, context, actions, neg):
-        fn = nets.velocity_fn(apply, params, AttentionPattern("full"))
+        fn = adapter.velocity_fn(apply, params, AttentionPattern("full"))
         cond = {"context": context, "actions": actions}
-        uncond = None if guidance == 1.0 else nets.uncond_like(cond, neg)
+        uncond = None if guidance == 1.0 else adapter.uncond_like(cond, neg)
         return D.euler_sample(fn, noise, cond, num_steps=steps, shift=shift, uncond=uncond, guidance=guidance)
 
     return sample

@@ -9,7 +9,7 @@ Scales: ``scm_trigflow_loss``, ``scm_rf_loss`` and ``dcm_loss`` include the fact
 (``loss_scale=100``); the others use ``loss_scale=1``; ``rcm_loss`` just adds ``cm + lambda * dmd``.
 """
 
-from crm_jax.losses._common import bell_weight, jvp_time_derivative, warmup_ratio
+from crm_jax.losses.common import bell_weight, jvp_time_derivative, warmup_ratio
 from crm_jax.losses.dcm import dcm_loss, dcm_times
 from crm_jax.losses.dmd import critic_loss, dmd_loss
 from crm_jax.losses.flow_matching import diffusion_forcing_loss, flow_matching_loss, teacher_forcing_loss

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import diffusion as D
-from crm_jax.losses import _common as C
+from crm_jax.losses import common as C
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -84,7 +84,7 @@ def dcm_loss(
     else:
         if jnp.shape(t0) != jnp.shape(t1):
             raise ValueError(f"t0 {jnp.shape(t0)} and t1 {jnp.shape(t1)} must have the same shape")
-        if D._is_concrete(t0) and D._is_concrete(t1) and np.any(np.asarray(t1) >= np.asarray(t0)):
+        if D.is_concrete(t0) and D.is_concrete(t1) and np.any(np.asarray(t1) >= np.asarray(t0)):
             raise ValueError("dCM needs t0 > t1")
         t0 = C.get_time(t0, x0, k_t, None, dt, name="t0")
         t1 = C.get_time(t1, x0, k_t, None, dt, name="t1")
@@ -96,8 +96,8 @@ def dcm_loss(
     def call(f, x, t):
         if teacher_forcing:
             x_in, t_in = D.pack_teacher_forcing(x0, x, t)
-            return D.unpack_noisy(D._call_net(f, x_in, t_in, cond), x0.shape[1]).astype(dt)
-        return D._call_net(f, x, t, cond).astype(dt)
+            return D.unpack_noisy(D.call_net(f, x_in, t_in, cond), x0.shape[1]).astype(dt)
+        return D.call_net(f, x, t, cond).astype(dt)
 
     v_T = sg(call(teacher, x_t0, t0))
     x_t1 = sg(x_t0 - D.expand_time(t0 - t1, x0) * v_T)

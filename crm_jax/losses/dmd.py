@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax import diffusion as D
-from crm_jax.losses import _common as C
+from crm_jax.losses import common as C
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -58,7 +58,7 @@ def dmd_loss(
     G32 = G.astype(dt)
     Gd = sg(G32)
     x = D.rf_noise(Gd, eps, t)
-    x0_fake = sg(D.x0_from_v(x, t, D._call_net(fake_fn, x, t, cond).astype(dt)))
+    x0_fake = sg(D.x0_from_v(x, t, D.call_net(fake_fn, x, t, cond).astype(dt)))
     x0_real = sg(D.x0_from_v(x, t, D.guided_velocity(real_fn, x, t, cond, uncond, guidance).astype(dt)))
     normalizer = jnp.maximum(C.mean_per_sample(jnp.abs(Gd - x0_real)), 1e-5)
     grad = (x0_fake - x0_real) / D.expand_time(normalizer, Gd)
@@ -103,7 +103,7 @@ def critic_loss(
     eps = C.get_noise(noise, G, k_n, dt)
     Gd = sg(G.astype(dt))
     x = D.rf_noise(Gd, eps, t)
-    v = D._call_net(fake_fn, x, t, cond).astype(dt)
+    v = D.call_net(fake_fn, x, t, cond).astype(dt)
     mse = jnp.mean(jnp.square(v - (eps - Gd)))
     loss = loss_scale * mse
     return loss, C.scalar_metrics(loss=loss, critic_loss=mse, t_mean=jnp.mean(t))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax import diffusion as D
-from crm_jax.losses import _common as C
+from crm_jax.losses import common as C
 
 Array = jax.Array
 
@@ -79,7 +79,7 @@ def flow_matching_loss(
     eps = C.get_noise(noise, x0, k_n, dt)
     x0 = x0.astype(dt)
     x_t = D.rf_noise(x0, eps, t)
-    v = D._call_net(fn, x_t, t, cond).astype(dt)
+    v = D.call_net(fn, x_t, t, cond).astype(dt)
     err = v - (eps - x0)
     per = _weighted_frame_mse(err, t, weighting)
     loss = loss_scale * jnp.mean(per)
@@ -126,7 +126,7 @@ def teacher_forcing_loss(
     x0 = x0.astype(dt)
     x_t = D.rf_noise(x0, eps, t)
     x_p, t_p = D.pack_teacher_forcing(x0, x_t, t)
-    v = D.unpack_noisy(D._call_net(fn, x_p, t_p, cond), T).astype(dt)
+    v = D.unpack_noisy(D.call_net(fn, x_p, t_p, cond), T).astype(dt)
     err = v - (eps - x0)
     tf = C.frame_times(t, B, T)
     per = _weighted_frame_mse(err, tf, weighting)
@@ -163,7 +163,7 @@ def diffusion_forcing_loss(
       ``(loss, {"loss", "mse", "t_mean"})``.
     """
     x0 = C.check_x(x0, min_ndim=2)
-    sizes = D._check_block_sizes(sizes, x0.shape[1])
+    sizes = D.check_block_sizes(sizes, x0.shape[1])
     dt = D.compute_dtype(x0)
     k_t, k_n = jax.random.split(key)
     if t is None:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crm_jax import diffusion as D
-from crm_jax.losses import _common as C
+from crm_jax.losses import common as C
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -109,7 +109,7 @@ def meanflow_loss(
     else:
         if jnp.shape(r) != jnp.shape(t):
             raise ValueError(f"r {jnp.shape(r)} and t {jnp.shape(t)} must have the same shape")
-        if D._is_concrete(r) and D._is_concrete(t) and np.any(np.asarray(r) > np.asarray(t)):
+        if D.is_concrete(r) and D.is_concrete(t) and np.any(np.asarray(r) > np.asarray(t)):
             raise ValueError("MeanFlow needs r <= t")
         r = C.get_time(r, x0, k_t, None, dt, name="r")
         t = C.get_time(t, x0, k_t, None, dt, name="t")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax import diffusion as D
-from crm_jax.losses import _common as C
+from crm_jax.losses import common as C
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -72,7 +72,7 @@ def ode_regression_loss(
     else:
         if x_target.ndim < 2:
             raise ValueError("per-block indices need x_target [B, T, ...]")
-        sizes = D._check_block_sizes(sizes, x_target.shape[1])
+        sizes = D.check_block_sizes(sizes, x_target.shape[1])
         idx_b = jax.random.randint(key, (B, len(sizes)), 0, K) if index is None else jnp.asarray(index)
         if idx_b.shape != (B, len(sizes)):
             raise ValueError(f"index must be [B, num_blocks] = [{B}, {len(sizes)}], got {tuple(idx_b.shape)}")
@@ -81,7 +81,7 @@ def ode_regression_loss(
         t_in = t_traj[idx]
     x_in = sg(x_in.astype(dt))
     t_in = t_in.astype(dt)
-    x0_hat = D.x0_from_v(x_in, t_in, D._call_net(fn, x_in, t_in, cond).astype(dt))
+    x0_hat = D.x0_from_v(x_in, t_in, D.call_net(fn, x_in, t_in, cond).astype(dt))
     mse = jnp.mean(jnp.square(x0_hat - sg(x_target.astype(dt))))
     loss = loss_scale * mse
     return loss, C.scalar_metrics(loss=loss, t_mean=jnp.mean(t_in))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax import diffusion as D
-from crm_jax.losses import _common as C
+from crm_jax.losses import common as C
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -188,17 +188,17 @@ def scm_rf_loss(
     if teacher_forcing:
         T = x0.shape[1]
         x_in, t_in = D.pack_teacher_forcing(x0, x_t, t)
-        v_T = sg(D.unpack_noisy(D._call_net(teacher, x_in, t_in, cond), T).astype(dt))
+        v_T = sg(D.unpack_noisy(D.call_net(teacher, x_in, t_in, cond), T).astype(dt))
         dx_in = jnp.concatenate([jnp.zeros_like(x0), v_T], axis=1)
         dt_in = jnp.concatenate([jnp.zeros_like(t_in[:, :T]), jnp.ones_like(t_in[:, T:])], axis=1)
         _, dv = C.jvp_time_derivative(jvp_fn, x_in, t_in, cond, dx_in, dt_in)
         dv = sg(D.unpack_noisy(dv, T).astype(dt))
-        v_theta = D.unpack_noisy(D._call_net(fn, x_in, t_in, cond), T).astype(dt)
+        v_theta = D.unpack_noisy(D.call_net(fn, x_in, t_in, cond), T).astype(dt)
     else:
-        v_T = sg(D._call_net(teacher, x_t, t, cond).astype(dt))
+        v_T = sg(D.call_net(teacher, x_t, t, cond).astype(dt))
         _, dv = C.jvp_time_derivative(jvp_fn, x_t, t, cond, v_T)
         dv = sg(dv.astype(dt))
-        v_theta = D._call_net(fn, x_t, t, cond).astype(dt)
+        v_theta = D.call_net(fn, x_t, t, cond).astype(dt)
 
     v_sg = sg(v_theta)
     r = C.warmup_ratio(step, tangent_warmup).astype(dt)

@@ -353,12 +353,12 @@ def load_wan(path: str, cfg: WanConfig | None = None, **overrides) -> WanModel:
     params = diffusers_to_params(sd, cfg)
     model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, _with_non_params(state, params))
+    nnx.replace_by_pure_dict(state, with_non_params(state, params))
     nnx.update(model, state)
     return model
 
 
-def _with_non_params(state, params: dict) -> dict:
+def with_non_params(state, params: dict) -> dict:
     """Pure dict of `state` with the parameter leaves replaced by `params`."""
     pure = nnx.to_pure_dict(state)
 
@@ -459,7 +459,7 @@ def load_nnx(path: str, **overrides) -> WanModel:
     else:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     params = _this_process_checkpointer().restore(os.path.join(path, "params"), target)
-    nnx.replace_by_pure_dict(state, _with_non_params(state, params))
+    nnx.replace_by_pure_dict(state, with_non_params(state, params))
     nnx.update(model, state)
     return model
 

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from crm_jax.models.convert import _with_non_params, indexed_shards, read_safetensors_dir
+from crm_jax.models.convert import indexed_shards, read_safetensors_dir, with_non_params
 from crm_jax.models.param_assembly import assemble_params
 from crm_jax.models.torch_checkpoint import load_torch_state_dict
 from crm_jax.models.umt5 import UMT5Config, UMT5Encoder
@@ -244,6 +244,6 @@ def load_umt5(path: str, cfg: UMT5Config | None = None, **overrides) -> UMT5Enco
     del sd
     model = nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, _with_non_params(state, params))
+    nnx.replace_by_pure_dict(state, with_non_params(state, params))
     nnx.update(model, state)
     return model

@@ -24,6 +24,7 @@ from flax import nnx
 from crm_jax.models.wan import WanModel, apply_for
 from crm_jax.training import loop
 from crm_jax.training import sharding as shd
+from crm_jax.training.modes import get_mode
 from crm_jax.training.offload import make_step
 from crm_jax.training.steps import Frozen, Trainer
 from pallas_kernels import ops
@@ -129,7 +130,7 @@ def abstract_batch(c, mcfg, latent_shape: tuple[int, ...]) -> dict:
     }
     if mcfg.num_actions:
         batch["actions"] = jax.ShapeDtypeStruct((b, latent_shape[0]), jnp.int32)
-    if c.mode == "ode_init":
+    if get_mode(c.mode).needs_ode_data:
         k = int(c.get("aot", {}).get("ode_points", 4))
         batch["ode_traj"] = jax.ShapeDtypeStruct((b, k, *latent_shape), f32)
         batch["ode_times"] = jax.ShapeDtypeStruct((k,), f32)
@@ -142,7 +143,9 @@ def latent_shape_of(c) -> tuple[int, ...]:
     if c.data.get("latent_shape"):
         return tuple(int(x) for x in c.data.latent_shape)
     if c.data.kind == "toy":
-        return tuple(loop.make_source(c, loop.model_config(c)).latent_shape)
+        from crm_jax.data.sources import make_source
+
+        return tuple(make_source(c, loop.model_config(c)).latent_shape)
     meta = os.path.join(str(c.data.get("path", "")), "metadata.json")
     if os.path.exists(meta):
         import json
@@ -160,7 +163,7 @@ def step_plans(c, trainer: Trainer) -> list[tuple[str, int, bool]]:
     tcfg = trainer.cfg
     n = int(c.num_iterations)
     if tcfg.has_critic:  # the plan is periodic past the warm-up: one period after it covers the run
-        warm = tcfg.tangent_warmup if tcfg.mode == "rcm" else 0
+        warm = tcfg.tangent_warmup if tcfg.spec.tangent_warmup else 0
         n = min(n, warm + tcfg.sf_max_steps * tcfg.student_update_freq)
     iters = range(n)
     return sorted({trainer.plan(i, tcfg.student_update_freq) for i in iters})

@@ -1,4 +1,4 @@
-"""The training program behind `python -m crm_jax.main` (modes of `crm_jax.training.steps`).
+"""The training program behind `python -m crm_jax.main` (the modes of `crm_jax.training.modes`).
 
 Builds the models from the config (random init or converted checkpoints), the
 mesh and shardings, restores `--workdir` if it holds a compatible checkpoint, then
@@ -9,6 +9,9 @@ Several processes (`crm_jax.distributed`) run the same program: each reads only 
 every global batch, all save and restore the Orbax checkpoints together and must agree on the
 step they resume from, and process 0 alone writes the metrics, TensorBoard events, progress
 bar, samples, evaluations and the export.
+
+The data source and the sample writer come from the entry point (`crm_jax.pipeline`): `train`
+takes a source factory `(c, mcfg) -> source` and an optional `on_sample(run, params, iteration)`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from crm_jax import distributed as dist
-from crm_jax.data import toy_world as tw
-from crm_jax.data.toy_source import ToySource
 from crm_jax.inputs import check_inputs, training_inputs
 from crm_jax.models import convert
 from crm_jax.models.config import WanConfig, model_config_from, same_architecture
@@ -35,7 +36,7 @@ from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
 from crm_jax.training.offload import make_step, place_frozen, precompile
-from crm_jax.training.steps import Frozen, TrainConfig, Trainer
+from crm_jax.training.steps import Frozen, TrainConfig, Trainer, TrainState
 
 
 class NanStreakError(RuntimeError):
@@ -101,46 +102,6 @@ def train_config(c) -> TrainConfig:
     return TrainConfig(mode=c.mode, **kw)
 
 
-WORLD_KEYS = ("num_frames", "height", "width", "num_sprites", "sprite_size", "action_speed", "max_speed")
-
-
-def toy_world_config(c) -> tw.ToyWorldConfig:
-    return tw.ToyWorldConfig(**{k: c.data[k] for k in WORLD_KEYS if k in c.data})
-
-
-def make_source(c, mcfg: WanConfig):
-    """The training batches: the on-the-fly toy world or a generated dataset directory."""
-    if c.data.kind == "dataset":
-        from crm_jax.data.dataset import DatasetSource
-
-        src = DatasetSource(c.data.path, c.data.batch_size, seed=c.data.seed, mcfg=mcfg)
-        want = c.data.get("latent_shape")
-        have = tuple(src.meta["features"]["latents"]["shape"])
-        if want and tuple(want) != have:
-            raise ValueError(
-                f"data.latent_shape={tuple(want)} but the dataset {c.data.path!r} holds latents "
-                f"of shape {have}: set --config.data.latent_shape={','.join(map(str, have))}"
-            )
-        return src
-    if c.data.kind != "toy":
-        raise ValueError(f"unknown data.kind {c.data.kind!r} (known: 'toy', 'dataset')")
-    world = toy_world_config(c)
-    src = ToySource(
-        world,
-        c.data.batch_size,
-        mcfg.text_len,
-        mcfg.text_dim,
-        seed=c.data.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    if src.latent_shape[-1] != mcfg.in_channels:
-        raise ValueError(
-            f"toy latents have {src.latent_shape[-1]} channels but the model expects in_channels={mcfg.in_channels}"
-        )
-    return src
-
-
 def load_params(path: str, mcfg: WanConfig, seed: int):
     """Parameters from a checkpoint directory, or a random init when `path` is empty."""
     if not path:
@@ -195,186 +156,72 @@ def run_meta(c, mcfg: WanConfig) -> dict:
     return {"mode": c.mode, "model": dataclasses.asdict(mcfg), "init": init}
 
 
-def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool = True, evaluator=None) -> dict:
+@dataclasses.dataclass
+class Run:
+    """One training run, as its stages build it up: the configs, the source, the model, the
+    mesh and shardings, the checkpoints, the current state and the frozen networks."""
+
+    c: Any
+    workdir: str
+    mcfg: WanConfig
+    tcfg: TrainConfig
+    mesh: Any
+    meta: dict
+    ckpts: Checkpoints
+    start_step: int | None
+    source: Any = None
+    model: Any = None
+    apply: Any = None
+    trainer: Trainer | None = None
+    state: TrainState | None = None
+    frozen: Frozen | None = None
+    shardings: tuple | None = None  # (state, frozen, batch, key): the step's input shardings
+
+    def batch(self, it: int):
+        """The global batch of iteration `it`, placed with the batch shardings."""
+        return shd.global_batch(model_batch(self.source.batch(it)), self.shardings[2], self.c.data.batch_size)
+
+    def key(self, it: int):
+        """The step key of iteration `it` (the same on every process)."""
+        return shd.global_put(jax.random.fold_in(jax.random.key(self.c.seed), it), self.shardings[3])
+
+
+def train(
+    c,
+    workdir: str,
+    *,
+    source,
+    max_iterations: int | None = None,
+    progress: bool = True,
+    evaluator=None,
+    on_sample=None,
+) -> dict:
     """Run (or resume) training. Returns a summary dict (final metrics, losses per iteration).
 
-    `evaluator(iteration, state) -> dict` (optional) runs before the first iteration of a fresh
-    run, every `c.eval_every` iterations and at the end (on every process); its results are
-    appended to `workdir/eval.jsonl` as `{"iteration": i, **result}` (by process 0)."""
-    mcfg = model_config(c)
-    tcfg = train_config(c)
-    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
-    shd.check_batch(c.data.batch_size, mesh)  # config errors before the workdir is touched
-    threads = int(c.get("precompile", 0))
-    if threads < -1:
-        raise ValueError(f"precompile must be -1 (lazily), 0 (all at once) or N > 0 at a time, got {threads}")
-    check_inputs(training_inputs(c), f"{c.mode} config")  # missing checkpoints / dataset: same
-    meta = run_meta(c, mcfg)
-    os.makedirs(workdir, exist_ok=True)
-    ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
-    start_step = ckpts.check_compatible(meta)  # raises before any compute on mismatch
-    found = dist.agree(-1 if start_step is None else start_step, f"the checkpoint step to resume from in {ckpts.dir}")
-    start_step = None if found < 0 else found
-
-    src = make_source(c, mcfg)
-    model = init_model(mcfg, c.seed)
-    apply, params = functional(model)
-    if c.init.student:
-        params = load_params(c.init.student, mcfg, c.seed)
-    teacher_cfg = teacher_model_config(c, mcfg)
-    same_arch = teacher_cfg == mcfg
-    trainer = Trainer(tcfg, apply, mcfg, teacher_apply=None if same_arch else apply_for(teacher_cfg))
-    frozen = None
-    if tcfg.needs_teacher:
-        if not c.init.teacher and not c.init.get("allow_random_teacher", False):
-            raise ValueError(f"mode {c.mode!r} needs init.teacher (a checkpoint directory)")
-        teacher = load_params(c.init.teacher, teacher_cfg, c.seed + 1)
-        dmd_teacher = load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) if c.init.get("dmd_teacher") else teacher
-        frozen = Frozen(teacher, dmd_teacher, src.negative_context())
-        if mcfg.mean_flow and not c.init.student:
-            if teacher_cfg != mcfg.replace(mean_flow=False):
-                raise ValueError(
-                    "a MeanFlow student is initialised from its teacher, so it needs the "
-                    "teacher's architecture (or init.student)"
-                )
-            params = _mean_flow_from(teacher, params)
-    elif tcfg.cond_dropout > 0:
-        frozen = Frozen(None, None, src.negative_context())
-    critic = frozen.dmd_teacher if tcfg.has_critic else None
-    state = trainer.init_state(params, critic)
-
-    offload = offload_fields(c)
-    if offload:
-        dist.log(
-            f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher "
-            f"pass / main step / EMA update (crm_jax/training/offload.py)"
-        )
-    st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
-    fr_sh = (
-        shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema"))
-        if frozen is not None
-        else None
-    )
-    if start_step is not None:  # restored into device memory, then placed like a fresh state
-        state, old_meta = ckpts.restore(start_step, abstract_like(state, shd.state_shardings(state, mesh)))
-        dist.log(f"resumed from {ckpts.dir}/{old_meta['restored_step']} (iteration {int(state.iteration)})")
-    state = shd.global_put(state, st_sh)
-    if frozen is not None:
-        frozen = place_frozen(frozen, fr_sh)
-
-    example = _model_batch(src.batch(0))
-    b_sh = shd.batch_shardings(example, mesh, c.data.batch_size)
-    key_sh = shd.replicated(jax.random.key(0), mesh)
-    global_batch = lambda it: shd.global_batch(_model_batch(src.batch(it)), b_sh, c.data.batch_size)
-    in_sh = (st_sh, fr_sh, b_sh, key_sh)
-
-    @functools.cache
-    def compiled(which: str, sf_steps: int, use_dmd: bool):
-        """One jitted step per (kind, self-forcing steps, dmd on/off); shardings fixed. With
-        offloaded fields it is split into jits that keep them off the device (`offload.make_step`)."""
-        return make_step(trainer, mesh, in_sh, which, sf_steps=sf_steps, use_dmd=use_dmd)
-
+    source: the source factory `(c, mcfg) -> source` (`crm_jax.data.sources.make_source`); a source
+      has `batch(iteration) -> dict` and `negative_context()`.
+    evaluator: `evaluator(iteration, state) -> dict` (optional) runs before the first iteration of a
+      fresh run, every `c.eval_every` iterations and at the end (on every process); its results are
+      appended to `workdir/eval.jsonl` as `{"iteration": i, **result}` (by process 0).
+    on_sample: `on_sample(run, params, iteration)` (optional) every `c.sample_every` iterations and
+      at the end, on process 0 with host parameters (`crm_jax.pipeline.sample_hook`).
+    """
+    run = setup(c, workdir, source)
+    build(run)
+    place(run)
     total = c.num_iterations if max_iterations is None else min(c.num_iterations, max_iterations)
-    first = int(state.iteration)
-    main = dist.is_main_process()
-    writer = MetricsWriter(workdir, enabled=main)
-    eval_every = int(c.get("eval_every", 0) or 0)
-
-    def run_eval(it):
-        res = evaluator(it, state)
-        if main:
-            with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"iteration": it, **res}) + "\n")
-
-    plans = sorted({trainer.plan(it, tcfg.student_update_freq) for it in range(first, total)})
-    if len(plans) > 1 and threads >= 0:
-        secs = precompile(
-            [compiled(*p) for p in plans],
-            state,
-            frozen,
-            global_batch(first),
-            shd.global_put(jax.random.key(c.seed), key_sh),
-            threads=threads or None,
-        )
-        dist.log(
-            f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
-            f"{threads or len(plans)} at a time, in {secs:.0f} s"
-        )
-    if evaluator is not None and first == 0 and total > 0:
-        run_eval(0)
-    stop = {"signal": None}
-    old_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
-    base_key = jax.random.key(c.seed)
-    losses, last_metrics = {}, {}
-    bar = tqdm(
-        range(first, total),
-        initial=first,
-        total=total,
-        desc=c.mode,
-        disable=not (progress and main),
-        dynamic_ncols=True,
-    )
+    step_fn = compile_steps(run, total)
+    first = int(run.state.iteration)
     t_start = time.time()
-    multi = jax.process_count() > 1
-    try:
-        pending = []  # (iteration, device metrics): fetched at sync points, not every step
-
-        def sync(it):
-            """Fetch pending metrics (one host sync) and stop on a run of non-finite steps."""
-            nonlocal last_metrics
-            for i, m in jax.device_get(pending):
-                losses[i] = float(m["loss"])
-                last_metrics = {k: float(v) for k, v in m.items()}
-            pending.clear()
-            if int(state.nan_streak) >= c.max_nan_streak:
-                ckpts.wait()
-                raise NanStreakError(
-                    f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
-                    f"stopping (state before them is in {ckpts.dir})"
-                )
-
-        for it in bar:
-            batch = global_batch(it)
-            key = shd.global_put(jax.random.fold_in(base_key, it), key_sh)
-            which, sf_steps, use_dmd = trainer.plan(it, tcfg.student_update_freq)
-            state, m = compiled(which, sf_steps, use_dmd)(state, frozen, batch, key)
-            pending.append((it, m))
-            done = it + 1
-            log = done % c.log_every == 0 or done == total
-            sample = c.get("sample_every", 0) and (done % c.sample_every == 0 or done == total)
-            if multi and dist.any_process(stop["signal"] is not None) and stop["signal"] is None:
-                stop["signal"] = "on another process"  # every process saves the same checkpoint
-            save = done % c.checkpoint.every == 0 or done == total or stop["signal"] is not None
-            if log or sample or save or len(pending) >= c.max_nan_streak:
-                sync(it)
-            if log:
-                writer.write(done, {**last_metrics, "nan_skips": int(state.nan_skips), "step": int(state.step)})
-                bar.set_postfix(loss=f"{losses[it]:.4g}", step=int(state.step), skips=int(state.nan_skips))
-            if sample:
-                params = dist.to_host(state.params)
-                if main:
-                    write_sample(c, mcfg, apply, params, src, workdir, done)
-            if evaluator is not None and ((eval_every and done % eval_every == 0) or done == total):
-                sync(it)
-                run_eval(done)
-            if save:
-                ckpts.save(done, state, {**meta, "iteration": done}, force=True)
-            if stop["signal"] is not None:
-                dist.log(f"received signal {stop['signal']}: checkpoint saved at iteration {done}, exiting")
-                break
-    finally:
-        ckpts.close()
-        writer.close()
-        signal.signal(signal.SIGTERM, old_handler)
-    finished_before = first >= total and os.path.exists(os.path.join(workdir, "export", convert.NNX_CONFIG))
-    if c.get("export", True) and not finished_before:  # also after a stop: a cut run leaves usable weights
-        weights = dist.to_host(state.ema if c.get("export_ema", False) else state.params)
-        if main:
-            export_model(model, weights, os.path.join(workdir, "export"))
-        dist.barrier("export written")  # the next stage may read it on any process
+    losses, metrics, stopped_by = iterate(
+        run, step_fn, total, progress=progress, evaluator=evaluator, on_sample=on_sample
+    )
+    export(run, trained=int(run.state.iteration) > first)
+    state = run.state
     return dict(
+        stopped_by=stopped_by,
         losses=losses,
-        metrics=last_metrics,
+        metrics=metrics,
         iteration=int(state.iteration),
         step=int(state.step),
         nan_skips=int(state.nan_skips),
@@ -383,63 +230,228 @@ def train(c, workdir: str, *, max_iterations: int | None = None, progress: bool 
     )
 
 
-def write_sample(c, mcfg, apply, params, src, workdir: str, iteration: int) -> str:
-    """A sample video of the current model in `workdir/samples/` (GIF for the toy world,
-    latents `.npz` otherwise). Causal models get the first block of a held-out batch and its
-    actions and generate the rest (2-step consistency sampling for students, 16-step Euler
-    for teachers); bidirectional teachers generate the whole clip with Euler."""
-    from crm_jax.sampling.causal import causal_sample
-
+def setup(c, workdir: str, source) -> Run:
+    """Config checks (before the workdir is touched), the mesh, the checkpoints and the step to
+    resume from (agreed on by every process), and the data source."""
+    mcfg = model_config(c)
     tcfg = train_config(c)
-    batch = src.batch(10**6)
-    n = min(2, c.data.batch_size)
-    lat, ctx = batch["latents"][:n], batch["context"][:n]
-    acts = batch.get("actions")
-    acts = None if acts is None else acts[:n]
-    teacher_mode = c.mode.startswith("teacher")
-    method, steps = ("euler", 16) if teacher_mode else ("consistency", 2)
-    pat = tcfg.pattern("block_causal")
-    if c.mode == "teacher_full":
-        x = diffusion_euler_full(apply, params, mcfg, lat, ctx, acts)
-    else:
-        x = causal_sample(
-            apply,
-            params,
-            mcfg,
-            jax.random.key(iteration),
-            ctx,
-            pattern=pat,
-            num_frames=lat.shape[1],
-            latent_hw=lat.shape[2:4],
-            method=method,
-            steps=steps,
-            actions=acts,
-            prefix=lat[:, : pat.first],
+    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
+    shd.check_batch(c.data.batch_size, mesh)
+    precompile_threads(c)
+    offload_fields(c)
+    check_inputs(training_inputs(c), f"{c.mode} config")  # missing checkpoints / dataset: same
+    meta = run_meta(c, mcfg)
+    os.makedirs(workdir, exist_ok=True)
+    ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
+    start_step = ckpts.check_compatible(meta)  # raises before any compute on mismatch
+    found = dist.agree(-1 if start_step is None else start_step, f"the checkpoint step to resume from in {ckpts.dir}")
+    run = Run(c, workdir, mcfg, tcfg, mesh, meta, ckpts, None if found < 0 else found)
+    run.source = source(c, mcfg)
+    return run
+
+
+def build(run: Run) -> None:
+    """The model, the trainer, the frozen networks and a fresh train state (host or device default)."""
+    c, mcfg, tcfg = run.c, run.mcfg, run.tcfg
+    run.model = init_model(mcfg, c.seed)
+    run.apply, params = functional(run.model)
+    if c.init.student:
+        params = load_params(c.init.student, mcfg, c.seed)
+    teacher_cfg = teacher_model_config(c, mcfg)
+    teacher_apply = None if teacher_cfg == mcfg else apply_for(teacher_cfg)
+    run.trainer = Trainer(tcfg, run.apply, mcfg, teacher_apply=teacher_apply)
+    run.frozen = frozen_networks(c, tcfg, teacher_cfg, run.source)
+    if tcfg.needs_teacher and mcfg.mean_flow and not c.init.student:
+        if teacher_cfg != mcfg.replace(mean_flow=False):
+            raise ValueError(
+                "a MeanFlow student is initialised from its teacher, so it needs the "
+                "teacher's architecture (or init.student)"
+            )
+        params = _mean_flow_from(run.frozen.teacher, params)
+    critic = run.frozen.dmd_teacher if tcfg.has_critic else None
+    run.state = run.trainer.init_state(params, critic)
+
+
+def frozen_networks(c, tcfg: TrainConfig, teacher_cfg: WanConfig, source) -> Frozen | None:
+    """The frozen teacher / DMD teacher and the negative prompt (None when the mode needs neither)."""
+    if tcfg.needs_teacher:
+        if not c.init.teacher and not c.init.get("allow_random_teacher", False):
+            raise ValueError(f"mode {c.mode!r} needs init.teacher (a checkpoint directory)")
+        teacher = load_params(c.init.teacher, teacher_cfg, c.seed + 1)
+        dmd_teacher = load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) if c.init.get("dmd_teacher") else teacher
+        return Frozen(teacher, dmd_teacher, source.negative_context())
+    if tcfg.cond_dropout > 0:
+        return Frozen(None, None, source.negative_context())
+    return None
+
+
+def place(run: Run) -> None:
+    """Restore the checkpoint to resume from (if any) and place the state and the frozen networks
+    on the mesh (offloaded fields in pinned host memory); fixes the step's input shardings."""
+    c, mesh, state, frozen = run.c, run.mesh, run.state, run.frozen
+    offload = offload_fields(c)
+    if offload:
+        dist.log(
+            f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher "
+            f"pass / main step / EMA update (crm_jax/training/offload.py)"
         )
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    if isinstance(src, ToySource):
-        from crm_jax.data.toy_latents import latents_to_frames
-        from crm_jax.sampling.video import VideoWriter
-
-        frames = np.concatenate(
-            [np.asarray(latents_to_frames(lat, src.factor)), np.asarray(latents_to_frames(x, src.factor))], axis=2
-        )  # truth | sample
-        path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.gif")
-        with VideoWriter(path, fps=4) as w:
-            w.append(frames[0])
-        return path
-    path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.npz")
-    np.savez(path, latents=np.asarray(x))
-    return path
+    st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
+    fr_sh = None
+    if frozen is not None:
+        fr_sh = shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema"))
+    if run.start_step is not None:  # restored into device memory, then placed like a fresh state
+        target = abstract_like(state, shd.state_shardings(state, mesh))
+        state, restored = run.ckpts.restore(run.start_step, target)
+        dist.log(f"resumed from {run.ckpts.dir}/{restored['restored_step']} (iteration {int(state.iteration)})")
+    run.state = shd.global_put(state, st_sh)
+    if frozen is not None:
+        run.frozen = place_frozen(frozen, fr_sh)
+    b_sh = shd.batch_shardings(model_batch(run.source.batch(0)), mesh, c.data.batch_size)
+    run.shardings = (st_sh, fr_sh, b_sh, shd.replicated(jax.random.key(0), mesh))
 
 
-def diffusion_euler_full(apply, params, mcfg, lat, ctx, acts):
-    from crm_jax import diffusion as D
-    from crm_jax.training import nets
+def compile_steps(run: Run, total: int):
+    """`step_fn(iteration)`: the jitted step of that iteration's plan (one per plan, cached); with
+    `c.precompile` >= 0 and several plans, all of them compiled up front (N at a time)."""
+    trainer, freq = run.trainer, run.tcfg.student_update_freq
 
-    fn = nets.velocity_fn(apply, params, TrainConfig(mode="teacher_full").pattern("full"))
-    cond = {"context": ctx} if acts is None else {"context": ctx, "actions": acts}
-    return D.euler_sample(fn, jax.random.normal(jax.random.key(0), lat.shape), cond, num_steps=16)
+    @functools.cache
+    def compiled(which: str, sf_steps: int, use_dmd: bool):
+        return make_step(trainer, run.mesh, run.shardings, which, sf_steps=sf_steps, use_dmd=use_dmd)
+
+    threads = precompile_threads(run.c)
+    first = int(run.state.iteration)
+    plans = sorted({trainer.plan(it, freq) for it in range(first, total)})
+    if len(plans) > 1 and threads >= 0:
+        fns = [compiled(*p) for p in plans]
+        secs = precompile(fns, run.state, run.frozen, run.batch(first), run.key(0), threads=threads or None)
+        dist.log(
+            f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
+            f"{threads or len(plans)} at a time, in {secs:.0f} s"
+        )
+    return lambda it: compiled(*trainer.plan(it, freq))
+
+
+def iterate(run: Run, step_fn, total: int, *, progress: bool, evaluator, on_sample) -> tuple[dict, dict]:
+    """The iterations from the state's to `total`: steps, metrics, samples, evaluations, checkpoints,
+    NaN-streak stops, and SIGTERM / SIGINT (Ctrl-C) stops, both of which save a checkpoint after the
+    current iteration. Returns (loss per iteration, the last metrics, the stopping signal or None)."""
+    c, main = run.c, dist.is_main_process()
+    first = int(run.state.iteration)
+    writer = MetricsWriter(run.workdir, enabled=main)
+    log = _Log(run, writer)
+    if evaluator is not None and first == 0 and total > 0:
+        _evaluate(run, evaluator, 0, main)
+    stop = {"signal": None}
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    old_handlers = {s: signal.signal(s, lambda s, f: stop.update(signal=s)) for s in stop_signals}
+    bar = tqdm(
+        range(first, total),
+        initial=first,
+        total=total,
+        desc=c.mode,
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
+    try:
+        for it in bar:
+            run.state, m = step_fn(it)(run.state, run.frozen, run.batch(it), run.key(it))
+            log.pending.append((it, m))
+            done = it + 1
+            if jax.process_count() > 1 and dist.any_process(stop["signal"] is not None) and stop["signal"] is None:
+                stop["signal"] = "on another process"  # every process saves the same checkpoint
+            due = _due(c, done, total, stop["signal"] is not None)
+            if any(due.values()) or len(log.pending) >= c.max_nan_streak:
+                log.sync(it)
+            if due["log"]:
+                log.write(done, bar)
+            if due["sample"] and on_sample is not None:
+                params = dist.to_host(run.state.params)
+                if main:
+                    on_sample(run, params, done)
+            if evaluator is not None and due["eval"]:
+                _evaluate(run, evaluator, done, main)
+            if due["save"]:
+                run.ckpts.save(done, run.state, {**run.meta, "iteration": done}, force=True)
+            if stop["signal"] is not None:
+                name = signal.Signals(stop["signal"]).name if isinstance(stop["signal"], int) else stop["signal"]
+                dist.log(f"stopped by {name}: checkpoint saved at iteration {done}")
+                break
+    finally:
+        run.ckpts.close()
+        writer.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    stopped = stop["signal"]
+    return log.losses, log.last, int(stopped) if isinstance(stopped, int) else (signal.SIGTERM if stopped else None)
+
+
+def _due(c, done: int, total: int, stopping: bool) -> dict:
+    """Which periodic actions iteration `done` (1-based) triggers."""
+    end = done == total
+    every = lambda n: bool(n) and done % n == 0
+    return dict(
+        log=every(c.log_every) or end,
+        sample=bool(c.get("sample_every", 0)) and (every(c.sample_every) or end),
+        eval=every(int(c.get("eval_every", 0) or 0)) or end,
+        save=every(c.checkpoint.every) or end or stopping,
+    )
+
+
+class _Log:
+    """Device metrics kept until a sync point (one host transfer), then losses, the last metrics
+    and a NaN-streak check; `write` sends them to the metrics files and the progress bar."""
+
+    def __init__(self, run: Run, writer: MetricsWriter):
+        self.run, self.writer = run, writer
+        self.pending, self.losses, self.last = [], {}, {}
+
+    def sync(self, it: int) -> None:
+        for i, m in jax.device_get(self.pending):
+            self.losses[i] = float(m["loss"])
+            self.last = {k: float(v) for k, v in m.items()}
+        self.pending.clear()
+        state, ckpts = self.run.state, self.run.ckpts
+        if int(state.nan_streak) >= self.run.c.max_nan_streak:
+            ckpts.wait()
+            raise NanStreakError(
+                f"{int(state.nan_streak)} non-finite steps in a row at iteration {it}; "
+                f"stopping (state before them is in {ckpts.dir})"
+            )
+
+    def write(self, done: int, bar) -> None:
+        state = self.run.state
+        self.writer.write(done, {**self.last, "nan_skips": int(state.nan_skips), "step": int(state.step)})
+        bar.set_postfix(loss=f"{self.losses[done - 1]:.4g}", step=int(state.step), skips=int(state.nan_skips))
+
+
+def _evaluate(run: Run, evaluator, iteration: int, main: bool) -> None:
+    res = evaluator(iteration, run.state)
+    if main:
+        with open(os.path.join(run.workdir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"iteration": iteration, **res}) + "\n")
+
+
+def export(run: Run, trained: bool = True) -> None:
+    """The weights (EMA with `c.export_ema`) as an NNX checkpoint in `workdir/export`, also after
+    a stop, so a cut run still leaves usable weights. A rerun that trained nothing keeps the
+    existing export (its fingerprint identifies the next stage's initialisation)."""
+    c = run.c
+    path = os.path.join(run.workdir, "export")
+    if not c.get("export", True) or (not trained and os.path.exists(os.path.join(path, convert.NNX_CONFIG))):
+        return
+    weights = dist.to_host(run.state.ema if c.get("export_ema", False) else run.state.params)
+    if dist.is_main_process():
+        export_model(run.model, weights, path)
+    dist.barrier("export written")  # the next stage may read it on any process
+
+
+def precompile_threads(c) -> int:
+    """`c.precompile`: -1 = compile lazily, 0 = every step function at once, N > 0 = N at a time."""
+    threads = int(c.get("precompile", 0))
+    if threads < -1:
+        raise ValueError(f"precompile must be -1 (lazily), 0 (all at once) or N > 0 at a time, got {threads}")
+    return threads
 
 
 def export_model(model, params, path: str) -> None:
@@ -451,7 +463,7 @@ def export_model(model, params, path: str) -> None:
     convert.save_nnx(model, path)
 
 
-def _model_batch(batch: dict) -> dict:
+def model_batch(batch: dict) -> dict:
     """The part of a source batch the steps consume (drops scoring-only fields)."""
     return {k: v for k, v in batch.items() if k in ("latents", "context", "actions", "ode_traj", "ode_times")}
 

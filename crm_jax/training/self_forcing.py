@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crm_jax.models.adapter import actions_for
 from crm_jax.models.wan import AttentionPattern, KVCache
-from crm_jax.training.nets import _actions_for
 
 sg = jax.lax.stop_gradient
 CONTEXT_MODES = ("clean", "noisy")
@@ -63,7 +63,7 @@ def _call(apply, params, x, t, cond, spec, cache, start, write):
         jnp.full((b, f), t, x.dtype),
         cond["context"],
         pattern=spec.pattern,
-        actions=_actions_for(a, x),
+        actions=actions_for(a, x),
         cache=cache,
         cache_frames=start,
         write_cache=write,

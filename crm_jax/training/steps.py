@@ -1,15 +1,6 @@
 """Train state and one jitted step function per training mode.
 
-Modes (`TrainConfig.mode`):
-  teacher_full   bidirectional flow matching (the bidirectional teacher)
-  teacher_tf     causal teacher by teacher forcing (packed [clean | noisy], bell weight)
-  teacher_df     causal teacher by diffusion forcing (per-block times)
-  tf_scm         TF-sCM student (RF form, jvp through the whole network)
-  tf_meanflow    TF-MeanFlow student (model with `mean_flow=True`)
-  tf_dcm         TF-dCM student (discrete-time CM baseline)
-  ode_init       ODE-regression initialisation (CausVid / Self-Forcing baseline)
-  sf_dmd         self-forcing DMD: generator steps and critic steps
-  rcm            TF-sCM + lambda * SF-DMD student steps, critic steps in between
+Modes (`TrainConfig.mode`): the table in `crm_jax.training.modes`.
 
 A step takes `(state, frozen, batch, key)` and returns `(state, metrics)`. A step whose loss
 or gradients are not finite leaves the state unchanged (`nan_skips` and `nan_streak`
@@ -36,20 +27,19 @@ import optax
 
 from crm_jax import diffusion as D
 from crm_jax import losses as L
+from crm_jax.models import adapter
 from crm_jax.models.wan import AttentionPattern
 from crm_jax.training import ema as ema_lib
-from crm_jax.training import nets, self_forcing
+from crm_jax.training import self_forcing
+from crm_jax.training.modes import Mode, get_mode
 from crm_jax.training.optim import make_optimizer
 
-MODES = ("teacher_full", "teacher_tf", "teacher_df", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dmd", "rcm")
-CRITIC_MODES = ("sf_dmd", "rcm")
 # How DMD's real score (teacher) and fake score (critic) see a rollout G noised to x_t: "full"
 # (bidirectional teacher), "block_causal" (every chunk sees the noised earlier chunks), or
 # "teacher_forcing" (`[sg(G) | x_t]`: every chunk sees the generator's own *clean* earlier chunks, the
 # layout a teacher-forcing teacher was trained on; by the chain rule of KL the per-chunk conditional
 # scores given G's own past match the joint).
 DMD_SCORE_PATTERNS = ("full", "block_causal", "teacher_forcing")
-TEACHER_MODES = ("tf_scm", "tf_meanflow", "tf_dcm", "sf_dmd", "rcm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +76,7 @@ class TrainConfig:
     sf_max_steps: int = 4
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; known modes: {MODES}")
+        get_mode(self.mode)
         if self.dmd_teacher_pattern not in DMD_SCORE_PATTERNS:
             raise ValueError(
                 f"dmd_teacher_pattern must be one of {DMD_SCORE_PATTERNS}, got {self.dmd_teacher_pattern!r}"
@@ -99,12 +88,17 @@ class TrainConfig:
         return AttentionPattern(kind, self.block_frames, self.first_block_frames)
 
     @property
+    def spec(self) -> Mode:
+        """The mode's entry in the registry (`crm_jax.training.modes`)."""
+        return get_mode(self.mode)
+
+    @property
     def has_critic(self) -> bool:
-        return self.mode in CRITIC_MODES
+        return self.spec.has_critic
 
     @property
     def needs_teacher(self) -> bool:
-        return self.mode in TEACHER_MODES
+        return self.spec.needs_teacher
 
 
 @flax.struct.dataclass
@@ -275,17 +269,11 @@ class Trainer:
             self.cfg.pattern("block_causal"), num_frames, tuple(float(t) for t in times), self.cfg.sf_context
         )
 
-    def _teacher_fn(self, frozen: Frozen, which: str):
-        c = self.cfg
-        if which == "cm":
-            return nets.velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
-        return self.score_fn(frozen.dmd_teacher)
-
     def score_fn(self, params):
         """DMD's real (teacher) or fake (critic) score network `fn(x_t, t, cond) -> v` on
         `dmd_teacher_pattern`; with "teacher_forcing" it needs `score_cond`'s `tf_context`."""
         c = self.cfg
-        make = nets.tf_velocity_fn if c.dmd_teacher_pattern == "teacher_forcing" else nets.velocity_fn
+        make = adapter.tf_velocity_fn if c.dmd_teacher_pattern == "teacher_forcing" else adapter.velocity_fn
         return make(self.teacher_apply, params, c.pattern(c.dmd_teacher_pattern))
 
     def score_cond(self, cond, G):
@@ -298,93 +286,111 @@ class Trainer:
     def cm_teacher(self, frozen: Frozen):
         """The frozen network callable of the CM loss (None for modes without a teacher)."""
         c = self.cfg
-        if c.mode in ("tf_scm", "rcm", "tf_dcm"):
-            return self._teacher_fn(frozen, "cm")
-        if c.mode == "tf_meanflow":
-            return nets.tf_velocity_fn(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
-        return None
+        kind = c.spec.cm_teacher
+        if kind is None:
+            return None
+        make = adapter.tf_velocity_fn if kind == "tf_velocity" else adapter.velocity_fn
+        return make(self.teacher_apply, frozen.teacher, c.pattern("teacher_forcing"))
 
     def cm_loss(self, params, frozen: Frozen, batch, key, step, teacher=None):
         """The forward-divergence part: teacher pretraining, TF-sCM/MeanFlow/dCM or ODE init.
 
         `teacher`: the network callable standing in for `cm_teacher(frozen)` (recording or
         replaying its outputs, see `teacher_pass`); default `cm_teacher(frozen)`."""
-        c, a = self.cfg, self.apply
+        c = self.cfg
         x0, cond = batch["latents"], _cond(batch)
-        uncond = nets.uncond_like(cond, frozen.neg_context) if frozen is not None else None
+        uncond = adapter.uncond_like(cond, frozen.neg_context) if frozen is not None else None
         if c.cond_dropout > 0:  # teacher pretraining: learn the unconditional branch used by CFG
             key, k_drop = jax.random.split(key)
             drop = jax.random.bernoulli(k_drop, c.cond_dropout, (x0.shape[0],))[:, None, None]
             cond = dict(
                 cond, context=jnp.where(drop, frozen.neg_context.astype(cond["context"].dtype), cond["context"])
             )
-        tf = c.pattern("teacher_forcing")
+        if c.spec.loss is None:
+            raise ValueError(f"mode {c.mode!r} has no CM loss")
         teacher = self.cm_teacher(frozen) if teacher is None else teacher
-        fm = dict(sampler=D.uniform_shift_sampler(c.fm_shift), weighting=c.fm_weighting)
-        if c.mode == "teacher_full":
-            return L.flow_matching_loss(nets.velocity_fn(a, params, c.pattern("full")), x0, cond, key, **fm)
-        if c.mode == "teacher_tf":
-            return L.teacher_forcing_loss(nets.velocity_fn(a, params, tf), x0, cond, key, **fm)
-        if c.mode == "teacher_df":
-            sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
-            return L.diffusion_forcing_loss(
-                nets.velocity_fn(a, params, c.pattern("block_causal")), x0, cond, key, sizes, **fm
-            )
-        if c.mode in ("tf_scm", "rcm"):
-            return L.scm_rf_loss(
-                nets.velocity_fn(a, params, tf),
-                nets.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
-                teacher,
-                x0,
-                cond,
-                key,
-                uncond=uncond,
-                guidance=c.guidance,
-                step=step,
-                tangent_warmup=c.tangent_warmup,
-                teacher_forcing=True,
-                p_mean=c.p_mean,
-                p_std=c.p_std,
-                normalise=c.tangent_normalise,
-            )
-        if c.mode == "tf_meanflow":
-            mcond = dict(cond, tf_context=x0)
-            return L.meanflow_loss(
-                nets.average_velocity_fn(a, params, tf),
-                nets.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
-                x0,
-                mcond,
-                key,
-                teacher_fn=teacher,
-                uncond=dict(uncond, tf_context=x0),
-                guidance=c.guidance,
-                r_equals_t_fraction=c.meanflow_r_eq_t,
-            )
-        if c.mode == "tf_dcm":
-            return L.dcm_loss(
-                nets.velocity_fn(a, params, tf),
-                teacher,
-                x0,
-                cond,
-                key,
-                uncond=uncond,
-                guidance=c.guidance,
-                num_steps=c.dcm_steps,
-                shift=c.dcm_shift,
-                teacher_forcing=True,
-            )
-        if c.mode == "ode_init":
-            sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
-            return L.ode_regression_loss(
-                nets.velocity_fn(a, params, c.pattern("block_causal")),
-                batch["ode_traj"],
-                batch["ode_times"],
-                x0,
-                cond,
-                key,
-                sizes=sizes,
-            )
-        raise ValueError(f"mode {c.mode!r} has no CM loss")
+        return getattr(self, f"_{c.spec.loss}_loss")(params, batch, cond, uncond, teacher, key, step)
+
+    # One method per `modes.CM_LOSSES` entry: (params, batch, cond, uncond, teacher, key, step)
+    # -> (loss, metrics). `cond` has the dropout applied; `uncond` is None without a teacher.
+    def _fm(self):
+        c = self.cfg
+        return dict(sampler=D.uniform_shift_sampler(c.fm_shift), weighting=c.fm_weighting)
+
+    def _flow_matching_loss(self, params, batch, cond, uncond, teacher, key, step):
+        fn = adapter.velocity_fn(self.apply, params, self.cfg.pattern("full"))
+        return L.flow_matching_loss(fn, batch["latents"], cond, key, **self._fm())
+
+    def _teacher_forcing_loss(self, params, batch, cond, uncond, teacher, key, step):
+        fn = adapter.velocity_fn(self.apply, params, self.cfg.pattern("teacher_forcing"))
+        return L.teacher_forcing_loss(fn, batch["latents"], cond, key, **self._fm())
+
+    def _diffusion_forcing_loss(self, params, batch, cond, uncond, teacher, key, step):
+        c, x0 = self.cfg, batch["latents"]
+        sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
+        fn = adapter.velocity_fn(self.apply, params, c.pattern("block_causal"))
+        return L.diffusion_forcing_loss(fn, x0, cond, key, sizes, **self._fm())
+
+    def _scm_loss(self, params, batch, cond, uncond, teacher, key, step):
+        c, a, tf = self.cfg, self.apply, self.cfg.pattern("teacher_forcing")
+        return L.scm_rf_loss(
+            adapter.velocity_fn(a, params, tf),
+            adapter.velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+            teacher,
+            batch["latents"],
+            cond,
+            key,
+            uncond=uncond,
+            guidance=c.guidance,
+            step=step,
+            tangent_warmup=c.tangent_warmup,
+            teacher_forcing=True,
+            p_mean=c.p_mean,
+            p_std=c.p_std,
+            normalise=c.tangent_normalise,
+        )
+
+    def _meanflow_loss(self, params, batch, cond, uncond, teacher, key, step):
+        c, a, tf, x0 = self.cfg, self.apply, self.cfg.pattern("teacher_forcing"), batch["latents"]
+        return L.meanflow_loss(
+            adapter.average_velocity_fn(a, params, tf),
+            adapter.average_velocity_fn(a, params, tf, ad="jvp", stop_grad=True),
+            x0,
+            dict(cond, tf_context=x0),
+            key,
+            teacher_fn=teacher,
+            uncond=dict(uncond, tf_context=x0),
+            guidance=c.guidance,
+            r_equals_t_fraction=c.meanflow_r_eq_t,
+        )
+
+    def _dcm_loss(self, params, batch, cond, uncond, teacher, key, step):
+        c = self.cfg
+        return L.dcm_loss(
+            adapter.velocity_fn(self.apply, params, c.pattern("teacher_forcing")),
+            teacher,
+            batch["latents"],
+            cond,
+            key,
+            uncond=uncond,
+            guidance=c.guidance,
+            num_steps=c.dcm_steps,
+            shift=c.dcm_shift,
+            teacher_forcing=True,
+        )
+
+    def _ode_regression_loss(self, params, batch, cond, uncond, teacher, key, step):
+        c, x0 = self.cfg, batch["latents"]
+        sizes = D.block_sizes(x0.shape[1], c.block_frames, c.first_block_frames)
+        return L.ode_regression_loss(
+            adapter.velocity_fn(self.apply, params, c.pattern("block_causal")),
+            batch["ode_traj"],
+            batch["ode_times"],
+            x0,
+            cond,
+            key,
+            sizes=sizes,
+        )
 
     def _dmd_loss(self, G, frozen, critic, cond, key):
         """DMD loss of rollout `G`: real score = the frozen DMD teacher with CFG, fake = `critic`,
@@ -392,11 +398,11 @@ class Trainer:
         sc = self.score_cond(cond, G)
         return L.dmd_loss(
             G,
-            self._teacher_fn(frozen, "dmd"),
+            self.score_fn(frozen.dmd_teacher),
             self.score_fn(critic),
             sc,
             key,
-            uncond=nets.uncond_like(sc, frozen.neg_context),
+            uncond=adapter.uncond_like(sc, frozen.neg_context),
             guidance=self.cfg.guidance,
         )
 
@@ -455,12 +461,12 @@ class Trainer:
         frozen = _teachers_on_device(frozen)
         k_cm, k_sf, k_dmd = jax.random.split(key, 3)
         tape = []
-        if c.mode != "sf_dmd":
+        if c.spec.loss is not None:
             self.cm_loss(
                 state.params, frozen, batch, k_cm, state.step, teacher=_recording(self.cm_teacher(frozen), tape)
             )
         dmd = None
-        if c.mode in CRITIC_MODES and use_dmd:
+        if c.has_critic and use_dmd:
             if not c.sf_replay:
                 raise ValueError(
                     "a split step's DMD part needs train.sf_replay=True (the direct backward "
@@ -488,7 +494,7 @@ class Trainer:
         frozen = _teachers_on_device(frozen)
         k_cm, k_sf, k_dmd = jax.random.split(key, 3)
         metrics = {}
-        if c.mode != "sf_dmd":
+        if c.spec.loss is not None:
             replay = None if teacher_out is None else _Replay(teacher_out.cm)
             (loss, m), grads = jax.value_and_grad(self.cm_loss, has_aux=True)(
                 state.params, frozen, batch, k_cm, state.step, replay
@@ -498,11 +504,11 @@ class Trainer:
             metrics.update({f"cm/{k}": v for k, v in m.items()})
         else:
             loss, grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params)
-        if c.mode in CRITIC_MODES and use_dmd:
+        if c.has_critic and use_dmd:
             if teacher_out is not None and teacher_out.dmd is None:
                 raise ValueError("teacher_out has no DMD part: it was computed with use_dmd=False")
             scores = None if teacher_out is None else teacher_out.dmd
-            dmd_l, m, dmd_g = self._dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps, scores)
+            dmd_l, m, dmd_g = self.dmd_grads(state, frozen, batch, k_sf, k_dmd, sf_steps, scores)
             metrics.update({f"dmd/{k}": v for k, v in m.items()})
             loss = loss + c.dmd_weight * dmd_l
             grads = jax.tree.map(lambda a, b: a + c.dmd_weight * b, grads, dmd_g)
@@ -528,8 +534,10 @@ class Trainer:
         loss, m, cot = self._dmd_cotangent(G, frozen, state.critic, _cond(batch), k_dmd)
         return loss, m, last, cot
 
-    def _dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps, scores=None):
-        """DMD loss, metrics and student gradient; `scores`: `TeacherOutputs.dmd`, precomputed."""
+    def dmd_grads(self, state, frozen, batch, k_sf, k_dmd, sf_steps, scores=None):
+        """(DMD loss `[]`, metrics, student gradient shaped like `state.params`) of the self-forcing
+        rollout of `batch` (`latents [B, T, H, W, C]`, `context [B, L, D]`); `scores`:
+        `TeacherOutputs.dmd`, precomputed (then the frozen teachers are not called)."""
         cond = _cond(batch)
         if self.cfg.sf_replay:
             spec = self.rollout_spec(batch["latents"].shape[1], sf_steps)
@@ -592,6 +600,6 @@ class Trainer:
         if not c.has_critic:
             return "student", 1, False
         sf_steps = iteration % c.sf_max_steps + 1
-        if c.mode == "rcm" and iteration < c.tangent_warmup:
+        if c.spec.tangent_warmup and iteration < c.tangent_warmup:
             return "student", sf_steps, False
         return ("student" if iteration % freq == 0 else "critic"), sf_steps, True

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.reference import attention_reference
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 HEAD_DIMS = (64, 128)
@@ -347,9 +349,7 @@ def _call_kernel(q, k, v, lens, scale, cfg: PrefixConfig, interpret: bool):
     ]
     kw = {}
     if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        kw["interpret"] = InterpretGPUParams()
+        kw["interpret"] = plgpu.InterpretGPUParams()
     out, lse = plgpu.kernel(
         crm_prefix_attention,
         out_type=out_type,
@@ -364,11 +364,7 @@ def _call_kernel(q, k, v, lens, scale, cfg: PrefixConfig, interpret: bool):
 
 
 def prefix_attention_reference(q, k, v, kv_len, *, scale: float | None = None):
-    """float32 XLA attention of q `[B, Lq, H, D]` over keys `[0, kv_len)` (the test oracle)."""
-    d = q.shape[-1]
-    scale = d**-0.5 if scale is None else scale
+    """float32 `[B, Lq, H, D]` attention of q `[B, Lq, H, D]` over keys `[0, kv_len)` of k, v
+    `[B, S, H, D]`: `reference.attention_reference` with `kv_valid_len=kv_len` on float32 inputs."""
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-    s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=lax.Precision.HIGHEST) * scale
-    s = jnp.where(jnp.arange(k.shape[1]) < kv_len, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=lax.Precision.HIGHEST)
+    return attention_reference(qf, kf, vf, scale=scale, kv_valid_len=kv_len)

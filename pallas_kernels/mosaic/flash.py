@@ -37,8 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import SUPPORTED_HEAD_DIMS, check_inputs, dot, padded, precision, tile_mask
 from pallas_kernels.masks import MaskSpec, tile_runs
-from pallas_kernels.triton.flash import SUPPORTED_HEAD_DIMS, _check, _padded, kernel_allowed
 
 DEFAULT_BLOCK = 512
 
@@ -137,21 +137,6 @@ def _locate(i, j, start_ref, end_ref, runs):
     return col, masked, j < total
 
 
-def _tile_mask(spec, row0, bq, col0, bk):
-    qp = row0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    kp = col0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    return kernel_allowed(spec, qp, kp)
-
-
-def _dot(a, b, prec, ta=False, tb=False):
-    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
-
-
-def _prec(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _to_bhld(x, length):
     x = jnp.swapaxes(x, 1, 2)
     pad = length - x.shape[2]
@@ -179,9 +164,9 @@ def _col_spec(b, d, runs):
 
 # ----------------------------------------------------------------------------- kernels
 def _online_step(spec, scale, q, k, v, row0, col0, bq, bk, masked, m_ref, l_ref, prec):
-    s = _dot(q, k, prec, tb=True) * scale
+    s = dot(q, k, prec, trans_b=True) * scale
     if masked:
-        s = jnp.where(_tile_mask(spec, row0, bq, col0, bk), s, -jnp.inf)
+        s = jnp.where(tile_mask(spec, row0, bq, col0, bk), s, -jnp.inf)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
@@ -195,7 +180,7 @@ def _fwd_kernel(
     start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, spec, scale, bq, bk, steps, runs
 ):
     i, j = pl.program_id(2), pl.program_id(3)
-    prec = _prec(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
@@ -210,7 +195,7 @@ def _fwd_kernel(
         p, alpha = _online_step(
             spec, scale, q_ref[...], k_ref[...], v, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec
         )
-        acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, prec)
+        acc_ref[...] = alpha * acc_ref[...] + dot(p.astype(v.dtype), v, prec)
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
     pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
@@ -233,7 +218,7 @@ def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has
     tv_ref = refs.pop(0) if has_tv else None
     o_ref, to_ref, lse_ref, acc_ref, acct_ref, m_ref, l_ref, r_ref = refs
     i, j = pl.program_id(2), pl.program_id(3)
-    prec = _prec(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
@@ -248,22 +233,22 @@ def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has
         col0 = col * bk
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         p, alpha = _online_step(spec, scale, q, k, v, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec)
-        acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(v.dtype), v, prec)
+        acc_ref[...] = alpha * acc_ref[...] + dot(p.astype(v.dtype), v, prec)
         acct = alpha * acct_ref[...]
         if has_tq or has_tk:
             sd = 0.0
             if has_tq:
-                sd = sd + _dot(tq_ref[...], k, prec, tb=True)
+                sd = sd + dot(tq_ref[...], k, prec, trans_b=True)
             if has_tk:
-                sd = sd + _dot(q, tk_ref[...], prec, tb=True)
+                sd = sd + dot(q, tk_ref[...], prec, trans_b=True)
             pd = p * (sd * scale)
             r_ref[...] = alpha * r_ref[...] + jnp.sum(pd, axis=1, keepdims=True)
-            acct = acct + _dot(pd.astype(v.dtype), v, prec)
+            acct = acct + dot(pd.astype(v.dtype), v, prec)
         else:
             r_ref[...] = alpha * r_ref[...]
         if has_tv:
             tv = tv_ref[...]
-            acct = acct + _dot(p.astype(tv.dtype), tv, prec)
+            acct = acct + dot(p.astype(tv.dtype), tv, prec)
         acct_ref[...] = acct
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
@@ -302,7 +287,7 @@ def _dkdv_kernel(
     runs,
 ):
     i, j = pl.program_id(2), pl.program_id(3)  # i: key tile
-    prec = _prec(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
@@ -313,14 +298,14 @@ def _dkdv_kernel(
     def step(masked):
         row0 = col * bq
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = _dot(q, k, prec, tb=True) * scale
+        s = dot(q, k, prec, trans_b=True) * scale
         p = jnp.exp(s - lse_ref[...])
         if masked:
-            p = jnp.where(_tile_mask(spec, row0, bq, i * bk, bk), p, 0.0)
-        dv_acc[...] += _dot(p.astype(do.dtype), do, prec, ta=True)
-        dp = _dot(do, v, prec, tb=True)
+            p = jnp.where(tile_mask(spec, row0, bq, i * bk, bk), p, 0.0)
+        dv_acc[...] += dot(p.astype(do.dtype), do, prec, trans_a=True)
+        dp = dot(do, v, prec, trans_b=True)
         ds = p * (dp - delta_ref[...])
-        dk_acc[...] += _dot(ds.astype(q.dtype), q, prec, ta=True)
+        dk_acc[...] += dot(ds.astype(q.dtype), q, prec, trans_a=True)
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
     pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
@@ -351,7 +336,7 @@ def _dq_kernel(
     runs,
 ):
     i, j = pl.program_id(2), pl.program_id(3)
-    prec = _prec(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     col, masked, real = _locate(i, j, start_ref, end_ref, runs)
 
     @pl.when(j == 0)
@@ -361,13 +346,13 @@ def _dq_kernel(
     def step(masked):
         col0 = col * bk
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = _dot(q, k, prec, tb=True) * scale
+        s = dot(q, k, prec, trans_b=True) * scale
         p = jnp.exp(s - lse_ref[...])
         if masked:
-            p = jnp.where(_tile_mask(spec, i * bq, bq, col0, bk), p, 0.0)
-        dp = _dot(do, v, prec, tb=True)
+            p = jnp.where(tile_mask(spec, i * bq, bq, col0, bk), p, 0.0)
+        dp = dot(do, v, prec, trans_b=True)
         ds = p * (dp - delta_ref[...])
-        dq_acc[...] += _dot(ds.astype(k.dtype), k, prec)
+        dq_acc[...] += dot(ds.astype(k.dtype), k, prec)
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
     pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
@@ -389,12 +374,12 @@ def _interp(interpret):
 
 
 def _prologue(q, k, v, spec, scale, config):
-    _check(q, k, v, spec)
+    check_inputs(q, k, v, spec)
     B, Lq, H, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
     Lk = k.shape[1]
     config = default_config(Lq, Lk) if config is None else config
-    return B, Lq, Lk, H, D, scale, config, _padded(Lq, config.q_multiple), _padded(Lk, config.kv_multiple)
+    return B, Lq, Lk, H, D, scale, config, padded(Lq, config.q_multiple), padded(Lk, config.kv_multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))

@@ -6,13 +6,12 @@ Entry points (all layouts `[B, L, H, D]`, see `flash.py`):
   * `flash_jvp(q, k, v, tq, tk, tv, spec, ...) -> (o, to, lse)`
 """
 
+from pallas_kernels.common import SUPPORTED_HEAD_DIMS, kernel_allowed  # noqa: F401
 from pallas_kernels.triton.flash import (  # noqa: F401
-    SUPPORTED_HEAD_DIMS,
     FlashConfig,
     Tiles,
     default_config,
     flash_backward,
     flash_forward,
     flash_jvp,
-    kernel_allowed,
 )

@@ -33,9 +33,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import (
+    check_inputs,
+    dot,
+    padded,
+    precision,
+    tile_mask,
+)
 from pallas_kernels.masks import MaskSpec, tile_schedule
 
-SUPPORTED_HEAD_DIMS = (64, 128)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -91,51 +97,6 @@ FP32_CONFIG = FlashConfig(Tiles(64, 32, 4, 2), Tiles(64, 32, 4, 1), Tiles(32, 64
 def default_config(dtype=jnp.bfloat16) -> FlashConfig:
     """Hopper defaults; float32 operands take smaller tiles (shared memory)."""
     return FP32_CONFIG if jnp.dtype(dtype) == jnp.float32 else FlashConfig()
-
-
-# ----------------------------------------------------------------------------- mask
-def _block_of(spec: MaskSpec, pos):
-    """Kernel-friendly `masks.block_of` for non-negative int32 positions."""
-    frame = lax.div(pos, jnp.int32(spec.tokens_per_frame))
-    later = lax.div(frame - spec.first_block_frames, jnp.int32(spec.block_frames)) + 1
-    return jnp.where(frame >= spec.first_block_frames, later, 0)
-
-
-def kernel_allowed(spec: MaskSpec, q_pos, k_pos):
-    """Element-wise mask equal to `masks.allowed`, written with ops the Triton lowering has.
-
-    q_pos `[bq, 1]`, k_pos `[1, bk]` int32 (non-negative) -> bool `[bq, bk]`.
-    Block ids are computed on the vectors before broadcasting.
-    """
-    ok = jnp.logical_and(q_pos < spec.q_len, k_pos < spec.kv_len)
-    if spec.kind == "full":
-        return ok
-    if spec.kind == "block_causal":
-        qb = _block_of(spec, q_pos + spec.q_offset)
-        kb = _block_of(spec, k_pos)
-        ok = jnp.logical_and(ok, kb <= qb)
-    else:  # teacher_forcing
-        half = spec.q_len // 2
-        qn = q_pos >= half
-        kn = k_pos >= half
-        qb = _block_of(spec, jnp.where(qn, q_pos - half, q_pos))
-        kb = _block_of(spec, jnp.where(kn, k_pos - half, k_pos))
-        kc = jnp.logical_not(kn)
-        clean_q = jnp.logical_and(kc, kb <= qb)
-        noisy_q = jnp.logical_or(jnp.logical_and(kc, kb < qb), jnp.logical_and(kn, kb == qb))
-        # and/or only: Mosaic TPU has no layout for a select between boolean vectors.
-        by_half = jnp.logical_or(jnp.logical_and(qn, noisy_q), jnp.logical_and(jnp.logical_not(qn), clean_q))
-        ok = jnp.logical_and(ok, by_half)
-    if spec.local_attn_blocks > 0:
-        win = jnp.logical_or(kb > qb - spec.local_attn_blocks, kb < spec.sink_blocks)
-        ok = jnp.logical_and(ok, win)
-    return ok
-
-
-def _tile_mask(spec, row0, bq, col0, bk):
-    qp = row0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-    kp = col0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    return kernel_allowed(spec, qp, kp)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -195,16 +156,6 @@ def _whole(shape):
     return pl.BlockSpec(tuple(shape), lambda *_: (0,) * nd)
 
 
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _dot(a, b, prec, trans_a=False, trans_b=False):
-    """2-D matmul with float32 result; `trans_*` contract over the other axis (no copies)."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
-
-
 def _row_map(reverse: bool, rows: int):
     """Grid axis 0 -> row tile; heavy (late) rows first when `reverse`."""
     if reverse:
@@ -235,7 +186,7 @@ def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec
         refs = refs[2:]
     o_ref, lse_ref = refs
     row = _row_map(reverse, rows)(pl.program_id(0))
-    prec = _precision(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     q = q_ref[...]
     d = q.shape[-1]
     c = scale * LOG2E
@@ -245,14 +196,14 @@ def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec
         start = pl.multiple_of(col * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = _dot(q, k, prec, trans_b=True) * c
+        s = dot(q, k, prec, trans_b=True) * c
         if masked:
-            s = jnp.where(_tile_mask(spec, row * bq, bq, start, bk), s, -jnp.inf)
+            s = jnp.where(tile_mask(spec, row * bq, bq, start, bk), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, prec)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, prec)
         return acc, m_new, l
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
@@ -277,7 +228,7 @@ def _jvp_kernel(
         refs = refs[3:]
     o_ref, to_ref, lse_ref = refs
     row = _row_map(reverse, rows)(pl.program_id(0))
-    prec = _precision(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     q = q_ref[...]
     tq = tq_ref[...] if has_tq else None
     d = q.shape[-1]
@@ -289,29 +240,29 @@ def _jvp_kernel(
         start = pl.multiple_of(col * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = _dot(q, k, prec, trans_b=True) * c
+        s = dot(q, k, prec, trans_b=True) * c
         if masked:
-            s = jnp.where(_tile_mask(spec, row * bq, bq, start, bk), s, -jnp.inf)
+            s = jnp.where(tile_mask(spec, row * bq, bq, start, bk), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, prec)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, prec)
         acct = acct * alpha[:, None]
         if has_ts:
             sd = None
             if has_tq:
-                sd = _dot(tq, k, prec, trans_b=True)
+                sd = dot(tq, k, prec, trans_b=True)
             if has_tk:
                 tk = tk_ref[pl.ds(start, bk), :]
-                sdk = _dot(q, tk, prec, trans_b=True)
+                sdk = dot(q, tk, prec, trans_b=True)
                 sd = sdk if sd is None else sd + sdk
             pd = p * (sd * scale)
             r = r * alpha + jnp.sum(pd, axis=1)
-            acct = acct + _dot(pd.astype(v.dtype), v, prec)
+            acct = acct + dot(pd.astype(v.dtype), v, prec)
         if has_tv:
             tv = tv_ref[pl.ds(start, bk), :]
-            acct = acct + _dot(p.astype(tv.dtype), tv, prec)
+            acct = acct + dot(p.astype(tv.dtype), tv, prec)
         return acc, acct, m_new, l, r
 
     init = (
@@ -356,7 +307,7 @@ def _dkdv_kernel(
         refs = refs[2:]
     dk_ref, dv_ref = refs
     row = _row_map(reverse, rows)(pl.program_id(0))  # key tile
-    prec = _precision(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     k = k_ref[...]
     v = v_ref[...]
     d = k.shape[-1]
@@ -370,14 +321,14 @@ def _dkdv_kernel(
         do = do_ref[pl.ds(start, bq), :]
         lse2 = lse_ref[pl.ds(start, bq)]
         delta = delta_ref[pl.ds(start, bq)]
-        s = _dot(q, k, prec, trans_b=True) * c
+        s = dot(q, k, prec, trans_b=True) * c
         p = jnp.exp2(s - lse2[:, None])
         if masked:
-            p = jnp.where(_tile_mask(spec, start, bq, k0, bk), p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, prec, trans_a=True)
-        dp = _dot(do, v, prec, trans_b=True)
+            p = jnp.where(tile_mask(spec, start, bq, k0, bk), p, 0.0)
+        dv = dv + dot(p.astype(do.dtype), do, prec, trans_a=True)
+        dp = dot(do, v, prec, trans_b=True)
         ds = p * (dp - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, prec, trans_a=True)
+        dk = dk + dot(ds.astype(q.dtype), q, prec, trans_a=True)
         return dk, dv
 
     init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
@@ -410,7 +361,7 @@ def _dq_kernel(
         refs = refs[1:]
     (dq_ref,) = refs
     row = _row_map(reverse, rows)(pl.program_id(0))
-    prec = _precision(q_ref.dtype)
+    prec = precision(q_ref.dtype)
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...]
@@ -422,13 +373,13 @@ def _dq_kernel(
         start = pl.multiple_of(col * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
-        s = _dot(q, k, prec, trans_b=True) * c
+        s = dot(q, k, prec, trans_b=True) * c
         p = jnp.exp2(s - lse2[:, None])
         if masked:
-            p = jnp.where(_tile_mask(spec, row * bq, bq, start, bk), p, 0.0)
-        dp = _dot(do, v, prec, trans_b=True)
+            p = jnp.where(tile_mask(spec, row * bq, bq, start, bk), p, 0.0)
+        dp = dot(do, v, prec, trans_b=True)
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, prec)
+        return dq + dot(ds.astype(k.dtype), k, prec)
 
     dq = _run_schedule(row, fi_ref, fc_ref, pi_ref, pc_ref, body, jnp.zeros((bq, d), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -440,26 +391,6 @@ def _pad_len(x, length):
     if pad == 0:
         return x
     return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-
-
-def _padded(n, mult):
-    return -(-n // mult) * mult
-
-
-def _check(q, k, v, spec):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash kernels expect rank-4 [B, L, H, D] q, k, v; got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"incompatible q{q.shape}, k{k.shape}, v{v.shape}")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head_dim {q.shape[-1]} not supported by the flash kernels (supported: {SUPPORTED_HEAD_DIMS})"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(
-            f"flash kernels need q, k, v of one dtype in (bfloat16, float32); got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    spec.check_lengths(q.shape[1], k.shape[1])
 
 
 def _qspec(bq, rmap, d):
@@ -502,14 +433,14 @@ def flash_forward(
     with no allowed key). `poison=True` pre-fills the outputs with NaN (aliased
     buffers) so that unwritten elements show up (tests only).
     """
-    _check(q, k, v, spec)
+    check_inputs(q, k, v, spec)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = D**-0.5 if scale is None else float(scale)
     config = default_config(q.dtype) if config is None else config
     t = config.fwd
     mult = config.pad_multiple
-    Lqp, Lkp = _padded(Lq, mult), _padded(Lk, mult)
+    Lqp, Lkp = padded(Lq, mult), padded(Lk, mult)
     rows = Lqp // t.block_q
     rmap = _row_map(reverse, rows)
     sched = _schedule(spec, t.block_q, t.block_k, False, rows, config.full_ranges)
@@ -566,7 +497,7 @@ def flash_jvp(
     shapes and dtype, or None for a zero tangent (its loads and dots are skipped).
     Returns: o `[B, Lq, H, D]`, to (tangent of o) `[B, Lq, H, D]`, lse `[B, H, Lq]`.
     """
-    _check(q, k, v, spec)
+    check_inputs(q, k, v, spec)
     for name, x, ref in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         if x is not None and (x.shape != ref.shape or x.dtype != ref.dtype):
             raise ValueError(f"tangent {name} {x.shape}/{x.dtype} does not match its primal {ref.shape}/{ref.dtype}")
@@ -576,7 +507,7 @@ def flash_jvp(
     config = default_config(q.dtype) if config is None else config
     t = config.jvp
     mult = config.pad_multiple
-    Lqp, Lkp = _padded(Lq, mult), _padded(Lk, mult)
+    Lqp, Lkp = padded(Lq, mult), padded(Lk, mult)
     rows = Lqp // t.block_q
     rmap = _row_map(reverse, rows)
     sched = _schedule(spec, t.block_q, t.block_k, False, rows, config.full_ranges)
@@ -657,13 +588,13 @@ def flash_backward(
     Returns: dq `[B, Lq, H, D]`, dk, dv `[B, Lk, H, D]` in the input dtypes.
     The row statistic delta = rowsum(dO * O) is computed here in XLA (fp32).
     """
-    _check(q, k, v, spec)
+    check_inputs(q, k, v, spec)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = D**-0.5 if scale is None else float(scale)
     config = default_config(q.dtype) if config is None else config
     mult = config.pad_multiple
-    Lqp, Lkp = _padded(Lq, mult), _padded(Lk, mult)
+    Lqp, Lkp = padded(Lq, mult), padded(Lk, mult)
     do = do.astype(q.dtype)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     # log2-domain lse; rows with no allowed key get +inf so that every p is 0.

@@ -1,4 +1,4 @@
-"""Turn the functional Wan model into the plain callables the losses take.
+"""Turn the functional Wan model into the plain callables the losses and samplers take.
 
 Losses call networks as `fn(x, t, cond) -> RF velocity`; here `cond` is a dict
 `{"context": [B, Ltxt, text_dim], "actions": [B, T] int (optional)}` and `t` is
@@ -16,12 +16,16 @@ from crm_jax.models.wan import AttentionPattern
 sg = jax.lax.stop_gradient
 
 
-def _frame_times(t, x):
+def frame_times(t, x):
+    """Per-frame times `[B, T]` of `x [B, T, ...]` from `t [B]` (broadcast) or `t [B, T]` (as is)."""
     t = jnp.asarray(t)
     return jnp.broadcast_to(t[:, None], x.shape[:2]) if t.ndim == 1 else t
 
 
-def _actions_for(actions, x):
+def actions_for(actions, x):
+    """Per-frame actions `[B, T]` for a model input `x [B, T', ...]`: as is when T' = T, repeated
+    for both halves when `x` is the packed `[clean | noisy]` teacher-forcing video (T' = 2T);
+    None stays None."""
     if actions is None:
         return None
     if x.shape[1] == 2 * actions.shape[1]:  # teacher forcing: [clean | noisy] share actions
@@ -41,10 +45,10 @@ def velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "vjp", st
         return apply(
             p,
             x,
-            _frame_times(t, x),
+            frame_times(t, x),
             cond["context"],
             pattern=pattern,
-            actions=_actions_for(cond.get("actions"), x),
+            actions=actions_for(cond.get("actions"), x),
             ad=ad,
         )
 
@@ -68,7 +72,7 @@ def average_velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "
 
     def fn(z, r, t, cond):
         p = sg(params) if stop_grad else params
-        t, r = _frame_times(t, z), _frame_times(r, z)
+        t, r = frame_times(t, z), frame_times(r, z)
         actions = cond.get("actions")
         if pattern.kind == "teacher_forcing":
             ctx = cond["tf_context"].astype(z.dtype)
@@ -96,7 +100,7 @@ def tf_velocity_fn(apply, params, pattern: AttentionPattern, *, ad: str = "vjp",
 
     def fn(x, t, cond):
         ctx = cond["tf_context"].astype(x.dtype)
-        t = _frame_times(t, x)
+        t = frame_times(t, x)
         out = base(jnp.concatenate([ctx, x], 1), jnp.concatenate([jnp.zeros_like(t), t], 1), cond)
         return out[:, x.shape[1] :]
 

@@ -36,7 +36,7 @@ def check_conds(x: Array, cond: Any, uncond: Any = None, guidance=1.0) -> None:
     B = x.shape[0]
     D.check_cond(cond, B, "cond")
     D.check_cond(uncond, B, "uncond")
-    if uncond is None and not D._guidance_is_one(guidance):
+    if uncond is None and not D.guidance_is_one(guidance):
         raise ValueError("guidance != 1 needs an `uncond` (negative / unconditional) pytree")
 
 
@@ -44,7 +44,7 @@ def get_time(t: Array | None, x: Array, key: Array, sampler, dtype, *, lo=0.0, h
     """Return the given times (checked) or per-sample times ``[B]`` drawn with ``sampler``."""
     if t is None:
         return sampler(key, (x.shape[0],), dtype=dtype)
-    t = D._check_time_shape(t, x, name)
+    t = D.check_time_shape(t, x, name)
     D.check_time(t, lo=lo, hi=hi, name=name)
     return jnp.asarray(t, dtype)
 
