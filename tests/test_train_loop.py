@@ -11,7 +11,7 @@ import pytest
 from configs.base import base_config, toy_model
 from crm_jax import pipeline
 from crm_jax.data.toy_source import ToySource
-from crm_jax.training import loop
+from crm_jax.training import run_setup
 from crm_jax.training.checkpoints import CheckpointMismatch
 
 
@@ -77,7 +77,7 @@ def test_bad_config_keys_and_mesh(tmp_path):
     c = tiny_config()
     c.train.nonsense = 1
     with pytest.raises(ValueError, match="unknown train config keys"):
-        loop.train_config(c)
+        run_setup.train_config(c)
     c = tiny_config(**{"mesh.data": 4})
     c.data.batch_size = 6
     with pytest.raises(ValueError, match="not divisible"):
