@@ -36,7 +36,7 @@ from crm_jax.data.toy_source import ToySource
 from crm_jax.models import convert
 from crm_jax.models.wan import AttentionPattern, functional
 from crm_jax.sampling.causal import causal_sample
-from crm_jax.training import loop
+from crm_jax.training import run_setup
 
 # The synthetic set's generation config (relative paths: under the repository root).
 GENERATION_CONFIG = "configs/toy_generate.py"
@@ -135,7 +135,7 @@ def run_demo(c, workdir: str) -> dict:
     t_all = time.time()
     os.makedirs(workdir, exist_ok=True)
     teacher = _load_teacher(c)
-    mcfg = loop.model_config(c)
+    mcfg = run_setup.model_config(c)
     src = dataclasses.replace(make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
     dist.log(f"[1/5] teacher loaded from {c.demo.teacher}")
     timings = {}
@@ -180,7 +180,7 @@ def _load_teacher(c):
             f"and pass --config.demo.teacher=runs/toy_teacher/export"
         )
     teacher = convert.load_nnx(c.demo.teacher)
-    mcfg = loop.model_config(c)
+    mcfg = run_setup.model_config(c)
     if teacher.cfg != mcfg:
         raise ValueError(f"shipped teacher config {teacher.cfg} differs from the demo's model config {mcfg}")
     return teacher

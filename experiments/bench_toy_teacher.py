@@ -55,7 +55,7 @@ def build(overrides: dict, quick: bool):
 
     from crm_jax.data.sources import make_source
     from crm_jax.models.wan import functional, init_model
-    from crm_jax.training import loop
+    from crm_jax.training import loop, run_setup
     from crm_jax.training import sharding as shd
     from crm_jax.training.offload import make_step
     from crm_jax.training.steps import Frozen, Trainer
@@ -64,7 +64,7 @@ def build(overrides: dict, quick: bool):
     c = ts.teacher_config(study, "teacher_tf", 2)
     c.model.overrides.update(dict(overrides.get("model", ())))
     c.data.batch_size = 8 if quick else overrides.get("batch_size", 128)
-    mcfg, tcfg = loop.model_config(c), loop.train_config(c)
+    mcfg, tcfg = run_setup.model_config(c), run_setup.train_config(c)
     src = make_source(c, mcfg)
     apply, params = functional(init_model(mcfg, c.seed))
     trainer = Trainer(tcfg, apply, mcfg)
@@ -83,7 +83,7 @@ def build(overrides: dict, quick: bool):
 def time_variant(name: str, overrides: dict, iters: int, repeats: int, quick: bool) -> dict:
     import jax
 
-    from crm_jax.training import loop
+    from crm_jax.training import loop, run_setup
 
     c, state, frozen, step, src, b_sh = build(overrides, quick)
     key = jax.random.key(0)
@@ -121,7 +121,7 @@ def time_variant(name: str, overrides: dict, iters: int, repeats: int, quick: bo
         loops.append((time.perf_counter() - t0) / iters)
     med = lambda xs: statistics.median(xs[1:]) * 1e3
     b = int(c.data.batch_size)
-    mcfg = loop.model_config(c)
+    mcfg = run_setup.model_config(c)
     return dict(
         variant=name,
         batch=b,

@@ -54,7 +54,7 @@ def main(argv=None):
     from crm_jax.evaluation import world_model as wm
     from crm_jax.models import adapter, convert
     from crm_jax.models.wan import functional
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
     from experiments import toy_study as ts
 
     study = ts.Study(os.path.abspath(a.workdir), "full")
@@ -62,7 +62,7 @@ def main(argv=None):
         if not os.path.isdir(study.export(job)):
             raise FileNotFoundError(f"{study.export(job)} is missing: run the toy study's teachers first")
     base = study.base("teacher_tf", 2)
-    tcfg, mcfg = loop.train_config(base), loop.model_config(base)
+    tcfg, mcfg = run_setup.train_config(base), run_setup.model_config(base)
     src, batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, a.episodes)
     x0 = batch["latents"]
     cond = dict(context=batch["context"], actions=batch["actions"], tf_context=x0)

@@ -304,10 +304,10 @@ def _evaluator(study: Study, c, *, kind: str, episodes: int, frames: int | None 
     from crm_jax.evaluation import world_model as wm
     from crm_jax.evaluation.video_features import FeatureModel
     from crm_jax.models.wan import apply_for
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
 
     block = c.train.block_frames
-    mcfg = loop.model_config(c)
+    mcfg = run_setup.model_config(c)
     src, batch = wm.heldout_source(
         study.world_of(frames or study.world.num_frames), mcfg.text_len, mcfg.text_dim, episodes
     )
@@ -542,11 +542,11 @@ def run_final(study: Study, job: Job) -> dict:
     from crm_jax.evaluation.video_features import FeatureModel
     from crm_jax.models import convert
     from crm_jax.models.wan import functional
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
 
     (models,) = job.args
     feats = FeatureModel.load(study.path("classifier"))
-    mcfg = loop.model_config(study.base("teacher_tf", 2))
+    mcfg = run_setup.model_config(study.base("teacher_tf", 2))
     key, t0, n_ep = jax.random.key(4242), time.time(), study.S["final_episodes"]
     short_src, short_batch = wm.heldout_source(study.world, mcfg.text_len, mcfg.text_dim, n_ep)
     long_src, long_batch = wm.heldout_source(study.world_of(study.S["long_frames"]), mcfg.text_len, mcfg.text_dim, n_ep)

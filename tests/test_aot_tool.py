@@ -50,12 +50,12 @@ def test_bad_topology_names(name, match):
 
 def test_step_plans_cover_every_step_function_of_a_run():
     from configs import toy_rcm, toy_sf_dmd, toy_tf_scm
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
     from crm_jax.training.steps import Trainer
 
     for mod in (toy_tf_scm, toy_sf_dmd, toy_rcm):
         c = mod.get_config()
-        trainer = Trainer(loop.train_config(c), None, loop.model_config(c))
+        trainer = Trainer(run_setup.train_config(c), None, run_setup.model_config(c))
         want = sorted({trainer.plan(i, trainer.cfg.student_update_freq) for i in range(c.num_iterations)})
         assert aot.step_plans(c, trainer) == want
 

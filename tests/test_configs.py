@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from crm_jax.training import loop
+from crm_jax.training import run_setup
 from crm_jax.training.modes import MODES
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -23,9 +23,9 @@ def test_config_is_valid(name):
     if name.endswith("generate"):
         assert c.num_samples > 0 and c.cond.kind
         return
-    loop.model_config(c)
+    run_setup.model_config(c)
     if c.mode in MODES:
-        tcfg = loop.train_config(c)
+        tcfg = run_setup.train_config(c)
         assert c.data.batch_size % (c.mesh.data * c.mesh.fsdp) == 0
         assert tcfg.mode == c.mode
     else:
@@ -40,6 +40,6 @@ def test_tiny_e2e_stages():
     assert g.teacher == "/r/checkpoints/wan_1_3b" and g.cond.embeddings == "/r/data/wan_prompts/embeddings.npz"
     s = wan_tiny_e2e.get_config("sf_dmd,/r")
     assert s.init.student == "/r/runs/wan_tf_scm/export" and s.data.path == "/r/data/wan_synthetic"
-    assert loop.model_config(s).in_channels == g.latent_shape[-1]
+    assert run_setup.model_config(s).in_channels == g.latent_shape[-1]
     with pytest.raises(ValueError, match="stage"):
         wan_tiny_e2e.get_config("teacher_df")

@@ -44,7 +44,7 @@ def test_dag_is_complete_and_acyclic():
 
 
 def test_claim1_variants_change_one_thing_of_the_recipe(tmp_path):
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
 
     study, jobs = ts.Study(str(tmp_path), "full"), ts.all_jobs()
     for name in ts.ABLATIONS:
@@ -55,8 +55,8 @@ def test_claim1_variants_change_one_thing_of_the_recipe(tmp_path):
             assert not diff and (c.seed, c.data.seed) == (ref.seed + 1, ref.data.seed + 1), name
         else:
             assert len(diff) == 1 and (c.seed, c.data.seed) == (ref.seed, ref.data.seed), (name, diff)
-        loop.train_config(c)  # a valid train config
-    assert loop.train_config(ts.student_job_config(study, jobs["tf_scm_c1_nonorm"])).tangent_normalise is False
+        run_setup.train_config(c)  # a valid train config
+    assert run_setup.train_config(ts.student_job_config(study, jobs["tf_scm_c1_nonorm"])).tangent_normalise is False
     assert ts.student_job_config(study, jobs["tf_scm_c2_highnoise"]).train.p_mean == 0.7
 
 
@@ -120,7 +120,7 @@ def test_budget_overrides_reach_the_jobs_and_bad_ones_are_refused(tmp_path):
 
 
 def test_every_job_kind_builds_a_valid_config(tmp_path):
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
 
     study = ts.Study(str(tmp_path), "full")
     configs = [
@@ -130,8 +130,8 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
     ]
     configs += [ts.student_config(study, m, b) for m in ("tf_scm", "tf_meanflow", "tf_dcm", "ode_init") for b in (1, 2)]
     for c in configs:
-        tcfg = loop.train_config(c)
-        mcfg = loop.model_config(c)
+        tcfg = run_setup.train_config(c)
+        mcfg = run_setup.model_config(c)
         assert tcfg.block_frames in (1, 2)
         assert mcfg.mean_flow == (c.mode == "tf_meanflow")
         assert (mcfg.dim, mcfg.num_layers) == (192, 4)  # one architecture: students init from teachers
@@ -140,14 +140,14 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
     assert d.train.dmd_teacher_pattern == "full" and d.init.dmd_teacher == study.export("teacher_bi")
     causal = ts.dmd_config(study, "tf_scm_c2", "causal")  # the dmd_*_causal jobs' real score
     assert causal.train.dmd_teacher_pattern == "block_causal" and causal.init.dmd_teacher == study.export("teacher_c2")
-    assert loop.train_config(causal).dmd_teacher_pattern == "block_causal"
+    assert run_setup.train_config(causal).dmd_teacher_pattern == "block_causal"
     with pytest.raises(ValueError, match="real must be one of"):
         ts.dmd_config(study, "tf_scm_c2", "student")
     jobs = ts.all_jobs()
     assert jobs["dmd_scm_causal"].args == ("tf_scm_c2", "causal") and "teacher_bi" not in jobs["dmd_scm_causal"].deps
     assert set(ts.GROUPS["dmd_causal"]) <= set(ts.DIAGNOSTICS)  # on demand, not in the default run
     tf = ts.dmd_config(study, "tf_scm_c2", "tf")  # the dmd_*_tf jobs: teacher-forcing scores
-    assert loop.train_config(tf).dmd_teacher_pattern == "teacher_forcing" and tf.init.dmd_teacher == study.export(
+    assert run_setup.train_config(tf).dmd_teacher_pattern == "teacher_forcing" and tf.init.dmd_teacher == study.export(
         "teacher_c2"
     )
     assert jobs["final_dmd_tf"].deps == ts.DMD_ON_DEMAND["tf"] + ("classifier",)
@@ -427,14 +427,14 @@ def test_dmd_real_score_check_runs_and_its_chunk0_check_holds(tmp_path):
     """experiments/dmd_real_score_check.py on random-weight teachers of the study's model: the table
     is written and chunk 0 (no context) scores the same in both of teacher_c2's layouts."""
     from crm_jax.models.wan import functional, init_model
-    from crm_jax.training import loop
+    from crm_jax.training import run_setup
     from experiments import dmd_real_score_check as check
 
     study = ts.Study(str(tmp_path), "full")
-    mcfg = loop.model_config(study.base("teacher_tf", 2))
+    mcfg = run_setup.model_config(study.base("teacher_tf", 2))
     for i, job in enumerate(("teacher_bi", "teacher_c2")):
         model = init_model(mcfg, i)
-        loop.export_model(model, functional(model)[1], study.export(job))
+        run_setup.export_model(model, functional(model)[1], study.export(job))
     out = tmp_path / "check.json"
     assert (
         check.main(["--workdir", str(tmp_path), "--episodes", "2", "--times", "0.5", "--draws", "1", "--out", str(out)])

@@ -11,7 +11,7 @@ import pytest
 from configs.base import base_config, toy_model
 from crm_jax import pipeline
 from crm_jax.data.toy_source import ToySource
-from crm_jax.training import loop
+from crm_jax.training import run_setup
 from crm_jax.training.checkpoints import CheckpointMismatch
 
 
@@ -83,11 +83,11 @@ def test_changed_initialisation_is_not_resumed_over(tmp_path):
 
     teacher = tmp_path / "teacher"
     c = tiny_config("tf_scm", **{"num_iterations": 2})
-    convert.save_nnx(init_model(loop.model_config(c), 0), str(teacher))
+    convert.save_nnx(init_model(run_setup.model_config(c), 0), str(teacher))
     c.init.teacher = str(teacher)
     pipeline.train(c, str(tmp_path / "run"), progress=False)
     pipeline.train(c, str(tmp_path / "run"), progress=False)  # unchanged: a rerun resumes (nothing to do)
-    convert.save_nnx(init_model(loop.model_config(c), 1), str(teacher))  # the earlier stage changed
+    convert.save_nnx(init_model(run_setup.model_config(c), 1), str(teacher))  # the earlier stage changed
     with pytest.raises(CheckpointMismatch, match=r"init\.teacher\.fingerprint"):
         pipeline.train(c, str(tmp_path / "run"), progress=False)
 
@@ -111,7 +111,7 @@ def test_bad_config_keys_and_mesh(tmp_path):
     c = tiny_config()
     c.train.nonsense = 1
     with pytest.raises(ValueError, match="unknown train config keys"):
-        loop.train_config(c)
+        run_setup.train_config(c)
     c = tiny_config(**{"mesh.data": 4})
     c.data.batch_size = 6
     with pytest.raises(ValueError, match="not divisible"):

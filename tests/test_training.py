@@ -220,7 +220,7 @@ def test_teacher_larger_than_student(mode):
 def test_teacher_model_config():
     import ml_collections
 
-    from crm_jax.training.loop import teacher_model_config
+    from crm_jax.training.run_setup import teacher_model_config
 
     student = TINY.replace(num_actions=5, dtype="bfloat16", remat="block")
     c = ml_collections.ConfigDict(dict(teacher_model=dict(name="", overrides={})))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from crm_jax.models.wan import WanModel, apply_for
-from crm_jax.training import loop
+from crm_jax.training import run_setup
 from crm_jax.training import sharding as shd
 from crm_jax.training.modes import get_mode
 from crm_jax.training.offload import make_step
@@ -145,7 +145,7 @@ def latent_shape_of(c) -> tuple[int, ...]:
     if c.data.kind == "toy":
         from crm_jax.data.sources import make_source
 
-        return tuple(make_source(c, loop.model_config(c)).latent_shape)
+        return tuple(make_source(c, run_setup.model_config(c)).latent_shape)
     meta = os.path.join(str(c.data.get("path", "")), "metadata.json")
     if os.path.exists(meta):
         import json
@@ -191,9 +191,9 @@ class StepReport:
 
 def build(c, devices, latent_shape: tuple[int, ...] | None = None):
     """(trainer, mesh, state, frozen, batch, key, shardings) of `c`, all abstract, on `devices`."""
-    mcfg = loop.model_config(c)
-    tcfg = loop.train_config(c)
-    teacher_cfg = loop.teacher_model_config(c, mcfg)
+    mcfg = run_setup.model_config(c)
+    tcfg = run_setup.train_config(c)
+    teacher_cfg = run_setup.teacher_model_config(c, mcfg)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1), devices=devices)
     shd.check_batch(c.data.batch_size, mesh)
     trainer = Trainer(
@@ -207,7 +207,7 @@ def build(c, devices, latent_shape: tuple[int, ...] | None = None):
         frozen = Frozen(teacher, teacher, neg)
     critic = frozen.dmd_teacher if tcfg.has_critic else None
     state = jax.eval_shape(trainer.init_state, params, critic)
-    offload = loop.offload_fields(c)
+    offload = run_setup.offload_fields(c)
     st_sh = shd.state_shardings(state, mesh, offload=tuple(f for f in offload if f == "ema"))
     fr_sh = (
         None if frozen is None else shd.state_shardings(frozen, mesh, offload=tuple(f for f in offload if f != "ema"))

@@ -25,14 +25,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from crm_jax import distributed as dist
 from crm_jax.inputs import check_inputs, training_inputs
-from crm_jax.models import convert
-from crm_jax.models.config import WanConfig, model_config_from, same_architecture
+from crm_jax.models.config import WanConfig
 from crm_jax.models.wan import apply_for, functional, init_model
+from crm_jax.training import run_setup as rs
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
 from crm_jax.training.offload import make_step, place_frozen, precompile
@@ -41,75 +40,6 @@ from crm_jax.training.steps import Frozen, TrainConfig, Trainer, TrainState
 
 class NanStreakError(RuntimeError):
     pass
-
-
-def model_config(c) -> WanConfig:
-    return model_config_from(c.model)
-
-
-# What a teacher must share with its student: the data it reads and writes.
-INTERFACE_FIELDS = ("in_channels", "out_channels", "patch_size", "text_dim", "text_len", "num_actions")
-
-
-def offload_fields(c) -> tuple[str, ...]:
-    """`c.memory.offload` ("ema", "teacher" or "ema,teacher") -> fields kept in host memory."""
-    names = [n.strip() for n in str(c.get("memory", {}).get("offload", "") or "").split(",") if n.strip()]
-    bad = set(names) - {"ema", "teacher"}
-    if bad:
-        raise ValueError(f"memory.offload takes 'ema' and/or 'teacher', got {sorted(bad)}")
-    return tuple(f for n in names for f in (("teacher", "dmd_teacher") if n == "teacher" else (n,)))
-
-
-def teacher_model_config(c, student: WanConfig) -> WanConfig:
-    """The teacher's (and the DMD critic's) architecture.
-
-    `c.teacher_model` (same form as `c.model`: name + overrides) lets a larger teacher
-    distil into a smaller student (e.g. a 14B teacher for a 1.3B student); without it the
-    teacher has the student's architecture. The teacher always predicts the instantaneous
-    velocity (mean_flow=False), must read and write the student's latents, text and
-    actions, and inherits the student's dtype / param_dtype / remat / attention settings
-    unless its overrides set them.
-    """
-    block = c.get("teacher_model")
-    if not block or not block.get("name"):
-        return student.replace(mean_flow=False)
-    over = block.get("overrides", {}) or {}
-    inherited = {
-        k: getattr(student, k)
-        for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_tiles", "attn_interpret")
-        if k not in over
-    }
-    teacher = model_config_from(block).replace(mean_flow=False, **inherited)
-    bad = {
-        f: (getattr(teacher, f), getattr(student, f))
-        for f in INTERFACE_FIELDS
-        if getattr(teacher, f) != getattr(student, f)
-    }
-    if bad:
-        raise ValueError(
-            "teacher_model must share the student's input/output interface; differing "
-            + ", ".join(f"{f}: teacher {a} vs student {b}" for f, (a, b) in bad.items())
-        )
-    return teacher
-
-
-def train_config(c) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    kw = {k: v for k, v in c.train.items() if k in fields}
-    unknown = set(c.train.keys()) - fields
-    if unknown:
-        raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(fields)}")
-    return TrainConfig(mode=c.mode, **kw)
-
-
-def load_params(path: str, mcfg: WanConfig, seed: int):
-    """Parameters from a checkpoint directory, or a random init when `path` is empty."""
-    if not path:
-        return functional(init_model(mcfg, seed))[1]
-    model = convert.load_any(path)
-    if not same_architecture(model.cfg, mcfg):
-        raise ValueError(f"checkpoint {path} has model config {model.cfg}, expected {mcfg}")
-    return functional(model)[1]
 
 
 class MetricsWriter:
@@ -144,16 +74,6 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def run_meta(c, mcfg: WanConfig) -> dict:
-    """What identifies a run: its mode, architecture and the checkpoints it was initialised from
-    (path and fingerprint), so that a changed earlier stage is not silently resumed over."""
-    from crm_jax.training.checkpoints import fingerprint
-
-    init = {k: c.init.get(k, "") for k in ("student", "teacher", "dmd_teacher")} if "init" in c else {}
-    init = {k: {"path": v, "fingerprint": fingerprint(v) if os.path.exists(v) else ""} for k, v in init.items() if v}
-    return {"mode": c.mode, "model": dataclasses.asdict(mcfg), "init": init}
 
 
 @dataclasses.dataclass
@@ -233,14 +153,14 @@ def train(
 def setup(c, workdir: str, source) -> Run:
     """Config checks (before the workdir is touched), the mesh, the checkpoints and the step to
     resume from (agreed on by every process), and the data source."""
-    mcfg = model_config(c)
-    tcfg = train_config(c)
+    mcfg = rs.model_config(c)
+    tcfg = rs.train_config(c)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.get("context", 1))
     shd.check_batch(c.data.batch_size, mesh)
-    precompile_threads(c)
-    offload_fields(c)
+    rs.precompile_threads(c)
+    rs.offload_fields(c)
     check_inputs(training_inputs(c), f"{c.mode} config")  # missing checkpoints / dataset: same
-    meta = run_meta(c, mcfg)
+    meta = rs.run_meta(c, mcfg)
     os.makedirs(workdir, exist_ok=True)
     ckpts = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.get("async_save", True))
     start_step = ckpts.check_compatible(meta)  # raises before any compute on mismatch
@@ -256,8 +176,8 @@ def build(run: Run) -> None:
     run.model = init_model(mcfg, c.seed)
     run.apply, params = functional(run.model)
     if c.init.student:
-        params = load_params(c.init.student, mcfg, c.seed)
-    teacher_cfg = teacher_model_config(c, mcfg)
+        params = rs.load_params(c.init.student, mcfg, c.seed)
+    teacher_cfg = rs.teacher_model_config(c, mcfg)
     teacher_apply = None if teacher_cfg == mcfg else apply_for(teacher_cfg)
     run.trainer = Trainer(tcfg, run.apply, mcfg, teacher_apply=teacher_apply)
     run.frozen = frozen_networks(c, tcfg, teacher_cfg, run.source)
@@ -267,7 +187,7 @@ def build(run: Run) -> None:
                 "a MeanFlow student is initialised from its teacher, so it needs the "
                 "teacher's architecture (or init.student)"
             )
-        params = _mean_flow_from(run.frozen.teacher, params)
+        params = rs.mean_flow_from(run.frozen.teacher, params)
     critic = run.frozen.dmd_teacher if tcfg.has_critic else None
     run.state = run.trainer.init_state(params, critic)
 
@@ -277,8 +197,10 @@ def frozen_networks(c, tcfg: TrainConfig, teacher_cfg: WanConfig, source) -> Fro
     if tcfg.needs_teacher:
         if not c.init.teacher and not c.init.get("allow_random_teacher", False):
             raise ValueError(f"mode {c.mode!r} needs init.teacher (a checkpoint directory)")
-        teacher = load_params(c.init.teacher, teacher_cfg, c.seed + 1)
-        dmd_teacher = load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) if c.init.get("dmd_teacher") else teacher
+        teacher = rs.load_params(c.init.teacher, teacher_cfg, c.seed + 1)
+        dmd_teacher = (
+            rs.load_params(c.init.dmd_teacher, teacher_cfg, c.seed + 2) if c.init.get("dmd_teacher") else teacher
+        )
         return Frozen(teacher, dmd_teacher, source.negative_context())
     if tcfg.cond_dropout > 0:
         return Frozen(None, None, source.negative_context())
@@ -289,7 +211,7 @@ def place(run: Run) -> None:
     """Restore the checkpoint to resume from (if any) and place the state and the frozen networks
     on the mesh (offloaded fields in pinned host memory); fixes the step's input shardings."""
     c, mesh, state, frozen = run.c, run.mesh, run.state, run.frozen
-    offload = offload_fields(c)
+    offload = rs.offload_fields(c)
     if offload:
         dist.log(
             f"memory.offload: {', '.join(offload)} in pinned host memory; each step runs as teacher "
@@ -319,7 +241,7 @@ def compile_steps(run: Run, total: int):
     def compiled(which: str, sf_steps: int, use_dmd: bool):
         return make_step(trainer, run.mesh, run.shardings, which, sf_steps=sf_steps, use_dmd=use_dmd)
 
-    threads = precompile_threads(run.c)
+    threads = rs.precompile_threads(run.c)
     first = int(run.state.iteration)
     plans = sorted({trainer.plan(it, freq) for it in range(first, total)})
     if len(plans) > 1 and threads >= 0:
@@ -438,48 +360,14 @@ def export(run: Run, trained: bool = True) -> None:
     existing export (its fingerprint identifies the next stage's initialisation)."""
     c = run.c
     path = os.path.join(run.workdir, "export")
-    if not c.get("export", True) or (not trained and os.path.exists(os.path.join(path, convert.NNX_CONFIG))):
+    if not c.get("export", True) or (not trained and os.path.exists(os.path.join(path, "wan_config.json"))):
         return
     weights = dist.to_host(run.state.ema if c.get("export_ema", False) else run.state.params)
     if dist.is_main_process():
-        export_model(run.model, weights, path)
+        rs.export_model(run.model, weights, path)
     dist.barrier("export written")  # the next stage may read it on any process
-
-
-def precompile_threads(c) -> int:
-    """`c.precompile`: -1 = compile lazily, 0 = every step function at once, N > 0 = N at a time."""
-    threads = int(c.get("precompile", 0))
-    if threads < -1:
-        raise ValueError(f"precompile must be -1 (lazily), 0 (all at once) or N > 0 at a time, got {threads}")
-    return threads
-
-
-def export_model(model, params, path: str) -> None:
-    """Write `params` into `model`'s structure as a crm_jax NNX checkpoint (teacher/student input)."""
-    from flax import nnx
-
-    params = jax.tree.map(lambda p, ref: jnp.asarray(p, ref.dtype), jax.device_get(params), nnx.state(model, nnx.Param))
-    nnx.update(model, params)
-    convert.save_nnx(model, path)
 
 
 def model_batch(batch: dict) -> dict:
     """The part of a source batch the steps consume (drops scoring-only fields)."""
     return {k: v for k, v in batch.items() if k in ("latents", "context", "actions", "ode_traj", "ode_times")}
-
-
-def _mean_flow_from(teacher, params):
-    """Initialise a MeanFlow student from an RF teacher: copy shared parameters, keep the
-    interval embedder's init but zero its output layer so u(z, t, t) = v at step 0."""
-    out = jax.tree.map(lambda x: x, params)
-    copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # the state is donated: no aliasing
-    for k, v in teacher.items():
-        if k == "condition_embedder":
-            for kk, vv in v.items():
-                out[k][kk] = copy(vv)
-        else:
-            out[k] = copy(v)
-    ie = out["condition_embedder"]["interval_embedder"]["linear_2"]
-    ie["kernel"] = jnp.zeros_like(ie["kernel"])
-    ie["bias"] = jnp.zeros_like(ie["bias"])
-    return out
