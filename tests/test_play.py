@@ -173,6 +173,30 @@ def test_non_local_host_refused():
         main(["--host", "0.0.0.0", "--port", "0"])  # refused before any model is loaded
 
 
+def test_command_prints_url(tmp_path):
+    """`python -m crm_jax.play` from another directory: prints the URL; without checkpoints (nothing
+    to compile) the page names the missing paths."""
+    import sys
+
+    student, teacher = str(tmp_path / "no_student"), str(tmp_path / "no_teacher")
+    env = dict(os.environ, PYTHONPATH=S.REPO_ROOT, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "crm_jax.play", "--port", "0", "--student", student, "--teacher", teacher]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split("open ", 1)[1].split()[0]
+        code, text = _get(url)
+        assert code == 404 and student in text and "make demo" in text
+        code, text = _get(url + "?model=teacher")
+        assert code == 404 and teacher in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_frames_per_second(served):
     """>= 15 frames/s with the 1-step student over HTTP on this machine (the teacher is reported)."""
     app, url = served
@@ -308,7 +332,8 @@ def _canvas(d: WebDriver, cid: str, world: tw.ToyWorldConfig) -> np.ndarray:
 def check_model_follows(frames: np.ndarray, actions: list[int], colors, world, min_accuracy: float = 0.75):
     """The model panel's controlled sprite moves the commanded way (`action_following_accuracy`).
 
-    frames `[T, H, W, 3]` in [0, 1], the last frame of every chunk; actions `[T]` their chunks' actions.
+    frames `[T, H, W, 3]` in [0, 1]: the first block's last frame, then the last frame of every chunk;
+    actions `[T]`: each chunk's action (the first entry is unused).
     Called only with CRM_PLAY_CHECK_MODEL=1: the shipped teacher does not pass it."""
     acc = float(tw.action_following_accuracy(frames, np.asarray(actions, np.int32), np.asarray(colors), world))
     assert acc >= min_accuracy, f"model follows {acc:.2f} of the actions, want >= {min_accuracy}"
@@ -326,7 +351,7 @@ def test_browser_play(served, browser, tmp_path):
     assert np.isfinite(pos).all()
 
     keys = ["right", "right", "down", "down", "left", "up", "stay"]
-    model_frames, acts, moved = [], [], 0
+    truth_frames, model_frames, acts, moved = [truth0], [_canvas(d, "model", world)], [0], 0
     for i, k in enumerate(keys):
         d.press(KEY_CODES[k])
         d.wait(f"return window.play.shown === {i + 2} && !window.play.busy")
@@ -336,6 +361,7 @@ def test_browser_play(served, browser, tmp_path):
         np.testing.assert_allclose(new, want, err_msg=f"key {k} (step {i})")  # the ground truth follows exactly
         moved += int(np.any(new != pos))
         pos = new
+        truth_frames.append(truth)
         model_frames.append(_canvas(d, "model", world))
         acts.append(tw.ACTION_NAMES.index(k))
     assert moved >= 4  # the sprite did move (not stuck in a corner)
@@ -348,11 +374,12 @@ def test_browser_play(served, browser, tmp_path):
 
     # model frames arrived and the numbers are shown
     log = d.js("return window.play.log")
-    assert [e["actions"] for e in log] == [[a, a] for a in acts]
+    assert [e["actions"] for e in log] == [[a, a] for a in acts[1:]]
     assert all(m.std() > 0 for m in model_frames)
     for nid in ("err", "meanerr", "modelfps", "meanfps", "streamfps"):
         text = d.js(f"return document.getElementById('{nid}').textContent")
         assert text != "-" and float(text) >= 0, (nid, text)
+    check_model_follows(np.stack(truth_frames), acts, colors, world, min_accuracy=1.0)  # the check itself
     if os.environ.get("CRM_PLAY_CHECK_MODEL") == "1":
         check_model_follows(np.stack(model_frames), acts, colors, world)
 

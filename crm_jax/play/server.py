@@ -317,8 +317,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if fn is None:
                 raise ApiError(404, f"no such endpoint {self.path!r}")
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > 65536:
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise ApiError(400, "bad Content-Length") from None
+            if not 0 <= n <= 65536:
                 raise ApiError(400, "request body too large")
             try:
                 body = json.loads(self.rfile.read(n) or b"{}")
@@ -329,6 +332,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, fn(body))
         except ApiError as e:
             self._json(e.status, dict(error=str(e)))
+        except Exception as e:  # a bug: the page shows it, the server keeps serving
+            self.log_error("%s: %r", self.path, e)
+            self._json(500, dict(error=f"internal error: {type(e).__name__}: {e}"))
 
 
 class _Server(ThreadingHTTPServer):
