@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # runs never probe for a TPU.
 LIBTPU := libtpu==0.0.48.1
 
-.PHONY: venv demo test lint clean-venv
+.PHONY: venv demo play test lint clean-venv
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: venv
 	$(PY) -m crm_jax.main --config=configs/toy_demo.py --workdir=$${WORKDIR:-runs/demo}
+
+# Play the world model in a browser (docs/play.md): prints the URL of a local server.
+# PLAY_ARGS: e.g. "--port 0" or "--student runs/demo/tf_scm/export".
+play: venv
+	$(PY) -m crm_jax.play $(PLAY_ARGS)
 
 $(VENV)/libtpu/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --target $(VENV)/libtpu "$(LIBTPU)"
