@@ -2,6 +2,8 @@
 
     python experiments/bench_streaming.py --out results/bench_streaming.json        # GPU
     python experiments/bench_streaming.py --quick --out /tmp/bench_quick.json       # CPU smoke test
+    python experiments/bench_streaming.py --save_videos DIR     # the videos of every configuration
+    python experiments/bench_streaming.py --check_videos DIR    # the same videos again? (max |diff| <= 1e-6)
 
 Default (GPU): `wan_1_3b` dimensions, random weights, bf16, 480p (latent 60x104 ->
 30x52 = 1560 tokens/frame), 21 latent frames, B = 1, chunk 3 and frame-wise, 1/2/4
@@ -93,6 +95,10 @@ from crm_jax.sampling import StreamingSampler
 from crm_jax.sampling.plan import chunk_bounds
 from experiments import trace_summary
 
+# A reduced wan_1_3b for CPU runs (--quick --models wan_small): 16 latent channels, the (1, 2, 2)
+# patch, two layers of two heads.
+WAN_SMALL = get_model_config("wan_1_3b", dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, text_len=16)
+
 # Self Forcing (PyTorch, torch SDPA) on one H200, 2026-11-21, chunk 3: latent frames/s x 1.6.
 TARGETS = {(3, 4, "clean"): 11.5, (3, 2, "clean"): 19.0, (3, 2, "noisy"): 27.0}
 
@@ -100,8 +106,13 @@ TARGETS = {(3, 4, "clean"): 11.5, (3, 2, "clean"): 19.0, (3, 2, "noisy"): 27.0}
 def model_setups(args):
     """[(name, cfg, latent_hw, frames, with_actions)] to benchmark."""
     if args.quick:
-        cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5)
-        return [("tiny", cfg, (8, 8), 6, True)]
+        setups = []
+        if "tiny" in args.models or "wan_small" not in args.models:
+            cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5)
+            setups.append(("tiny", cfg, (8, 8), 6, True))
+        if "wan_small" in args.models:
+            setups.append(("wan_small", WAN_SMALL, (8, 8), 6, False))
+        return setups
     setups = []
     if "wan_1_3b" in args.models:
         cfg = get_model_config(
@@ -231,6 +242,48 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     return row
 
 
+def video_name(name, block, steps, mode) -> str:
+    return f"{name}_chunk{block}_{steps}steps_{mode}.npy"
+
+
+def videos(args) -> int:
+    """--save_videos / --check_videos: one video per configuration with the sampler's default options.
+
+    Saves each video as DIR/<model>_chunk<B>_<S>steps_<context>.npy, or compares it with the file of
+    that name in DIR (max |difference| per configuration). Returns the number of configurations
+    that are missing or differ by more than `args.video_tol`.
+    """
+    configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n, m in args.pairs]
+    target = args.save_videos or args.check_videos
+    os.makedirs(target, exist_ok=True)
+    bad, models = 0, {}
+    for (name, cfg, hw, frames, with_actions), block, steps, mode in configs:
+        if name not in models:
+            models.clear()
+            models[name] = functional(init_model(cfg, seed=0))
+        apply, params = models[name]
+        sampler = StreamingSampler(apply, params, cfg, AttentionPattern("block_causal", block), hw, 1, steps, mode)
+        context = jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim), jnp.float32)
+        actions = np.random.default_rng(0).integers(0, cfg.num_actions, (1, frames)) if with_actions else None
+        video = np.asarray(sampler.generate(jax.random.key(0), context, frames, actions), np.float32)
+        path = os.path.join(target, video_name(name, block, steps, mode))
+        label = f"{name} chunk {block} {steps} steps {mode}"
+        if args.save_videos:
+            np.save(path, video)
+            print(f"{label}: saved {path} {video.shape}", flush=True)
+            continue
+        if not os.path.exists(path):
+            print(f"{label}: MISSING {path}", flush=True)
+            bad += 1
+            continue
+        ref = np.load(path)
+        diff = float(np.max(np.abs(video - ref))) if ref.shape == video.shape else float("inf")
+        ok = diff <= args.video_tol
+        bad += not ok
+        print(f"{label}: max |diff| {diff:.3e}{'' if ok else '  FAIL'}", flush=True)
+    return bad
+
+
 def fmt(rows):
     head = (
         f"{'variant':14s} {'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'first ms':>9s} "
@@ -354,7 +407,21 @@ def _option(text: str):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="JSON output path (required unless --compare)")
+    p.add_argument("--out", default=None, help="JSON output path (required unless --compare or a video mode)")
+    p.add_argument(
+        "--save_videos",
+        default=None,
+        metavar="DIR",
+        help="no timing: generate one video per configuration with the default sampler and save it in DIR",
+    )
+    p.add_argument(
+        "--check_videos",
+        default=None,
+        metavar="DIR",
+        help="no timing: generate the videos as --save_videos does and compare them with those in DIR "
+        "(fails if any differs by more than --video_tol)",
+    )
+    p.add_argument("--video_tol", type=float, default=1e-6, help="largest max |difference| --check_videos accepts")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -454,8 +521,10 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.compare:
         return a
-    if a.out is None:
-        p.error("--out is required (unless --compare)")
+    if a.save_videos and a.check_videos:
+        p.error("--save_videos and --check_videos exclude each other")
+    if a.out is None and not (a.save_videos or a.check_videos):
+        p.error("--out is required (unless --compare, --save_videos or --check_videos)")
     a.models = a.models.split(",")
     a.latent_hw = [int(v) for v in a.latent_hw.split(",")]
     a.blocks = [int(v) for v in (a.blocks or "3,1").split(",")]
@@ -494,6 +563,11 @@ def main(argv=None):
     if args.compare:
         model, chunk, steps, mode = args.compare_key.split(":")
         print(compare(args.compare, (model, int(chunk), int(steps), mode)))
+        return
+    if args.save_videos or args.check_videos:
+        bad = videos(args)
+        if bad:
+            raise SystemExit(f"{bad} video(s) missing or differing by more than {args.video_tol}")
         return
     configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n, m in args.pairs]
     if args.only:

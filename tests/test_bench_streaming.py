@@ -4,6 +4,9 @@ import json
 import os
 import sys
 
+import numpy as np
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import bench_streaming  # noqa: E402
@@ -61,3 +64,16 @@ def test_quick_variants_and_compare(tmp_path, capsys):
     assert "skipping" in text and all(label in text for label in variants)
     best = text.strip().splitlines()[-1]
     assert best.startswith("best: ") and best[6:] in variants
+
+
+def test_save_and_check_videos(tmp_path, capsys):
+    flags = ["--quick", "--models", "tiny,wan_small", "--blocks", "3", "--configs", "1:clean"]
+    bench_streaming.main([*flags, "--save_videos", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["tiny_chunk3_1steps_clean.npy", "wan_small_chunk3_1steps_clean.npy"]
+    capsys.readouterr()
+    bench_streaming.main([*flags, "--check_videos", str(tmp_path)])
+    assert capsys.readouterr().out.count("max |diff| 0.000e+00") == 2
+    np.save(tmp_path / names[0], np.load(tmp_path / names[0]) + 1e-3)
+    with pytest.raises(SystemExit, match="1 video"):
+        bench_streaming.main([*flags, "--check_videos", str(tmp_path)])
