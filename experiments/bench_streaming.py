@@ -21,39 +21,17 @@ timed pairs of videos, each chunk `block_until_ready`-ed as it is yielded:
   *_prefetch:     the same with prefetch (chunk i+1 dispatched before chunk i is handed
                   over, hiding host work; on CPU dispatch is not asynchronous, ignore these).
                   The streaming rate of `stream()`'s default (prefetch unless actions are
-                  live). Only meaningful when dispatch is asynchronous (the default static
-                  call loop): with the device call loop (a traced trip count) XLA reads every
-                  iteration's loop predicate on the host, so the dispatch returns when the
-                  chunk is done, chunk i is seen only after chunk i+1 ran, and
-                  steady_fps_prefetch spans one chunk less than it counts (too high)
+                  live).
   dispatch_ms:    median host time to hand over the next chunk (noise, layout, jit dispatch),
                   without prefetch: a few ms when dispatch is asynchronous, about the chunk's
-                  device time when it is not (see above)
+                  device time when it is not
 (medians over repeats). peak_mem_gb is the device's `peak_bytes_in_use` after the
 configuration; it is a process-wide high-water mark, so use --isolate (one subprocess
 per configuration) for per-configuration peaks.
 
-Variants (StreamingSampler options; one per run, named by --label):
-  --kv_update concat|inplace   concatenate [cached | new] keys per layer, or write the new
-                               keys into the cache first and attend to the buffer (default)
-  --kv_layout stacked|per_layer  one [layers, ...] buffer and the layer scan, or a buffer and
-                               a parameter copy per layer and a Python layer loop (default;
-                               with inplace: no copy at all, one compile for all cache lengths)
-  --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
-  --call_loop static|device|host  a chunk's model calls in one jitted fori_loop with a compile-time
-                               trip count (static, the default: no predicate read, asynchronous
-                               dispatch, one compile per call count), the same loop with a traced
-                               trip count (device: XLA reads every iteration's loop predicate back
-                               to the host, so the dispatch returns when the chunk is done), or one
-                               asynchronously dispatched jitted call per model call (host)
-  --clean_rerun separate|fused  clean context: the chunk handed over after its denoising calls and
-                               the re-run at t = 0 dispatched on its own (default; none after the
-                               last chunk), or the re-run as the last iteration of the call loop
-                               (before session 11)
+Variants (model and compiler options; one per run, named by --label):
   --cross_attn_impl auto|mgpu|...  the cross-attention's backend (WanConfig.cross_attn_impl; auto:
                                the model's attn_impl, cuDNN on a GPU)
-  --no_text_kv                 every call projects the text in every layer (before session 9; the
-                               default computes the cross-attention keys/values once per video)
   --cache_attn_impl auto|mgpu|cudnn  the attention over the KV cache (auto: mgpu on Hopper)
   --compiler_option NAME=VALUE XLA option of the chunk function (repeatable), e.g. command
                                buffers (CUDA graphs) around while loops:
@@ -61,16 +39,16 @@ Variants (StreamingSampler options; one per run, named by --label):
   --configs 2:noisy,2:clean    steps:context pairs instead of --steps x --contexts
   --compare A.json B.json ...  print the variants side by side and `best: LABEL` (no run)
 
-Compile time: with the default options the model takes `cache_frames` as a static int, so
-every cache length is its own executable -- chunk 3 over 21 frames compiles 7 chunk
-functions, frame-wise 21 (shared by all step counts and both context modes); the per-layer
-in-place variant compiles one. If that does not fit one run, split it (`--blocks 3`, then
+Compile time: where the cache attention backend takes a traced length (mgpu, cuDNN, XLA), one
+chunk function per chunk shape and step count; otherwise (Triton, Mosaic) the model takes
+`cache_frames` as a static int and every cache length is its own executable -- chunk 3 over 21
+frames compiles 7 chunk functions, frame-wise 21. If that does not fit one run, split it (`--blocks 3`, then
 `--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a
 jax.profiler trace of one extra pair of videos of the first configuration (view in
 TensorBoard/Perfetto; not part of the timings) and prints where the kernel time of a chunk goes
 (experiments/trace_summary.py), including the idle gaps between kernels and whether the host
 launched each kernel in time (the trace links kernels to their launch calls; XLA's CUDA graphs
-stay on under the profiler: the session-11 trace shows cuGraphLaunch calls).
+stay on under the profiler: the trace shows cuGraphLaunch calls).
 """
 
 from __future__ import annotations
@@ -312,15 +290,7 @@ def video_check(video) -> dict:
 
 def variant_options(args) -> dict:
     """The StreamingSampler options of the benchmarked variant."""
-    return dict(
-        kv_update=args.kv_update,
-        kv_layout=args.kv_layout,
-        scan_unroll=args.scan_unroll,
-        call_loop=args.call_loop,
-        compiler_options=dict(args.compiler_option) or None,
-        text_kv=not args.no_text_kv,
-        clean_rerun=args.clean_rerun,
-    )
+    return dict(compiler_options=dict(args.compiler_option) or None)
 
 
 def model_options(args) -> dict:
@@ -442,25 +412,6 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 5)")
     p.add_argument("--label", default=None, help="variant name in the table and JSON (default: from the options)")
     p.add_argument(
-        "--kv_update",
-        default="inplace",
-        choices=["concat", "inplace"],
-        help="how a cached call gives attention its keys (see WanModel.__call__)",
-    )
-    p.add_argument(
-        "--kv_layout",
-        default="per_layer",
-        choices=["stacked", "per_layer"],
-        help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)",
-    )
-    p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
-    p.add_argument(
-        "--no_text_kv",
-        action="store_true",
-        help="every call projects the text in every layer (StreamingSampler(text_kv=False)); default: "
-        "the cross-attention keys/values are computed once per video",
-    )
-    p.add_argument(
         "--cache_attn_impl",
         default="auto",
         choices=["auto", "mgpu", "cudnn", "xla", "triton"],
@@ -468,24 +419,10 @@ def parse(argv=None):
         "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)",
     )
     p.add_argument(
-        "--clean_rerun",
-        default="separate",
-        choices=["separate", "fused"],
-        help="clean context: the re-run at t = 0 as its own dispatch right after the chunk's "
-        "(separate) or as the call loop's last iteration (fused)",
-    )
-    p.add_argument(
         "--cross_attn_impl",
         default="auto",
         choices=["auto", "mgpu", "cudnn", "xla"],
         help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)",
-    )
-    p.add_argument(
-        "--call_loop",
-        default="static",
-        choices=["device", "static", "host"],
-        help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
-        "(static) trip count, or one async jitted call each (host)",
     )
     p.add_argument(
         "--compiler_option",
@@ -537,16 +474,11 @@ def parse(argv=None):
     a.pairs = pairs
     if a.label is None:
         a.label = "-".join(
-            [a.kv_update, a.kv_layout, a.call_loop]
+            ["default"]
             + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
             + ([f"cross_{a.cross_attn_impl}"] if a.cross_attn_impl != "auto" else [])
-            + ([f"{a.clean_rerun}_rerun"] if a.clean_rerun != "separate" else [])
-            + (["no_text_kv"] if a.no_text_kv else [])
-            + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
             + (["opts"] if a.compiler_option else [])
         )
-    if a.scan_unroll < 1:
-        p.error("--scan_unroll must be >= 1")
     a._profiled = False
     return a
 

@@ -1,4 +1,5 @@
-"""experiments/bench_streaming.py on CPU (--quick): the variant flags run, --compare reads the results."""
+"""experiments/bench_streaming.py on CPU (--quick): the variant flags run, --compare reads the results,
+the video modes save and check videos."""
 
 import json
 import os
@@ -19,17 +20,8 @@ COMMAND_BUFFERS = (
 def test_quick_variants_and_compare(tmp_path, capsys):
     variants = {
         "base": ["--profile", str(tmp_path / "trace")],
-        "inplace": ["--kv_update", "inplace", "--scan_unroll", "2"],
-        "layers_host": [
-            "--kv_update",
-            "inplace",
-            "--kv_layout",
-            "per_layer",
-            "--call_loop",
-            "host",
-            "--compiler_option",
-            COMMAND_BUFFERS,
-        ],
+        "cache_xla": ["--cache_attn_impl", "xla"],
+        "command_buffers": ["--compiler_option", COMMAND_BUFFERS],
     }
     outs = []
     for label, flags in variants.items():
@@ -55,7 +47,7 @@ def test_quick_variants_and_compare(tmp_path, capsys):
         rows = result["rows"]
         assert [(r["steps"], r["context"]) for r in rows] == [(2, "noisy"), (1, "clean")]
         assert all(r["variant"] == label and r["steady_fps"] > 0 and r["dispatch_ms"] >= 0 for r in rows)
-        assert result["options"]["call_loop"] == ("host" if label == "layers_host" else "static")
+        assert result["options"]["cache_attn_impl"] == ("xla" if label == "cache_xla" else "auto")
         outs.append(str(out))
     assert rows[0]["traced_cache_len"] and rows[0]["compiler_options"]["xla_gpu_enable_command_buffer"]
     capsys.readouterr()

@@ -19,6 +19,7 @@ import re
 
 import jax
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from crm_jax.models.config import WanConfig
@@ -202,8 +203,8 @@ def _our_path(key: str):
 def _to_ours(kind: str, w: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return w.T
-    if kind == "conv":  # [dim, C, pt, ph, pw] -> [pt*ph*pw*C, dim]
-        return w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
+    if kind == "conv":  # the patch embedding's Conv3d kernel as the linear map of `patchify`'s patches
+        return rearrange(w, "o c pt ph pw -> (pt ph pw c) o")
     if kind == "table":
         return w.reshape(w.shape[-2], w.shape[-1])
     return w
@@ -260,7 +261,7 @@ def params_to_diffusers(model: WanModel) -> dict:
         if kind == "linear":
             w = w.T
         elif kind == "conv":
-            w = w.reshape(pt, ph, pw, cfg.in_channels, cfg.dim).transpose(4, 3, 0, 1, 2)
+            w = rearrange(w, "(pt ph pw c) o -> o c pt ph pw", pt=pt, ph=ph, pw=pw)
         elif kind == "table":
             w = w[None]
         inverse[key] = np.ascontiguousarray(w)
