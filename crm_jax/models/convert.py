@@ -371,14 +371,12 @@ NNX_CONFIG = "wan_config.json"
 
 
 def save_nnx(model: WanModel, path: str) -> None:
-    """Save the model's parameters with Orbax, plus its config as JSON. The calling process
-    writes it alone (in a multi-process run the others do not take part)."""
-    import dataclasses
-
+    """Save the model's parameters with Orbax, plus its architecture (`WanConfig.architecture`)
+    as JSON. The calling process writes it alone (in a multi-process run the others do not take part)."""
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, NNX_CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(model.cfg), f, indent=1)
+        json.dump(model.cfg.architecture(), f, indent=1)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if jax.process_count() > 1:  # Orbax saves host-local values from one process only as numpy
         params = jax.tree.map(np.asarray, params)
@@ -400,15 +398,15 @@ def _this_process_checkpointer():
 
 
 def load_nnx(path: str, **overrides) -> WanModel:
-    """Load a model saved by `save_nnx`."""
+    """Load a model saved by `save_nnx`; `overrides` set its runtime (dtype, attention backends,
+    remat; `WanConfig.replace`). Runtime fields in the file (older checkpoints) apply unless overridden."""
     path = os.path.abspath(path)
     cfg_file = os.path.join(path, NNX_CONFIG)
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file!r} not found: not a crm_jax NNX checkpoint")
     with open(cfg_file) as f:
         raw = json.load(f)
-    raw["patch_size"] = tuple(raw["patch_size"])
-    cfg = WanConfig(**raw).replace(**overrides)
+    cfg = WanConfig.from_dict(raw).replace(**overrides)
     model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     # Restore onto this host's first device, whatever topology saved it (GPU -> CPU and back);

@@ -235,11 +235,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: WanConfig, kv_dim: int, *, rngs: nnx.Rngs):
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         self.num_heads = cfg.num_heads
-        self.attn_impl = cfg.attn_impl
-        self.cache_attn_impl = cfg.attn_impl if cfg.cache_attn_impl == "auto" else cfg.cache_attn_impl
-        self.cross_attn_impl = cfg.cross_attn_impl
-        self.attn_interpret = cfg.attn_interpret
-        self.attn_tiles = cfg.attn_tiles
+        run = cfg.runtime
+        self.attn_impl = run.attn_impl
+        self.cache_attn_impl = run.cache_impl
+        self.cross_attn_impl = run.cross_attn_impl
+        self.attn_interpret = run.attn_interpret
+        self.attn_tiles = run.attn_tiles
         self.to_q = linear(cfg.dim, cfg.dim, rngs, dt, pdt)
         self.to_k = linear(kv_dim, cfg.dim, rngs, dt, pdt)
         self.to_v = linear(kv_dim, cfg.dim, rngs, dt, pdt)
@@ -600,9 +601,9 @@ class _LayerRun:
         return block(h, self.mod, self.ctx, self.spec, self.cross_spec, self.rope, kv_fn, self.ad, text_kv)
 
     def _remat(self, fn):
-        if self.cfg.remat == "block":
+        if self.cfg.runtime.remat == "block":
             return jax.checkpoint(fn)
-        if self.cfg.remat == "dots":
+        if self.cfg.runtime.remat == "dots":
             return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         return fn
 

@@ -309,9 +309,8 @@ class StreamingSampler:
         self.layer_params = split_layer_params(self.params)
         dt = self.cfg.compute_dtype
         probe = jax.ShapeDtypeStruct((self.batch, self.tpf, self.cfg.num_heads, self.cfg.head_dim), dt)
-        cache_impl = self.cfg.attn_impl if self.cfg.cache_attn_impl == "auto" else self.cfg.cache_attn_impl
         self.traced_cache_len = prefix_len_can_be_traced(
-            probe, probe, impl=cache_impl, interpret=self.cfg.attn_interpret
+            probe, probe, impl=self.cfg.runtime.cache_impl, interpret=self.cfg.runtime.attn_interpret
         )
         options = tuple(sorted((self.compiler_options or {}).items()))
         self._jit = _jitted_chunk(self.apply, options)

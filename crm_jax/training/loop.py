@@ -30,7 +30,7 @@ from crm_jax.data import toy_world as tw
 from crm_jax.data.toy_source import ToySource
 from crm_jax.inputs import check_inputs, training_inputs
 from crm_jax.models import convert
-from crm_jax.models.config import WanConfig, model_config_from, same_architecture
+from crm_jax.models.config import RUNTIME_FIELDS, WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
@@ -74,7 +74,7 @@ def teacher_model_config(c, student: WanConfig) -> WanConfig:
         return student.replace(mean_flow=False)
     over = block.get("overrides", {}) or {}
     inherited = {
-        k: getattr(student, k)
+        k: getattr(student.runtime if k in RUNTIME_FIELDS else student, k)
         for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_tiles", "attn_interpret")
         if k not in over
     }
