@@ -32,7 +32,7 @@ def forward_check(cfg, workdir: str) -> dict:
     mcfg = get_model_config(cfg.model)
     model = init_model(mcfg, cfg.seed)
     apply, params = functional(model)
-    apply = jax.jit(apply, static_argnames=("pattern", "cache_frames", "write_cache", "ad"))
+    apply = jax.jit(apply, static_argnames=("pattern", "cache_frames", "ad"))
     h, w = cfg.latent_hw
     k1, k2, k3 = jax.random.split(jax.random.key(cfg.seed), 3)
     x = jax.random.normal(k1, (cfg.batch_size, cfg.num_frames, h, w, mcfg.in_channels))
@@ -46,7 +46,7 @@ def forward_check(cfg, workdir: str) -> dict:
     starts = pat.block_starts(cfg.num_frames) + [cfg.num_frames]
     outs = []
     for s, e in zip(starts[:-1], starts[1:]):
-        o, cache = apply(params, x[:, s:e], t[:, s:e], ctx, pattern=pat, cache=cache, cache_frames=s, write_cache=True)
+        o, cache = apply(params, x[:, s:e], t[:, s:e], ctx, pattern=pat, cache=cache, cache_frames=s)
         outs.append(o)
     err = float(jnp.abs(jnp.concatenate(outs, 1) - full).max())
     n_params = sum(p.size for p in jax.tree.leaves(params))

@@ -2,6 +2,8 @@
 
     python experiments/bench_streaming.py --out results/bench_streaming.json        # GPU
     python experiments/bench_streaming.py --quick --out /tmp/bench_quick.json       # CPU smoke test
+    python experiments/bench_streaming.py --save_videos DIR     # the videos of every configuration
+    python experiments/bench_streaming.py --check_videos DIR    # the same videos again? (max |diff| <= 1e-6)
 
 Default (GPU): `wan_1_3b` dimensions, random weights, bf16, 480p (latent 60x104 ->
 30x52 = 1560 tokens/frame), 21 latent frames, B = 1, chunk 3 and frame-wise, 1/2/4
@@ -19,39 +21,17 @@ timed pairs of videos, each chunk `block_until_ready`-ed as it is yielded:
   *_prefetch:     the same with prefetch (chunk i+1 dispatched before chunk i is handed
                   over, hiding host work; on CPU dispatch is not asynchronous, ignore these).
                   The streaming rate of `stream()`'s default (prefetch unless actions are
-                  live). Only meaningful when dispatch is asynchronous (the default static
-                  call loop): with the device call loop (a traced trip count) XLA reads every
-                  iteration's loop predicate on the host, so the dispatch returns when the
-                  chunk is done, chunk i is seen only after chunk i+1 ran, and
-                  steady_fps_prefetch spans one chunk less than it counts (too high)
+                  live).
   dispatch_ms:    median host time to hand over the next chunk (noise, layout, jit dispatch),
                   without prefetch: a few ms when dispatch is asynchronous, about the chunk's
-                  device time when it is not (see above)
+                  device time when it is not
 (medians over repeats). peak_mem_gb is the device's `peak_bytes_in_use` after the
 configuration; it is a process-wide high-water mark, so use --isolate (one subprocess
 per configuration) for per-configuration peaks.
 
-Variants (StreamingSampler options; one per run, named by --label):
-  --kv_update concat|inplace   concatenate [cached | new] keys per layer, or write the new
-                               keys into the cache first and attend to the buffer (default)
-  --kv_layout stacked|per_layer  one [layers, ...] buffer and the layer scan, or a buffer and
-                               a parameter copy per layer and a Python layer loop (default;
-                               with inplace: no copy at all, one compile for all cache lengths)
-  --scan_unroll N              lax.scan(unroll=N) over the layers (stacked layout)
-  --call_loop static|device|host  a chunk's model calls in one jitted fori_loop with a compile-time
-                               trip count (static, the default: no predicate read, asynchronous
-                               dispatch, one compile per call count), the same loop with a traced
-                               trip count (device: XLA reads every iteration's loop predicate back
-                               to the host, so the dispatch returns when the chunk is done), or one
-                               asynchronously dispatched jitted call per model call (host)
-  --clean_rerun separate|fused  clean context: the chunk handed over after its denoising calls and
-                               the re-run at t = 0 dispatched on its own (default; none after the
-                               last chunk), or the re-run as the last iteration of the call loop
-                               (before session 11)
+Variants (model and compiler options; one per run, named by --label):
   --cross_attn_impl auto|mgpu|...  the cross-attention's backend (WanConfig.cross_attn_impl; auto:
                                the model's attn_impl, cuDNN on a GPU)
-  --no_text_kv                 every call projects the text in every layer (before session 9; the
-                               default computes the cross-attention keys/values once per video)
   --cache_attn_impl auto|mgpu|cudnn  the attention over the KV cache (auto: mgpu on Hopper)
   --compiler_option NAME=VALUE XLA option of the chunk function (repeatable), e.g. command
                                buffers (CUDA graphs) around while loops:
@@ -59,16 +39,16 @@ Variants (StreamingSampler options; one per run, named by --label):
   --configs 2:noisy,2:clean    steps:context pairs instead of --steps x --contexts
   --compare A.json B.json ...  print the variants side by side and `best: LABEL` (no run)
 
-Compile time: with the default options the model takes `cache_frames` as a static int, so
-every cache length is its own executable -- chunk 3 over 21 frames compiles 7 chunk
-functions, frame-wise 21 (shared by all step counts and both context modes); the per-layer
-in-place variant compiles one. If that does not fit one run, split it (`--blocks 3`, then
+Compile time: where the cache attention backend takes a traced length (mgpu, cuDNN, XLA), one
+chunk function per chunk shape and step count; otherwise (Triton, Mosaic) the model takes
+`cache_frames` as a static int and every cache length is its own executable -- chunk 3 over 21
+frames compiles 7 chunk functions, frame-wise 21. If that does not fit one run, split it (`--blocks 3`, then
 `--blocks 1`) and pass `--compile_cache DIR` so reruns reuse them. --profile DIR writes a
 jax.profiler trace of one extra pair of videos of the first configuration (view in
 TensorBoard/Perfetto; not part of the timings) and prints where the kernel time of a chunk goes
 (experiments/trace_summary.py), including the idle gaps between kernels and whether the host
 launched each kernel in time (the trace links kernels to their launch calls; XLA's CUDA graphs
-stay on under the profiler: the session-11 trace shows cuGraphLaunch calls).
+stay on under the profiler: the trace shows cuGraphLaunch calls).
 """
 
 from __future__ import annotations
@@ -93,6 +73,10 @@ from crm_jax.sampling import StreamingSampler
 from crm_jax.sampling.plan import chunk_bounds
 from experiments import trace_summary
 
+# A reduced wan_1_3b for CPU runs (--quick --models wan_small): 16 latent channels, the (1, 2, 2)
+# patch, two layers of two heads.
+WAN_SMALL = get_model_config("wan_1_3b", dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, text_len=16)
+
 # Self Forcing (PyTorch, torch SDPA) on one H200, 2026-11-21, chunk 3: latent frames/s x 1.6.
 TARGETS = {(3, 4, "clean"): 11.5, (3, 2, "clean"): 19.0, (3, 2, "noisy"): 27.0}
 
@@ -100,8 +84,13 @@ TARGETS = {(3, 4, "clean"): 11.5, (3, 2, "clean"): 19.0, (3, 2, "noisy"): 27.0}
 def model_setups(args):
     """[(name, cfg, latent_hw, frames, with_actions)] to benchmark."""
     if args.quick:
-        cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5)
-        return [("tiny", cfg, (8, 8), 6, True)]
+        setups = []
+        if "tiny" in args.models or "wan_small" not in args.models:
+            cfg = get_model_config("tiny", in_channels=12, out_channels=12, num_actions=5)
+            setups.append(("tiny", cfg, (8, 8), 6, True))
+        if "wan_small" in args.models:
+            setups.append(("wan_small", WAN_SMALL, (8, 8), 6, False))
+        return setups
     setups = []
     if "wan_1_3b" in args.models:
         cfg = get_model_config(
@@ -231,6 +220,48 @@ def bench_one(name, cfg, latent_hw, frames, with_actions, block, steps, mode, ar
     return row
 
 
+def video_name(name, block, steps, mode) -> str:
+    return f"{name}_chunk{block}_{steps}steps_{mode}.npy"
+
+
+def videos(args) -> int:
+    """--save_videos / --check_videos: one video per configuration with the sampler's default options.
+
+    Saves each video as DIR/<model>_chunk<B>_<S>steps_<context>.npy, or compares it with the file of
+    that name in DIR (max |difference| per configuration). Returns the number of configurations
+    that are missing or differ by more than `args.video_tol`.
+    """
+    configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n, m in args.pairs]
+    target = args.save_videos or args.check_videos
+    os.makedirs(target, exist_ok=True)
+    bad, models = 0, {}
+    for (name, cfg, hw, frames, with_actions), block, steps, mode in configs:
+        if name not in models:
+            models.clear()
+            models[name] = functional(init_model(cfg, seed=0))
+        apply, params = models[name]
+        sampler = StreamingSampler(apply, params, cfg, AttentionPattern("block_causal", block), hw, 1, steps, mode)
+        context = jax.random.normal(jax.random.key(1), (1, cfg.text_len, cfg.text_dim), jnp.float32)
+        actions = np.random.default_rng(0).integers(0, cfg.num_actions, (1, frames)) if with_actions else None
+        video = np.asarray(sampler.generate(jax.random.key(0), context, frames, actions), np.float32)
+        path = os.path.join(target, video_name(name, block, steps, mode))
+        label = f"{name} chunk {block} {steps} steps {mode}"
+        if args.save_videos:
+            np.save(path, video)
+            print(f"{label}: saved {path} {video.shape}", flush=True)
+            continue
+        if not os.path.exists(path):
+            print(f"{label}: MISSING {path}", flush=True)
+            bad += 1
+            continue
+        ref = np.load(path)
+        diff = float(np.max(np.abs(video - ref))) if ref.shape == video.shape else float("inf")
+        ok = diff <= args.video_tol
+        bad += not ok
+        print(f"{label}: max |diff| {diff:.3e}{'' if ok else '  FAIL'}", flush=True)
+    return bad
+
+
 def fmt(rows):
     head = (
         f"{'variant':14s} {'model':9s} {'chunk':>5s} {'steps':>5s} {'context':>7s} {'first ms':>9s} "
@@ -259,15 +290,7 @@ def video_check(video) -> dict:
 
 def variant_options(args) -> dict:
     """The StreamingSampler options of the benchmarked variant."""
-    return dict(
-        kv_update=args.kv_update,
-        kv_layout=args.kv_layout,
-        scan_unroll=args.scan_unroll,
-        call_loop=args.call_loop,
-        compiler_options=dict(args.compiler_option) or None,
-        text_kv=not args.no_text_kv,
-        clean_rerun=args.clean_rerun,
-    )
+    return dict(compiler_options=dict(args.compiler_option) or None)
 
 
 def model_options(args) -> dict:
@@ -354,7 +377,21 @@ def _option(text: str):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="JSON output path (required unless --compare)")
+    p.add_argument("--out", default=None, help="JSON output path (required unless --compare or a video mode)")
+    p.add_argument(
+        "--save_videos",
+        default=None,
+        metavar="DIR",
+        help="no timing: generate one video per configuration with the default sampler and save it in DIR",
+    )
+    p.add_argument(
+        "--check_videos",
+        default=None,
+        metavar="DIR",
+        help="no timing: generate the videos as --save_videos does and compare them with those in DIR "
+        "(fails if any differs by more than --video_tol)",
+    )
+    p.add_argument("--video_tol", type=float, default=1e-6, help="largest max |difference| --check_videos accepts")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -375,25 +412,6 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration (default 5)")
     p.add_argument("--label", default=None, help="variant name in the table and JSON (default: from the options)")
     p.add_argument(
-        "--kv_update",
-        default="inplace",
-        choices=["concat", "inplace"],
-        help="how a cached call gives attention its keys (see WanModel.__call__)",
-    )
-    p.add_argument(
-        "--kv_layout",
-        default="per_layer",
-        choices=["stacked", "per_layer"],
-        help="KV cache layout; per_layer also splits the block parameters per layer (Python layer loop)",
-    )
-    p.add_argument("--scan_unroll", type=int, default=1, help="layers per layer-scan iteration (stacked layout)")
-    p.add_argument(
-        "--no_text_kv",
-        action="store_true",
-        help="every call projects the text in every layer (StreamingSampler(text_kv=False)); default: "
-        "the cross-attention keys/values are computed once per video",
-    )
-    p.add_argument(
         "--cache_attn_impl",
         default="auto",
         choices=["auto", "mgpu", "cudnn", "xla", "triton"],
@@ -401,24 +419,10 @@ def parse(argv=None):
         "Mosaic-GPU kernel on Hopper, cuDNN on other GPUs)",
     )
     p.add_argument(
-        "--clean_rerun",
-        default="separate",
-        choices=["separate", "fused"],
-        help="clean context: the re-run at t = 0 as its own dispatch right after the chunk's "
-        "(separate) or as the call loop's last iteration (fused)",
-    )
-    p.add_argument(
         "--cross_attn_impl",
         default="auto",
         choices=["auto", "mgpu", "cudnn", "xla"],
         help="backend of the cross-attention (WanConfig.cross_attn_impl; auto: the model's attn_impl)",
-    )
-    p.add_argument(
-        "--call_loop",
-        default="static",
-        choices=["device", "static", "host"],
-        help="a chunk's model calls: one jitted fori_loop with a traced (device) or compile-time "
-        "(static) trip count, or one async jitted call each (host)",
     )
     p.add_argument(
         "--compiler_option",
@@ -454,8 +458,10 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.compare:
         return a
-    if a.out is None:
-        p.error("--out is required (unless --compare)")
+    if a.save_videos and a.check_videos:
+        p.error("--save_videos and --check_videos exclude each other")
+    if a.out is None and not (a.save_videos or a.check_videos):
+        p.error("--out is required (unless --compare, --save_videos or --check_videos)")
     a.models = a.models.split(",")
     a.latent_hw = [int(v) for v in a.latent_hw.split(",")]
     a.blocks = [int(v) for v in (a.blocks or "3,1").split(",")]
@@ -468,16 +474,11 @@ def parse(argv=None):
     a.pairs = pairs
     if a.label is None:
         a.label = "-".join(
-            [a.kv_update, a.kv_layout, a.call_loop]
+            ["default"]
             + ([a.cache_attn_impl] if a.cache_attn_impl != "auto" else [])
             + ([f"cross_{a.cross_attn_impl}"] if a.cross_attn_impl != "auto" else [])
-            + ([f"{a.clean_rerun}_rerun"] if a.clean_rerun != "separate" else [])
-            + (["no_text_kv"] if a.no_text_kv else [])
-            + ([f"unroll{a.scan_unroll}"] if a.scan_unroll > 1 else [])
             + (["opts"] if a.compiler_option else [])
         )
-    if a.scan_unroll < 1:
-        p.error("--scan_unroll must be >= 1")
     a._profiled = False
     return a
 
@@ -494,6 +495,11 @@ def main(argv=None):
     if args.compare:
         model, chunk, steps, mode = args.compare_key.split(":")
         print(compare(args.compare, (model, int(chunk), int(steps), mode)))
+        return
+    if args.save_videos or args.check_videos:
+        bad = videos(args)
+        if bad:
+            raise SystemExit(f"{bad} video(s) missing or differing by more than {args.video_tol}")
         return
     configs = [(s, b, n, m) for s in model_setups(args) for b in args.blocks for n, m in args.pairs]
     if args.only:

@@ -163,7 +163,7 @@ def test_tiles_reach_the_kernels_from_the_op_and_the_model_config(monkeypatch):
         )[1],
     )
     cfg = get_model_config("tiny", attn_tiles=[256, 128])
-    assert cfg.attn_tiles == (256, 128)
+    assert cfg.runtime.attn_tiles == (256, 128)
     _, params = functional(init_model(cfg))
     x = jnp.ones((1, 2, 4, 4, cfg.in_channels))
     apply_for(cfg)(

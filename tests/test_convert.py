@@ -173,3 +173,33 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path, monkeypatch):
     assert convert.load_any(path).cfg == old.cfg
     convert.save_nnx(new, path)
     assert not os.path.exists(path + ".previous") and not os.path.exists(path + ".partial")
+
+
+def test_nnx_checkpoint_holds_the_architecture_and_loads_older_configs(tmp_path):
+    """wan_config.json holds the architecture only; the loader's overrides set the runtime, and runtime
+    fields in older files (flat, as in assets/toy_teacher) still load."""
+    import json
+
+    from crm_jax.models.config import RUNTIME_FIELDS, TINY, WanConfig, model_config_from, same_architecture
+    from crm_jax.models.wan import init_model
+
+    cfg = TINY.replace(num_actions=3, dtype="bfloat16", attn_impl="xla", remat="block")
+    assert cfg.runtime.dtype == "bfloat16" and cfg.runtime.remat == "block" and cfg.num_actions == 3
+    convert.save_nnx(init_model(cfg), str(tmp_path / "m"))
+    with open(tmp_path / "m" / convert.NNX_CONFIG) as f:
+        saved = json.load(f)
+    assert saved == cfg.architecture() and not set(saved) & {"runtime", *RUNTIME_FIELDS}
+    loaded = convert.load_nnx(str(tmp_path / "m"), attn_impl="xla").cfg
+    assert same_architecture(loaded, cfg) and loaded.runtime.attn_impl == "xla" and loaded.runtime.dtype == "float32"
+    old = {**saved, "dtype": "bfloat16", "remat": "dots", "attn_tiles": [16, 16]}
+    assert WanConfig.from_dict(old) == cfg.replace(remat="dots", attn_impl="auto", attn_tiles=(16, 16))
+    toy = os.path.join(os.path.dirname(__file__), "..", "assets", "toy_teacher", convert.NNX_CONFIG)
+    with open(toy) as f:
+        WanConfig.from_dict(json.load(f))
+    import ml_collections
+
+    block = ml_collections.ConfigDict(
+        dict(name="tiny", overrides=dict(num_layers=3, attn_tiles=[16, 32], remat="block"))
+    )
+    mcfg = model_config_from(block)
+    assert mcfg.num_layers == 3 and mcfg.runtime.attn_tiles == (16, 32) and mcfg.runtime.remat == "block"

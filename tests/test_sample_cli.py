@@ -53,6 +53,8 @@ def scripted_world_model(args):
         v = jnp.where(tb > 0, (x - target) / jnp.maximum(tb, 1e-6), 0.0)
         return v if cache is None else (v, cache)
 
+    apply.text_kv = lambda params, context: context  # the sampler's once-per-video text keys: unused here
+
     # A stand-in "blocks" entry: the sampler's default per-layer cache splits the stacked layers.
     return apply, {"blocks": {"w": jnp.zeros((cfg.num_layers, 1))}}, cfg
 

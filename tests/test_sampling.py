@@ -89,30 +89,13 @@ def test_streaming_equals_reference(name, mode, steps):
     assert_close(video, reference(pattern, frames, steps, mode, acts, key))
 
 
-# Sampler variants (the KV path, cache layout and call loop); the default is per_layer_inplace.
-VARIANTS = {
-    "concat_stacked": dict(kv_update="concat", kv_layout="stacked"),
-    "inplace_stacked": dict(kv_update="inplace", kv_layout="stacked"),
-    "per_layer_concat": dict(kv_update="concat", kv_layout="per_layer"),
-    "per_layer_inplace": dict(kv_update="inplace", kv_layout="per_layer"),
-    "host_loop": dict(kv_update="concat", kv_layout="stacked", call_loop="host"),
-    "per_layer_inplace_host": dict(kv_update="inplace", kv_layout="per_layer", call_loop="host"),
-    "per_layer_inplace_static": dict(kv_update="inplace", kv_layout="per_layer", call_loop="static"),
-    "stacked_static": dict(kv_update="concat", kv_layout="stacked", call_loop="static"),
-    "inplace_unroll2": dict(kv_update="inplace", kv_layout="stacked", scan_unroll=2),
-    # every call projects the text itself (the default computes its keys/values once per video)
-    "per_layer_inplace_no_text_kv": dict(kv_update="inplace", kv_layout="per_layer", text_kv=False),
-    "stacked_no_text_kv": dict(kv_update="concat", kv_layout="stacked", text_kv=False),
-    # the clean re-run as the call loop's last iteration (the default dispatches it on its own)
-    "per_layer_inplace_fused_rerun": dict(kv_update="inplace", kv_layout="per_layer", clean_rerun="fused"),
-    "stacked_static_fused_rerun": dict(
-        kv_update="concat", kv_layout="stacked", call_loop="static", clean_rerun="fused"
-    ),
-    "per_layer_inplace_device": dict(kv_update="inplace", kv_layout="per_layer", call_loop="device"),
-    "per_layer_inplace_device_fused_rerun": dict(
-        kv_update="inplace", kv_layout="per_layer", call_loop="device", clean_rerun="fused"
-    ),
-}
+def sampler_with(pattern, steps, mode, traced, **kw):
+    """A sampler whose cache length is traced (CPU: XLA cache attention) or static (as on backends
+    without a traced length, e.g. Triton: one compile per cache layout)."""
+    s = sampler(pattern, steps, mode, **kw)
+    assert s.traced_cache_len  # CPU: XLA attention
+    s.traced_cache_len = traced
+    return s
 
 
 @functools.cache
@@ -121,17 +104,16 @@ def cached_reference(name, frames, steps, mode, seed):
     return reference(pattern, frames, steps, mode, actions(frames), jax.random.key(seed))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("traced", [True, False])
 @pytest.mark.parametrize("mode", ["clean", "noisy"])
 @pytest.mark.parametrize("name", ["framewise", "chunkwise"])
-def test_streaming_variants_equal_reference(name, mode, variant):
+def test_traced_and_static_cache_lengths_equal_reference(name, mode, traced):
     pattern, frames = PATTERNS[name]
-    s = sampler(pattern, 2, mode, **VARIANTS[variant])
-    assert s.traced_cache_len == (variant.startswith("per_layer_inplace"))  # CPU: XLA attention
+    s = sampler_with(pattern, 2, mode, traced)
     before = s.compiled_count()
     video = s.generate(jax.random.key(3), context(), frames, actions(frames))
-    if s.traced_cache_len:  # one compile for every cache length of this chunk shape (+ the re-run's)
-        assert s.compiled_count() - before <= 1 + (mode == "clean" and s.clean_rerun != "fused")
+    if traced:  # one compile for every cache length of this chunk shape (+ the re-run's)
+        assert s.compiled_count() - before <= 1 + (mode == "clean")
     assert s.cache is None and video.shape == (B, frames, *HW, CFG.in_channels)
     assert_close(video, cached_reference(name, frames, 2, mode, 3))
 
@@ -155,13 +137,11 @@ def test_modes_and_steps_differ_and_first_block_differs():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_clean_rerun_on_its_own_gives_the_same_video():
-    """clean_rerun="separate" (default) returns x̂0 of the denoising calls and dispatches the re-run on
-    its own right after them, but not after the last chunk (nothing reads that cache); the same
-    video, bit for bit, as the fused loop."""
+def test_clean_rerun_is_dispatched_after_each_chunk_but_the_last():
+    """In clean mode each chunk is handed over after its denoising calls, with the re-run that writes its
+    clean keys/values queued right after them, but not after the last chunk (nothing reads that cache)."""
     pattern, frames = PATTERNS["chunkwise"]
     acts, key = actions(frames), jax.random.key(6)
-    fused = sampler(pattern, 2, "clean", clean_rerun="fused").generate(key, context(), frames, acts)
     s = sampler(pattern, 2, "clean")
     order = []
 
@@ -172,14 +152,14 @@ def test_clean_rerun_on_its_own_gives_the_same_video():
 
         return wrapped
 
-    s._jit_rerun, s._jit_static = log("rerun", s._jit_rerun), log("chunk", s._jit_static)  # static: the default
+    s._jit_rerun, s._jit = log("rerun", s._jit_rerun), log("chunk", s._jit)
     seen = []
     for c in s.stream(key, context(), frames, acts, prefetch=False):
         seen.append((list(order), c.frames))
     n = len(list(chunk_bounds(pattern, frames)))
     assert order == ["chunk", "rerun"] * (n - 1) + ["chunk"]
     assert seen[0][0] == ["chunk", "rerun"]  # queued when chunk 0 is handed over
-    np.testing.assert_array_equal(jnp.concatenate([f for _, f in seen], 1), fused)
+    assert_close(jnp.concatenate([f for _, f in seen], 1), reference(pattern, frames, 2, "clean", acts, key))
     order.clear()
     sampler(pattern, 2, "noisy").generate(key, context(), frames, acts)  # no re-run in noisy mode
     assert "rerun" not in order
@@ -221,33 +201,31 @@ def test_prefetch_and_live_actions_give_the_same_video():
 ROLL = AttentionPattern("block_causal", 1, local_attn_blocks=2, sink_blocks=1)
 
 
-@pytest.mark.parametrize(
-    "variant", ["concat_stacked", "inplace_stacked", "per_layer_inplace", "per_layer_inplace_host"]
-)
-def test_rolling_cache_equals_windowed_reference(variant):
+@pytest.mark.parametrize("traced", [True, False])
+def test_rolling_cache_equals_windowed_reference(traced):
     frames = 5  # evicts from chunk 3 on
-    s = sampler(ROLL, 2, "clean", **VARIANTS[variant])
+    s = sampler_with(ROLL, 2, "clean", traced)
     video = s.generate(jax.random.key(6), context(), frames, actions(frames))
     assert_close(video, cached_reference("roll", frames, 2, "clean", 6))
 
 
-@pytest.mark.parametrize("variant", ["concat_stacked", "per_layer_inplace", "per_layer_inplace_host"])
-def test_rolling_cache_long_video_has_flat_memory(variant):
+@pytest.mark.parametrize("traced", [True, False])
+def test_rolling_cache_long_video_has_flat_memory(traced):
     capacity = cache_capacity(ROLL, None)
     assert capacity == 3  # 1 sink + 2-block window
     frames = 4 * capacity  # >= 4x the buffer (6x the local window)
-    s = sampler(ROLL, (2, 1), "noisy", **VARIANTS[variant])
+    s = sampler_with(ROLL, (2, 1), "noisy", traced)
     shapes, compiled, live = set(), [], []
     out = []
     for c in s.stream(jax.random.key(7), context(), frames, actions(frames)):
         out.append(np.array(c.frames))  # a copy: np.asarray may alias the device buffer
-        shapes.add((s.cache.per_layer, s.cache.num_layers, s.cache.batch, s.cache.max_tokens))
+        shapes.add((s.cache.num_layers, s.cache.batch, s.cache.max_tokens))
         compiled.append(s.compiled_count())
         del c
         live.append(sum(a.nbytes for a in jax.live_arrays()))
     assert len(out) == frames and all(np.isfinite(o).all() for o in out)
     assert len(shapes) == 1
-    assert next(iter(shapes))[3] == capacity * 6  # tokens: capacity frames
+    assert next(iter(shapes))[2] == capacity * 6  # tokens: capacity frames
     steady = ROLL.sink_blocks + ROLL.local_attn_blocks + 1
     assert len(set(compiled[steady:])) == 1, compiled  # same compiled function reused
     assert max(live[steady:]) <= live[steady] + 1024, live  # live device bytes stay flat
@@ -328,15 +306,6 @@ def test_bad_configuration_raises():
         sampler(AttentionPattern("full"))
     with pytest.raises(ValueError, match="context_mode"):
         sampler(AttentionPattern("block_causal", 1), mode="dirty")
-    for kw, msg in [
-        (dict(kv_update="copy"), "kv_update must be one of"),
-        (dict(kv_layout="flat"), "kv_layout must be one of"),
-        (dict(call_loop="gpu"), "call_loop must be one of"),
-        (dict(clean_rerun="later"), "clean_rerun must be one of"),
-        (dict(scan_unroll=0), "scan_unroll must be a positive int"),
-    ]:
-        with pytest.raises(ValueError, match=msg):
-            sampler(AttentionPattern("block_causal", 1), **kw)
     with pytest.raises(ValueError, match="strictly decreasing"):
         TimeSchedule(grids=((0.5, 0.9),))
     with pytest.raises(ValueError, match="num_steps"):
@@ -348,6 +317,8 @@ def test_bad_configuration_raises():
         StreamingSampler(apply, params, CFG.replace(num_actions=0), AttentionPattern("block_causal", 1), HW).stream(
             jax.random.key(0), context(), 2, [0, 0]
         )
+    with pytest.raises(ValueError, match="apply must come from"):
+        StreamingSampler(lambda *a, **kw: None, params, CFG, AttentionPattern("block_causal", 1), HW)
     with pytest.raises(ValueError, match="MeanFlow"):  # would silently sample u(x, t, t)
         StreamingSampler(apply, params, CFG.replace(mean_flow=True), AttentionPattern("block_causal", 1), HW)
 

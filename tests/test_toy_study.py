@@ -135,7 +135,7 @@ def test_every_job_kind_builds_a_valid_config(tmp_path):
         assert tcfg.block_frames in (1, 2)
         assert mcfg.mean_flow == (c.mode == "tf_meanflow")
         assert (mcfg.dim, mcfg.num_layers) == (192, 4)  # one architecture: students init from teachers
-        assert mcfg.dtype == ("bfloat16" if c.mode.startswith("teacher") else "float32")
+        assert mcfg.runtime.dtype == ("bfloat16" if c.mode.startswith("teacher") else "float32")
     d = configs[2]
     assert d.train.dmd_teacher_pattern == "full" and d.init.dmd_teacher == study.export("teacher_bi")
     causal = ts.dmd_config(study, "tf_scm_c2", "causal")  # the dmd_*_causal jobs' real score

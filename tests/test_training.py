@@ -227,7 +227,7 @@ def test_teacher_model_config():
     assert teacher_model_config(c, student.replace(mean_flow=True)) == student
     c.teacher_model = ml_collections.ConfigDict(dict(name="tiny", overrides=dict(num_layers=4, num_actions=5)))
     t = teacher_model_config(c, student)
-    assert t.num_layers == 4 and t.dtype == student.dtype and t.remat == "block" and not t.mean_flow
+    assert t.num_layers == 4 and t.runtime == student.runtime and not t.mean_flow
     c.teacher_model.overrides = dict(num_layers=4)  # num_actions differs from the student's
     with pytest.raises(ValueError, match="num_actions: teacher 0 vs student 5"):
         teacher_model_config(c, student)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 
 def _xp(a):
@@ -22,16 +23,13 @@ def latent_channels(factor: int = 2) -> int:
 
 def frames_to_latents(frames, factor: int = 2):
     """`[..., H, W, 3]` in [0, 1] -> `[..., H/f, W/f, 3 f²]` in [-1, 1]."""
-    xp = _xp(frames)
     if frames.ndim < 3 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [..., H, W, 3], got {tuple(frames.shape)}")
     h, w = frames.shape[-3:-1]
     if factor < 1 or h % factor or w % factor:
         raise ValueError(f"frame size {(h, w)} is not divisible by factor {factor}")
-    lead = frames.shape[:-3]
-    x = frames.reshape(*lead, h // factor, factor, w // factor, factor, 3)
-    x = xp.moveaxis(x, -4, -3)  # [..., H/f, W/f, f, f, 3]
-    return x.reshape(*lead, h // factor, w // factor, 3 * factor * factor) * 2.0 - 1.0
+    x = rearrange(frames, "... (h fh) (w fw) c -> ... h w (fh fw c)", fh=factor, fw=factor)
+    return x * 2.0 - 1.0
 
 
 def latents_to_frames(latents, factor: int = 2, clip: bool = True):
@@ -41,9 +39,6 @@ def latents_to_frames(latents, factor: int = 2, clip: bool = True):
         raise ValueError(
             f"latents must be [..., h, w, {3 * factor * factor}] for factor {factor}, got {tuple(latents.shape)}"
         )
-    h, w = latents.shape[-3:-1]
-    lead = latents.shape[:-3]
-    x = latents.reshape(*lead, h, w, factor, factor, 3)
-    x = xp.moveaxis(x, -3, -4)  # [..., h, f, w, f, 3]
-    x = (x.reshape(*lead, h * factor, w * factor, 3) + 1.0) * 0.5
+    x = rearrange(latents, "... h w (fh fw c) -> ... (h fh) (w fw) c", fh=factor, fw=factor)
+    x = (x + 1.0) * 0.5
     return xp.clip(x, 0.0, 1.0) if clip else x

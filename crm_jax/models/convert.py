@@ -19,6 +19,7 @@ import re
 
 import jax
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from crm_jax.models.config import WanConfig
@@ -219,8 +220,8 @@ def _our_path(key: str):
 def _to_ours(kind: str, w: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return w.T
-    if kind == "conv":  # [dim, C, pt, ph, pw] -> [pt*ph*pw*C, dim]
-        return w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
+    if kind == "conv":  # the patch embedding's Conv3d kernel as the linear map of `patchify`'s patches
+        return rearrange(w, "o c pt ph pw -> (pt ph pw c) o")
     if kind == "table":
         return w.reshape(w.shape[-2], w.shape[-1])
     return w
@@ -282,7 +283,7 @@ def params_to_diffusers(model: WanModel) -> dict:
         if kind == "linear":
             w = w.T
         elif kind == "conv":
-            w = w.reshape(pt, ph, pw, cfg.in_channels, cfg.dim).transpose(4, 3, 0, 1, 2)
+            w = rearrange(w, "(pt ph pw c) o -> o c pt ph pw", pt=pt, ph=ph, pw=pw)
         elif kind == "table":
             w = w[None]
         inverse[key] = np.ascontiguousarray(w)
@@ -395,14 +396,13 @@ NNX_CONFIG = "wan_config.json"
 
 
 def save_nnx(model: WanModel, path: str) -> None:
-    """Save the model's parameters with Orbax, plus its config as JSON. The calling process
+    """Save the model's parameters with Orbax, plus its architecture (`WanConfig.architecture`) as JSON. The calling process
     writes it alone (in a multi-process run the others do not take part).
 
     The checkpoint is written beside `path` and moved into place when complete; an older one at
     `path` is replaced only then, so a kill at any moment leaves a complete checkpoint (the old or
     the new one; `load_nnx` also finds the old one under `<path>.previous` in the instant between
     the two renames)."""
-    import dataclasses
     import shutil
 
     path = os.path.abspath(path)
@@ -410,7 +410,7 @@ def save_nnx(model: WanModel, path: str) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     with open(os.path.join(partial, NNX_CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(model.cfg), f, indent=1)
+        json.dump(model.cfg.architecture(), f, indent=1)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if jax.process_count() > 1:  # Orbax saves host-local values from one process only as numpy
         params = jax.tree.map(np.asarray, params)
@@ -437,7 +437,8 @@ def _this_process_checkpointer():
 
 
 def load_nnx(path: str, **overrides) -> WanModel:
-    """Load a model saved by `save_nnx`."""
+    """Load a model saved by `save_nnx`; `overrides` set its runtime (dtype, attention backends,
+    remat; `WanConfig.replace`). Runtime fields in the file (older checkpoints) apply unless overridden."""
     path = os.path.abspath(path)
     if not os.path.exists(path) and os.path.exists(os.path.join(f"{path}.previous", NNX_CONFIG)):
         path = f"{path}.previous"  # killed between save_nnx's two renames
@@ -446,8 +447,7 @@ def load_nnx(path: str, **overrides) -> WanModel:
         raise FileNotFoundError(f"{cfg_file!r} not found: not a crm_jax NNX checkpoint")
     with open(cfg_file) as f:
         raw = json.load(f)
-    raw["patch_size"] = tuple(raw["patch_size"])
-    cfg = WanConfig(**raw).replace(**overrides)
+    cfg = WanConfig.from_dict(raw).replace(**overrides)
     model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     # Restore onto this host's first device, whatever topology saved it (GPU -> CPU and back);

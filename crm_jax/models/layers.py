@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 
@@ -76,17 +77,11 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 
 def patchify(x, patch: tuple[int, int, int]):
     """`[B, T, H, W, C]` -> `[B, T', H', W', pt*ph*pw*C]` with the (pt, ph, pw, C) order."""
-    b, t, h, w, c = x.shape
     pt, ph, pw = patch
-    x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(b, t // pt, h // ph, w // pw, pt * ph * pw * c)
+    return rearrange(x, "b (t pt) (h ph) (w pw) c -> b t h w (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
 
 def unpatchify(x, patch: tuple[int, int, int], channels: int):
     """Inverse of `patchify`: `[B, T', H', W', pt*ph*pw*C]` -> `[B, T, H, W, C]`."""
-    b, t, h, w, _ = x.shape
     pt, ph, pw = patch
-    x = x.reshape(b, t, h, w, pt, ph, pw, channels)
-    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return x.reshape(b, t * pt, h * ph, w * pw, channels)
+    return rearrange(x, "b t h w (pt ph pw c) -> b (t pt) (h ph) (w pw) c", pt=pt, ph=ph, pw=pw, c=channels)

@@ -28,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from crm_jax.models.config import DtypeConfig
@@ -304,7 +305,7 @@ class Resample(nnx.Module):
         head, x = (x[:, :1], x[:, 1:]) if first else (None, x)
         if x.shape[1]:
             y, new = self.time_conv(x, cache.take())
-            x = y.reshape(b, -1, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, -1, h, w, c)
+            x = rearrange(y, "b t h w (r c) -> b (t r) h w c", r=2)
         else:  # only the first frame: the (zero) cache is unchanged
             new = cache.take()
             new = jnp.zeros((b, CACHE_T, h, w, c), x.dtype) if new is None else new

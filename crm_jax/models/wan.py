@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from crm_jax.models import partitioning
@@ -110,91 +110,51 @@ FULL = AttentionPattern("full")
 class KVCache:
     """Self-attention keys (after RoPE) and values of every layer.
 
-    Two layouts of the same content:
-      * stacked: k, v `[layers, B, max_tokens, heads, head_dim]` (one array each; read by
-        the layer scan, which slices one layer per iteration);
-      * per-layer (`per_layer=True`): k, v tuples of `layers` arrays `[B, max_tokens, heads,
-        head_dim]`. The model then runs its layers as a Python loop, and with
-        `kv_update="inplace"` each layer attends straight from its own buffer (no copy).
-    Which prefix is valid is tracked by the caller (`cache_frames` of the model call), so
-    shapes stay static. Tokens are on axis -3 in both layouts.
+    k, v: tuples of `layers` buffers `[B, max_tokens, heads, head_dim]`, one per layer, so a
+    layer writes and reads its own buffer without copying the others. Which prefix is valid
+    is tracked by the caller (`cache_frames` of the model call), so shapes stay static.
     """
 
-    k: Any
-    v: Any
+    k: tuple
+    v: tuple
 
     @classmethod
-    def create(
-        cls, cfg: WanConfig, batch: int, max_frames: int, tokens_per_frame: int, dtype=None, per_layer: bool = False
-    ) -> KVCache:
+    def create(cls, cfg: WanConfig, batch: int, max_frames: int, tokens_per_frame: int, dtype=None) -> KVCache:
         dtype = cfg.compute_dtype if dtype is None else dtype
         shape = (batch, max_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
-        if per_layer:
-            zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-            return cls(zeros(), zeros())
-        shape = (cfg.num_layers, *shape)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def per_layer(self) -> bool:
-        return isinstance(self.k, (tuple, list))
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(zeros(), zeros())
 
     @property
     def num_layers(self) -> int:
-        return len(self.k) if self.per_layer else self.k.shape[0]
+        return len(self.k)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1] if not self.per_layer else self.k[0].shape[0]
+        return self.k[0].shape[0]
 
     @property
     def max_tokens(self) -> int:
-        return (self.k[0] if self.per_layer else self.k).shape[-3]
+        return self.k[0].shape[1]
 
     def map_buffers(self, fn) -> KVCache:
-        """Apply `fn` to every buffer (tokens on axis -3): the same edit in both layouts."""
-        if self.per_layer:
-            return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v))
-        return KVCache(fn(self.k), fn(self.v))
-
-    def stacked(self) -> KVCache:
-        """This cache in the stacked layout (a copy when per-layer)."""
-        return KVCache(jnp.stack(self.k), jnp.stack(self.v)) if self.per_layer else self
-
-    def split(self) -> KVCache:
-        """This cache in the per-layer layout (a copy when stacked)."""
-        if self.per_layer:
-            return self
-        return KVCache(
-            tuple(self.k[i] for i in range(self.num_layers)), tuple(self.v[i] for i in range(self.num_layers))
-        )
+        """Apply `fn` to every buffer (`[B, max_tokens, heads, head_dim]`)."""
+        return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v))
 
 
 @flax.struct.dataclass
 class TextKV:
-    """Cross-attention keys and values of the text, for every layer (`WanModel.text_kv`).
+    """Cross-attention keys and values of a text for every layer (`WanModel.text_kv`).
 
     The text is the same for every call of a video, so a sampler computes these once and
-    passes them to each call (`text_kv=`) instead of re-projecting the text in every layer.
-    k, v: tuples of `layers` arrays `[B, Ltxt, heads, head_dim]` (k RMS-normalised, no RoPE),
-    or stacked arrays `[layers, B, Ltxt, heads, head_dim]`.
+    passes them as the model's `context`; the layers then do not project the text again.
+    k, v: tuples of `layers` arrays `[B, text_len, heads, head_dim]` (k RMS-normalised, no RoPE).
     """
 
-    k: Any
-    v: Any
-
-    @property
-    def per_layer(self) -> bool:
-        return isinstance(self.k, (tuple, list))
-
-    def layer(self, i: int):
-        return self.k[i], self.v[i]
-
-    def stacked(self) -> TextKV:
-        return TextKV(jnp.stack(self.k), jnp.stack(self.v)) if self.per_layer else self
+    k: tuple
+    v: tuple
 
 
-KV_UPDATES = ("concat", "inplace")
 sg = jax.lax.stop_gradient
 
 
@@ -220,79 +180,24 @@ def _with_new_tangent_jvp(primals, tangents):
 
 def _flat_tokens(x):
     """`[B, T, N, H, D]` -> `[B, T * N, H, D]`."""
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+    return rearrange(x, "b t n h d -> b (t n) h d")
 
 
-def _concat_kv(ck, cv, cache_frames: int, spec, ad: str, write: bool):
-    """KV function of a cached call that concatenates (kv_update="concat", and every READ).
+def _cache_kv(ck, cv, cache_frames, spec, ad: str):
+    """The self-attention of a cached call, on one layer's buffers `ck, cv` `[B, S, H, D]`.
 
-    ck, cv: this layer's buffers `[B, S, H, D]`. Attends to `[first cache_frames frames |
-    this call's keys]` (cached part stop-gradient, cast to the keys' dtype); returns this
-    call's keys and values (stop-gradient) when `write`, for the caller to store.
-    """
-
-    def fn(attn, q, k, v):
-        b, _, n = q.shape[:3]
-        new = (sg(k), sg(v)) if write else None
-        if cache_frames:
-
-            def cached(c, like):
-                c = sg(c[:, : cache_frames * n]).astype(like.dtype)
-                return c.reshape(b, cache_frames, n, *c.shape[2:])
-
-            k = jnp.concatenate([cached(ck, k), k], axis=1)
-            v = jnp.concatenate([cached(cv, v), v], axis=1)
-        return attn.attend(q, k, v, spec, cross=False, ad=ad), new
-
-    return fn
-
-
-def _stacked_inplace_kv(cache_k, cache_v, layer, cache_frames: int, spec, ad: str):
-    """KV function of kv_update="inplace" on a stacked cache `[L, B, S, H, D]`.
-
-    Writes this call's keys/values into layer `layer` (int or traced) at frame
-    `cache_frames` (in place when the buffer is donated or a loop carry), then attends to
-    that layer's first `cache_frames + T` frames -- one contiguous slice of the buffer
-    (a copy XLA makes for the attention op), the same keys the concatenating path builds.
-    Returns (output, (new cache_k, new cache_v)); the new buffers are stop-gradient.
+    Writes this call's keys/values at frame `cache_frames` (in place when the buffer is
+    donated) and attends to the buffer's first `cache_frames + T` frames: by valid length
+    over the whole buffer (`ops.attention_kv_prefix` with the config's `cache_attn_impl`, no
+    copy) when every query sees every one of those keys on one device (`spec` unmasked, or
+    None for a traced `cache_frames`), else with `spec`'s mask over that prefix. Returns
+    (output, (new ck, new cv)); the new buffers are stop-gradient, while gradients of this
+    call's keys and values reach their projections.
     """
 
     def fn(attn, q, k, v):
         b, t, n = q.shape[:3]
         start, end = cache_frames * n, (cache_frames + t) * n
-
-        def write_view(buf, new):
-            flat = _flat_tokens(new).astype(buf.dtype)
-            buf = jax.lax.dynamic_update_slice(sg(buf), sg(flat)[None], (layer, 0, start, 0, 0))
-            view = jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b, end, *buf.shape[3:]))[0]
-            view = _with_new_tangent(view, flat, start).astype(new.dtype)
-            return buf, view.reshape(b, cache_frames + t, n, *view.shape[2:])
-
-        cache_k2, kv = write_view(cache_k, k)
-        cache_v2, vv = write_view(cache_v, v)
-        return attn.attend(q, kv, vv, spec, cross=False, ad=ad), (cache_k2, cache_v2)
-
-    return fn
-
-
-def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
-    """KV function of kv_update="inplace" on one layer's own buffers `[B, S, H, D]` (no copy).
-
-    Writes this call's keys/values at frame `cache_frames` (a Python int or a traced int32)
-    and attends over the whole buffer with the valid length `(cache_frames + T) * N`
-    (`ops.attention_kv_prefix` with the config's `cache_attn_impl`: our Hopper kernel, cuDNN's
-    key_value_seq_lengths, a masked XLA reference, or our Triton kernels with a static prefix
-    mask). The caller guarantees that every query of the
-    call may see every valid key. Returns (output, (new ck, new cv)), stop-gradient.
-    """
-
-    def fn(attn, q, k, v):
-        if partitioning.active_axes()[2] is not None:
-            raise ValueError(
-                "kv_update='inplace' with a per-layer cache runs on one device; under a device mesh use a stacked cache"
-            )
-        b, t, n = q.shape[:3]
-        start = cache_frames * n
 
         def write(buf, new):
             flat = _flat_tokens(new).astype(buf.dtype)
@@ -301,17 +206,25 @@ def _layer_inplace_kv(ck, cv, cache_frames, ad: str):
 
         ck2, kb = write(ck, k)
         cv2, vb = write(cv, v)
-        o = attention_kv_prefix(
-            _flat_tokens(q),
-            kb,
-            vb,
-            start + t * n,
-            impl=attn.cache_attn_impl,
-            ad=ad,
-            interpret=attn.attn_interpret,
-            **attn._tiles(attn.cache_attn_impl),
-        )
-        return o.reshape(q.shape), (ck2, cv2)
+        one_device = partitioning.active_axes()[2] is None
+        if spec is None or (one_device and ops_unmasked(spec)):
+            if not one_device:
+                raise ValueError("a traced cache_frames runs on one device; under a device mesh pass a Python int")
+            o = attention_kv_prefix(
+                _flat_tokens(q),
+                kb,
+                vb,
+                end,
+                impl=attn.cache_attn_impl,
+                ad=ad,
+                interpret=attn.attn_interpret,
+                **attn._tiles(attn.cache_attn_impl),
+            )
+            o = o.reshape(q.shape)
+        else:
+            frames = lambda a: rearrange(a[:, :end], "b (t n) h d -> b t n h d", n=n)
+            o = attn.attend(q, frames(kb), frames(vb), spec, cross=False, ad=ad)
+        return o, (ck2, cv2)
 
     return fn
 
@@ -322,11 +235,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: WanConfig, kv_dim: int, *, rngs: nnx.Rngs):
         dt, pdt = cfg.compute_dtype, cfg.params_dtype
         self.num_heads = cfg.num_heads
-        self.attn_impl = cfg.attn_impl
-        self.cache_attn_impl = cfg.attn_impl if cfg.cache_attn_impl == "auto" else cfg.cache_attn_impl
-        self.cross_attn_impl = cfg.cross_attn_impl
-        self.attn_interpret = cfg.attn_interpret
-        self.attn_tiles = cfg.attn_tiles
+        run = cfg.runtime
+        self.attn_impl = run.attn_impl
+        self.cache_attn_impl = run.cache_impl
+        self.cross_attn_impl = run.cross_attn_impl
+        self.attn_interpret = run.attn_interpret
+        self.attn_tiles = run.attn_tiles
         self.to_q = linear(cfg.dim, cfg.dim, rngs, dt, pdt)
         self.to_k = linear(kv_dim, cfg.dim, rngs, dt, pdt)
         self.to_v = linear(kv_dim, cfg.dim, rngs, dt, pdt)
@@ -381,10 +295,10 @@ class Attention(nnx.Module):
         """x `[B, T, N, dim]` (frame-structured tokens); kv_input `[B, Lk, dim_kv]` (None: self-attention).
 
         For self-attention, `rope = (cos, sin)` tables `[T, N, D/2]` rotate q and k, and
-        `kv_fn(self, q, k, v) -> (o [B, T, N, H, D], extra)` (from the model, for KV-cache
-        calls) decides which keys q attends to (see `_concat_kv` and the in-place variants).
-        For cross-attention, `kv = (k, v)` `[B, Lk, H, D]` already projected (`project_kv`)
-        replaces `kv_input`. Returns (output `[B, T, N, dim]`, extra or None).
+        `kv_fn(self, q, k, v) -> (o [B, T, N, H, D], extra)` (`_cache_kv`, for KV-cache calls)
+        decides which keys q attends to. For cross-attention, `kv = (k, v)` `[B, Lk, H, D]`
+        already projected (`project_kv`) replaces `kv_input`. Returns (output `[B, T, N, dim]`,
+        extra or None).
         """
         b, t, n, _ = x.shape
         q = self._heads(self.norm_q(self.to_q(x)))
@@ -498,7 +412,9 @@ class WanModel(nnx.Module):
             raise ValueError(f"x spatial/temporal size {(tt, h, w)} is not divisible by patch {cfg.patch_size}")
         if tuple(t.shape) != (b, tt):
             raise ValueError(f"t must be per-frame [B, T] = {(b, tt)}, got {tuple(t.shape)}")
-        if context.ndim != 3 or tuple(context.shape) != (b, cfg.text_len, cfg.text_dim):
+        if isinstance(context, TextKV):
+            _check_text_kv(cfg, context, b)
+        elif context.ndim != 3 or tuple(context.shape) != (b, cfg.text_len, cfg.text_dim):
             raise ValueError(
                 f"context must be [B, text_len, text_dim] = {(b, cfg.text_len, cfg.text_dim)}, "
                 f"got {tuple(context.shape)}"
@@ -513,11 +429,10 @@ class WanModel(nnx.Module):
         _, ph, pw = self.cfg.patch_size
         return (height // ph) * (width // pw)
 
-    def text_kv(self, context, per_layer: bool = True) -> TextKV:
+    def text_kv(self, context) -> TextKV:
         """Cross-attention keys and values of every layer for `context` `[B, text_len, text_dim]`
-        (the text MLP, then each layer's `attn2.project_kv`): `TextKV` of `[B, text_len, H, D]`
-        per layer (`per_layer`) or stacked `[layers, ...]`. Pass it as `text_kv=` to calls that
-        share the text."""
+        (the text MLP, then each layer's `attn2.project_kv`). Pass it as the `context` of calls
+        that share the text."""
         cfg = self.cfg
         if context.ndim != 3 or tuple(context.shape[1:]) != (cfg.text_len, cfg.text_dim):
             raise ValueError(
@@ -527,7 +442,7 @@ class WanModel(nnx.Module):
         ctx = self.condition_embedder.text_embedder(context.astype(cfg.compute_dtype))
         graphdef, state = nnx.split(self.blocks)
         k, v = jax.vmap(lambda s: nnx.merge(graphdef, s).attn2.project_kv(ctx))(state)
-        return TextKV(tuple(k), tuple(v)) if per_layer else TextKV(k, v)
+        return TextKV(tuple(k), tuple(v))
 
     # ----------------------------------------------------------------- forward
     def __call__(
@@ -535,74 +450,61 @@ class WanModel(nnx.Module):
         x,
         t,
         context,
-        *,
         pattern: AttentionPattern = FULL,
+        *,
         actions=None,
         r=None,
         frame_pos=None,
         cache: KVCache | None = None,
         cache_frames=0,
-        write_cache: bool = False,
-        ad: str = "vjp",
-        kv_update: str = "concat",
         layer_params=None,
-        scan_unroll: int = 1,
-        text_kv: TextKV | None = None,
+        ad: str = "vjp",
     ):
         """Predict the RF velocity.
 
         Args:
           x: `[B, T, H, W, C]` latents (for teacher forcing: `[clean | noisy]` along T).
           t: `[B, T]` RF times in [0, 1].
-          context: `[B, text_len, text_dim]` text embeddings.
+          context: `[B, text_len, text_dim]` text embeddings, or their `TextKV`
+            (`WanModel.text_kv`, computed once for calls that share the text).
           pattern: the attention pattern.
           actions: optional `[B, T]` int action ids.
           r: optional `[B, T]` start times of MeanFlow's average velocity u(z, r, t)
             (models with `mean_flow=True`; default r = t, the instantaneous velocity).
           frame_pos: `[T]` temporal RoPE positions; default `cache_frames + arange(T)`
             (teacher forcing: `arange(T/2)` twice).
-          cache: optional KV cache (stacked or per-layer, see `KVCache`); the first
-            `cache_frames` frames in it are attended to (READ); with `write_cache` this
-            call's keys/values are stored after them (APPEND).
-          cache_frames: a Python int, or -- with a per-layer cache, `kv_update="inplace"`,
-            `write_cache` and a call that is one block seeing the whole cache
-            (`block_causal`, no local window, T <= the block size) -- a traced int32, so
-            one compilation serves every cache length (the caller keeps it in bounds).
+          cache: optional KV cache; the call attends to its first `cache_frames` frames and
+            its own keys/values, which it writes after them into the returned cache. The
+            layers then run as a Python loop, each on its own buffers (`_cache_kv`); without
+            a cache they run as a scan over the stacked parameters.
+          cache_frames: a Python int, or -- for a `block_causal` call of one block without a
+            local window (T <= the block size), which sees the whole cache -- a traced int32,
+            so one compilation serves every cache length (the caller keeps it in bounds).
+          layer_params: optional per-layer block parameters (`split_layer_params`) for cached
+            calls, used instead of slicing the stacked ones in every call.
           ad: "vjp" (for jax.grad) or "jvp" (for jax.jvp) attention kernels.
-          kv_update: "concat" or "inplace" (calls with `write_cache` only; see
-            `_concat_kv`, `_stacked_inplace_kv`, `_layer_inplace_kv`). The returned cache
-            and the gradients are the same; "inplace" writes each layer's keys into the
-            cache first and attends to the buffer, instead of concatenating a copy.
-          layer_params: optional per-layer block parameters (`split_layer_params`) to use
-            instead of slicing the stacked ones: the layers then run as a Python loop, and
-            no weight slice is copied per call. A per-layer cache also runs the loop.
-          scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`).
-          text_kv: the cross-attention keys/values of `context` (`WanModel.text_kv`), computed
-            once per video by a sampler; the layers then do not project the text again
-            (`context` is still checked for its shape).
         Returns:
           velocity `[B, T, H, W, C_out]` float32, and the updated cache if one was given.
         """
         cfg = self.cfg
         self.check_inputs(x, t, context, actions)
-        if cache is None and (write_cache or not _is_int(cache_frames) or cache_frames):
-            raise ValueError("cache_frames / write_cache need a cache")
-        if kv_update not in KV_UPDATES:
-            raise ValueError(f"kv_update must be one of {KV_UPDATES}, got {kv_update!r}")
+        if cache is None and (not _is_int(cache_frames) or cache_frames or layer_params is not None):
+            raise ValueError("cache_frames / layer_params need a cache")
         b, tt, hh, ww, _ = x.shape
         pt, ph, pw = cfg.patch_size
         tq, hq, wq = tt // pt, hh // ph, ww // pw
         n = hq * wq
         traced = not _is_int(cache_frames)
         if traced:
-            _check_traced_cache_call(pattern, cache, kv_update, write_cache, tq)
+            _check_traced_call(pattern, tq)
             spec = None
         else:
             spec = pattern.mask_spec(tq, n, cache_frames)
-        cross_spec = masks.full(tq * n, context.shape[1])
+        text_kv = context if isinstance(context, TextKV) else None
+        cross_spec = masks.full(tq * n, cfg.text_len)
         if cache is not None:
             _check_cache(cfg, cache, b)
-            if write_cache and not traced and (cache_frames + tq) * n > cache.max_tokens:
+            if not traced and (cache_frames + tq) * n > cache.max_tokens:
                 raise ValueError(f"KV cache of {cache.max_tokens // n} frames cannot hold {cache_frames} + {tq} frames")
 
         if frame_pos is None:
@@ -615,15 +517,13 @@ class WanModel(nnx.Module):
         rope = rope_tables(angles)  # once per call, shared by every layer
 
         h = self.patch_embedding(patchify(x.astype(cfg.compute_dtype), cfg.patch_size))
-        h = partitioning.constrain_tokens(h.reshape(b, tq, n, cfg.dim).astype(jnp.float32))
+        h = partitioning.constrain_tokens(rearrange(h, "b t hh ww c -> b t (hh ww) c").astype(jnp.float32))
         if r is not None:
             if not cfg.mean_flow:
                 raise ValueError("r given but the model has no interval embedding (mean_flow=False)")
             if tuple(r.shape) != tuple(t.shape):
                 raise ValueError(f"r must have t's shape {tuple(t.shape)}, got {tuple(r.shape)}")
             r = r[:, ::pt]
-        if text_kv is not None:
-            _check_text_kv(cfg, text_kv, b, context.shape[1])
         temb, mod, ctx = self.condition_embedder(
             t[:, ::pt],
             None if text_kv is not None else context.astype(cfg.compute_dtype),
@@ -632,19 +532,16 @@ class WanModel(nnx.Module):
         )
 
         run = _LayerRun(self, mod, ctx, spec, cross_spec, rope, ad, text_kv)
-        inplace = cache is not None and write_cache and kv_update == "inplace"
-        if layer_params is not None or (cache is not None and cache.per_layer):
-            h, cache = run.loop(h, cache, cache_frames, write_cache, inplace, layer_params)
-        elif inplace:
-            h, cache = run.scan_inplace(h, cache, cache_frames, scan_unroll)
+        if cache is None:
+            h = run.scan(h)
         else:
-            h, cache = run.scan_concat(h, cache, cache_frames, write_cache, scan_unroll)
+            h, cache = run.loop(h, cache, cache_frames, layer_params)
 
         shift_scale = self.scale_shift_table[...].astype(jnp.float32)[None, None] + temb[:, :, None, :]
         shift, scale = shift_scale[:, :, 0, None, :], shift_scale[:, :, 1, None, :]
         out = (layer_norm(h, cfg.eps) * (1 + scale) + shift).astype(cfg.compute_dtype)
         out = self.proj_out(out).astype(jnp.float32)
-        out = unpatchify(out.reshape(b, tq, hq, wq, -1), cfg.patch_size, cfg.out_channels)
+        out = unpatchify(rearrange(out, "b t (hh ww) c -> b t hh ww c", hh=hq), cfg.patch_size, cfg.out_channels)
         if cache is None:
             return out
         return out, cache
@@ -656,39 +553,27 @@ def _is_int(x) -> bool:
 
 def _check_cache(cfg: WanConfig, cache: KVCache, batch: int) -> None:
     want = (cfg.num_heads, cfg.head_dim)
-    bufs = list(cache.k) + list(cache.v) if cache.per_layer else [cache.k, cache.v]
-    if cache.num_layers != cfg.num_layers or (cache.per_layer and len(cache.v) != cfg.num_layers):
+    if cache.num_layers != cfg.num_layers or len(cache.v) != cfg.num_layers:
         raise ValueError(f"KV cache has {cache.num_layers} layers, the model {cfg.num_layers}")
-    for a in bufs:
-        if a.ndim != (4 if cache.per_layer else 5) or tuple(a.shape[-2:]) != want or a.shape[-3] != cache.max_tokens:
-            raise ValueError(
-                f"KV cache buffers must be [layers, B, S, {want[0]}, {want[1]}] (stacked) or "
-                f"[B, S, {want[0]}, {want[1]}] per layer; got {tuple(a.shape)}"
-            )
+    for a in list(cache.k) + list(cache.v):
+        if a.ndim != 4 or tuple(a.shape[-2:]) != want or a.shape[1] != cache.max_tokens:
+            raise ValueError(f"KV cache buffers must be [B, S, {want[0]}, {want[1]}] per layer; got {tuple(a.shape)}")
     if cache.batch != batch:
         raise ValueError(f"cache batch {cache.batch} != input batch {batch}")
 
 
-def _check_text_kv(cfg: WanConfig, text_kv: TextKV, batch: int, text_len: int) -> None:
-    want = (batch, text_len, cfg.num_heads, cfg.head_dim)
-    arrays = list(text_kv.k) + list(text_kv.v) if text_kv.per_layer else [text_kv.k, text_kv.v]
-    layers = len(text_kv.k) if text_kv.per_layer else text_kv.k.shape[0]
-    shapes = [tuple(a.shape) if text_kv.per_layer else tuple(a.shape[1:]) for a in arrays]
-    if layers != cfg.num_layers or any(sh != want for sh in shapes) or (text_kv.per_layer and len(text_kv.v) != layers):
+def _check_text_kv(cfg: WanConfig, text_kv: TextKV, batch: int) -> None:
+    want = (batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
+    shapes = {tuple(a.shape) for a in list(text_kv.k) + list(text_kv.v)}
+    if len(text_kv.k) != cfg.num_layers or len(text_kv.v) != cfg.num_layers or shapes != {want}:
         raise ValueError(
-            f"text_kv must hold {cfg.num_layers} layers of k, v {want} (WanModel.text_kv of this "
-            f"context); got {layers} layers of {shapes[0] if shapes else None}"
+            f"a TextKV context must hold {cfg.num_layers} layers of k, v {want} (WanModel.text_kv); "
+            f"got {len(text_kv.k)} layers of {sorted(shapes)}"
         )
 
 
-def _check_traced_cache_call(pattern: AttentionPattern, cache, kv_update, write_cache, tq) -> None:
+def _check_traced_call(pattern: AttentionPattern, tq) -> None:
     """A traced `cache_frames` is only defined for one-block calls that see the whole cache."""
-    if not (cache is not None and cache.per_layer and kv_update == "inplace" and write_cache):
-        raise ValueError(
-            "a traced cache_frames needs a per-layer KV cache (KVCache.create(..., "
-            "per_layer=True)), kv_update='inplace' and write_cache=True; otherwise pass "
-            "cache_frames as a Python int"
-        )
     if pattern.kind != "block_causal" or pattern.local_attn_blocks or tq > min(pattern.first, pattern.block_frames):
         raise ValueError(
             "a traced cache_frames needs a block_causal pattern without a local window and a call of "
@@ -698,14 +583,11 @@ def _check_traced_cache_call(pattern: AttentionPattern, cache, kv_update, write_
 
 
 class _LayerRun:
-    """The transformer blocks of one model call: layer scan or Python loop, with the KV cache.
+    """The transformer blocks of one model call.
 
-    scan_concat: `lax.scan` over the stacked parameters; the stacked cache is read as a
-      scan input (one layer per iteration) and only this call's keys/values leave the scan
-      (`[layers, B, T, N, H, D]`), written into the cache once afterwards.
-    scan_inplace: `lax.scan` carrying the stacked cache; each layer writes its keys into it
-      and attends to its slice (`_stacked_inplace_kv`).
-    loop: a Python loop over the layers (per-layer parameters and/or a per-layer cache).
+    scan: `lax.scan` over the stacked parameters (calls without a cache).
+    loop: a Python loop over the layers, each writing and reading its own cache buffers
+      (`_cache_kv`), with the stacked parameters sliced per layer or `layer_params`.
     """
 
     def __init__(self, model: WanModel, mod, ctx, spec, cross_spec, rope, ad, text_kv=None):
@@ -718,72 +600,24 @@ class _LayerRun:
         block = nnx.merge(self.graphdef, state)
         return block(h, self.mod, self.ctx, self.spec, self.cross_spec, self.rope, kv_fn, self.ad, text_kv)
 
-    def _text_xs(self):
-        """The text keys/values as scan inputs (stacked `[layers, ...]`), or (None, None)."""
-        if self.text_kv is None:
-            return None, None
-        stacked = self.text_kv.stacked()
-        return stacked.k, stacked.v
-
     def _remat(self, fn):
-        if self.cfg.remat == "block":
+        if self.cfg.runtime.remat == "block":
             return jax.checkpoint(fn)
-        if self.cfg.remat == "dots":
+        if self.cfg.runtime.remat == "dots":
             return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         return fn
 
-    def scan_concat(self, h, cache, cache_frames, write_cache, unroll):
-        spec, ad = self.spec, self.ad
-
+    def scan(self, h):
         def body(h, xs):
-            layer_state, ck, cv, tk, tv = xs
-            kv_fn = None if ck is None else _concat_kv(ck, cv, cache_frames, spec, ad, write_cache)
-            return self._layer(layer_state, h, kv_fn, None if tk is None else (tk, tv))
-
-        # The cache is read layer by layer as a scan input; only this call's keys and
-        # values come out of the scan (as `[layers, B, T, N, H, D]`) and are written
-        # into the cache once afterwards, in place when the caller donates it.
-        xs = (
-            (self.block_state, None, None) if cache is None else (self.block_state, cache.k, cache.v)
-        ) + self._text_xs()
-        h, new_kv = jax.lax.scan(self._remat(body), h, xs, unroll=unroll)
-        if cache is not None and write_cache:
-
-            def append(buf, new):
-                start = cache_frames * new.shape[3]
-                new = new.reshape(*new.shape[:2], -1, *new.shape[-2:]).astype(buf.dtype)
-                return jax.lax.dynamic_update_slice(buf, new, (0, 0, start, 0, 0))
-
-            cache = KVCache(append(cache.k, new_kv[0]), append(cache.v, new_kv[1]))
-        return h, cache
-
-    def _check_no_remat_carry(self):
-        if self.cfg.remat != "none":
-            raise ValueError(
-                "kv_update='inplace' with a stacked cache passes the whole cache from layer to layer, and "
-                f"remat={self.cfg.remat!r} would save it at every layer; use remat='none', a per-layer "
-                "cache, or kv_update='concat'"
-            )
-
-    def scan_inplace(self, h, cache, cache_frames, unroll):
-        self._check_no_remat_carry()
-        spec, ad = self.spec, self.ad
-
-        def body(carry, xs):
-            h, ck, cv, i = carry
             layer_state, tk, tv = xs
-            h, (ck, cv) = self._layer(
-                layer_state, h, _stacked_inplace_kv(ck, cv, i, cache_frames, spec, ad), None if tk is None else (tk, tv)
-            )
-            return (h, ck, cv, i + 1), None
+            h, _ = self._layer(layer_state, h, None, None if tk is None else (tk, tv))
+            return h, None
 
-        (h, ck, cv, _), _ = jax.lax.scan(
-            body, (h, cache.k, cache.v, jnp.int32(0)), (self.block_state, *self._text_xs()), unroll=unroll
-        )
-        return h, KVCache(ck, cv)
+        text = (None, None) if self.text_kv is None else (jnp.stack(self.text_kv.k), jnp.stack(self.text_kv.v))
+        h, _ = jax.lax.scan(self._remat(body), h, (self.block_state, *text))
+        return h
 
-    def loop(self, h, cache, cache_frames, write_cache, inplace, layer_params):
-        """Python loop over the layers; the cache buffers are edited layer by layer."""
+    def loop(self, h, cache, cache_frames, layer_params):
         num = self.cfg.num_layers
         if layer_params is not None:  # leaves of one layer each, in the stacked state's order
             treedef = jax.tree.structure(self.block_state)
@@ -794,57 +628,12 @@ class _LayerRun:
             states = [jax.tree.unflatten(treedef, leaves) for leaves in layer_params]
         else:
             states = [jax.tree.map(lambda a, i=i: a[i], self.block_state) for i in range(num)]
-        spec, ad = self.spec, self.ad
-        per_layer = cache is not None and cache.per_layer
-        if inplace and per_layer and spec is not None and not ops_unmasked(spec):
-            raise ValueError(
-                "kv_update='inplace' with a per-layer cache attends by length only, so every query of "
-                "the call must see every cached key (one block, no local window cutting the cache); "
-                "use kv_update='concat' or a stacked cache for this call"
-            )
-        if inplace and not per_layer:
-            self._check_no_remat_carry()
-        # per-layer: lists of layer buffers [B, S, H, D]; stacked: the [L, B, S, H, D] arrays
-        ks, vs = (
-            (None, None) if cache is None else ((list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v))
-        )
+        ks, vs = list(cache.k), list(cache.v)
         for i, state in enumerate(states):
-            if cache is None:
-                kv_fn = None
-            elif inplace and per_layer:
-                kv_fn = _layer_inplace_kv(ks[i], vs[i], cache_frames, ad)
-            elif inplace:
-                kv_fn = _stacked_inplace_kv(ks, vs, i, cache_frames, spec, ad)
-            else:
-                kv_fn = _concat_kv(ks[i], vs[i], cache_frames, spec, ad, write_cache)
-            tkv = None if self.text_kv is None else self.text_kv.layer(i)
-            h, extra = self._remat(lambda s, h, kv_fn=kv_fn, tkv=tkv: self._layer(s, h, kv_fn, tkv))(state, h)
-            if extra is None:
-                continue
-            if inplace and per_layer:
-                ks[i], vs[i] = extra
-            elif inplace:
-                ks, vs = extra
-            elif per_layer:  # concat + write: store this layer's keys now
-                ks[i], vs[i] = (
-                    _put_layer(ks[i], extra[0], None, cache_frames),
-                    _put_layer(vs[i], extra[1], None, cache_frames),
-                )
-            else:
-                ks, vs = _put_layer(ks, extra[0], i, cache_frames), _put_layer(vs, extra[1], i, cache_frames)
-        if cache is None:
-            return h, None
-        return h, KVCache(tuple(ks), tuple(vs)) if per_layer else KVCache(ks, vs)
-
-
-def _put_layer(buf, new, layer, cache_frames):
-    """Write `new [B, T, N, H, D]` at frame `cache_frames` of `buf` (`[B, S, H, D]`, or layer
-    `layer` of a stacked `[L, B, S, H, D]`)."""
-    start = cache_frames * new.shape[2]
-    new = _flat_tokens(new).astype(buf.dtype)
-    if layer is None:
-        return jax.lax.dynamic_update_slice(buf, new, (0, start, 0, 0))
-    return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, start, 0, 0))
+            kv_fn = _cache_kv(ks[i], vs[i], cache_frames, self.spec, self.ad)
+            tkv = None if self.text_kv is None else (self.text_kv.k[i], self.text_kv.v[i])
+            h, (ks[i], vs[i]) = self._remat(lambda s, h, kv_fn=kv_fn, tkv=tkv: self._layer(s, h, kv_fn, tkv))(state, h)
+        return h, KVCache(tuple(ks), tuple(vs))
 
 
 def split_layer_params(params) -> tuple:
@@ -872,14 +661,14 @@ def apply_for(cfg: WanConfig):
 
 
 def functional(model: WanModel):
-    """Split a model into a pure `apply(params, x, t, context, **kw)` and its params.
+    """Split a model into a pure `apply(params, x, t, context, pattern, **kw)` and its params.
 
     `apply` rebuilds the module from `params` on every call (cheap under jit), so it
     can be used inside `jax.jit`, `jax.jvp`, `jax.grad` and `lax.scan` without
-    mutating NNX state. Keyword arguments are those of `WanModel.__call__`;
-    `apply.text_kv(params, context, per_layer=True)` is the pure `WanModel.text_kv`. Models
-    of the same structure share one `apply`, so jitted functions keyed on it (and
-    their compilations) are reused across, e.g., teacher and student.
+    mutating NNX state. Arguments are those of `WanModel.__call__`;
+    `apply.text_kv(params, context)` is the pure `WanModel.text_kv`. Models of the same
+    structure share one `apply`, so jitted functions keyed on it (and their compilations)
+    are reused across, e.g., teacher and student.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -888,19 +677,17 @@ def functional(model: WanModel):
 
 
 def _make_apply(graphdef, rest):
-    def apply(params, x, t, context, **kw):
-        return nnx.merge(graphdef, params, rest)(x, t, context, **kw)
+    def apply(params, x, t, context, pattern=FULL, **kw):
+        return nnx.merge(graphdef, params, rest)(x, t, context, pattern, **kw)
 
-    apply.text_kv = lambda params, context, per_layer=True: nnx.merge(graphdef, params, rest).text_kv(
-        context, per_layer
-    )
+    apply.text_kv = lambda params, context: nnx.merge(graphdef, params, rest).text_kv(context)
     return apply
 
 
 @functools.lru_cache(maxsize=64)
 def _shared_apply(graphdef):
-    def apply(params, x, t, context, **kw):
-        return nnx.merge(graphdef, params)(x, t, context, **kw)
+    def apply(params, x, t, context, pattern=FULL, **kw):
+        return nnx.merge(graphdef, params)(x, t, context, pattern, **kw)
 
-    apply.text_kv = lambda params, context, per_layer=True: nnx.merge(graphdef, params).text_kv(context, per_layer)
+    apply.text_kv = lambda params, context: nnx.merge(graphdef, params).text_kv(context)
     return apply

@@ -26,7 +26,7 @@ METHODS = ("euler", "consistency")
 
 @functools.cache
 def _jit(apply):
-    return jax.jit(apply, static_argnames=("pattern", "cache_frames", "write_cache", "ad"))
+    return jax.jit(apply, static_argnames=("pattern", "cache_frames", "ad"))
 
 
 def block_times(method: str, steps: int, shift: float = 5.0, sigma_max: float = 80.0) -> np.ndarray:
@@ -140,7 +140,6 @@ def causal_sample(
             r=r,
             cache=cache,
             cache_frames=s,
-            write_cache=True,
         )
         out.append(x0)
     return jnp.concatenate(out, axis=1)

@@ -5,33 +5,28 @@ Per chunk of `f` frames (frames [s, e)), with RF grid t_0 > ... > t_{n-1} > t_n 
     x = noise                                   # [B, f, H, W, C], placed at t_0
     for i < n - 1:  x0 = x - t_i v(x, t_i | cache);  x = (1 - t_{i+1}) x0 + t_{i+1} eps_i
     x0 = x - t_{n-1} v(x, t_{n-1} | cache)      # the chunk's output
-    clean context: re-run v(x0, t = 0) with write_cache=True (one extra forward)
+    clean context: re-run v(x0, t = 0), which writes the cache (one extra forward)
     noisy context: the last denoising step itself writes the cache (no extra forward)
 
-The chunk is handed over as soon as its denoising calls are done: the clean-context re-run,
-which only fills the cache for the next chunk, is its own dispatch (`clean_rerun="separate"`),
-so a viewer sees each chunk one model call sooner and the re-run overlaps the caller's work.
+The chunk is handed over as soon as its denoising calls are done; the clean-context re-run,
+which only fills the cache for the next chunk, is its own dispatch right after them (the
+last chunk of a finite video skips it: nothing reads that cache).
 
 All noise comes from `chunk_noise` (keys folded from one PRNG key by chunk index), so
 the non-streaming `reference.reference_generate` can reproduce it exactly.
 
-Each chunk is one jitted call (`jax.jit`, cache donated) compiled for its static
-buffer layout (sink/evict/cache frames), chunk shape and number of model calls (the
-grid is a traced array, so schedules with the same step count share a compile; with
-`call_loop="device"` the call count is traced too). With a rolling window the
-layout reaches a steady state after `sink_blocks + local_attn_blocks` chunks and
-the same compiled function is reused from then on (flat memory).
-
-Speed options (`StreamingSampler`; the video is the same, see tests/test_sampling.py):
-`kv_update="inplace"` writes each layer's keys into the cache before attending
-instead of concatenating `[cached | new]`; `kv_layout="per_layer"` keeps one buffer
-and one parameter copy per layer (Python layer loop: no slice of weights or cache is
-copied per call; with "inplace", attention reads each buffer with a valid length and
-the cache length is traced, so one compile serves every layout of a chunk shape);
-`call_loop="static"` (the default) makes the number of model calls a compile-time constant
-(XLA then knows the loop's trip count and never reads the loop predicate back to the host,
-so the dispatch is asynchronous and prefetch overlaps the caller with the next chunk);
-`"device"` traces it; `"host"` dispatches each model call as its own asynchronous jitted call.
+Each chunk is one jitted call (`jax.jit`, cache donated) whose model calls run in a loop
+with a compile-time trip count (XLA never reads the loop predicate back to the host, so the
+dispatch is asynchronous and `stream(prefetch=True)` queues the next chunk while the caller
+handles this one). The text's cross-attention keys and values are computed once per video
+(`WanModel.text_kv`). The KV cache holds one buffer per layer and the sampler one copy of
+the block parameters per layer, so a call copies no slice of either; each layer writes its
+keys into its buffer and attends to it by valid length. Where the cache attention backend
+takes a traced length (`prefix_len_can_be_traced`), the cache length is a traced argument
+and one compile serves every cache layout of a chunk shape and step count; otherwise each
+layout (sink/evict/cache frames) is compiled once. With a rolling window the layout reaches
+a steady state after `sink_blocks + local_attn_blocks` chunks and the same compiled function
+is reused from then on (flat memory).
 
 RoPE positions: every call passes `frame_pos` = absolute frame indices, so keys in
 the cache keep the positions they were written with, also after the window part
@@ -57,7 +52,7 @@ import numpy as np
 
 from crm_jax.diffusion import rf_noise, x0_from_v
 from crm_jax.models.config import WanConfig
-from crm_jax.models.wan import KV_UPDATES, AttentionPattern, KVCache, split_layer_params
+from crm_jax.models.wan import AttentionPattern, KVCache, split_layer_params
 from crm_jax.sampling.actions import ActionSource
 from crm_jax.sampling.plan import (
     CONTEXT_MODES,
@@ -69,6 +64,7 @@ from crm_jax.sampling.plan import (
     chunk_bounds,
     make_schedule,
 )
+from pallas_kernels._jax_private import jit_cache_size
 from pallas_kernels.ops import prefix_len_can_be_traced
 
 
@@ -131,15 +127,13 @@ def _shift_window(cache: KVCache, sink_tok: int, evict_tok: int, end_tok: int) -
     if evict_tok == 0:
         return cache
 
-    def shift(a):  # tokens on axis -3 in both cache layouts
-        return a.at[..., sink_tok : end_tok - evict_tok, :, :].set(a[..., sink_tok + evict_tok : end_tok, :, :])
+    def shift(a):
+        return a.at[:, sink_tok : end_tok - evict_tok].set(a[:, sink_tok + evict_tok : end_tok])
 
     return cache.map_buffers(shift)
 
 
-def _call_kwargs(
-    static: tuple, f: int, cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
-):
+def _call_kwargs(static: tuple, f: int, cache_frames, actions, frame_pos, layer_params) -> dict:
     """Model keyword arguments of a chunk's calls (see `_chunk_fn` for `static`)."""
     static_frames = static[2]
     traced = static_frames is None
@@ -149,19 +143,15 @@ def _call_kwargs(
         actions=actions,
         frame_pos=frame_pos,
         cache_frames=cache_frames if traced else static_frames,
-        write_cache=True,
-        kv_update=kv_update,
         layer_params=layer_params,
-        scan_unroll=scan_unroll,
-        text_kv=text_kv,
     )
 
 
-def _model_step(apply, params, x, cache, noise, context, times, j, kw):
+def _model_step(apply, params, x, cache, noise, text_kv, times, j, kw):
     """Model call j of a chunk: x̂0 = x - t_j v(x, t_j), then x <- (1 - t_{j+1}) x̂0 + t_{j+1} eps_{j+1}."""
     b, f = x.shape[:2]
     t = jnp.full((b, f), times[j], jnp.float32)
-    v, cache = apply(params, x, t, context, cache=cache, **kw)
+    v, cache = apply(params, x, t, text_kv, cache=cache, **kw)
     x0 = x0_from_v(x, t, v)
     t_next = jnp.full((b, f), times[j + 1], jnp.float32)
     return rf_noise(x0, noise[j + 1], t_next), cache
@@ -177,137 +167,66 @@ def _chunk_fn(
     params,
     cache,
     noise,
-    context,
+    text_kv,
     actions,
     frame_pos,
     times,
-    num_calls,
     cache_frames,
     layer_params,
-    text_kv,
     *,
+    num_calls: int,
     static: tuple,
     tpf: int,
     x_shape: tuple,
-    kv_update: str,
-    scan_unroll: int,
 ):
-    """One chunk: evict, denoise, fill the cache. Returns (x̂0 `[B, f, H, W, C]`, cache).
+    """One chunk: evict, denoise. Returns (x̂0 `[B, f, H, W, C]`, cache).
 
-    One model call per loop iteration j < num_calls, each writing this chunk's keys/values
-    at `cache_frames` (the last write wins; reads only see the cached prefix, so earlier
-    writes change nothing): x̂0 = x - t_j v, x <- (1 - t_{j+1}) x̂0 + t_{j+1} eps_{j+1}.
-    With n steps, num_calls = n (noisy context: the last step's write stays) or n + 1
-    (clean context: call n runs x̂0 at t_n = 0). Because the grid ends at 0 and is
-    zero-padded, x after the loop is exactly x̂0 of the last step in both modes.
-    Only one model instance is traced, so compiles are cheap and shared by all step
-    counts and both context modes.
+    One model call per loop iteration j < num_calls (the chunk's n steps), each writing this
+    chunk's keys/values at `cache_frames` (the last write wins; reads only see the cached
+    prefix, so earlier writes change nothing): x̂0 = x - t_j v, x <- (1 - t_{j+1}) x̂0 +
+    t_{j+1} eps_{j+1}. Because the grid ends at 0 and is zero-padded, x after the loop is
+    exactly x̂0 of the last step, and the cache holds the last step's keys (noisy context;
+    a clean context overwrites them with `_rerun_fn`). The grid is a traced array, so
+    schedules with the same step count share a compile.
 
     noise: `[S >= max_steps + 2, B, f, H, W, C]` from `chunk_noises` (0: initial, j: before step j);
-    frame_pos: `[f]` int32 absolute positions; times: `[S]` float32 zero-padded
-    grid; num_calls: int32.
+    text_kv: the text's cross-attention keys/values (`WanModel.text_kv`, once per video);
+    frame_pos: `[f]` int32 absolute positions; times: `[S]` float32 zero-padded grid.
     static = (sink_frames, evict_frames, cache_frames) of the buffer layout; cache_frames None
-    means the traced int32 argument `cache_frames` is used instead (per-layer in-place cache:
-    one compile for every cache length), and the window shift then moves the whole tail.
-    layer_params: per-layer block parameters or None (see `WanModel.__call__`).
-    text_kv: the text's cross-attention keys/values (`WanModel.text_kv`, once per video) or None.
+    means the traced int32 argument `cache_frames` is used instead (one compile for every
+    cache length), and the window shift then moves the whole tail.
+    layer_params: per-layer block parameters (`split_layer_params`).
     """
     sink, evict, _ = static
     cache = _shift_window(cache, sink * tpf, evict * tpf, _window_end(static, tpf, cache))
-    kw = _call_kwargs(
-        static, x_shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
-    )
+    kw = _call_kwargs(static, x_shape[1], cache_frames, actions, frame_pos, layer_params)
 
     def call(j, carry):
         x, cache = carry
-        return _model_step(apply, params, x, cache, noise, context, times, j, kw)
+        return _model_step(apply, params, x, cache, noise, text_kv, times, j, kw)
 
     return jax.lax.fori_loop(0, num_calls, call, (noise[0], cache))
 
 
-def _rerun_fn(
-    apply,
-    params,
-    cache,
-    x0,
-    context,
-    actions,
-    frame_pos,
-    cache_frames,
-    layer_params,
-    text_kv,
-    *,
-    static: tuple,
-    kv_update: str,
-    scan_unroll: int,
-):
-    """The clean-context re-run of a chunk on its own: v(x̂0, t = 0) writes the chunk's clean keys and
-    values into the cache. Returns the cache only (the output is not needed, so XLA drops the last
-    layer's work after its keys and values and the head). Arguments as in `_chunk_fn`;
-    x0: `[B, f, H, W, C]`, the chunk's output. The same call as `_chunk_fn`'s last iteration
-    in clean mode (its grid ends at t_n = 0)."""
-    kw = _call_kwargs(
-        static, x0.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
-    )
+def _rerun_fn(apply, params, cache, x0, text_kv, actions, frame_pos, cache_frames, layer_params, *, static: tuple):
+    """The clean-context re-run of a chunk: v(x̂0, t = 0) writes the chunk's clean keys and
+    values into the cache. Returns the cache only (the output is not needed, so XLA drops the
+    last layer's work after its keys and values and the head). Arguments as in `_chunk_fn`;
+    x0: `[B, f, H, W, C]`, the chunk's output."""
+    kw = _call_kwargs(static, x0.shape[1], cache_frames, actions, frame_pos, layer_params)
     b, f = x0.shape[:2]
-    _, cache = apply(params, x0, jnp.zeros((b, f), jnp.float32), context, cache=cache, **kw)
+    _, cache = apply(params, x0, jnp.zeros((b, f), jnp.float32), text_kv, cache=cache, **kw)
     return cache
 
 
-def _call_fn(
-    apply,
-    params,
-    cache,
-    x,
-    noise,
-    context,
-    actions,
-    frame_pos,
-    times,
-    j,
-    cache_frames,
-    layer_params,
-    text_kv,
-    *,
-    static: tuple,
-    kv_update: str,
-    scan_unroll: int,
-):
-    """Model call `j` of a chunk on its own (call_loop="host"): returns (x after call j, cache).
-
-    The host loops over the calls; each is one jitted, asynchronous dispatch (cache and x
-    donated). In the device loop (`_chunk_fn`), XLA copies each iteration's loop predicate
-    back to the host (the trip count is traced), so the host cannot run ahead of the device
-    there; here nothing waits on the device.
-    Arguments as in `_chunk_fn`; x: `[B, f, H, W, C]` (noise[0] before call 0); j: int32.
-    """
-    kw = _call_kwargs(
-        static, x.shape[1], cache_frames, actions, frame_pos, kv_update, layer_params, scan_unroll, text_kv
-    )
-    return _model_step(apply, params, x, cache, noise, context, times, j, kw)
-
-
 @functools.lru_cache(maxsize=16)
-def _jitted_chunk(apply, compiler_options: tuple = (), static_calls: bool = False):
-    """One jitted chunk function per model `apply`, compiler options and call-count handling
-    (shared by samplers); `static_calls`: `num_calls` is static (call_loop="static": a known loop
-    trip count, one compile per call count)."""
-    static = ("static", "tpf", "x_shape", "kv_update", "scan_unroll") + (("num_calls",) if static_calls else ())
+def _jitted_chunk(apply, compiler_options: tuple = ()):
+    """One jitted chunk function per model `apply` and compiler options (shared by samplers);
+    one compile per call count and static layout."""
     return jax.jit(
         functools.partial(_chunk_fn, apply),
-        static_argnames=static,
+        static_argnames=("num_calls", "static", "tpf", "x_shape"),
         donate_argnums=(1,),
-        compiler_options=dict(compiler_options) or None,
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_call(apply, compiler_options: tuple = ()):
-    """One jitted model call (call_loop="host") per model `apply` and compiler options."""
-    return jax.jit(
-        functools.partial(_call_fn, apply),
-        static_argnames=("static", "kv_update", "scan_unroll"),
-        donate_argnums=(1, 2),
         compiler_options=dict(compiler_options) or None,
     )
 
@@ -318,25 +237,19 @@ def _jitted_rerun(apply, compiler_options: tuple = ()):
     cache is donated (x̂0 is the chunk handed to the caller)."""
     return jax.jit(
         functools.partial(_rerun_fn, apply),
-        static_argnames=("static", "kv_update", "scan_unroll"),
+        static_argnames=("static",),
         donate_argnums=(1,),
         compiler_options=dict(compiler_options) or None,
     )
 
 
-_jitted_new_cache = jax.jit(KVCache.create, static_argnums=(0, 1, 2, 3, 4, 5))
-_jitted_shift = jax.jit(_shift_window, static_argnums=(1, 2, 3), donate_argnums=(0,))
+_jitted_new_cache = jax.jit(KVCache.create, static_argnums=(0, 1, 2, 3, 4))
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_text_kv(apply, per_layer: bool):
+def _jitted_text_kv(apply):
     """The text's cross-attention keys/values of every layer (`WanModel.text_kv`), jitted once per model."""
-    return jax.jit(functools.partial(apply.text_kv, per_layer=per_layer))
-
-
-KV_LAYOUTS = ("stacked", "per_layer")
-CALL_LOOPS = ("device", "static", "host")
-CLEAN_RERUNS = ("separate", "fused")
+    return jax.jit(apply.text_kv)
 
 
 @dataclasses.dataclass
@@ -351,43 +264,13 @@ class StreamingSampler:
       latent_hw: (H, W) of the latents.
       batch: B.
       schedule: steps per chunk (int or per-chunk sequence, e.g. (4, 2)) or a TimeSchedule.
-      context_mode: "clean" (re-run x̂0 at t = 0 to fill the cache) or "noisy" (the last
-        denoising step writes the cache).
+      context_mode: "clean" (re-run x̂0 at t = 0 to fill the cache, dispatched after the chunk
+        is handed over) or "noisy" (the last denoising step writes the cache).
       max_cache_frames: largest KV buffer allowed, in frames (None: sized to each request).
         Requests it cannot hold without a rolling window raise ValueError.
       cache_dtype: KV dtype (default: the model's compute dtype).
-      kv_update: "inplace" (default) or "concat": how each layer gives attention its keys
-        (`WanModel.__call__`); the video is the same.
-      kv_layout: "per_layer" (default) or "stacked" (one `[layers, ...]` buffer, layer scan);
-        "per_layer" keeps one buffer per layer and per-layer copies of the block parameters
-        (+ one copy of the block weights in memory), made once here:
-        the layers run as a Python loop, no weight or cache slice is copied per call; with
-        kv_update="inplace" and an mgpu/cuDNN/XLA cache-attention backend the cache length is a traced
-        argument, so one compilation serves every cache layout of a chunk shape). The defaults
-        are the fastest measured (wan_1_3b, 480p, chunk 3, H200: 23.8 vs 20.7 latent frames/s
-        for concat + stacked at 2 steps, noisy context; experiments/RESULTS.md).
-      scan_unroll: layers per layer-scan iteration (stacked layout).
-      call_loop: "static" (default: a chunk's model calls loop inside one jitted function with the
-        call count a compile-time constant, so XLA never copies the loop predicate to the host
-        and the dispatch returns at once: with `stream(prefetch=True)` the next chunk is queued
-        while the caller handles this one; one compile per call count), "device" (the same loop
-        with a traced trip count: one compile for every call count, but each iteration's
-        predicate is read back, so the dispatch returns only when the chunk is done and prefetch
-        cannot overlap anything) or "host" (one jitted,
-        asynchronously dispatched function per model call, looped over in Python; same compiles
-        as "device").
       compiler_options: XLA options for the chunk function (`jax.jit(compiler_options=...)`),
         e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,...,WHILE,CONDITIONAL"}.
-      text_kv: compute the text's cross-attention keys and values of every layer once per
-        video (`WanModel.text_kv`, `apply.text_kv` of `functional`) and pass them to every call
-        (default), instead of each call projecting the text again in every layer; the video is
-        the same.
-      clean_rerun: clean context only: "separate" (default: the chunk is returned after its
-        denoising calls and the re-run at t = 0 that writes its clean keys/values is dispatched
-        on its own right after them, so the caller can take the chunk one model call sooner;
-        XLA also drops that call's unused output work, and the last chunk of a finite video
-        skips it: nothing reads that cache) or "fused" (the re-run is the last iteration of the
-        chunk's call loop). The video is the same.
     """
 
     apply: Callable
@@ -400,13 +283,7 @@ class StreamingSampler:
     context_mode: str = "clean"
     max_cache_frames: int | None = None
     cache_dtype: Any = None
-    kv_update: str = "inplace"
-    kv_layout: str = "per_layer"
-    scan_unroll: int = 1
-    call_loop: str = "static"
     compiler_options: dict | None = None
-    text_kv: bool = True
-    clean_rerun: str = "separate"
 
     def __post_init__(self):
         check_pattern(self.pattern)
@@ -427,31 +304,17 @@ class StreamingSampler:
                 "MeanFlow student with crm_jax.sampling.causal.causal_sample(method='consistency'), "
                 "which uses u(x, 0, t)"
             )
-        if self.kv_update not in KV_UPDATES:
-            raise ValueError(f"kv_update must be one of {KV_UPDATES}, got {self.kv_update!r}")
-        if self.kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
-        if self.call_loop not in CALL_LOOPS:
-            raise ValueError(f"call_loop must be one of {CALL_LOOPS}, got {self.call_loop!r}")
-        if self.clean_rerun not in CLEAN_RERUNS:
-            raise ValueError(f"clean_rerun must be one of {CLEAN_RERUNS}, got {self.clean_rerun!r}")
-        if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 1:
-            raise ValueError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
+        if not hasattr(self.apply, "text_kv"):
+            raise ValueError("apply must come from crm_jax.models.wan.functional (it needs apply.text_kv)")
         self.tpf = (h // ph) * (w // pw)
-        per_layer = self.kv_layout == "per_layer"
-        self.layer_params = split_layer_params(self.params) if per_layer else None
+        self.layer_params = split_layer_params(self.params)
         dt = self.cfg.compute_dtype
         probe = jax.ShapeDtypeStruct((self.batch, self.tpf, self.cfg.num_heads, self.cfg.head_dim), dt)
-        cache_impl = self.cfg.attn_impl if self.cfg.cache_attn_impl == "auto" else self.cfg.cache_attn_impl
-        self.traced_cache_len = (
-            per_layer
-            and self.kv_update == "inplace"
-            and prefix_len_can_be_traced(probe, probe, impl=cache_impl, interpret=self.cfg.attn_interpret)
+        self.traced_cache_len = prefix_len_can_be_traced(
+            probe, probe, impl=self.cfg.runtime.cache_impl, interpret=self.cfg.runtime.attn_interpret
         )
         options = tuple(sorted((self.compiler_options or {}).items()))
         self._jit = _jitted_chunk(self.apply, options)
-        self._jit_static = _jitted_chunk(self.apply, options, static_calls=True)
-        self._jit_call = _jitted_call(self.apply, options)
         self._jit_rerun = _jitted_rerun(self.apply, options)
 
     # ------------------------------------------------------------------ helpers
@@ -470,97 +333,43 @@ class StreamingSampler:
     def new_cache(self, frames: int) -> KVCache:
         """A zeroed KV cache for `frames` latent frames, made by one jitted call (2 x layers buffers
         made op by op cost ~0.4 ms of dispatch each: ~25 ms before the first chunk of wan_1_3b)."""
-        return _jitted_new_cache(
-            self.cfg, self.batch, frames, self.tpf, self.cache_dtype, self.kv_layout == "per_layer"
-        )
+        return _jitted_new_cache(self.cfg, self.batch, frames, self.tpf, self.cache_dtype)
 
     def compiled_count(self) -> int:
-        """Compiled chunk (or model-call) functions so far (shared by all samplers of this `apply`)."""
-        return (
-            self._jit._cache_size()
-            + self._jit_static._cache_size()
-            + self._jit_call._cache_size()
-            + self._jit_rerun._cache_size()
-        )
+        """Compiled chunk and re-run functions so far (shared by all samplers of this `apply`)."""
+        return jit_cache_size(self._jit) + jit_cache_size(self._jit_rerun)
 
     def text_kv_of(self, context):
-        """The text's cross-attention keys/values for `context`, or None (`text_kv=False`, or an
-        `apply` not made by `functional`, which has no `apply.text_kv`: every call then projects the
-        text itself, as XLA also does once per chunk by hoisting it out of the call loop)."""
-        if not self.text_kv or not hasattr(self.apply, "text_kv"):
-            return None
-        return _jitted_text_kv(self.apply, self.kv_layout == "per_layer")(self.params, context)
+        """The text's cross-attention keys/values of every layer for `context` (jitted)."""
+        return _jitted_text_kv(self.apply)(self.params, context)
 
-    def chunk_call(self, cache, key, context, actions, lay: ChunkLayout, text_kv=None, rerun: bool = True):
+    def chunk_call(self, cache, key, text_kv, actions, lay: ChunkLayout, rerun: bool = True):
         """Run one chunk (jitted). Returns (x0 `[B, f, H, W, C]`, new cache).
 
-        text_kv: `text_kv_of(context)` (computed once per video), or None (each call projects the text).
-        rerun: with a clean context and `clean_rerun="separate"`, also dispatch the re-run
-        (`rerun_call`) after the denoising calls; False leaves the cache with the last step's keys."""
-        count = noise_count(self.schedule)
+        text_kv: `text_kv_of(context)` (computed once per video).
+        rerun: with a clean context, also dispatch the re-run (`rerun_call`) after the denoising
+        calls; False leaves the cache with the last step's keys."""
         times, n = padded_times(self.schedule, lay.index)
-        separate = self.context_mode == "clean" and self.clean_rerun != "fused"
-        calls = n + (self.context_mode == "clean" and not separate)
         acts, frame_pos, static, cache_frames = self._layout_args(actions, lay)
         x_shape = self.frame_shape(lay.frames)
-        noise = chunk_noises(key, jnp.int32(lay.index), x_shape, count)
-        times = jnp.asarray(times)
-        kv_kw = dict(static=static, kv_update=self.kv_update, scan_unroll=int(self.scan_unroll))
-        chunk_kw = dict(tpf=self.tpf, x_shape=x_shape, **kv_kw)
-        if self.call_loop == "device":
-            x, cache = self._jit(
-                self.params,
-                cache,
-                noise,
-                context,
-                acts,
-                frame_pos,
-                times,
-                jnp.int32(calls),
-                cache_frames,
-                self.layer_params,
-                text_kv,
-                **chunk_kw,
-            )
-        elif self.call_loop == "static":
-            x, cache = self._jit_static(
-                self.params,
-                cache,
-                noise,
-                context,
-                acts,
-                frame_pos,
-                times,
-                cache_frames=cache_frames,
-                layer_params=self.layer_params,
-                text_kv=text_kv,
-                num_calls=int(calls),
-                **chunk_kw,
-            )
-        else:
-            if lay.evict_frames:
-                cache = _jitted_shift(
-                    cache, lay.sink_frames * self.tpf, lay.evict_frames * self.tpf, _window_end(static, self.tpf, cache)
-                )
-            x = noise[0]
-            for j in range(calls):
-                x, cache = self._jit_call(
-                    self.params,
-                    cache,
-                    x,
-                    noise,
-                    context,
-                    acts,
-                    frame_pos,
-                    times,
-                    jnp.int32(j),
-                    cache_frames,
-                    self.layer_params,
-                    text_kv,
-                    **kv_kw,
-                )
-        if separate and rerun:  # x is x̂0 exactly: the grid ends at t_n = 0, so the last re-noise adds 0 * eps
-            cache = self.rerun_call(cache, x, context, actions, lay, text_kv)
+        noise = chunk_noises(key, jnp.int32(lay.index), x_shape, noise_count(self.schedule))
+        x, cache = self._jit(
+            self.params,
+            cache,
+            noise,
+            text_kv,
+            acts,
+            frame_pos,
+            jnp.asarray(times),
+            cache_frames,
+            self.layer_params,
+            num_calls=int(n),
+            static=static,
+            tpf=self.tpf,
+            x_shape=x_shape,
+        )
+        if self.context_mode == "clean" and rerun:  # x is x̂0 exactly: the grid ends at t_n = 0
+            cache = self.rerun_call(cache, x, text_kv, actions, lay)
         return x, cache
 
     def _layout_args(self, actions, lay: ChunkLayout):
@@ -574,23 +383,12 @@ class StreamingSampler:
         cache_frames = jnp.int32(lay.cache_frames) if traced else None
         return acts, frame_pos, static, cache_frames
 
-    def rerun_call(self, cache, x0, context, actions, lay: ChunkLayout, text_kv=None):
+    def rerun_call(self, cache, x0, text_kv, actions, lay: ChunkLayout):
         """The clean-context re-run of chunk `lay` (jitted, cache donated): v(x̂0, t = 0) writes the
         chunk's clean keys/values. x0: the chunk's output `[B, f, H, W, C]`. Returns the new cache."""
         acts, frame_pos, static, cache_frames = self._layout_args(actions, lay)
         return self._jit_rerun(
-            self.params,
-            cache,
-            x0,
-            context,
-            acts,
-            frame_pos,
-            cache_frames,
-            self.layer_params,
-            text_kv,
-            static=static,
-            kv_update=self.kv_update,
-            scan_unroll=int(self.scan_unroll),
+            self.params, cache, x0, text_kv, acts, frame_pos, cache_frames, self.layer_params, static=static
         )
 
     # ------------------------------------------------------------------ API
@@ -624,7 +422,7 @@ class StreamingSampler:
             lay = layout.next(s, e)
             acts = src.get(i, s, e)
             last = num_frames is not None and e >= num_frames  # its cache is never read
-            x0, cache = self.chunk_call(cache, key, context, acts, lay, text_kv, rerun=not last)
+            x0, cache = self.chunk_call(cache, key, text_kv, acts, lay, rerun=not last)
             self.cache, self.layout = cache, lay  # for inspection (donated by the next chunk)
             chunk = Chunk(i, s, x0, acts)
             if not prefetch:

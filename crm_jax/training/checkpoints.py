@@ -53,7 +53,7 @@ def identity(meta: dict) -> dict:
     """The part of `meta` that must match for a resume (JSON-normalised: tuples -> lists)."""
     ident = json.loads(json.dumps({k: meta[k] for k in ("mode", "model", "init") if k in meta}))
     if isinstance(ident.get("model"), dict):
-        for k in RUNTIME_FIELDS:
+        for k in ("runtime", *RUNTIME_FIELDS):  # nested, or flat in older metadata
             ident["model"].pop(k, None)
     return ident
 

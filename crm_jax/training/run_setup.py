@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from crm_jax.models import convert
-from crm_jax.models.config import WanConfig, model_config_from, same_architecture
+from crm_jax.models.config import RUNTIME_FIELDS, WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import functional, init_model
 from crm_jax.training.steps import TrainConfig
 
@@ -47,7 +47,7 @@ def teacher_model_config(c, student: WanConfig) -> WanConfig:
         return student.replace(mean_flow=False)
     over = block.get("overrides", {}) or {}
     inherited = {
-        k: getattr(student, k)
+        k: getattr(student.runtime if k in RUNTIME_FIELDS else student, k)
         for k in ("dtype", "param_dtype", "remat", "attn_impl", "attn_tiles", "attn_interpret")
         if k not in over
     }

@@ -5,7 +5,7 @@ first time of the few-step grid, each step predicts x0_hat = x - t v and re-nois
 to the next time with fresh noise. Only the **last** step of each block carries
 gradients (earlier steps run on stop-gradient parameters and their outputs are
 stop-gradiented). The block's context is then written to the KV cache:
-  * ``clean``: x0_hat re-run at t = 0 with `write_cache` (one extra forward),
+  * ``clean``: x0_hat re-run at t = 0, which writes its keys (one extra forward),
   * ``noisy``: the cache is written during the last denoising step itself.
 The cache is always stop-gradient, so each block's graph is independent of the
 others' and the backward can be replayed block by block (`replayed_grad`).
@@ -53,7 +53,7 @@ class RolloutSpec:
         return list(zip(s[:-1], s[1:]))
 
 
-def _call(apply, params, x, t, cond, spec, cache, start, write):
+def _call(apply, params, x, t, cond, spec, cache, start):
     b, f = x.shape[:2]
     actions = cond.get("actions")
     a = None if actions is None else actions[:, start : start + f]
@@ -66,7 +66,6 @@ def _call(apply, params, x, t, cond, spec, cache, start, write):
         actions=actions_for(a, x),
         cache=cache,
         cache_frames=start,
-        write_cache=write,
     )
 
 
@@ -75,18 +74,18 @@ def _denoise_block(apply, params, x, cond, spec: RolloutSpec, cache, start, keys
     ts = spec.times
     n = spec.num_steps
     for j in range(n - 1):
-        v, _ = _call(apply, sg(params), x, ts[j], cond, spec, cache, start, False)
+        v, _ = _call(apply, sg(params), x, ts[j], cond, spec, cache, start)
         x0 = sg(x - ts[j] * v)
         eps = jax.random.normal(keys[j], x.shape, x.dtype)
         x = sg((1 - ts[j + 1]) * x0 + ts[j + 1] * eps)
     write = spec.context_mode == "noisy"
-    v, new_cache = _call(apply, params, x, ts[n - 1], cond, spec, cache, start, write)
+    v, new_cache = _call(apply, params, x, ts[n - 1], cond, spec, cache, start)
     x0 = x - ts[n - 1] * v
     return x0, x, new_cache if write else cache
 
 
 def _write_context(apply, params, x0, cond, spec, cache, start):
-    _, cache = _call(apply, sg(params), sg(x0), 0.0, cond, spec, cache, start, True)
+    _, cache = _call(apply, sg(params), sg(x0), 0.0, cond, spec, cache, start)
     return cache
 
 
@@ -126,7 +125,7 @@ def replayed_grad(apply, params, last_inputs, cotangent, cond, spec: RolloutSpec
     for (s, e), (x_in, cache) in zip(spec.blocks(), last_inputs):
 
         def block_out(p, x_in=x_in, cache=cache, s=s):
-            v, _ = _call(apply, p, x_in, t_last, cond, spec, cache, s, False)
+            v, _ = _call(apply, p, x_in, t_last, cond, spec, cache, s)
             return x_in - t_last * v
 
         _, vjp = jax.vjp(block_out, params)
