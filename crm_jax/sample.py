@@ -263,8 +263,26 @@ class StdinActions:
 # ----------------------------------------------------------------------------- main
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return v
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (--help shows the usage)
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m crm_jax.sample",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -274,11 +292,15 @@ def parse_args(argv=None):
     src.add_argument("--random_init", action="store_true", help="random weights (smoke tests, benchmarks)")
     p.add_argument("--model", default="tiny", help="config for --random_init: tiny (toy world), wan_1_3b, wan_14b")
     p.add_argument("--num_actions", type=int, default=None, help="override the action vocabulary (--random_init)")
-    p.add_argument("--dtype", default=None, help="compute/param dtype override, e.g. bfloat16")
+    p.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="compute/param dtype override"
+    )
     p.add_argument("--attn_impl", default=None, help="attention backend override (default: the config's)")
-    p.add_argument("--frames", type=int, default=16, help="latent frames (toy: video frames); max in --interactive")
+    p.add_argument(
+        "--frames", type=_positive(int), default=16, help="latent frames (toy: video frames); max in --interactive"
+    )
     p.add_argument("--steps", default="2", help="steps per chunk: '2', or per chunk '4,2' (last repeats)")
-    p.add_argument("--block_frames", type=int, default=1, help="frames per chunk (1: frame-wise)")
+    p.add_argument("--block_frames", type=_positive(int), default=1, help="frames per chunk (1: frame-wise)")
     p.add_argument("--first_block_frames", type=int, default=None)
     p.add_argument("--local_attn_blocks", type=int, default=0, help="rolling window in blocks (0: keep all)")
     p.add_argument("--sink_blocks", type=int, default=0)
@@ -288,7 +310,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=32, help="toy frame width in pixels")
     p.add_argument("--latent_hw", default="60,104", help="latent H,W for non-toy models")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=_positive(float), default=8.0)
     p.add_argument("--prompts", help="prompt file: one prompt per line")
     p.add_argument("--embeddings", help="prompt embeddings .npz (encode_prompts): one video per row")
     p.add_argument("--rows", default=None, help="with --embeddings: rows to use, e.g. '0,2' (default all)")
@@ -476,8 +498,12 @@ def main(
     return summary
 
 
+def console() -> None:
+    """The command line (`crm-sample`): every failure one `error:` line (crm_jax.errors)."""
+    from crm_jax.errors import run_command
+
+    run_command(lambda argv: main(argv[1:]) and None, parse_flags=False)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    console()

@@ -74,3 +74,23 @@ def test_second_live_run_in_a_workdir_is_refused_and_a_dead_ones_lock_taken_over
     with open(tmp_path / LOCK_FILE) as f:  # released on exit
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert WorkdirBusy.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "args,text",
+    [
+        (["--fps", "0"], "error: argument --fps: 0 must be > 0"),
+        (["--dtype", "foo"], "error: argument --dtype: invalid choice: 'foo'"),
+        (["--frames", "-1"], "error: argument --frames: -1 must be > 0"),
+    ],
+)
+def test_sample_flag_errors_are_one_line(args, text, tmp_path):
+    rc, _, err = run("-m", "crm_jax.sample", "--random_init", "--out", str(tmp_path / "a.gif"), *args)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(text), err
+    assert not (tmp_path / "a.gif").exists()
+
+
+def test_sample_output_checked_before_any_compute(tmp_path):
+    (tmp_path / "file").write_text("")
+    rc, _, err = run("-m", "crm_jax.sample", "--random_init", "--out", str(tmp_path / "file" / "a.gif"))
+    assert rc == 2 and len(err) == 1 and "is a file, not a directory" in err[0], err
