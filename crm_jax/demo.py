@@ -28,11 +28,11 @@ import numpy as np
 from crm_jax import distributed as dist
 from crm_jax import pipeline
 from crm_jax.config_files import load_config
-from crm_jax.data import toy_world as tw
 from crm_jax.data.generate import generate
 from crm_jax.data.sources import make_source
 from crm_jax.data.toy_latents import latents_to_frames
 from crm_jax.data.toy_source import ToySource
+from crm_jax.evaluation import world_model as wm
 from crm_jax.models import convert
 from crm_jax.models.wan import AttentionPattern, functional
 from crm_jax.sampling.causal import causal_sample
@@ -91,21 +91,17 @@ def evaluate(c, model, src: ToySource, *, method: str, steps: int, episodes: int
     gen_frames = src.world.num_frames - prefix_frames
     per_frame_ms = (time.perf_counter() - t0) / (gen_frames * episodes) * 1e3
     frames = np.asarray(latents_to_frames(x, src.factor))
-    errs, follow, drift = [], [], []
-    for b in range(episodes):
-        st, col, a = batch["states"][b], batch["colors"][b], batch["actions"][b]
-        errs.append(float(tw.trajectory_error(frames[b, prefix_frames:], st[prefix_frames:], col, src.world)))
-        follow.append(
-            float(tw.action_following_accuracy(frames[b, prefix_frames - 1 :], a[prefix_frames - 1 :], col, src.world))
-        )
-        drift.append(np.asarray(tw.drift_by_frame(frames[b, prefix_frames:], st[prefix_frames:], col, src.world)))
+    truth = np.asarray(latents_to_frames(lat, src.factor))
+    episodes_batch = {k: batch[k][:episodes] for k in ("states", "colors", "actions")}
+    s = wm.score(frames, episodes_batch, src.world, prefix_frames, truth_frames=truth)
     return dict(
-        trajectory_error=float(np.mean(errs)),
-        action_following=float(np.mean(follow)),
-        drift_by_frame=np.mean(drift, 0).round(3).tolist(),
+        trajectory_error=float(np.mean(s["trajectory_error"])),
+        action_following=float(np.mean(s["action_following"])),
+        background_error=float(np.mean(s["background_error"])),
+        drift_by_frame=np.mean(s["drift"], 0).round(3).tolist(),
         ms_per_frame=round(per_frame_ms, 2),
         frames=frames,
-        truth=np.asarray(latents_to_frames(lat, src.factor)),
+        truth=truth,
     )
 
 
@@ -232,9 +228,15 @@ def _report(workdir: str, rows: dict, timings: dict) -> dict:
     main = dist.is_main_process()  # several processes: each evaluates, process 0 writes
     if main:
         write_gif(gif, vids)
-    table = ["| model | trajectory error (px) | action following | ms / frame (CPU) |", "|---|---|---|---|"]
+    table = [
+        "| model | trajectory error (px) | action following | background error | ms / frame (CPU) |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        table.append(f"| {name} | {r['trajectory_error']:.3f} | {r['action_following']:.2f} | {r['ms_per_frame']} |")
+        table.append(
+            f"| {name} | {r['trajectory_error']:.3f} | {r['action_following']:.2f} | {r['background_error']:.3f} "
+            f"| {r['ms_per_frame']} |"
+        )
     summary = {name: {k: v for k, v in r.items() if k not in ("frames", "truth")} for name, r in rows.items()}
     summary["timings"] = dict(timings)
     if main:

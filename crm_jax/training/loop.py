@@ -244,13 +244,12 @@ def compile_steps(run: Run, total: int):
     threads = rs.precompile_threads(run.c)
     first = int(run.state.iteration)
     plans = sorted({trainer.plan(it, freq) for it in range(first, total)})
-    if len(plans) > 1 and threads >= 0:
+    if plans and threads >= 0:  # compiled before the first step, so the progress bar's ETA is right
+        names = ", ".join(f"{w}/{n} SF steps" if run.tcfg.has_critic else w for w, n, _ in plans)
+        dist.log(f"compiling {len(plans)} step function{'s' if len(plans) > 1 else ''} ({names}) ...")
         fns = [compiled(*p) for p in plans]
         secs = precompile(fns, run.state, run.frozen, run.batch(first), run.key(0), threads=threads or None)
-        dist.log(
-            f"compiled {len(plans)} step functions ({', '.join(f'{w}/{n} steps' for w, n, _ in plans)}), "
-            f"{threads or len(plans)} at a time, in {secs:.0f} s"
-        )
+        dist.log(f"compiled in {secs:.0f} s")
     return lambda it: compiled(*trainer.plan(it, freq))
 
 
