@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the toy causal teacher (configs/toy_teacher_tf.py) on one GPU and pack its export under $OUT.
+# Train a toy causal teacher (CONFIG, default configs/toy_teacher_tf.py) on one GPU and pack its export under $OUT.
 #   bash experiments/train_toy_teacher_gpu.sh [extra --config.* flags]
 # TEACHER_S caps the wall time (SIGTERM: checkpoint + export of the iterations reached).
 set -u
@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 name=${NAME:-toy_teacher}
 mkdir -p $OUT
 start=$(date +%s)
-timeout -s TERM ${TEACHER_S:-540} python3 -m crm_jax.main --config=configs/toy_teacher_tf.py \
+timeout -s TERM ${TEACHER_S:-540} python3 -m crm_jax.main --config=${CONFIG:-configs/toy_teacher_tf.py} \
     --workdir=/tmp/$name "$@" > /tmp/$name.log 2>&1
 echo "$name: rc $? wall s: $(( $(date +%s) - start ))"
 grep -v "it/s]$\|^I1\|^W1" /tmp/$name.log | tail -4
