@@ -112,6 +112,17 @@ def tfds_features(meta: dict):
     return tfds.features.FeaturesDict(spec)
 
 
+def example_encoder(meta: dict) -> Callable[[dict], bytes]:
+    """``encode(example) -> bytes``: TFDS's encoding of one example (a ``tf.train.Example``),
+    serialised deterministically (map entries sorted), so that the same sample gives the same bytes
+    in every process."""
+    from tensorflow_datasets.core.example_serializer import ExampleSerializer
+
+    features = tfds_features(meta)
+    serializer = ExampleSerializer(features.get_serialized_info())
+    return lambda ex: serializer.get_tf_example(features.encode_example(ex)).SerializeToString(deterministic=True)
+
+
 def split_example(example: dict, meta: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A decoded TFDS example as ``(arrays, text fields)``; text decoded from UTF-8."""
     text = {k: example[k].decode() if isinstance(example[k], bytes) else str(example[k]) for k in meta["text_fields"]}
@@ -324,12 +335,12 @@ class ShardWriter:
         tmp = os.path.join(self.path, f".{info['file']}.tmp-p{self.pi}")
         for old in glob.glob(os.path.join(glob.escape(self.path), f".{info['file']}.tmp-*")):
             os.remove(old)  # leftover of a crash (by any host layout): redo this shard
-        features = tfds_features(self.meta)
+        encode = example_encoder(self.meta)
         w = ArrayRecordWriter(tmp, WRITER_OPTIONS)
         n = 0
         try:
             for ex in examples:
-                w.write(features.serialize_example(ex))
+                w.write(encode(ex))
                 n += 1
         finally:
             w.close()
