@@ -475,13 +475,13 @@ class WanModel(nnx.Module):
             (teacher forcing: `arange(T/2)` twice).
           cache: optional KV cache; the call attends to its first `cache_frames` frames and
             its own keys/values, which it writes after them into the returned cache. The
-            layers then run as a Python loop, each on its own buffers (`_cache_kv`); without
-            a cache they run as a scan over the stacked parameters.
+            layers run as a scan over the stacked parameters (and the cache's buffers), or,
+            with `layer_params`, as a Python loop, each layer on its own buffers (`_cache_kv`).
           cache_frames: a Python int, or -- for a `block_causal` call of one block without a
             local window (T <= the block size), which sees the whole cache -- a traced int32,
             so one compilation serves every cache length (the caller keeps it in bounds).
           layer_params: optional per-layer block parameters (`split_layer_params`) for cached
-            calls, used instead of slicing the stacked ones in every call.
+            calls (the streaming sampler's layer loop), used instead of the stacked ones.
           ad: "vjp" (for jax.grad) or "jvp" (for jax.jvp) attention kernels.
         Returns:
           velocity `[B, T, H, W, C_out]` float32, and the updated cache if one was given.
@@ -534,6 +534,8 @@ class WanModel(nnx.Module):
         run = _LayerRun(self, mod, ctx, spec, cross_spec, rope, ad, text_kv)
         if cache is None:
             h = run.scan(h)
+        elif layer_params is None:
+            h, cache = run.scan_cached(h, cache, cache_frames)
         else:
             h, cache = run.loop(h, cache, cache_frames, layer_params)
 
@@ -586,8 +588,12 @@ class _LayerRun:
     """The transformer blocks of one model call.
 
     scan: `lax.scan` over the stacked parameters (calls without a cache).
+    scan_cached: the same scan over the stacked parameters and the layers' cache buffers (cached
+      calls without `layer_params`: training's self-forcing rollouts, where one compiled layer
+      keeps the step's compile time independent of the depth).
     loop: a Python loop over the layers, each writing and reading its own cache buffers
-      (`_cache_kv`), with the stacked parameters sliced per layer or `layer_params`.
+      (`_cache_kv`), with `layer_params` (the streaming sampler: no per-call parameter slicing and
+      each buffer updated in place).
     """
 
     def __init__(self, model: WanModel, mod, ctx, spec, cross_spec, rope, ad, text_kv=None):
@@ -616,6 +622,18 @@ class _LayerRun:
         text = (None, None) if self.text_kv is None else (jnp.stack(self.text_kv.k), jnp.stack(self.text_kv.v))
         h, _ = jax.lax.scan(self._remat(body), h, (self.block_state, *text))
         return h
+
+    def scan_cached(self, h, cache, cache_frames):
+        def body(h, xs):
+            layer_state, ck, cv, tk, tv = xs
+            kv_fn = _cache_kv(ck, cv, cache_frames, self.spec, self.ad)
+            h, kv = self._layer(layer_state, h, kv_fn, None if tk is None else (tk, tv))
+            return h, kv
+
+        text = (None, None) if self.text_kv is None else (jnp.stack(self.text_kv.k), jnp.stack(self.text_kv.v))
+        xs = (self.block_state, jnp.stack(cache.k), jnp.stack(cache.v), *text)
+        h, (ks, vs) = jax.lax.scan(self._remat(body), h, xs)
+        return h, KVCache(tuple(ks), tuple(vs))
 
     def loop(self, h, cache, cache_frames, layer_params):
         num = self.cfg.num_layers
