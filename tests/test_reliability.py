@@ -94,3 +94,23 @@ def test_sample_output_checked_before_any_compute(tmp_path):
     (tmp_path / "file").write_text("")
     rc, _, err = run("-m", "crm_jax.sample", "--random_init", "--out", str(tmp_path / "file" / "a.gif"))
     assert rc == 2 and len(err) == 1 and "is a file, not a directory" in err[0], err
+
+
+def test_ode_init_without_ode_points_names_what_to_generate(tmp_path):
+    rc, _, err = run(*TRAIN, f"--workdir={tmp_path / 'w'}", "--config.mode=ode_init", "--config.num_iterations=2")
+    assert rc == 2 and len(err) == 1 and "--config.ode.save=True" in err[0], err
+
+
+def test_damaged_teacher_checkpoint_is_one_line_naming_it(tmp_path):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(os.path.join(ROOT, "assets", "toy_teacher"), teacher)
+    data = max((p for p in teacher.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    data.write_bytes(bytes(raw))
+    rc, _, err = run(
+        *TRAIN, f"--workdir={tmp_path / 'w'}", f"--config.init.teacher={teacher}", "--config.num_iterations=2"
+    )
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"error: checkpoint {teacher} cannot be read"), err

@@ -28,12 +28,14 @@ import jax
 from tqdm import tqdm
 
 from crm_jax import distributed as dist
+from crm_jax.errors import UsageError
 from crm_jax.inputs import check_inputs, training_inputs
 from crm_jax.models.config import WanConfig
 from crm_jax.models.wan import apply_for, functional, init_model
 from crm_jax.training import run_setup as rs
 from crm_jax.training import sharding as shd
 from crm_jax.training.checkpoints import Checkpoints, abstract_like
+from crm_jax.training.modes import get_mode
 from crm_jax.training.offload import make_step, place_frozen, precompile
 from crm_jax.training.steps import Frozen, TrainConfig, Trainer, TrainState
 
@@ -167,6 +169,12 @@ def setup(c, workdir: str, source) -> Run:
     found = dist.agree(-1 if start_step is None else start_step, f"the checkpoint step to resume from in {ckpts.dir}")
     run = Run(c, workdir, mcfg, tcfg, mesh, meta, ckpts, None if found < 0 else found)
     run.source = source(c, mcfg)
+    if get_mode(c.mode).needs_ode_data and "ode_traj" not in run.source.batch(0):
+        raise UsageError(
+            f"mode {c.mode!r} regresses onto the teacher's ODE points, which --config.data does not hold: "
+            f"generate a dataset with --config.ode.save=True (crm-generate) and train on it with "
+            f"--config.data.kind=dataset --config.data.path=DIR"
+        )
     return run
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from crm_jax.models import convert
 from crm_jax.models.config import RUNTIME_FIELDS, WanConfig, model_config_from, same_architecture
 from crm_jax.models.wan import functional, init_model
+from crm_jax.training.checkpoints import CheckpointError
 from crm_jax.training.steps import TrainConfig
 
 
@@ -78,7 +79,11 @@ def load_params(path: str, mcfg: WanConfig, seed: int):
     """Parameters from a checkpoint directory, or a random init when `path` is empty."""
     if not path:
         return functional(init_model(mcfg, seed))[1]
-    model = convert.load_any(path)
+    try:
+        model = convert.load_any(path)
+    except Exception as e:  # a damaged Orbax/safetensors file: the reader's own message can be very long
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first})") from e
     if not same_architecture(model.cfg, mcfg):
         raise ValueError(f"checkpoint {path} has model config {model.cfg}, expected {mcfg}")
     return functional(model)[1]
