@@ -149,6 +149,8 @@ def run_command(
     except handled as e:
         if debug:
             traceback.print_exc()
+        else:  # a failed library call can leave coroutines whose collection at exit would print tracebacks
+            sys.unraisablehook = lambda unraisable: None
         print(f"error: {_message(e)}", file=sys.stderr)
         sys.exit(exit_code(e))
     sys.exit(rc or 0)
