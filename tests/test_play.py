@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -181,12 +182,14 @@ def test_command_prints_url(tmp_path):
     student, teacher = str(tmp_path / "no_student"), str(tmp_path / "no_teacher")
     env = dict(os.environ, PYTHONPATH=S.REPO_ROOT, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "crm_jax.play", "--port", "0", "--student", student, "--teacher", teacher]
+    err = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
     )
     try:
-        line = proc.stdout.readline()
-        assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        assert "http://127.0.0.1:" in line, (line, (tmp_path / "stderr.txt").read_text()[-3000:])
         url = line.split("open ", 1)[1].split()[0]
         code, text = _get(url)
         assert code == 404 and student in text and "make demo" in text
@@ -195,6 +198,7 @@ def test_command_prints_url(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+        err.close()
 
 
 def test_frames_per_second(served):

@@ -225,7 +225,11 @@ def test_mp4_writes_without_a_fork_warning(tmp_path):
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=300,
     )
     assert p.returncode == 0 and "fork" not in p.stderr, p.stderr
     assert os.path.getsize(tmp_path / "a.mp4") > 0

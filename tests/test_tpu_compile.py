@@ -24,6 +24,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "tpu_compile_worker.py")
 LOCK = "/tmp/crm_jax_libtpu.lock"
+# One compile group at a time (libtpu and the memory of 2 cores): a test may wait for the others.
+LOCK_WAIT_S = 1200
 
 pytestmark = pytest.mark.tpu_compile
 
@@ -74,6 +76,7 @@ def assert_all_compiled(rows):
     assert not failed, f"{len(failed)} of {len(rows)} cases did not compile:\n" + "\n".join(failed)
 
 
+@pytest.mark.timeout(LOCK_WAIT_S + 1200)
 def test_attention_kernels_compile_for_tpu_chips(tmp_path):
     rows = run_group(tmp_path, "kernels", timeout=1200)
     assert_all_compiled(rows)
@@ -105,8 +108,9 @@ def test_attention_kernels_compile_for_tpu_chips(tmp_path):
     assert expected < 0.35 * 4 * spec.q_len**2 * 128 * 12
 
 
+@pytest.mark.timeout(LOCK_WAIT_S + 900)
 def test_wan_1_3b_forward_jvp_and_grad_compile_for_tpu(tmp_path):
-    rows = run_group(tmp_path, "model", timeout=1800)
+    rows = run_group(tmp_path, "model", timeout=900)
     assert_all_compiled(rows)
     assert {r["case"] for r in rows} == {
         "v5p/wan_1_3b/forward_block_causal",
@@ -121,6 +125,7 @@ ALL_MODES = {"teacher_tf", "tf_scm", "tf_meanflow", "tf_dcm", "ode_init", "sf_dm
 CI_MODES = {"tf_scm", "sf_dmd"}
 
 
+@pytest.mark.timeout(LOCK_WAIT_S + 1800)
 def test_train_steps_compile_for_a_v5p_slice(tmp_path):
     latents = "21,60,104,16" if os.environ.get("CRM_TPU_STEPS_FULL") else "6,60,104,16"
     modes = ALL_MODES if os.environ.get("CRM_TPU_STEPS_ALL") else CI_MODES
