@@ -333,24 +333,11 @@ def _out_paths(out: str, batch: int) -> list[str]:
     return [f"{stem}_{i}{ext}" for i in range(batch)]
 
 
-def main(
-    argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None, model_fn: Callable | None = None
-) -> dict:
-    """Run the CLI; returns a summary dict. `model_fn(args) -> (apply, params, cfg)` replaces
-    `build_model` (tests use it to plug in a test double)."""
-    import jax
-    from tqdm import tqdm
+def check_request(args) -> list[str]:
+    """Stage 1, before any model is built: the --out paths (writable; returned as a list), every
+    input path, and the flags that exclude each other."""
+    from crm_jax.sampling.video import check_writable
 
-    from crm_jax.data.toy_latents import latents_to_frames
-    from crm_jax.data.toy_world import ACTION_NAMES
-    from crm_jax.models.wan import AttentionPattern
-    from crm_jax.sampling import StreamingSampler
-    from crm_jax.sampling.plan import chunk_bounds
-    from crm_jax.sampling.video import VideoWriter, ascii_frame, check_writable
-
-    args = parse_args(argv)
-    stdin = sys.stdin if stdin is None else stdin
-    stdout = sys.stdout if stdout is None else stdout
     outs = [o.strip() for o in args.out.split(",") if o.strip()]
     if not outs:
         raise ValueError("--out is empty")
@@ -359,34 +346,41 @@ def main(
     check_sample_inputs(args)
     if args.interactive and args.actions:
         raise ValueError("--interactive reads actions from stdin: drop --actions")
-    steps = tuple(int(s) for s in args.steps.replace(",", " ").split())
-    pattern = AttentionPattern(
-        "block_causal", args.block_frames, args.first_block_frames, args.local_attn_blocks, args.sink_blocks
-    )
+    if args.prompts and args.embeddings:
+        raise ValueError("give --prompts or --embeddings, not both")
+    return outs
 
-    apply, params, cfg = (model_fn or build_model)(args)
+
+def latent_size(args, cfg, outs: Sequence[str]) -> tuple[bool, tuple[int, int]]:
+    """Stage 3: (toy, latent (H, W)) for the model `cfg`; a non-toy model's latents need --vae
+    unless every output is raw .npz."""
     toy = cfg.in_channels == TOY_CHANNELS
     if toy:
         if args.height % 4 or args.width % 4:
             raise ValueError(
                 f"toy frames must be multiples of 4 pixels (2x2 fold + 2x2 patch), got {args.height}x{args.width}"
             )
-        latent_hw = (args.height // 2, args.width // 2)
-    else:
-        latent_hw = tuple(int(v) for v in args.latent_hw.split(","))
-        if not args.vae and not all(o.lower().endswith(".npz") for o in outs):
-            raise ValueError(
-                f"model with {cfg.in_channels} latent channels: give --vae to decode them to "
-                "pixels, or write raw latents with --out X.npz"
-            )
-    if args.vae and toy:
-        raise ValueError("--vae: the toy model's latents are folded pixels, they need no VAE")
-    decoder = load_decoder(args.vae, cfg) if args.vae else None
+        if args.vae:
+            raise ValueError("--vae: the toy model's latents are folded pixels, they need no VAE")
+        return True, (args.height // 2, args.width // 2)
+    if not args.vae and not all(o.lower().endswith(".npz") for o in outs):
+        raise ValueError(
+            f"model with {cfg.in_channels} latent channels: give --vae to decode them to "
+            "pixels, or write raw latents with --out X.npz"
+        )
+    return False, tuple(int(v) for v in args.latent_hw.split(","))
+
+
+def conditioning(args, cfg, toy: bool, stdin: TextIO, stdout: TextIO):
+    """Stage 4: (context `[B, text_len, text_dim]`, actions, feeder).
+
+    actions: int `[B, frames]` from --actions / --prompts / --embeddings, the `StdinActions`
+    callback with --interactive (then also returned as `feeder`), or None.
+    """
+    from crm_jax.data.toy_world import ACTION_NAMES
 
     actions, feeder = None, None
     if args.embeddings:
-        if args.prompts:
-            raise ValueError("give --prompts or --embeddings, not both")
         context, actions = read_embeddings_file(args.embeddings, cfg.text_len, cfg.text_dim, args.rows)
         if actions is not None and (not cfg.num_actions or args.actions or args.interactive):
             actions = None  # the model takes none, or they come from elsewhere
@@ -402,7 +396,6 @@ def main(
         context = toy_context([(0, 0)], cfg.text_len, cfg.text_dim)  # scene 0, red sprite
     else:
         context = np.zeros((1, cfg.text_len, cfg.text_dim), np.float32)
-    batch = context.shape[0]
 
     if args.actions:
         if not cfg.num_actions:
@@ -416,28 +409,73 @@ def main(
         feeder = actions = StdinActions(stdin, stdout, cfg.num_actions, ACTION_NAMES)
     if isinstance(actions, np.ndarray):
         actions = actions[..., : args.frames]
+    return context, actions, feeder
 
-    sampler = StreamingSampler(
-        apply, params, cfg, pattern, latent_hw, batch, steps, args.context, args.max_cache_frames
-    )
-    per_out = [_out_paths(o, batch) for o in outs]  # [output][video]
-    paths = [p for ps in per_out for p in ps]
-    writers = [[VideoWriter(ps[i], args.fps) for ps in per_out] for i in range(batch)]  # [video][output]
-    raw = [] if not toy and decoder is None else None
-    dec_state = None if decoder is None else decoder.init(batch, *latent_hw)
-    video_frames = 0
-    n_chunks = sum(1 for _ in chunk_bounds(pattern, args.frames))
-    bar = tqdm(total=args.frames, unit="frame", desc="sampling", file=sys.stderr, disable=args.interactive)
-    t0, first, frames_done = time.perf_counter(), None, 0
 
-    def write_chunk(vid):
-        """Append `[B, f, H, W, 3]` frames to every output of every video (flushed when interactive)."""
-        for ws, v in zip(writers, vid):
+class VideoSink:
+    """Where the sampled chunks go: every --out file of every video of the batch.
+
+    Toy latents become frames (`latents_to_frames`), other latents are decoded by the VAE's
+    `StreamingDecoder` when there is one, or else collected and saved raw (`{latents: [T, H, W, C]}`
+    .npz per video) at `close()`. With `flush`, files are flushed after every chunk.
+    """
+
+    def __init__(self, outs: Sequence[str], batch: int, fps: float, toy: bool, decoder, latent_hw, flush: bool):
+        from crm_jax.sampling.video import VideoWriter
+
+        self.per_out = [_out_paths(o, batch) for o in outs]  # [output][video]
+        self.paths = [p for ps in self.per_out for p in ps]
+        self.toy, self.decoder, self.flush = toy, decoder, flush
+        self.raw = [] if not toy and decoder is None else None
+        self.writers = (
+            [] if self.raw is not None else [[VideoWriter(ps[i], fps) for ps in self.per_out] for i in range(batch)]
+        )  # [video][output]
+        self.dec_state = None if decoder is None else decoder.init(batch, *latent_hw)
+        self.video_frames = 0
+
+    def add(self, lat: np.ndarray) -> np.ndarray | None:
+        """Take one chunk of latents `[B, f, H, W, C]`; returns its video frames `[B, f', H', W', 3]`
+        in [0, 1] (None when kept raw)."""
+        from crm_jax.data.toy_latents import latents_to_frames
+
+        if self.raw is not None:
+            self.raw.append(lat)
+            return None
+        if self.toy:
+            vid = latents_to_frames(lat)
+        else:  # [-1, 1]: 1 + 4(f-1) frames for the first chunk, then 4f
+            pix, self.dec_state = self.decoder.step(self.dec_state, lat.astype(np.float32))
+            vid = (np.asarray(pix) + 1.0) * 0.5
+        for ws, v in zip(self.writers, vid):
             for w in ws:
                 w.append(v)
-                if feeder is not None:
+                if self.flush:
                     w.flush()
+        self.video_frames += vid.shape[1]
+        return vid
 
+    def close(self) -> None:
+        if self.raw is not None:
+            for ps in self.per_out:
+                for i, p in enumerate(ps):
+                    lat = np.concatenate([r[i] for r in self.raw]) if self.raw else np.zeros((0,), np.float32)
+                    np.savez(p, latents=lat)
+        for ws in self.writers:
+            for w in ws:
+                w.close()
+
+
+def stream_to(sink: VideoSink, sampler, args, context, actions, feeder, stdout: TextIO) -> tuple[int, float | None]:
+    """Stage 6: generate `args.frames` latent frames chunk by chunk into `sink` (an interactive
+    run ends early at end of input). Returns (latent frames generated, seconds to the first chunk)."""
+    import jax
+    from tqdm import tqdm
+
+    from crm_jax.data.toy_world import ACTION_NAMES
+    from crm_jax.sampling.video import ascii_frame
+
+    bar = tqdm(total=args.frames, unit="frame", desc="sampling", file=sys.stderr, disable=args.interactive)
+    t0, first, frames_done = time.perf_counter(), None, 0
     try:
         gen = sampler.stream(jax.random.key(args.seed), context, args.frames, actions)
         while True:
@@ -448,54 +486,69 @@ def main(
             lat = np.asarray(chunk.frames)  # blocks until the chunk is ready
             first = first if first is not None else time.perf_counter() - t0
             frames_done += lat.shape[1]
-            if toy:
-                vid = latents_to_frames(lat)  # [B, f, H, W, 3]
-                write_chunk(vid)
-                if feeder is not None:
-                    stdout.write(
-                        f"\nchunk {chunk.index}: frames {chunk.start}..{chunk.start + lat.shape[1] - 1}, "
-                        f"actions {[ACTION_NAMES[a] for a in chunk.actions[0]]}\n"
-                    )
+            vid = sink.add(lat)
+            if feeder is not None and vid is not None:
+                last = chunk.start + lat.shape[1] - 1
+                if sink.toy:
+                    names = [ACTION_NAMES[a] for a in chunk.actions[0]]
+                    stdout.write(f"\nchunk {chunk.index}: frames {chunk.start}..{last}, actions {names}\n")
                     stdout.write(ascii_frame(vid[0, -1]) + "\n")
-                    stdout.flush()
-                video_frames += vid.shape[1]
-            elif decoder is not None:
-                pix, dec_state = decoder.step(dec_state, lat.astype(np.float32))  # [-1, 1]: 1 + 4(f-1), then 4f frames
-                vid = (np.asarray(pix) + 1.0) * 0.5
-                write_chunk(vid)
-                video_frames += vid.shape[1]
-                if feeder is not None:
+                else:
                     stdout.write(f"\nchunk {chunk.index}: {vid.shape[1]} video frames\n")
-                    stdout.flush()
-            else:
-                raw.append(lat)
+                stdout.flush()
             bar.update(lat.shape[1])
     finally:
         bar.close()
-        if raw is not None:
-            for ps in per_out:
-                for i, p in enumerate(ps):
-                    lat = np.concatenate([r[i] for r in raw]) if raw else np.zeros((0,), np.float32)
-                    np.savez(p, latents=lat)
-            writers = []
-        for ws in writers:
-            for w in ws:
-                w.close()
+    return frames_done, first
+
+
+def main(
+    argv=None, *, stdin: TextIO | None = None, stdout: TextIO | None = None, model_fn: Callable | None = None
+) -> dict:
+    """Run the CLI; returns a summary dict. `model_fn(args) -> (apply, params, cfg)` replaces
+    `build_model` (tests use it to plug in a test double)."""
+    from crm_jax.models.wan import AttentionPattern
+    from crm_jax.sampling import StreamingSampler
+    from crm_jax.sampling.plan import chunk_bounds
+
+    args = parse_args(argv)
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    outs = check_request(args)
+    apply, params, cfg = (model_fn or build_model)(args)
+    toy, latent_hw = latent_size(args, cfg, outs)
+    decoder = load_decoder(args.vae, cfg) if args.vae else None
+    context, actions, feeder = conditioning(args, cfg, toy, stdin, stdout)
+    batch = context.shape[0]
+    steps = tuple(int(s) for s in args.steps.replace(",", " ").split())
+    pattern = AttentionPattern(
+        "block_causal", args.block_frames, args.first_block_frames, args.local_attn_blocks, args.sink_blocks
+    )
+    sampler = StreamingSampler(
+        apply, params, cfg, pattern, latent_hw, batch, steps, args.context, args.max_cache_frames
+    )
+
+    t0 = time.perf_counter()
+    sink = VideoSink(outs, batch, args.fps, toy, decoder, latent_hw, flush=feeder is not None)
+    try:
+        frames_done, first = stream_to(sink, sampler, args, context, actions, feeder, stdout)
+    finally:
+        sink.close()
     total = time.perf_counter() - t0
-    summary = dict(
-        outputs=paths,
+    print(
+        f"wrote {sink.video_frames or frames_done} frames to {', '.join(sink.paths)} "
+        f"({total:.1f}s, first chunk {first or 0:.2f}s)",
+        file=sys.stderr,
+    )
+    return dict(
+        outputs=sink.paths,
         frames=frames_done,
-        video_frames=video_frames,
-        chunks=n_chunks,
+        video_frames=sink.video_frames,
+        chunks=sum(1 for _ in chunk_bounds(pattern, args.frames)),
         first_chunk_s=first,
         total_s=total,
         actions=None if feeder is None else feeder.log,
     )
-    print(
-        f"wrote {video_frames or frames_done} frames to {', '.join(paths)} ({total:.1f}s, first chunk {first or 0:.2f}s)",
-        file=sys.stderr,
-    )
-    return summary
 
 
 def console() -> None:
