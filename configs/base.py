@@ -4,6 +4,7 @@ import os
 
 import ml_collections
 
+from crm_jax.assets import TOY_TEACHER
 from crm_jax.training.modes import get_mode
 
 
@@ -188,12 +189,12 @@ def wan_generate_config(model: str = "wan_1_3b", paths: dict | None = None) -> m
     return c
 
 
-TOY_TEACHER_DIR = "assets/toy_teacher"
+TOY_TEACHER_DIR = TOY_TEACHER  # inside the installed package, whatever the working directory
 
 
 def toy_teacher_config(mode: str) -> ml_collections.ConfigDict:
     """Toy teacher pretraining (teacher_tf / teacher_df / teacher_full) on the simulator's videos:
-    the recipe of the shipped `assets/toy_teacher` (5,000 iterations at batch 64 on one GPU).
+    the recipe of the shipped toy teacher (`crm_jax/assets/toy_teacher`) (5,000 iterations at batch 64 on one GPU).
 
     The fine-tuning defaults of docs/design.md (bell weight, UniformShift(5), Adam b1 = 0). From scratch the bell
     weight (0 at t = 0) leaves small-t velocities poorly learnt: samples keep some noise. The toy

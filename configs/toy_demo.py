@@ -1,6 +1,6 @@
 """The embedded default (`make demo`): the whole Causal-rCM recipe on the toy world, on a CPU.
 
-Loads the toy causal teacher shipped in assets/toy_teacher, generates a synthetic set with it,
+Loads the toy causal teacher shipped in crm_jax/assets/toy_teacher, generates a synthetic set with it,
 distils a few-step causal student by TF-sCM, refines it by SF-DMD, and scores streamed
 world-model rollouts against the simulator. See crm_jax/demo.py.
 """
@@ -8,6 +8,7 @@ world-model rollouts against the simulator. See crm_jax/demo.py.
 import ml_collections
 
 from configs.base import base_config, toy_model
+from crm_jax.assets import TOY_TEACHER
 
 
 def get_config():
@@ -24,7 +25,7 @@ def get_config():
     c.checkpoint.every = 100
     c.demo = ml_collections.ConfigDict(
         dict(
-            teacher="assets/toy_teacher",
+            teacher=TOY_TEACHER,
             generation_config="configs/toy_generate.py",  # relative to the repository root
             teacher_steps=16,  # Euler steps per chunk of the teacher (data and reference)
             synthetic_samples=96,

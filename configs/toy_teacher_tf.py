@@ -1,4 +1,4 @@
-"""Toy world teacher pretraining: teacher_tf (crm_jax/training/steps.py). The shipped assets/toy_teacher
+"""Toy world teacher pretraining: teacher_tf (crm_jax/training/steps.py). The shipped crm_jax/assets/toy_teacher
 is this config trained on one GPU (docs/benchmarks.md, "Toy world"):
 
   python -m crm_jax.main --config=configs/toy_teacher_tf.py --workdir=runs/toy_teacher_tf

@@ -2,7 +2,7 @@
 
   python -m crm_jax.main --config=configs/toy_demo.py --workdir=runs/demo
 
-1. load the small causal toy teacher shipped in `assets/toy_teacher` (trained by
+1. load the small causal toy teacher shipped in `crm_jax/assets/toy_teacher` (trained by
    `configs/toy_teacher_tf.py`, command in docs/benchmarks.md);
 2. generate a synthetic set with it (chunk-wise Euler + CFG from toy prompts/actions);
 3. TF-sCM: distil a few-step causal student from the teacher on that set;

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from crm_jax.assets import TOY_TEACHER
 from crm_jax.models import convert
 from crm_jax.models.wan import functional
 
@@ -132,7 +133,7 @@ def test_cli_keeps_actions_text_len_and_mean_flow(layout, tmp_path):
     from crm_jax.models.wan import WanModel
     from crm_jax.tools.convert_wan import main
 
-    teacher = os.path.join(os.path.dirname(__file__), "..", "assets", "toy_teacher")
+    teacher = TOY_TEACHER
     mean_flow = tmp_path / "mf"
     convert.save_nnx(WanModel(convert.load_nnx(teacher).cfg.replace(mean_flow=True), rngs=nnx.Rngs(1)), mean_flow)
     for src in (teacher, str(mean_flow)):
@@ -177,7 +178,7 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_nnx_checkpoint_holds_the_architecture_and_loads_older_configs(tmp_path):
     """wan_config.json holds the architecture only; the loader's overrides set the runtime, and runtime
-    fields in older files (flat, as in assets/toy_teacher) still load."""
+    fields in older files (flat, as in the shipped toy teacher) still load."""
     import json
 
     from crm_jax.models.config import RUNTIME_FIELDS, TINY, WanConfig, model_config_from, same_architecture
@@ -193,7 +194,7 @@ def test_nnx_checkpoint_holds_the_architecture_and_loads_older_configs(tmp_path)
     assert same_architecture(loaded, cfg) and loaded.runtime.attn_impl == "xla" and loaded.runtime.dtype == "float32"
     old = {**saved, "dtype": "bfloat16", "remat": "dots", "attn_tiles": [16, 16]}
     assert WanConfig.from_dict(old) == cfg.replace(remat="dots", attn_impl="auto", attn_tiles=(16, 16))
-    toy = os.path.join(os.path.dirname(__file__), "..", "assets", "toy_teacher", convert.NNX_CONFIG)
+    toy = os.path.join(TOY_TEACHER, convert.NNX_CONFIG)
     with open(toy) as f:
         WanConfig.from_dict(json.load(f))
     import ml_collections

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from crm_jax.assets import TOY_TEACHER
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -105,7 +107,7 @@ def test_damaged_teacher_checkpoint_is_one_line_naming_it(tmp_path):
     import shutil
 
     teacher = tmp_path / "teacher"
-    shutil.copytree(os.path.join(ROOT, "assets", "toy_teacher"), teacher)
+    shutil.copytree(TOY_TEACHER, teacher)
     data = max((p for p in teacher.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)

@@ -77,7 +77,8 @@ def test_foreign_workdir_is_refused_untouched(tmp_path):
 
 
 def test_changed_initialisation_is_not_resumed_over(tmp_path):
-    """A stage initialised from another checkpoint (an earlier stage rerun) is refused, not resumed."""
+    """A stage initialised from another checkpoint (an earlier stage rerun) is refused, not resumed;
+    the same checkpoint at another path (a moved checkout, an installed package) resumes."""
     from crm_jax.models import convert
     from crm_jax.models.wan import init_model
 
@@ -87,6 +88,11 @@ def test_changed_initialisation_is_not_resumed_over(tmp_path):
     c.init.teacher = str(teacher)
     pipeline.train(c, str(tmp_path / "run"), progress=False)
     pipeline.train(c, str(tmp_path / "run"), progress=False)  # unchanged: a rerun resumes (nothing to do)
+    os.rename(teacher, tmp_path / "moved")
+    c.init.teacher = str(tmp_path / "moved")
+    pipeline.train(c, str(tmp_path / "run"), progress=False)  # same checkpoint elsewhere: resumes
+    os.rename(tmp_path / "moved", teacher)
+    c.init.teacher = str(teacher)
     convert.save_nnx(init_model(run_setup.model_config(c), 1), str(teacher))  # the earlier stage changed
     with pytest.raises(CheckpointMismatch, match=r"init\.teacher\.fingerprint"):
         pipeline.train(c, str(tmp_path / "run"), progress=False)

@@ -2,7 +2,7 @@
 
 Starts the play server on a local address and prints its URL (docs/play.md). Defaults: the demo's
 SF-DMD student (runs/demo/sf_dmd/export, made by `make demo`) and the shipped teacher
-(assets/toy_teacher), both under the repository root whatever the working directory.
+(crm_jax/assets/toy_teacher), found whatever the working directory.
 """
 
 from __future__ import annotations

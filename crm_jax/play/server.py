@@ -39,16 +39,18 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
+from crm_jax.assets import TOY_TEACHER
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_STUDENT = os.path.join(REPO_ROOT, "runs", "demo", "sf_dmd", "export")
-DEFAULT_TEACHER = os.path.join(REPO_ROOT, "assets", "toy_teacher")
+DEFAULT_TEACHER = TOY_TEACHER
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MODELS = ("student", "teacher")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 MAKES = {
     "student": "`make demo` (writes runs/demo/sf_dmd/export; give another with --student PATH)",
     "teacher": "`python -m crm_jax.main --config=configs/toy_teacher_tf.py --workdir=runs/toy_teacher` "
-    "(then --teacher runs/toy_teacher/export); the repository ships assets/toy_teacher",
+    "(then --teacher runs/toy_teacher/export); the package ships crm_jax/assets/toy_teacher",
 }
 
 

@@ -50,8 +50,13 @@ def fingerprint(path: str, content_limit: int = 512 << 20) -> str:
 
 
 def identity(meta: dict) -> dict:
-    """The part of `meta` that must match for a resume (JSON-normalised: tuples -> lists)."""
+    """The part of `meta` that must match for a resume (JSON-normalised: tuples -> lists). An
+    initialisation is identified by its fingerprint (its path only when it has none), so the same
+    checkpoint found at another path (an installed package, a moved checkout) still resumes."""
     ident = json.loads(json.dumps({k: meta[k] for k in ("mode", "model", "init") if k in meta}))
+    for source in (ident.get("init") or {}).values():
+        if isinstance(source, dict) and source.get("fingerprint"):
+            source.pop("path", None)
     if isinstance(ident.get("model"), dict):
         for k in ("runtime", *RUNTIME_FIELDS):  # nested, or flat in older metadata
             ident["model"].pop(k, None)
