@@ -20,6 +20,8 @@ import copy
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -127,35 +129,76 @@ def write_gif(path: str, rows: list[np.ndarray], scale: int = 4) -> None:
 
 
 def run_demo(c, workdir: str) -> dict:
-    """The five stages of the demo in `workdir`; returns the metrics summary."""
+    """The five stages of the demo in `workdir`; returns the metrics summary. SIGTERM or SIGINT
+    ends the demo at the stage it arrives in with `Stopped`; every stage resumes on a rerun."""
     t_all = time.time()
     os.makedirs(workdir, exist_ok=True)
-    teacher = _load_teacher(c)
-    mcfg = run_setup.model_config(c)
-    src = dataclasses.replace(make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
+    with _stage("loading the teacher"):
+        teacher = _load_teacher(c)
+        mcfg = run_setup.model_config(c)
+        src = dataclasses.replace(make_source(c, mcfg), process_index=0, process_count=1)  # whole batches
     dist.log(f"[1/5] teacher loaded from {c.demo.teacher}")
     timings = {}
     synth = os.path.join(workdir, "synthetic")
-    with _timed(timings, "synthetic_s"):
+    with _stage("the synthetic set"), _timed(timings, "synthetic_s"):
         generate(generation_config(c, src), synth)  # resumable: a rerun skips finished shards
     dist.log(f"[2/5] synthetic set: {c.demo.synthetic_samples} teacher videos -> {synth} ({timings['synthetic_s']} s)")
     exports = _distil(c, workdir, timings)
-    with _timed(timings, "eval_s"):
-        rows = _evaluate_all(c, teacher, src, exports)
-    timings["total_s"] = round(time.time() - t_all, 1)
-    return _report(workdir, rows, timings)
+    with _stage("the evaluation"):
+        with _timed(timings, "eval_s"):
+            rows = _evaluate_all(c, teacher, src, exports)
+        timings["total_s"] = round(time.time() - t_all, 1)
+        return _report(workdir, rows, timings)
 
 
 class Stopped(Exception):
-    """A stage was stopped by a signal (its checkpoint and export are saved): the demo ends there."""
+    """A stage was stopped by a signal (a training stage's checkpoint and export are saved): the demo ends there."""
 
     def __init__(self, stage: str, signum: int):
-        super().__init__(f"{stage} stopped by a signal; rerun the demo to resume it")
+        super().__init__(f"demo: {stage} stopped by {signal.Signals(signum).name}; rerun the demo to resume it")
+        self.stage, self.signum = stage, signum
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
         self.signum = signum
 
 
+@contextlib.contextmanager
+def _stage(name: str):
+    """SIGTERM / SIGINT during the block end it with `Stopped(name)`. A training stage's loop
+    takes the signals over while it iterates (it stops after a checkpoint); the synthetic set
+    writes whole shards and the evaluation reruns in full, so interrupting them loses nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    finished, pending = [False], []
+
+    def interrupt(signum, frame):
+        if finished[0]:
+            pending.append(signum)  # arrived as the stage ended: it stops the demo after it
+        else:
+            raise _Signalled(signum)
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+        finished[0] = True
+    except _Signalled as e:
+        raise Stopped(name, e.signum) from None
+    finally:
+        finished[0] = True
+        for s, h in old.items():
+            signal.signal(s, h)
+    if pending:
+        raise Stopped(name, pending[0])
+
+
 def _train_stage(c, workdir: str, stage: str) -> None:
-    out = pipeline.train(c, workdir)
+    with _stage(stage):
+        out = pipeline.train(c, workdir)
     if out["stopped_by"] is not None:
         raise Stopped(stage, int(out["stopped_by"]))
 

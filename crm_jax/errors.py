@@ -49,20 +49,60 @@ def nearest(name: str, options: Iterable[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _load_config(argv: Sequence[str]):
-    """The config of ``--config=FILE[:ARG]`` in ``argv`` (its ``get_config``), or None."""
+def config_file_arg(argv: Sequence[str], flag: str = "config") -> str | None:
+    """The value of ``--FLAG=VALUE`` (or ``--FLAG VALUE``) in ``argv``, or None."""
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{flag}="):
+            return a.split("=", 1)[1]
+        if a == f"--{flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+def load_config_file(spec: str, flag: str = "config"):
+    """``get_config()`` of ``--FLAG=FILE[:ARG]`` (``get_config(ARG)`` with an argument), read as
+    ml_collections reads it (FILE relative to the working directory). A missing file, one that
+    raises or does not parse, one without ``get_config`` and a failing ``get_config`` each raise
+    a UsageError naming the file (and the exception's first line)."""
     import importlib.util
 
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if not spec:
-        return None
-    path, _, arg = spec.partition(":")
+    path, sep, arg = spec.partition(":")
+    where = f"--{flag}: config file {path!r}"
+    if not path:
+        raise UsageError(f"--{flag} is empty: give a config file, e.g. --{flag}=configs/toy_tf_scm.py")
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "not found"
+        looked = "" if os.path.isabs(path) else f" (looked at {os.path.abspath(path)})"
+        raise UsageError(f"{where} {what}{looked}")
     try:
         module_spec = importlib.util.spec_from_file_location("_crm_config", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
-    except Exception:
+    except Exception as e:
+        raise UsageError(f"{where} cannot be loaded: {_first_line(e)}") from e
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise UsageError(f"{where} defines no get_config(): a config file returns its config from get_config()")
+    try:
+        return get_config(arg) if sep else get_config()
+    except Exception as e:
+        call = f"get_config({arg!r})" if sep else "get_config()"
+        raise UsageError(f"{where}: {call} failed: {_first_line(e)}") from e
+
+
+def _load_config(argv: Sequence[str]):
+    """The config of ``--config=FILE[:ARG]`` in ``argv`` (its ``get_config``), or None."""
+    spec = config_file_arg(argv)
+    if not spec:
+        return None
+    try:
+        return load_config_file(spec)
+    except UsageError:
         return None
 
 
@@ -81,6 +121,12 @@ def config_override_error(argv: Sequence[str], config=None) -> str | None:
                 hint = nearest(key, siblings).replace("mean ", "mean --config.")
                 return f"--config.{key}: the config has no field {key!r}{hint}"
     return None
+
+
+def _is_config_file_flag(flag_values, name: str) -> bool:
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    return name in flag_values and isinstance(flag_values[name].parser, ConfigFileFlagParser)
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -135,6 +181,9 @@ def run_command(
         if parse_flags:
             from absl import flags
 
+            spec = config_file_arg(argv)
+            if spec is not None and _is_config_file_flag(flags.FLAGS, "config"):
+                load_config_file(spec)  # one line naming the file, before anything is imported or run
             try:
                 argv = flags.FLAGS(argv)
             except (flags.Error, AttributeError, KeyError) as e:

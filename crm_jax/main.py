@@ -15,7 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, 
 flags.mark_flags_as_required(["config", "workdir"])
 
 from crm_jax.distributed import is_main_process, log, maybe_init_distributed  # noqa: E402
-from crm_jax.errors import UsageError, nearest, run_command  # noqa: E402
+from crm_jax.errors import UsageError, config_file_arg, load_config_file, nearest, run_command  # noqa: E402
 from crm_jax.training.modes import MODES as TRAIN_MODES  # noqa: E402
 
 MODES = ("forward_check", "demo") + TRAIN_MODES
@@ -133,6 +133,9 @@ def run(cfg, workdir: str) -> int | None:
 def parse_argv(argv):
     """(config, workdir) from a command line `[prog, --config=FILE[:ARG], --workdir=DIR,
     --config.key=value, ...]`, parsed with private flags (so it can run in-process, repeatedly)."""
+    spec = config_file_arg(argv)
+    if spec is not None:
+        load_config_file(spec)  # one UsageError naming the file
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv, lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)

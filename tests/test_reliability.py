@@ -116,3 +116,34 @@ def test_damaged_teacher_checkpoint_is_one_line_naming_it(tmp_path):
         *TRAIN, f"--workdir={tmp_path / 'w'}", f"--config.init.teacher={teacher}", "--config.num_iterations=2"
     )
     assert rc == 1 and len(err) == 1 and err[0].startswith(f"error: checkpoint {teacher} cannot be read"), err
+
+
+BROKEN_CONFIGS = {
+    "missing": (None, "not found"),
+    "raises": ('raise RuntimeError("no such scene\\nsecond line")\n', "cannot be loaded: RuntimeError: no such scene"),
+    "syntax_error": ("def get_config(:\n", "cannot be loaded: SyntaxError: invalid syntax"),
+    "no_get_config": ("CONFIG = {}\n", "defines no get_config()"),
+    "get_config_raises": ("def get_config():\n    return {}['mode']\n", "get_config() failed: KeyError: 'mode'"),
+}
+CONFIG_COMMANDS = {
+    "train": (("-m", "crm_jax.main"), "--workdir"),
+    "generate": (("-m", "crm_jax.data.generate"), "--out"),
+    "aot": (("-m", "crm_jax.tools.aot", "--topology=v5e:2x2"), "--json"),
+}
+
+
+@pytest.mark.parametrize(
+    "command,case",
+    [("train", case) for case in sorted(BROKEN_CONFIGS)] + [("generate", "raises"), ("aot", "missing")],
+)
+def test_broken_config_file_is_one_line_naming_it(command, case, tmp_path):
+    source, text = BROKEN_CONFIGS[case]
+    path = tmp_path / "cfg.py"
+    if source is not None:
+        path.write_text(source)
+    args, out_flag = CONFIG_COMMANDS[command]
+    out = tmp_path / "out"
+    rc, _, err = run(*args, f"--config={path}", f"{out_flag}={out}", timeout=120)
+    assert rc == 2 and len(err) == 1, (rc, err)
+    assert err[0].startswith(f"error: --config: config file '{path}'") and text in err[0], err
+    assert "second line" not in err[0] and not out.exists()

@@ -1,8 +1,14 @@
-"""The training program: exact resume after a stop or SIGTERM, refusing foreign workdirs,
+"""The training program: exact resume after a stop or SIGTERM (in-process and on the command line),
+refusing foreign workdirs,
 teacher pretraining lowering the loss, distillation modes running without NaN."""
 
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -13,6 +19,8 @@ from crm_jax import pipeline
 from crm_jax.data.toy_source import ToySource
 from crm_jax.training import run_setup
 from crm_jax.training.checkpoints import CheckpointMismatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(mode="teacher_tf", **kw):
@@ -182,3 +190,81 @@ def test_host_offload_runs_and_resumes_exactly(tmp_path, mode, mesh):
     c.memory.offload = "params"
     with pytest.raises(ValueError, match="memory.offload"):
         pipeline.train(c, str(tmp_path / "c"), progress=False)
+
+
+TINY_RUN_CONFIG = """
+from configs.base import base_config, toy_model
+
+
+def get_config():
+    c = base_config("teacher_tf", "tiny", **toy_model(num_layers=1))
+    c.data.update(num_frames=2, height=16, width=16, batch_size=2)
+    c.train.block_frames = 1
+    c.num_iterations = 200
+    c.log_every = 1
+    c.checkpoint.every = 1000
+    return c
+"""
+
+
+def _metrics_lines(workdir) -> int:
+    try:
+        with open(workdir / "metrics.jsonl") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _run_until(cmd, env, workdir, log, *, signum=None, timeout=240):
+    """Run `cmd` (output to `log`); with `signum`, send it once a new metrics line shows that
+    training runs. Returns (exit code, output)."""
+    before = _metrics_lines(workdir)
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        if signum is not None:
+            while _metrics_lines(workdir) <= before and p.poll() is None:
+                assert time.monotonic() < deadline, "training did not start in time"
+                time.sleep(0.02)
+            p.send_signal(signum)
+        rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    return rc, open(log).read()
+
+
+def test_signals_stop_the_command_line_run_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
+    """`python -m crm_jax.main` on a tiny config: SIGTERM mid-training exits 143 after saving a
+    checkpoint, the rerun resumes from it and SIGINT exits 130 the same way, the third run finishes."""
+    config = tmp_path / "tiny.py"
+    config.write_text(TINY_RUN_CONFIG)
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crm_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),  # the reruns skip the compile
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+    env.pop("CRM_DEBUG", None)
+    resumed_at = 0
+    for run, signum in enumerate((signal.SIGTERM, signal.SIGINT)):
+        rc, out = _run_until(cmd, env, workdir, tmp_path / f"out{run}", signum=signum)
+        assert rc == 128 + signum, (rc, out[-3000:])
+        assert "Traceback" not in out and "error:" not in out, out[-3000:]
+        stop = re.search(rf"stopped by {signal.Signals(signum).name}: checkpoint saved at iteration (\d+)", out)
+        assert stop, out[-3000:]
+        saved = int(stop.group(1))
+        assert resumed_at < saved < 200 and (workdir / "checkpoints" / str(saved)).is_dir(), (resumed_at, saved)
+        if run:
+            assert f"(iteration {resumed_at})" in out
+        resumed_at = saved
+    rc, out = _run_until(cmd, env, workdir, tmp_path / "out2")
+    assert rc == 0 and f"(iteration {resumed_at})" in out and "teacher_tf: 200 iterations" in out, out[-3000:]
+    with open(workdir / "metrics.jsonl") as f:
+        logged = [json.loads(line)["iteration"] for line in f]
+    assert sorted(logged) == list(range(1, 201)), logged  # every iteration logged once: none lost or redone

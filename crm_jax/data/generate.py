@@ -575,6 +575,11 @@ def cli(argv) -> dict:
     (private flags, so it can run repeatedly in one process)."""
     from absl import flags
 
+    from crm_jax.errors import config_file_arg, load_config_file
+
+    spec = config_file_arg(argv)
+    if spec is not None:
+        load_config_file(spec)  # one UsageError naming the file
     fv = flags.FlagValues()
     _define_flags(fv)
     fv(list(argv))

@@ -141,6 +141,15 @@ def main(argv):
 
 
 def cli():
+    from crm_jax.errors import UsageError, config_file_arg, load_config_file
+
+    spec = config_file_arg(sys.argv)
+    if spec is not None:
+        try:
+            load_config_file(spec)  # a missing or broken config file: one line, before anything compiles
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     app.run(lambda argv: sys.exit(main(argv)))
 
 

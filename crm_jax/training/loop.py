@@ -287,9 +287,14 @@ def iterate(run: Run, step_fn, total: int, *, progress: bool, evaluator, on_samp
             run.state, m = step_fn(it)(run.state, run.frozen, run.batch(it), run.key(it))
             log.pending.append((it, m))
             done = it + 1
-            if jax.process_count() > 1 and dist.any_process(stop["signal"] is not None) and stop["signal"] is None:
-                stop["signal"] = "on another process"  # every process saves the same checkpoint
-            due = _due(c, done, total, stop["signal"] is not None)
+            # Read once per iteration: a signal arriving from here on stops after the next iteration,
+            # never between this iteration's save decision and its stop.
+            stopping = stop["signal"] is not None
+            if jax.process_count() > 1:
+                stopping = dist.any_process(stopping)  # every process saves the same checkpoint
+                if stopping and stop["signal"] is None:
+                    stop["signal"] = "on another process"
+            due = _due(c, done, total, stopping)
             if any(due.values()) or len(log.pending) >= c.max_nan_streak:
                 log.sync(it)
             if due["log"]:
@@ -302,7 +307,7 @@ def iterate(run: Run, step_fn, total: int, *, progress: bool, evaluator, on_samp
                 _evaluate(run, evaluator, done, main)
             if due["save"]:
                 run.ckpts.save(done, run.state, {**run.meta, "iteration": done}, force=True)
-            if stop["signal"] is not None:
+            if stopping:
                 name = signal.Signals(stop["signal"]).name if isinstance(stop["signal"], int) else stop["signal"]
                 dist.log(f"stopped by {name}: checkpoint saved at iteration {done}")
                 break
