@@ -31,6 +31,7 @@ PROBES = {
     "unknown_data_kind": (["--config.data.kind=foo"], 2, "--config.data.kind='foo': must be one of"),
     "unknown_mode": (["--config.mode=tf_scmm"], 2, "did you mean tf_scm?"),
     "dataset_without_path": (["--config.data.kind=dataset"], 2, "--config.data.path is empty"),
+    "mesh_too_big": (["--config.mesh.data=16"], 2, "needs 16 devices"),
 }
 
 

@@ -106,18 +106,22 @@ def test_changed_initialisation_is_not_resumed_over(tmp_path):
         pipeline.train(c, str(tmp_path / "run"), progress=False)
 
 
-def test_unreadable_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
+@pytest.mark.parametrize("part", ["state", "meta"])
+def test_unreadable_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys, part):
+    """The newest checkpoint's arrays or its metadata emptied (a crash mid-write, a full disk): the
+    run warns naming it, resumes from the older one and reproduces the same losses."""
     c = tiny_config(**{"num_iterations": 4})
     full = pipeline.train(c, str(tmp_path / "a"), progress=False)["losses"]
     pipeline.train(c, str(tmp_path / "b"), max_iterations=4, progress=False)  # checkpoints 2 and 4
-    state_dir = tmp_path / "b" / "checkpoints" / "4" / "state"
+    state_dir = tmp_path / "b" / "checkpoints" / "4" / part
     for root, _, files in os.walk(state_dir):
         for f in files:
             open(os.path.join(root, f), "wb").close()  # emptied: unreadable
     c6 = tiny_config(**{"num_iterations": 4})
     rest = pipeline.train(c6, str(tmp_path / "b"), progress=False)["losses"]
-    err = capsys.readouterr().err
-    assert "checkpoints/4" in err and "resuming from" in err and "checkpoints/2" in err
+    out, err = capsys.readouterr()
+    assert "checkpoints/4" in err and "checkpoints_unreadable" in err and "checkpoints/2 (iteration 2)" in out
+    assert os.path.isdir(tmp_path / "b" / "checkpoints_unreadable" / "4")  # kept, for inspection
     assert sorted(rest) == [2, 3] and all(rest[i] == full[i] for i in rest)
 
 

@@ -102,14 +102,18 @@ class Checkpoints:
     def check_compatible(self, meta: dict) -> int | None:
         """Newest step whose metadata is readable, if the workdir's run is this one; raise if it is
         another run's (`CheckpointMismatch`, naming only the differing fields)."""
-        step, old = None, None
+        step, old, unreadable = None, None, []
         for s in self.steps():
             try:
                 old = identity(self.read_meta(s))
                 step = s
                 break
             except CheckpointError as e:
+                unreadable.append(s)
                 _warn(f"{e}; trying an older checkpoint")
+        if unreadable:  # kept for inspection, out of the way of the steps that will be saved again
+            self._set_aside(unreadable)
+            _warn(f"moved the checkpoints with unreadable metadata ({unreadable}) to {self.dir}_unreadable/")
         if step is None:
             return None
         a, b = _flat(old), _flat(identity(meta))

@@ -66,3 +66,13 @@ def check_run_config(c) -> None:
             raise UsageError(f"--config.{field}={v!r}: must be one of {', '.join(map(repr, options))}")
     if _get(c, "data.kind") == "dataset" and not _get(c, "data.path"):
         raise UsageError("--config.data.path is empty: data.kind='dataset' reads a generated dataset directory")
+    sizes = {axis: _get(c, f"mesh.{axis}") for axis in ("data", "fsdp", "context")}
+    if all(isinstance(v, int) for v in sizes.values()):
+        import jax
+
+        needed = sizes["data"] * sizes["fsdp"] * sizes["context"]
+        if needed > jax.device_count():
+            raise UsageError(
+                f"--config.mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x context={sizes['context']} needs "
+                f"{needed} devices, {jax.device_count()} present: make the mesh smaller"
+            )
