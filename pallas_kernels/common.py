@@ -1,7 +1,11 @@
 """Pieces of the flash kernels that the Triton (GPU) and Mosaic (TPU) lowerings share: input
-checks, padding, the element-wise mask of a tile from its `MaskSpec`, and the float32-result
-matmul. The online-softmax updates differ (log2 domain with a carried state on Triton, natural
-log with scratch refs on Mosaic) and stay with each lowering."""
+checks, padding, the element-wise mask of a tile from its `MaskSpec`, the float32-result matmul,
+and the online-softmax update (running max, rescale factor, probabilities, running row sums and
+accumulators) with the backward's recomputed probabilities. The softmax pieces are pure functions
+of arrays, parameterised by the exponential: Triton calls them with `jnp.exp2` on log2-scaled
+scores and carries the results through its loop, Mosaic with `jnp.exp` on natural-log scores,
+reading and writing its scratch refs around the calls. Row statistics are `[bq]` (Triton) or
+`[bq, 1]` (Mosaic); the functions keep the shape they are given."""
 
 from __future__ import annotations
 
@@ -91,3 +95,42 @@ def tile_mask(spec: MaskSpec, row0, bq: int, col0, bk: int):
     qp = row0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     kp = col0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     return kernel_allowed(spec, qp, kp)
+
+
+# ----------------------------------------------------------------------------- online softmax
+def _column(x):
+    """Row statistic `[bq]` or `[bq, 1]` -> `[bq, 1]`, to broadcast against a `[bq, n]` tile."""
+    return x[:, None] if x.ndim == 1 else x
+
+
+def softmax_probs(s, m, exp):
+    """`exp(s - m)` per row: scores s `[bq, bk]`, row statistic m `[bq]` or `[bq, 1]` (the running
+    max, or the backward's log-sum-exp) -> `[bq, bk]` float32."""
+    return exp(s - _column(m))
+
+
+def online_softmax_step(m_prev, s, exp):
+    """The running max and probabilities after one key tile.
+
+    m_prev `[bq]` or `[bq, 1]` float32 (running row max), s `[bq, bk]` float32 scores (-inf where
+    masked) in the domain of `exp` (`jnp.exp2`: log2-scaled scores). Returns m_new and
+    alpha = exp(m_prev - m_new), the factor that rescales what was summed under m_prev (both
+    shaped like m_prev), and p = exp(s - m_new) `[bq, bk]`.
+    """
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=m_prev.ndim == 2))
+    alpha = exp(m_prev - m_new)
+    p = softmax_probs(s, m_new, exp)
+    return m_new, alpha, p
+
+
+def running_sum(rescaled, t):
+    """Row sum update: `rescaled` (the running sum times alpha, `[bq]` or `[bq, 1]`) plus the row
+    sums of t `[bq, bk]`, in the shape of `rescaled`. With t = p the softmax denominator l; in
+    the JVP, with t = p * ds, the sum r of the tangent of the probabilities."""
+    return rescaled + jnp.sum(t, axis=1, keepdims=rescaled.ndim == 2)
+
+
+def accumulate(rescaled, p, v, prec):
+    """Accumulator update: `rescaled` (the accumulator `[bq, D]`, times alpha where the max moved)
+    plus p `[bq, bk]` (cast to v's dtype) @ v `[bk, D]` -> `[bq, D]` float32."""
+    return rescaled + dot(p.astype(v.dtype), v, prec)

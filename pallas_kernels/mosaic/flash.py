@@ -37,7 +37,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import SUPPORTED_HEAD_DIMS, check_inputs, dot, padded, precision, tile_mask
+from pallas_kernels.common import (
+    SUPPORTED_HEAD_DIMS,
+    accumulate,
+    check_inputs,
+    dot,
+    online_softmax_step,
+    padded,
+    precision,
+    running_sum,
+    softmax_probs,
+    tile_mask,
+)
 from pallas_kernels.masks import MaskSpec, tile_runs
 
 DEFAULT_BLOCK = 512
@@ -163,15 +174,14 @@ def _col_spec(b, d, runs):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _online_step(spec, scale, q, k, v, row0, col0, bq, bk, masked, m_ref, l_ref, prec):
+def _online_step(spec, scale, q, k, row0, col0, bq, bk, masked, m_ref, l_ref, prec):
+    """Scores of the tile (q `[bq, D]`, k `[bk, D]`), masked when `masked`, and the online-softmax
+    update of the running max and sum in m_ref, l_ref `[bq, 1]` -> p `[bq, bk]`, alpha `[bq, 1]`."""
     s = dot(q, k, prec, trans_b=True) * scale
     if masked:
         s = jnp.where(tile_mask(spec, row0, bq, col0, bk), s, -jnp.inf)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.exp(s - m_new)
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    m_new, alpha, p = online_softmax_step(m_ref[...], s, jnp.exp)
+    l_ref[...] = running_sum(alpha * l_ref[...], p)
     m_ref[...] = m_new
     return p, alpha
 
@@ -192,10 +202,8 @@ def _fwd_kernel(
     def step(masked):
         col0 = col * bk
         v = v_ref[...]
-        p, alpha = _online_step(
-            spec, scale, q_ref[...], k_ref[...], v, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec
-        )
-        acc_ref[...] = alpha * acc_ref[...] + dot(p.astype(v.dtype), v, prec)
+        p, alpha = _online_step(spec, scale, q_ref[...], k_ref[...], i * bq, col0, bq, bk, masked, m_ref, l_ref, prec)
+        acc_ref[...] = accumulate(alpha * acc_ref[...], p, v, prec)
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
     pl.when(jnp.logical_and(real, masked == 1))(lambda: step(True))
@@ -232,8 +240,8 @@ def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has
     def step(masked):
         col0 = col * bk
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        p, alpha = _online_step(spec, scale, q, k, v, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec)
-        acc_ref[...] = alpha * acc_ref[...] + dot(p.astype(v.dtype), v, prec)
+        p, alpha = _online_step(spec, scale, q, k, i * bq, col0, bq, bk, masked, m_ref, l_ref, prec)
+        acc_ref[...] = accumulate(alpha * acc_ref[...], p, v, prec)
         acct = alpha * acct_ref[...]
         if has_tq or has_tk:
             sd = 0.0
@@ -242,13 +250,12 @@ def _jvp_kernel(start_ref, end_ref, *refs, spec, scale, bq, bk, steps, runs, has
             if has_tk:
                 sd = sd + dot(q, tk_ref[...], prec, trans_b=True)
             pd = p * (sd * scale)
-            r_ref[...] = alpha * r_ref[...] + jnp.sum(pd, axis=1, keepdims=True)
-            acct = acct + dot(pd.astype(v.dtype), v, prec)
+            r_ref[...] = running_sum(alpha * r_ref[...], pd)
+            acct = accumulate(acct, pd, v, prec)
         else:
             r_ref[...] = alpha * r_ref[...]
         if has_tv:
-            tv = tv_ref[...]
-            acct = acct + dot(p.astype(tv.dtype), tv, prec)
+            acct = accumulate(acct, p, tv_ref[...], prec)
         acct_ref[...] = acct
 
     pl.when(jnp.logical_and(real, masked == 0))(lambda: step(False))
@@ -299,7 +306,7 @@ def _dkdv_kernel(
         row0 = col * bq
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = dot(q, k, prec, trans_b=True) * scale
-        p = jnp.exp(s - lse_ref[...])
+        p = softmax_probs(s, lse_ref[...], jnp.exp)
         if masked:
             p = jnp.where(tile_mask(spec, row0, bq, i * bk, bk), p, 0.0)
         dv_acc[...] += dot(p.astype(do.dtype), do, prec, trans_a=True)
@@ -347,7 +354,7 @@ def _dq_kernel(
         col0 = col * bk
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = dot(q, k, prec, trans_b=True) * scale
-        p = jnp.exp(s - lse_ref[...])
+        p = softmax_probs(s, lse_ref[...], jnp.exp)
         if masked:
             p = jnp.where(tile_mask(spec, i * bq, bq, col0, bk), p, 0.0)
         dp = dot(do, v, prec, trans_b=True)

@@ -34,10 +34,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import (
+    accumulate,
     check_inputs,
     dot,
+    online_softmax_step,
     padded,
     precision,
+    running_sum,
+    softmax_probs,
     tile_mask,
 )
 from pallas_kernels.masks import MaskSpec, tile_schedule
@@ -199,11 +203,9 @@ def _fwd_kernel(fi_ref, fc_ref, pi_ref, pc_ref, q_ref, k_ref, v_ref, *refs, spec
         s = dot(q, k, prec, trans_b=True) * c
         if masked:
             s = jnp.where(tile_mask(spec, row * bq, bq, start, bk), s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, prec)
+        m_new, alpha, p = online_softmax_step(m, s, jnp.exp2)
+        l = running_sum(l * alpha, p)
+        acc = accumulate(acc * alpha[:, None], p, v, prec)
         return acc, m_new, l
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
@@ -243,11 +245,9 @@ def _jvp_kernel(
         s = dot(q, k, prec, trans_b=True) * c
         if masked:
             s = jnp.where(tile_mask(spec, row * bq, bq, start, bk), s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, prec)
+        m_new, alpha, p = online_softmax_step(m, s, jnp.exp2)
+        l = running_sum(l * alpha, p)
+        acc = accumulate(acc * alpha[:, None], p, v, prec)
         acct = acct * alpha[:, None]
         if has_ts:
             sd = None
@@ -258,11 +258,10 @@ def _jvp_kernel(
                 sdk = dot(q, tk, prec, trans_b=True)
                 sd = sdk if sd is None else sd + sdk
             pd = p * (sd * scale)
-            r = r * alpha + jnp.sum(pd, axis=1)
-            acct = acct + dot(pd.astype(v.dtype), v, prec)
+            r = running_sum(r * alpha, pd)
+            acct = accumulate(acct, pd, v, prec)
         if has_tv:
-            tv = tv_ref[pl.ds(start, bk), :]
-            acct = acct + dot(p.astype(tv.dtype), tv, prec)
+            acct = accumulate(acct, p, tv_ref[pl.ds(start, bk), :], prec)
         return acc, acct, m_new, l, r
 
     init = (
@@ -322,7 +321,7 @@ def _dkdv_kernel(
         lse2 = lse_ref[pl.ds(start, bq)]
         delta = delta_ref[pl.ds(start, bq)]
         s = dot(q, k, prec, trans_b=True) * c
-        p = jnp.exp2(s - lse2[:, None])
+        p = softmax_probs(s, lse2, jnp.exp2)
         if masked:
             p = jnp.where(tile_mask(spec, start, bq, k0, bk), p, 0.0)
         dv = dv + dot(p.astype(do.dtype), do, prec, trans_a=True)
@@ -374,7 +373,7 @@ def _dq_kernel(
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
         s = dot(q, k, prec, trans_b=True) * c
-        p = jnp.exp2(s - lse2[:, None])
+        p = softmax_probs(s, lse2, jnp.exp2)
         if masked:
             p = jnp.where(tile_mask(spec, row * bq, bq, start, bk), p, 0.0)
         dp = dot(do, v, prec, trans_b=True)
