@@ -269,6 +269,13 @@ def test_signals_stop_the_command_line_run_with_a_checkpoint_and_a_rerun_resumes
         resumed_at = saved
     rc, out = _run_until(cmd, env, workdir, tmp_path / "out2")
     assert rc == 0 and f"(iteration {resumed_at})" in out and "teacher_tf: 200 iterations" in out, out[-3000:]
+    # the console: the compile is announced and timed before training, the last line says where things are
+    lines = out.strip().splitlines()
+    compiling = next(i for i, line in enumerate(lines) if line.startswith("compiling 1 step function"))
+    assert lines[compiling + 1].startswith("compiled in "), lines
+    last = lines[-1]
+    assert last.startswith("teacher_tf: 200 iterations") and f"export {workdir / 'export'}" in last, last
+    assert f"metrics {workdir / 'metrics.jsonl'}" in last and "Traceback" not in out, last
     with open(workdir / "metrics.jsonl") as f:
         logged = [json.loads(line)["iteration"] for line in f]
     assert sorted(logged) == list(range(1, 201)), logged  # every iteration logged once: none lost or redone
