@@ -15,7 +15,14 @@ os.environ.setdefault(
 import gc  # noqa: E402
 import sys  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Single-device CPU computations run inline, not dispatched asynchronously. Pallas' interpret
+# modes run a kernel's threads as JAX computations started from an io_callback; a computation the
+# test dispatches meanwhile (the next call, a model init) can deadlock with them: a pytest worker
+# hung that way in `test_streaming_with_mgpu_cache_attention_matches_xla`.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _mapping_count():
@@ -46,8 +53,6 @@ def _bounded_memory_mappings():
         return
     before = _mapping_count()
     if before > _mapping_limit() // 2:
-        import jax
-
         jax.clear_caches()
         gc.collect()
         if os.environ.get("CRM_DEBUG_MAPS"):

@@ -175,7 +175,7 @@ def test_streaming_with_mgpu_cache_attention_matches_xla():
         apply, params = functional(WanModel(cfg, rngs=nnx.Rngs(0)))  # the same weights
         s = StreamingSampler(apply, params, cfg, AttentionPattern("block_causal", 2), (4, 4), 1, 2, "noisy")
         assert s.traced_cache_len
-        videos[impl] = s.generate(jax.random.key(3), ctx, 6)
+        videos[impl] = jax.block_until_ready(s.generate(jax.random.key(3), ctx, 6))
         assert s.compiled_count() >= 1
     a = np.asarray(videos["xla"], np.float64)
     for impl in ("mgpu", "mgpu_cross"):
