@@ -1,0 +1,397 @@
+"""Block-sparse flash attention for Hopper (sm_90a) in Pallas Mosaic GPU: forward with log-sum-exp.
+
+`hopper_forward(q, k, v, spec)` computes softmax attention under any `masks.MaskSpec` (full;
+block_causal with q_offset, first_block_frames, a local window and sinks; teacher_forcing
+with its [clean | noisy] halves) and returns the output and the natural-log log-sum-exp of the
+scaled scores, as `reference.attention_reference(..., return_lse=True)` does.
+
+Structure (that of `prefix_attention`, FlashAttention-3 style): one CTA per (head, query tile
+of `2 * block_q` rows, batch); a producer warpgroup streams the CTA's K/V tiles with TMA into a
+ring of `stages` shared-memory slots, and two consumer warpgroups (`block_q` rows each) run
+QK^T and PV with wgmma and an online softmax (log2 domain, float32 registers); a schedule
+barrier alternates the consumers so that one's softmax overlaps the other's matrix products.
+
+Block sparsity: the key tiles a CTA visits come from `masks.tile_runs(spec, 2 * block_q,
+block_kv)`, the schedule of the Mosaic TPU kernel (per query tile, runs of consecutive key
+tiles of one class), passed as two small int32 GMEM arrays: `start[row * runs + r]` =
+2 * first key tile + masked, `end[row * runs + r]` = cumulative steps. Producer and consumers
+walk the runs in order: a key tile outside every run is never loaded nor computed. Tiles of
+an unmasked run ("full": every pair allowed, no padding) take the plain softmax step; tiles of
+a masked run (boundary tiles, and tiles that hold padding keys) get the element mask: block
+ids of the tile's query rows and key columns are computed once per row / column (vectors in
+the WGMMA row / column layouts), broadcast to the tile, and scores the mask excludes become
+-inf through `jnp.where` (no boolean logic on tiles). The running max starts at -1e30, not
+-inf, so a row whose first visited tiles hold no allowed key stays finite.
+
+Lengths: any `Lq` and `Lk` (e.g. frames of 1560 tokens). Key tiles running past the array
+are read as zeros (TMA bounds on loads) and are masked (the schedule marks them partial);
+outputs have their query rows padded to whole CTA tiles and are sliced afterwards (stores must
+not rely on TMA bounds, see `prefix_attention`).
+
+`interpret=True` runs the kernel in Pallas' GPU interpret mode on the CPU (the tests); as in
+`prefix_attention`, only the PV product there is a `jnp.dot` of the same bf16/f16 P and V tile
+(the interpreter's wgmma takes no register operand). Not yet compiled or run on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels.masks import MaskSpec, tile_runs
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's shared-memory limit
+SMEM_OVERHEAD = 2648  # Mosaic GPU's barriers and alignment (measured for prefix_attention)
+M_INIT = -1e30  # the running max before any key: finite, so all-masked rows give no NaN
+BIG = 1 << 29  # a block id past every real one (keys past the sequence)
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperConfig:
+    """Tiling of `hopper_forward`.
+
+    block_q: query rows per consumer warpgroup (a CTA has two: `2 * block_q` rows, the query
+      tile of the schedule).
+    block_kv: keys per tile.
+    stages: K/V tiles in flight (shared-memory ring slots).
+    schedule_barrier: alternate the two consumer warpgroups (FA3 ping-pong).
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    stages: int = 2
+    schedule_barrier: bool = True
+
+    def __post_init__(self):
+        if self.block_q % 64 or self.block_kv % 64 or self.block_q <= 0 or self.block_kv <= 0:
+            raise ValueError(
+                f"block_q and block_kv must be positive multiples of 64, got {self.block_q}, {self.block_kv}"
+            )
+        if self.stages < 2:
+            raise ValueError(f"stages must be at least 2, got {self.stages}")
+
+    def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+        """Shared memory of one CTA: Q/O tiles of both consumers, the K and V rings, LSE rows,
+        and the ~2.6 KB Mosaic GPU adds."""
+        tiles = (2 * self.block_q + 2 * self.stages * self.block_kv) * head_dim * itemsize
+        return tiles + 2 * self.block_q * 4 + SMEM_OVERHEAD
+
+
+def check_inputs(q, k, v, spec: MaskSpec, config: HopperConfig) -> None:
+    """Raise one ValueError unless q `[B, Lq, H, D]`, k and v `[B, Lk, H, D]` share one dtype
+    (bfloat16 or float16), D is 64 or 128, the lengths are `spec`'s and the tiling fits in
+    shared memory."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"hopper_forward expects q [B, Lq, H, D], k and v [B, Lk, H, D]; got "
+            f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
+    b, lq, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+        raise ValueError(f"k and v must be [B={b}, Lk, H={h}, D={d}] alike; got k{tuple(k.shape)}, v{tuple(v.shape)}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"hopper_forward supports head_dim in {HEAD_DIMS}, got {d}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(
+            f"hopper_forward needs q, k, v of one dtype, bfloat16 or float16; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not isinstance(spec, MaskSpec):
+        raise ValueError(f"hopper_forward needs a masks.MaskSpec, got {type(spec).__name__}")
+    spec.check_lengths(lq, k.shape[1])
+    if config.smem_bytes(d) > SMEM_LIMIT:
+        raise ValueError(
+            f"{config} needs {config.smem_bytes(d)} bytes of shared memory for head_dim {d}, "
+            f"more than the {SMEM_LIMIT} an sm_90 CTA has; lower stages or block_kv"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def hopper_schedule(spec: MaskSpec, config: HopperConfig):
+    """The kernel's schedule: `(start, end, runs)` of `masks.tile_runs(spec, 2 * block_q,
+    block_kv)`, flattened row-major to `[q_tiles * runs]` int32 (`start` = 2 * first key tile
+    + masked, `end` = cumulative steps of the query tile), as numpy arrays."""
+    r = tile_runs(spec, 2 * config.block_q, config.block_kv)
+    start = (2 * r.start + r.masked).reshape(-1).astype(np.int32)
+    return start, r.end.reshape(-1).astype(np.int32), int(r.start.shape[1])
+
+
+def hopper_forward(
+    q, k, v, spec: MaskSpec, *, scale: float | None = None, config: HopperConfig | None = None, interpret: bool = False
+):
+    """Block-sparse softmax attention of `spec` with its log-sum-exp.
+
+    Args:
+      q: `[B, Lq, H, D]`, bfloat16 or float16, D in {64, 128}.
+      k, v: `[B, Lk, H, D]`, q's dtype.
+      spec: the attention pattern (`masks.MaskSpec`); its lengths must be Lq, Lk.
+      scale: score scale, default `D ** -0.5`.
+      config: tiling (`HopperConfig`).
+      interpret: run in Pallas' GPU interpret mode (CPU; slow, for tests).
+    Returns:
+      `o [B, Lq, H, D]` in q's dtype and `lse [B, H, Lq]` float32 (natural log of the sum of
+      exp of the scaled allowed scores; -inf for a row with no allowed key, whose output is 0).
+    """
+    config = HopperConfig() if config is None else config
+    check_inputs(q, k, v, spec, config)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"hopper_forward needs a positive score scale, got {scale}")
+    return _forward(q, k, v, spec=spec, scale=scale, config=config, interpret=bool(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
+def _forward(q, k, v, *, spec, scale, config, interpret):
+    start, end, runs = hopper_schedule(spec, config)
+    out, lse = _call_forward(q, k, v, jnp.asarray(start), jnp.asarray(end), runs, spec, scale, config, interpret)
+    lq = q.shape[1]
+    return out[:, :lq], lse[..., :lq]
+
+
+def _mask_scores(spec: MaskSpec, s, row0, col0):
+    """`s` `[bq, bk]` (WGMMA layout) with the scores `spec` excludes set to -inf, for the tile
+    whose first query is `row0` and first key `col0`. Equal to `masks.allowed`: block ids are
+    computed on the row and column vectors, then each condition is one broadcast compare and
+    one `jnp.where` on the tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    bq, bk = s.shape
+    rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+    cols = col0 + plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+    neg = jnp.float32(-jnp.inf)
+
+    def row_b(x):
+        return lax.broadcast_in_dim(x, (bq, bk), [0])
+
+    def col_b(x):
+        return lax.broadcast_in_dim(x, (bq, bk), [1])
+
+    def block_of(pos):
+        frame = lax.div(pos, jnp.int32(spec.tokens_per_frame))
+        later = lax.div(frame - spec.first_block_frames, jnp.int32(spec.block_frames)) + 1
+        return jnp.where(frame >= spec.first_block_frames, later, 0)
+
+    if spec.kind == "full":
+        return jnp.where(col_b(cols) < spec.kv_len, s, neg)
+    in_keys = cols < spec.kv_len
+    if spec.kind == "block_causal":
+        qb = block_of(rows + spec.q_offset)
+        kb = block_of(cols)
+        kb_clean = jnp.where(in_keys, kb, BIG)
+        s = jnp.where(col_b(kb_clean) <= row_b(qb), s, neg)
+    else:  # teacher_forcing: clean query -> clean blocks <= its own; noisy -> clean < own, noisy == own
+        half = spec.q_len // 2
+        q_noisy = rows >= half
+        k_noisy = cols >= half
+        qb = block_of(jnp.where(q_noisy, rows - half, rows))
+        kb = block_of(jnp.where(k_noisy, cols - half, cols))
+        clean_limit = qb - jnp.where(q_noisy, 1, 0)
+        noisy_target = jnp.where(q_noisy, qb, -1)
+        kb_clean = jnp.where(jnp.logical_or(k_noisy, jnp.logical_not(in_keys)), BIG, kb)
+        kb_noisy = jnp.where(jnp.logical_and(k_noisy, in_keys), kb, BIG)
+        noisy_ok = jnp.where(col_b(kb_noisy) == row_b(noisy_target), s, neg)
+        s = jnp.where(col_b(kb_clean) <= row_b(clean_limit), s, noisy_ok)
+    if spec.local_attn_blocks > 0:  # kb > qb - W, or a sink: kb + W > qb with sinks at BIG
+        kb_win = jnp.where(kb < spec.sink_blocks, BIG, kb + spec.local_attn_blocks)
+        s = jnp.where(col_b(kb_win) > row_b(qb), s, neg)
+    return s
+
+
+def _call_forward(q, k, v, start, end, runs, spec: MaskSpec, scale, cfg: HopperConfig, interpret: bool):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    batch, q_len, heads, head_dim = q.shape
+    dtype = q.dtype
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    q_tiles = pl.cdiv(q_len, 2 * bq)
+    c = scale * LOG2E  # scores in log2 units: exp(s * scale) = exp2(s * c)
+
+    def kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+        (qo_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+        head = lax.axis_index("heads")
+        q_tile = q_tiles - 1 - lax.axis_index("q_tiles")  # the longest rows of causal masks first
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        base = q_tile * runs
+        steps = end_ref[base + runs - 1]  # key tiles this CTA visits
+
+        def run_bounds(r):
+            """(first step, end step, first key tile - first step, masked) of run r."""
+            lo = jnp.where(r > 0, end_ref[base + jnp.maximum(r - 1, 0)], 0)
+            packed = start_ref[base + r]
+            return lo, end_ref[base + r], lax.shift_right_logical(packed, 1) - lo, jnp.bitwise_and(packed, 1)
+
+        def take_turn():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        def ping():
+            if cfg.schedule_barrier:
+                take_turn()
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            row0 = q_tile * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), head], qo_smem, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            m_i = plgpu.layout_cast(jnp.full((bq,), M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            @pl.when(steps > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[0])
+
+            if cfg.schedule_barrier:
+                pl.when(wg == 1)(take_turn)
+
+            def step(i, carry, col_shift, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(i, jnp.int32(stages))
+
+                def qk_scope(s_ref):
+                    plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    ping()
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    s = _mask_scores(spec, s, row0, (col_shift + i) * bkv)
+                m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                if cfg.schedule_barrier:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if cfg.schedule_barrier:
+                    plgpu.barrier_wait(turn)
+
+                def wait_next_k():
+                    nxt = i + 1
+
+                    @pl.when(nxt < steps)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
+
+                if interpret:  # the interpreter's wgmma takes no register operand
+                    pv = jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+                    wait_next_k()
+                    acc = acc + pv
+                else:
+
+                    def pv_state(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        wait_next_k()
+
+                    acc = pl.run_state(pv_state)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            def run(r, carry):
+                lo, hi, col_shift, masked = run_bounds(r)
+                plain_hi = jnp.where(masked == 0, hi, lo)
+                masked_hi = jnp.where(masked == 1, hi, lo)
+                carry = lax.fori_loop(lo, plain_hi, functools.partial(step, col_shift=col_shift, masked=False), carry)
+                return lax.fori_loop(lo, masked_hi, functools.partial(step, col_shift=col_shift, masked=True), carry)
+
+            acc, m_i, l_i = lax.fori_loop(0, runs, run, (acc, m_i, l_i))
+            if cfg.schedule_barrier:
+                pl.when(wg == 0)(take_turn)
+
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse_smem2.at[wg][...] = jnp.where(empty, -jnp.inf, m_i * LN2 + jnp.log(l_safe))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(row0, bq), head])
+            plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[b, head, pl.ds(row0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(j, _, col_shift):
+                slot = lax.rem(j, jnp.int32(stages))
+                rows = (b, pl.ds((col_shift + j) * bkv, bkv), head)
+
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+            def run(r, _):
+                lo, hi, col_shift, _masked = run_bounds(r)
+                lax.fori_loop(lo, hi, functools.partial(load, col_shift=col_shift), None)
+
+            lax.fori_loop(0, runs, run, None)
+
+            def drain(t, _):  # see the last tiles released, so every barrier phase is observed
+                slot = lax.rem(t, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+            lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+
+    def crm_hopper_forward(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):  # the kernel's name in traces
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = [
+            plgpu.SMEM((2, bq, head_dim), dtype, transforms=tiled),
+            plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled),
+            plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled),
+            plgpu.SMEM((2, bq), jnp.float32),
+        ]
+        pl.run_scoped(
+            lambda *scoped: kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+            smem,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    rows = q_tiles * 2 * bq  # whole tiles: no store runs past the arrays
+    out_type = [
+        jax.ShapeDtypeStruct((batch, rows, heads, head_dim), dtype),
+        jax.ShapeDtypeStruct((batch, heads, rows), jnp.float32),
+    ]
+    kw = {}
+    if interpret:
+        kw["interpret"] = plgpu.InterpretGPUParams()
+    out, lse = plgpu.kernel(
+        crm_hopper_forward,
+        out_type=out_type,
+        grid=(heads, q_tiles, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kw,
+    )(start, end, q, k, v)
+    return out, lse

@@ -1,0 +1,181 @@
+"""The block-sparse Hopper forward kernel (`pallas_kernels.mgpu.flash`) in Pallas' GPU interpret mode (CPU).
+
+The kernel code that would run on an H100 -- TMA copies into the shared-memory ring, the
+barriers between the producer and the two consumer warpgroups, the schedule walk over runs of
+key tiles, the masked boundary tiles, query and key tiles running past the arrays -- runs here
+in the interpreter (only the PV product is a `jnp.dot`, see the module docstring). Oracle:
+`attention_reference` in float32 on the same (bf16 / f16) inputs, output and log-sum-exp.
+Inputs are seeded per test (`tests.attention_helpers`). Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import masks
+from pallas_kernels.mgpu import HopperConfig, hopper_forward, hopper_schedule
+from pallas_kernels.reference import attention_reference
+from tests.attention_helpers import rand, rel
+
+KV64 = HopperConfig(block_kv=64)
+
+# name: (spec, B, H, D, dtype, config). Token counts per frame (24, 40, 72) that do not align
+# with the 128-row query tiles or the 64-key tiles, so tiles straddle frames and blocks.
+CASES = {
+    "full_cross": (masks.full(200, 300), 2, 1, 64, jnp.bfloat16, KV64),
+    "causal_frame": (masks.block_causal(8, 72, 1), 1, 2, 64, jnp.bfloat16, KV64),
+    "causal_frame_d128_f16": (masks.block_causal(10, 40, 1), 1, 1, 128, jnp.float16, KV64),
+    "causal_chunk3": (masks.block_causal(10, 24, 3, 1), 1, 1, 64, jnp.bfloat16, KV64),
+    "causal_window_sinks": (
+        masks.block_causal(12, 40, 1, local_attn_blocks=3, sink_blocks=1),
+        1,
+        1,
+        64,
+        jnp.bfloat16,
+        KV64,
+    ),
+    "causal_kv_offset_chunk3": (
+        masks.block_causal(20, 24, 3, 2, q_frames=6, local_attn_blocks=2, sink_blocks=1),
+        1,
+        1,
+        128,
+        jnp.bfloat16,
+        HopperConfig(),
+    ),
+    "teacher_forcing_frame": (masks.teacher_forcing(6, 24, 1), 1, 1, 64, jnp.bfloat16, KV64),
+    "teacher_forcing_chunk3_window": (
+        masks.teacher_forcing(8, 40, 3, 1, local_attn_blocks=2, sink_blocks=1),
+        1,
+        1,
+        64,
+        jnp.float16,
+        HopperConfig(block_kv=64, stages=3, schedule_barrier=False),
+    ),
+}
+
+
+def _inputs(spec, b, h, d, dtype):
+    q = rand((b, spec.q_len, h, d), dtype)
+    k = rand((b, spec.kv_len, h, d), dtype)
+    v = rand((b, spec.kv_len, h, d), dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, spec, scale=None):
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    o, lse = attention_reference(*f32, spec, scale=scale, return_lse=True)
+    return np.asarray(o), np.asarray(lse)
+
+
+def _check(o, lse, q, ref_o, ref_lse):
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
+    assert np.isfinite(np.asarray(lse)).all()
+    assert rel(o, ref_o) < 1e-2  # bf16 / f16 output rounding is ~3e-3
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hopper_forward_matches_reference(name):
+    spec, b, h, d, dtype, cfg = CASES[name]
+    cls = masks.tile_classes(spec, 2 * cfg.block_q, cfg.block_kv)
+    assert (cls == 2).any()  # every case has masked boundary tiles
+    q, k, v = _inputs(spec, b, h, d, dtype)
+    o, lse = hopper_forward(q, k, v, spec, config=cfg, interpret=True)
+    _check(o, lse, q, *_reference(q, k, v, spec))
+
+
+def test_cases_cover_unmasked_runs_and_gaps():
+    """The cases walk unmasked (full) tiles, and rows whose runs skip tiles between them."""
+    full = gaps = 0
+    for spec, *_, cfg in CASES.values():
+        cls = masks.tile_classes(spec, 2 * cfg.block_q, cfg.block_kv)
+        full += int((cls == 1).sum())
+        for row in cls != 0:
+            cols = np.flatnonzero(row)
+            gaps += int(len(cols) and cols[-1] - cols[0] + 1 > len(cols))
+    assert full >= 10 and gaps >= 2
+
+
+@pytest.mark.parametrize("name", ["causal_window_sinks", "teacher_forcing_chunk3_window", "full_cross"])
+def test_schedule_is_tile_runs(name):
+    """The schedule arrays decode to exactly the visited tiles of `masks.tile_classes` at the
+    CTA's tile (2 * block_q rows), masked exactly where the tile is partial."""
+    spec, *_, cfg = CASES[name]
+    start, end, runs = hopper_schedule(spec, cfg)
+    cls = masks.tile_classes(spec, 2 * cfg.block_q, cfg.block_kv)
+    seen = np.zeros_like(cls)
+    for row in range(cls.shape[0]):
+        lo = 0
+        for r in range(runs):
+            hi = int(end[row * runs + r])
+            first, masked = divmod(int(start[row * runs + r]), 2)
+            for step in range(lo, hi):
+                col = first + step - lo
+                assert seen[row, col] == 0
+                seen[row, col] = 2 if masked else 1
+            lo = hi
+    np.testing.assert_array_equal(seen, cls)
+    assert int(end.reshape(-1, runs)[:, -1].sum()) == masks.tile_runs(spec, 2 * cfg.block_q, cfg.block_kv).visited_pairs
+
+
+@pytest.mark.parametrize("name", ["causal_window_sinks", "causal_kv_offset_chunk3"])
+def test_skipped_key_tiles_are_never_read(name):
+    """For each query tile, NaN in K and V of every key tile its schedule skips: that tile's
+    output rows stay finite and equal the reference (a visited tile, even masked, would turn
+    NaN through 0 * NaN in PV)."""
+    spec, b, h, d, dtype, cfg = CASES[name]
+    bq, bk = 2 * cfg.block_q, cfg.block_kv
+    cls = masks.tile_classes(spec, bq, bk)
+    q, k, v = _inputs(spec, b, h, d, dtype)
+    ref_o, ref_lse = _reference(q, k, v, spec)
+    poisoned = 0
+    for row in range(cls.shape[0]):
+        skipped = np.repeat(cls[row] == 0, bk)[: spec.kv_len]
+        if not skipped.any():
+            continue
+        poisoned += 1
+        nan = jnp.asarray(skipped)[None, :, None, None]
+        kp, vp = jnp.where(nan, jnp.nan, k), jnp.where(nan, jnp.nan, v)
+        o, lse = hopper_forward(q, kp, vp, spec, config=cfg, interpret=True)
+        rows = slice(row * bq, min((row + 1) * bq, spec.q_len))
+        assert rel(o[:, rows], ref_o[:, rows]) < 1e-2
+        np.testing.assert_allclose(np.asarray(lse[..., rows]), ref_lse[..., rows], rtol=1e-5, atol=1e-4)
+    assert poisoned >= 1
+
+
+def test_hopper_forward_scale():
+    spec = masks.block_causal(4, 40, 1)
+    q, k, v = _inputs(spec, 1, 1, 64, jnp.bfloat16)
+    o, lse = hopper_forward(q, k, v, spec, scale=0.3, config=KV64, interpret=True)
+    _check(o, lse, q, *_reference(q, k, v, spec, scale=0.3))
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(dtype=jnp.float32), "bfloat16 or float16"),
+        (dict(d=32), "head_dim in"),
+        (dict(k_heads=3), "alike"),
+        (dict(q=(1, 64, 2)), "expects q"),
+        (dict(spec=masks.full(64, 64)), "expects q_len=64, kv_len=64"),
+        (dict(spec="full"), "MaskSpec"),
+        (dict(config=HopperConfig(block_kv=256, stages=4)), "shared memory"),
+        (dict(scale=-1.0), "positive score scale"),
+    ],
+)
+def test_hopper_forward_bad_input_raises(bad, match):
+    d = bad.get("d", 64)
+    q = jnp.ones(bad.get("q", (1, 64, 2, d)), bad.get("dtype", jnp.bfloat16))
+    k = jnp.ones((1, 128, bad.get("k_heads", 2), d), bad.get("dtype", jnp.bfloat16))
+    spec = bad.get("spec", masks.full(64, 128))
+    with pytest.raises(ValueError, match=match):
+        hopper_forward(q, k, k, spec, scale=bad.get("scale"), config=bad.get("config"), interpret=True)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(block_q=96), "multiples of 64"), (dict(stages=1), "stages")])
+def test_hopper_config_validates(kw, match):
+    with pytest.raises(ValueError, match=match):
+        HopperConfig(**kw)
