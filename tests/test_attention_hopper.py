@@ -1,21 +1,23 @@
-"""The block-sparse Hopper forward kernel (`pallas_kernels.mgpu.flash`) in Pallas' GPU interpret mode (CPU).
+"""The block-sparse Hopper kernels (`pallas_kernels.mgpu.flash`: forward, JVP) in Pallas' GPU interpret mode (CPU).
 
 The kernel code that would run on an H100 -- TMA copies into the shared-memory ring, the
 barriers between the producer and the two consumer warpgroups, the schedule walk over runs of
 key tiles, the masked boundary tiles, query and key tiles running past the arrays -- runs here
-in the interpreter (only the PV product is a `jnp.dot`, see the module docstring). Oracle:
-`attention_reference` in float32 on the same (bf16 / f16) inputs, output and log-sum-exp.
+in the interpreter (only the products with P are `jnp.dot`s, see the module docstring). Oracle:
+`attention_reference` in float32 on the same (bf16 / f16) inputs: output and log-sum-exp, and
+for the JVP the output's tangent from `jax.jvp` of it.
 Inputs are seeded per test (`tests.attention_helpers`). Not yet run on a GPU.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import masks
-from pallas_kernels.mgpu import HopperConfig, hopper_forward, hopper_schedule
+from pallas_kernels.mgpu import HopperConfig, hopper_forward, hopper_jvp, hopper_schedule
 from pallas_kernels.reference import attention_reference
 from tests.attention_helpers import rand, rel
 
@@ -159,7 +161,7 @@ def test_hopper_forward_scale():
         (dict(dtype=jnp.float32), "bfloat16 or float16"),
         (dict(d=32), "head_dim in"),
         (dict(k_heads=3), "alike"),
-        (dict(q=(1, 64, 2)), "expects q"),
+        (dict(q=(1, 64, 2)), "expect q"),
         (dict(spec=masks.full(64, 64)), "expects q_len=64, kv_len=64"),
         (dict(spec="full"), "MaskSpec"),
         (dict(config=HopperConfig(block_kv=256, stages=4)), "shared memory"),
@@ -179,3 +181,65 @@ def test_hopper_forward_bad_input_raises(bad, match):
 def test_hopper_config_validates(kw, match):
     with pytest.raises(ValueError, match=match):
         HopperConfig(**kw)
+
+
+# name: (forward case, which tangents (tq, tk, tv) are given, config).
+JVP_CASES = {
+    "causal_window_sinks_all": ("causal_window_sinks", (True, True, True), None),
+    "teacher_forcing_chunk3_d128_all": ("teacher_forcing_chunk3_window", (True, True, True), None),
+    "full_cross_tv_only": ("full_cross", (False, False, True), None),
+    "causal_kv_offset_tq_tk": ("causal_kv_offset_chunk3", (True, True, False), HopperConfig(block_kv=64, stages=3)),
+    "causal_frame_tk_only_nosched": (
+        "causal_frame",
+        (False, True, False),
+        HopperConfig(block_kv=64, schedule_barrier=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(JVP_CASES))
+def test_hopper_jvp_matches_reference(name):
+    case, given, cfg = JVP_CASES[name]
+    spec, b, h, d, dtype, _ = CASES[case]
+    if name == "teacher_forcing_chunk3_d128_all":
+        d, dtype = 128, jnp.bfloat16
+    q, k, v = _inputs(spec, b, h, d, dtype)
+    tans = [rand(x.shape, dtype) if g else None for g, x in zip(given, (q, k, v))]
+    o, to, lse = hopper_jvp(q, k, v, *tans, spec, config=cfg, interpret=True)
+    ref_o, ref_lse = _reference(q, k, v, spec)
+    _check(o, lse, q, ref_o, ref_lse)
+    assert to.shape == q.shape and to.dtype == q.dtype
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    t32 = tuple(jnp.zeros_like(x) if t is None else t.astype(jnp.float32) for t, x in zip(tans, f32))
+    _, ref_to = jax.jvp(lambda q, k, v: attention_reference(q, k, v, spec), tuple(f32), t32)
+    assert rel(to, ref_to) < 1e-2, rel(to, ref_to)  # measured ~2.4e-3
+
+
+def test_hopper_jvp_skipped_key_tiles_are_never_read():
+    """NaN in K, V, tK and tV of the key tiles the (single) query tile skips: all finite."""
+    spec, b, h, d, dtype, _ = CASES["causal_kv_offset_chunk3"]
+    cfg = HopperConfig(block_kv=64)
+    cls = masks.tile_classes(spec, 2 * cfg.block_q, cfg.block_kv)
+    assert cls.shape[0] == 2 and (cls == 0).all(axis=0).any()
+    q, k, v = _inputs(spec, b, h, d, dtype)
+    tq, tk, tv = (rand(x.shape, dtype) for x in (q, k, v))
+    nan = jnp.asarray(np.repeat((cls == 0).all(axis=0), cfg.block_kv)[: spec.kv_len])[None, :, None, None]
+    poison = [jnp.where(nan, jnp.nan, x) for x in (k, v, tk, tv)]
+    o, to, lse = hopper_jvp(q, poison[0], poison[1], tq, poison[2], poison[3], spec, config=cfg, interpret=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    t32 = tuple(x.astype(jnp.float32) for x in (tq, tk, tv))
+    ref_o, ref_to = jax.jvp(lambda q, k, v: attention_reference(q, k, v, spec), tuple(f32), t32)
+    assert rel(o, ref_o) < 1e-2 and rel(to, ref_to) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "which,match",
+    [("tq_shape", "tangent tq"), ("tv_dtype", "tangent tv"), ("smem", "shared memory for head_dim 128 in the JVP")],
+)
+def test_hopper_jvp_bad_input_raises(which, match):
+    q = jnp.ones((1, 64, 1, 128), jnp.bfloat16)
+    tq = jnp.ones((1, 32, 1, 128), jnp.bfloat16) if which == "tq_shape" else None
+    tv = jnp.ones((1, 64, 1, 128), jnp.float16) if which == "tv_dtype" else q
+    cfg = HopperConfig() if which == "smem" else None  # 128-key tiles: four rings do not fit
+    with pytest.raises(ValueError, match=match):
+        hopper_jvp(q, q, q, tq, q, tv, masks.full(64), config=cfg, interpret=True)
