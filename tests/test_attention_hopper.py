@@ -29,7 +29,7 @@ CASES = {
     "full_cross": (masks.full(200, 300), 2, 1, 64, jnp.bfloat16, KV64),
     "causal_frame": (masks.block_causal(8, 72, 1), 1, 2, 64, jnp.bfloat16, KV64),
     "causal_frame_d128_f16": (masks.block_causal(10, 40, 1), 1, 1, 128, jnp.float16, KV64),
-    "causal_chunk3": (masks.block_causal(10, 24, 3, 1), 1, 1, 64, jnp.bfloat16, KV64),
+    "causal_chunk3_odd_len": (masks.block_causal(10, 25, 3, 1), 1, 1, 64, jnp.bfloat16, KV64),
     "causal_window_sinks": (
         masks.block_causal(12, 40, 1, local_attn_blocks=3, sink_blocks=1),
         1,
@@ -243,3 +243,22 @@ def test_hopper_jvp_bad_input_raises(which, match):
     cfg = HopperConfig() if which == "smem" else None  # 128-key tiles: four rings do not fit
     with pytest.raises(ValueError, match=match):
         hopper_jvp(q, q, q, tq, q, tv, masks.full(64), config=cfg, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["full_cross", "causal_window_sinks", "causal_kv_offset_chunk3", "teacher_forcing_frame"]
+)
+@pytest.mark.parametrize("d,dtype", [(64, jnp.float16), (128, jnp.bfloat16)])
+def test_kernels_lower_to_mosaic_gpu(name, d, dtype):
+    """The GPU code path (wgmma with a register operand for PV, no interpreter) goes through
+    Pallas' Mosaic GPU lowering from this CPU host -- layout inference, TMA descriptors, the
+    Mosaic GPU dialect lowering -- for the forward and the JVP with all tangents; ptxas and the
+    run on a GPU are not covered. Ragged lengths (300 keys) take the padded path."""
+    spec = CASES[name][0]
+    q = jax.ShapeDtypeStruct((2, spec.q_len, 2, d), dtype)
+    k = jax.ShapeDtypeStruct((2, spec.kv_len, 2, d), dtype)
+    fwd = jax.jit(lambda q, k, v: hopper_forward(q, k, v, spec))
+    jvp = jax.jit(lambda q, k, v: hopper_jvp(q, k, v, q, k, v, spec))
+    for f in (fwd, jvp):
+        text = f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        assert "custom_call @mosaic_gpu" in text

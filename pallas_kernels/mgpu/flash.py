@@ -25,13 +25,16 @@ tiles of one class), passed as two small int32 GMEM arrays: `start[row * runs + 
 walk the runs in order: a key tile outside every run is never loaded nor computed. Tiles of
 an unmasked run ("full": every pair allowed, no padding) take the plain softmax step; tiles of
 a masked run (boundary tiles, and tiles that hold padding keys) get the element mask: block
-ids of the tile's query rows and key columns are computed once per row / column (vectors in
-the WGMMA row / column layouts), broadcast to the tile, and scores the mask excludes become
--inf through `jnp.where` (no boolean logic on tiles). The running max starts at -1e30, not
+ids of the tile's query rows and key columns are computed once per row / column (int32
+vectors in the WGMMA row / column layouts, integer arithmetic only), broadcast to the tile,
+and scores the mask excludes become -inf through `jnp.where` (no boolean logic on tiles). The running max starts at -1e30, not
 -inf, so a row whose first visited tiles hold no allowed key stays finite.
 
-Lengths: any `Lq` and `Lk` (e.g. frames of 1560 tokens). Key tiles running past the array
-are read as zeros (TMA bounds on loads) and are masked (the schedule marks them partial);
+Lengths: any `Lq` and `Lk` (e.g. frames of 1560 tokens). Mosaic GPU builds the TMA copies of
+the (8, 64)-tiled shared-memory tiles only over sequences whose length is a multiple of 8, so
+other lengths are zero-padded to one first (a copy; Wan's 1560-token frames need none). Key
+tiles running past the array are read as zeros (TMA bounds on loads) and are masked (the
+schedule marks them partial);
 outputs have their query rows padded to whole CTA tiles and are sliced afterwards (stores must
 not rely on TMA bounds, see `prefix_attention`).
 
@@ -61,7 +64,8 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's shared-memory limit
 SMEM_OVERHEAD = 2648  # Mosaic GPU's barriers and alignment (measured for prefix_attention)
 M_INIT = -1e30  # the running max before any key: finite, so all-masked rows give no NaN
-BIG = 1 << 29  # a block id past every real one (keys past the sequence)
+ROW_ALIGN = 8  # sequence lengths the TMA copies take (the tiling's rows); others are padded
+BIG = 1 << 29  # a block id past every real one (keys past the sequence); 3 * BIG fits in int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,27 +211,44 @@ def hopper_jvp(
     return _run(q, k, v, tangents, spec=spec, scale=scale, config=config, interpret=bool(interpret))
 
 
+def _pad_rows(x):
+    """`x [B, L, H, D]` with L padded by zeros to a multiple of `ROW_ALIGN` (a copy only when
+    L is not one already: Mosaic GPU's TMA descriptors of the (8, 64)-tiled copies need it)."""
+    extra = -x.shape[1] % ROW_ALIGN
+    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
 def _run(q, k, v, tangents, *, spec, scale, config, interpret):
     start, end, runs = hopper_schedule(spec, config)
+    lq = q.shape[1]
+    q, k, v = (_pad_rows(x) for x in (q, k, v))
+    if tangents is not None:
+        tangents = tuple(None if t is None else _pad_rows(t) for t in tangents)
     o, to, lse = _call_kernel(
         q, k, v, tangents, jnp.asarray(start), jnp.asarray(end), runs, spec, scale, config, interpret
     )
-    lq = q.shape[1]
     return o[:, :lq], None if to is None else to[:, :lq], lse[..., :lq]
 
 
 def _mask_scores(spec: MaskSpec, s, row0, col0):
     """`s` `[bq, bk]` (WGMMA layout) with the scores `spec` excludes set to -inf, for the tile
-    whose first query is `row0` and first key `col0`. Equal to `masks.allowed`: block ids are
-    computed on the row and column vectors, then each condition is one broadcast compare and
-    one `jnp.where` on the tile."""
+    whose first query is `row0` and first key `col0`; equal to `masks.allowed`.
+
+    Block ids are computed once per query row and key column, on int32 vectors in the WGMMA
+    row / column layouts, with integer arithmetic only (0/1 flags from `min(x // n, 1)`, no
+    boolean vectors: Mosaic GPU has no register layout for i1 vectors of that shape); keys past
+    the sequence get block ids past `BIG`. Each condition is then one broadcast compare and one
+    `jnp.where` on the tile. Full attention needs only the key bound, as one tile iota."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     bq, bk = s.shape
+    neg = jnp.float32(-jnp.inf)
+    if spec.kind == "full":
+        key = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+        return jnp.where(key + col0 < spec.kv_len, s, neg)
     rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
     cols = col0 + plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
-    neg = jnp.float32(-jnp.inf)
 
     def row_b(x):
         return lax.broadcast_in_dim(x, (bq, bk), [0])
@@ -235,33 +256,35 @@ def _mask_scores(spec: MaskSpec, s, row0, col0):
     def col_b(x):
         return lax.broadcast_in_dim(x, (bq, bk), [1])
 
-    def block_of(pos):
-        frame = lax.div(pos, jnp.int32(spec.tokens_per_frame))
-        later = lax.div(frame - spec.first_block_frames, jnp.int32(spec.block_frames)) + 1
-        return jnp.where(frame >= spec.first_block_frames, later, 0)
+    def flag(x, n: int):  # 1 where x >= n, else 0 (x >= 0)
+        return jnp.minimum(lax.div(x, jnp.int32(n)), 1)
 
-    if spec.kind == "full":
-        return jnp.where(col_b(cols) < spec.kv_len, s, neg)
-    in_keys = cols < spec.kv_len
+    def block_of(pos):  # masks.block_of for pos >= 0: 0 in the first block's frames
+        frame = lax.div(pos, jnp.int32(spec.tokens_per_frame))
+        shifted = jnp.maximum(frame - spec.first_block_frames + spec.block_frames, 0)
+        return lax.div(shifted, jnp.int32(spec.block_frames))
+
+    past_keys = flag(cols, spec.kv_len)
     if spec.kind == "block_causal":
         qb = block_of(rows + spec.q_offset)
         kb = block_of(cols)
-        kb_clean = jnp.where(in_keys, kb, BIG)
-        s = jnp.where(col_b(kb_clean) <= row_b(qb), s, neg)
+        s = jnp.where(col_b(kb + past_keys * BIG) <= row_b(qb), s, neg)
     else:  # teacher_forcing: clean query -> clean blocks <= its own; noisy -> clean < own, noisy == own
         half = spec.q_len // 2
-        q_noisy = rows >= half
-        k_noisy = cols >= half
-        qb = block_of(jnp.where(q_noisy, rows - half, rows))
-        kb = block_of(jnp.where(k_noisy, cols - half, cols))
-        clean_limit = qb - jnp.where(q_noisy, 1, 0)
-        noisy_target = jnp.where(q_noisy, qb, -1)
-        kb_clean = jnp.where(jnp.logical_or(k_noisy, jnp.logical_not(in_keys)), BIG, kb)
-        kb_noisy = jnp.where(jnp.logical_and(k_noisy, in_keys), kb, BIG)
+        q_noisy = flag(rows, half)
+        k_noisy = flag(cols, half)
+        qb = block_of(rows - q_noisy * half)
+        kb = block_of(cols - k_noisy * half)
+        clean_limit = qb - q_noisy
+        noisy_target = qb * q_noisy + q_noisy - 1  # its block if noisy, -1 (no key) if clean
+        kb_clean = kb + (k_noisy + past_keys) * BIG
+        kb_noisy = kb + (1 - k_noisy + past_keys) * BIG
         noisy_ok = jnp.where(col_b(kb_noisy) == row_b(noisy_target), s, neg)
         s = jnp.where(col_b(kb_clean) <= row_b(clean_limit), s, noisy_ok)
-    if spec.local_attn_blocks > 0:  # kb > qb - W, or a sink: kb + W > qb with sinks at BIG
-        kb_win = jnp.where(kb < spec.sink_blocks, BIG, kb + spec.local_attn_blocks)
+    if spec.local_attn_blocks > 0:  # kb > qb - W, or a sink: kb + W > qb, sinks moved past BIG
+        kb_win = kb + spec.local_attn_blocks
+        if spec.sink_blocks > 0:
+            kb_win = kb_win + (1 - flag(kb, spec.sink_blocks)) * BIG
         s = jnp.where(col_b(kb_win) > row_b(qb), s, neg)
     return s
 
