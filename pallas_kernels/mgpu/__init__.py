@@ -1,5 +1,8 @@
-"""Pallas Mosaic-GPU (Hopper, sm_90a) kernels: attention over a KV-cache prefix (streaming)."""
+"""Pallas Mosaic-GPU (Hopper, sm_90a) kernels: attention over a KV-cache prefix (streaming) and
+block-sparse flash attention under a `MaskSpec` (forward with log-sum-exp, one-pass JVP; not yet
+run on a GPU)."""
 
+from pallas_kernels.mgpu.flash import JVP_CONFIG, HopperConfig, hopper_forward, hopper_jvp, hopper_schedule
 from pallas_kernels.mgpu.prefix_attention import (
     PrefixConfig,
     check_inputs,
@@ -10,9 +13,14 @@ from pallas_kernels.mgpu.prefix_attention import (
 )
 
 __all__ = [
+    "JVP_CONFIG",
+    "HopperConfig",
     "PrefixConfig",
     "check_inputs",
     "default_config",
+    "hopper_forward",
+    "hopper_jvp",
+    "hopper_schedule",
     "merge_splits",
     "prefix_attention",
     "prefix_attention_reference",
