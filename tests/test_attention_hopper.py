@@ -1,11 +1,11 @@
-"""The block-sparse Hopper kernels (`pallas_kernels.mgpu.flash`: forward, JVP) in Pallas' GPU interpret mode (CPU).
+"""The block-sparse Hopper kernels (`pallas_kernels.mgpu.flash`: forward, JVP, backward) in Pallas' GPU interpret mode (CPU).
 
 The kernel code that would run on an H100 -- TMA copies into the shared-memory ring, the
 barriers between the producer and the two consumer warpgroups, the schedule walk over runs of
 key tiles, the masked boundary tiles, query and key tiles running past the arrays -- runs here
 in the interpreter (only the products with P are `jnp.dot`s, see the module docstring). Oracle:
 `attention_reference` in float32 on the same (bf16 / f16) inputs: output and log-sum-exp, and
-for the JVP the output's tangent from `jax.jvp` of it.
+for the JVP the output's tangent from `jax.jvp` of it, for the backward dq, dk, dv from `jax.vjp` of it.
 Inputs are seeded per test (`tests.attention_helpers`). Not yet run on a GPU.
 """
 
@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels import masks
-from pallas_kernels.mgpu import HopperConfig, hopper_forward, hopper_jvp, hopper_schedule
+from pallas_kernels.mgpu import (
+    BWD_CONFIG,
+    HopperConfig,
+    hopper_backward,
+    hopper_bwd_schedule,
+    hopper_forward,
+    hopper_jvp,
+    hopper_schedule,
+)
 from pallas_kernels.reference import attention_reference
 from tests.attention_helpers import rand, rel
 
@@ -262,3 +270,146 @@ def test_kernels_lower_to_mosaic_gpu(name, d, dtype):
     for f in (fwd, jvp):
         text = f.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
         assert "custom_call @mosaic_gpu" in text
+
+
+# name: (forward case, backward config: None is BWD_CONFIG). The lengths are ragged (not
+# multiples of the tiles), so the dK/dV kernel's query tiles run past the arrays too.
+BWD_CASES = {
+    "full_cross": ("full_cross", None),
+    "causal_frame": ("causal_frame", HopperConfig(block_kv=128)),
+    "causal_frame_d128_f16": ("causal_frame_d128_f16", None),
+    "causal_chunk3_odd_len": ("causal_chunk3_odd_len", HopperConfig(block_kv=64, stages=3)),
+    "causal_window_sinks": ("causal_window_sinks", None),
+    "causal_kv_offset_chunk3": ("causal_kv_offset_chunk3", None),
+    "teacher_forcing_frame": ("teacher_forcing_frame", None),
+    "teacher_forcing_chunk3_window": ("teacher_forcing_chunk3_window", None),
+}
+
+
+def _bwd_reference(q, k, v, do, spec):
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, spec), *f32)
+    return [np.asarray(g) for g in vjp(do.astype(jnp.float32))]
+
+
+@pytest.mark.parametrize("name", list(BWD_CASES))
+def test_hopper_backward_matches_reference(name):
+    case, cfg = BWD_CASES[name]
+    spec, b, h, d, dtype, _ = CASES[case]
+    cfg = BWD_CONFIG if cfg is None else cfg
+    cls = masks.tile_classes(spec, cfg.block_kv, 2 * cfg.block_q).T  # the dK/dV kernel's tiles
+    assert (cls == 2).any()
+    q, k, v = _inputs(spec, b, h, d, dtype)
+    do = rand(q.shape, dtype)
+    o, lse = hopper_forward(q, k, v, spec, config=cfg, interpret=True)
+    grads = hopper_backward(q, k, v, o, lse, do, spec, config=cfg, interpret=True)
+    for g, x, ref in zip(grads, (q, k, v), _bwd_reference(q, k, v, do, spec)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert rel(g, ref) < 1e-2, rel(g, ref)  # measured ~2.4e-3
+
+
+def test_hopper_backward_scale():
+    spec = masks.block_causal(4, 40, 1)
+    q, k, v = _inputs(spec, 1, 1, 64, jnp.bfloat16)
+    do = rand(q.shape, jnp.bfloat16)
+    o, lse = hopper_forward(q, k, v, spec, scale=0.3, config=KV64, interpret=True)
+    grads = hopper_backward(q, k, v, o, lse, do, spec, scale=0.3, interpret=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, spec, scale=0.3), *f32)
+    for g, ref in zip(grads, vjp(do.astype(jnp.float32))):
+        assert rel(g, ref) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["causal_window_sinks", "teacher_forcing_chunk3_window"])
+def test_bwd_schedule_is_transposed_tile_runs(name):
+    """The dK/dV schedule decodes to exactly the query tiles each key tile's keys are seen
+    from (`masks.tile_classes` transposed, key tiles of 2 * block_q), masked where partial."""
+    spec = CASES[name][0]
+    cfg = BWD_CONFIG
+    start, end, runs = hopper_bwd_schedule(spec, cfg)
+    cls = masks.tile_classes(spec, cfg.block_kv, 2 * cfg.block_q).T
+    seen = np.zeros_like(cls)
+    for row in range(cls.shape[0]):
+        lo = 0
+        for r in range(runs):
+            hi = int(end[row * runs + r])
+            first, masked = divmod(int(start[row * runs + r]), 2)
+            seen[row, first : first + hi - lo] = 2 if masked else 1
+            lo = hi
+    np.testing.assert_array_equal(seen, cls)
+
+
+def test_hopper_backward_skipped_tiles_are_never_read():
+    """dQ: NaN in K and V of the key tiles a query tile skips; dK/dV: NaN in Q, dO, O (so
+    delta) and LSE of the query tiles a key tile skips. The gradients of that tile stay
+    finite and equal the reference (a visited tile would turn them NaN)."""
+    spec, b, h, d, dtype, _ = CASES["causal_kv_offset_chunk3"]
+    cfg = BWD_CONFIG
+    q, k, v = _inputs(spec, b, h, d, dtype)
+    do = rand(q.shape, dtype)
+    o, lse = hopper_forward(q, k, v, spec, config=cfg, interpret=True)
+    ref_dq, ref_dk, ref_dv = _bwd_reference(q, k, v, do, spec)
+    nan = jnp.nan
+    poisoned = 0
+    bq, bk = 2 * cfg.block_q, cfg.block_kv
+    for row, skip in enumerate(masks.tile_classes(spec, bq, bk) == 0):  # query tiles of the dQ kernel
+        if not skip.any():
+            continue
+        poisoned += 1
+        bad = jnp.asarray(np.repeat(skip, bk)[: spec.kv_len])[None, :, None, None]
+        dq, _, _ = hopper_backward(
+            q, jnp.where(bad, nan, k), jnp.where(bad, nan, v), o, lse, do, spec, config=cfg, interpret=True
+        )
+        rows = slice(row * bq, (row + 1) * bq)
+        assert rel(dq[:, rows], ref_dq[:, rows]) < 1e-2
+    for row, skip in enumerate(masks.tile_classes(spec, bk, bq).T == 0):  # key tiles of the dK/dV kernel
+        if not skip.any():
+            continue
+        poisoned += 1
+        bad_rows = np.repeat(skip, bk)[: spec.q_len]
+        bad = jnp.asarray(bad_rows)[None, :, None, None]
+        qp, op, dop = (jnp.where(bad, nan, x) for x in (q, o, do))
+        lsep = jnp.where(jnp.asarray(bad_rows)[None, None, :], nan, lse)
+        _, dk, dv = hopper_backward(qp, k, v, op, lsep, dop, spec, config=cfg, interpret=True)
+        rows = slice(row * bq, (row + 1) * bq)
+        for g, ref in ((dk, ref_dk), (dv, ref_dv)):
+            if np.any(ref[:, rows]):
+                assert rel(g[:, rows], ref[:, rows]) < 1e-2
+            else:  # keys no query sees (outside every window): exact zeros, no NaN
+                assert not np.asarray(g[:, rows], np.float32).any()
+    assert poisoned >= 3
+
+
+@pytest.mark.parametrize(
+    "which,match",
+    [
+        ("o", "o \\(1, 32, 1, 128\\)"),
+        ("do", "do .* must be shaped"),
+        ("lse", "lse must be float32"),
+        ("smem", "shared memory for head_dim 128 in the backward"),
+    ],
+)
+def test_hopper_backward_bad_input_raises(which, match):
+    q = jnp.ones((1, 64, 1, 128), jnp.bfloat16)
+    lse = jnp.zeros((1, 1, 64), jnp.float16 if which == "lse" else jnp.float32)
+    o = q[:, :32] if which == "o" else q
+    do = q.astype(jnp.float16) if which == "do" else q
+    cfg = HopperConfig(block_q=128) if which == "smem" else None  # fits the forward, not the backward
+    with pytest.raises(ValueError, match=match):
+        hopper_backward(q, q, q, o, lse, do, masks.full(64), config=cfg, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["full_cross", "causal_window_sinks", "causal_kv_offset_chunk3", "teacher_forcing_frame"]
+)
+@pytest.mark.parametrize("d,dtype", [(64, jnp.float16), (128, jnp.bfloat16)])
+def test_backward_lowers_to_mosaic_gpu(name, d, dtype):
+    """As `test_kernels_lower_to_mosaic_gpu`, for the backward's two kernels (wgmma with the
+    register operands P^T, dS^T and dS, the LSE / delta rows through the ring)."""
+    spec = CASES[name][0]
+    q = jax.ShapeDtypeStruct((2, spec.q_len, 2, d), dtype)
+    k = jax.ShapeDtypeStruct((2, spec.kv_len, 2, d), dtype)
+    lse = jax.ShapeDtypeStruct((2, 2, spec.q_len), jnp.float32)
+    bwd = jax.jit(lambda q, k, v, o, lse, do: hopper_backward(q, k, v, o, lse, do, spec))
+    text = bwd.trace(q, k, k, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2

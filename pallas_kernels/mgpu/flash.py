@@ -1,4 +1,4 @@
-"""Block-sparse flash attention for Hopper (sm_90a) in Pallas Mosaic GPU: forward and one-pass JVP.
+"""Block-sparse flash attention for Hopper (sm_90a) in Pallas Mosaic GPU: forward, one-pass JVP, backward.
 
 `hopper_forward(q, k, v, spec)` computes softmax attention under any `masks.MaskSpec` (full;
 block_causal with q_offset, first_block_frames, a local window and sinks; teacher_forcing
@@ -11,6 +11,26 @@ accumulated output O, the accumulated tangent Ot += (p * sd) v + p tv and the ro
 r += sum(p * sd) (all rescaled by the same exp2(m_old - m_new)); at the end
 o = O / l and to = Ot / l - (r / l) o. Tangents given as None are zero: their loads and
 matrix products are left out.
+
+`hopper_backward(q, k, v, o, lse, do, spec)` returns `(dq, dk, dv)` from the forward's o and
+lse, with delta = rowsum(dO * O) precomputed (float32) as in `triton.flash.flash_backward`, in
+two kernels of the same producer / consumer structure (below; without the schedule barrier):
+ * dQ: one CTA per (head, query tile of `2 * block_q` rows, batch), the forward's tiling and
+   schedule. Each consumer holds its Q and dO rows (and their LSE and delta) in shared memory;
+   the producer streams K/V tiles. Per key tile: S = Q K^T and dP = dO V^T (wgmma from shared
+   memory), P = exp2(S c - lse2) with the saved LSE (no running max), dS = P (dP - delta),
+   dQ += dS K (wgmma with dS from registers); at the end dQ * scale.
+ * dK/dV: the transpose. One CTA per (head, key tile of `2 * block_q` keys, batch), whose
+   consumers hold K and V rows; the producer streams `block_kv`-row tiles of Q and dO, and
+   their LSE and delta rows, along `masks.tile_runs(spec, block_kv, 2 * block_q,
+   transpose=True)` (`hopper_bwd_schedule`): each key tile walks only the query tiles whose
+   rows may attend to it. Per query tile: S^T = K Q^T, dP^T = V dO^T, P^T, dS^T as above,
+   dV += P^T dO and dK += dS^T Q (register operands); at the end dK * scale.
+Boundary tiles (masked runs) take the same element mask as the forward, on S or on S^T (keys
+along rows): integer arithmetic only. The LSE goes in as lse2 = lse * log2(e), +inf for rows
+with no allowed key and for padding rows (padded to whole tiles of either kernel), so P is
+exactly 0 there whatever the scores: query rows past the sequence (read as zeros) add nothing
+to dK and dV. Accumulation is float32; P and dS are rounded to q's dtype for the products.
 
 Structure (that of `prefix_attention`, FlashAttention-3 style): one CTA per (head, query tile
 of `2 * block_q` rows, batch); a producer warpgroup streams the CTA's K/V tiles with TMA into a
@@ -41,7 +61,8 @@ not rely on TMA bounds, see `prefix_attention`).
 `interpret=True` runs the kernel in Pallas' GPU interpret mode on the CPU (the tests); as in
 `prefix_attention`, only the PV product there is a `jnp.dot` of the same bf16/f16 P and V tile
 (the interpreter's wgmma takes no register operand); in the JVP also the (p * sd) V and p tV
-products. Not yet compiled or run on a GPU.
+products; in the backward the dV, dK and dQ products (P^T dO, dS^T Q, dS K). Lowered for
+sm_90a from a CPU host (tests), not yet compiled by ptxas nor run on a GPU.
 """
 
 from __future__ import annotations
@@ -231,9 +252,11 @@ def _run(q, k, v, tangents, *, spec, scale, config, interpret):
     return o[:, :lq], None if to is None else to[:, :lq], lse[..., :lq]
 
 
-def _mask_scores(spec: MaskSpec, s, row0, col0):
+def _mask_scores(spec: MaskSpec, s, row0, col0, transpose: bool = False):
     """`s` `[bq, bk]` (WGMMA layout) with the scores `spec` excludes set to -inf, for the tile
-    whose first query is `row0` and first key `col0`; equal to `masks.allowed`.
+    whose first query is `row0` and first key `col0`; equal to `masks.allowed`. With
+    `transpose`, `s` is a `[bk, bq]` tile of transposed scores (keys along rows: the dK/dV
+    kernel), masked the same way.
 
     Block ids are computed once per query row and key column, on int32 vectors in the WGMMA
     row / column layouts, with integer arithmetic only (0/1 flags from `min(x // n, 1)`, no
@@ -242,19 +265,21 @@ def _mask_scores(spec: MaskSpec, s, row0, col0):
     `jnp.where` on the tile. Full attention needs only the key bound, as one tile iota."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    bq, bk = s.shape
+    shape = s.shape
+    qd, kd = (1, 0) if transpose else (0, 1)  # the query and key dimensions of the tile
+    bq, bk = shape[qd], shape[kd]
     neg = jnp.float32(-jnp.inf)
     if spec.kind == "full":
-        key = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+        key = plgpu.broadcasted_iota(jnp.int32, shape, kd, layout=plgpu.Layout.WGMMA)
         return jnp.where(key + col0 < spec.kv_len, s, neg)
-    rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-    cols = col0 + plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+    rows = row0 + plgpu.broadcasted_iota(jnp.int32, (bq,), 0, layout=plgpu.Layout.WGMMA.reduce(1 - qd))
+    cols = col0 + plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(1 - kd))
 
     def row_b(x):
-        return lax.broadcast_in_dim(x, (bq, bk), [0])
+        return lax.broadcast_in_dim(x, shape, [qd])
 
     def col_b(x):
-        return lax.broadcast_in_dim(x, (bq, bk), [1])
+        return lax.broadcast_in_dim(x, shape, [kd])
 
     def flag(x, n: int):  # 1 where x >= n, else 0 (x >= 0)
         return jnp.minimum(lax.div(x, jnp.int32(n)), 1)
@@ -580,3 +605,339 @@ def _call_kernel(q, k, v, tangents, start, end, runs, spec: MaskSpec, scale, cfg
     if jvp:
         return tuple(results)
     return results[0], None, results[1]
+
+
+BWD_CONFIG = HopperConfig(block_kv=64)  # the backward's default: both kernels fit at head_dim 128
+
+
+def _bwd_smem_bytes(config: HopperConfig, head_dim: int) -> int:
+    """Shared memory of the larger backward CTA: two row tiles per consumer (Q, dO or K, V),
+    two rings of `block_kv`-row tiles (K, V or Q, dO) and the float32 LSE / delta rows."""
+    rows = 2 * 2 * config.block_q * 4 + 2 * config.stages * config.block_kv * 4
+    return config.smem_bytes(head_dim, q_tiles=2, kv_rings=2) + rows
+
+
+@functools.lru_cache(maxsize=256)
+def hopper_bwd_schedule(spec: MaskSpec, config: HopperConfig):
+    """The dK/dV kernel's schedule: `(start, end, runs)` as in `hopper_schedule`, of the
+    transposed tiles `masks.tile_runs(spec, block_kv, 2 * block_q, transpose=True)`: per key
+    tile of `2 * block_q` keys, the runs of `block_kv`-row query tiles whose rows may attend
+    to it."""
+    r = tile_runs(spec, config.block_kv, 2 * config.block_q, transpose=True)
+    start = (2 * r.start + r.masked).reshape(-1).astype(np.int32)
+    return start, r.end.reshape(-1).astype(np.int32), int(r.start.shape[1])
+
+
+def hopper_backward(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    do,
+    spec: MaskSpec,
+    *,
+    scale: float | None = None,
+    config: HopperConfig | None = None,
+    interpret: bool = False,
+):
+    """Gradients of `hopper_forward`'s output: block-sparse, two kernels (dQ; dK and dV).
+
+    Args:
+      q, k, v, spec, scale, interpret: as in `hopper_forward`.
+      o: `[B, Lq, H, D]` the forward's output (q's dtype); lse: `[B, H, Lq]` float32 its
+        log-sum-exp (-inf for rows with no allowed key).
+      do: `[B, Lq, H, D]` the output's cotangent (q's dtype).
+      config: tiling (default `BWD_CONFIG`). The dQ kernel tiles as the forward (CTAs of
+        `2 * block_q` query rows, `block_kv`-key tiles); the dK/dV kernel transposes it (CTAs of
+        `2 * block_q` keys, `block_kv`-row query tiles). `schedule_barrier` is not used.
+    Returns:
+      `(dq, dk, dv)`, shaped and typed as q, k, v.
+    """
+    config = BWD_CONFIG if config is None else config
+    check_inputs(q, k, v, spec, config)
+    b, lq, h, d = q.shape
+    for name, x in (("o", o), ("do", do)):
+        if x.shape != q.shape or x.dtype != q.dtype:
+            raise ValueError(
+                f"{name} {tuple(x.shape)}/{x.dtype} must be shaped and typed as q {tuple(q.shape)}/{q.dtype}"
+            )
+    if lse.shape != (b, h, lq) or lse.dtype != jnp.float32:
+        raise ValueError(f"lse must be float32 [B={b}, H={h}, Lq={lq}], got {tuple(lse.shape)}/{lse.dtype}")
+    need = _bwd_smem_bytes(config, d)
+    if need > SMEM_LIMIT:
+        raise ValueError(
+            f"{config} needs {need} bytes of shared memory for head_dim {d} in the backward, more than the "
+            f"{SMEM_LIMIT} an sm_90 CTA has; lower stages or block_kv"
+        )
+    scale = _scale(q, scale)
+    return _run_bwd(q, k, v, o, lse, do, spec=spec, scale=scale, config=config, interpret=bool(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
+def _run_bwd(q, k, v, o, lse, do, *, spec, scale, config, interpret):
+    lq, lk = q.shape[1], k.shape[1]
+    # delta = rowsum(dO * O) (float32); LSE in log2 units, +inf where a row has no allowed key
+    # or is padding (then p = exp2(s - lse) = 0 exactly); both padded to whole tiles of either
+    # kernel, so their copies never run past the arrays.
+    delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+    tile = math.lcm(2 * config.block_q, config.block_kv)
+    extra = -lq % tile
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, extra)), constant_values=jnp.inf)
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, extra)))
+    q, k, v, do = (_pad_rows(x) for x in (q, k, v, do))
+    start, end, runs = hopper_schedule(spec, config)
+    dq = _call_dq_kernel(
+        q, k, v, do, lse2, delta, jnp.asarray(start), jnp.asarray(end), runs, spec, scale, config, interpret
+    )
+    start, end, runs = hopper_bwd_schedule(spec, config)
+    dk, dv = _call_dkv_kernel(
+        q, k, v, do, lse2, delta, jnp.asarray(start), jnp.asarray(end), runs, spec, scale, config, interpret
+    )
+    return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+
+def _run_bounds(start_ref, end_ref, base, r):
+    """(first step, end step, first column tile - first step, masked) of run r of the row
+    whose runs start at `base` in the schedule arrays."""
+    lo = jnp.where(r > 0, end_ref[base + jnp.maximum(r - 1, 0)], 0)
+    packed = start_ref[base + r]
+    return lo, end_ref[base + r], lax.shift_right_logical(packed, 1) - lo, jnp.bitwise_and(packed, 1)
+
+
+def _walk(start_ref, end_ref, base, runs, step, carry):
+    """Run `step(i, carry, col_shift, masked)` over the row's schedule: plain steps on
+    unmasked runs, masked steps on masked runs (the element mask is compiled only there)."""
+
+    def run(r, carry):
+        lo, hi, col_shift, masked = _run_bounds(start_ref, end_ref, base, r)
+        plain_hi = jnp.where(masked == 0, hi, lo)
+        masked_hi = jnp.where(masked == 1, hi, lo)
+        carry = lax.fori_loop(lo, plain_hi, functools.partial(step, col_shift=col_shift, masked=False), carry)
+        return lax.fori_loop(lo, masked_hi, functools.partial(step, col_shift=col_shift, masked=True), carry)
+
+    return lax.fori_loop(0, runs, run, carry)
+
+
+def _bwd_kernel(
+    row_inputs,
+    ring_inputs,
+    lse2,
+    delta,
+    start,
+    end,
+    runs,
+    spec: MaskSpec,
+    scale,
+    cfg: HopperConfig,
+    interpret: bool,
+    dkv: bool,
+):
+    """One backward kernel. Each CTA (head, row tile of `2 * block_q` rows, batch) has two
+    consumer warpgroups holding `block_q` rows of the two `row_inputs` each in shared memory
+    and a producer streaming `block_kv`-row tiles of the two `ring_inputs` (and, for dK/dV,
+    their LSE and delta rows) with TMA through a ring of `stages` slots, along the schedule.
+
+    dQ (`dkv` False): rows Q, dO; ring K, V. Per key tile: S = Q K^T, dP = dO V^T (wgmma from
+    shared memory), P = exp2(S c - lse2), dS = P (dP - delta), dQ += dS K.
+    dK/dV (`dkv` True): rows K, V; ring Q, dO, lse2, delta. Per query tile: S^T = K Q^T,
+    dP^T = V dO^T, P^T = exp2(S^T c - lse2), dS^T = P^T (dP^T - delta), dV += P^T dO,
+    dK += dS^T Q. Returns the outputs with rows padded to whole CTA tiles."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    x0, x1 = row_inputs
+    batch, row_len, heads, head_dim = x0.shape
+    dtype = x0.dtype
+    bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.stages
+    row_tiles = pl.cdiv(row_len, 2 * bq)
+    c = scale * LOG2E
+    f32 = jnp.float32
+    # the per-query vectors along the tile's query dimension: rows (dQ) or columns (dK/dV)
+    qd = 1 if dkv else 0
+    vec_layout = plgpu.Layout.WGMMA.reduce(1 - qd)
+
+    def kernel(start_ref, end_ref, x0_ref, x1_ref, y0_ref, y1_ref, lse_ref, delta_ref, out_refs, scoped):
+        smem, (x_ready, y0_ready, y1_ready, l_ready, d_ready), (y0_free, y1_free) = scoped
+        x0_smem2, x1_smem2, y0_smem, y1_smem, l_smem, d_smem = smem
+        head = lax.axis_index("heads")
+        tile = lax.axis_index("rows")
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        base = tile * runs
+        steps = end_ref[base + runs - 1]
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            x0_smem, x1_smem = x0_smem2.at[wg], x1_smem2.at[wg]
+            row0 = tile * (2 * bq) + wg * bq
+            rows = (b, pl.ds(row0, bq), head)
+            plgpu.copy_gmem_to_smem(x0_ref.at[rows], x0_smem, x_ready.at[wg])
+            plgpu.copy_gmem_to_smem(x1_ref.at[rows], x1_smem, x_ready.at[2 + wg])
+            if not dkv:  # the rows' LSE and delta, once
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, head, pl.ds(row0, bq)], l_smem.at[wg], x_ready.at[4 + wg])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(row0, bq)], d_smem.at[wg], x_ready.at[6 + wg])
+            for j in range(2 if dkv else 4):
+                plgpu.barrier_wait(x_ready.at[2 * j + wg])
+            if not dkv:
+                lse_rows = plgpu.load(l_smem.at[wg], layout=vec_layout)
+                delta_rows = plgpu.load(d_smem.at[wg], layout=vec_layout)
+
+            def zeros():
+                return plgpu.layout_cast(jnp.full((bq, head_dim), 0.0, f32), plgpu.Layout.WGMMA)
+
+            carry = (zeros(), zeros()) if dkv else (zeros(),)
+
+            def step(i, carry, col_shift, masked: bool):
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(y0_ready.at[slot])
+                plgpu.barrier_wait(y1_ready.at[slot])
+                y0_tile, y1_tile = y0_smem.at[slot], y1_smem.at[slot]
+
+                def scores(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, x0_smem, y0_tile.transpose((1, 0)))  # S (dQ) or S^T (dK/dV)
+                    plgpu.wgmma(dp_ref, x1_smem, y1_tile.transpose((1, 0)))  # dP or dP^T
+                    return s_ref[...], dp_ref[...]
+
+                acc_tile = plgpu.ACC((bq, bkv), f32)
+                s, dp = pl.run_scoped(scores, acc_tile, acc_tile)
+                col0 = (col_shift + i) * bkv
+                if dkv:
+                    plgpu.barrier_wait(l_ready.at[slot])
+                    plgpu.barrier_wait(d_ready.at[slot])
+                    lse_v = plgpu.load(l_smem.at[slot], layout=vec_layout)
+                    delta_v = plgpu.load(d_smem.at[slot], layout=vec_layout)
+                    if masked:
+                        s = _mask_scores(spec, s, col0, row0, transpose=True)
+                else:
+                    lse_v, delta_v = lse_rows, delta_rows
+                    plgpu.barrier_arrive(y1_free.at[slot])  # V is done with
+                    if masked:
+                        s = _mask_scores(spec, s, row0, col0)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_v, s.shape, [qd]))
+                ds = p * (dp - lax.broadcast_in_dim(delta_v, s.shape, [qd]))
+                ds16 = ds.astype(dtype)
+                if dkv:
+                    dk_acc, dv_acc = carry
+                    p16 = p.astype(dtype)
+                    if interpret:  # the interpreter's wgmma takes no register operand
+                        dv_acc = dv_acc + jnp.dot(p16, y1_tile[...], preferred_element_type=f32)
+                        dk_acc = dk_acc + jnp.dot(ds16, y0_tile[...], preferred_element_type=f32)
+                    else:
+
+                        def dkv_state(refs):
+                            dk_ref, dv_ref = refs
+                            plgpu.wgmma(dv_ref, p16, y1_tile)
+                            plgpu.wgmma(dk_ref, ds16, y0_tile)
+
+                        dk_acc, dv_acc = pl.run_state(dkv_state)((plgpu.ACC.init(dk_acc), plgpu.ACC.init(dv_acc)))
+                    plgpu.barrier_arrive(y1_free.at[slot])
+                    plgpu.barrier_arrive(y0_free.at[slot])
+                    return dk_acc, dv_acc
+                (dq_acc,) = carry
+                if interpret:
+                    dq_acc = dq_acc + jnp.dot(ds16, y0_tile[...], preferred_element_type=f32)
+                else:
+
+                    def dq_state(acc_ref):
+                        plgpu.wgmma(acc_ref, ds16, y0_tile)
+
+                    dq_acc = pl.run_state(dq_state)(plgpu.ACC.init(dq_acc))
+                plgpu.barrier_arrive(y0_free.at[slot])
+                return (dq_acc,)
+
+            accs = _walk(start_ref, end_ref, base, runs, step, carry)
+            if dkv:  # dK = scale dS^T Q into K's tile, dV into V's
+                outs = ((accs[0] * scale, x0_smem), (accs[1], x1_smem))
+            else:
+                outs = ((accs[0] * scale, x0_smem),)
+            for acc, buf in outs:
+                buf[...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            for (_, buf), out_ref in zip(outs, out_refs):
+                plgpu.copy_smem_to_gmem(buf, out_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(j, _, col_shift, masked):
+                del masked
+                slot = lax.rem(j, jnp.int32(stages))
+                col0 = (col_shift + j) * bkv
+                rows = (b, pl.ds(col0, bkv), head)
+
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(y0_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(y0_ref.at[rows], y0_smem.at[slot], y0_ready.at[slot])
+                if dkv:
+                    plgpu.copy_gmem_to_smem(lse_ref.at[b, head, pl.ds(col0, bkv)], l_smem.at[slot], l_ready.at[slot])
+
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(y1_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(y1_ref.at[rows], y1_smem.at[slot], y1_ready.at[slot])
+                if dkv:
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, head, pl.ds(col0, bkv)], d_smem.at[slot], d_ready.at[slot])
+
+            _walk(start_ref, end_ref, base, runs, load, None)
+
+            def drain(t, _):  # see the last tiles released, so every barrier phase is observed
+                slot = lax.rem(t, jnp.int32(stages))
+                plgpu.barrier_wait(y0_free.at[slot])
+                plgpu.barrier_wait(y1_free.at[slot])
+
+            lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+
+    def body(start_ref, end_ref, x0_ref, x1_ref, y0_ref, y1_ref, lse_ref, delta_ref, *out_refs):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        rows_tile = plgpu.SMEM((2, bq, head_dim), dtype, transforms=tiled)
+        ring = plgpu.SMEM((stages, bkv, head_dim), dtype, transforms=tiled)
+        vecs = plgpu.SMEM((stages, bkv) if dkv else (2, bq), f32)
+        ring_barrier = plgpu.Barrier(num_barriers=stages)
+        pl.run_scoped(
+            lambda *scoped: kernel(
+                start_ref, end_ref, x0_ref, x1_ref, y0_ref, y1_ref, lse_ref, delta_ref, out_refs, scoped
+            ),
+            (rows_tile, rows_tile, ring, ring, vecs, vecs),
+            (plgpu.Barrier(num_barriers=8), *(ring_barrier,) * 4),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    def crm_hopper_bwd_dq(*refs):  # the kernels' names in traces
+        body(*refs)
+
+    def crm_hopper_bwd_dkv(*refs):
+        body(*refs)
+
+    out = jax.ShapeDtypeStruct((batch, row_tiles * 2 * bq, heads, head_dim), dtype)
+    kw = {}
+    if interpret:
+        kw["interpret"] = plgpu.InterpretGPUParams()
+    results = plgpu.kernel(
+        crm_hopper_bwd_dkv if dkv else crm_hopper_bwd_dq,
+        out_type=[out, out] if dkv else [out],
+        grid=(heads, row_tiles, batch),
+        grid_names=("heads", "rows", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kw,
+    )(start, end, *row_inputs, *ring_inputs, lse2, delta)
+    return tuple(results)
+
+
+def _call_dq_kernel(q, k, v, do, lse2, delta, start, end, runs, spec, scale, cfg, interpret):
+    (dq,) = _bwd_kernel((q, do), (k, v), lse2, delta, start, end, runs, spec, scale, cfg, interpret, dkv=False)
+    return dq
+
+
+def _call_dkv_kernel(q, k, v, do, lse2, delta, start, end, runs, spec, scale, cfg, interpret):
+    return _bwd_kernel((k, v), (q, do), lse2, delta, start, end, runs, spec, scale, cfg, interpret, dkv=True)
