@@ -150,6 +150,19 @@ def test_ops_prefix_mgpu_forward_and_gradient():
     assert float(jnp.abs(gk[:, 150:].astype(jnp.float32)).max()) == 0.0 < float(jnp.abs(gk.astype(jnp.float32)).max())
 
 
+@pytest.mark.parametrize("q_len,s", [(150, 300), (64, 1560)])
+def test_prefix_kernel_lowers_to_mosaic_gpu(q_len, s):
+    """The GPU code path (no interpreter) goes through Pallas' Mosaic GPU lowering from this CPU
+    host for ragged lengths (padded to multiples of 8) and aligned ones, with a traced kv_len;
+    ptxas and the run on a GPU are not covered."""
+    q = jax.ShapeDtypeStruct((1, q_len, 2, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, s, 2, 64), jnp.bfloat16)
+    n = jax.ShapeDtypeStruct((), jnp.int32)
+    f = jax.jit(lambda q, k, v, n: prefix_attention(q, k, v, n, config=PrefixConfig(block_kv=64)))
+    text = f.trace(q, k, k, n).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @mosaic_gpu" in text
+
+
 def test_ops_prefix_mgpu_errors():
     q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="sm_90"):  # CPU, not interpret

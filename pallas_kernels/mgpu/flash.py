@@ -77,6 +77,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.masks import MaskSpec, tile_runs
+from pallas_kernels.mgpu.prefix_attention import pad_rows
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -85,7 +86,6 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's shared-memory limit
 SMEM_OVERHEAD = 2648  # Mosaic GPU's barriers and alignment (measured for prefix_attention)
 M_INIT = -1e30  # the running max before any key: finite, so all-masked rows give no NaN
-ROW_ALIGN = 8  # sequence lengths the TMA copies take (the tiling's rows); others are padded
 BIG = 1 << 29  # a block id past every real one (keys past the sequence); 3 * BIG fits in int32
 
 
@@ -232,20 +232,13 @@ def hopper_jvp(
     return _run(q, k, v, tangents, spec=spec, scale=scale, config=config, interpret=bool(interpret))
 
 
-def _pad_rows(x):
-    """`x [B, L, H, D]` with L padded by zeros to a multiple of `ROW_ALIGN` (a copy only when
-    L is not one already: Mosaic GPU's TMA descriptors of the (8, 64)-tiled copies need it)."""
-    extra = -x.shape[1] % ROW_ALIGN
-    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "config", "interpret"))
 def _run(q, k, v, tangents, *, spec, scale, config, interpret):
     start, end, runs = hopper_schedule(spec, config)
     lq = q.shape[1]
-    q, k, v = (_pad_rows(x) for x in (q, k, v))
+    q, k, v = (pad_rows(x) for x in (q, k, v))
     if tangents is not None:
-        tangents = tuple(None if t is None else _pad_rows(t) for t in tangents)
+        tangents = tuple(None if t is None else pad_rows(t) for t in tangents)
     o, to, lse = _call_kernel(
         q, k, v, tangents, jnp.asarray(start), jnp.asarray(end), runs, spec, scale, config, interpret
     )
@@ -686,7 +679,7 @@ def _run_bwd(q, k, v, o, lse, do, *, spec, scale, config, interpret):
     extra = -lq % tile
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, extra)), constant_values=jnp.inf)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, extra)))
-    q, k, v, do = (_pad_rows(x) for x in (q, k, v, do))
+    q, k, v, do = (pad_rows(x) for x in (q, k, v, do))
     start, end, runs = hopper_schedule(spec, config)
     dq = _call_dq_kernel(
         q, k, v, do, lse2, delta, jnp.asarray(start), jnp.asarray(end), runs, spec, scale, config, interpret

@@ -18,8 +18,10 @@ so that one's softmax overlaps the other's matrix products. What it adds for the
     CTAs, which write normalised partial outputs and log-sum-exps that XLA merges; this fills
     the GPU in whole waves when `B * H * q_tiles` alone would leave a ragged last wave
     (one chunk of `wan_1_3b` at 480p: 12 heads x 37 query tiles = 444 CTAs on 132 SMs);
-  * any `Lq` and `S`: key tiles that run past the buffer are read as zeros (TMA bounds) and
-    are past `kv_len`, so masked; the kernel's outputs have their query rows padded to whole
+  * any `Lq` and `S`: lengths that are not a multiple of 8 are zero-padded to one first (the
+    TMA copies of the (8, 64)-tiled shared-memory tiles need it; Wan's 1560-token frames need
+    no copy); key tiles that run past the buffer are read as zeros (TMA bounds) and are past
+    `kv_len`, so masked; the kernel's outputs have their query rows padded to whole
     CTA tiles (`2 * block_q`) and are sliced afterwards. Stores must not rely on TMA bounds:
     Mosaic GPU issues a contiguous slice (e.g. one row of log-sum-exps) as a bulk copy that is
     clamped only to the end of the whole array, so rows past `Lq` would land in the next
@@ -49,6 +51,7 @@ LN2 = math.log(2.0)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's shared-memory limit
+ROW_ALIGN = 8  # sequence lengths the TMA copies take (the tiling's rows); others are padded
 SMEM_OVERHEAD = 2648  # what Mosaic GPU allocated beyond the tiles in the measured case
 
 
@@ -157,11 +160,18 @@ def prefix_attention(
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def _prefix_attention(q, k, v, lens, *, scale, config, interpret):
-    out, lse = _call_kernel(q, k, v, lens, scale, config, interpret)
-    lq = q.shape[1]
+    lq = q.shape[1]  # padded keys lie past kv_len (masked), padded query rows are sliced off
+    out, lse = _call_kernel(pad_rows(q), pad_rows(k), pad_rows(v), lens, scale, config, interpret)
     if config.splits == 1:
         return out[0, :, :lq]
     return merge_splits(out[:, :, :lq], lse[..., :lq])
+
+
+def pad_rows(x):
+    """`x [B, L, H, D]` with L padded by zeros to a multiple of `ROW_ALIGN` (a copy only when
+    L is not one already: Mosaic GPU's TMA descriptors of the (8, 64)-tiled copies need it)."""
+    extra = -x.shape[1] % ROW_ALIGN
+    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
 def merge_splits(out, lse):
