@@ -351,6 +351,13 @@ class TileRuns:
     def visited_pairs(self) -> int:
         return int(self.end[:, -1].sum())
 
+    def packed(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """What the kernels read as scalars: `(start, end, max_runs)`, with `start`
+        `[rows * max_runs]` int32 = 2 * first column tile + masked and `end` `[rows * max_runs]`
+        int32 the cumulative steps, both flattened row-major."""
+        start = (2 * self.start + self.masked).reshape(-1).astype(np.int32)
+        return start, self.end.reshape(-1).astype(np.int32), int(self.start.shape[1])
+
 
 def tile_runs(spec: MaskSpec, block_q: int, block_k: int, transpose: bool = False, rows: int | None = None) -> TileRuns:
     """`tile_schedule` as runs of consecutive tiles of one class (see `TileRuns`).

@@ -169,7 +169,7 @@ def test_hopper_forward_scale():
         (dict(dtype=jnp.float32), "bfloat16 or float16"),
         (dict(d=32), "head_dim in"),
         (dict(k_heads=3), "alike"),
-        (dict(q=(1, 64, 2)), "expect q"),
+        (dict(q=(1, 64, 2)), "expects q"),
         (dict(spec=masks.full(64, 64)), "expects q_len=64, kv_len=64"),
         (dict(spec="full"), "MaskSpec"),
         (dict(config=HopperConfig(block_kv=256, stages=4)), "shared memory"),

@@ -73,18 +73,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from pallas_kernels.masks import MaskSpec, tile_runs
-from pallas_kernels.mgpu.prefix_attention import pad_rows
+from pallas_kernels.mgpu.prefix_attention import LN2, LOG2E, SMEM_LIMIT, SMEM_OVERHEAD, check_qkv, pad_rows
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-HEAD_DIMS = (64, 128)
-DTYPES = (jnp.bfloat16, jnp.float16)
-SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's shared-memory limit
-SMEM_OVERHEAD = 2648  # Mosaic GPU's barriers and alignment (measured for prefix_attention)
 M_INIT = -1e30  # the running max before any key: finite, so all-masked rows give no NaN
 BIG = 1 << 29  # a block id past every real one (keys past the sequence); 3 * BIG fits in int32
 
@@ -128,20 +121,8 @@ def check_inputs(q, k, v, spec: MaskSpec, config: HopperConfig, tangents=None) -
     """Raise one ValueError unless q `[B, Lq, H, D]`, k and v `[B, Lk, H, D]` share one dtype
     (bfloat16 or float16), D is 64 or 128, the lengths are `spec`'s, the tangents `(tq, tk, tv)`
     (JVP; None entries are zero) match their primals and the tiling fits in shared memory."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"hopper kernels expect q [B, Lq, H, D], k and v [B, Lk, H, D]; got "
-            f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
-        )
-    b, lq, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
-        raise ValueError(f"k and v must be [B={b}, Lk, H={h}, D={d}] alike; got k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"hopper kernels support head_dim in {HEAD_DIMS}, got {d}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(
-            f"hopper kernels need q, k, v of one dtype, bfloat16 or float16; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+    check_qkv(q, k, v, "the Hopper kernel", kv_name="Lk")
+    lq, d = q.shape[1], q.shape[-1]
     if not isinstance(spec, MaskSpec):
         raise ValueError(f"hopper kernels need a masks.MaskSpec, got {type(spec).__name__}")
     spec.check_lengths(lq, k.shape[1])
@@ -167,9 +148,7 @@ def hopper_schedule(spec: MaskSpec, config: HopperConfig):
     """The kernels' schedule: `(start, end, runs)` of `masks.tile_runs(spec, 2 * block_q,
     block_kv)`, flattened row-major to `[q_tiles * runs]` int32 (`start` = 2 * first key tile
     + masked, `end` = cumulative steps of the query tile), as numpy arrays."""
-    r = tile_runs(spec, 2 * config.block_q, config.block_kv)
-    start = (2 * r.start + r.masked).reshape(-1).astype(np.int32)
-    return start, r.end.reshape(-1).astype(np.int32), int(r.start.shape[1])
+    return tile_runs(spec, 2 * config.block_q, config.block_kv).packed()
 
 
 def _scale(q, scale):
@@ -616,9 +595,7 @@ def hopper_bwd_schedule(spec: MaskSpec, config: HopperConfig):
     transposed tiles `masks.tile_runs(spec, block_kv, 2 * block_q, transpose=True)`: per key
     tile of `2 * block_q` keys, the runs of `block_kv`-row query tiles whose rows may attend
     to it."""
-    r = tile_runs(spec, config.block_kv, 2 * config.block_q, transpose=True)
-    start = (2 * r.start + r.masked).reshape(-1).astype(np.int32)
-    return start, r.end.reshape(-1).astype(np.int32), int(r.start.shape[1])
+    return tile_runs(spec, config.block_kv, 2 * config.block_q, transpose=True).packed()
 
 
 def hopper_backward(

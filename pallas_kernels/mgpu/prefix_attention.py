@@ -108,22 +108,29 @@ def default_config(q_shape, k_shape, sms: int | None = None) -> PrefixConfig:
     return dataclasses.replace(base, splits=good[0] if good else max(fill, key=fill.get))
 
 
-def check_inputs(q, k, v, config: PrefixConfig):
-    """Shape / dtype checks of `prefix_attention` (clear errors, nothing silently converted)."""
+def check_qkv(q, k, v, who: str, kv_name: str = "S") -> None:
+    """Raise one ValueError unless q `[B, Lq, H, D]`, k and v `[B, kv_name, H, D]` share one dtype
+    of `DTYPES` and D is in `HEAD_DIMS` (what the Mosaic-GPU kernels take; `who` names the caller)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"prefix_attention expects q [B, Lq, H, D], k and v [B, S, H, D]; got "
+            f"{who} expects q [B, Lq, H, D], k and v [B, {kv_name}, H, D]; got "
             f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
         )
     b, _, h, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
-        raise ValueError(f"k and v must be [B={b}, S, H={h}, D={d}] alike; got k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"prefix_attention supports head_dim in {HEAD_DIMS}, got {d}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise ValueError(
-            f"prefix_attention needs q, k, v of one dtype, bfloat16 or float16; got {q.dtype}, {k.dtype}, {v.dtype}"
+            f"k and v must be [B={b}, {kv_name}, H={h}, D={d}] alike; got k{tuple(k.shape)}, v{tuple(v.shape)}"
         )
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{who} supports head_dim in {HEAD_DIMS}, got {d}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"{who} needs q, k, v of one dtype, bfloat16 or float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def check_inputs(q, k, v, config: PrefixConfig):
+    """Shape / dtype checks of `prefix_attention` (clear errors, nothing silently converted)."""
+    check_qkv(q, k, v, "prefix_attention")
+    d = q.shape[-1]
     if config.smem_bytes(d) > SMEM_LIMIT:
         raise ValueError(
             f"{config} needs {config.smem_bytes(d)} bytes of shared memory for head_dim {d}, "

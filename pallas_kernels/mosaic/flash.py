@@ -32,7 +32,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -111,8 +110,7 @@ def _runs(spec: MaskSpec, bq: int, bk: int, transpose: bool, rows: int):
     `[rows * runs]` holds 2 * first column tile + masked, `end` `[rows * runs]` the
     cumulative step counts; `visited` counts the tiles the kernel computes."""
     r = tile_runs(spec, bq, bk, transpose=transpose, rows=rows)
-    packed = (2 * r.start + r.masked).reshape(-1).astype(np.int32)
-    return packed, r.end.reshape(-1).astype(np.int32), r.start.shape[1], r.steps, r.visited_pairs
+    return *r.packed(), r.steps, r.visited_pairs
 
 
 def _cost(visited: int, B: int, H: int, bq: int, bk: int, D: int, dots: int, row_bytes: int, col_bytes: int):
